@@ -1,0 +1,42 @@
+"""astrollama-jax: LLaMA-2 continual pre-training and chat SFT on astro-ph, in pure JAX."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="astrollama-jax",
+    version="0.1.0",
+    description="AstroLLaMA-Chat recipe in JAX: arXiv LaTeX -> CPT -> chat SFT -> HF hub",
+    packages=find_packages(include=["astrollama_jax", "astrollama_jax.*"]),
+    python_requires=">=3.10",
+    # Pinned to the versions this project is tested with; newer minors are allowed where they work.
+    install_requires=[
+        "jax>=0.10.2,<0.13",
+        "jaxlib>=0.10.2,<0.13",
+        "flax>=0.12.8,<0.13",
+        "optax>=0.2.8,<0.3",
+        "orbax-checkpoint>=0.12.8,<0.13",
+        "grain>=0.2.18,<0.3",
+        "array-record>=0.8.6,<0.9",
+        "tensorflow-datasets>=4.9.10,<4.10",
+        "sentencepiece>=0.2.3,<0.3",
+        "absl-py>=2.5.1,<3",
+        "ml_collections>=1.1.0,<2",
+        "numpy>=2.0",
+        "safetensors>=0.8.0",
+        "tqdm>=4.66",
+        "tensorboardX>=2.6.5",
+        "matplotlib>=3.9",
+        "psutil>=5.9",
+    ],
+    extras_require={
+        # torch is named exactly: a CPU wheel here; an unpinned torch pulls GBs of CUDA packages.
+        "test": [
+            "pytest>=9.0",
+            "pytest-xdist>=3.8",
+            "pytest-timeout>=2.4",
+            "hypothesis>=6.150",
+            "torch==2.13.0",
+            "transformers>=5.20,<6",
+        ],
+    },
+)
