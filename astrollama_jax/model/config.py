@@ -1,0 +1,163 @@
+"""LLaMA-2 model configuration and presets.
+
+One frozen dataclass holds the architecture and the dtype/remat/attention policy. Presets
+mirror Meta's published shapes; the tiny ones keep tests fast while still exercising GQA
+and the real 32,000-piece vocabulary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import jax.numpy as jnp
+
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "qkv_out", "minimal")
+ATTENTION_IMPLS = ("xla", "jax", "cudnn")
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  """Architecture plus execution policy of a LLaMA-2 decoder."""
+
+  vocab_size: int = 32000
+  dim: int = 4096
+  n_layers: int = 32
+  n_heads: int = 32
+  n_kv_heads: int = 32
+  ffn_dim: int = 11008
+  norm_eps: float = 1e-5
+  rope_theta: float = 10000.0
+  max_seq_len: int = 4096
+  param_dtype: str = "float32"
+  compute_dtype: str = "bfloat16"
+  remat_policy: str = "none"
+  attention_impl: str = "xla"
+  initializer_range: float = 0.02
+
+  def __post_init__(self):
+    if self.dim % self.n_heads:
+      raise ValueError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
+    if self.n_heads % self.n_kv_heads:
+      raise ValueError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f"remat_policy {self.remat_policy!r} not in {REMAT_POLICIES}")
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise ValueError(f"attention_impl {self.attention_impl!r} not in {ATTENTION_IMPLS}")
+    for name in ("param_dtype", "compute_dtype"):
+      if getattr(self, name) not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"{name} must be float32, bfloat16 or float16, got {getattr(self, name)!r}")
+
+  @property
+  def head_dim(self) -> int:
+    return self.dim // self.n_heads
+
+  @property
+  def dtype(self):
+    return jnp.dtype(self.compute_dtype)
+
+  @property
+  def pdtype(self):
+    return jnp.dtype(self.param_dtype)
+
+  def replace(self, **kw: Any) -> "LlamaConfig":
+    return dataclasses.replace(self, **kw)
+
+  def num_params(self) -> int:
+    d, f, v, hd = self.dim, self.ffn_dim, self.vocab_size, self.head_dim
+    attn = d * self.n_heads * hd * 2 + d * self.n_kv_heads * hd * 2
+    layer = attn + 3 * d * f + 2 * d
+    return self.n_layers * layer + 2 * v * d + d
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  def to_json(self) -> str:
+    return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> "LlamaConfig":
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - known
+    if unknown:
+      raise ValueError(f"unknown LlamaConfig fields: {sorted(unknown)}")
+    return cls(**d)
+
+  # --- Hugging Face config.json ------------------------------------------------------------
+  def to_hf_config(self) -> dict[str, Any]:
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": self.vocab_size,
+        "hidden_size": self.dim,
+        "intermediate_size": self.ffn_dim,
+        "num_hidden_layers": self.n_layers,
+        "num_attention_heads": self.n_heads,
+        "num_key_value_heads": self.n_kv_heads,
+        "head_dim": self.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": self.max_seq_len,
+        "rms_norm_eps": self.norm_eps,
+        "rope_theta": self.rope_theta,
+        "rope_scaling": None,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "tie_word_embeddings": False,
+        "initializer_range": self.initializer_range,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": None,
+        "pretraining_tp": 1,
+        "torch_dtype": self.param_dtype,
+    }
+
+  @classmethod
+  def from_hf_config(cls, hf: dict[str, Any], **overrides: Any) -> "LlamaConfig":
+    if hf.get("model_type", "llama") != "llama":
+      raise ValueError(f"config.json has model_type {hf.get('model_type')!r}, expected 'llama'")
+    if hf.get("tie_word_embeddings"):
+      raise ValueError("tied word embeddings are not LLaMA-2; refusing config.json")
+    rope_theta = hf.get("rope_theta")
+    if rope_theta is None:  # transformers 5 nests it in rope_parameters
+      rope_theta = (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+    scaling = hf.get("rope_scaling") or {}
+    if scaling and scaling.get("rope_type", scaling.get("type", "default")) != "default":
+      raise ValueError(f"RoPE scaling {scaling} is not supported (LLaMA-2 uses none)")
+    n_heads = hf["num_attention_heads"]
+    head_dim = hf.get("head_dim") or hf["hidden_size"] // n_heads
+    if head_dim * n_heads != hf["hidden_size"]:
+      raise ValueError(f"head_dim {head_dim} x heads {n_heads} != hidden_size {hf['hidden_size']}")
+    kw = dict(
+        vocab_size=hf["vocab_size"],
+        dim=hf["hidden_size"],
+        n_layers=hf["num_hidden_layers"],
+        n_heads=n_heads,
+        n_kv_heads=hf.get("num_key_value_heads") or n_heads,
+        ffn_dim=hf["intermediate_size"],
+        norm_eps=hf.get("rms_norm_eps", 1e-5),
+        rope_theta=float(rope_theta),
+        max_seq_len=hf.get("max_position_embeddings", 4096),
+    )
+    kw.update(overrides)
+    return cls(**kw)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "llama2_7b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, ffn_dim=11008),
+    "llama2_13b": dict(dim=5120, n_layers=40, n_heads=40, n_kv_heads=40, ffn_dim=13824),
+    "llama2_70b": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim=28672),
+    # Tiny presets: real vocabulary (so the real tokenizer works), shapes divisible by 4 so
+    # every test mesh up to tensor=4 shards them evenly.
+    "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=4, ffn_dim=128, max_seq_len=512),
+    "tiny_gqa": dict(dim=64, n_layers=2, n_heads=8, n_kv_heads=4, ffn_dim=128, max_seq_len=512),
+    "tiny_70b_shape": dict(dim=128, n_layers=2, n_heads=16, n_kv_heads=8, ffn_dim=256, max_seq_len=512),
+    "demo": dict(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, ffn_dim=688, max_seq_len=512),
+}
+
+
+def get_config(preset: str, **overrides: Any) -> LlamaConfig:
+  """A preset by name, with field overrides (e.g. ``compute_dtype='float32'``)."""
+  if preset not in PRESETS:
+    raise ValueError(f"unknown model preset {preset!r}; choose from {sorted(PRESETS)}")
+  return LlamaConfig(**{**PRESETS[preset], **overrides})

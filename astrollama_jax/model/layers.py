@@ -1,0 +1,148 @@
+"""LLaMA-2 building blocks in Flax NNX: RMSNorm, rotary embeddings, GQA attention, SwiGLU.
+
+Conventions (the HF ``LlamaForCausalLM`` ones, so that HF weights need no reshuffle beyond
+reshapes): rotary embeddings rotate the two *halves* of each head (``rotate_half``); Meta's
+interleaved-pair layout is converted at the border (``convert/meta.py``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+from astrollama_jax.model.config import LlamaConfig
+from astrollama_jax.sharding import constrain
+
+_NEG_INF = -1e30
+
+
+def param(rngs: nnx.Rngs | None, shape, names, dtype, std: float | None) -> nnx.Param:
+  """A parameter carrying its logical axis names (sharded later by the rules table)."""
+  if std is None:
+    value = jnp.ones(shape, dtype)
+  else:
+    value = (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+  return nnx.Param(value, out_sharding=tuple(names), eager_sharding=False)
+
+
+class RMSNorm(nnx.Module):
+  def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs | None = None):
+    self.eps = cfg.norm_eps
+    self.scale = param(None, (cfg.dim,), ("norm",), cfg.pdtype, None)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    # As HF: normalise in float32, cast back, then multiply by the weight.
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+    return self.scale[...].astype(x.dtype) * xf.astype(x.dtype)
+
+
+def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+  """cos/sin of shape [B, T, head_dim] for integer positions [B, T] (float32)."""
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+  emb = jnp.concatenate([freqs, freqs], axis=-1)
+  return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """Rotate [B, T, heads, head_dim] by the half-split convention."""
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  cos, sin = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
+  return x * cos + rotated * sin
+
+
+def attention_mask(q_idx, k_idx, q_seg, k_seg) -> jax.Array:
+  """[B, T, S] boolean: causal by slot index, same segment, never padding (segment 0)."""
+  causal = k_idx[:, None, :] <= q_idx[:, :, None]
+  same = (q_seg[:, :, None] == k_seg[:, None, :]) & (k_seg[:, None, :] != 0)
+  return causal & same
+
+
+def dot_attention(q, k, v, mask, impl: str) -> jax.Array:
+  """Grouped-query attention. q [B,T,H,D], k/v [B,S,K,D], mask [B,T,S] -> [B,T,H,D]."""
+  if impl in ("jax", "cudnn"):
+    return jax.nn.dot_product_attention(
+        q, k, v, mask=mask[:, None], implementation=None if impl == "jax" else "cudnn")
+  b, t, h, d = q.shape
+  kh = k.shape[2]
+  qg = q.reshape(b, t, kh, h // kh, d)
+  scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
+  scores = scores * (d ** -0.5)
+  scores = jnp.where(mask[:, None, None], scores, _NEG_INF)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+  return out.reshape(b, t, h, d)
+
+
+class Attention(nnx.Module):
+  def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+    d, h, kh, hd, std = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.initializer_range
+    self.cfg = cfg
+    self.q_proj = param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), cfg.pdtype, std)
+    self.k_proj = param(rngs, (d, kh, hd), ("embed", "kv_heads", "head_dim"), cfg.pdtype, std)
+    self.v_proj = param(rngs, (d, kh, hd), ("embed", "kv_heads", "head_dim"), cfg.pdtype, std)
+    self.o_proj = param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), cfg.pdtype, std)
+
+  def __call__(self, x, cos, sin, q_idx, q_seg, cache: dict[str, Any] | None):
+    cfg, dt = self.cfg, x.dtype
+    q = jnp.einsum("btd,dhk->bthk", x, self.q_proj[...].astype(dt))
+    k = jnp.einsum("btd,dhk->bthk", x, self.k_proj[...].astype(dt))
+    v = jnp.einsum("btd,dhk->bthk", x, self.v_proj[...].astype(dt))
+    q = constrain(q, ("batch", "seq", "act_heads", None))
+    k = constrain(k, ("batch", "seq", "act_kv_heads", None))
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    q = checkpoint_name(q, "q")
+    k = checkpoint_name(k, "k")
+    v = checkpoint_name(v, "v")
+    if cache is None:
+      k_all, v_all, k_idx, k_seg, new_cache = k, v, q_idx, q_seg, None
+    else:
+      # Write this chunk at slot `index`, attend over the whole (masked) cache.
+      start = cache["index"]
+      k_all = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), start, 1)
+      v_all = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), start, 1)
+      k_seg = jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], q_seg, start, 1)
+      k_idx = jnp.broadcast_to(jnp.arange(k_all.shape[1], dtype=jnp.int32), k_seg.shape)
+      new_cache = {"k": k_all, "v": v_all}
+      k_all, v_all = k_all.astype(dt), v_all.astype(dt)
+    mask = attention_mask(q_idx, k_idx, q_seg, k_seg)
+    out = dot_attention(q, k_all, v_all, mask, cfg.attention_impl)
+    out = checkpoint_name(out, "attn_out")
+    y = jnp.einsum("bthk,hkd->btd", out, self.o_proj[...].astype(dt))
+    return y, new_cache
+
+
+class MLP(nnx.Module):
+  def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+    d, f, std = cfg.dim, cfg.ffn_dim, cfg.initializer_range
+    self.gate_proj = param(rngs, (d, f), ("embed", "mlp"), cfg.pdtype, std)
+    self.up_proj = param(rngs, (d, f), ("embed", "mlp"), cfg.pdtype, std)
+    self.down_proj = param(rngs, (f, d), ("mlp", "embed"), cfg.pdtype, std)
+
+  def __call__(self, x):
+    dt = x.dtype
+    gate = jnp.einsum("btd,df->btf", x, self.gate_proj[...].astype(dt))
+    up = jnp.einsum("btd,df->btf", x, self.up_proj[...].astype(dt))
+    h = constrain(jax.nn.silu(gate) * up, ("batch", "seq", "act_mlp"))
+    h = checkpoint_name(h, "mlp_hidden")
+    return jnp.einsum("btf,fd->btd", h, self.down_proj[...].astype(dt))
+
+
+class DecoderLayer(nnx.Module):
+  def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+    self.input_norm = RMSNorm(cfg)
+    self.attn = Attention(cfg, rngs=rngs)
+    self.post_attn_norm = RMSNorm(cfg)
+    self.mlp = MLP(cfg, rngs=rngs)
+
+  def __call__(self, x, cos, sin, q_idx, q_seg, cache=None):
+    h, new_cache = self.attn(self.input_norm(x), cos, sin, q_idx, q_seg, cache)
+    x = x + h
+    x = x + self.mlp(self.post_attn_norm(x))
+    return constrain(x, ("batch", "seq", "act_embed")), new_cache

@@ -1,0 +1,136 @@
+"""Meshes and logical-axis sharding rules.
+
+Sharding is data, not code: every parameter and large activation names its dimensions with
+logical axes (``vocab``, ``embed``, ``heads`` ...), and ``RULES`` maps those onto the mesh
+axes ``data``, ``fsdp`` and ``tensor``. The same model code then runs on one CPU, eight fake
+CPU devices, a GPU host or a TPU pod.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from absl import logging
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical axis -> mesh axis (or tuple of mesh axes, or None = replicated).
+RULES: tuple[tuple[str, Any], ...] = (
+    # parameters
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("layers", None),
+    ("norm", None),
+    # activations
+    ("batch", ("data", "fsdp")),
+    ("seq", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+    ("cache_seq", None),
+)
+
+
+def make_mesh(shape: Sequence[int] = (1, -1, 1), devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A (data, fsdp, tensor) mesh; one entry may be -1 for 'the rest of the devices'.
+
+  Axis types are Auto so that ``with_sharding_constraint`` and jit shardings compose
+  (``jax.make_mesh`` defaults to Explicit axes).
+  """
+  devices = list(devices if devices is not None else jax.devices())
+  shape = list(shape)
+  if len(shape) != 3:
+    raise ValueError(f"mesh shape must have 3 entries (data, fsdp, tensor), got {shape}")
+  if shape.count(-1) > 1:
+    raise ValueError(f"at most one mesh axis may be -1, got {shape}")
+  known = math.prod(s for s in shape if s != -1)
+  if -1 in shape:
+    if len(devices) % known:
+      raise ValueError(f"{len(devices)} devices cannot fill mesh {shape}")
+    shape[shape.index(-1)] = len(devices) // known
+  if math.prod(shape) != len(devices):
+    raise ValueError(f"mesh {tuple(shape)} needs {math.prod(shape)} devices, have {len(devices)}")
+  try:
+    from jax.experimental import mesh_utils
+    dev_array = mesh_utils.create_device_mesh(shape, devices=devices)
+  except Exception:  # CPU / odd topologies: plain order is fine.
+    dev_array = np.asarray(devices).reshape(shape)
+  return Mesh(dev_array, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+
+
+def logical_to_spec(logical: Sequence[str | None], rules=RULES) -> P:
+  """Translate logical axis names into a mesh PartitionSpec (each mesh axis used once)."""
+  table = dict(rules)
+  used: set[str] = set()
+  out = []
+  for name in logical:
+    target = table.get(name) if name is not None else None
+    if name is not None and name not in table:
+      raise KeyError(f"logical axis {name!r} has no sharding rule")
+    axes = (target,) if isinstance(target, str) else tuple(target or ())
+    axes = tuple(a for a in axes if a not in used)
+    used.update(axes)
+    out.append(axes[0] if len(axes) == 1 else (axes or None))
+  return P(*out)
+
+
+def _fit_spec(spec: P, shape: Sequence[int], mesh: Mesh, what: str = "") -> P:
+  """Replicate any dimension the mesh cannot split evenly (with a warning)."""
+  fixed = []
+  for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    size = math.prod(mesh.shape[a] for a in names)
+    if names and dim % size:
+      logging.warning("%s: dimension %d not divisible by mesh axes %s (%d); replicating it",
+                      what, dim, names, size)
+      fixed.append(None)
+    else:
+      fixed.append(axes)
+  return P(*fixed)
+
+
+def named_sharding(mesh: Mesh, logical: Sequence[str | None], shape: Sequence[int] | None = None,
+                   rules=RULES, what: str = "") -> NamedSharding:
+  spec = logical_to_spec(logical, rules)
+  if shape is not None:
+    spec = _fit_spec(spec, shape, mesh, what)
+  return NamedSharding(mesh, spec)
+
+
+def tree_shardings(mesh: Mesh, logical_tree: Any, shape_tree: Any, rules=RULES) -> Any:
+  """NamedShardings for a pytree, given a matching tree of logical-axis tuples and of shapes."""
+  paths_shapes = jax.tree_util.tree_flatten_with_path(shape_tree)[0]
+  logical_leaves = jax.tree_util.tree_leaves(logical_tree, is_leaf=lambda x: isinstance(x, tuple))
+  if len(logical_leaves) != len(paths_shapes):
+    raise ValueError("logical-axis tree and shape tree do not match")
+  out = [named_sharding(mesh, lg, s.shape, rules, jax.tree_util.keystr(path))
+         for lg, (path, s) in zip(logical_leaves, paths_shapes)]
+  return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(shape_tree), out)
+
+
+def constrain(x: jax.Array, logical: Sequence[str | None], rules=RULES) -> jax.Array:
+  """``with_sharding_constraint`` by logical names; a no-op outside a mesh context."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh is None or mesh.empty:
+    return x
+  spec = logical_to_spec(logical, rules)
+  fixed = []
+  for dim, axes in zip(x.shape, spec):
+    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    fixed.append(axes if not names or dim % math.prod(mesh.shape[a] for a in names) == 0 else None)
+  return jax.lax.with_sharding_constraint(x, P(*fixed))
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+  """Sharding of a [batch, seq, ...] input batch."""
+  return NamedSharding(mesh, logical_to_spec(("batch",) + ("seq",) + (None,) * (ndim - 2)))
