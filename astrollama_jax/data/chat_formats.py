@@ -179,6 +179,9 @@ def parse_record(record: Any, fmt: str = "auto", require_reply: bool = True) -> 
     raise ChatFormatError("system turn after the start")
   while turns and turns[0][0] != USER:
     turns.pop(0)
+  for i, (role, _) in enumerate(turns):
+    if role != (USER if i % 2 == 0 else ASSISTANT):
+      raise ChatFormatError("roles do not alternate", f"turn {i} is {role!r}")
   if require_reply and turns and turns[-1][0] == USER:
     turns.pop()
   if not turns or (require_reply and len(turns) < 2):

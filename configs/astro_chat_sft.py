@@ -1,0 +1,61 @@
+"""Chat SFT of the astro-ph CPT model: the AstroLLaMA-Chat mixture and schedule.
+
+    --config=configs/astro_chat_sft.py        # 7B  (lr 2e-5)
+    --config=configs/astro_chat_sft.py:70b    # 70B (lr 3e-7, as in the 70B sibling)
+
+Data: 10,356 QA dialogues generated from abstracts (``python -m astrollama_jax.make_qa``) + all of
+LIMA + 10,000 OpenOrca + 10,000 UltraChat, mixed by ``astrollama_jax.data.chat.mix_sources`` and
+fed by ``make_sft_dataset``. Paths are placeholders: point them at your local copies.
+Batch 48 x 2048 tokens, cosine schedule with 3% warmup, one epoch.
+"""
+
+import ml_collections
+
+_PRESETS = {
+    "7b": dict(preset="llama2_7b", learning_rate=2e-5),
+    "70b": dict(preset="llama2_70b", learning_rate=3e-7),
+}
+
+
+def get_config(size: str = "7b") -> ml_collections.ConfigDict:
+  if size not in _PRESETS:
+    raise ValueError(f"astro_chat_sft: unknown size {size!r}; expected one of {sorted(_PRESETS)}")
+  preset = _PRESETS[size]
+  config = ml_collections.ConfigDict()
+
+  config.model = ml_collections.ConfigDict()
+  config.model.preset = preset["preset"]
+
+  # The continual-pre-training result this SFT starts from (an Orbax checkpoint directory).
+  config.init_checkpoint = f"runs/astro_cpt_{size}/checkpoints"
+
+  # Self-contained data section: everything make_sft_dataset needs besides process/batch split.
+  config.data = ml_collections.ConfigDict()
+  config.data.kind = "sft"
+  config.data.tokenizer_path = "data/tokenizer/llama2/tokenizer.model"
+  config.data.seq_len = 2048
+  config.data.seed = 0
+  config.data.num_epochs = 1
+  config.data.shuffle = True
+  # Each source: path, format (auto|sharegpt|openai|ultrachat|openorca|lima|lmflow), and either
+  # count (exactly this many, sampled without replacement) or weight (x the file's size) or
+  # neither (all of it).
+  config.data.sources = [
+      dict(path="data/chat/astro_qa_abstracts.jsonl", format="sharegpt", count=10_356, weight=None),
+      dict(path="data/chat/lima_train.jsonl", format="lima", count=None, weight=None),
+      dict(path="data/chat/openorca.jsonl", format="openorca", count=10_000, weight=None),
+      dict(path="data/chat/ultrachat.jsonl", format="ultrachat", count=10_000, weight=None),
+  ]
+
+  config.train = ml_collections.ConfigDict()
+  config.train.global_batch_size = 48  # packed rows of seq_len tokens
+  config.train.num_epochs = 1
+  config.train.learning_rate = preset["learning_rate"]
+  config.train.lr_schedule = "cosine"
+  config.train.warmup_ratio = 0.03
+  config.train.end_lr_ratio = 0.0
+  config.train.weight_decay = 0.0
+  config.train.adam_b1 = 0.9
+  config.train.adam_b2 = 0.95
+  config.train.grad_clip_norm = 1.0
+  return config
