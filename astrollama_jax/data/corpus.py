@@ -24,6 +24,7 @@ Decisions, so that the same inputs always give the same bytes:
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import fnmatch
 import hashlib
@@ -36,6 +37,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
+from tensorflow_datasets.core import example_serializer
 from tqdm import tqdm
 
 from astrollama_jax.data import latex, sources
@@ -102,8 +104,8 @@ class Report:
 def discover(paths: Iterable[str | os.PathLike]) -> tuple[list[Path], list[Path]]:
   """Split source paths into (JSONL files, LaTeX bundles); raises on missing/empty input.
 
-  A folder holding ``.tex`` files is one paper; any other folder is searched (sorted)
-  for ``.jsonl`` files, bundle files and paper folders.
+  A folder holding ``.tex`` files (and no archives or JSONL) is one paper; any other
+  folder is searched (sorted) for ``.jsonl`` files, bundle files and paper folders.
   """
   jsonl: list[Path] = []
   bundles: list[Path] = []
@@ -309,13 +311,35 @@ class AstroCorpus(tfds.core.GeneratorBasedBuilder):
       yield f"{rec['id']}/{rec['section']}", rec
 
 
+@contextlib.contextmanager
+def _deterministic_protos():
+  """Serialize tf.train.Example with sorted map keys while the dataset is written.
+
+  TFDS calls ``SerializeToString()``; the protobuf runtime then writes the feature map in
+  hash-table order, which changes from process to process, so two runs on the same input
+  would write different bytes. ``deterministic=True`` sorts the keys.
+  """
+  cls = example_serializer.ExampleSerializer
+  original = cls.serialize_example
+
+  def serialize_example(self, example):
+    return self.get_tf_example(example).SerializeToString(deterministic=True)
+
+  cls.serialize_example = serialize_example
+  try:
+    yield
+  finally:
+    cls.serialize_example = original
+
+
 def build(config: CorpusConfig, output_dir: str | os.PathLike) -> tuple[AstroCorpus, Report]:
   """Write the dataset under ``output_dir`` (always regenerated) plus manifest and index."""
   builder = AstroCorpus(corpus_config=config, data_dir=os.fspath(output_dir))
   # FORCE_REDOWNLOAD: a rerun rebuilds from the inputs (TFDS writes into a temporary
   # folder and swaps it in at the end, so a failed run leaves the old dataset intact).
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-      download_mode=tfds.download.GenerateMode.FORCE_REDOWNLOAD))
+  with _deterministic_protos():
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+        download_mode=tfds.download.GenerateMode.FORCE_REDOWNLOAD))
   collected = builder.collected
   assert collected is not None
   ds_dir = Path(builder.data_dir)

@@ -60,8 +60,10 @@ def strip_version(arxiv_id: str) -> str:
 
 def is_bundle(path: Path) -> bool:
   """True for a file that looks like one paper's source, or a folder holding .tex files."""
-  if path.is_dir():
-    return any(p.suffix.lower() in TEX_SUFFIXES for p in path.iterdir() if p.is_file())
+  if path.is_dir():  # a paper folder has .tex files and no archives or JSONL beside them
+    names = [p.name.lower() for p in path.iterdir() if p.is_file()]
+    return (any(n.endswith(TEX_SUFFIXES) for n in names)
+            and not any(n.endswith((".gz", ".tgz", ".tar", ".jsonl")) for n in names))
   return path.name.lower().endswith(BUNDLE_SUFFIXES)
 
 
