@@ -217,24 +217,42 @@ def locate(path: str) -> tuple[str, str, str | None, int | None]:
 
 # --- restoring ------------------------------------------------------------------------------------
 
-def stored_dtype(params_dir: str) -> str:
-  """dtype of the stored embedding table (the params' dtype), from Orbax metadata only."""
-  tree = ocp.StandardCheckpointer().metadata(params_dir).item_metadata.tree
-  return str(np.dtype(tree["embed"].dtype))
+def pytree_dir(params_dir: str) -> str:
+  """The folder holding the Orbax tree: ``params/`` (StandardCheckpointer, training) or
+  ``params/state`` (the v1 layout that streaming conversion's partial saves write)."""
+  for d in (params_dir, os.path.join(params_dir, "state")):
+    if os.path.isfile(os.path.join(d, "_METADATA")):
+      return d
+  raise CheckpointError(f"{params_dir} is not a complete Orbax checkpoint (no _METADATA)")
+
+
+def stored_metadata(params_dir: str) -> Params:
+  """Shape/dtype metadata of every stored parameter; reads no array data."""
+  try:
+    return ocp.StandardCheckpointer().metadata(pytree_dir(params_dir)).item_metadata.tree
+  except CheckpointError:
+    raise
+  except Exception as e:
+    raise CheckpointError(f"cannot read the Orbax metadata of {params_dir}: {e}") from e
 
 
 def restore_params(params_dir: str, cfg: LlamaConfig, mesh: Mesh | None = None,
-                   dtype: str | None = None) -> Params:
+                   dtype: str | None = None, on_host: bool = False) -> Params:
   """Restore an Orbax params tree onto ``mesh`` (or the first device), cast to ``dtype``.
 
-  Shapes are checked against ``cfg`` from the metadata before any data is read.
+  Shapes are checked against ``cfg`` from the metadata before any data is read. With
+  ``on_host`` the leaves come back as numpy arrays (export: no accelerator memory needed).
   """
-  ckptr = ocp.StandardCheckpointer()
-  try:
-    stored = ckptr.metadata(params_dir).item_metadata.tree
-  except Exception as e:
-    raise CheckpointError(f"cannot read the Orbax metadata of {params_dir}: {e}") from e
+  stored = stored_metadata(params_dir)
   check_params(cfg, stored, params_dir)
+  ckptr = ocp.StandardCheckpointer()
+  if on_host:
+    args = jax.tree.map(lambda m: ocp.RestoreArgs(restore_type=np.ndarray, dtype=np.dtype(dtype or m.dtype)),
+                        stored)
+    target = jax.tree.map(lambda m: np.empty((0,), np.dtype(dtype or m.dtype)), stored)
+    restored = ocp.PyTreeCheckpointer().restore(
+        pytree_dir(params_dir), args=ocp.args.PyTreeRestore(item=target, restore_args=args))
+    return restored
   if mesh is not None:
     shardings = llama.param_shardings(cfg, mesh)
   else:
@@ -242,13 +260,15 @@ def restore_params(params_dir: str, cfg: LlamaConfig, mesh: Mesh | None = None,
   target = jax.tree.map(
       lambda meta, sh: jax.ShapeDtypeStruct(tuple(meta.shape), np.dtype(dtype or meta.dtype), sharding=sh),
       stored, shardings)
-  return ckptr.restore(params_dir, target)
+  return ckptr.restore(pytree_dir(params_dir), target)
 
 
-def load_model(path: str, mesh: Mesh | None = None, dtype: str | None = None) -> LoadedModel:
+def load_model(path: str, mesh: Mesh | None = None, dtype: str | None = None,
+               on_host: bool = False) -> LoadedModel:
   """Load any model path (see the module docstring) onto ``mesh``, optionally cast to ``dtype``.
 
-  The returned config's ``param_dtype`` is the dtype of the returned params.
+  The returned config's ``param_dtype`` is the dtype of the returned params. ``on_host``
+  returns numpy arrays instead of device arrays (``mesh`` is then ignored).
   """
   dtype = check_dtype(dtype)
   kind, root, params_dir, step = locate(path)
@@ -258,12 +278,14 @@ def load_model(path: str, mesh: Mesh | None = None, dtype: str | None = None) ->
     from astrollama_jax.convert import hf
     cfg, host = hf.load_hf(root, dtype=dtype)
     cfg = cfg.replace(param_dtype=str(np.dtype(host["embed"].dtype)))
+    if on_host:
+      return LoadedModel(cfg, host, tokenizer, kind, step)
     shardings = (llama.param_shardings(cfg, mesh) if mesh is not None else
                  jax.tree.map(lambda _: SingleDeviceSharding(jax.devices()[0]), host))
     params = _device_put_leaf_by_leaf(host, shardings)
     return LoadedModel(cfg, params, tokenizer, kind, step)
   cfg = read_model_config(root)
-  params = restore_params(params_dir, cfg, mesh, dtype)
+  params = restore_params(params_dir, cfg, mesh, dtype, on_host)
   cfg = cfg.replace(param_dtype=str(np.dtype(params["embed"].dtype)))
   return LoadedModel(cfg, params, tokenizer, kind, step)
 

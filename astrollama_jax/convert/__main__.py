@@ -1,0 +1,121 @@
+"""``python -m astrollama_jax.convert``: Meta or HF LLaMA-2 weights -> a converted Orbax DIR.
+
+  python -m astrollama_jax.convert --source_format=meta --source=llama-2-70b --output=ckpt/70b \\
+      [--dtype=bfloat16] [--tokenizer=llama/tokenizer.model]
+
+Writes DIR/model_config.json, DIR/tokenizer.model and DIR/params (Orbax), one parameter at a
+time (see ``convert/orbax_io.py`` for the memory bound), shows progress per source tensor and
+ends with a summary table and one JSON line.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from absl import app, flags, logging
+from tqdm import tqdm
+
+from astrollama_jax import checkpoints
+from astrollama_jax.convert import hf, meta, orbax_io
+from astrollama_jax.convert.hf import ConversionError
+
+FLAGS = flags.FLAGS
+flags.DEFINE_enum("source_format", None, ["meta", "hf"], "Meta consolidated.*.pth folder or HF folder.")
+flags.DEFINE_string("source", None, "Folder with the source weights.")
+flags.DEFINE_string("output", None, "Converted DIR to create (must not exist or be empty).")
+flags.DEFINE_string("dtype", None, "Parameter dtype: float32, bfloat16 or float16 (default: as stored).")
+flags.DEFINE_string("tokenizer", None, "tokenizer.model (default: in --source or its parent folder).")
+
+
+def find_tokenizer(source: str, explicit: str | None = None) -> str:
+  """The SentencePiece model: given, in the source folder, or beside it (Meta's download layout)."""
+  candidates = [explicit] if explicit else [os.path.join(source, "tokenizer.model"),
+                                            os.path.join(os.path.dirname(os.path.abspath(source)),
+                                                         "tokenizer.model")]
+  for c in candidates:
+    if c and os.path.isfile(c):
+      return c
+  raise FileNotFoundError(f"tokenizer.model not found (looked at {candidates}); pass --tokenizer")
+
+
+def convert(source_format: str, source: str, output: str, dtype: str | None = None,
+            tokenizer: str | None = None, show_progress: bool = True) -> dict[str, Any]:
+  """Convert ``source`` into the converted DIR ``output``; returns the summary dict."""
+  timer = orbax_io.Timer()
+  dtype = checkpoints.check_dtype(dtype)
+  if not os.path.isdir(source):
+    raise FileNotFoundError(f"source folder {source} does not exist")
+  out = os.path.abspath(output)
+  if os.path.exists(out) and os.listdir(out):
+    raise FileExistsError(f"output {out} exists and is not empty; choose another or remove it")
+  tok_path = find_tokenizer(source, tokenizer)
+  if source_format == "meta":
+    cfg = meta.read_meta_config(source, dtype)
+    total, extra = meta.num_source_tensors(cfg), {"shards": len(meta.shard_files(source))}
+  elif source_format == "hf":
+    hf_cfg = hf.read_hf_config(source)
+    src_dtype = _hf_dtype(source)
+    cfg = hf_cfg.replace(param_dtype=dtype or src_dtype)
+    total, extra = meta.num_source_tensors(cfg), {}
+  else:
+    raise ValueError(f"unknown source_format {source_format!r}; use meta or hf")
+  from astrollama_jax.data.tokenizer import Tokenizer
+  Tokenizer(tok_path).check_vocab(cfg.vocab_size)
+  logging.info("converting %s (%s) -> %s: %s", source, source_format, out, cfg)
+
+  bar = tqdm(total=total, unit="tensor", disable=not show_progress, desc="convert")
+  n_source = 0
+
+  def progress(name, arr):
+    nonlocal n_source
+    n_source += 1
+    bar.set_postfix_str(f"{name} {list(arr.shape)}", refresh=False)
+    bar.update()
+
+  if source_format == "meta":
+    stream = meta.iter_meta_params(source, cfg, cfg.param_dtype, progress=progress)
+  else:
+    stream = _hf_with_progress(source, cfg, progress)
+  try:
+    counts = orbax_io.write_converted(out, cfg, stream, tok_path)
+  finally:
+    bar.close()
+  return {"source_format": source_format, "source": os.path.abspath(source), "output": out,
+          "dtype": cfg.param_dtype, "tensors": n_source, **counts, **extra,
+          "seconds": timer.seconds, "peak_rss_bytes": orbax_io.peak_rss_bytes()}
+
+
+def _hf_dtype(folder: str) -> str:
+  """The stored dtype of an HF folder (of its embedding table)."""
+  reader = hf._TensorReader(hf._weight_files(folder))
+  return str(reader.get("model.embed_tokens.weight").dtype)
+
+
+def _hf_with_progress(source, cfg, progress):
+  """HF tensors stream per stacked parameter; report every HF tensor it was built from."""
+  for path, arr in hf.iter_hf_params(source, cfg, cfg.param_dtype):
+    name = "/".join(path)
+    if path[0] == "layers":
+      for i in range(arr.shape[0]):
+        progress(f"{name}[{i}]", arr[i])
+    else:
+      progress(name, arr)
+    yield path, arr
+
+
+def main(argv):
+  del argv
+  for name in ("source_format", "source", "output"):
+    if not getattr(FLAGS, name):
+      raise app.UsageError(f"--{name} is required")
+  try:
+    summary = convert(FLAGS.source_format, FLAGS.source, FLAGS.output, FLAGS.dtype, FLAGS.tokenizer)
+  except (ConversionError, checkpoints.CheckpointError, FileNotFoundError, FileExistsError, ValueError) as e:
+    logging.error("conversion failed: %s", e)
+    raise SystemExit(f"error: {e}") from None
+  orbax_io.report(f"converted {summary['source']} -> {summary['output']}", summary)
+
+
+if __name__ == "__main__":
+  app.run(main)

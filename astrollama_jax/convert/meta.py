@@ -1,0 +1,265 @@
+"""Meta's LLaMA-2 download (``params.json`` + ``consolidated.NN.pth``) -> our parameter dicts.
+
+Meta saves one file per model-parallel rank (1 for 7B, 2 for 13B, 8 for 70B). Each tensor is
+either column-parallel (output rows split: wq/wk/wv, w1/w3, output), row-parallel (input columns
+split: wo, w2), split on the embedding dimension (tok_embeddings) or replicated (norms), so
+merging is a concatenation along the axis the table below names.
+
+Meta's q/k rows are in interleaved-pair rotary order; our model (like HF) uses the half-split
+order, so q/k get HF's permutation here. Past that, Meta's [out, in] matrices are exactly HF's,
+and the HF table in ``hf.py`` finishes the job: one reshape table, one rotary convention.
+
+Memory: the shard files are memory-mapped (``torch.load(mmap=True)``) and re-opened per output
+parameter, so at any moment host memory holds one stacked parameter plus the mapped pages of
+the tensors it was built from; the mappings are dropped before the next parameter starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import re
+from typing import Any, Callable, Iterator
+
+import numpy as np
+from absl import logging
+
+from astrollama_jax.convert import hf
+from astrollama_jax.convert.hf import ConversionError
+from astrollama_jax.model.config import LlamaConfig
+
+# HF name -> (Meta name, merge axis across shards or None if replicated, q/k head count field).
+_META_NAMES: dict[str, tuple[str, int | None, str | None]] = {
+    "model.embed_tokens.weight": ("tok_embeddings.weight", 1, None),
+    "model.layers.{i}.self_attn.q_proj.weight": ("layers.{i}.attention.wq.weight", 0, "n_heads"),
+    "model.layers.{i}.self_attn.k_proj.weight": ("layers.{i}.attention.wk.weight", 0, "n_kv_heads"),
+    "model.layers.{i}.self_attn.v_proj.weight": ("layers.{i}.attention.wv.weight", 0, None),
+    "model.layers.{i}.self_attn.o_proj.weight": ("layers.{i}.attention.wo.weight", 1, None),
+    "model.layers.{i}.mlp.gate_proj.weight": ("layers.{i}.feed_forward.w1.weight", 0, None),
+    "model.layers.{i}.mlp.up_proj.weight": ("layers.{i}.feed_forward.w3.weight", 0, None),
+    "model.layers.{i}.mlp.down_proj.weight": ("layers.{i}.feed_forward.w2.weight", 1, None),
+    "model.layers.{i}.input_layernorm.weight": ("layers.{i}.attention_norm.weight", None, None),
+    "model.layers.{i}.post_attention_layernorm.weight": ("layers.{i}.ffn_norm.weight", None, None),
+    "model.norm.weight": ("norm.weight", None, None),
+    "lm_head.weight": ("output.weight", 0, None),
+}
+_IGNORED = ("rope.freqs",)
+_SHARD_RE = re.compile(r"^consolidated\.(\d+)\.pth$")
+
+
+def _torch():
+  try:
+    import torch
+  except ImportError as e:  # torch is only needed for Meta's .pth files
+    raise ImportError("reading Meta's consolidated.*.pth files needs PyTorch; install the CPU wheel "
+                      "with `pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu`") from e
+  return torch
+
+
+# --- params.json -> LlamaConfig ------------------------------------------------------------------
+
+def ffn_dim_from_params(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
+  """Meta's FeedForward hidden size: 2/3 of 4*dim, scaled, rounded up to ``multiple_of``."""
+  hidden = int(2 * 4 * dim / 3)
+  if ffn_dim_multiplier is not None:
+    hidden = int(ffn_dim_multiplier * hidden)
+  return multiple_of * math.ceil(hidden / multiple_of)
+
+
+def read_params_json(folder: str) -> dict[str, Any]:
+  path = os.path.join(folder, "params.json")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"no params.json in {folder}: not a Meta LLaMA-2 checkpoint folder")
+  try:
+    with open(path) as f:
+      p = json.load(f)
+  except ValueError as e:
+    raise ConversionError(f"{path} is not valid JSON: {e}") from e
+  missing = [k for k in ("dim", "n_layers", "n_heads", "multiple_of", "norm_eps") if k not in p]
+  if missing:
+    raise ConversionError(f"{path} lacks {missing}")
+  return p
+
+
+def config_from_params(p: dict[str, Any], vocab_size: int | None = None, **overrides: Any) -> LlamaConfig:
+  """LlamaConfig from ``params.json``; ``vocab_size`` fills in a ``-1`` there."""
+  vocab = p.get("vocab_size", -1)
+  if vocab is None or vocab <= 0:
+    if vocab_size is None:
+      raise ConversionError("params.json has no vocab_size and none was given")
+    vocab = vocab_size
+  kw = dict(
+      vocab_size=int(vocab),
+      dim=int(p["dim"]),
+      n_layers=int(p["n_layers"]),
+      n_heads=int(p["n_heads"]),
+      n_kv_heads=int(p.get("n_kv_heads") or p["n_heads"]),
+      ffn_dim=ffn_dim_from_params(int(p["dim"]), int(p["multiple_of"]), p.get("ffn_dim_multiplier")),
+      norm_eps=float(p["norm_eps"]),
+      rope_theta=float(p.get("rope_theta") or 10000.0),
+      max_seq_len=4096,
+  )
+  kw.update(overrides)
+  return LlamaConfig(**kw)
+
+
+# --- shard files -------------------------------------------------------------------------------
+
+def shard_files(folder: str) -> list[str]:
+  """``consolidated.00.pth`` ... in rank order; a gap in the numbering is a missing shard."""
+  found = {}
+  for fn in os.listdir(folder):
+    m = _SHARD_RE.match(fn)
+    if m:
+      found[int(m.group(1))] = os.path.join(folder, fn)
+  if not found:
+    raise FileNotFoundError(f"no consolidated.NN.pth files in {folder}")
+  missing = [f"consolidated.{i:02d}.pth" for i in range(max(found) + 1) if i not in found]
+  if missing:
+    raise ConversionError(f"{folder}: model-parallel shards {missing} are missing "
+                          f"(found {[os.path.basename(found[i]) for i in sorted(found)]})")
+  return [found[i] for i in sorted(found)]
+
+
+@contextlib.contextmanager
+def open_shards(files: list[str]) -> Iterator[list[dict[str, Any]]]:
+  """Memory-map every shard's state dict; the mappings go away when the block ends."""
+  torch = _torch()
+  dicts = []
+  try:
+    for fn in files:
+      try:
+        dicts.append(torch.load(fn, map_location="cpu", mmap=True, weights_only=True))
+      except Exception as e:  # truncated zip, not a torch file, pickled code ...
+        raise ConversionError(f"cannot read Meta shard {fn} (truncated or not a torch checkpoint?): "
+                              f"{type(e).__name__}: {e}") from e
+    yield dicts
+  finally:
+    dicts.clear()
+
+
+def _to_numpy(t: Any, name: str, fn: str) -> np.ndarray:
+  """A zero-copy numpy view of a CPU tensor (bfloat16 through its bit pattern)."""
+  torch = _torch()
+  if not isinstance(t, torch.Tensor):
+    raise ConversionError(f"{fn}: entry {name!r} is a {type(t).__name__}, not a tensor")
+  if t.dtype == torch.bfloat16:
+    import ml_dtypes
+    return t.contiguous().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+  if t.dtype not in (torch.float16, torch.float32):
+    raise ConversionError(f"{fn}: tensor {name!r} has dtype {t.dtype}, expected a floating dtype")
+  return t.contiguous().numpy()
+
+
+def _interleaved_to_half_split(w: np.ndarray, n_heads: int) -> np.ndarray:
+  """Meta's rotary row order (pairs interleaved) -> HF's (first halves, then second halves)."""
+  rows, cols = w.shape
+  hd = rows // n_heads
+  return w.reshape(n_heads, hd // 2, 2, cols).transpose(0, 2, 1, 3).reshape(rows, cols)
+
+
+def _merge(parts: list[np.ndarray], axis: int | None, name: str, files: list[str],
+           expected: tuple[int, ...]) -> np.ndarray:
+  """Concatenate one tensor's model-parallel pieces, checking every shape against the config."""
+  shapes = [tuple(p.shape) for p in parts]
+  if axis is None:
+    if any(s != tuple(expected) for s in shapes):
+      raise ConversionError(f"tensor {name!r} (replicated) has shapes {shapes} in "
+                            f"{[os.path.basename(f) for f in files]}; params.json implies {tuple(expected)}")
+    return parts[0]
+  merged = list(shapes[0])
+  merged[axis] = sum(s[axis] for s in shapes)
+  if len(set(shapes)) != 1 or tuple(merged) != tuple(expected):
+    raise ConversionError(
+        f"tensor {name!r}: the {len(files)} model-parallel shard(s) {[os.path.basename(f) for f in files]} "
+        f"in {os.path.dirname(files[0])} have shapes {shapes}; merged on dim {axis} that is "
+        f"{tuple(merged)}, but params.json implies {tuple(expected)} (a missing shard, or a "
+        f"params.json that does not match the weights?)")
+  return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=axis)
+
+
+def num_source_tensors(cfg: LlamaConfig) -> int:
+  return 9 * cfg.n_layers + 3
+
+
+def iter_meta_params(folder: str, cfg: LlamaConfig, dtype: str | None = None,
+                     progress: Callable[[str, np.ndarray], None] | None = None,
+                     ) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
+  """Yield (our path, stacked numpy array) one parameter at a time from Meta shards.
+
+  ``progress(meta_name, merged)`` is called for every merged source tensor.
+  """
+  files = shard_files(folder)
+  out_dtype = np.dtype(dtype) if dtype else None
+  from astrollama_jax.model.llama import param_shapes
+  shapes = param_shapes(cfg)
+  seen: set[str] = set()
+  for path, template, from_hf, to_hf in hf._mapping(cfg):
+    meta_template, axis, heads_field = _META_NAMES[template]
+    target = hf._get(shapes, path)
+    layered = "{i}" in template
+    per_shape = target.shape[1:] if layered else target.shape
+    expected = to_hf(np.empty(per_shape, np.int8)).shape  # Meta's [out, in] == HF's
+    stacked = None
+    with open_shards(files) as dicts:
+      if not seen:
+        for fn, d in zip(files, dicts):
+          unknown = sorted(k for k in d if k not in _IGNORED and not _known(k, cfg))
+          if unknown:
+            logging.warning("%s: ignoring %d tensors that are not LLaMA-2's: %s", fn, len(unknown), unknown[:5])
+      for i in range(cfg.n_layers if layered else 1):
+        name = meta_template.format(i=i)
+        parts = []
+        for fn, d in zip(files, dicts):
+          if name not in d:
+            raise ConversionError(f"{fn}: tensor {name!r} is missing (params.json has "
+                                  f"n_layers={cfg.n_layers})")
+          parts.append(_to_numpy(d[name], name, fn))
+        w = _merge(parts, axis, name, files, expected)
+        del parts
+        if heads_field:
+          w = _interleaved_to_half_split(w, getattr(cfg, heads_field))
+        if progress:
+          progress(name, w)
+        w = from_hf(w)
+        if layered:
+          if stacked is None:
+            stacked = np.empty(target.shape, out_dtype or w.dtype)
+          stacked[i] = w
+        else:
+          stacked = np.array(w, dtype=out_dtype or w.dtype)  # a copy: no view into the mapping
+        seen.add(name)
+        del w
+    yield path, stacked
+    del stacked
+
+
+def _known(name: str, cfg: LlamaConfig) -> bool:
+  for meta_template, _, _ in _META_NAMES.values():
+    if "{i}" in meta_template:
+      pattern = re.escape(meta_template).replace(r"\{i\}", r"(\d+)")
+      m = re.fullmatch(pattern, name)
+      if m and int(m.group(1)) < cfg.n_layers:
+        return True
+    elif name == meta_template:
+      return True
+  return False
+
+
+def read_meta_config(folder: str, dtype: str | None = None) -> LlamaConfig:
+  """The model config of a Meta folder; a ``vocab_size`` of -1 is read off ``tok_embeddings``."""
+  p = read_params_json(folder)
+  files = shard_files(folder)
+  with open_shards(files[:1]) as (d,):
+    emb = d.get("tok_embeddings.weight")
+    if emb is None:
+      raise ConversionError(f"{files[0]}: tensor 'tok_embeddings.weight' is missing")
+    vocab, src_dtype = int(emb.shape[0]), str(emb.dtype).replace("torch.", "")
+  try:
+    return config_from_params(p, vocab, param_dtype=dtype or src_dtype)
+  except ConversionError:
+    raise
+  except ValueError as e:
+    raise ConversionError(f"{folder}/params.json does not describe a valid LLaMA-2: {e}") from e

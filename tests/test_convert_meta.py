@@ -1,0 +1,228 @@
+"""Meta consolidated.*.pth -> converted Orbax DIR, checked against transformers on the same weights.
+
+The fake Meta checkpoints are written here from a random HF model with this file's own inverse
+of HF's q/k permutation and its own model-parallel split, so the converter is checked against
+an independent statement of Meta's layout, not against itself.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from astrollama_jax import checkpoints
+from astrollama_jax.convert import meta
+from astrollama_jax.convert.__main__ import convert
+from astrollama_jax.convert.hf import ConversionError
+from astrollama_jax.data.tokenizer import Tokenizer
+from astrollama_jax.model import llama
+from astrollama_jax.model.config import get_config
+from hf_reference import TINY, TINY_GQA, hf_logits, make_hf_model
+
+TINY_70B = get_config("tiny_70b_shape", compute_dtype="float32")
+
+
+def _meta_from_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+  """Undo HF's q/k permutation: half-split rotary rows -> Meta's interleaved pairs."""
+  rows, cols = w.shape
+  return w.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def write_meta_checkpoint(model, cfg, folder, mp: int, dtype=torch.float32, tokenizer_path=None):
+  """Meta's download layout: params.json + consolidated.NN.pth, one file per model-parallel rank."""
+  os.makedirs(folder, exist_ok=True)
+  sd = {k: v.detach().to(dtype) for k, v in model.state_dict().items()}
+  full = {"tok_embeddings.weight": (sd["model.embed_tokens.weight"], 1),
+          "norm.weight": (sd["model.norm.weight"], None),
+          "output.weight": (sd["lm_head.weight"], 0)}
+  for i in range(cfg.n_layers):
+    p, m = f"model.layers.{i}.", f"layers.{i}."
+    full.update({
+        m + "attention.wq.weight": (_meta_from_hf(sd[p + "self_attn.q_proj.weight"], cfg.n_heads), 0),
+        m + "attention.wk.weight": (_meta_from_hf(sd[p + "self_attn.k_proj.weight"], cfg.n_kv_heads), 0),
+        m + "attention.wv.weight": (sd[p + "self_attn.v_proj.weight"], 0),
+        m + "attention.wo.weight": (sd[p + "self_attn.o_proj.weight"], 1),
+        m + "feed_forward.w1.weight": (sd[p + "mlp.gate_proj.weight"], 0),
+        m + "feed_forward.w3.weight": (sd[p + "mlp.up_proj.weight"], 0),
+        m + "feed_forward.w2.weight": (sd[p + "mlp.down_proj.weight"], 1),
+        m + "attention_norm.weight": (sd[p + "input_layernorm.weight"], None),
+        m + "ffn_norm.weight": (sd[p + "post_attention_layernorm.weight"], None),
+    })
+  for rank in range(mp):
+    shard = {name: (t if axis is None else t.chunk(mp, dim=axis)[rank]).clone()
+             for name, (t, axis) in full.items()}
+    shard["rope.freqs"] = torch.ones(cfg.head_dim // 2, dtype=dtype)
+    torch.save(shard, os.path.join(folder, f"consolidated.{rank:02d}.pth"))
+  # multiple_of / ffn_dim_multiplier chosen so Meta's formula gives the tiny presets' ffn_dim.
+  params = {"dim": cfg.dim, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads, "multiple_of": 128,
+            "ffn_dim_multiplier": 0.75, "norm_eps": cfg.norm_eps, "vocab_size": -1}
+  if cfg.n_kv_heads != cfg.n_heads:
+    params["n_kv_heads"] = cfg.n_kv_heads
+  with open(os.path.join(folder, "params.json"), "w") as f:
+    json.dump(params, f)
+  if tokenizer_path:
+    os.symlink(tokenizer_path, os.path.join(folder, "tokenizer.model"))
+  return folder
+
+
+def _ids(tokenizer_path, abstracts, n=2, length=48):
+  tok = Tokenizer(tokenizer_path)
+  return np.array([tok.encode(a)[:length] for a in abstracts[:n]], np.int32)
+
+
+CASES = [(TINY, 2), (TINY_GQA, 2), (TINY_70B, 8)]
+
+
+@pytest.fixture(scope="module", params=CASES, ids=["mha_mp2", "gqa_mp2", "70b_shape_gqa_mp8"])
+def converted(request, tmp_path_factory, tokenizer_path):
+  cfg, mp = request.param
+  root = tmp_path_factory.mktemp("meta")
+  model = make_hf_model(cfg, seed=7)
+  src = write_meta_checkpoint(model, cfg, str(root / "meta"), mp, tokenizer_path=tokenizer_path)
+  summary = convert("meta", src, str(root / "out"), show_progress=False)
+  return cfg, mp, model, src, summary
+
+
+def test_meta_logits_match_hf(converted, tokenizer_path, abstracts):
+  cfg, mp, model, _, summary = converted
+  assert summary["shards"] == mp
+  assert summary["tensors"] == 9 * cfg.n_layers + 3
+  assert summary["parameters"] == cfg.num_params()
+  loaded = checkpoints.load_model(summary["output"])
+  for field in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim"):
+    assert getattr(loaded.cfg, field) == getattr(cfg, field), field
+  assert loaded.cfg.param_dtype == "float32"
+  ids = _ids(tokenizer_path, abstracts)
+  ours, _ = llama.apply(loaded.cfg.replace(compute_dtype="float32"), loaded.params, jnp.asarray(ids))
+  np.testing.assert_allclose(np.asarray(ours), hf_logits(model, ids), atol=1e-4, rtol=0)
+
+
+def test_bfloat16_shards_convert_exactly(tmp_path, tokenizer_path):
+  """bf16 Meta shards (the real downloads' dtype) keep their bits; --dtype casts like torch does."""
+  cfg = TINY_GQA
+  model = make_hf_model(cfg, seed=2)
+  f32 = write_meta_checkpoint(model, cfg, str(tmp_path / "f32"), 2, tokenizer_path=tokenizer_path)
+  b16 = write_meta_checkpoint(model, cfg, str(tmp_path / "b16"), 2, torch.bfloat16, tokenizer_path)
+  s16 = convert("meta", b16, str(tmp_path / "o16"), show_progress=False)
+  s32 = convert("meta", f32, str(tmp_path / "o32"), dtype="bfloat16", show_progress=False)
+  assert s16["dtype"] == s32["dtype"] == "bfloat16"
+  a = checkpoints.load_model(s16["output"], on_host=True)
+  b = checkpoints.load_model(s32["output"], on_host=True)
+  assert a.cfg.param_dtype == "bfloat16"
+  for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+    assert x.dtype == y.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(x.view(np.uint16), y.view(np.uint16))
+
+
+@pytest.mark.parametrize("params_json,ffn", [
+    ({"dim": 4096, "multiple_of": 256}, 11008),                             # 7B
+    ({"dim": 5120, "multiple_of": 256}, 13824),                             # 13B
+    ({"dim": 8192, "multiple_of": 4096, "ffn_dim_multiplier": 1.3}, 28672),  # 70B
+])
+def test_ffn_dim_formula_matches_published_shapes(params_json, ffn):
+  assert meta.ffn_dim_from_params(params_json["dim"], params_json["multiple_of"],
+                                  params_json.get("ffn_dim_multiplier")) == ffn
+
+
+@pytest.fixture(scope="module")
+def meta8(tmp_path_factory, tokenizer_path):
+  """A 70B-shaped tiny Meta checkpoint over 8 files, to break in the error tests (copied first)."""
+  root = tmp_path_factory.mktemp("meta8")
+  return write_meta_checkpoint(make_hf_model(TINY_70B, seed=3), TINY_70B, str(root / "src"), 8,
+                               tokenizer_path=tokenizer_path)
+
+
+def _broken(meta8, tmp_path):
+  import shutil
+  dst = str(tmp_path / "broken")
+  shutil.copytree(meta8, dst, symlinks=True)
+  return dst
+
+
+def _fails(src, tmp_path, match, **kw):
+  out = tmp_path / "out"
+  with pytest.raises((ConversionError, ValueError, FileNotFoundError), match=match):
+    convert("meta", src, str(out), show_progress=False, **kw)
+  left = [f for f in os.listdir(tmp_path) if f not in ("broken",)]
+  assert left == [], f"a failed conversion left {left}"
+
+
+def test_missing_middle_shard_is_named(meta8, tmp_path):
+  src = _broken(meta8, tmp_path)
+  os.remove(os.path.join(src, "consolidated.03.pth"))
+  _fails(src, tmp_path, r"shards \['consolidated\.03\.pth'\] are missing")
+
+
+def test_missing_last_shard_names_file_tensor_and_shapes(meta8, tmp_path):
+  src = _broken(meta8, tmp_path)
+  os.remove(os.path.join(src, "consolidated.07.pth"))
+  _fails(src, tmp_path, r"tensor 'tok_embeddings\.weight': the 7 model-parallel shard\(s\) \['consolidated\.00\.pth'"
+                        r".* have shapes \[\(32000, 16\), .*merged on dim 1 that is \(32000, 112\), but "
+                        r"params\.json implies \(32000, 128\)")
+
+
+def test_params_json_that_does_not_match_the_tensors(meta8, tmp_path):
+  src = _broken(meta8, tmp_path)
+  p = json.load(open(os.path.join(src, "params.json")))
+  p["n_kv_heads"] = 4
+  json.dump(p, open(os.path.join(src, "params.json"), "w"))
+  _fails(src, tmp_path, r"tensor 'layers\.0\.attention\.wk\.weight': .* have shapes \[\(8, 128\), .*"
+                        r"that is \(64, 128\), but params\.json implies \(32, 128\)")
+
+
+def test_truncated_shard_names_the_file(meta8, tmp_path):
+  src = _broken(meta8, tmp_path)
+  fn = os.path.join(src, "consolidated.05.pth")
+  data = open(fn, "rb").read()
+  with open(fn, "wb") as f:
+    f.write(data[:len(data) // 2])
+  _fails(src, tmp_path, r"cannot read Meta shard .*consolidated\.05\.pth")
+
+
+def test_unknown_dtype_and_existing_output_are_refused(meta8, tmp_path):
+  _fails(meta8, tmp_path, r"unknown dtype 'float8'", dtype="float8")
+  (tmp_path / "out").mkdir()
+  (tmp_path / "out" / "keep").write_text("x")
+  with pytest.raises(FileExistsError):
+    convert("meta", meta8, str(tmp_path / "out"), show_progress=False)
+  assert (tmp_path / "out" / "keep").read_text() == "x"
+
+
+def test_interrupted_conversion_leaves_no_complete_looking_folder(meta8, tmp_path, monkeypatch):
+  real = meta._interleaved_to_half_split
+  calls = []
+
+  def interrupt(w, n):
+    calls.append(1)
+    if len(calls) == 3:
+      raise KeyboardInterrupt
+    return real(w, n)
+
+  monkeypatch.setattr(meta, "_interleaved_to_half_split", interrupt)
+  with pytest.raises(KeyboardInterrupt):
+    convert("meta", meta8, str(tmp_path / "out"), show_progress=False)
+  assert os.listdir(tmp_path) == []
+
+
+def test_convert_command_line(meta8, tmp_path):
+  out = tmp_path / "cli"
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.run([sys.executable, "-m", "astrollama_jax.convert", "--source_format=meta",
+                         f"--source={meta8}", f"--output={out}", "--dtype=bfloat16"],
+                        capture_output=True, text=True, env=env, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  summary = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert summary["tensors"] == 9 * TINY_70B.n_layers + 3 and summary["shards"] == 8
+  assert summary["dtype"] == "bfloat16" and summary["peak_rss_bytes"] > 0
+  assert summary["bytes"] == 2 * TINY_70B.num_params()
+  assert "tensor" in proc.stderr  # the per-tensor progress bar
+  bad = subprocess.run([sys.executable, "-m", "astrollama_jax.convert", "--source_format=meta",
+                        f"--source={meta8}", f"--output={tmp_path / 'bad'}", "--dtype=int4"],
+                       capture_output=True, text=True, env=env, timeout=300)
+  assert bad.returncode != 0 and "unknown dtype 'int4'" in bad.stderr
