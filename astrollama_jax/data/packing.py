@@ -1,0 +1,104 @@
+"""Pack variable-length token examples into fixed-length rows (the trainer's batch format).
+
+Shared by continual pre-training (``pipeline.py``) and chat SFT (``chat.py``). Both build
+per-example dicts and hand a Grain ``IterDataset`` of them to ``pack_examples``; the
+packed rows are what the trainer's loss expects:
+
+  =============  =======  =====================================================
+  key            dtype    meaning (each of shape [seq_len], batched to [B, seq_len])
+  =============  =======  =====================================================
+  tokens         int32    input ids
+  targets        int32    next-token ids (the id each input position predicts)
+  segment_ids    int32    1..n numbering the examples packed into a row; 0 = padding
+  positions      int32    0-based position within its example (restarts per segment)
+  loss_mask      float32  1.0 where the target counts; always 0.0 on padding
+  =============  =======  =====================================================
+
+An example is made from a tokenized document ``seq = [BOS] + ids + [EOS]`` as
+``tokens = seq[:-1]``, ``targets = seq[1:]`` (``lm_example``); SFT examples set
+``loss_mask`` to 1 only on assistant-reply targets. Attention must not cross segments:
+the model masks with ``segment_ids`` and uses ``positions`` for the rotary embedding.
+
+Packing uses Grain's own packers (checkpointable, so the iterator state survives):
+``concat_then_split`` (default; no padding except at the very end, examples longer than
+a row continue in the next row as a new segment with positions restarting at 0) or
+``first_fit`` (never splits an example, pads instead; examples longer than ``seq_len``
+are truncated first).
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Sequence
+
+import grain
+import numpy as np
+
+FEATURES = ("tokens", "targets", "loss_mask")
+BATCH_KEYS = ("tokens", "targets", "segment_ids", "positions", "loss_mask")
+
+
+def lm_example(seq: Sequence[int] | np.ndarray) -> dict[str, np.ndarray]:
+  """Next-token example from one tokenized document ``[BOS] + ids + [EOS]`` (n-1 pairs)."""
+  seq = np.asarray(seq, np.int32)
+  if seq.ndim != 1 or seq.size < 2:
+    raise ValueError(f"a document needs at least 2 tokens (BOS and EOS), got shape {seq.shape}")
+  return {"tokens": seq[:-1], "targets": seq[1:],
+          "loss_mask": np.ones(seq.size - 1, np.float32)}
+
+
+def _check(example: dict) -> dict:
+  n = len(example["tokens"])
+  if len(example["targets"]) != n or len(example["loss_mask"]) != n:
+    raise ValueError("tokens, targets and loss_mask of an example must have the same length, "
+                     f"got {n}, {len(example['targets'])}, {len(example['loss_mask'])}")
+  return {"tokens": np.asarray(example["tokens"], np.int32),
+          "targets": np.asarray(example["targets"], np.int32),
+          "loss_mask": np.asarray(example["loss_mask"], np.float32)}
+
+
+def _to_row(packed: dict) -> dict[str, np.ndarray]:
+  seg = np.asarray(packed["tokens_segment_ids"], np.int32)
+  return {
+      "tokens": np.asarray(packed["tokens"], np.int32),
+      "targets": np.asarray(packed["targets"], np.int32),
+      "segment_ids": seg,
+      "positions": np.asarray(packed["tokens_positions"], np.int32),
+      "loss_mask": np.asarray(packed["loss_mask"], np.float32) * (seg > 0),
+  }
+
+
+def pack_examples(examples: grain.IterDataset, seq_len: int, *,
+                  method: Literal["concat_then_split", "first_fit"] = "concat_then_split",
+                  num_packing_bins: int = 16, seed: int = 0) -> grain.IterDataset:
+  """Pack an ``IterDataset`` of examples into rows of length ``seq_len``.
+
+  Args:
+    examples: yields dicts with 1-D ``tokens``, ``targets`` (ints) and ``loss_mask``
+      (floats, 1.0 where the target is trained on), all of one length per example.
+      Extra keys are dropped. ``lm_example`` makes one from a tokenized document.
+    seq_len: row length.
+    method: ``"concat_then_split"`` (split long examples, near-zero padding; for
+      pre-training) or ``"first_fit"`` (keep examples whole, pad; truncates examples
+      longer than ``seq_len``; for SFT where a reply should not be cut in two).
+    num_packing_bins, seed: first-fit only: rows packed at once, and bin shuffling seed.
+
+  Returns:
+    An ``IterDataset`` of unbatched rows ``{tokens, targets, segment_ids, positions,
+    loss_mask}``, each of shape ``[seq_len]`` (see the module docstring); follow it with
+    ``.batch(batch_size, drop_remainder=True)`` for ``[batch, seq_len]`` arrays. Its
+    iterator supports ``get_state``/``set_state``.
+  """
+  if seq_len < 1:
+    raise ValueError(f"seq_len must be positive, got {seq_len}")
+  lengths = {k: seq_len for k in FEATURES}
+  ds = examples.map(_check)
+  if method == "concat_then_split":
+    packed = grain.experimental.ConcatThenSplitIterDataset(ds, length_struct=lengths)
+  elif method == "first_fit":
+    ds = ds.map(lambda ex: {k: v[:seq_len] for k, v in ex.items()})
+    packed = grain.experimental.FirstFitPackIterDataset(
+        ds, length_struct=lengths, num_packing_bins=num_packing_bins, seed=seed,
+        shuffle_bins=False)
+  else:
+    raise ValueError(f"unknown packing method {method!r}")
+  return packed.map(_to_row)

@@ -1,0 +1,208 @@
+"""Packing and the Grain LM pipeline: batch contract, sharding, mixing, state (issue 4)."""
+
+from __future__ import annotations
+
+import collections
+
+import grain
+import numpy as np
+import pytest
+from absl import flags
+
+from astrollama_jax.data import corpus, packing, pipeline
+from astrollama_jax.data.tokenizer import Tokenizer
+from conftest_data import DEMO_CORPUS, TOKENIZER, abstracts_subset, need
+
+flags.FLAGS.mark_as_parsed()  # Grain worker processes read absl flags
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  need(TOKENIZER)
+  tmp = tmp_path_factory.mktemp("lm_data")
+  subset = abstracts_subset(tmp, 300)
+  config = corpus.CorpusConfig(sources=[str(DEMO_CORPUS), str(subset)], validation_fraction=0.1,
+                               progress=False)
+  corpus.build(config, tmp / "out")
+  return tmp / "out"
+
+
+@pytest.fixture(scope="module")
+def tok():
+  return Tokenizer(need(TOKENIZER))
+
+
+def _ds(data_dir, **kw):
+  args = dict(split="train", tokenizer_path=TOKENIZER, seq_len=256, batch_size=4, seed=0,
+              process_index=0, process_count=1)
+  args.update(kw)
+  return pipeline.make_lm_dataset(data_dir, **args)
+
+
+def _docs(batches, bos):
+  """Documents (token tuples) in stream order, rebuilt from packed rows."""
+  stream = []
+  for b in batches:
+    for row, seg in zip(b["tokens"], b["segment_ids"]):
+      stream.extend(row[seg > 0].tolist())
+  docs, cur = [], []
+  for t in stream:
+    if t == bos and cur:
+      docs.append(tuple(cur))
+      cur = []
+    cur.append(t)
+  if cur:
+    docs.append(tuple(cur))
+  return docs
+
+
+def _assert_row_contract(b, bos, eos):
+  assert set(b) == set(packing.BATCH_KEYS)
+  for k in ("tokens", "targets", "segment_ids", "positions"):
+    assert b[k].dtype == np.int32, k
+  assert b["loss_mask"].dtype == np.float32
+  for tokens, targets, seg, pos, mask in zip(*(b[k] for k in packing.BATCH_KEYS)):
+    np.testing.assert_array_equal(mask, (seg > 0).astype(np.float32))
+    real = seg > 0
+    assert np.all(np.diff(seg[real]) >= 0) and seg[real][0] == 1
+    pad = np.flatnonzero(~real)
+    assert pad.size == 0 or pad[0] == len(seg) - pad.size, "padding only at the end of a row"
+    for s in np.unique(seg[real]):
+      idx = np.flatnonzero(seg == s)
+      np.testing.assert_array_equal(pos[idx], np.arange(len(idx)))
+      # inside a segment each target is the next input
+      np.testing.assert_array_equal(targets[idx[:-1]], tokens[idx[1:]])
+    starts = np.flatnonzero(real & (pos == 0))
+    # a segment starts with BOS unless it is the continuation of a split document
+    assert sum(tokens[starts] == bos) >= len(starts) - 1
+    assert np.all(targets[real & (np.roll(tokens, -1) == bos)][:-1] == eos)
+
+
+# ----------------------------------------------------------------------------- packing
+
+
+def test_lm_example_shifts_by_one():
+  ex = packing.lm_example([1, 5, 6, 2])
+  np.testing.assert_array_equal(ex["tokens"], [1, 5, 6])
+  np.testing.assert_array_equal(ex["targets"], [5, 6, 2])
+  with pytest.raises(ValueError):
+    packing.lm_example([1])
+
+
+def test_pack_splits_long_documents_and_keeps_sft_masks():
+  examples = [
+      {"tokens": np.arange(10, 13), "targets": np.arange(11, 14), "loss_mask": [0, 1, 1]},
+      {"tokens": np.arange(20, 29), "targets": np.arange(21, 30), "loss_mask": [1] * 9},
+      {"tokens": np.arange(30, 32), "targets": np.arange(31, 33), "loss_mask": [0, 0]},
+  ]
+  ds = packing.pack_examples(grain.MapDataset.source(examples).to_iter_dataset(), 5)
+  rows = list(ds)
+  assert len(rows) == 3
+  np.testing.assert_array_equal(rows[0]["segment_ids"], [1, 1, 1, 2, 2])
+  np.testing.assert_array_equal(rows[0]["positions"], [0, 1, 2, 0, 1])
+  np.testing.assert_array_equal(rows[0]["loss_mask"], [0, 1, 1, 1, 1])
+  np.testing.assert_array_equal(rows[1]["tokens"], [22, 23, 24, 25, 26])  # chunk: new segment
+  np.testing.assert_array_equal(rows[1]["positions"], [0, 1, 2, 3, 4])
+  np.testing.assert_array_equal(rows[2]["segment_ids"], [1, 1, 2, 2, 0])
+  np.testing.assert_array_equal(rows[2]["loss_mask"], [1, 1, 0, 0, 0])
+  np.testing.assert_array_equal(rows[2]["targets"][:4], [28, 29, 31, 32])
+  batch = next(iter(packing.pack_examples(grain.MapDataset.source(examples).to_iter_dataset(),
+                                          5).batch(2)))
+  assert batch["tokens"].shape == (2, 5)
+
+
+def test_first_fit_keeps_examples_whole():
+  examples = [{"tokens": np.arange(n), "targets": np.arange(n), "loss_mask": np.ones(n)}
+              for n in (3, 4, 2, 7)]
+  rows = list(packing.pack_examples(grain.MapDataset.source(examples).to_iter_dataset(), 5,
+                                    method="first_fit", num_packing_bins=2))
+  lengths = sorted(int(np.sum(r["segment_ids"] == s)) for r in rows
+                   for s in np.unique(r["segment_ids"]) if s > 0)
+  assert lengths == [2, 3, 4, 5]  # the 7 was truncated to 5, nothing split
+
+
+# ----------------------------------------------------------------------------- pipeline
+
+
+def test_batches_follow_the_contract_and_pack_densely(data_dir, tok):
+  it = iter(_ds(data_dir, seq_len=512, batch_size=4))
+  real = slots = 0
+  for _ in range(15):
+    b = next(it)
+    assert b["tokens"].shape == (4, 512)
+    _assert_row_contract(b, tok.bos_id, tok.eos_id)
+    r, s = pipeline.count_tokens(b)
+    real, slots = real + r, slots + s
+  assert real / slots >= 0.95
+  first = _docs([b], tok.bos_id)[1]
+  assert tok.decode(first).strip()  # real text
+
+
+def test_same_seed_same_batches_and_epochs_reshuffle(data_dir, tok):
+  a = [next(iter(_ds(data_dir, seed=3))) for _ in range(2)]
+  np.testing.assert_array_equal(a[0]["tokens"], a[1]["tokens"])
+  other = next(iter(_ds(data_dir, seed=4)))
+  assert not np.array_equal(a[0]["tokens"], other["tokens"])
+  two = list(_ds(data_dir, num_epochs=2, drop_remainder=False, seq_len=2048, batch_size=8))
+  docs = _docs(two, tok.bos_id)
+  half = len(docs) // 2
+  assert collections.Counter(docs[:half]) == collections.Counter(docs[half:])
+  assert docs[:half] != docs[half:]
+
+
+def test_sharding_is_disjoint_and_complete(data_dir, tok):
+  def docs(index, count):
+    ds = _ds(data_dir, process_index=index, process_count=count, num_epochs=1, shuffle=False,
+             drop_remainder=False, seq_len=2048, batch_size=8)
+    return collections.Counter(_docs(list(ds), tok.bos_id))
+  whole = docs(0, 1)
+  parts = [docs(i, 3) for i in range(3)]
+  assert sum(parts, collections.Counter()) == whole
+  for i in range(3):
+    for j in range(i + 1, 3):
+      assert not set(parts[i]) & set(parts[j])
+  with pytest.raises(ValueError, match="process_index"):
+    _ds(data_dir, process_index=3, process_count=3)
+
+
+def test_mixture_weights_sections(data_dir, tok):
+  src = corpus.read_split(data_dir, "train")
+  intros = {tuple(tok.encode(r["text"].decode(), bos=True, eos=True)[:-1])
+            for r in src if r["section"] == b"introduction"}
+  assert intros
+  ds = _ds(data_dir, mixture={"abstract": 0.5, "introduction": 0.5}, seq_len=2048, batch_size=4)
+  it = iter(ds)
+  docs = _docs([next(it) for _ in range(20)], tok.bos_id)[1:-1]  # ends may be partial
+  frac = sum(d in intros for d in docs) / len(docs)
+  assert 0.3 < frac < 0.7, frac
+  only = _docs([next(iter(_ds(data_dir, mixture={"introduction": 1}, seq_len=4096)))],
+               tok.bos_id)[:-1]
+  assert only and all(d in intros for d in only)
+  with pytest.raises(ValueError, match="unknown sections"):
+    _ds(data_dir, mixture={"methods": 1.0})
+
+
+def _check_restore(ds, skip=3, take=3):
+  it = iter(ds)
+  for _ in range(skip):
+    next(it)
+  state = it.get_state()
+  expected = [next(it) for _ in range(take)]
+  it2 = iter(ds)
+  it2.set_state(state)
+  for want in expected:
+    got = next(it2)
+    for k in packing.BATCH_KEYS:
+      np.testing.assert_array_equal(got[k], want[k])
+  for i in (it, it2):
+    if hasattr(i, "close"):
+      i.close()
+
+
+def test_state_restore_gives_the_uninterrupted_batches(data_dir):
+  _check_restore(_ds(data_dir, mixture={"abstract": 0.6, "introduction": 0.2, "conclusion": 0.2}))
+
+
+@pytest.mark.timeout(180)
+def test_state_restore_with_workers(data_dir):
+  _check_restore(_ds(data_dir, worker_count=1), skip=2, take=2)
