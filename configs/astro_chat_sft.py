@@ -11,6 +11,8 @@ Batch 48 x 2048 tokens, cosine schedule with 3% warmup, one epoch.
 
 import ml_collections
 
+from astrollama_jax.train.defaults import base_config
+
 _PRESETS = {
     "7b": dict(preset="llama2_7b", learning_rate=2e-5),
     "70b": dict(preset="llama2_70b", learning_rate=3e-7),
@@ -21,21 +23,17 @@ def get_config(size: str = "7b") -> ml_collections.ConfigDict:
   if size not in _PRESETS:
     raise ValueError(f"astro_chat_sft: unknown size {size!r}; expected one of {sorted(_PRESETS)}")
   preset = _PRESETS[size]
-  config = ml_collections.ConfigDict()
-
-  config.model = ml_collections.ConfigDict()
+  config = base_config()
   config.model.preset = preset["preset"]
 
-  # The continual-pre-training result this SFT starts from (an Orbax checkpoint directory).
-  config.init_checkpoint = f"runs/astro_cpt_{size}/checkpoints"
+  # The continual-pre-training result this SFT starts from (anything checkpoints.load_model reads).
+  config.init_checkpoint = f"runs/astro_cpt_{size}"
 
-  # Self-contained data section: everything make_sft_dataset needs besides process/batch split.
-  config.data = ml_collections.ConfigDict()
+  # The data section is all make_sft_dataset needs besides the host split and batch size.
   config.data.kind = "sft"
   config.data.tokenizer_path = "data/tokenizer/llama2/tokenizer.model"
   config.data.seq_len = 2048
   config.data.seed = 0
-  config.data.num_epochs = 1
   config.data.shuffle = True
   # Each source: path, format (auto|sharegpt|openai|ultrachat|openorca|lima|lmflow), and either
   # count (exactly this many, sampled without replacement) or weight (x the file's size) or
@@ -46,16 +44,15 @@ def get_config(size: str = "7b") -> ml_collections.ConfigDict:
       dict(path="data/chat/openorca.jsonl", format="openorca", count=10_000, weight=None),
       dict(path="data/chat/ultrachat.jsonl", format="ultrachat", count=10_000, weight=None),
   ]
+  config.data.eval_sources = []  # the recipe holds none out; add a file here to get eval loss
 
-  config.train = ml_collections.ConfigDict()
-  config.train.global_batch_size = 48  # packed rows of seq_len tokens
-  config.train.num_epochs = 1
-  config.train.learning_rate = preset["learning_rate"]
-  config.train.lr_schedule = "cosine"
-  config.train.warmup_ratio = 0.03
-  config.train.end_lr_ratio = 0.0
-  config.train.weight_decay = 0.0
-  config.train.adam_b1 = 0.9
-  config.train.adam_b2 = 0.95
-  config.train.grad_clip_norm = 1.0
+  t = config.train
+  t.global_batch_size = 48  # packed rows of seq_len tokens
+  t.num_steps = 0           # 0: num_epochs passes over the packed mixture
+  t.num_epochs = 1
+  t.learning_rate = preset["learning_rate"]
+  t.lr_schedule = "cosine"
+  t.warmup_ratio = 0.03
+  t.end_lr_ratio = 0.0
+  t.weight_decay = 0.0
   return config
