@@ -1,0 +1,111 @@
+"""The bench command at a tiny size on CPU: it runs, prints its JSON, and its numbers add up.
+
+No timing is asserted (CPU times mean nothing); what is checked is the arithmetic that turns a
+measured step time into tokens/s, TFLOP/s per device and MFU, against ``astrollama_jax.flops``.
+"""
+
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from astrollama_jax import bench, flops
+from astrollama_jax.model.config import get_config
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _run_bench(*flag_args: str, tmp_path) -> tuple[dict, str, list[str]]:
+  """Run ``python -m astrollama_jax.bench`` on one CPU device; (last JSON line, stdout, --out lines)."""
+  out_file = tmp_path / "bench.jsonl"
+  env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1",
+             JAX_COMPILATION_CACHE_DIR=os.environ.get("ASTROLLAMA_JAX_CACHE", str(REPO / ".jax_cache")),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
+  cmd = [sys.executable, "-m", "astrollama_jax.bench", "--preset=tiny", "--mesh=1,1,1", "--steps=2",
+         "--warmup=1", "--reference=torch", f"--out={out_file}", *flag_args]
+  proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  last = proc.stdout.strip().splitlines()[-1]
+  return json.loads(last), proc.stdout, out_file.read_text().splitlines()
+
+
+def test_train_json_adds_up(tmp_path):
+  s, stdout, written = _run_bench("--task=train", "--seq=64", "--batch=4", "--micro_batches=2",
+                                  "--ce_chunk=32", "--bf16_moments", "--remat=dots",
+                                  "--xla_flags=latency_hiding", "--peak_tflops=2", tmp_path=tmp_path)
+  assert json.loads(written[-1]) == s
+  assert "jax / torch tokens/s" in stdout
+  # The flags reached XLA (an unknown flag would have aborted the process) and the JSON says so.
+  assert "--xla_gpu_enable_latency_hiding_scheduler=true" in s["xla_flags"]
+  assert (s["task"], s["batch"], s["seq"], s["micro_batches"], s["ce_chunk"]) == ("train", 4, 64, 2, 32)
+  assert s["bf16_moments"] and s["remat"] == "dots" and s["n_devices"] == 1
+
+  cfg = get_config("tiny")
+  assert s["flops_per_step"] == pytest.approx(flops.training_flops(cfg, 4, 64).total, rel=1e-12)
+  assert s["tokens_per_step"] == 4 * 64
+  for side, n_dev in ((s, s["n_devices"]), (s["reference"], 1)):
+    t = side["step_time_s"]
+    assert side["step_time_min_s"] <= t <= side["step_time_max_s"]
+    assert side["tokens_per_s"] == pytest.approx(256 / t, rel=1e-9)
+    assert side["tflops_per_device"] == pytest.approx(s["flops_per_step"] / t / n_dev / 1e12, rel=1e-9)
+    assert side["mfu"] == pytest.approx(side["tflops_per_device"] / 2.0, rel=1e-9)
+    assert side["peak_memory_gb"] is None  # CPU keeps no allocator statistics
+  assert s["speedup_vs_reference"] == pytest.approx(
+      s["tokens_per_s"] / s["reference"]["tokens_per_s"], rel=1e-9)
+  # The step really trained: a random init starts at about ln(vocab).
+  assert abs(s["final_loss"] - math.log(cfg.vocab_size)) < 0.5
+  assert s["compiled_memory_gb"] > 0 and s["timed_steps"] == 2
+  assert s["reference"]["impl"] == "torch" and s["reference"]["gradient_checkpointing"]
+  assert s["versions"]["jax"] == jax.__version__ and "torch" in s["versions"]
+
+
+def test_decode_json_adds_up(tmp_path):
+  s, stdout, _ = _run_bench("--task=decode", "--batch=2", "--prompt_len=12", "--new_tokens=6",
+                            tmp_path=tmp_path)
+  assert (s["task"], s["batch"], s["prompt_len"], s["new_tokens"]) == ("decode", 2, 12, 6)
+  for side in (s, s["reference"]):
+    assert side["tokens_per_s"] == pytest.approx(2 * 6 / side["time_s"], rel=1e-9)
+    assert 0 < side["prefill_s"]
+  assert s["speedup_vs_reference"] == pytest.approx(
+      s["tokens_per_s"] / s["reference"]["tokens_per_s"], rel=1e-9)
+  assert "decode_tokens_per_s" in stdout
+
+
+def test_rates_and_decode_rates():
+  r = bench.rates(flops_per_step=8e12, tokens_per_step=4096, step_s=2.0, n_devices=2, peak_flops=4e12)
+  assert r == pytest.approx({"tokens_per_s": 2048.0, "tflops_per_device": 2.0, "mfu": 0.5})
+  assert bench.rates(8e12, 4096, 2.0, 2, None)["mfu"] is None
+  d = bench.decode_rates(full_s=3.0, first_s=0.5, batch=4, new_tokens=11)
+  assert d["tokens_per_s"] == pytest.approx(44 / 3.0)
+  assert d["decode_tokens_per_s"] == pytest.approx(40 / 2.5)
+
+
+def test_synthetic_batch_is_a_pipeline_batch():
+  b = bench.synthetic_batch(vocab=100, batch=3, seq=8, seed=0)
+  assert {k: v.shape for k, v in b.items()} == {k: (3, 8) for k in
+                                                ("tokens", "targets", "segment_ids", "positions", "loss_mask")}
+  assert (b["tokens"][:, 1:] == b["targets"][:, :-1]).all()
+  assert b["tokens"].min() >= 3 and b["tokens"].max() < 100
+
+
+def test_xla_flags_errors():
+  with pytest.raises(Exception, match="unknown --xla_flags preset 'fast'"):
+    bench.configure_xla("fast")
+  jax.devices()  # the test process has a backend now: flags could no longer take effect
+  with pytest.raises(RuntimeError, match="before JAX initialises a backend"):
+    bench.configure_xla("latency_hiding")
+  assert bench.configure_xla("none") == ""
+
+
+def test_out_of_memory_is_a_result_other_errors_raise():
+  def oom():
+    raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 9 GiB")
+
+  assert bench.guarded(oom, "jax")["error"] == "out of memory"
+  with pytest.raises(ValueError):
+    bench.guarded(lambda: (_ for _ in ()).throw(ValueError("bad shape")), "jax")
