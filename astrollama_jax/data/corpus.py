@@ -36,7 +36,6 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
-from absl import logging
 from tensorflow_datasets.core import example_serializer
 from tqdm import tqdm
 

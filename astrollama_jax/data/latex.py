@@ -15,7 +15,6 @@ import dataclasses
 import os
 import signal
 import threading
-from pathlib import Path
 from typing import Mapping
 
 from astrollama_jax.data import latex_clean, latex_sections, sources
