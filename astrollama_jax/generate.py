@@ -1,0 +1,427 @@
+"""Batched text generation with the KV cache: one prefill call, then a compiled decode loop.
+
+Why this shape:
+
+* Prompts of different lengths are **left-padded** into one batch (segment id 0 marks padding,
+  positions restart at 0 on each row's first real token), so every row's next token lands in the
+  same cache slot and one scalar cache index serves the whole batch.
+* The decode loop is a ``jax.lax.while_loop`` inside one jit that stops as soon as every row is
+  done. It runs "until step n", with n a traced argument, so the same executable serves a
+  single call for the whole answer and the chunked calls used for streaming and stop strings.
+* Prompt length, answer length and batch size are **bucketed** (powers of two up to 64, then
+  multiples of 64) so that recompiles are rare; the extra left padding is masked away.
+* Randomness is ``fold_in(key(seed), step)``: a given seed gives the same tokens whether the loop
+  ran in one call or in chunks.
+
+``python -m astrollama_jax.generate`` is the one-shot command line around ``generate``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import json
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags, logging
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from astrollama_jax import sharding
+from astrollama_jax.data.chat_formats import Conversation
+from astrollama_jax.data.chat_template import build_prompt_ids
+from astrollama_jax.data.tokenizer import Tokenizer
+from astrollama_jax.model import llama
+from astrollama_jax.model.config import LlamaConfig
+
+Params = dict[str, Any]
+StreamFn = Callable[[list[list[int]]], Any]
+
+_STATE_LOGICAL = {"token": ("batch",), "pos": ("batch",), "done": ("batch",), "out": ("batch", None)}
+
+
+@dataclasses.dataclass
+class GenerationResult:
+  """Generated ids per prompt (EOS and stop strings excluded) and, with a tokenizer, their text."""
+
+  tokens: list[list[int]]
+  texts: list[str] | None = None
+  finish_reasons: list[str] = dataclasses.field(default_factory=list)  # "eos" | "stop" | "length"
+  prompt_lengths: list[int] = dataclasses.field(default_factory=list)
+  seconds: float = 0.0
+
+  @property
+  def num_generated(self) -> int:
+    return sum(len(t) for t in self.tokens)
+
+
+def bucket(n: int) -> int:
+  """Round a length up to a power of two (at least 16) up to 64, else to a multiple of 64."""
+  if n <= 64:
+    return max(16, 1 << max(0, n - 1).bit_length())
+  return -(-n // 64) * 64
+
+
+def _batch_bucket(n: int, shards: int) -> int:
+  b = 1 << max(0, n - 1).bit_length()
+  return -(-b // shards) * shards
+
+
+# --- sampling ------------------------------------------------------------------------------------
+
+def sample_logits(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_k: jax.Array,
+                  top_p: jax.Array) -> jax.Array:
+  """Sample one id per row of [B, V] logits: temperature, then top-k, then nucleus (top-p).
+
+  All three knobs are traced values, so changing them never recompiles. ``top_k <= 0`` and
+  ``top_p >= 1`` switch the filters off; the most likely token always survives both.
+  """
+  logits = logits.astype(jnp.float32) / jnp.maximum(temperature, 1e-6)
+  v = logits.shape[-1]
+  sorted_desc = -jnp.sort(-logits, axis=-1)
+  rank = jnp.arange(v)
+  k = jnp.where(top_k > 0, jnp.minimum(top_k, v), v)
+  in_top_k = rank < k
+  probs = jax.nn.softmax(jnp.where(in_top_k, sorted_desc, -jnp.inf), axis=-1)
+  mass_before = jnp.cumsum(probs, axis=-1) - probs
+  keep = in_top_k & ((mass_before < top_p) | (top_p >= 1.0))
+  n_keep = jnp.maximum(jnp.sum(keep, axis=-1, keepdims=True), 1)
+  threshold = jnp.take_along_axis(sorted_desc, n_keep - 1, axis=-1)
+  logits = jnp.where(logits >= threshold, logits, -jnp.inf)
+  return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def _next_token(logits, key, step, knobs, sample: bool):
+  if not sample:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  return sample_logits(logits, jax.random.fold_in(key, step), knobs["temperature"], knobs["top_k"],
+                       knobs["top_p"])
+
+
+def _constrain_state(state: dict[str, Any]) -> dict[str, Any]:
+  """Pin every batch-shaped array to the batch sharding, so prefill and decode outputs agree."""
+  state = dict(state)
+  state["cache"] = {k: sharding.constrain(v, llama.CACHE_LOGICAL[k]) if k != "index" else v
+                    for k, v in state["cache"].items()}
+  for k, logical in _STATE_LOGICAL.items():
+    state[k] = sharding.constrain(state[k], logical)
+  return state
+
+
+# --- the two compiled pieces -------------------------------------------------------------------------
+
+@functools.partial(jax.jit, static_argnames=("cfg", "cache_len", "out_len", "sample"))
+def _prefill(params, tokens, mask, active, key, knobs, *, cfg: LlamaConfig, cache_len: int,
+             out_len: int, sample: bool):
+  """Run the padded prompts through the model once and sample the first new token."""
+  b = tokens.shape[0]
+  positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+  cache = llama.init_cache(cfg, b, cache_len)
+  cache = {k: sharding.constrain(v, llama.CACHE_LOGICAL[k]) if k != "index" else v
+           for k, v in cache.items()}
+  hidden, cache = llama.apply(cfg, params, tokens, positions, mask, cache, return_hidden=True)
+  # The head on the last column only: [B, T, V] logits of a long prompt would not fit in memory.
+  last = hidden[:, -1]
+  logits = jnp.einsum("bd,dv->bv", last, params["lm_head"].astype(last.dtype))
+  first = _next_token(logits, key, 0, knobs, sample)
+  first = jnp.where(active, first, 0)
+  out = jnp.zeros((b, out_len), jnp.int32).at[:, 0].set(first)
+  done = ~active | (first == knobs["eos_id"]) | (knobs["max_new"] <= 1)
+  state = {"cache": cache, "token": first, "pos": positions[:, -1] + 1, "done": done, "out": out,
+           "step": jnp.ones((), jnp.int32), "key": key}
+  return _constrain_state(state)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "sample"), donate_argnames=("state",))
+def _decode(params, state, until, knobs, *, cfg: LlamaConfig, sample: bool):
+  """Generate tokens for steps ``state['step']`` .. ``until - 1``, or until every row is done."""
+
+  def cond(s):
+    return (s["step"] < until) & ~jnp.all(s["done"])
+
+  def body(s):
+    seg = jnp.ones_like(s["token"])[:, None]
+    logits, cache = llama.apply(cfg, params, s["token"][:, None], s["pos"][:, None], seg, s["cache"])
+    tok = _next_token(logits[:, -1], s["key"], s["step"], knobs, sample)
+    tok = jnp.where(s["done"], 0, tok)
+    out = jax.lax.dynamic_update_slice_in_dim(s["out"], tok[:, None], s["step"], axis=1)
+    done = s["done"] | (tok == knobs["eos_id"]) | (s["step"] + 1 >= knobs["max_new"])
+    new = {"cache": cache, "token": tok, "pos": s["pos"] + 1, "done": done, "out": out,
+           "step": s["step"] + 1, "key": s["key"]}
+    return _constrain_state(new)
+
+  return jax.lax.while_loop(cond, body, state)
+
+
+# --- host side ------------------------------------------------------------------------------------
+
+def _find_stop(text: str, stop_strings: Sequence[str]) -> int:
+  """Index of the earliest stop string in ``text``, or -1."""
+  hits = [i for i in (text.find(s) for s in stop_strings) if i >= 0]
+  return min(hits) if hits else -1
+
+
+def _cut_at_stop(ids: list[int], text: str, cut: int, tokenizer: Tokenizer) -> list[int]:
+  """The longest prefix of ``ids`` whose text ends at or before the stop string at ``cut``."""
+  keep = text[:cut]
+  for j in range(len(ids), -1, -1):
+    t = tokenizer.decode(ids[:j])
+    if len(t) <= cut and keep.startswith(t):
+      return ids[:j]
+  return []
+
+
+def _validate(cfg, prompts, max_new_tokens, temperature, top_k, top_p, stop_strings, tokenizer):
+  if not prompts:
+    raise ValueError("generate: no prompts given")
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+  if temperature < 0:
+    raise ValueError(f"temperature must be >= 0, got {temperature}")
+  if top_k < 0:
+    raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
+  if not 0.0 < top_p <= 1.0:
+    raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+  if stop_strings and tokenizer is None:
+    raise ValueError("stop_strings need a tokenizer to decode the generated text")
+  for i, p in enumerate(prompts):
+    if len(p) == 0:
+      raise ValueError(f"prompt {i} is empty (it needs at least a BOS token)")
+    bad = [t for t in p if not 0 <= int(t) < cfg.vocab_size]
+    if bad:
+      raise ValueError(f"prompt {i} has ids outside the vocabulary [0, {cfg.vocab_size}): {bad[:5]}")
+    if len(p) + max_new_tokens > cfg.max_seq_len:
+      raise ValueError(f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} that "
+                       f"exceeds the model's max_seq_len {cfg.max_seq_len}")
+
+
+def generate(cfg: LlamaConfig, params: Params, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0, eos_id: int = 2,
+             stop_strings: Sequence[str] | None = None, tokenizer: Tokenizer | None = None,
+             mesh: Mesh | None = None, stream: StreamFn | None = None,
+             chunk_size: int | None = None) -> GenerationResult:
+  """Continue each prompt (a list of ids, BOS included) by up to ``max_new_tokens`` tokens.
+
+  Greedy when ``temperature == 0``; else samples with temperature, ``top_k`` (0 = off) and
+  ``top_p`` (1 = off), seeded by ``seed``. A row stops at ``eos_id`` or at the first of
+  ``stop_strings`` in its decoded text (checked on the host between chunks of ``chunk_size``
+  steps; both are excluded from the result). ``stream`` is called after every chunk with the new
+  ids of each row (a list per prompt, empty for finished rows); ids that begin a stop string may
+  be streamed before the string is complete. On a ``mesh`` the params are placed by the sharding
+  rules (a no-op if they already are) and the batch is split over the data axes.
+  """
+  start_time = time.perf_counter()
+  stop_strings = [s for s in (stop_strings or []) if s]
+  _validate(cfg, prompts, max_new_tokens, temperature, top_k, top_p, stop_strings, tokenizer)
+  n = len(prompts)
+  lengths = [len(p) for p in prompts]
+  shards = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+  b, t, out_len = _batch_bucket(n, shards), bucket(max(lengths)), bucket(max_new_tokens)
+  tokens = np.zeros((b, t), np.int32)
+  mask = np.zeros((b, t), np.int32)
+  for i, p in enumerate(prompts):
+    tokens[i, t - len(p):] = np.asarray(p, np.int32)
+    mask[i, t - len(p):] = 1
+  active = np.arange(b) < n
+  knobs = {"temperature": np.float32(temperature), "top_k": np.int32(top_k), "top_p": np.float32(top_p),
+           "eos_id": np.int32(eos_id), "max_new": np.int32(max_new_tokens)}
+  sample = temperature > 0
+  if chunk_size is None:
+    chunk_size = 8 if (stream is not None or stop_strings) else max_new_tokens
+  chunk_size = max(1, int(chunk_size))
+
+  if mesh is not None:
+    params = llama.shard_params(cfg, params, mesh)
+    batch = sharding.batch_sharding(mesh)
+    row = NamedSharding(mesh, sharding.logical_to_spec(("batch",)))
+    tokens, mask, active = (jax.device_put(tokens, batch), jax.device_put(mask, batch),
+                            jax.device_put(active, row))
+    knobs = jax.device_put(knobs, NamedSharding(mesh, P()))
+  else:
+    params = jax.tree.map(jnp.asarray, params)
+
+  out_ids: list[list[int]] = [[] for _ in range(n)]
+  reasons = ["length"] * n
+  finished = [False] * n
+  with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+    state = _prefill(params, tokens, mask, active, jax.random.key(seed), knobs, cfg=cfg, cache_len=t + out_len,
+                     out_len=out_len, sample=sample)
+    seen = 0
+    while True:
+      step = int(state["step"])
+      new = np.asarray(state["out"])[:n, seen:step]  # whole buffer: slicing on device compiles
+      host_done = np.array(state["done"])
+      seen = step
+      streamed = [[] for _ in range(n)]
+      stopped = []
+      for i in range(n):
+        if finished[i]:
+          continue
+        for tok in new[i].tolist():
+          if tok == eos_id:
+            finished[i], reasons[i] = True, "eos"
+            break
+          out_ids[i].append(tok)
+          streamed[i].append(tok)
+        if stop_strings and not finished[i]:
+          text = tokenizer.decode(out_ids[i])
+          cut = _find_stop(text, stop_strings)
+          if cut >= 0:
+            out_ids[i] = _cut_at_stop(out_ids[i], text, cut, tokenizer)
+            finished[i], reasons[i] = True, "stop"
+            stopped.append(i)
+        if host_done[i] or step >= max_new_tokens:
+          finished[i] = True
+      if stream is not None and any(streamed):
+        stream(streamed)
+      if all(finished):
+        break
+      if stopped:
+        host_done[stopped] = True
+        state["done"] = jax.device_put(host_done, state["done"].sharding)
+      until = np.int32(min(step + chunk_size, max_new_tokens))
+      state = _decode(params, state, until, knobs, cfg=cfg, sample=sample)
+
+  texts = [tokenizer.decode(ids) for ids in out_ids] if tokenizer is not None else None
+  return GenerationResult(out_ids, texts, reasons, lengths, time.perf_counter() - start_time)
+
+
+# --- loading and the command line -------------------------------------------------------------------
+
+def parse_mesh(text: str) -> Mesh | None:
+  """``"data,fsdp,tensor"`` (one entry may be -1) -> a mesh; ``""`` -> None (one device)."""
+  if not text:
+    return None
+  try:
+    shape = tuple(int(x) for x in text.split(","))
+  except ValueError:
+    raise ValueError(f"--mesh must be three integers like 1,-1,1, got {text!r}") from None
+  return sharding.make_mesh(shape)
+
+
+def load_for_generation(path: str, mesh: Mesh | None = None, dtype: str | None = None,
+                        tokenizer_path: str | None = None, compute_dtype: str | None = None
+                        ) -> tuple[LlamaConfig, Params, Tokenizer]:
+  """Config, params (on ``mesh`` or the first device) and tokenizer of any checkpoint path."""
+  from astrollama_jax.checkpoints import load_model
+  loaded = load_model(path, mesh=mesh, dtype=dtype)
+  cfg = loaded.cfg.replace(compute_dtype=compute_dtype) if compute_dtype else loaded.cfg
+  tokenizer_path = tokenizer_path or loaded.tokenizer_path
+  if not tokenizer_path:
+    raise FileNotFoundError(f"{path} has no tokenizer.model; pass --tokenizer=PATH")
+  tokenizer = Tokenizer(tokenizer_path)
+  tokenizer.check_vocab(cfg.vocab_size)
+  return cfg, loaded.params, tokenizer
+
+
+def define_flags(temperature: float = 0.0, top_p: float = 1.0, max_new_tokens: int = 256) -> None:
+  """Flags shared by ``generate`` and ``chat`` (called from ``__main__`` only, never on import)."""
+  flags.DEFINE_string("checkpoint", None, "HF folder, converted DIR, training WORKDIR or step folder.",
+                      required=True)
+  flags.DEFINE_string("tokenizer", None, "SentencePiece model (default: the checkpoint's tokenizer.model).")
+  flags.DEFINE_integer("max_new_tokens", max_new_tokens, "Most tokens to generate per answer.")
+  flags.DEFINE_float("temperature", temperature, "0 = greedy; else the sampling temperature.")
+  flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens (0 = off).")
+  flags.DEFINE_float("top_p", top_p, "Nucleus sampling mass (1 = off).")
+  flags.DEFINE_integer("seed", 0, "Sampling seed.")
+  flags.DEFINE_multi_string("stop", [], "Stop string (repeatable); excluded from the output.")
+  flags.DEFINE_string("system", None, "System prompt (chat format).")
+  flags.DEFINE_string("mesh", "", "data,fsdp,tensor mesh shape, e.g. 1,-1,1 (empty: one device).")
+  flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"], "Cast the params to this dtype.")
+  flags.DEFINE_enum("compute_dtype", None, ["float32", "bfloat16", "float16"],
+                    "Activation dtype (default: the checkpoint config's).")
+
+
+def _read_prompts_file(path: str) -> list[dict[str, Any]]:
+  """All records of a JSONL file, each with a string ``prompt``; errors name the line."""
+  records = []
+  with open(path, encoding="utf-8") as f:
+    for lineno, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        rec = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from None
+      if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
+        raise ValueError(f"{path}:{lineno}: expected an object with a string field 'prompt'")
+      records.append(rec)
+  if not records:
+    raise ValueError(f"{path}: no prompts")
+  return records
+
+
+def _short(text: str, n: int = 48) -> str:
+  text = " ".join(text.split())
+  return text if len(text) <= n else text[:n - 1] + "…"
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  F = flags.FLAGS
+  if bool(F.prompt) == bool(F.prompts_file):
+    raise app.UsageError("give --prompt (repeatable) or --prompts_file, not both or neither")
+  try:
+    records = [{"prompt": p} for p in F.prompt] if F.prompt else _read_prompts_file(F.prompts_file)
+  except (OSError, ValueError) as e:
+    raise app.UsageError(str(e)) from None
+  mesh = parse_mesh(F.mesh)
+  cfg, params, tokenizer = load_for_generation(F.checkpoint, mesh, F.dtype, F.tokenizer, F.compute_dtype)
+  if F.chat:
+    ids = [build_prompt_ids(Conversation(turns=(("user", r["prompt"]),), system=r.get("system", F.system)),
+                            tokenizer) for r in records]
+  else:
+    ids = [tokenizer.encode(r["prompt"], bos=True) for r in records]
+  for i, p in enumerate(ids):  # checked up front, so no batch fails after others were written
+    if len(p) + F.max_new_tokens > cfg.max_seq_len:
+      raise app.UsageError(f"prompt {i} is {len(p)} tokens; with --max_new_tokens={F.max_new_tokens} it "
+                           f"exceeds the model's context of {cfg.max_seq_len}")
+
+  out_file = open(F.output, "w", encoding="utf-8") if F.output else None
+  rows, total_tokens, seconds, reasons = [], 0, 0.0, {}
+  try:
+    for start in range(0, len(ids), F.batch_size):
+      batch = ids[start:start + F.batch_size]
+      res = generate(cfg, params, batch, F.max_new_tokens, temperature=F.temperature, top_k=F.top_k,
+                     top_p=F.top_p, seed=F.seed + start, eos_id=tokenizer.eos_id, stop_strings=F.stop,
+                     tokenizer=tokenizer, mesh=mesh)
+      seconds += res.seconds
+      for k, (text, toks, why) in enumerate(zip(res.texts, res.tokens, res.finish_reasons)):
+        rec = {**records[start + k], "completion": text, "num_tokens": len(toks), "finish_reason": why}
+        total_tokens += len(toks)
+        reasons[why] = reasons.get(why, 0) + 1
+        rows.append(rec)
+        if out_file:  # written as each batch ends: an interrupted run keeps what is done
+          out_file.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        else:
+          print(f"### prompt {start + k}\n{rec['prompt']}\n### completion\n{text}\n", flush=True)
+      if out_file:
+        out_file.flush()
+      logging.info("%d/%d prompts done", min(start + F.batch_size, len(ids)), len(ids))
+  finally:
+    if out_file:
+      out_file.close()
+
+  print(f"{'#':>4}  {'tokens':>6}  {'finish':<7}  {'prompt':<48}  completion")
+  for i, r in enumerate(rows):
+    print(f"{i:>4}  {r['num_tokens']:>6}  {r['finish_reason']:<7}  {_short(r['prompt']):<48}  "
+          f"{_short(r['completion'])}")
+  summary = {"prompts": len(rows), "generated_tokens": total_tokens, "seconds": round(seconds, 3),
+             "tokens_per_s": round(total_tokens / max(seconds, 1e-9), 2), "finish_reasons": reasons,
+             "output": F.output}
+  print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+  define_flags(max_new_tokens=128)
+  flags.DEFINE_multi_string("prompt", [], "A prompt (repeatable).")
+  flags.DEFINE_string("prompts_file", None, "JSONL with a 'prompt' field per line (+ optional 'system').")
+  flags.DEFINE_string("output", None, "Write one JSONL record per prompt here (input fields + completion).")
+  flags.DEFINE_bool("chat", False, "Wrap each prompt in the LLaMA-2 chat format.")
+  flags.DEFINE_integer("batch_size", 8, "Prompts per generate call.")
+  app.run(main)
