@@ -134,6 +134,8 @@ def process_paper(path: str | os.PathLike, timeout_s: float | None = DEFAULT_TIM
     return Skipped(paper_id, str(path), "too_deep", "nesting exceeds Python's recursion limit")
   except (OSError, UnicodeError, ValueError, IndexError) as e:  # anything else the file did
     return Skipped(paper_id, str(path), "parse_error", f"{type(e).__name__}: {e}")
+  except Exception as e:  # a bug of ours must not stop a corpus build: record it, go on
+    return Skipped(paper_id, str(path), "internal_error", f"{type(e).__name__}: {e}")
 
 
 __all__ = ["Paper", "Section", "Skipped", "Span", "ParseError", "SECTION_NAMES",
