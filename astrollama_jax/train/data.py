@@ -1,0 +1,168 @@
+"""Where batches come from: the one place that dispatches on ``config.data.kind``.
+
+* ``lm``: the packed astro-ph corpus (``astrollama_jax.data.pipeline``, from ``prepare``);
+* ``sft``: packed, loss-masked chat conversations (``astrollama_jax.data.chat``);
+* ``synthetic``: deterministic packed rows of simple token sequences, for throughput runs and
+  for tests that must not depend on a corpus. Row ``r`` of the global stream is a function of
+  (seed, r) only, and process ``p`` reads the rows its devices hold, so any host layout sees
+  the same global batches.
+
+Every kind yields per-process numpy batches {tokens, targets, segment_ids, positions: int32,
+loss_mask: float32} of shape [global_batch / processes, seq_len] from an iterator with
+``get_state()``/``set_state()``; ``to_global`` assembles them into sharded ``jax.Array``s.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Iterator
+
+import grain
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from astrollama_jax.train.step import BATCH_KEYS, batch_shardings
+
+KINDS = ("lm", "sft", "synthetic")
+
+
+def local_batch_size(global_batch: int) -> int:
+  n = jax.process_count()
+  if global_batch % n:
+    raise ValueError(f"global batch {global_batch} is not divisible by {n} processes")
+  return global_batch // n
+
+
+def make_dataset(config: Any, split: str, *, batch_size: int | None = None,
+                 num_epochs: int | None = None, shuffle: bool | None = None) -> grain.IterDataset:
+  """This process's batches of ``split`` ('train' or 'validation') for ``config.data``.
+
+  ``batch_size`` is the global batch (default ``config.train.global_batch_size``);
+  ``num_epochs=None`` repeats forever.
+  """
+  d = config.data
+  if d.kind not in KINDS:
+    raise ValueError(f"config.data.kind {d.kind!r} is not one of {KINDS}")
+  global_batch = batch_size or config.train.global_batch_size
+  local = local_batch_size(global_batch)
+  shuffle = d.get("shuffle", True) if shuffle is None else shuffle
+  common = dict(seq_len=d.seq_len, batch_size=local, seed=d.seed, process_index=jax.process_index(),
+                process_count=jax.process_count(), num_epochs=num_epochs, shuffle=shuffle)
+  if d.kind == "lm":
+    from astrollama_jax.data import pipeline
+    return pipeline.make_lm_dataset(d.path, split=split, tokenizer_path=d.tokenizer_path, **common)
+  if d.kind == "sft":
+    from astrollama_jax.data import chat
+    sources = d.sources if split == "train" else d.get("eval_sources", None)
+    if not sources:
+      raise ValueError("config.data.eval_sources is empty: no SFT validation data")
+    return chat.make_sft_dataset(list(sources), d.tokenizer_path, **common)
+  return synthetic_dataset(d.seq_len, global_batch, seed=d.seed + (split != "train"),
+                           num_rows=d.get("num_rows", 4096), num_epochs=num_epochs)
+
+
+def has_split(config: Any, split: str) -> bool:
+  """Whether ``split`` can be read (SFT validation needs ``eval_sources``)."""
+  if config.data.kind == "sft" and split != "train":
+    return bool(config.data.get("eval_sources", None))
+  return True
+
+
+# --- synthetic data ------------------------------------------------------------------------------
+
+def synthetic_row(seed: int, row: int, seq_len: int, vocab: int = 1000) -> dict[str, np.ndarray]:
+  """One packed row: 1-3 arithmetic token progressions (learnable), then maybe some padding."""
+  rng = np.random.default_rng([seed, row])
+  tokens = np.zeros(seq_len + 1, np.int32)
+  segs = np.zeros(seq_len + 1, np.int32)
+  pos = np.zeros(seq_len + 1, np.int32)
+  fill = seq_len + 1 - int(rng.integers(0, seq_len // 4 + 1))
+  cuts = np.sort(rng.choice(np.arange(2, fill - 1), size=min(int(rng.integers(0, 3)), fill - 3),
+                            replace=False)) if fill > 4 else np.array([], np.int64)
+  bounds = [0, *cuts.tolist(), fill]
+  for s, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+    start, stride = int(rng.integers(3, vocab)), int(rng.integers(1, 8))
+    tokens[a:b] = 3 + (start + stride * np.arange(b - a)) % (vocab - 3)
+    tokens[a] = 1  # BOS
+    segs[a:b] = s + 1
+    pos[a:b] = np.arange(b - a)
+  same_doc = (segs[:-1] == segs[1:]) & (segs[:-1] != 0)
+  return {"tokens": tokens[:-1], "targets": np.where(same_doc, tokens[1:], 0).astype(np.int32),
+          "segment_ids": segs[:-1], "positions": pos[:-1],
+          "loss_mask": same_doc.astype(np.float32)}
+
+
+class _SyntheticRows:
+  """Picklable map: this process's i-th row -> global row -> its content."""
+
+  def __init__(self, seed: int, seq_len: int, global_batch: int, local: int, offset: int):
+    self.seed, self.seq_len, self.global_batch, self.local, self.offset = (
+        seed, seq_len, global_batch, local, offset)
+
+  def __call__(self, i: int) -> dict[str, np.ndarray]:
+    row = (i // self.local) * self.global_batch + self.offset + i % self.local
+    return synthetic_row(self.seed, row, self.seq_len)
+
+
+def synthetic_dataset(seq_len: int, global_batch: int, *, seed: int = 0, num_rows: int = 4096,
+                      num_epochs: int | None = None) -> grain.IterDataset:
+  """``num_rows`` synthetic rows per epoch, batched; this process gets rows of its devices."""
+  local = local_batch_size(global_batch)
+  steps = num_rows // global_batch
+  if steps < 1:
+    raise ValueError(f"num_rows {num_rows} is less than one global batch of {global_batch}")
+  offset = jax.process_index() * local  # devices are ordered process-major (checked in to_global)
+  ds = grain.MapDataset.range(steps * local).map(_SyntheticRows(seed, seq_len, global_batch, local, offset))
+  ds = ds.repeat(num_epochs) if num_epochs != 1 else ds
+  return ds.batch(local, drop_remainder=True).to_iter_dataset()
+
+
+# --- host batches -> global arrays ---------------------------------------------------------------
+
+def to_global(mesh: Mesh, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+  """Assemble every process's rows into global [global_batch, seq] arrays on ``mesh``.
+
+  Process ``p`` supplies rows ``[p * local, (p + 1) * local)`` of the global batch.
+  """
+  shardings = batch_shardings(mesh)
+  missing = [k for k in BATCH_KEYS if k not in local]
+  if missing:
+    raise KeyError(f"batch lacks {missing}; have {sorted(local)}")
+  out = {}
+  for k in BATCH_KEYS:
+    x = np.asarray(local[k])
+    global_shape = (x.shape[0] * jax.process_count(),) + x.shape[1:]
+    if k == "tokens" and jax.process_count() > 1:
+      _check_process_rows(shardings[k], global_shape, x.shape[0])
+    out[k] = jax.make_array_from_process_local_data(shardings[k], x, global_shape)
+  return out
+
+
+def _check_process_rows(sharding, global_shape, local_rows: int) -> None:
+  """This process's devices must hold one contiguous block of rows, the p-th one."""
+  rows = sorted({(idx[0].start or 0, idx[0].stop or global_shape[0])
+                 for idx in sharding.addressable_devices_indices_map(global_shape).values()})
+  start, stop = rows[0][0], rows[-1][1]
+  want = jax.process_index() * local_rows
+  if (start, stop) != (want, want + local_rows):
+    raise ValueError(f"process {jax.process_index()} holds batch rows [{start}, {stop}) but feeds "
+                     f"rows [{want}, {want + local_rows}): the mesh is not ordered process-major")
+
+
+def batch_hash(local: dict[str, np.ndarray]) -> str:
+  """A short digest of a host batch, logged per step to prove which data a step consumed."""
+  h = hashlib.blake2b(digest_size=8)
+  for k in BATCH_KEYS:
+    h.update(np.ascontiguousarray(local[k]).tobytes())
+  return h.hexdigest()
+
+
+def count_batches(it: Iterator[Any], limit: int | None = None) -> int:
+  """Exhaust an iterator (one epoch), counting its batches."""
+  n = 0
+  for _ in it:
+    n += 1
+    if limit is not None and n >= limit:
+      break
+  return n

@@ -1,0 +1,93 @@
+"""The train state (params, optimizer state, step, RNG, skip counters) and its shardings.
+
+The state is one pytree so that the train step can take it with explicit shardings and donate
+it whole. Parameters are float32 master weights sharded by their logical axes; every optimizer
+leaf that mirrors a parameter (Adam's moments) gets that parameter's sharding, everything else
+(counters) is replicated.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from astrollama_jax.model import llama
+from astrollama_jax.model.config import LlamaConfig
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a step reads and writes. ``rng`` is raw key data (uint32[2]) so it saves as JSON."""
+
+  step: jax.Array              # int32 scalar: optimizer steps taken (applied or skipped)
+  params: Any                  # plain nested dict, float32 master weights
+  opt_state: Any
+  rng: jax.Array               # uint32[2]
+  nonfinite_total: jax.Array   # int32 scalar: steps skipped for a non-finite loss or gradient
+  nonfinite_run: jax.Array     # int32 scalar: of those, how many in a row up to now
+
+
+def _keys(path) -> tuple[str, ...]:
+  return tuple(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
+
+
+def opt_state_shardings(opt_shapes: Any, param_shapes: Any, param_shardings: Any, mesh: Mesh) -> Any:
+  """Shard optimizer leaves like the parameter they mirror (matched by dict path and shape).
+
+  Matching by the trailing dict keys works for any optax chain (moments live under the same
+  keys as the parameters); a leaf that matches no parameter, like a step count, is replicated.
+  """
+  by_path = {}
+  for path, shape in jax.tree_util.tree_flatten_with_path(param_shapes)[0]:
+    by_path[_keys(path)] = shape.shape
+  shard_of = {_keys(p): s for p, s in jax.tree_util.tree_flatten_with_path(param_shardings)[0]}
+  replicated = NamedSharding(mesh, P())
+
+  def pick(path, leaf):
+    keys = _keys(path)
+    for start in range(len(keys)):
+      suffix = keys[start:]
+      if suffix in by_path and by_path[suffix] == tuple(leaf.shape):
+        return shard_of[suffix]
+    return replicated
+
+  return jax.tree_util.tree_map_with_path(pick, opt_shapes)
+
+
+def abstract_state(cfg: LlamaConfig, tx: optax.GradientTransformation, mesh: Mesh) -> tuple[Any, Any]:
+  """(TrainState of ShapeDtypeStructs, TrainState of NamedShardings): nothing is allocated."""
+  params = llama.param_shapes(cfg)
+  p_shard = llama.param_shardings(cfg, mesh)
+  opt = jax.eval_shape(tx.init, params)
+  scalar = jax.ShapeDtypeStruct((), jnp.int32)
+  shapes = TrainState(step=scalar, params=params, opt_state=opt,
+                      rng=jax.ShapeDtypeStruct((2,), jnp.uint32),
+                      nonfinite_total=scalar, nonfinite_run=scalar)
+  replicated = NamedSharding(mesh, P())
+  shardings = TrainState(step=replicated, params=p_shard,
+                         opt_state=opt_state_shardings(opt, params, p_shard, mesh),
+                         rng=replicated, nonfinite_total=replicated, nonfinite_run=replicated)
+  return shapes, shardings
+
+
+def with_shardings(shapes: Any, shardings: Any) -> Any:
+  """ShapeDtypeStructs that also carry their target sharding (for AOT lowering and restore)."""
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+
+
+def create_state(params: Any, tx: optax.GradientTransformation, shardings: TrainState,
+                 seed: int) -> TrainState:
+  """A fresh state around ``params`` (already on the mesh): optimizer initialised in place."""
+
+  def make(params):
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      rng=jax.random.key_data(jax.random.key(seed, impl="threefry2x32")),
+                      nonfinite_total=jnp.zeros((), jnp.int32),
+                      nonfinite_run=jnp.zeros((), jnp.int32))
+
+  return jax.jit(make, in_shardings=(shardings.params,), out_shardings=shardings)(params)

@@ -1,0 +1,123 @@
+"""The jit-compiled train and eval steps, with explicit shardings and a donated state.
+
+One train step = one optimizer update over the global batch: the batch is cut into
+``grad_accum`` micro-batches that a ``lax.scan`` runs one after another, summing float32
+gradients and loss sums; the sum is divided by the number of counted tokens once, so the update
+equals the one a single batch k times the size would give. A step whose loss or gradient norm is
+not finite leaves params and optimizer state untouched and counts itself (``nonfinite_total``,
+``nonfinite_run``); the loop stops after too many in a row.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from astrollama_jax import sharding
+from astrollama_jax.model.config import LlamaConfig
+from astrollama_jax.train.loss import lm_loss_sums
+from astrollama_jax.train.state import TrainState
+
+Batch = Mapping[str, jax.Array]
+BATCH_KEYS = ("tokens", "targets", "segment_ids", "positions", "loss_mask")
+
+
+def batch_shardings(mesh: Mesh) -> dict[str, NamedSharding]:
+  """Every batch field is [batch, seq], split over (data, fsdp) on the batch axis."""
+  return {k: sharding.batch_sharding(mesh) for k in BATCH_KEYS}
+
+
+def split_microbatches(batch: Batch, k: int) -> dict[str, jax.Array]:
+  """[B, T] -> [k, B/k, T], micro-batch i taking rows i, i+k, i+2k ...
+
+  Interleaving (rather than contiguous blocks) keeps every micro-batch spread over all devices:
+  each device's contiguous block of rows contributes B/(k*devices) rows to each micro-batch.
+  """
+  out = {}
+  for name, x in batch.items():
+    b = x.shape[0]
+    if b % k:
+      raise ValueError(f"batch of {b} rows cannot be split into {k} micro-batches")
+    x = jnp.swapaxes(x.reshape(b // k, k, *x.shape[1:]), 0, 1)
+    out[name] = sharding.constrain(x, (None, "batch", "seq"))
+  return out
+
+
+def make_train_step(cfg: LlamaConfig, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                    state_shardings: TrainState, mesh: Mesh, *, grad_accum: int = 1,
+                    loss_chunk: int = 0) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+  """``step(state, batch) -> (state, metrics)``, jitted with the state donated.
+
+  Metrics (replicated scalars): loss (mean NLL per counted token), grad_norm (before clipping),
+  lr (the rate this update used), tokens (counted tokens), skipped (1 if not applied).
+  """
+  if grad_accum < 1:
+    raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
+  param_shardings = state_shardings.params
+
+  def loss_fn(params, batch):
+    return lm_loss_sums(cfg, params, batch, loss_chunk)
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def sums_and_grads(params, batch):
+    if grad_accum == 1:
+      (loss_sum, weight), grads = grad_fn(params, batch)
+      return loss_sum, weight, grads
+
+    def body(carry, micro):
+      g_acc, l_acc, w_acc = carry
+      (loss_sum, weight), grads = grad_fn(params, micro)
+      g_acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), g_acc, grads)
+      g_acc = jax.lax.with_sharding_constraint(g_acc, param_shardings)
+      return (g_acc, l_acc + loss_sum, w_acc + weight), None
+
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    zeros = jax.lax.with_sharding_constraint(zeros, param_shardings)
+    init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+    (grads, loss_sum, weight), _ = jax.lax.scan(body, init, split_microbatches(batch, grad_accum))
+    return loss_sum, weight, grads
+
+  def step(state: TrainState, batch: Batch):
+    loss_sum, weight, grads = sums_and_grads(state.params, batch)
+    denom = jnp.maximum(weight, 1.0)
+    loss = loss_sum / denom
+    grads = jax.tree.map(lambda g: (g / denom).astype(jnp.float32), grads)
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+    def apply(_):
+      updates, opt_state = tx.update(grads, state.opt_state, state.params)
+      return optax.apply_updates(state.params, updates), opt_state
+
+    def skip(_):
+      return state.params, state.opt_state
+
+    params, opt_state = jax.lax.cond(finite, apply, skip, None)
+    applied = state.step - state.nonfinite_total  # updates applied before this one
+    new_state = state.replace(
+        step=state.step + 1, params=params, opt_state=opt_state,
+        rng=jax.random.key_data(jax.random.fold_in(
+            jax.random.wrap_key_data(state.rng, impl="threefry2x32"), state.step)),
+        nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32),
+        nonfinite_run=jnp.where(finite, 0, state.nonfinite_run + 1))
+    metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(applied),
+               "tokens": weight, "skipped": (~finite).astype(jnp.int32)}
+    return new_state, metrics
+
+  replicated = NamedSharding(mesh, P())
+  return jax.jit(step, in_shardings=(state_shardings, batch_shardings(mesh)),
+                 out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+
+
+def make_eval_step(cfg: LlamaConfig, param_shardings: Any, mesh: Mesh, *,
+                   loss_chunk: int = 0) -> Callable[[Any, Batch], tuple[jax.Array, jax.Array]]:
+  """``eval_step(params, batch) -> (NLL sum, token count)``; sum over batches, then divide."""
+  replicated = NamedSharding(mesh, P())
+  return jax.jit(lambda params, batch: lm_loss_sums(cfg, params, batch, loss_chunk),
+                 in_shardings=(param_shardings, batch_shardings(mesh)),
+                 out_shardings=(replicated, replicated))
