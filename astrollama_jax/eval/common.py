@@ -1,0 +1,233 @@
+"""What every eval task shares: loading the model, reading evaluation records, writing results.
+
+Results of every task are one JSON file ``<output_dir>/<task>.json`` with the same shape
+(``task``, ``label``, ``checkpoint``, ``metrics`` {name: number}, ``rows`` for the table,
+``files``), so ``--compare`` can put any set of runs side by side.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+from typing import Any, Iterator, Sequence
+
+import jax
+import numpy as np
+from absl import logging
+
+from astrollama_jax import sharding
+from astrollama_jax.model import llama
+from astrollama_jax.model.config import LlamaConfig
+
+TEXT_FIELDS = ("text", "abstract")
+
+
+class EvalDataError(ValueError):
+  """An evaluation file is not what it should be: names the file, line and problem."""
+
+
+@dataclasses.dataclass
+class Model:
+  """A model ready to score: config (with the requested compute dtype), params on the mesh."""
+  cfg: LlamaConfig
+  params: Any
+  mesh: Any
+  tokenizer_path: str | None
+  checkpoint: str
+
+
+def parse_mesh(spec: str) -> tuple[int, int, int]:
+  try:
+    shape = tuple(int(x) for x in spec.split(","))
+  except ValueError:
+    raise ValueError(f"--mesh must be three comma-separated ints (data,fsdp,tensor), got {spec!r}")
+  if len(shape) != 3:
+    raise ValueError(f"--mesh must have three entries (data,fsdp,tensor), got {spec!r}")
+  return shape
+
+
+def load(checkpoint: str, mesh_shape: str = "1,-1,1", dtype: str | None = None,
+         compute_dtype: str | None = None, tokenizer: str | None = None) -> Model:
+  """Load any checkpoint kind (HF folder, converted dir, workdir, step) onto a mesh."""
+  from astrollama_jax.checkpoints import load_model
+  mesh = sharding.make_mesh(parse_mesh(mesh_shape))
+  loaded = load_model(checkpoint, mesh=mesh, dtype=dtype or None)
+  cfg = loaded.cfg
+  if compute_dtype:
+    cfg = cfg.replace(compute_dtype=compute_dtype)
+  tok = tokenizer or loaded.tokenizer_path
+  if not tok:
+    raise ValueError(f"{checkpoint} has no tokenizer.model; pass --tokenizer=PATH")
+  logging.info("loaded %s: %s, %d params, compute %s", checkpoint, loaded.kind,
+               cfg.num_params(), cfg.compute_dtype)
+  return Model(cfg, loaded.params, mesh, tok, checkpoint)
+
+
+def from_params(cfg: LlamaConfig, params: Any, mesh=None, tokenizer_path: str | None = None,
+                checkpoint: str = "") -> Model:
+  """A ``Model`` from parameters already in memory (tests, notebooks)."""
+  if mesh is not None:
+    params = llama.shard_params(cfg, params, mesh)
+  return Model(cfg, params, mesh, tokenizer_path, checkpoint)
+
+
+# --- evaluation records ---------------------------------------------------------------------
+
+def split_specs(specs: Sequence[str] | str | None) -> list[str]:
+  """``--data`` may be repeated and/or comma-separated."""
+  if not specs:
+    return []
+  if isinstance(specs, str):
+    specs = [specs]
+  return [p.strip() for s in specs for p in s.split(",") if p.strip()]
+
+
+def corpus_name(path: str) -> str:
+  base = os.path.basename(os.path.normpath(path))
+  for ext in (".jsonl", ".json", ".csv"):
+    if base.endswith(ext):
+      return base[:-len(ext)]
+  return base
+
+
+def read_jsonl(path: str) -> Iterator[tuple[int, dict]]:
+  """(line number, record) for every non-empty line; a bad line raises naming file and line."""
+  if not os.path.isfile(path):
+    raise EvalDataError(f"no such file: {path}")
+  with open(path, encoding="utf-8") as f:
+    for n, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        rec = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise EvalDataError(f"{path}:{n}: not JSON ({e.msg})") from None
+      if not isinstance(rec, dict):
+        raise EvalDataError(f"{path}:{n}: expected a JSON object, got {type(rec).__name__}")
+      yield n, rec
+
+
+def _decode(v: Any) -> Any:
+  return v.decode("utf-8") if isinstance(v, bytes) else v
+
+
+def read_texts(path: str, split: str = "validation", limit: int = 0) -> list[dict]:
+  """Records {id, text, section?, title?, categories?} from a JSONL file or a prepared dataset.
+
+  JSONL: the text is the ``text`` field, else ``abstract``. A directory is read as the
+  prepared TFDS dataset (``astrollama_jax.prepare``), split ``split``.
+  """
+  out = []
+  if os.path.isdir(path):
+    from astrollama_jax.data import corpus
+    source = corpus.read_split(path, split)
+    for i in range(len(source)):
+      rec = {k: _decode(v) for k, v in source[i].items()}
+      out.append({"id": rec.get("id") or f"{i}", "text": rec["text"],
+                  "section": rec.get("section") or None, "title": rec.get("title")})
+      if limit and len(out) >= limit:
+        break
+    return out
+  for n, rec in read_jsonl(path):
+    field = next((f for f in TEXT_FIELDS if isinstance(rec.get(f), str)), None)
+    if field is None:
+      raise EvalDataError(f"{path}:{n}: no text field (expected one of {TEXT_FIELDS})")
+    out.append({"id": str(rec.get("id", f"{corpus_name(path)}:{n}")), "text": rec[field],
+                "section": rec.get("section"), "title": rec.get("title"),
+                "categories": rec.get("categories")})
+    if limit and len(out) >= limit:
+      break
+  return out
+
+
+def read_csv_rows(path: str) -> Iterator[tuple[int, list[str]]]:
+  if not os.path.isfile(path):
+    raise EvalDataError(f"no such file: {path}")
+  with open(path, encoding="utf-8", newline="") as f:
+    for n, row in enumerate(csv.reader(f), 1):
+      if row:
+        yield n, row
+
+
+# --- results ---------------------------------------------------------------------------------
+
+def format_table(rows: Sequence[dict], columns: Sequence[str] | None = None) -> str:
+  """A plain fixed-width text table (numbers to 4 significant decimals)."""
+  if not rows:
+    return "(no rows)"
+  columns = list(columns or rows[0].keys())
+
+  def cell(v):
+    if isinstance(v, float):
+      return "nan" if math.isnan(v) else f"{v:.4f}" if abs(v) < 1e5 else f"{v:.4g}"
+    return "" if v is None else str(v)
+
+  cells = [[cell(r.get(c)) for c in columns] for r in rows]
+  widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+  line = "  ".join(c.ljust(w) for c, w in zip(columns, widths))
+  sep = "  ".join("-" * w for w in widths)
+  body = ["  ".join(v.rjust(w) if _numeric(v) else v.ljust(w) for v, w in zip(row, widths))
+          for row in cells]
+  return "\n".join([line, sep, *body])
+
+
+def _numeric(s: str) -> bool:
+  try:
+    float(s)
+    return True
+  except ValueError:
+    return False
+
+
+def _jsonable(x: Any) -> Any:
+  if isinstance(x, dict):
+    return {str(k): _jsonable(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_jsonable(v) for v in x]
+  if isinstance(x, (np.floating, float)):
+    x = float(x)
+    return None if math.isnan(x) or math.isinf(x) else x
+  if isinstance(x, np.integer):
+    return int(x)
+  if isinstance(x, np.ndarray):
+    return _jsonable(x.tolist())
+  return x
+
+
+def write_jsonl(path: str, records: Sequence[dict]) -> None:
+  """Write records atomically (temp file + rename): a crash never leaves half a file."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    for r in records:
+      f.write(json.dumps(_jsonable(r), ensure_ascii=False) + "\n")
+  os.replace(tmp, path)
+
+
+def finish(task: str, output_dir: str, label: str, checkpoint: str, metrics: dict,
+           rows: Sequence[dict], files: dict | None = None, extra: dict | None = None,
+           columns: Sequence[str] | None = None) -> dict:
+  """Write ``<output_dir>/<task>.json``, print the table and the one JSON summary line."""
+  os.makedirs(output_dir, exist_ok=True)
+  result_path = os.path.join(output_dir, f"{task}.json")
+  summary = _jsonable({"task": task, "label": label, "checkpoint": checkpoint,
+                       "metrics": metrics, "rows": list(rows),
+                       "files": {"result": result_path, **(files or {})}, **(extra or {})})
+  tmp = result_path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(summary, f, indent=1, ensure_ascii=False)
+  os.replace(tmp, result_path)
+  print(format_table(rows, columns))
+  print(json.dumps(summary, ensure_ascii=False))
+  return summary
+
+
+def default_label(checkpoint: str) -> str:
+  return os.path.basename(os.path.normpath(checkpoint)) if checkpoint else "model"
+
+
+def process_index() -> int:
+  return jax.process_index()

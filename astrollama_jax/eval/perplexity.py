@@ -1,0 +1,105 @@
+"""Perplexity on astro text: token-weighted NLL per corpus and per section, with a 95% interval.
+
+Each document is encoded with BOS (no EOS) and every token after BOS is scored exactly once.
+Documents longer than the context go through sliding windows (``scoring.window_requests``):
+each window after the first scores only its ``stride`` newest tokens, so those tokens keep
+at least ``max_len - stride`` tokens of context. Perplexity is exp(sum NLL / sum tokens)
+over a group (corpus, section, or everything); its interval is a bootstrap over documents.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+from typing import Sequence
+
+import numpy as np
+
+from astrollama_jax.data.tokenizer import Tokenizer
+from astrollama_jax.eval import common, stats
+from astrollama_jax.eval.scoring import Scorer, window_requests
+
+COLUMNS = ("corpus", "section", "docs", "tokens", "nll", "ppl", "ppl_lo", "ppl_hi")
+
+
+def document_nll(scorer: Scorer, token_lists: Sequence[Sequence[int]], stride: int,
+                 desc: str = "perplexity") -> tuple[np.ndarray, np.ndarray]:
+  """(summed NLL, number of scored tokens) per document, windows of ``scorer.max_len``."""
+  requests, owner = [], []
+  for d, ids in enumerate(token_lists):
+    for req in window_requests(ids, scorer.max_len, stride):
+      requests.append(req)
+      owner.append(d)
+  logprobs, _ = scorer.logprobs(requests, desc=desc)
+  nll = np.zeros(len(token_lists), np.float64)
+  count = np.zeros(len(token_lists), np.int64)
+  for d, lp in zip(owner, logprobs):
+    nll[d] -= lp.sum()
+    count[d] += len(lp)
+  return nll, count
+
+
+def _row(corpus: str, section: str, nll: np.ndarray, count: np.ndarray, n_boot: int, seed: int):
+  total_tok = int(count.sum())
+  mean = float(nll.sum() / total_tok) if total_tok else float("nan")
+  lo, hi = stats.perplexity_ci(nll, count, n_boot, seed)
+  return {"corpus": corpus, "section": section, "docs": len(nll), "tokens": total_tok,
+          "nll": mean, "ppl": float(np.exp(mean)), "ppl_lo": lo, "ppl_hi": hi}
+
+
+def run(model: common.Model, data: Sequence[str], *, tokenizer: Tokenizer, output_dir: str,
+        label: str, stride: int = 0, batch_size: int = 8, max_len: int = 0, limit: int = 0,
+        split: str = "validation", n_boot: int = 1000, seed: int = 0, checker=None,
+        progress: bool = True) -> dict:
+  """The ``perplexity`` task over one or more corpora (JSONL files or prepared datasets)."""
+  scorer = Scorer(model.cfg, model.params, model.mesh, batch_size=batch_size,
+                  max_len=max_len or None, progress=progress)
+  stride = stride or max(1, scorer.max_len // 2)
+  tokenizer.check_vocab(model.cfg.vocab_size)
+  rows, items, all_nll, all_cnt = [], [], [], []
+  metrics: dict[str, float] = {}
+  excluded = 0
+  for spec in data:
+    name = common.corpus_name(spec)
+    docs = common.read_texts(spec, split=split, limit=limit)
+    if checker is not None:
+      report = checker.check([d["text"] for d in docs])
+      for d, share, flag in zip(docs, report.shares, report.flagged):
+        d["contamination"], d["flagged"] = float(share), bool(flag)
+      if checker.drop:
+        excluded += int(report.flagged.sum())
+        docs = [d for d in docs if not d["flagged"]]
+    if not docs:
+      raise common.EvalDataError(f"{spec}: no documents to score")
+    ids = tokenizer.encode_batch([d["text"] for d in docs], bos=True)
+    nll, cnt = document_nll(scorer, ids, stride, desc=f"perplexity {name}")
+    all_nll.append(nll)
+    all_cnt.append(cnt)
+    rows.append(_row(name, "all", nll, cnt, n_boot, seed))
+    metrics[f"ppl/{name}"] = rows[-1]["ppl"]
+    by_section = collections.defaultdict(list)
+    for i, d in enumerate(docs):
+      if d.get("section"):
+        by_section[d["section"]].append(i)
+    for section, idx in sorted(by_section.items()):
+      rows.append(_row(name, section, nll[idx], cnt[idx], n_boot, seed))
+      metrics[f"ppl/{name}/{section}"] = rows[-1]["ppl"]
+    for d, n, c in zip(docs, nll, cnt):
+      items.append({"corpus": name, "id": d["id"], "section": d.get("section"), "tokens": int(c),
+                    "nll_sum": float(n), "ppl": float(np.exp(n / max(c, 1))),
+                    **({"contamination": d["contamination"]} if "contamination" in d else {})})
+  nll, cnt = np.concatenate(all_nll), np.concatenate(all_cnt)
+  total = _row("total", "all", nll, cnt, n_boot, seed)
+  if len(data) > 1:
+    rows.append(total)
+  metrics.update({"ppl": total["ppl"], "nll": total["nll"], "ppl_lo": total["ppl_lo"],
+                  "ppl_hi": total["ppl_hi"]})
+  items_path = os.path.join(output_dir, "perplexity_items.jsonl")
+  common.write_jsonl(items_path, items)
+  extra = {"max_len": scorer.max_len, "stride": stride, "data": list(data),
+           "tokens": int(cnt.sum()), "docs": len(nll)}
+  if checker is not None:
+    extra["contamination"] = {"threshold": checker.threshold, "dropped": excluded,
+                              "drop": checker.drop}
+  return common.finish("perplexity", output_dir, label, model.checkpoint, metrics, rows,
+                       files={"items": items_path}, extra=extra, columns=COLUMNS)

@@ -1,0 +1,65 @@
+"""The 13-gram contamination check finds planted overlaps and nothing in clean text."""
+
+import json
+
+import numpy as np
+import pytest
+
+from astrollama_jax.eval import contamination
+from test_eval_common import run_cli, write_jsonl
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, abstracts):
+  """A training corpus of abstracts 0..39 with two planted passages; eval items from 40..63."""
+  root = tmp_path_factory.mktemp("contam")
+  train = [{"id": f"t{i}", "abstract": a} for i, a in enumerate(abstracts[:40])]
+  # Plant: item e0 verbatim (re-cased, different punctuation/whitespace) inside a longer record,
+  # and the first half of item e1's words in a chat-style record (no text field).
+  e0, e1 = abstracts[40], abstracts[41]
+  train.append({"id": "planted0", "text": "Preamble words here. " + e0.upper().replace(",", " ;")
+                + " And a trailing sentence."})
+  half = " ".join(e1.split()[: len(e1.split()) // 2])
+  train.append({"conversations": [{"from": "human", "value": "Summarise."},
+                                  {"from": "gpt", "value": half}]})
+  write_jsonl(root / "train.jsonl", train)
+  items = [{"id": f"e{i}", "text": a} for i, a in enumerate(abstracts[40:64])]
+  write_jsonl(root / "eval.jsonl", items)
+  return root, items
+
+
+def test_planted_overlaps_are_found_and_clean_items_are_not(corpus):
+  root, items = corpus
+  checker = contamination.Checker([str(root / "train.jsonl")], n=13, threshold=0.3,
+                                  progress=False)
+  report = checker.check([it["text"] for it in items])
+  assert report.shares[0] == 1.0
+  n1 = len(contamination.words(items[1]["text"]))
+  half = len(contamination.words(" ".join(items[1]["text"].split()[: len(items[1]["text"].split()) // 2])))
+  expected = (half - 13 + 1) / (n1 - 13 + 1)  # the 13-grams inside the planted first half
+  assert report.shares[1] == pytest.approx(expected, abs=1e-12)
+  assert np.all(report.shares[2:] == 0.0), "clean abstracts share no 13-gram with the corpus"
+  assert report.flagged.tolist() == [True, True] + [False] * (len(items) - 2)
+  strict = contamination.Checker([str(root / "train.jsonl")], threshold=0.9, progress=False)
+  assert strict.check([it["text"] for it in items]).flagged.sum() == 1
+
+
+def test_short_items_and_ngram_edges():
+  assert len(contamination.ngram_hashes("one two three", 13)) == 0
+  text = " ".join(f"w{i}" for i in range(20))
+  assert len(contamination.ngram_hashes(text, 13)) == 8
+  checker = contamination.Checker([], n=3, progress=False)
+  found = checker.scan(["x w1 w2 w3 y"], set(contamination.ngram_hashes(text, 3).tolist()))
+  assert found == {hash(("w1", "w2", "w3"))}
+  with pytest.raises(ValueError, match="threshold"):
+    contamination.Checker([], threshold=1.5)
+
+
+def test_contamination_command_and_scoring_without_flagged(corpus, capsys, tmp_path):
+  root, items = corpus
+  summary = run_cli(capsys, "--task=contamination", f"--data={root / 'eval.jsonl'}",
+                    f"--train_data={root / 'train.jsonl'}", "--threshold=0.3",
+                    f"--output_dir={tmp_path}")
+  assert summary["metrics"]["contamination/flagged"] == 2
+  lines = [json.loads(l) for l in open(tmp_path / "contamination_items.jsonl")]
+  assert [l["id"] for l in lines if l["flagged"]] == ["e0", "e1"]

@@ -1,0 +1,125 @@
+"""Shared pieces of the eval tests (a tiny HF model on disk, the CLI run in-process, torch
+references), and tests of the parts every task shares: packing, windows, intervals, tables."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+from absl import flags
+from absl.testing import flagsaver
+
+from hf_reference import save_hf_model
+
+# The machine has two cores shared by many processes: torch's thread pool only adds contention
+# for these tiny reference models.
+torch.set_num_threads(1)
+
+
+def make_hf_folder(cfg, folder, seed=1):
+  """Save a random tiny LlamaForCausalLM (float32) and return the torch model."""
+  return save_hf_model(cfg, folder, seed=seed)
+
+
+def run_cli(capsys, *args: str) -> dict:
+  """Run ``python -m astrollama_jax.eval`` in this process; return its final JSON line."""
+  from astrollama_jax.eval import __main__ as cli
+  with flagsaver.flagsaver():
+    argv = flags.FLAGS(["eval", "--noprogress", *args])
+    cli.main(argv)
+  out = capsys.readouterr().out.strip().splitlines()
+  assert out, "the command printed nothing"
+  return json.loads(out[-1])
+
+
+def torch_token_logprobs(model, ids) -> np.ndarray:
+  """log p(ids[t] | ids[:t]) for t >= 1 with one plain forward pass (float64 result)."""
+  with torch.no_grad():
+    logits = model(input_ids=torch.tensor([ids])).logits[0].double()
+  lp = torch.log_softmax(logits, -1)[:-1].gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
+  return lp.numpy()
+
+
+def torch_logprobs_given(model, context, target) -> np.ndarray:
+  """log p(target | context), token by token, from one forward pass over context + target."""
+  full = list(context) + list(target)
+  return torch_token_logprobs(model, full)[len(context) - 1:]
+
+
+def write_jsonl(path, records):
+  with open(path, "w") as f:
+    for r in records:
+      f.write(json.dumps(r) + "\n")
+
+
+# --- tests of the shared parts -------------------------------------------------------------------
+
+import pytest  # noqa: E402
+
+from astrollama_jax.eval import common, scoring, stats  # noqa: E402
+
+
+@pytest.mark.parametrize("n,max_len,stride", [(2, 8, 4), (9, 8, 4), (10, 8, 4), (37, 8, 3),
+                                              (37, 8, 8), (37, 8, 1), (100, 16, 16)])
+def test_windows_score_every_token_once_with_enough_context(n, max_len, stride):
+  ids = list(range(100, 100 + n))
+  reqs = scoring.window_requests(ids, max_len, stride)
+  scored = [t for r in reqs for t in r.target]
+  assert scored == ids[1:]
+  for k, r in enumerate(reqs):
+    assert len(r.context) + len(r.target) - 1 <= max_len  # fits one row of inputs
+    # context and target are a contiguous slice of the document
+    start = ids.index(r.context[0])
+    assert list(r.context) + list(r.target) == ids[start:start + len(r.context) + len(r.target)]
+    if k > 0:
+      assert len(r.context) >= max_len - stride + 1 and len(r.target) <= stride
+
+
+def test_window_stride_is_checked():
+  with pytest.raises(ValueError, match="stride"):
+    scoring.window_requests(list(range(10)), 4, 5)
+
+
+def test_pack_places_everything_once_within_rows():
+  rng = np.random.default_rng(0)
+  lengths = rng.integers(1, 50, 300).tolist()
+  rows = scoring.pack(lengths, 64, max_segments=5)
+  placed = sorted(i for row in rows for i in row)
+  assert placed == list(range(len(lengths)))
+  assert all(sum(lengths[i] for i in row) <= 64 and len(row) <= 5 for row in rows)
+  assert len(rows) <= 1.25 * sum(lengths) / 64 + 1  # packs tightly
+  with pytest.raises(ValueError, match="sequence 1 has 70 tokens"):
+    scoring.pack([3, 70], 64, 4)
+
+
+def test_wilson_and_bootstrap_intervals():
+  lo, hi = stats.wilson_interval(0, 10)
+  assert lo == 0.0 and 0.25 < hi < 0.35  # Wilson's upper bound for 0/10 is 0.2775
+  lo, hi = stats.wilson_interval(50, 100)
+  assert lo == pytest.approx(0.4038, abs=1e-3) and hi == pytest.approx(0.5962, abs=1e-3)
+  lo, hi = stats.normal_interval(50, 100)
+  assert lo == pytest.approx(0.5 - 1.96 * 0.05, abs=1e-3)
+  nll = np.array([10.0, 20.0, 30.0, 40.0])
+  tok = np.array([10, 10, 10, 10])
+  lo, hi = stats.perplexity_ci(nll, tok, n_boot=500)
+  assert np.exp(1.0) <= lo < np.exp(2.5) < hi <= np.exp(4.0)
+  assert stats.perplexity_ci(nll, tok, n_boot=500) == (lo, hi)  # seeded
+
+
+def test_read_texts_names_the_bad_line(tmp_path):
+  p = tmp_path / "bad.jsonl"
+  p.write_text('{"text": "fine"}\n{"title": "no text"}\n')
+  with pytest.raises(common.EvalDataError, match=r"bad.jsonl:2: no text field"):
+    common.read_texts(str(p))
+  p.write_text('{"abstract": "fine"}\nnot json\n')
+  with pytest.raises(common.EvalDataError, match=r"bad.jsonl:2: not JSON"):
+    common.read_texts(str(p))
+  p.write_text('{"abstract": "an abstract", "id": "x1"}\n')
+  assert common.read_texts(str(p))[0]["id"] == "x1"
+
+
+def test_format_table_aligns_columns():
+  out = common.format_table([{"a": "x", "b": 1.5}, {"a": "longer", "b": 22.25}])
+  lines = out.splitlines()
+  assert len({len(l) for l in lines}) == 1 and "22.2500" in out

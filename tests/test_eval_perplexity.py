@@ -1,0 +1,110 @@
+"""The perplexity command against a plain PyTorch computation on the same random tiny HF Llama."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from astrollama_jax.data.tokenizer import Tokenizer
+from hf_reference import TINY_GQA
+from test_eval_common import make_hf_folder, run_cli, torch_token_logprobs, write_jsonl
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tokenizer_path, abstracts):
+  root = tmp_path_factory.mktemp("ppl")
+  model = make_hf_folder(TINY_GQA, root / "hf", seed=3)
+  # Two corpora: one with "abstract" fields, one with "text" + sections.
+  write_jsonl(root / "abstracts.jsonl", [{"id": f"a{i}", "abstract": a}
+                                         for i, a in enumerate(abstracts[:5])])
+  sections = ["abstract", "introduction", "conclusion", "introduction"]
+  write_jsonl(root / "papers.jsonl", [{"id": f"p{i}", "section": s, "text": abstracts[10 + i]}
+                                      for i, s in enumerate(sections)])
+  return root, model, Tokenizer(tokenizer_path)
+
+
+def _torch_windowed_nll(model, ids, max_len, stride):
+  """Sliding windows the textbook way: window inputs ids[b:b+L], count only new predictions."""
+  total, count, prev_end, begin = 0.0, 0, 1, 0
+  while True:
+    inputs = ids[begin:begin + max_len + 1]
+    lp = torch_token_logprobs(model, inputs)  # predicts ids[begin+1 .. begin+len-1]
+    pred_idx = np.arange(begin + 1, begin + len(inputs))
+    keep = pred_idx >= prev_end
+    total -= lp[keep].sum()
+    count += int(keep.sum())
+    prev_end = begin + len(inputs)
+    if prev_end >= len(ids):
+      return total, count
+    begin += stride
+
+
+def _reference(model, tok, texts, max_len=10**9, stride=1):
+  out = [_torch_windowed_nll(model, tok.encode(t), max_len, stride) for t in texts]
+  return np.array([o[0] for o in out]), np.array([o[1] for o in out])
+
+
+def _items(path):
+  return [json.loads(l) for l in open(path)]
+
+
+def test_perplexity_equals_torch_per_corpus_section_and_total(setup, capsys, tokenizer_path,
+                                                              abstracts):
+  root, model, tok = setup
+  out = root / "out"
+  summary = run_cli(capsys, "--task=perplexity", f"--checkpoint={root / 'hf'}",
+                    f"--tokenizer={tokenizer_path}", f"--output_dir={out}",
+                    f"--data={root / 'abstracts.jsonl'},{root / 'papers.jsonl'}",
+                    "--compute_dtype=float32", "--batch_size=4", "--bootstrap=200")
+  ref_a = _reference(model, tok, abstracts[:5])
+  ref_p = _reference(model, tok, abstracts[10:14])
+  items = _items(out / "perplexity_items.jsonl")
+  got = np.array([it["nll_sum"] for it in items])
+  np.testing.assert_allclose(got, np.concatenate([ref_a[0], ref_p[0]]), rtol=1e-4)
+  assert [it["tokens"] for it in items] == list(ref_a[1]) + list(ref_p[1])
+
+  def ppl(nll, cnt):
+    return float(np.exp(nll.sum() / cnt.sum()))
+
+  m = summary["metrics"]
+  assert m["ppl/abstracts"] == pytest.approx(ppl(*ref_a), rel=1e-4)
+  assert m["ppl/papers"] == pytest.approx(ppl(*ref_p), rel=1e-4)
+  both = (np.concatenate([ref_a[0], ref_p[0]]), np.concatenate([ref_a[1], ref_p[1]]))
+  assert m["ppl"] == pytest.approx(ppl(*both), rel=1e-4)
+  intro = [1, 3]
+  assert m["ppl/papers/introduction"] == pytest.approx(ppl(ref_p[0][intro], ref_p[1][intro]),
+                                                       rel=1e-4)
+  rows = {(r["corpus"], r["section"]): r for r in summary["rows"]}
+  assert set(rows) == {("abstracts", "all"), ("papers", "all"), ("papers", "abstract"),
+                       ("papers", "conclusion"), ("papers", "introduction"), ("total", "all")}
+  total = rows[("total", "all")]
+  assert total["ppl_lo"] < total["ppl"] < total["ppl_hi"]
+  assert total["docs"] == 9 and total["tokens"] == int(both[1].sum())
+  assert json.load(open(out / "perplexity.json"))["metrics"] == m
+
+
+def test_sliding_window_equals_torch(setup, tokenizer_path, abstracts):
+  """Documents several windows long; also sharded over a (data=2, fsdp=2, tensor=2) mesh."""
+  from astrollama_jax.eval import common, perplexity
+  root, model, tok = setup
+  texts = abstracts[20:23]
+  ids = tok.encode_batch(texts)
+  assert min(len(i) for i in ids) > 3 * 48, "the documents must span several windows"
+  m = common.load(str(root / "hf"), "2,2,2", compute_dtype="float32", tokenizer=tokenizer_path)
+  from astrollama_jax.eval.scoring import Scorer
+  scorer = Scorer(m.cfg, m.params, m.mesh, batch_size=3, max_len=48, progress=False)
+  nll, cnt = perplexity.document_nll(scorer, ids, stride=20)
+  ref_nll, ref_cnt = _reference(model, tok, texts, max_len=48, stride=20)
+  np.testing.assert_array_equal(cnt, ref_cnt)
+  np.testing.assert_allclose(nll, ref_nll, rtol=1e-4)
+
+
+def test_bad_data_file_is_named(setup, capsys, tokenizer_path, tmp_path):
+  from astrollama_jax.eval.common import EvalDataError
+  root, _, _ = setup
+  bad = tmp_path / "bad.jsonl"
+  bad.write_text('{"text": "ok"}\n{"body": "no text here"}\n')
+  with pytest.raises(EvalDataError, match="bad.jsonl:2"):
+    run_cli(capsys, "--task=perplexity", f"--checkpoint={root / 'hf'}",
+            f"--tokenizer={tokenizer_path}", f"--output_dir={tmp_path}", f"--data={bad}")
