@@ -67,7 +67,8 @@ def define_flags() -> None:
   flags.DEFINE_string("xla_extra", "", "Raw XLA flags appended to XLA_FLAGS.")
   flags.DEFINE_float("mem_fraction", 0.0, "XLA_PYTHON_CLIENT_MEM_FRACTION for GPU (0: JAX's default).")
   flags.DEFINE_float("peak_tflops", 0.0, "Device bf16 peak TFLOP/s for MFU (0: look up the device kind).")
-  flags.DEFINE_bool("matmul_probe", False, "Also time a bf16 8192^3 matmul: the achievable TFLOP/s.")
+  flags.DEFINE_integer("matmul_probe", 0, "Also time a bf16 N^3 matmul (N=8192 on a GPU): the "
+                       "achievable TFLOP/s (0: off).")
   flags.DEFINE_integer("seed", 0, "Seed of the random weights and tokens.")
   flags.DEFINE_string("out", "", "Append the JSON line to this file.")
 
@@ -173,7 +174,7 @@ def make_bench_mesh(spec: str):
   return sharding.make_mesh(shape, devices)
 
 
-def matmul_probe(n: int = 8192, steps: int = 10) -> float:
+def matmul_probe(n: int, steps: int = 10) -> float:
   """Achieved TFLOP/s of one bf16 [n,n]x[n,n] matmul on the default device: the practical ceiling."""
   import jax
   import jax.numpy as jnp
@@ -464,7 +465,7 @@ def main(argv: list[str]) -> None:
       "command": " ".join(["python -m astrollama_jax.bench"] + sys.argv[1:]),
   }
   if args.matmul_probe:
-    summary["matmul_tflops"] = matmul_probe()
+    summary["matmul_tflops"] = matmul_probe(args.matmul_probe)
   if args.task == "train":
     ref = run_train(cfg, args, mesh, n_devices, peak, summary)
   else:
