@@ -154,12 +154,8 @@ def rates(flops_per_step: float, tokens_per_step: int, step_s: float, n_devices:
 
 def jax_peak_memory(devices) -> int | None:
   """Peak bytes in use on the busiest device, or None where the backend keeps no statistics (CPU)."""
-  peaks = []
-  for d in devices:
-    stats = d.memory_stats() or {}
-    if "peak_bytes_in_use" in stats:
-      peaks.append(stats["peak_bytes_in_use"])
-  return max(peaks) if peaks else None
+  peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in devices]
+  return max((p for p in peaks if p is not None), default=None)
 
 
 def make_bench_mesh(spec: str):
@@ -168,10 +164,8 @@ def make_bench_mesh(spec: str):
   import jax
   from astrollama_jax import sharding
   shape = [int(s) for s in spec.split(",")]
-  devices = jax.devices()
-  if -1 not in shape:
-    devices = devices[:math.prod(shape)]
-  return sharding.make_mesh(shape, devices)
+  n = len(jax.devices()) if -1 in shape else math.prod(shape)
+  return sharding.make_mesh(shape, jax.devices()[:n])
 
 
 def matmul_probe(n: int, steps: int = 10) -> float:
@@ -349,7 +343,10 @@ def decode_rates(full_s: float, first_s: float, batch: int, new_tokens: int) -> 
 
 
 def guarded(fn: Callable[[], dict], side: str) -> dict:
-  """Run one side; out of memory is a result (the sweep looks for what fits), not a crash."""
+  """Run one side; out of memory is a result (the sweep looks for what fits), not a crash.
+
+  Whatever happens, memory the torch side cached is handed back before the next side runs.
+  """
   try:
     return fn()
   except Exception as e:  # noqa: BLE001 - only out-of-memory is swallowed, the rest re-raised
@@ -357,11 +354,12 @@ def guarded(fn: Callable[[], dict], side: str) -> dict:
     if "RESOURCE_EXHAUSTED" not in text and "out of memory" not in text.lower():
       raise
     logging.error("%s ran out of memory: %s", side, text[:500])
-    error = {"error": "out of memory", "error_detail": text[:300]}
-  gc.collect()
-  if "torch" in sys.modules and sys.modules["torch"].cuda.is_available():
-    sys.modules["torch"].cuda.empty_cache()
-  return error
+    return {"error": "out of memory", "error_detail": text[:300]}
+  finally:
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+      torch.cuda.empty_cache()
 
 
 # --- report --------------------------------------------------------------------------------------
