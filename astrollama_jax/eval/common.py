@@ -182,18 +182,18 @@ def _numeric(s: str) -> bool:
     return False
 
 
-def _jsonable(x: Any) -> Any:
+def jsonable(x: Any) -> Any:
   if isinstance(x, dict):
-    return {str(k): _jsonable(v) for k, v in x.items()}
+    return {str(k): jsonable(v) for k, v in x.items()}
   if isinstance(x, (list, tuple)):
-    return [_jsonable(v) for v in x]
+    return [jsonable(v) for v in x]
   if isinstance(x, (np.floating, float)):
     x = float(x)
     return None if math.isnan(x) or math.isinf(x) else x
   if isinstance(x, np.integer):
     return int(x)
   if isinstance(x, np.ndarray):
-    return _jsonable(x.tolist())
+    return jsonable(x.tolist())
   return x
 
 
@@ -203,7 +203,7 @@ def write_jsonl(path: str, records: Sequence[dict]) -> None:
   tmp = path + ".tmp"
   with open(tmp, "w", encoding="utf-8") as f:
     for r in records:
-      f.write(json.dumps(_jsonable(r), ensure_ascii=False) + "\n")
+      f.write(json.dumps(jsonable(r), ensure_ascii=False) + "\n")
   os.replace(tmp, path)
 
 
@@ -213,7 +213,7 @@ def finish(task: str, output_dir: str, label: str, checkpoint: str, metrics: dic
   """Write ``<output_dir>/<task>.json``, print the table and the one JSON summary line."""
   os.makedirs(output_dir, exist_ok=True)
   result_path = os.path.join(output_dir, f"{task}.json")
-  summary = _jsonable({"task": task, "label": label, "checkpoint": checkpoint,
+  summary = jsonable({"task": task, "label": label, "checkpoint": checkpoint,
                        "metrics": metrics, "rows": list(rows),
                        "files": {"result": result_path, **(files or {})}, **(extra or {})})
   tmp = result_path + ".tmp"

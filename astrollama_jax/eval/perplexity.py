@@ -47,6 +47,10 @@ def _row(corpus: str, section: str, nll: np.ndarray, count: np.ndarray, n_boot: 
           "nll": mean, "ppl": float(np.exp(mean)), "ppl_lo": lo, "ppl_hi": hi}
 
 
+def _add_metrics(metrics: dict, key: str, row: dict) -> None:
+  metrics.update({key: row["ppl"], f"{key}_lo": row["ppl_lo"], f"{key}_hi": row["ppl_hi"]})
+
+
 def run(model: common.Model, data: Sequence[str], *, tokenizer: Tokenizer, output_dir: str,
         label: str, stride: int = 0, batch_size: int = 8, max_len: int = 0, limit: int = 0,
         split: str = "validation", n_boot: int = 1000, seed: int = 0, checker=None,
@@ -76,14 +80,14 @@ def run(model: common.Model, data: Sequence[str], *, tokenizer: Tokenizer, outpu
     all_nll.append(nll)
     all_cnt.append(cnt)
     rows.append(_row(name, "all", nll, cnt, n_boot, seed))
-    metrics[f"ppl/{name}"] = rows[-1]["ppl"]
+    _add_metrics(metrics, f"ppl/{name}", rows[-1])
     by_section = collections.defaultdict(list)
     for i, d in enumerate(docs):
       if d.get("section"):
         by_section[d["section"]].append(i)
     for section, idx in sorted(by_section.items()):
       rows.append(_row(name, section, nll[idx], cnt[idx], n_boot, seed))
-      metrics[f"ppl/{name}/{section}"] = rows[-1]["ppl"]
+      _add_metrics(metrics, f"ppl/{name}/{section}", rows[-1])
     for d, n, c in zip(docs, nll, cnt):
       items.append({"corpus": name, "id": d["id"], "section": d.get("section"), "tokens": int(c),
                     "nll_sum": float(n), "ppl": float(np.exp(n / max(c, 1))),
