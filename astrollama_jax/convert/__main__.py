@@ -21,11 +21,17 @@ from astrollama_jax.convert import hf, meta, orbax_io
 from astrollama_jax.convert.hf import ConversionError
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("source_format", None, ["meta", "hf"], "Meta consolidated.*.pth folder or HF folder.")
-flags.DEFINE_string("source", None, "Folder with the source weights.")
-flags.DEFINE_string("output", None, "Converted DIR to create (must not exist or be empty).")
-flags.DEFINE_string("dtype", None, "Parameter dtype: float32, bfloat16 or float16 (default: as stored).")
-flags.DEFINE_string("tokenizer", None, "tokenizer.model (default: in --source or its parent folder).")
+
+
+def define_flags() -> None:
+  """Flags exist only when run as a command, so importing this module defines none."""
+  flags.DEFINE_enum("source_format", None, ["meta", "hf"], "Meta consolidated.*.pth folder or HF folder.")
+  flags.DEFINE_string("source", None, "Folder with the source weights.")
+  flags.DEFINE_string("output", None, "Converted DIR to create (must not exist or be empty).")
+  flags.DEFINE_string("dtype", None, "Parameter dtype: float32, bfloat16 or float16 (default: as stored).")
+  flags.DEFINE_string("tokenizer", None, "tokenizer.model (default: in --source or its parent folder).")
+
+
 
 
 def find_tokenizer(source: str, explicit: str | None = None) -> str:
@@ -118,4 +124,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

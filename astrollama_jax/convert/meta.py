@@ -10,15 +10,17 @@ order, so q/k get HF's permutation here. Past that, Meta's [out, in] matrices ar
 and the HF table in ``hf.py`` finishes the job: one reshape table, one rotary convention.
 
 Memory: the shard files are memory-mapped (``torch.load(mmap=True)``) and re-opened per output
-parameter, so at any moment host memory holds one stacked parameter plus the mapped pages of
-the tensors it was built from; the mappings are dropped before the next parameter starts.
+parameter; each source tensor's pages are released as soon as it is copied into the stacked
+parameter, so host memory holds one stacked parameter plus one layer's source tensors.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import math
+import mmap
 import os
 import re
 from typing import Any, Callable, Iterator
@@ -153,6 +155,37 @@ def _to_numpy(t: Any, name: str, fn: str) -> np.ndarray:
   return t.contiguous().numpy()
 
 
+def _drop_pages(tensors: list[Any]) -> None:
+  """Tell the kernel we are done with these memory-mapped tensors (``MADV_DONTNEED``).
+
+  The shard mappings stay open while one output parameter is built from all layers; without
+  this, every page read stays resident and RSS grows by the parameter's source size. The
+  mappings are private and read-only here, so dropped pages would simply be re-read from the
+  file if touched again (they are not). Only whole pages inside each tensor are dropped.
+  """
+  libc = _libc()
+  if libc is None:
+    return
+  page = mmap.PAGESIZE
+  for t in tensors:
+    start, size = t.data_ptr(), t.numel() * t.element_size()
+    lo, hi = -(-start // page) * page, (start + size) // page * page
+    if hi > lo:
+      libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTNEED)
+
+
+_MADV_DONTNEED = 4
+
+
+def _libc():
+  try:
+    libc = ctypes.CDLL("libc.so.6")
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc
+  except (OSError, AttributeError):  # not Linux/glibc: pages are only reclaimed under pressure
+    return None
+
+
 def _interleaved_to_half_split(w: np.ndarray, n_heads: int) -> np.ndarray:
   """Meta's rotary row order (pairs interleaved) -> HF's (first halves, then second halves)."""
   rows, cols = w.shape
@@ -211,11 +244,12 @@ def iter_meta_params(folder: str, cfg: LlamaConfig, dtype: str | None = None,
             logging.warning("%s: ignoring %d tensors that are not LLaMA-2's: %s", fn, len(unknown), unknown[:5])
       for i in range(cfg.n_layers if layered else 1):
         name = meta_template.format(i=i)
-        parts = []
+        parts, sources = [], []
         for fn, d in zip(files, dicts):
           if name not in d:
             raise ConversionError(f"{fn}: tensor {name!r} is missing (params.json has "
                                   f"n_layers={cfg.n_layers})")
+          sources.append(d[name])
           parts.append(_to_numpy(d[name], name, fn))
         w = _merge(parts, axis, name, files, expected)
         del parts
@@ -232,6 +266,7 @@ def iter_meta_params(folder: str, cfg: LlamaConfig, dtype: str | None = None,
           stacked = np.array(w, dtype=out_dtype or w.dtype)  # a copy: no view into the mapping
         seen.add(name)
         del w
+        _drop_pages(sources)  # read once: let go of its mapped pages now
     yield path, stacked
     del stacked
 

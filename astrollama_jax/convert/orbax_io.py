@@ -3,8 +3,8 @@
 A 70B model is ~130 GiB in bfloat16. Building the whole params dict and handing it to Orbax
 would hold all of it in host memory; instead every stacked parameter is added to the Orbax
 checkpoint as soon as it is assembled (Orbax's partial saves), then dropped. Host memory is
-bounded by the largest stacked parameter plus the source pages it was read from, not by the
-model. The partial checkpoint lives in ``params.partial_save`` until ``finalize`` renames it,
+bounded by about twice the largest stacked parameter (the array, plus tensorstore's chunk
+buffers while it writes), not by the model; see docs/benchmarks.md for measurements. The partial checkpoint lives in ``params.partial_save`` until ``finalize`` renames it,
 and the whole converted DIR is itself written under a temporary name (``atomic_directory``),
 so an interrupted conversion never leaves a folder that looks complete.
 
@@ -15,6 +15,7 @@ the ``StandardCheckpointer`` layout that training writes.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import resource
@@ -37,6 +38,18 @@ def peak_rss_bytes() -> int:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def release_memory() -> None:
+  """Hand freed heap back to the OS (glibc keeps it otherwise).
+
+  Without this the buffers tensorstore's writer threads allocate and free stay in glibc arenas,
+  and resident memory after writing a 1B model sits ~3x above the one-parameter bound.
+  """
+  try:
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+  except (OSError, AttributeError):  # not glibc: nothing to do
+    pass
+
+
 class ParamsWriter:
   """Adds parameters to one Orbax checkpoint, one at a time, committed by ``finalize``."""
 
@@ -46,9 +59,12 @@ class ParamsWriter:
     self.directory = directory
     opts = v1.options.ArrayOptions
     storage = opts.Saving.StorageOptions(chunk_byte_size=chunk_bytes or checkpoints.CHUNK_BYTES)
-    # Weights barely compress; skipping zstd halves the conversion time on few cores.
-    self._context = v1.Context(array_options=opts(saving=opts.Saving(
-        storage_options=storage, use_compression=False)))
+    # Weights barely compress; skipping zstd halves the conversion time on few cores. Each
+    # array is handed over once and never touched again, so Orbax need not copy it first
+    # (that copy would double the peak).
+    self._context = v1.Context(
+        array_options=opts(saving=opts.Saving(storage_options=storage, use_compression=False)),
+        memory_options=v1.options.MemoryOptions(deepcopy_host_arrays=False))
     self.written: list[tuple[str, ...]] = []
 
   def add(self, path: tuple[str, ...], array: np.ndarray) -> None:
@@ -59,6 +75,8 @@ class ParamsWriter:
     node[path[-1]] = array
     with self._context:
       self._v1.partial.save(self.directory, tree)
+    del tree, node, array
+    release_memory()
     self.written.append(tuple(path))
 
   def finalize(self) -> None:

@@ -1,0 +1,98 @@
+"""``python -m astrollama_jax.export``: any checkpoint -> an HF folder ready for the hub.
+
+  python -m astrollama_jax.export --checkpoint=runs/sft [--dtype=bfloat16] --output=hf/astrollama-chat
+
+``--checkpoint`` is a converted DIR, a training WORKDIR (its latest complete step), one step
+folder ``WORKDIR/checkpoints/<step>`` or an HF folder. Only the ``params`` item of a training
+step is read; the optimizer state stays on disk. The output holds sharded safetensors with an
+index, ``config.json``, ``generation_config.json`` and the tokenizer files (``tokenizer.model``,
+``tokenizer.json``, ``tokenizer_config.json`` with the LLaMA-2 chat template,
+``special_tokens_map.json``), so ``AutoTokenizer`` and ``LlamaForCausalLM.from_pretrained`` load
+it offline. The folder appears atomically (``hf.save_hf`` writes a temporary sibling).
+
+Memory: the parameters are restored to host memory as numpy (no accelerator needed), once;
+HF tensors are then transposed one at a time and flushed every ``--max_shard_gb``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from absl import app, flags, logging
+from tqdm import tqdm
+
+from astrollama_jax import checkpoints
+from astrollama_jax.convert import hf, orbax_io
+from astrollama_jax.convert.hf import ConversionError
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """Flags exist only when run as a command, so importing this module defines none."""
+  flags.DEFINE_string("checkpoint", None, "Converted DIR, training WORKDIR, step folder or HF folder.")
+  flags.DEFINE_string("output", None, "HF folder to create (must not exist or be empty).")
+  flags.DEFINE_string("dtype", None, "float32, bfloat16 or float16 (default: the checkpoint's dtype).")
+  flags.DEFINE_string("tokenizer", None, "tokenizer.model to ship (default: the checkpoint's).")
+  flags.DEFINE_float("max_shard_gb", 2.0, "Largest safetensors file, GiB.")
+
+
+
+
+def export(checkpoint: str, output: str, dtype: str | None = None, tokenizer: str | None = None,
+           max_shard_bytes: int = 2 * 1024**3, show_progress: bool = True) -> dict[str, Any]:
+  """Write the HF folder ``output`` from ``checkpoint``; returns the summary dict."""
+  from astrollama_jax.data.chat_template import write_hf_tokenizer_files
+  from astrollama_jax.data.tokenizer import Tokenizer
+
+  timer = orbax_io.Timer()
+  dtype = checkpoints.check_dtype(dtype)
+  out = os.path.abspath(output)
+  if os.path.exists(out) and os.listdir(out):  # fail before the (long) restore
+    raise FileExistsError(f"output {out} exists and is not empty; choose another or remove it")
+  kind, _, _, step = checkpoints.locate(checkpoint)
+  loaded = checkpoints.load_model(checkpoint, dtype=dtype, on_host=True)
+  cfg = loaded.cfg
+  orbax_io.release_memory()
+  tok_path = tokenizer or loaded.tokenizer_path
+  if not tok_path:
+    raise FileNotFoundError(f"{checkpoint} has no tokenizer.model; pass --tokenizer")
+  Tokenizer(tok_path).check_vocab(cfg.vocab_size)
+  logging.info("exporting %s (%s%s) -> %s: %s", checkpoint, kind, f" step {step}" if step is not None else "",
+               out, cfg)
+
+  bar = tqdm(total=9 * cfg.n_layers + 3, unit="tensor", disable=not show_progress, desc="export")
+
+  def progress(name, arr):
+    bar.set_postfix_str(f"{name} {list(arr.shape)}", refresh=False)
+    bar.update()
+
+  try:
+    written = hf.save_hf(cfg, loaded.params, out, max_shard_bytes=max_shard_bytes, progress=progress,
+                         extra_files=lambda d: write_hf_tokenizer_files(d, tok_path, cfg.max_seq_len))
+  finally:
+    bar.close()
+  return {"checkpoint": os.path.abspath(checkpoint), "kind": kind, "step": step, "output": out,
+          "dtype": cfg.param_dtype, "tensors": written["tensors"], "parameters": written["parameters"],
+          "bytes": written["bytes"], "shards": written["shards"], "seconds": timer.seconds,
+          "peak_rss_bytes": orbax_io.peak_rss_bytes()}
+
+
+def main(argv):
+  del argv
+  for name in ("checkpoint", "output"):
+    if not getattr(FLAGS, name):
+      raise app.UsageError(f"--{name} is required")
+  try:
+    summary = export(FLAGS.checkpoint, FLAGS.output, FLAGS.dtype, FLAGS.tokenizer,
+                     int(FLAGS.max_shard_gb * 1024**3))
+  except (ConversionError, checkpoints.CheckpointError, FileNotFoundError, FileExistsError, ValueError) as e:
+    logging.error("export failed: %s", e)
+    raise SystemExit(f"error: {e}") from None
+  orbax_io.report(f"exported {summary['checkpoint']} -> {summary['output']}", summary)
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)
