@@ -388,15 +388,30 @@ def print_table(summary: dict) -> None:
   rows += [(k, _fmt(summary.get(k)), _fmt(ref.get(k)) if ref else "") for k in keys
            if k != "error" or summary.get(k) or (ref or {}).get(k)]
   width = [max(len(r[i]) for r in rows) for i in range(3)]
-  print(f"bench {summary['task']}: {summary['model']} on {summary['n_devices']} x {summary['device']}")
+  print(f"bench {summary['task']}: {summary['model']} on {summary['n_devices'] or 1} x {summary['device']}")
   for r in rows:
     print("  ".join(c.ljust(w) for c, w in zip(r, width)).rstrip())
   if summary.get("speedup_vs_reference") is not None:
     print(f"jax / torch tokens/s: {summary['speedup_vs_reference']:.3f}")
 
 
-def run_train(cfg, args, mesh, n_devices: int, peak: float | None, summary: dict) -> dict | None:
-  """Time the train step (and the reference); fills ``summary``, returns the reference's result."""
+def start_jax(args, summary: dict):
+  """Create JAX's backend, the mesh and the device facts, only once the torch side is done:
+  on a GPU the backend claims its memory (``--mem_fraction``) as soon as it starts."""
+  import jax
+  from astrollama_jax import flops
+  mesh = make_bench_mesh(args.mesh)
+  device = jax.devices()[0]
+  peak = args.peak_tflops * 1e12 if args.peak_tflops else flops.peak_flops(device.device_kind)
+  summary.update(platform=device.platform, device=device.device_kind, n_devices=mesh.devices.size,
+                 peak_tflops=peak / 1e12 if peak else None)
+  if args.matmul_probe:
+    summary["matmul_tflops"] = matmul_probe(args.matmul_probe)
+  return mesh, peak
+
+
+def run_train(cfg, args, summary: dict) -> dict | None:
+  """Time the reference (first) and the train step; fills ``summary``, returns the reference's."""
   from astrollama_jax import flops
   batch = synthetic_batch(cfg.vocab_size, args.batch, args.seq, args.seed)
   step_flops = flops.training_flops(cfg, args.batch, args.seq).total
@@ -404,11 +419,11 @@ def run_train(cfg, args, mesh, n_devices: int, peak: float | None, summary: dict
   summary.update(seq=args.seq, bf16_moments=args.bf16_moments, micro_batches=args.micro_batches,
                  ce_chunk=args.ce_chunk, flops_per_step=step_flops, tokens_per_step=tokens)
 
-  def finish(res: dict, n: int, peak_: float | None) -> dict:
+  def finish(res: dict, n: int, peak: float | None) -> dict:
     if "median_s" in res:
       step_s = res.pop("median_s")
       res.update(step_time_s=step_s, step_time_min_s=res.pop("min_s"),
-                 step_time_max_s=res.pop("max_s"), **rates(step_flops, tokens, step_s, n, peak_))
+                 step_time_max_s=res.pop("max_s"), **rates(step_flops, tokens, step_s, n, peak))
     return res
 
   ref = None
@@ -416,20 +431,25 @@ def run_train(cfg, args, mesh, n_devices: int, peak: float | None, summary: dict
     ref = guarded(lambda: torch_train(cfg, args, batch), "torch")
     ref_peak = args.peak_tflops * 1e12 if args.peak_tflops else flops.peak_flops(ref.get("device", ""))
     ref = finish(ref, 1, ref_peak)
-  if mesh is not None:
-    summary.update(finish(guarded(lambda: jax_train(cfg, args, batch, mesh), "jax"), n_devices, peak))
+  if args.reference != "torch_only":
+    mesh, peak = start_jax(args, summary)
+    summary.update(finish(guarded(lambda: jax_train(cfg, args, batch, mesh), "jax"),
+                          summary["n_devices"], peak))
+    summary["peak_memory_bytes"] = jax_peak_memory(list(mesh.devices.flat))
   return ref
 
 
-def run_decode(cfg, args, mesh, summary: dict) -> dict | None:
-  """Time generation (and the reference's); fills ``summary``, returns the reference's result."""
+def run_decode(cfg, args, summary: dict) -> dict | None:
+  """Time the reference's generation (first) and ours; fills ``summary``, returns the reference's."""
   import numpy as np
   prompts = np.random.default_rng(args.seed).integers(
       3, cfg.vocab_size, size=(args.batch, args.prompt_len)).tolist()
   summary.update(prompt_len=args.prompt_len, new_tokens=args.new_tokens)
   ref = guarded(lambda: torch_decode(cfg, args, prompts), "torch") if args.reference != "none" else None
-  if mesh is not None:
+  if args.reference != "torch_only":
+    mesh, _ = start_jax(args, summary)
     summary.update(guarded(lambda: jax_decode(cfg, args, prompts, mesh), "jax"))
+    summary["peak_memory_bytes"] = jax_peak_memory(list(mesh.devices.flat))
   return ref
 
 
@@ -443,36 +463,24 @@ def main(argv: list[str]) -> None:
   if args.steps < 1 or args.warmup < 0:
     raise app.UsageError(f"need --steps >= 1 and --warmup >= 0, got {args.steps}, {args.warmup}")
   added_flags = configure_xla(args.xla_flags, args.xla_extra, args.mem_fraction)
-  import jax
-  from astrollama_jax import flops
   cfg = model_config(args.preset, args.layers, remat_policy=args.remat, attention_impl=args.attention,
                      param_dtype=args.param_dtype, compute_dtype=args.compute_dtype)
   longest = args.seq if args.task == "train" else args.prompt_len + args.new_tokens
   cfg = cfg.replace(max_seq_len=max(cfg.max_seq_len, longest))
-  mesh = make_bench_mesh(args.mesh) if args.reference != "torch_only" else None
-  device = jax.devices()[0]
-  n_devices = mesh.devices.size if mesh is not None else 1
-  peak = args.peak_tflops * 1e12 if args.peak_tflops else flops.peak_flops(device.device_kind)
   summary: dict[str, Any] = {
       "task": args.task, "model": f"{args.preset} x{cfg.n_layers} layers", "preset": args.preset,
       "layers": cfg.n_layers, "params": cfg.num_params(), "batch": args.batch,
       "attention": args.attention, "remat": args.remat, "param_dtype": args.param_dtype,
-      "compute_dtype": args.compute_dtype, "platform": device.platform, "device": device.device_kind,
-      "n_devices": n_devices, "mesh": args.mesh, "xla_flags": added_flags,
-      "peak_tflops": peak / 1e12 if peak else None,
+      "compute_dtype": args.compute_dtype, "platform": None, "device": None, "n_devices": None,
+      "mesh": args.mesh, "xla_flags": added_flags, "peak_tflops": None,
       "command": " ".join(["python -m astrollama_jax.bench"] + sys.argv[1:]),
   }
-  if args.matmul_probe:
-    summary["matmul_tflops"] = matmul_probe(args.matmul_probe)
-  if args.task == "train":
-    ref = run_train(cfg, args, mesh, n_devices, peak, summary)
-  else:
-    ref = run_decode(cfg, args, mesh, summary)
-  if mesh is not None:
-    mem = jax_peak_memory(list(mesh.devices.flat))
-    summary["peak_memory_gb"] = None if mem is None else mem / 2 ** 30
+  ref = (run_train if args.task == "train" else run_decode)(cfg, args, summary)
+  mem = summary.pop("peak_memory_bytes", None)
+  summary["peak_memory_gb"] = None if mem is None else mem / 2 ** 30
   if ref is not None:
     summary["reference"] = ref
+    summary["device"] = summary["device"] or ref.get("device")
     if summary.get("tokens_per_s") and ref.get("tokens_per_s"):
       summary["speedup_vs_reference"] = summary["tokens_per_s"] / ref["tokens_per_s"]
   summary["versions"] = versions()

@@ -109,3 +109,25 @@ def test_out_of_memory_is_a_result_other_errors_raise():
   assert bench.guarded(oom, "jax")["error"] == "out of memory"
   with pytest.raises(ValueError):
     bench.guarded(lambda: (_ for _ in ()).throw(ValueError("bad shape")), "jax")
+
+
+def test_reference_runs_before_jax_claims_the_device():
+  """On a GPU, JAX's backend takes its memory when it starts: the torch side must not start it."""
+  script = (
+      "import contextlib, io, json\n"
+      "from absl import flags\n"
+      "from jax._src import xla_bridge\n"
+      "from astrollama_jax import bench\n"
+      "bench.define_flags()\n"
+      "flags.FLAGS(['bench', '--task=train', '--preset=tiny', '--layers=1', '--seq=16', '--batch=1',\n"
+      "             '--steps=1', '--warmup=0', '--reference=torch_only'])\n"
+      "with contextlib.redirect_stdout(io.StringIO()) as out:\n"
+      "  bench.main(['bench'])\n"
+      "s = json.loads(out.getvalue().splitlines()[-1])\n"
+      "print(json.dumps([xla_bridge.backends_are_initialized(), s['reference']['step_time_s'] > 0,\n"
+      "                  s.get('step_time_s')]))\n")
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True,
+                        text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert json.loads(proc.stdout.strip().splitlines()[-1]) == [False, True, None]
