@@ -4,7 +4,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from astrollama_jax.data.tokenizer import Tokenizer
 from hf_reference import TINY_GQA
@@ -108,3 +107,36 @@ def test_bad_data_file_is_named(setup, capsys, tokenizer_path, tmp_path):
   with pytest.raises(EvalDataError, match="bad.jsonl:2"):
     run_cli(capsys, "--task=perplexity", f"--checkpoint={root / 'hf'}",
             f"--tokenizer={tokenizer_path}", f"--output_dir={tmp_path}", f"--data={bad}")
+
+
+def test_prepared_dataset_sections_and_contamination_drop(setup, capsys, tokenizer_path, tmp_path):
+  """The validation split of a prepared ArrayRecord dataset, with planted contamination dropped."""
+  import pathlib
+  from astrollama_jax.data import corpus
+  root, model, tok = setup
+  demo = pathlib.Path(__file__).resolve().parents[1] / "data" / "demo_corpus"
+  corpus.build(corpus.CorpusConfig(sources=[str(demo)], validation_fraction=0.5, progress=False),
+               tmp_path / "ds")
+  source = corpus.read_split(tmp_path / "ds", "validation")
+  recs = [{k: v.decode() for k, v in source[i].items()} for i in range(len(source))]
+  sections = {r["section"] for r in recs}
+  assert {"abstract", "introduction"} <= sections
+  planted = [r for r in recs if r["section"] == "abstract"][:2]
+  write_jsonl(tmp_path / "train.jsonl", [{"text": "Some other words. " + r["text"]} for r in planted])
+  summary = run_cli(capsys, "--task=perplexity", f"--checkpoint={root / 'hf'}",
+                    f"--tokenizer={tokenizer_path}", f"--output_dir={tmp_path / 'out'}",
+                    f"--data={tmp_path / 'ds'}", "--compute_dtype=float32", "--batch_size=4",
+                    "--max_len=256", "--stride=128", f"--train_data={tmp_path / 'train.jsonl'}",
+                    "--drop_contaminated", "--bootstrap=50")
+  assert summary["contamination"]["dropped"] == 2
+  kept = [r for r in recs if r["id"] not in {p["id"] for p in planted} or r["section"] != "abstract"]
+  items = _items(tmp_path / "out" / "perplexity_items.jsonl")
+  assert [(it["id"], it["section"]) for it in items] == [(r["id"], r["section"]) for r in kept]
+  nll, cnt = _reference(model, tok, [r["text"] for r in kept], max_len=256, stride=128)
+  np.testing.assert_allclose([it["nll_sum"] for it in items], nll, rtol=1e-4)
+  by_section = {r["section"]: r for r in summary["rows"] if r["section"] != "all"}
+  assert set(by_section) == sections
+  for section, row in by_section.items():
+    idx = [i for i, r in enumerate(kept) if r["section"] == section]
+    assert row["ppl"] == pytest.approx(np.exp(nll[idx].sum() / cnt[idx].sum()), rel=1e-4)
+  assert max(cnt) > 256, "some section must span several windows"

@@ -197,8 +197,15 @@ def jsonable(x: Any) -> Any:
   return x
 
 
+def is_writer() -> bool:
+  """Only the first process writes files and prints (every process computes the same results)."""
+  return jax.process_index() == 0
+
+
 def write_jsonl(path: str, records: Sequence[dict]) -> None:
   """Write records atomically (temp file + rename): a crash never leaves half a file."""
+  if not is_writer():
+    return
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = path + ".tmp"
   with open(tmp, "w", encoding="utf-8") as f:
@@ -211,11 +218,13 @@ def finish(task: str, output_dir: str, label: str, checkpoint: str, metrics: dic
            rows: Sequence[dict], files: dict | None = None, extra: dict | None = None,
            columns: Sequence[str] | None = None) -> dict:
   """Write ``<output_dir>/<task>.json``, print the table and the one JSON summary line."""
-  os.makedirs(output_dir, exist_ok=True)
   result_path = os.path.join(output_dir, f"{task}.json")
   summary = jsonable({"task": task, "label": label, "checkpoint": checkpoint,
                        "metrics": metrics, "rows": list(rows),
                        "files": {"result": result_path, **(files or {})}, **(extra or {})})
+  if not is_writer():
+    return summary
+  os.makedirs(output_dir, exist_ok=True)
   tmp = result_path + ".tmp"
   with open(tmp, "w", encoding="utf-8") as f:
     json.dump(summary, f, indent=1, ensure_ascii=False)
@@ -228,6 +237,3 @@ def finish(task: str, output_dir: str, label: str, checkpoint: str, metrics: dic
 def default_label(checkpoint: str) -> str:
   return os.path.basename(os.path.normpath(checkpoint)) if checkpoint else "model"
 
-
-def process_index() -> int:
-  return jax.process_index()

@@ -67,6 +67,8 @@ def knn_category_agreement(embeddings: np.ndarray, categories: Sequence[str],
 
 
 def save(path: str, ids: Sequence[str], titles: Sequence[str], embeddings: np.ndarray) -> None:
+  if not common.is_writer():
+    return
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = path + ".tmp.npz"
   np.savez(tmp, ids=np.asarray(ids, dtype=str), titles=np.asarray(titles, dtype=str),
