@@ -119,6 +119,7 @@ def main():
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--workdir", default="/tmp/convert_bench")
   ap.add_argument("--keep", action="store_true", help="keep the synthetic checkpoint and outputs")
+  ap.add_argument("--export_shard_gb", type=float, default=2.0, help="export's --max_shard_gb")
   args = ap.parse_args()
   w = args.workdir
   for sub in ("orbax", "hf"):
@@ -132,7 +133,8 @@ def main():
   py = sys.executable
   conv = run_measured([py, "-m", "astrollama_jax.convert", "--source_format=meta", f"--source={meta}",
                        f"--output={w}/orbax"])
-  exp = run_measured([py, "-m", "astrollama_jax.export", f"--checkpoint={w}/orbax", f"--output={w}/hf"])
+  exp = run_measured([py, "-m", "astrollama_jax.export", f"--checkpoint={w}/orbax", f"--output={w}/hf",
+                      f"--max_shard_gb={args.export_shard_gb}"])
   d, ffn = PARAMS["dim"], 5632
   largest = PARAMS["n_layers"] * d * ffn * 2  # a stacked MLP matrix, bf16
   result = {
@@ -143,7 +145,7 @@ def main():
       "convert_peak_rss_bytes": conv["peak_rss_bytes"],
       "convert_peak_anon_bytes": conv["sampled_peak_anon_bytes"],
       "convert_peak_file_bytes": conv["sampled_peak_file_bytes"],
-      "export_seconds": exp["seconds"], "export_wall_seconds": exp["wall_seconds"],
+      "export_shard_gb": args.export_shard_gb, "export_seconds": exp["seconds"], "export_wall_seconds": exp["wall_seconds"],
       "export_peak_rss_bytes": exp["peak_rss_bytes"],
       "export_peak_anon_bytes": exp["sampled_peak_anon_bytes"],
       "export_peak_file_bytes": exp["sampled_peak_file_bytes"],
@@ -151,6 +153,7 @@ def main():
   width = max(map(len, result))
   for k, v in result.items():
     print(f"{k:<{width}}  {v / 1024**3:8.2f} GiB" if k.endswith("bytes") else f"{k:<{width}}  {v:,}")
+  print(f"machine: {os.cpu_count()} CPU cores, python {sys.version.split()[0]}")
   print(json.dumps(result))
   if not args.keep:
     shutil.rmtree(w, ignore_errors=True)

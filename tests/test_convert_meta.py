@@ -226,3 +226,26 @@ def test_convert_command_line(meta8, tmp_path):
                         f"--source={meta8}", f"--output={tmp_path / 'bad'}", "--dtype=int4"],
                        capture_output=True, text=True, env=env, timeout=300)
   assert bad.returncode != 0 and "unknown dtype 'int4'" in bad.stderr
+
+
+@pytest.mark.parametrize("shape", [(1, 8, 1), (1, 4, 2)], ids=["fsdp8", "fsdp4_tp2"])
+def test_converted_checkpoint_restores_onto_meshes(meta8, tmp_path, tokenizer_path, abstracts, shape,
+                                                   monkeypatch):
+  """Small chunks, so every device reads only the chunks of its own shard."""
+  from astrollama_jax import sharding
+  monkeypatch.setattr(checkpoints, "CHUNK_BYTES", 64 * 1024)
+  out = convert("meta", meta8, str(tmp_path / "out"), show_progress=False)["output"]
+  meta_tree = checkpoints.stored_metadata(os.path.join(out, "params"))
+  embed = meta_tree["embed"]
+  assert np.prod(embed.storage.chunk_shape) < np.prod(embed.shape)
+  cfg = TINY_70B
+  ids = _ids(tokenizer_path, abstracts)
+  ref, _ = llama.apply(cfg, checkpoints.load_model(out).params, jnp.asarray(ids))
+  mesh = sharding.make_mesh(shape)
+  loaded = checkpoints.load_model(out, mesh=mesh)
+  for arr, sh in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(llama.param_shardings(cfg, mesh))):
+    assert arr.sharding.is_equivalent_to(sh, arr.ndim)
+    assert all(s.data.shape == sh.shard_shape(arr.shape) for s in arr.addressable_shards)
+  with jax.set_mesh(mesh):
+    got = jax.jit(lambda p, t: llama.apply(cfg, p, t)[0])(loaded.params, jnp.asarray(ids))
+  np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=1e-5, rtol=0)
