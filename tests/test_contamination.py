@@ -34,8 +34,9 @@ def test_planted_overlaps_are_found_and_clean_items_are_not(corpus):
                                   progress=False)
   report = checker.check([it["text"] for it in items])
   assert report.shares[0] == 1.0
-  n1 = len(contamination.words(items[1]["text"]))
-  half = len(contamination.words(" ".join(items[1]["text"].split()[: len(items[1]["text"].split()) // 2])))
+  text1 = items[1]["text"]
+  n1 = len(contamination.words(text1))
+  half = len(contamination.words(" ".join(text1.split()[:len(text1.split()) // 2])))
   expected = (half - 13 + 1) / (n1 - 13 + 1)  # the 13-grams inside the planted first half
   assert report.shares[1] == pytest.approx(expected, abs=1e-12)
   assert np.all(report.shares[2:] == 0.0), "clean abstracts share no 13-gram with the corpus"

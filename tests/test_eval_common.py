@@ -8,7 +8,6 @@ import json
 import numpy as np
 import torch
 from absl import flags
-from absl.testing import flagsaver
 
 from hf_reference import save_hf_model
 
@@ -23,11 +22,15 @@ def make_hf_folder(cfg, folder, seed=1):
 
 
 def run_cli(capsys, *args: str) -> dict:
-  """Run ``python -m astrollama_jax.eval`` in this process; return its final JSON line."""
+  """Run ``python -m astrollama_jax.eval`` in this process; return its final JSON line.
+
+  The flags live in a private ``FlagValues``, so nothing is defined on absl's global set.
+  """
   from astrollama_jax.eval import __main__ as cli
-  with flagsaver.flagsaver():
-    argv = flags.FLAGS(["eval", "--noprogress", *args])
-    cli.main(argv)
+  fv = flags.FlagValues()
+  cli.define_flags(fv)
+  argv = fv(["eval", "--noprogress", *args])
+  cli.main(argv, fv)
   out = capsys.readouterr().out.strip().splitlines()
   assert out, "the command printed nothing"
   return json.loads(out[-1])

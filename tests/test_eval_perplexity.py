@@ -122,14 +122,16 @@ def test_prepared_dataset_sections_and_contamination_drop(setup, capsys, tokeniz
   sections = {r["section"] for r in recs}
   assert {"abstract", "introduction"} <= sections
   planted = [r for r in recs if r["section"] == "abstract"][:2]
-  write_jsonl(tmp_path / "train.jsonl", [{"text": "Some other words. " + r["text"]} for r in planted])
+  write_jsonl(tmp_path / "train.jsonl",
+              [{"text": "Some other words. " + r["text"]} for r in planted])
   summary = run_cli(capsys, "--task=perplexity", f"--checkpoint={root / 'hf'}",
                     f"--tokenizer={tokenizer_path}", f"--output_dir={tmp_path / 'out'}",
                     f"--data={tmp_path / 'ds'}", "--compute_dtype=float32", "--batch_size=4",
                     "--max_len=256", "--stride=128", f"--train_data={tmp_path / 'train.jsonl'}",
                     "--drop_contaminated", "--bootstrap=50")
   assert summary["contamination"]["dropped"] == 2
-  kept = [r for r in recs if r["id"] not in {p["id"] for p in planted} or r["section"] != "abstract"]
+  planted_ids = {p["id"] for p in planted}
+  kept = [r for r in recs if r["id"] not in planted_ids or r["section"] != "abstract"]
   items = _items(tmp_path / "out" / "perplexity_items.jsonl")
   assert [(it["id"], it["section"]) for it in items] == [(r["id"], r["section"]) for r in kept]
   nll, cnt = _reference(model, tok, [r["text"] for r in kept], max_len=256, stride=128)

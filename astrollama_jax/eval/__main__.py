@@ -18,137 +18,148 @@ from absl import app, flags, logging
 
 TASKS = ("perplexity", "completion", "embed", "mcq", "contamination")
 
-FLAGS = flags.FLAGS
-flags.DEFINE_enum("task", None, TASKS, "What to evaluate.")
-flags.DEFINE_list("compare", None, "Result files or output dirs to compare (instead of --task).")
-flags.DEFINE_string("checkpoint", None, "HF folder, converted dir, training workdir or step folder.")
-flags.DEFINE_string("tokenizer", None, "SentencePiece model (default: the checkpoint's).")
-flags.DEFINE_multi_string("data", None, "Evaluation data: JSONL / CSV files or a prepared dataset "
-                          "dir; repeatable and comma-separated (one corpus each).")
-flags.DEFINE_string("split", "validation", "Split to read from a prepared dataset dir.")
-flags.DEFINE_string("output_dir", "eval_results", "Where results files go.")
-flags.DEFINE_string("label", None, "Name of this run in comparisons (default: checkpoint name).")
-flags.DEFINE_integer("limit", 0, "Use at most this many items per data file (0 = all).")
-flags.DEFINE_integer("seed", 0, "Seed for bootstrap, sampling and few-shot choice.")
-flags.DEFINE_integer("bootstrap", 1000, "Bootstrap resamples for 95% intervals.")
-flags.DEFINE_bool("progress", True, "Show progress bars.")
-# model / execution
-flags.DEFINE_string("mesh", "1,-1,1", "Mesh shape data,fsdp,tensor (one entry may be -1).")
-flags.DEFINE_integer("batch_size", 8, "Rows of --max_len tokens per forward pass.")
-flags.DEFINE_integer("max_len", 0, "Context length for scoring (0 = the model's max_seq_len).")
-flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"], "Parameter dtype on load.")
-flags.DEFINE_enum("compute_dtype", None, ["float32", "bfloat16", "float16"],
-                  "Activation dtype (default: the checkpoint config's).")
-# perplexity
-flags.DEFINE_integer("stride", 0, "Sliding-window stride for long documents (0 = max_len // 2).")
-# completion
-flags.DEFINE_float("prefix_frac", 0.5, "Share of each text (by characters, cut at a sentence "
-                   "boundary) given as the prompt.")
-flags.DEFINE_integer("max_new_tokens", 512, "Cap on generated tokens per completion.")
-flags.DEFINE_float("temperature", 0.0, "Sampling temperature (0 = greedy).")
-flags.DEFINE_integer("top_k", 0, "Top-k sampling (0 = off).")
-flags.DEFINE_float("top_p", 1.0, "Nucleus sampling threshold.")
-flags.DEFINE_integer("gen_batch_size", 16, "Prompts generated together.")
-flags.DEFINE_string("embedder", None, "Checkpoint for completion embeddings (default: the "
-                    "evaluated model itself).")
-# embed
-flags.DEFINE_string("query", None, "embed: print the papers nearest to this text.")
-flags.DEFINE_integer("neighbours", 5, "embed: how many nearest papers to show / use.")
-flags.DEFINE_string("embeddings", None, "embed: reuse this embeddings .npz instead of recomputing.")
-# mcq
-flags.DEFINE_enum("method", "all", ["all", "loglik", "letter"], "mcq scoring method(s).")
-flags.DEFINE_integer("shots", 0, "mcq: few-shot examples in each prompt.")
-flags.DEFINE_string("dev", None, "mcq: file of few-shot examples (default: other items of --data).")
-flags.DEFINE_string("subject", None, "mcq: subject named in the prompt header.")
-# contamination
-flags.DEFINE_multi_string("train_data", None, "Training corpora (JSONL or prepared dataset dir) "
-                          "for the contamination check; with a scoring task, items are checked.")
-flags.DEFINE_string("train_split", "train", "Split of a prepared dataset used as training corpus.")
-flags.DEFINE_integer("ngram", 13, "Contamination n-gram length (words).")
-flags.DEFINE_float("threshold", 0.5, "Flag items with more than this share of n-grams found.")
-flags.DEFINE_bool("drop_contaminated", False, "Score without the flagged items.")
-# compare
-flags.DEFINE_string("compare_out", None, "Prefix of the comparison .md/.png "
-                    "(default: <output_dir>/comparison).")
+
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """The command's flags, on ``flag_values`` (tests use a private set; never on import)."""
+  fv = {"flag_values": flag_values}
+  flags.DEFINE_enum("task", None, TASKS, "What to evaluate.", **fv)
+  flags.DEFINE_list("compare", None,
+                    "Result files or output dirs to compare (instead of --task).", **fv)
+  flags.DEFINE_string("checkpoint", None,
+                      "HF folder, converted dir, training workdir or step folder.", **fv)
+  flags.DEFINE_string("tokenizer", None, "SentencePiece model (default: the checkpoint's).", **fv)
+  flags.DEFINE_multi_string("data", None, "Evaluation data: JSONL / CSV files or a prepared "
+                            "dataset dir; repeatable and comma-separated (one corpus each).", **fv)
+  flags.DEFINE_string("split", "validation", "Split to read from a prepared dataset dir.", **fv)
+  flags.DEFINE_string("output_dir", "eval_results", "Where results files go.", **fv)
+  flags.DEFINE_string("label", None,
+                      "Name of this run in comparisons (default: checkpoint name).", **fv)
+  flags.DEFINE_integer("limit", 0, "Use at most this many items per data file (0 = all).", **fv)
+  flags.DEFINE_integer("seed", 0, "Seed for bootstrap, sampling and few-shot choice.", **fv)
+  flags.DEFINE_integer("bootstrap", 1000, "Bootstrap resamples for 95% intervals.", **fv)
+  flags.DEFINE_bool("progress", True, "Show progress bars.", **fv)
+  # model / execution
+  flags.DEFINE_string("mesh", "1,-1,1", "Mesh shape data,fsdp,tensor (one entry may be -1).", **fv)
+  flags.DEFINE_integer("batch_size", 8, "Rows of --max_len tokens per forward pass.", **fv)
+  flags.DEFINE_integer("max_len", 0,
+                       "Context length for scoring (0 = the model's max_seq_len).", **fv)
+  flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"],
+                    "Parameter dtype on load.", **fv)
+  flags.DEFINE_enum("compute_dtype", None, ["float32", "bfloat16", "float16"],
+                    "Activation dtype (default: the checkpoint config's).", **fv)
+  # perplexity
+  flags.DEFINE_integer("stride", 0,
+                       "Sliding-window stride for long documents (0 = max_len // 2).", **fv)
+  # completion
+  flags.DEFINE_float("prefix_frac", 0.5, "Share of each text (by characters, cut at a sentence "
+                     "boundary) given as the prompt.", **fv)
+  flags.DEFINE_integer("max_new_tokens", 512, "Cap on generated tokens per completion.", **fv)
+  flags.DEFINE_float("temperature", 0.0, "Sampling temperature (0 = greedy).", **fv)
+  flags.DEFINE_integer("top_k", 0, "Top-k sampling (0 = off).", **fv)
+  flags.DEFINE_float("top_p", 1.0, "Nucleus sampling threshold.", **fv)
+  flags.DEFINE_integer("gen_batch_size", 16, "Prompts generated together.", **fv)
+  flags.DEFINE_string("embedder", None, "Checkpoint for completion embeddings (default: the "
+                      "evaluated model itself).", **fv)
+  # embed
+  flags.DEFINE_string("query", None, "embed: print the papers nearest to this text.", **fv)
+  flags.DEFINE_integer("neighbours", 5, "embed: how many nearest papers to show / use.", **fv)
+  flags.DEFINE_string("embeddings", None,
+                      "embed: reuse this embeddings .npz instead of recomputing.", **fv)
+  # mcq
+  flags.DEFINE_enum("method", "all", ["all", "loglik", "letter"], "mcq scoring method(s).", **fv)
+  flags.DEFINE_integer("shots", 0, "mcq: few-shot examples in each prompt.", **fv)
+  flags.DEFINE_string("dev", None,
+                      "mcq: file of few-shot examples (default: other items of --data).", **fv)
+  flags.DEFINE_string("subject", None, "mcq: subject named in the prompt header.", **fv)
+  # contamination
+  flags.DEFINE_multi_string("train_data", None, "Training corpora (JSONL or prepared dataset "
+                            "dir) for the contamination check; with a scoring task, items are "
+                            "checked.", **fv)
+  flags.DEFINE_string("train_split", "train",
+                      "Split of a prepared dataset used as training corpus.", **fv)
+  flags.DEFINE_integer("ngram", 13, "Contamination n-gram length (words).", **fv)
+  flags.DEFINE_float("threshold", 0.5,
+                     "Flag items with more than this share of n-grams found.", **fv)
+  flags.DEFINE_bool("drop_contaminated", False, "Score without the flagged items.", **fv)
+  # compare
+  flags.DEFINE_string("compare_out", None, "Prefix of the comparison .md/.png "
+                      "(default: <output_dir>/comparison).", **fv)
 
 
-def _checker():
+def _checker(F: flags.FlagValues):
   from astrollama_jax.eval import common, contamination
-  specs = common.split_specs(FLAGS.train_data)
+  specs = common.split_specs(F.train_data)
   if not specs:
     return None
-  return contamination.Checker(specs, FLAGS.ngram, FLAGS.threshold, FLAGS.train_split,
-                               FLAGS.drop_contaminated, FLAGS.progress)
+  return contamination.Checker(specs, F.ngram, F.threshold, F.train_split, F.drop_contaminated,
+                               F.progress)
 
 
-def main(argv):
+def main(argv, F: flags.FlagValues = flags.FLAGS):
+  """Dispatch on --compare or --task (``F``: the parsed flags; absl's global ones by default)."""
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   from astrollama_jax.eval import common
 
-  if FLAGS.compare:
+  if F.compare:
     from astrollama_jax.eval import compare
-    out = FLAGS.compare_out or os.path.join(FLAGS.output_dir, "comparison")
-    compare.run(FLAGS.compare, out)
+    compare.run(F.compare, F.compare_out or os.path.join(F.output_dir, "comparison"))
     return
-  if not FLAGS.task:
+  if not F.task:
     raise app.UsageError("give --task=" + "|".join(TASKS) + " or --compare=RESULT1,RESULT2")
-  data = common.split_specs(FLAGS.data)
-  label = FLAGS.label or common.default_label(FLAGS.checkpoint or "")
+  data = common.split_specs(F.data)
+  label = F.label or common.default_label(F.checkpoint or "")
 
-  if FLAGS.task == "contamination":
+  if F.task == "contamination":
     from astrollama_jax.eval import contamination, mcq
-    checker = _checker()
+    checker = _checker(F)
     if checker is None or not data:
       raise app.UsageError("--task=contamination needs --data and --train_data")
     items = []
     for spec in data:
-      items += (mcq.read_questions(spec, FLAGS.limit) if spec.endswith(".csv")
-                or mcq.looks_like_mcq(spec) else common.read_texts(spec, FLAGS.split, FLAGS.limit))
-    contamination.run(items, checker, FLAGS.output_dir, label, ",".join(data))
+      is_mcq = spec.endswith(".csv") or mcq.looks_like_mcq(spec)
+      items += (mcq.read_questions(spec, F.limit) if is_mcq
+                else common.read_texts(spec, F.split, F.limit))
+    contamination.run(items, checker, F.output_dir, label, ",".join(data))
     return
 
-  if FLAGS.task == "embed" and FLAGS.embeddings and os.path.exists(FLAGS.embeddings) \
-      and not FLAGS.query:
+  reuse = F.task == "embed" and F.embeddings and os.path.exists(F.embeddings)
+  if reuse and not F.query:
     raise app.UsageError("--embeddings without --query has nothing to do")
-  if not FLAGS.checkpoint:
-    raise app.UsageError(f"--task={FLAGS.task} needs --checkpoint")
-  if not data and not (FLAGS.task == "embed" and FLAGS.embeddings):
-    raise app.UsageError(f"--task={FLAGS.task} needs --data")
+  if not F.checkpoint:
+    raise app.UsageError(f"--task={F.task} needs --checkpoint")
+  if not data and not reuse:
+    raise app.UsageError(f"--task={F.task} needs --data")
 
   from astrollama_jax.data.tokenizer import Tokenizer
-  model = common.load(FLAGS.checkpoint, FLAGS.mesh, FLAGS.dtype, FLAGS.compute_dtype,
-                      FLAGS.tokenizer)
-  tokenizer = Tokenizer(model.tokenizer_path)
-  common_kw = dict(tokenizer=tokenizer, output_dir=FLAGS.output_dir, label=label,
-                   batch_size=FLAGS.batch_size, max_len=FLAGS.max_len, progress=FLAGS.progress)
+  model = common.load(F.checkpoint, F.mesh, F.dtype, F.compute_dtype, F.tokenizer)
+  kw = dict(tokenizer=Tokenizer(model.tokenizer_path), output_dir=F.output_dir, label=label,
+            batch_size=F.batch_size, max_len=F.max_len, progress=F.progress)
 
-  if FLAGS.task == "perplexity":
+  if F.task == "perplexity":
     from astrollama_jax.eval import perplexity
-    perplexity.run(model, data, stride=FLAGS.stride, limit=FLAGS.limit, split=FLAGS.split,
-                   n_boot=FLAGS.bootstrap, seed=FLAGS.seed, checker=_checker(), **common_kw)
-  elif FLAGS.task == "mcq":
+    perplexity.run(model, data, stride=F.stride, limit=F.limit, split=F.split, n_boot=F.bootstrap,
+                   seed=F.seed, checker=_checker(F), **kw)
+  elif F.task == "mcq":
     from astrollama_jax.eval import mcq
-    mcq.run(model, data, method=FLAGS.method, shots=FLAGS.shots, dev=FLAGS.dev,
-            subject=FLAGS.subject, limit=FLAGS.limit, seed=FLAGS.seed, checker=_checker(),
-            **common_kw)
-  elif FLAGS.task == "embed":
+    mcq.run(model, data, method=F.method, shots=F.shots, dev=F.dev, subject=F.subject,
+            limit=F.limit, seed=F.seed, checker=_checker(F), **kw)
+  elif F.task == "embed":
     from astrollama_jax.eval import embed
-    embed.run(model, data, query=FLAGS.query, neighbours=FLAGS.neighbours,
-              embeddings_file=FLAGS.embeddings, limit=FLAGS.limit, split=FLAGS.split, **common_kw)
-  elif FLAGS.task == "completion":
+    embed.run(model, data, query=F.query, neighbours=F.neighbours, embeddings_file=F.embeddings,
+              limit=F.limit, split=F.split, **kw)
+  elif F.task == "completion":
     from astrollama_jax.eval import completion
     embedder = None
-    if FLAGS.embedder:
-      embedder = common.load(FLAGS.embedder, FLAGS.mesh, FLAGS.dtype, FLAGS.compute_dtype,
-                             FLAGS.tokenizer)
-    completion.run(model, data, embedder=embedder, prefix_frac=FLAGS.prefix_frac,
-                   max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature,
-                   top_k=FLAGS.top_k, top_p=FLAGS.top_p, gen_batch_size=FLAGS.gen_batch_size,
-                   limit=FLAGS.limit, split=FLAGS.split, n_boot=FLAGS.bootstrap, seed=FLAGS.seed,
-                   checker=_checker(), **common_kw)
-  logging.info("results in %s", FLAGS.output_dir)
+    if F.embedder:
+      embedder = common.load(F.embedder, F.mesh, F.dtype, F.compute_dtype, F.tokenizer)
+    completion.run(model, data, embedder=embedder, prefix_frac=F.prefix_frac,
+                   max_new_tokens=F.max_new_tokens, temperature=F.temperature, top_k=F.top_k,
+                   top_p=F.top_p, gen_batch_size=F.gen_batch_size, limit=F.limit, split=F.split,
+                   n_boot=F.bootstrap, seed=F.seed, checker=_checker(F), **kw)
+  logging.info("results in %s", F.output_dir)
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -123,6 +123,11 @@ def cloze_block(q: dict, with_answer: bool) -> str:
   return f"Question: {q['question']}\nAnswer:" + answer
 
 
+def build_prompt(q: dict, shots: Sequence[dict], block) -> str:
+  """Header, the answered examples, then the question itself (``block``: letter or cloze)."""
+  return header(q["subject"]) + "".join(block(e, True) for e in shots) + block(q, False)
+
+
 def choose_shots(questions: Sequence[dict], dev: Sequence[dict] | None, shots: int,
                  seed: int) -> list[list[dict]]:
   """Few-shot examples per question: the first ``shots`` of ``dev`` (as MMLU does), else
@@ -172,7 +177,8 @@ def letter_ids(tokenizer: Tokenizer, n: int) -> list[int]:
 
 
 def score_questions(scorer: Scorer, tokenizer: Tokenizer, questions: Sequence[dict],
-                    shots: Sequence[Sequence[dict]], methods: Sequence[str]) -> dict[str, np.ndarray]:
+                    shots: Sequence[Sequence[dict]], methods: Sequence[str]
+                    ) -> dict[str, np.ndarray]:
   """Per method, a [questions, options] score array (and ``letter_prob``: renormalised p)."""
   n_opt = {len(q["options"]) for q in questions}
   if len(n_opt) != 1:
@@ -184,8 +190,7 @@ def score_questions(scorer: Scorer, tokenizer: Tokenizer, questions: Sequence[di
     slots = np.zeros((len(questions), n_opt), np.int64)
     requests = []
     for i, (q, ex) in enumerate(zip(questions, shots)):
-      prompt = header(q["subject"]) + "".join(cloze_block(e, True) for e in ex) + cloze_block(q, False)
-      ctx = tokenizer.encode(prompt, bos=True)
+      ctx = tokenizer.encode(build_prompt(q, ex, cloze_block), bos=True)
       for k, option in enumerate(q["options"]):
         tgt = tokenizer.encode(option, bos=False)
         if not tgt:
@@ -203,8 +208,7 @@ def score_questions(scorer: Scorer, tokenizer: Tokenizer, questions: Sequence[di
     cands = letter_ids(tokenizer, n_opt)
     requests = []
     for q, ex in zip(questions, shots):
-      prompt = header(q["subject"]) + "".join(letter_block(e, True) for e in ex) + letter_block(q, False)
-      ctx = tokenizer.encode(prompt, bos=True)
+      ctx = tokenizer.encode(build_prompt(q, ex, letter_block), bos=True)
       tgt = [cands[q["answer"]]]
       requests.append(Request(_fit(ctx, tgt, scorer.max_len), tgt))
     _, cand_lps = scorer.logprobs(requests, candidates=cands, desc="mcq letters")
