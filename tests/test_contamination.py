@@ -64,3 +64,18 @@ def test_contamination_command_and_scoring_without_flagged(corpus, capsys, tmp_p
   assert summary["metrics"]["contamination/flagged"] == 2
   lines = [json.loads(l) for l in open(tmp_path / "contamination_items.jsonl")]
   assert [l["id"] for l in lines if l["flagged"]] == ["e0", "e1"]
+
+
+def test_prepared_dataset_as_training_corpus(tmp_path, abstracts):
+  """The train split of an ArrayRecord dataset: its own sections are found, other text is not."""
+  import pathlib
+  from astrollama_jax.data import corpus
+  demo = pathlib.Path(__file__).resolve().parents[1] / "data" / "demo_corpus"
+  corpus.build(corpus.CorpusConfig(sources=[str(demo)], validation_fraction=0.3, progress=False),
+               tmp_path / "ds")
+  train = corpus.read_split(tmp_path / "ds", "train")
+  copied = [train[i]["text"].decode() for i in range(3)]
+  checker = contamination.Checker([str(tmp_path / "ds")], threshold=0.5, progress=False)
+  report = checker.check(copied + abstracts[:3])
+  assert report.shares.tolist() == [1.0, 1.0, 1.0, 0.0, 0.0, 0.0]
+  assert report.flagged.tolist() == [True] * 3 + [False] * 3

@@ -142,3 +142,22 @@ def test_prepared_dataset_sections_and_contamination_drop(setup, capsys, tokeniz
     idx = [i for i, r in enumerate(kept) if r["section"] == section]
     assert row["ppl"] == pytest.approx(np.exp(nll[idx].sum() / cnt[idx].sum()), rel=1e-4)
   assert max(cnt) > 256, "some section must span several windows"
+
+
+def test_orbax_checkpoint_scores_like_the_hf_folder(setup, capsys, tokenizer_path, abstracts,
+                                                   tmp_path):
+  """A converted Orbax DIR (tokenizer taken from it) gives the HF folder's numbers; bf16 is close."""
+  from astrollama_jax import checkpoints
+  from astrollama_jax.convert import hf
+  root, model, tok = setup
+  cfg, params = hf.load_hf(str(root / "hf"))
+  ckpt = checkpoints.save_params(str(tmp_path / "converted"), cfg, params, tokenizer_path)
+  args = ["--task=perplexity", f"--data={root / 'abstracts.jsonl'}", "--batch_size=4",
+          "--bootstrap=20"]
+  ours = run_cli(capsys, *args, f"--checkpoint={ckpt}", f"--output_dir={tmp_path / 'o'}",
+                 "--compute_dtype=float32")
+  nll, cnt = _reference(model, tok, abstracts[:5])
+  assert ours["metrics"]["ppl"] == pytest.approx(np.exp(nll.sum() / cnt.sum()), rel=1e-4)
+  bf16 = run_cli(capsys, *args, f"--checkpoint={ckpt}", f"--output_dir={tmp_path / 'b'}",
+                 "--compute_dtype=bfloat16", "--dtype=bfloat16")
+  assert bf16["metrics"]["nll"] == pytest.approx(ours["metrics"]["nll"], rel=2e-3)
