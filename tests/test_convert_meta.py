@@ -176,6 +176,15 @@ def test_params_json_that_does_not_match_the_tensors(meta8, tmp_path):
                         r"that is \(64, 128\), but params\.json implies \(32, 128\)")
 
 
+def test_params_json_with_too_few_layers_is_refused(meta8, tmp_path):
+  src = _broken(meta8, tmp_path)
+  p = json.load(open(os.path.join(src, "params.json")))
+  p["n_layers"] = 1
+  json.dump(p, open(os.path.join(src, "params.json"), "w"))
+  _fails(src, tmp_path, r"consolidated\.00\.pth: tensor 'layers\.1\..*' belongs to layer 1 but params\.json "
+                        r"has n_layers=1")
+
+
 def test_truncated_shard_names_the_file(meta8, tmp_path):
   src = _broken(meta8, tmp_path)
   fn = os.path.join(src, "consolidated.05.pth")

@@ -239,9 +239,7 @@ def iter_meta_params(folder: str, cfg: LlamaConfig, dtype: str | None = None,
     with open_shards(files) as dicts:
       if not seen:
         for fn, d in zip(files, dicts):
-          unknown = sorted(k for k in d if k not in _IGNORED and not _known(k, cfg))
-          if unknown:
-            logging.warning("%s: ignoring %d tensors that are not LLaMA-2's: %s", fn, len(unknown), unknown[:5])
+          _check_names(fn, d, cfg)
       for i in range(cfg.n_layers if layered else 1):
         name = meta_template.format(i=i)
         parts, sources = [], []
@@ -271,16 +269,22 @@ def iter_meta_params(folder: str, cfg: LlamaConfig, dtype: str | None = None,
     del stacked
 
 
-def _known(name: str, cfg: LlamaConfig) -> bool:
-  for meta_template, _, _ in _META_NAMES.values():
-    if "{i}" in meta_template:
-      pattern = re.escape(meta_template).replace(r"\{i\}", r"(\d+)")
-      m = re.fullmatch(pattern, name)
-      if m and int(m.group(1)) < cfg.n_layers:
-        return True
-    elif name == meta_template:
-      return True
-  return False
+def _check_names(fn: str, state: dict[str, Any], cfg: LlamaConfig) -> None:
+  """Layers beyond params.json's n_layers are an error (a mismatched params.json would silently
+  drop them); other unknown tensors are only reported."""
+  unknown = []
+  for name in state:
+    if name in _IGNORED:
+      continue
+    m = re.fullmatch(r"layers\.(\d+)\..+", name)
+    if m and int(m.group(1)) >= cfg.n_layers:
+      raise ConversionError(f"{fn}: tensor {name!r} belongs to layer {m.group(1)} but params.json has "
+                            f"n_layers={cfg.n_layers}")
+    if not any(re.fullmatch(re.escape(t).replace(r"\{i\}", r"\d+"), name)
+               for t, _, _ in _META_NAMES.values()):
+      unknown.append(name)
+  if unknown:
+    logging.warning("%s: ignoring %d tensors that are not LLaMA-2's: %s", fn, len(unknown), sorted(unknown)[:5])
 
 
 def read_meta_config(folder: str, dtype: str | None = None) -> LlamaConfig:
