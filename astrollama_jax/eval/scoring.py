@@ -18,6 +18,7 @@ positions of each packed sequence, computed on the device.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import dataclasses
 import functools
 from typing import Any, Sequence
@@ -188,8 +189,7 @@ class Scorer:
     rows = pack([len(it.inputs) for it in items], self.max_len, self.max_segments)
     batches = [rows[i:i + self.batch_size] for i in range(0, len(rows), self.batch_size)]
     pending = None
-    ctx = jax.set_mesh(self.mesh) if self.mesh is not None else _null()
-    with ctx:
+    with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
       for batch_rows in tqdm(batches, desc=desc, unit="batch", disable=not self.progress,
                              leave=False):
         arrays, placed = self._assemble(items, batch_rows)
@@ -233,14 +233,6 @@ class Scorer:
       from jax.experimental import multihost_utils
       tree = multihost_utils.process_allgather(tree, tiled=True)
     return jax.tree.map(np.asarray, tree)
-
-
-class _null:
-  def __enter__(self):
-    return None
-
-  def __exit__(self, *exc):
-    return False
 
 
 def _logprob_step(cfg: LlamaConfig, params, tokens, targets, segment_ids, positions, mask,
