@@ -83,7 +83,7 @@ class ChatSession:
       raise ValueError(f"max_new_tokens {max_new_tokens} leaves no room for a prompt in the model's "
                        f"context of {cfg.max_seq_len} tokens")
     self.cfg, self.params, self.tokenizer, self.mesh = cfg, params, tokenizer, mesh
-    self.system = system
+    self.system = system or None
     self.sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
     self.seed, self.stop_strings, self.chunk_size = seed, list(stop_strings), chunk_size
     self.history: list[tuple[str, str]] = []  # (user, assistant) exchanges

@@ -8,8 +8,8 @@ Why this shape:
 * The decode loop is a ``jax.lax.while_loop`` inside one jit that stops as soon as every row is
   done. It runs "until step n", with n a traced argument, so the same executable serves a
   single call for the whole answer and the chunked calls used for streaming and stop strings.
-* Prompt length, answer length and batch size are **bucketed** (powers of two up to 64, then
-  multiples of 64) so that recompiles are rare; the extra left padding is masked away.
+* Prompt length, answer length and batch size are **bucketed** (powers of two, see ``bucket``)
+  so that recompiles are rare; the extra left padding is masked away.
 * Randomness is ``fold_in(key(seed), step)``: a given seed gives the same tokens whether the loop
   ran in one call or in chunks.
 
@@ -59,11 +59,15 @@ class GenerationResult:
     return sum(len(t) for t in self.tokens)
 
 
-def bucket(n: int) -> int:
-  """Round a length up to a power of two (at least 16) up to 64, else to a multiple of 64."""
-  if n <= 64:
-    return max(16, 1 << max(0, n - 1).bit_length())
-  return -(-n // 64) * 64
+def bucket(n: int, minimum: int = 16) -> int:
+  """Round a length up to a power of two, at least ``minimum``.
+
+  Powers of two, not multiples of 64: a chat's prompt grows every turn, and with doubling buckets
+  a 4096-token context recompiles 6 times in its life instead of once per ~64 tokens of history.
+  The padding costs one bigger prefill call and a longer (masked) cache, cheap next to the weights
+  that every decode step reads.
+  """
+  return max(minimum, 1 << max(0, n - 1).bit_length())
 
 
 def _batch_bucket(n: int, shards: int) -> int:
@@ -102,11 +106,14 @@ def _next_token(logits, key, step, knobs, sample: bool):
                        knobs["top_p"])
 
 
+def _constrain_cache(cache: dict[str, Any]) -> dict[str, Any]:
+  return {k: sharding.constrain(v, llama.CACHE_LOGICAL[k]) if k != "index" else v for k, v in cache.items()}
+
+
 def _constrain_state(state: dict[str, Any]) -> dict[str, Any]:
   """Pin every batch-shaped array to the batch sharding, so prefill and decode outputs agree."""
   state = dict(state)
-  state["cache"] = {k: sharding.constrain(v, llama.CACHE_LOGICAL[k]) if k != "index" else v
-                    for k, v in state["cache"].items()}
+  state["cache"] = _constrain_cache(state["cache"])
   for k, logical in _STATE_LOGICAL.items():
     state[k] = sharding.constrain(state[k], logical)
   return state
@@ -120,9 +127,7 @@ def _prefill(params, tokens, mask, active, key, knobs, *, cfg: LlamaConfig, cach
   """Run the padded prompts through the model once and sample the first new token."""
   b = tokens.shape[0]
   positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
-  cache = llama.init_cache(cfg, b, cache_len)
-  cache = {k: sharding.constrain(v, llama.CACHE_LOGICAL[k]) if k != "index" else v
-           for k, v in cache.items()}
+  cache = _constrain_cache(llama.init_cache(cfg, b, cache_len))
   hidden, cache = llama.apply(cfg, params, tokens, positions, mask, cache, return_hidden=True)
   # The head on the last column only: [B, T, V] logits of a long prompt would not fit in memory.
   last = hidden[:, -1]
@@ -137,8 +142,13 @@ def _prefill(params, tokens, mask, active, key, knobs, *, cfg: LlamaConfig, cach
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "sample"), donate_argnames=("state",))
-def _decode(params, state, until, knobs, *, cfg: LlamaConfig, sample: bool):
-  """Generate tokens for steps ``state['step']`` .. ``until - 1``, or until every row is done."""
+def _decode(params, state, until, stopped, knobs, *, cfg: LlamaConfig, sample: bool):
+  """Generate tokens for steps ``state['step']`` .. ``until - 1``, or until every row is done.
+
+  ``stopped`` marks rows the host ended (stop strings); passing it in, rather than editing
+  ``state`` on the host, keeps the argument shardings and so the compiled program unchanged.
+  """
+  state = {**state, "done": state["done"] | stopped}
 
   def cond(s):
     return (s["step"] < until) & ~jnp.all(s["done"])
@@ -158,6 +168,19 @@ def _decode(params, state, until, knobs, *, cfg: LlamaConfig, sample: bool):
 
 
 # --- host side ------------------------------------------------------------------------------------
+
+def _put(x: np.ndarray, where: jax.sharding.Sharding) -> jax.Array:
+  """Host array -> global array; every process passes the same ``x`` (works across hosts)."""
+  return jax.make_array_from_callback(x.shape, where, lambda idx: x[idx])
+
+
+def _fetch(x: jax.Array) -> np.ndarray:
+  """Global array -> host numpy on every process (gathers across hosts when there are several)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)
+
 
 def _find_stop(text: str, stop_strings: Sequence[str]) -> int:
   """Index of the earliest stop string in ``text``, or -1."""
@@ -209,7 +232,8 @@ def generate(cfg: LlamaConfig, params: Params, prompts: Sequence[Sequence[int]],
   Greedy when ``temperature == 0``; else samples with temperature, ``top_k`` (0 = off) and
   ``top_p`` (1 = off), seeded by ``seed``. A row stops at ``eos_id`` or at the first of
   ``stop_strings`` in its decoded text (checked on the host between chunks of ``chunk_size``
-  steps; both are excluded from the result). ``stream`` is called after every chunk with the new
+  steps; both are excluded from the result: the text ends where the stop string begins, the ids
+  are the longest prefix whose text does not reach into it). ``stream`` is called after every chunk with the new
   ids of each row (a list per prompt, empty for finished rows); ids that begin a stop string may
   be streamed before the string is complete. On a ``mesh`` the params are placed by the sharding
   rules (a no-op if they already are) and the batch is split over the data axes.
@@ -220,7 +244,7 @@ def generate(cfg: LlamaConfig, params: Params, prompts: Sequence[Sequence[int]],
   n = len(prompts)
   lengths = [len(p) for p in prompts]
   shards = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
-  b, t, out_len = _batch_bucket(n, shards), bucket(max(lengths)), bucket(max_new_tokens)
+  b, t, out_len = _batch_bucket(n, shards), bucket(max(lengths), 64), bucket(max_new_tokens)
   tokens = np.zeros((b, t), np.int32)
   mask = np.zeros((b, t), np.int32)
   for i, p in enumerate(prompts):
@@ -238,56 +262,71 @@ def generate(cfg: LlamaConfig, params: Params, prompts: Sequence[Sequence[int]],
     params = llama.shard_params(cfg, params, mesh)
     batch = sharding.batch_sharding(mesh)
     row = NamedSharding(mesh, sharding.logical_to_spec(("batch",)))
-    tokens, mask, active = (jax.device_put(tokens, batch), jax.device_put(mask, batch),
-                            jax.device_put(active, row))
-    knobs = jax.device_put(knobs, NamedSharding(mesh, P()))
+    tokens, mask, active = _put(tokens, batch), _put(mask, batch), _put(active, row)
+    knobs = {k: _put(np.asarray(v), NamedSharding(mesh, P())) for k, v in knobs.items()}
   else:
     params = jax.tree.map(jnp.asarray, params)
 
-  out_ids: list[list[int]] = [[] for _ in range(n)]
-  reasons = ["length"] * n
-  finished = [False] * n
+  rows = _Rows(n, b, eos_id, max_new_tokens, stop_strings, tokenizer)
   with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
     state = _prefill(params, tokens, mask, active, jax.random.key(seed), knobs, cfg=cfg, cache_len=t + out_len,
                      out_len=out_len, sample=sample)
-    seen = 0
     while True:
       step = int(state["step"])
-      new = np.asarray(state["out"])[:n, seen:step]  # whole buffer: slicing on device compiles
-      host_done = np.array(state["done"])
-      seen = step
-      streamed = [[] for _ in range(n)]
-      stopped = []
-      for i in range(n):
-        if finished[i]:
-          continue
-        for tok in new[i].tolist():
-          if tok == eos_id:
-            finished[i], reasons[i] = True, "eos"
-            break
-          out_ids[i].append(tok)
-          streamed[i].append(tok)
-        if stop_strings and not finished[i]:
-          text = tokenizer.decode(out_ids[i])
-          cut = _find_stop(text, stop_strings)
-          if cut >= 0:
-            out_ids[i] = _cut_at_stop(out_ids[i], text, cut, tokenizer)
-            finished[i], reasons[i] = True, "stop"
-            stopped.append(i)
-        if host_done[i] or step >= max_new_tokens:
-          finished[i] = True
+      # The whole buffer comes back: slicing on device would compile a program per slice shape.
+      streamed = rows.take(_fetch(state["out"]), _fetch(state["done"]), step)
       if stream is not None and any(streamed):
         stream(streamed)
-      if all(finished):
+      if all(rows.finished):
         break
-      if stopped:
-        host_done[stopped] = True
-        state["done"] = jax.device_put(host_done, state["done"].sharding)
       until = np.int32(min(step + chunk_size, max_new_tokens))
-      state = _decode(params, state, until, knobs, cfg=cfg, sample=sample)
+      stopped = _put(rows.stopped, row) if mesh is not None else jnp.asarray(rows.stopped)
+      state = _decode(params, state, until, stopped, knobs, cfg=cfg, sample=sample)
 
-  texts = [tokenizer.decode(ids) for ids in out_ids] if tokenizer is not None else None
-  return GenerationResult(out_ids, texts, reasons, lengths, time.perf_counter() - start_time)
+  texts = None
+  if tokenizer is not None:
+    texts = [rows.cut_texts.get(i, tokenizer.decode(ids)) for i, ids in enumerate(rows.ids)]
+  return GenerationResult(rows.ids, texts, rows.reasons, lengths, time.perf_counter() - start_time)
+
+
+class _Rows:
+  """Host-side bookkeeping of the generated ids: EOS, stop strings, what is new for the stream."""
+
+  def __init__(self, n: int, padded: int, eos_id: int, max_new: int, stop_strings: Sequence[str],
+               tokenizer: Tokenizer | None):
+    self.eos_id, self.max_new, self.stop_strings, self.tokenizer = eos_id, max_new, stop_strings, tokenizer
+    self.ids: list[list[int]] = [[] for _ in range(n)]
+    self.reasons = ["length"] * n
+    self.finished = [False] * n
+    self.stopped = np.zeros(padded, bool)  # rows ended by a stop string, sent back to the device
+    self.cut_texts: dict[int, str] = {}  # their text, cut exactly where the stop string begins
+    self.seen = 0  # steps already taken from the device buffer
+
+  def take(self, out: np.ndarray, done: np.ndarray, step: int) -> list[list[int]]:
+    """Absorb steps ``seen .. step-1`` of the device's ``out`` buffer; return each row's new ids."""
+    new = out[:, self.seen:step]
+    self.seen = step
+    streamed: list[list[int]] = [[] for _ in self.ids]
+    for i, ids in enumerate(self.ids):
+      if self.finished[i]:
+        continue
+      for tok in new[i].tolist():
+        if tok == self.eos_id:
+          self.finished[i], self.reasons[i] = True, "eos"
+          break
+        ids.append(tok)
+        streamed[i].append(tok)
+      if self.stop_strings and not self.finished[i]:
+        text = self.tokenizer.decode(ids)
+        cut = _find_stop(text, self.stop_strings)
+        if cut >= 0:
+          self.ids[i] = _cut_at_stop(ids, text, cut, self.tokenizer)
+          self.cut_texts[i] = text[:cut]
+          self.finished[i], self.reasons[i] = True, "stop"
+          self.stopped[i] = True
+      if done[i] or step >= self.max_new:
+        self.finished[i] = True
+    return streamed
 
 
 # --- loading and the command line -------------------------------------------------------------------

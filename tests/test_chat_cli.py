@@ -19,7 +19,7 @@ from astrollama_jax.generate import generate
 from conftest import REPO
 from hf_reference import TINY_GQA, save_hf_model
 
-NEW = 8
+NEW = 24  # as in test_generate: the same compiled shapes serve both modules and the subprocesses
 
 
 @pytest.fixture(scope="module")
@@ -130,20 +130,20 @@ def test_chat_cli_over_piped_stdin(model):
 
 def test_generate_cli_jsonl(model, tmp_path):
   folder, cfg, params, tok = model
-  prompts = ["The Hubble constant", "Dark matter halos are", "X"]
+  prompts = ["The Hubble constant", "Dark matter halos are", "X", "Stellar winds"]
   src = tmp_path / "prompts.jsonl"
   src.write_text("".join(json.dumps({"id": i, "prompt": p}) + "\n" for i, p in enumerate(prompts)))
   out = tmp_path / "out.jsonl"
   proc = _run("astrollama_jax.generate", f"--checkpoint={folder}", f"--prompts_file={src}", f"--output={out}",
-              f"--max_new_tokens={NEW}", "--compute_dtype=float32", "--batch_size=2")
+              f"--max_new_tokens={NEW}", "--compute_dtype=float32", "--batch_size=3")
   assert proc.returncode == 0, proc.stderr[-3000:]
   records = [json.loads(line) for line in out.read_text().splitlines()]
-  assert [r["id"] for r in records] == [0, 1, 2]
-  ref = generate(cfg, params, [tok.encode(p) for p in prompts[:2]], NEW, tokenizer=tok).texts
-  ref += generate(cfg, params, [tok.encode(prompts[2])], NEW, tokenizer=tok).texts
+  assert [r["id"] for r in records] == [0, 1, 2, 3]
+  ref = [t for batch in (prompts[:3], prompts[3:]) for t in  # the command's batches
+         generate(cfg, params, [tok.encode(p) for p in batch], NEW, tokenizer=tok).texts]
   assert [r["completion"] for r in records] == ref
   summary = json.loads(proc.stdout.strip().splitlines()[-1])
-  assert summary["prompts"] == 3 and summary["generated_tokens"] == sum(r["num_tokens"] for r in records)
+  assert summary["prompts"] == 4 and summary["generated_tokens"] == sum(r["num_tokens"] for r in records)
 
 
 def test_generate_cli_names_the_bad_line(model, tmp_path):
