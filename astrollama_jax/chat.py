@@ -201,4 +201,5 @@ if __name__ == "__main__":
   define_flags(temperature=0.7, top_p=0.9, max_new_tokens=256)
   flags.DEFINE_multi_string("message", [], "Answer these messages in turn and exit (instead of stdin).")
   flags.DEFINE_integer("stream_chunk", 1, "Decode steps between streamed updates.")
+  flags.adopt_module_key_flags(sys.modules[define_flags.__module__])  # list them in --help
   app.run(main)
