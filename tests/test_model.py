@@ -206,3 +206,11 @@ def test_bad_hf_input_names_tensor_and_shapes(pair, tmp_path):
                                                "model_type": "mistral"}))
   with pytest.raises(ValueError, match="model_type"):
     hf.load_hf(str(bad))
+
+
+def test_abstract_shapes_inside_a_mesh_context():
+  from astrollama_jax.model.config import get_config
+  cfg = get_config("tiny", n_layers=3)  # a config not seen before, so nothing is cached
+  with jax.set_mesh(sharding.make_mesh((1, 4, 2))):
+    shapes = llama.param_shapes(cfg)
+  assert shapes["layers"]["attn"]["q_proj"].shape == (3, 64, 4, 16)

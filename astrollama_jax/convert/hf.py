@@ -119,6 +119,10 @@ class _TensorReader:
         raise ConversionError(f"cannot read {fn}: {e}") from e
     return self._open[fn].get_tensor(name)
 
+  def release(self) -> None:
+    """Drop the open files so their mapped pages can leave resident memory."""
+    self._open.clear()
+
 
 def iter_hf_params(folder: str, cfg: LlamaConfig, dtype: str | None = None
                    ) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
@@ -150,6 +154,7 @@ def iter_hf_params(folder: str, cfg: LlamaConfig, dtype: str | None = None
       else:
         stacked = np.asarray(w, dtype=out_dtype or w.dtype)
       used.add(name)
+    reader.release()
     yield path, stacked
   extra = sorted(n for n in expected - used if "rotary_emb" not in n)
   if extra:

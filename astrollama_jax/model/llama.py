@@ -98,7 +98,9 @@ class Llama(nnx.Module):
 
 @functools.lru_cache(maxsize=32)
 def _abstract(cfg: LlamaConfig):
-  abstract = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
+  # Shapes only: outside any mesh context, or Flax would read the logical names as mesh axes.
+  with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), ())):
+    abstract = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(abstract)
   return graphdef, state
 
