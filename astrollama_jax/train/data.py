@@ -51,7 +51,9 @@ def make_dataset(config: Any, split: str, *, batch_size: int | None = None,
                 process_count=jax.process_count(), num_epochs=num_epochs, shuffle=shuffle)
   if d.kind == "lm":
     from astrollama_jax.data import pipeline
-    return pipeline.make_lm_dataset(d.path, split=split, tokenizer_path=d.tokenizer_path, **common)
+    return pipeline.make_lm_dataset(d.path, split=split, tokenizer_path=d.tokenizer_path,
+                                    mixture=dict(d.mixture) or None, worker_count=d.worker_count,
+                                    **common)
   if d.kind == "sft":
     from astrollama_jax.data import chat
     sources = d.sources if split == "train" else d.get("eval_sources", None)

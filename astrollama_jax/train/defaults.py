@@ -45,6 +45,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.seq_len = 2048
   c.data.seed = 0
   c.data.shuffle = True
+  c.data.mixture = {}                 # lm: section weights, e.g. {"abstract": 0.5, ...}; {} = all
+  c.data.worker_count = 0             # lm: Grain worker processes
   c.data.num_rows = 4096              # synthetic: rows per epoch
 
   t = c.train = ml_collections.ConfigDict()

@@ -30,7 +30,9 @@ def make_schedule(train: Any, total_steps: int) -> optax.Schedule:
   if not 0.0 <= train.warmup_ratio < 1.0:
     raise ValueError(f"train.warmup_ratio must be in [0, 1), got {train.warmup_ratio}")
   lr, warmup = train.learning_rate, math.ceil(train.warmup_ratio * total_steps)
-  if train.lr_schedule == "cosine":
+  if train.lr_schedule == "cosine" and warmup == 0:
+    base = optax.cosine_decay_schedule(lr, decay_steps=total_steps, alpha=train.end_lr_ratio)
+  elif train.lr_schedule == "cosine":
     base = optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=lr, warmup_steps=warmup,
         decay_steps=max(total_steps, warmup + 1), end_value=lr * train.end_lr_ratio)

@@ -1,0 +1,129 @@
+r"""``python -m astrollama_jax.demo --workdir=DIR``: the whole CPT path, end to end, on a CPU.
+
+1. prepare: ``data/demo_corpus`` -> ``DIR/corpus`` (TFDS ArrayRecord, 15% validation);
+2. continual pre-training of a tiny LLaMA (``configs/demo.py``) in ``DIR/cpt``, with the
+   validation perplexity before the first step and after the last;
+3. export: ``DIR/cpt`` -> ``DIR/hf``, a Hugging Face folder (safetensors + tokenizer files).
+
+The steps call the same code as ``python -m astrollama_jax.prepare``, ``... .train`` and
+``... .export``. Re-running resumes: a finished training run is not repeated.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import pathlib
+import shutil
+import time
+from typing import Any
+
+from absl import app, flags, logging
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Output folder (corpus/, cpt/, hf/).")
+flags.DEFINE_string("tokenizer", None, "LLaMA-2 tokenizer.model (default: $ASTROLLAMA_TOKENIZER or "
+                    "../shared/data/tokenizer/llama2/tokenizer.model next to the repository).")
+flags.DEFINE_string("corpus", None, "Demo corpus folder (default: the repository's data/demo_corpus).")
+flags.DEFINE_integer("steps", None, "Override the number of training steps of configs/demo.py.")
+flags.mark_flags_as_required(["workdir"])
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def find_tokenizer(explicit: str | None) -> str:
+  candidates = [explicit] if explicit else [
+      os.environ.get("ASTROLLAMA_TOKENIZER"),
+      str(REPO.parent / "shared" / "data" / "tokenizer" / "llama2" / "tokenizer.model")]
+  for path in candidates:
+    if path and os.path.isfile(path):
+      return path
+  raise app.UsageError(f"LLaMA-2 tokenizer.model not found (looked at {[c for c in candidates if c]}); "
+                       "pass --tokenizer=PATH")
+
+
+def load_config(path: pathlib.Path) -> Any:
+  """``get_config()`` of a configs/*.py file."""
+  spec = importlib.util.spec_from_file_location(path.stem, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def prepare(source: str, output: str) -> dict[str, Any]:
+  from astrollama_jax.data import corpus
+  config = corpus.CorpusConfig(sources=[source], validation_fraction=0.15)
+  builder, report = corpus.build(config, output)
+  print(report.table())
+  return {"dataset": str(builder.data_dir)}
+
+
+def pretrain(corpus_dir: str, tokenizer: str, workdir: str, steps: int | None) -> dict[str, Any]:
+  from astrollama_jax.train import loop
+  config = load_config(REPO / "configs" / "demo.py")
+  config.data.path = corpus_dir
+  config.data.tokenizer_path = tokenizer
+  if steps:
+    config.train.num_steps = steps
+  return loop.train(config, workdir)
+
+
+def export(checkpoint: str, output: str) -> dict[str, Any]:
+  from astrollama_jax import export as export_lib
+  if os.path.isdir(output):  # the demo's own earlier export
+    shutil.rmtree(output)
+  return export_lib.export(checkpoint, output, show_progress=False)
+
+
+def run(workdir: str, tokenizer: str, corpus_src: str, steps: int | None = None) -> dict[str, Any]:
+  """All stages; returns the summary (perplexities, losses, timings, output paths)."""
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  timings: dict[str, float] = {}
+
+  def stage(name, fn, *args):
+    t0 = time.time()
+    logging.info("demo stage: %s", name)
+    out = fn(*args)
+    timings[name] = round(time.time() - t0, 1)
+    return out
+
+  stage("prepare", prepare, corpus_src, os.path.join(workdir, "corpus"))
+  cpt = stage("pretrain", pretrain, os.path.join(workdir, "corpus"), tokenizer,
+              os.path.join(workdir, "cpt"), steps)
+  stage("export", export, os.path.join(workdir, "cpt"), os.path.join(workdir, "hf"))
+  before, after = cpt.get("eval_start") or {}, cpt.get("eval") or {}
+  return {
+      "val_ppl_before": before.get("perplexity"), "val_ppl_after": after.get("perplexity"),
+      "val_loss_before": before.get("loss"), "val_loss_after": after.get("loss"),
+      "train_loss_final": cpt.get("train_loss"), "steps": cpt.get("final_step"),
+      "loss_fell": bool(before and after and after["loss"] < before["loss"]),
+      "hf_folder": os.path.join(workdir, "hf"), "cpt_workdir": os.path.join(workdir, "cpt"),
+      "seconds": timings, "total_s": round(sum(timings.values()), 1),
+  }
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from astrollama_jax.train.metrics import quiet_library_logs
+  quiet_library_logs()
+  summary = run(FLAGS.workdir, find_tokenizer(FLAGS.tokenizer),
+                FLAGS.corpus or str(REPO / "data" / "demo_corpus"), FLAGS.steps)
+  rows = [("validation perplexity, before", summary["val_ppl_before"]),
+          ("validation perplexity, after", summary["val_ppl_after"]),
+          ("final training loss", summary["train_loss_final"]),
+          ("training steps", summary["steps"]),
+          *[(f"time: {k} (s)", v) for k, v in summary["seconds"].items()],
+          ("HF folder", summary["hf_folder"])]
+  print()
+  for name, value in rows:
+    print(f"{name:<32} {value:.4g}" if isinstance(value, float) else f"{name:<32} {value}")
+  print(json.dumps(summary))
+  if not summary["loss_fell"]:
+    raise SystemExit("validation loss did not fall")
+
+
+if __name__ == "__main__":
+  app.run(main)

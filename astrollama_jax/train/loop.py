@@ -1,0 +1,208 @@
+"""The training loop: resume or initialise, step, log, evaluate, checkpoint, stop cleanly.
+
+Host work (reading the next batch, hashing it) overlaps with the device's step: metrics are
+only pulled to the host every ``log_every`` steps, which is also when the loop checks the
+non-finite counter (so a run of skipped steps is noticed within ``log_every`` steps; skipped
+steps change nothing, so the state stays the last good one). SIGTERM (or JAX's preemption
+notice on multi-host jobs) makes the loop save a checkpoint at the next step boundary and
+return with ``preempted: true``.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+
+from astrollama_jax import checkpoints, flops, sharding
+from astrollama_jax.model import llama
+from astrollama_jax.train import data, optimizer, setup, state as state_lib, step as step_lib
+from astrollama_jax.train.checkpointing import Checkpointer
+from astrollama_jax.train.metrics import MetricsLogger
+
+
+class NonFiniteError(RuntimeError):
+  """Too many consecutive steps with a non-finite loss or gradient."""
+
+
+class _Preemption:
+  """SIGTERM on a single process (our handler) or JAX's multi-host preemption sync point."""
+
+  def __init__(self, ckpt: Checkpointer):
+    self.ckpt, self.flag, self._old = ckpt, False, None
+    if jax.process_count() == 1:
+      self._old = signal.signal(signal.SIGTERM, self._on_term)
+
+  def _on_term(self, signum, frame):
+    logging.warning("SIGTERM: will checkpoint and stop after the current step")
+    self.flag = True
+
+  def reached(self, step: int) -> bool:
+    if jax.process_count() == 1:
+      return self.flag
+    return self.ckpt.reached_preemption(step)
+
+  def close(self):
+    if self._old is not None:
+      signal.signal(signal.SIGTERM, self._old)
+
+
+def evaluate(config: Any, eval_step: Any, params: Any, mesh: Any) -> dict[str, float] | None:
+  """Mean NLL and perplexity over the validation split (or its first ``eval_batches``)."""
+  if not data.has_split(config, "validation"):
+    return None
+  t = config.train
+  batch = t.eval_batch_size or t.global_batch_size // t.grad_accum_steps
+  it = iter(data.make_dataset(config, "validation", batch_size=batch, num_epochs=1, shuffle=False))
+  total = count = 0.0
+  n = 0
+  while not t.eval_batches or n < t.eval_batches:
+    local = next(it, None)
+    if _any_done(local is None):  # every process must run the same number of eval steps
+      break
+    s, c = eval_step(params, data.to_global(mesh, local))
+    total, count, n = total + float(s), count + float(c), n + 1
+  if count == 0:
+    logging.warning("validation split gave no full batch of %d rows: no evaluation", batch)
+    return None
+  loss = total / count
+  return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": count, "batches": n}
+
+
+def _any_done(done: bool) -> bool:
+  if jax.process_count() == 1:
+    return done
+  from jax.experimental import multihost_utils
+  return bool(np.any(multihost_utils.process_allgather(np.asarray(done, np.int32))))
+
+
+def _init_state(config: Any, cfg: Any, tx: Any, shardings: Any, mesh: Any) -> Any:
+  if config.init_checkpoint:
+    loaded = checkpoints.load_model(config.init_checkpoint, mesh=mesh, dtype=cfg.param_dtype)
+    logging.info("initialised from %s (%s)", config.init_checkpoint, loaded.kind)
+    params = loaded.params
+  else:
+    params = llama.init_params(cfg, seed=config.seed, mesh=mesh)
+  return state_lib.create_state(params, tx, shardings, seed=config.seed)
+
+
+def train(config: Any, workdir: str) -> dict[str, Any]:
+  """Run (or resume) the training job ``config`` in ``workdir``; returns the summary."""
+  started = time.time()
+  mesh = sharding.make_mesh(tuple(config.mesh))
+  cfg, cfg_source = setup.model_config(config, workdir)
+  tok_path = setup.tokenizer_path(config, workdir)
+  setup.check_compatible(cfg, config, tok_path)
+  if tok_path and not config.data.tokenizer_path:
+    config.data.tokenizer_path = tok_path
+  setup.bootstrap_workdir(workdir, config, cfg, tok_path)
+  logging.info("model %s (%.1fM params) from %s on mesh %s", cfg, cfg.num_params() / 1e6, cfg_source,
+               dict(mesh.shape))
+  t = config.train
+  steps = setup.total_steps(config)
+  tx, schedule = optimizer.make_optimizer(t, steps)
+  shapes, shardings = state_lib.abstract_state(cfg, tx, mesh)  # outside set_mesh: see llama._abstract
+  ckpt = Checkpointer(workdir, keep=t.keep_checkpoints, async_save=t.async_checkpointing)
+  train_iter = iter(data.make_dataset(config, "train", num_epochs=None))
+  seq, gbs = config.data.seq_len, t.global_batch_size
+  step_flops = flops.training_flops(cfg, gbs, seq).total
+  summary: dict[str, Any] = {"workdir": workdir, "total_steps": steps, "params": cfg.num_params()}
+  with jax.set_mesh(mesh):
+    restored = ckpt.restore_latest(state_lib.with_shardings(shapes, shardings), train_iter)
+    if restored is not None:
+      state, meta = restored
+      start = meta["step"]
+      summary.update(resumed_from=start, eval_start=meta.get("eval_start"))
+    else:
+      state, start, meta = _init_state(config, cfg, tx, shardings, mesh), 0, {}
+    abstract_batch = {k: jax.ShapeDtypeStruct((gbs, seq), np.float32 if k == "loss_mask" else np.int32,
+                                              sharding=s) for k, s in step_lib.batch_shardings(mesh).items()}
+    t0 = time.time()
+    train_step = step_lib.make_train_step(cfg, tx, schedule, shardings, mesh, grad_accum=t.grad_accum_steps,
+                                          loss_chunk=t.loss_chunk_size)
+    compiled = train_step.lower(state_lib.with_shardings(shapes, shardings), abstract_batch).compile()
+    summary["compile_s"] = round(time.time() - t0, 2)
+    mem = compiled.memory_analysis()
+    if mem is not None:
+      logging.info("train step per-device memory: args %.2f GB, temp %.2f GB, out %.2f GB",
+                   mem.argument_size_in_bytes / 1e9, mem.temp_size_in_bytes / 1e9, mem.output_size_in_bytes / 1e9)
+    eval_step = step_lib.make_eval_step(cfg, shardings.params, mesh, loss_chunk=t.loss_chunk_size)
+    logger = MetricsLogger(workdir, steps, start)
+    preempt = _Preemption(ckpt)
+    try:
+      if start == 0 and t.eval_at_start:
+        summary["eval_start"] = evaluate(config, eval_step, state.params, mesh)
+        if summary["eval_start"]:
+          logger.write(0, "eval", summary["eval_start"])
+      meta = {"eval_start": summary.get("eval_start")}
+      summary.update(_run_steps(config, compiled, state, train_iter, ckpt, logger, preempt, eval_step,
+                                mesh, start, steps, step_flops, meta))
+    finally:
+      preempt.close()
+      logger.close()
+      ckpt.close()
+  summary["wall_s"] = round(time.time() - started, 1)
+  return summary
+
+
+def _run_steps(config, compiled, state, train_iter, ckpt, logger, preempt, eval_step, mesh, start,
+               steps, step_flops, meta) -> dict[str, Any]:
+  t = config.train
+  n_dev, kind = jax.device_count(), jax.devices()[0].device_kind
+  tokens_per_step = t.global_batch_size * config.data.seq_len
+  pending: list[Any] = []
+  out: dict[str, Any] = {"preempted": False}
+  mark, mark_step = time.time(), start
+  step = start
+  while step < steps:
+    local = next(train_iter, None)
+    if local is None:
+      raise RuntimeError(f"the training data ran out at step {step} of {steps}")
+    if t.log_batch_hashes:
+      logger.write(step + 1, "batch", {"hash": data.batch_hash(local)})
+    state, metrics = compiled(state, data.to_global(mesh, local))
+    pending.append(metrics)
+    step += 1
+    last = step == steps
+    if step % t.log_every == 0 or last:
+      fetched = jax.device_get(pending)
+      now = time.time()
+      dt = (now - mark) / max(step - mark_step, 1)
+      m = {k: float(fetched[-1][k]) for k in ("loss", "grad_norm", "lr")}
+      m.update(skipped=int(sum(f["skipped"] for f in fetched)), step_time_s=dt,
+               tokens_per_s=tokens_per_step / dt, loss_tokens=float(fetched[-1]["tokens"]))
+      util = flops.mfu(step_flops, dt, n_dev, kind)
+      if util is not None:
+        m["mfu"] = util
+      logger.write(step, "train", m)
+      logger.advance(step - mark_step, {"loss": m["loss"], "lr": m["lr"]})
+      out.update(train_loss=m["loss"], step_time_s=dt, tokens_per_s=m["tokens_per_s"], mfu=m.get("mfu"))
+      pending, mark, mark_step = [], now, step
+      run = int(jax.device_get(state.nonfinite_run))
+      if run >= t.max_consecutive_nonfinite:
+        raise NonFiniteError(f"{run} consecutive steps with a non-finite loss or gradient up to step "
+                             f"{step}; stopping (latest checkpoint: {ckpt.all_steps()[-1:]})")
+    if t.eval_every and step % t.eval_every == 0 and not last:
+      ev = evaluate(config, eval_step, state.params, mesh)
+      if ev:
+        logger.write(step, "eval", ev)
+    if preempt.reached(step):
+      ckpt.save(step, state, train_iter, meta)
+      logger.write(step, "event", {"event": "preempted"})
+      logging.warning("preempted: checkpoint of step %d saved; exiting", step)
+      out["preempted"] = True
+      break
+    if (t.checkpoint_every and step % t.checkpoint_every == 0) or last:
+      ckpt.save(step, state, train_iter, meta)
+  out["final_step"] = step
+  out["nonfinite_total"] = int(jax.device_get(state.nonfinite_total))
+  if not out["preempted"]:
+    out["eval"] = evaluate(config, eval_step, state.params, mesh)
+    if out["eval"]:
+      logger.write(step, "eval", out["eval"])
+  return out

@@ -1,0 +1,137 @@
+"""Before the first step: the model config, the workdir files and the number of steps.
+
+The workdir is made self-describing (``model_config.json``, ``tokenizer.model``, ``config.json``)
+so that ``checkpoints.load_model(WORKDIR)``, export, eval and a resumed run all read it without
+the original config file.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+
+from astrollama_jax import checkpoints
+from astrollama_jax.model.config import LlamaConfig, get_config
+from astrollama_jax.train import data
+from astrollama_jax.train.checkpointing import CHECKPOINTS_DIR
+
+# Execution policy: may differ between the checkpoint a run starts from and the run itself.
+POLICY_FIELDS = ("param_dtype", "compute_dtype", "remat_policy", "attention_impl")
+
+
+def _overrides(config: Any) -> dict[str, Any]:
+  return {k: v for k, v in config.model.items() if k != "preset" and k not in POLICY_FIELDS
+          and v is not None}
+
+
+def _policy(config: Any) -> dict[str, Any]:
+  return {k: config.model[k] for k in POLICY_FIELDS}
+
+
+def _with_overrides(cfg: LlamaConfig, config: Any, source: str) -> LlamaConfig:
+  """``cfg`` (from a checkpoint) with the run's policy; architecture overrides must agree."""
+  clash = {k: (getattr(cfg, k), v) for k, v in _overrides(config).items() if getattr(cfg, k) != v}
+  clash.pop("max_seq_len", None)  # a positional limit, not a weight shape: the run's value wins
+  if clash:
+    raise ValueError(f"config.model overrides {sorted(clash)} contradict {source}: "
+                     + ", ".join(f"{k}: checkpoint {a} vs config {b}" for k, (a, b) in clash.items()))
+  extra = {k: v for k, v in _overrides(config).items() if k == "max_seq_len"}
+  return cfg.replace(**_policy(config), **extra)
+
+
+def has_checkpoints(workdir: str) -> bool:
+  ckpt_dir = os.path.join(workdir, CHECKPOINTS_DIR)
+  return os.path.isdir(ckpt_dir) and any(n.isdigit() for n in os.listdir(ckpt_dir))
+
+
+def model_config(config: Any, workdir: str) -> tuple[LlamaConfig, str]:
+  """(model config, where it came from): the workdir's when resuming, else the init checkpoint's
+  architecture, else ``model.preset`` with overrides; the run's execution policy on top."""
+  saved = os.path.join(workdir, checkpoints.CONFIG_FILE)
+  if has_checkpoints(workdir) and os.path.isfile(saved):
+    return _with_overrides(checkpoints.read_model_config(workdir), config, saved), saved
+  if config.init_checkpoint:
+    kind, root, _, _ = checkpoints.locate(config.init_checkpoint)
+    if kind == "hf":
+      from astrollama_jax.convert import hf
+      cfg = LlamaConfig.from_hf_config(hf.read_hf_config(root))
+    else:
+      cfg = checkpoints.read_model_config(root)
+    return _with_overrides(cfg, config, config.init_checkpoint), config.init_checkpoint
+  return get_config(config.model.preset, **_overrides(config), **_policy(config)), f"preset {config.model.preset}"
+
+
+def tokenizer_path(config: Any, workdir: str) -> str | None:
+  """The data's tokenizer, else the workdir's copy, else the init checkpoint's."""
+  candidates = [config.data.tokenizer_path, os.path.join(workdir, checkpoints.TOKENIZER_FILE)]
+  if config.init_checkpoint:
+    candidates.append(os.path.join(checkpoints.locate(config.init_checkpoint)[1], checkpoints.TOKENIZER_FILE))
+  for path in candidates:
+    if path and os.path.isfile(path):
+      return path
+  if config.data.tokenizer_path:
+    raise FileNotFoundError(f"config.data.tokenizer_path {config.data.tokenizer_path} not found")
+  return None
+
+
+def check_compatible(cfg: LlamaConfig, config: Any, tok_path: str | None) -> None:
+  """Fail early, naming the setting, on combinations that cannot train."""
+  if config.data.seq_len > cfg.max_seq_len:
+    raise ValueError(f"config.data.seq_len {config.data.seq_len} exceeds the model's max_seq_len "
+                     f"{cfg.max_seq_len}")
+  t = config.train
+  if t.global_batch_size % t.grad_accum_steps:
+    raise ValueError(f"train.global_batch_size {t.global_batch_size} is not divisible by "
+                     f"train.grad_accum_steps {t.grad_accum_steps}")
+  if t.loss_chunk_size and config.data.seq_len % t.loss_chunk_size:
+    raise ValueError(f"train.loss_chunk_size {t.loss_chunk_size} does not divide data.seq_len "
+                     f"{config.data.seq_len}")
+  if config.data.kind in ("lm", "sft"):
+    if not tok_path:
+      raise ValueError("no tokenizer: set config.data.tokenizer_path")
+    from astrollama_jax.data.tokenizer import Tokenizer
+    Tokenizer(tok_path).check_vocab(cfg.vocab_size)
+
+
+def bootstrap_workdir(workdir: str, config: Any, cfg: LlamaConfig, tok_path: str | None) -> None:
+  """Write model_config.json, tokenizer.model and config.json (process 0); refuse a workdir
+  whose checkpoints belong to a different architecture."""
+  os.makedirs(workdir, exist_ok=True)
+  saved = os.path.join(workdir, checkpoints.CONFIG_FILE)
+  if has_checkpoints(workdir) and os.path.isfile(saved):
+    old = checkpoints.read_model_config(workdir)
+    diff = [k for k, v in cfg.to_dict().items() if k not in POLICY_FIELDS + ("max_seq_len",)
+            and getattr(old, k) != v]
+    if diff:
+      raise ValueError(f"{workdir} holds checkpoints of another model ({saved} differs in {diff}); "
+                       "use a fresh --workdir")
+  if jax.process_index() == 0:
+    same_tok = tok_path and os.path.abspath(tok_path) == os.path.abspath(
+        os.path.join(workdir, checkpoints.TOKENIZER_FILE))
+    checkpoints.write_side_files(workdir, cfg, None if same_tok else tok_path)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+
+def total_steps(config: Any) -> int:
+  """``train.num_steps``, or ``train.num_epochs`` passes over the training split (counted)."""
+  t = config.train
+  if t.num_steps > 0:
+    return int(t.num_steps)
+  if config.data.kind == "synthetic":
+    per_epoch = config.data.num_rows // t.global_batch_size
+  else:
+    logging.info("counting the batches of one epoch (set train.num_steps to skip this)")
+    per_epoch = data.count_batches(iter(data.make_dataset(config, "train", num_epochs=1)))
+    if jax.process_count() > 1:  # every process must run the same number of steps
+      from jax.experimental import multihost_utils
+      per_epoch = int(np.min(multihost_utils.process_allgather(np.asarray(per_epoch))))
+  steps = int(per_epoch * t.num_epochs)
+  if steps < 1:
+    raise ValueError(f"the training split yields no full batch of {t.global_batch_size} x "
+                     f"{config.data.seq_len} tokens; lower train.global_batch_size or data.seq_len")
+  return steps
