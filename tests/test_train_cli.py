@@ -61,3 +61,70 @@ def records(workdir, kind: str) -> list[dict]:
   from astrollama_jax.train.metrics import read_jsonl
   path = pathlib.Path(workdir) / "metrics.jsonl"
   return [r for r in read_jsonl(str(path)) if r["kind"] == kind] if path.exists() else []
+
+
+# --- tests ------------------------------------------------------------------------------------------
+
+SYNTHETIC = [*TINY_MODEL, "--config.data.kind=synthetic", "--config.data.num_rows=64", "--config.data.seq_len=32",
+             "--config.train.global_batch_size=4", "--config.train.log_every=1", "--config.train.eval_every=0",
+             "--config.train.eval_at_start=False", "--config.train.eval_batches=1",
+             "--config.train.checkpoint_every=3", "--config.train.keep_checkpoints=5"]
+
+
+def test_sigterm_saves_and_a_corrupt_latest_checkpoint_falls_back(tmp_path):
+  import signal
+  import time
+  workdir, log = tmp_path / "run", tmp_path / "run.log"
+  proc = start(train_cmd(workdir, *SYNTHETIC, "--config.train.num_steps=200"), 1, log)
+  try:
+    end = time.time() + 180
+    while not any(r["step"] >= 4 for r in records(workdir, "train")):
+      assert proc.poll() is None and time.time() < end, _tail(log)
+      time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    summary = finish(proc, log, timeout=120)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  stopped = summary["final_step"]
+  assert summary["preempted"] and 4 <= stopped < 200
+  ckpt = workdir / "checkpoints"
+  assert (ckpt / str(stopped)).is_dir(), "preemption must leave a checkpoint of the step it stopped at"
+  assert any(r.get("event") == "preempted" for r in records(workdir, "event"))
+
+  # Damage the newest checkpoint: the restart reports it, sets it aside and resumes from the one before.
+  for f in (ckpt / str(stopped) / "params").rglob("*"):
+    if f.is_file():
+      f.write_bytes(b"garbage")
+  previous = max(int(p.name) for p in ckpt.iterdir() if p.name.isdigit() and int(p.name) < stopped)
+  summary = finish(start(train_cmd(workdir, *SYNTHETIC, f"--config.train.num_steps={stopped + 2}"), 1, log), log)
+  assert summary["resumed_from"] == previous and summary["final_step"] == stopped + 2
+  assert [p.name.split("-")[0] for p in (workdir / "checkpoints_corrupt").iterdir()] == [str(stopped)]
+  assert f"checkpoints/{stopped} cannot be restored" in _tail(log, 200_000)
+
+
+def test_config_errors_name_the_setting(tmp_path):
+  import pytest
+  from astrollama_jax.model.config import get_config
+  from astrollama_jax.train import setup
+  from astrollama_jax.train.defaults import base_config
+
+  config = base_config()
+  config.data.kind = "synthetic"
+  config.data.seq_len = 1024
+  with pytest.raises(ValueError, match="seq_len 1024 exceeds the model's max_seq_len 512"):
+    setup.check_compatible(get_config("tiny"), config, None)
+  config.data.seq_len = 64
+  config.train.global_batch_size, config.train.grad_accum_steps = 6, 4
+  with pytest.raises(ValueError, match="global_batch_size 6 is not divisible by train.grad_accum_steps 4"):
+    setup.check_compatible(get_config("tiny"), config, None)
+
+  # A workdir with checkpoints of another architecture is refused, not overwritten.
+  config.train.grad_accum_steps = 1
+  setup.bootstrap_workdir(str(tmp_path), config, get_config("tiny"), None)
+  (tmp_path / "checkpoints" / "5").mkdir(parents=True)
+  with pytest.raises(ValueError, match=r"holds checkpoints of another model .* \['dim', 'ffn_dim'"):
+    setup.bootstrap_workdir(str(tmp_path), config, get_config("tiny", dim=128, ffn_dim=256), None)
+  with pytest.raises(ValueError, match="contradict"):
+    config.model.dim = 32
+    setup.model_config(config, str(tmp_path))
