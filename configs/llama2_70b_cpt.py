@@ -8,8 +8,9 @@ Recipe: lr 2e-5, cosine, warmup ratio 0.03, 2048 tokens, global batch 160, one e
 Mesh: 64 x 80 GB GPUs (8 hosts of 8) as FSDP 32 x tensor 2 (tensor parallelism inside a host's
 NVLink domain). 160 rows = 5 micro-batches of 32, one row per FSDP group per micro-batch;
 full rematerialisation, chunked LM-head loss. Float32 master weights and Adam moments alone are
-70e9 x 12 B = 840 GB, 13 GB per device over 64; the AOT plan (docs/benchmarks.md) gives the
-rest. With 32 devices it does not fit 80 GB (see the table there).
+69e9 x 12 B = 830 GB, 13 GB per device over 64; the AOT plan (docs/benchmarks.md, "Scale") puts
+the whole step at ~32 GB per device. The smallest layout that fits 80 GB is 32 devices as
+--config.mesh='(1,32,1)' (~56 GB planned); 16 devices do not fit (~99 GB).
 """
 
 from astrollama_jax.train.defaults import base_config

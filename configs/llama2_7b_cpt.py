@@ -6,9 +6,9 @@
 
 Recipe (docs/DESIGN.md): lr 2e-5, cosine, warmup ratio 0.03, 2048 tokens, global batch 160,
 one epoch. Mesh: one 8 x 80 GB host, fully sharded (FSDP 8). 160 rows = 4 micro-batches of 40
-(5 rows per device per micro-batch), full rematerialisation and the chunked LM-head loss; the
-AOT memory plan for this layout is in docs/benchmarks.md ("Scale"). On more hosts keep
-fsdp = 8 per host and put the rest on ``data`` (e.g. mesh (2, 8, 1) on 16 GPUs, grad_accum 2).
+(5 rows per device per micro-batch), full rematerialisation and the chunked LM-head loss: ~34 GB
+per device in the AOT memory plan (docs/benchmarks.md, "Scale"); 4 devices also fit (~67 GB).
+On more hosts put the extra factor on ``data`` (e.g. mesh (2, 8, 1) on 16 GPUs, grad_accum 2).
 """
 
 from astrollama_jax.train.defaults import base_config

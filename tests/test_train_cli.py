@@ -119,8 +119,13 @@ def test_config_errors_name_the_setting(tmp_path):
   with pytest.raises(ValueError, match="global_batch_size 6 is not divisible by train.grad_accum_steps 4"):
     setup.check_compatible(get_config("tiny"), config, None)
 
+  config.train.global_batch_size, config.train.grad_accum_steps = 160, 10
+  with pytest.raises(ValueError, match=r"micro-batch .* = 16 rows cannot be split over the 32 batch shards"):
+    setup.check_batch_layout(config, {"data": 1, "fsdp": 32, "tensor": 1})
+  setup.check_batch_layout(config, {"data": 2, "fsdp": 8, "tensor": 4})
+
   # A workdir with checkpoints of another architecture is refused, not overwritten.
-  config.train.grad_accum_steps = 1
+  config.train.global_batch_size, config.train.grad_accum_steps = 8, 1
   setup.bootstrap_workdir(str(tmp_path), config, get_config("tiny"), None)
   (tmp_path / "checkpoints" / "5").mkdir(parents=True)
   with pytest.raises(ValueError, match=r"holds checkpoints of another model .* \['dim', 'ffn_dim'"):
@@ -128,3 +133,14 @@ def test_config_errors_name_the_setting(tmp_path):
   with pytest.raises(ValueError, match="contradict"):
     config.model.dim = 32
     setup.model_config(config, str(tmp_path))
+
+
+def test_too_many_nonfinite_steps_in_a_row_stop_the_run(tmp_path):
+  # A NaN learning rate makes the first update NaN; every later loss is NaN and skipped.
+  workdir, log = tmp_path / "nan", tmp_path / "nan.log"
+  proc = start(train_cmd(workdir, *SYNTHETIC, "--config.train.num_steps=50", "--config.train.learning_rate=nan",
+                         "--config.train.max_consecutive_nonfinite=3"), 1, log)
+  assert proc.wait(timeout=240) == 3, _tail(log)
+  assert "3 consecutive steps with a non-finite loss or gradient up to step 4" in _tail(log)
+  skipped = [r["skipped"] for r in records(workdir, "train")]
+  assert skipped == [0, 1, 1, 1]

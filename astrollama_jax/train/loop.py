@@ -98,6 +98,7 @@ def train(config: Any, workdir: str) -> dict[str, Any]:
   cfg, cfg_source = setup.model_config(config, workdir)
   tok_path = setup.tokenizer_path(config, workdir)
   setup.check_compatible(cfg, config, tok_path)
+  setup.check_batch_layout(config, dict(mesh.shape))
   if tok_path and not config.data.tokenizer_path:
     config.data.tokenizer_path = tok_path
   setup.bootstrap_workdir(workdir, config, cfg, tok_path)
@@ -106,7 +107,7 @@ def train(config: Any, workdir: str) -> dict[str, Any]:
   t = config.train
   steps = setup.total_steps(config)
   tx, schedule = optimizer.make_optimizer(t, steps)
-  shapes, shardings = state_lib.abstract_state(cfg, tx, mesh)  # outside set_mesh: see llama._abstract
+  shapes, shardings = state_lib.abstract_state(cfg, tx, mesh)
   ckpt = Checkpointer(workdir, keep=t.keep_checkpoints, async_save=t.async_checkpointing)
   train_iter = iter(data.make_dataset(config, "train", num_epochs=None))
   seq, gbs = config.data.seq_len, t.global_batch_size

@@ -23,24 +23,24 @@ from astrollama_jax.train.checkpointing import CHECKPOINTS_DIR
 POLICY_FIELDS = ("param_dtype", "compute_dtype", "remat_policy", "attention_impl")
 
 
-def _overrides(config: Any) -> dict[str, Any]:
+def arch_overrides(config: Any) -> dict[str, Any]:
   return {k: v for k, v in config.model.items() if k != "preset" and k not in POLICY_FIELDS
           and v is not None}
 
 
-def _policy(config: Any) -> dict[str, Any]:
+def policy(config: Any) -> dict[str, Any]:
   return {k: config.model[k] for k in POLICY_FIELDS}
 
 
 def _with_overrides(cfg: LlamaConfig, config: Any, source: str) -> LlamaConfig:
   """``cfg`` (from a checkpoint) with the run's policy; architecture overrides must agree."""
-  clash = {k: (getattr(cfg, k), v) for k, v in _overrides(config).items() if getattr(cfg, k) != v}
+  clash = {k: (getattr(cfg, k), v) for k, v in arch_overrides(config).items() if getattr(cfg, k) != v}
   clash.pop("max_seq_len", None)  # a positional limit, not a weight shape: the run's value wins
   if clash:
     raise ValueError(f"config.model overrides {sorted(clash)} contradict {source}: "
                      + ", ".join(f"{k}: checkpoint {a} vs config {b}" for k, (a, b) in clash.items()))
-  extra = {k: v for k, v in _overrides(config).items() if k == "max_seq_len"}
-  return cfg.replace(**_policy(config), **extra)
+  extra = {k: v for k, v in arch_overrides(config).items() if k == "max_seq_len"}
+  return cfg.replace(**policy(config), **extra)
 
 
 def has_checkpoints(workdir: str) -> bool:
@@ -62,7 +62,7 @@ def model_config(config: Any, workdir: str) -> tuple[LlamaConfig, str]:
     else:
       cfg = checkpoints.read_model_config(root)
     return _with_overrides(cfg, config, config.init_checkpoint), config.init_checkpoint
-  return get_config(config.model.preset, **_overrides(config), **_policy(config)), f"preset {config.model.preset}"
+  return get_config(config.model.preset, **arch_overrides(config), **policy(config)), f"preset {config.model.preset}"
 
 
 def tokenizer_path(config: Any, workdir: str) -> str | None:
@@ -95,6 +95,22 @@ def check_compatible(cfg: LlamaConfig, config: Any, tok_path: str | None) -> Non
       raise ValueError("no tokenizer: set config.data.tokenizer_path")
     from astrollama_jax.data.tokenizer import Tokenizer
     Tokenizer(tok_path).check_vocab(cfg.vocab_size)
+
+
+def check_batch_layout(config: Any, mesh_shape: dict[str, int]) -> None:
+  """Every batch the step sees must split evenly over the batch shards (data x fsdp) of the mesh:
+  the global batch, each micro-batch and the eval batch (else XLA would replicate rows)."""
+  shards = mesh_shape["data"] * mesh_shape["fsdp"]
+  t = config.train
+  micro = t.global_batch_size // t.grad_accum_steps
+  batches = {"train.global_batch_size": t.global_batch_size,
+             "micro-batch (global_batch_size / grad_accum_steps)": micro,
+             "train.eval_batch_size": t.eval_batch_size or micro}
+  for name, rows in batches.items():
+    if rows % shards:
+      raise ValueError(f"{name} = {rows} rows cannot be split over the {shards} batch shards "
+                       f"(data x fsdp) of mesh {dict(mesh_shape)}; choose a batch, "
+                       "train.grad_accum_steps or config.mesh that divide")
 
 
 def bootstrap_workdir(workdir: str, config: Any, cfg: LlamaConfig, tok_path: str | None) -> None:
