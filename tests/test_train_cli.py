@@ -65,9 +65,9 @@ def records(workdir, kind: str) -> list[dict]:
 
 # --- tests ------------------------------------------------------------------------------------------
 
-SYNTHETIC = [*TINY_MODEL, "--config.data.kind=synthetic", "--config.data.num_rows=64", "--config.data.seq_len=32",
+SYNTHETIC = [*TINY_MODEL, "--config.model.vocab_size=1024", "--config.data.kind=synthetic", "--config.data.num_rows=64", "--config.data.seq_len=32",
              "--config.train.global_batch_size=4", "--config.train.log_every=1", "--config.train.eval_every=0",
-             "--config.train.eval_at_start=False", "--config.train.eval_batches=1",
+             "--config.train.eval_at_start=False", "--config.train.eval_at_end=False",
              "--config.train.checkpoint_every=3", "--config.train.keep_checkpoints=5"]
 
 

@@ -72,6 +72,7 @@ def base_config() -> ml_collections.ConfigDict:
   t.eval_batches = 0                  # 0: the whole validation split
   t.eval_batch_size = 0               # 0: global_batch_size / grad_accum_steps
   t.eval_at_start = True
+  t.eval_at_end = True
   t.checkpoint_every = 500
   t.keep_checkpoints = 3
   t.async_checkpointing = True

@@ -86,8 +86,8 @@ def _init_state(config: Any, cfg: Any, tx: Any, shardings: Any, mesh: Any) -> An
     loaded = checkpoints.load_model(config.init_checkpoint, mesh=mesh, dtype=cfg.param_dtype)
     logging.info("initialised from %s (%s)", config.init_checkpoint, loaded.kind)
     params = loaded.params
-  else:
-    params = llama.init_params(cfg, seed=config.seed, mesh=mesh)
+  else:  # random init inside the state's compiled program: each device makes only its shards
+    params = lambda: llama.init_params(cfg, seed=config.seed)  # noqa: E731
   return state_lib.create_state(params, tx, shardings, seed=config.seed)
 
 
@@ -114,6 +114,7 @@ def train(config: Any, workdir: str) -> dict[str, Any]:
   step_flops = flops.training_flops(cfg, gbs, seq).total
   summary: dict[str, Any] = {"workdir": workdir, "total_steps": steps, "params": cfg.num_params()}
   with jax.set_mesh(mesh):
+    t0 = time.time()
     restored = ckpt.restore_latest(state_lib.with_shardings(shapes, shardings), train_iter)
     if restored is not None:
       state, meta = restored
@@ -121,6 +122,8 @@ def train(config: Any, workdir: str) -> dict[str, Any]:
       summary.update(resumed_from=start, eval_start=meta.get("eval_start"))
     else:
       state, start, meta = _init_state(config, cfg, tx, shardings, mesh), 0, {}
+    jax.block_until_ready(state)
+    summary["state_s"] = round(time.time() - t0, 2)  # restore or initialise
     abstract_batch = {k: jax.ShapeDtypeStruct((gbs, seq), np.float32 if k == "loss_mask" else np.int32,
                                               sharding=s) for k, s in step_lib.batch_shardings(mesh).items()}
     t0 = time.time()
@@ -202,7 +205,7 @@ def _run_steps(config, compiled, state, train_iter, ckpt, logger, preempt, eval_
       ckpt.save(step, state, train_iter, meta)
   out["final_step"] = step
   out["nonfinite_total"] = int(jax.device_get(state.nonfinite_total))
-  if not out["preempted"]:
+  if not out["preempted"] and t.eval_at_end:
     out["eval"] = evaluate(config, eval_step, state.params, mesh)
     if out["eval"]:
       logger.write(step, "eval", out["eval"])

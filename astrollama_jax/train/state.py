@@ -82,12 +82,17 @@ def with_shardings(shapes: Any, shardings: Any) -> Any:
 
 def create_state(params: Any, tx: optax.GradientTransformation, shardings: TrainState,
                  seed: int) -> TrainState:
-  """A fresh state around ``params`` (already on the mesh): optimizer initialised in place."""
+  """A fresh state around ``params`` (already on the mesh, or a function making them, which
+  then runs inside the same compiled program): optimizer initialised in place."""
 
   def make(params):
+    if callable(params):
+      params = params()
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                       rng=jax.random.key_data(jax.random.key(seed, impl="threefry2x32")),
                       nonfinite_total=jnp.zeros((), jnp.int32),
                       nonfinite_run=jnp.zeros((), jnp.int32))
 
+  if callable(params):
+    return jax.jit(lambda: make(params), out_shardings=shardings)()
   return jax.jit(make, in_shardings=(shardings.params,), out_shardings=shardings)(params)
