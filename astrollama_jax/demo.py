@@ -1,12 +1,15 @@
-r"""``python -m astrollama_jax.demo --workdir=DIR``: the whole CPT path, end to end, on a CPU.
+r"""``python -m astrollama_jax.demo --workdir=DIR``: the whole recipe, end to end, on a CPU.
 
 1. prepare: ``data/demo_corpus`` -> ``DIR/corpus`` (TFDS ArrayRecord, 15% validation);
 2. continual pre-training of a tiny LLaMA (``configs/demo.py``) in ``DIR/cpt``, with the
    validation perplexity before the first step and after the last;
-3. export: ``DIR/cpt`` -> ``DIR/hf``, a Hugging Face folder (safetensors + tokenizer files).
+3. chat SFT of the CPT model on ``data/demo_chat`` (``configs/demo_sft.py``) in ``DIR/sft``;
+4. export: ``DIR/sft`` -> ``DIR/hf``, a Hugging Face folder (safetensors, tokenizer files with
+   the LLaMA-2 chat template);
+5. one chat answer from the exported folder, through the chat command's session.
 
-The steps call the same code as ``python -m astrollama_jax.prepare``, ``... .train`` and
-``... .export``. Re-running resumes: a finished training run is not repeated.
+The steps call the same code as ``python -m astrollama_jax.prepare``, ``... .train``,
+``... .export`` and ``... .chat``. Re-running resumes: a finished training run is not repeated.
 """
 
 from __future__ import annotations
@@ -27,6 +30,9 @@ flags.DEFINE_string("tokenizer", None, "LLaMA-2 tokenizer.model (default: $ASTRO
                     "../shared/data/tokenizer/llama2/tokenizer.model next to the repository).")
 flags.DEFINE_string("corpus", None, "Demo corpus folder (default: the repository's data/demo_corpus).")
 flags.DEFINE_integer("steps", None, "Override the number of training steps of configs/demo.py.")
+flags.DEFINE_integer("sft_steps", None, "Override the number of training steps of configs/demo_sft.py.")
+flags.DEFINE_string("question", "What does a high star formation rate in a galaxy tell us?",
+                    "The question the fine-tuned demo model answers at the end.")
 flags.mark_flags_as_required(["workdir"])
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -69,6 +75,27 @@ def pretrain(corpus_dir: str, tokenizer: str, workdir: str, steps: int | None) -
   return loop.train(config, workdir)
 
 
+def finetune(cpt_workdir: str, tokenizer: str, workdir: str, steps: int | None) -> dict[str, Any]:
+  from astrollama_jax.train import loop
+  config = load_config(REPO / "configs" / "demo_sft.py")
+  config.init_checkpoint = cpt_workdir
+  config.data.tokenizer_path = tokenizer
+  for source in config.data.sources:  # repository-relative paths work from any directory
+    source["path"] = str(REPO / source["path"])
+  if steps:
+    config.train.num_steps = steps
+  return loop.train(config, workdir)
+
+
+def answer(hf_folder: str, question: str) -> str:
+  """Greedy answer of the exported chat model, as ``python -m astrollama_jax.chat`` gives it."""
+  from astrollama_jax.chat import ChatSession
+  from astrollama_jax.generate import load_for_generation
+  cfg, params, tokenizer = load_for_generation(hf_folder)
+  session = ChatSession(cfg, params, tokenizer, max_new_tokens=48, temperature=0.0, chunk_size=16)
+  return session.reply(question)
+
+
 def export(checkpoint: str, output: str) -> dict[str, Any]:
   from astrollama_jax import export as export_lib
   if os.path.isdir(output):  # the demo's own earlier export
@@ -76,7 +103,8 @@ def export(checkpoint: str, output: str) -> dict[str, Any]:
   return export_lib.export(checkpoint, output, show_progress=False)
 
 
-def run(workdir: str, tokenizer: str, corpus_src: str, steps: int | None = None) -> dict[str, Any]:
+def run(workdir: str, tokenizer: str, corpus_src: str, steps: int | None = None,
+        sft_steps: int | None = None, question: str = "What is a galaxy?") -> dict[str, Any]:
   """All stages; returns the summary (perplexities, losses, timings, output paths)."""
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
@@ -92,14 +120,20 @@ def run(workdir: str, tokenizer: str, corpus_src: str, steps: int | None = None)
   stage("prepare", prepare, corpus_src, os.path.join(workdir, "corpus"))
   cpt = stage("pretrain", pretrain, os.path.join(workdir, "corpus"), tokenizer,
               os.path.join(workdir, "cpt"), steps)
-  stage("export", export, os.path.join(workdir, "cpt"), os.path.join(workdir, "hf"))
+  sft = stage("finetune", finetune, os.path.join(workdir, "cpt"), tokenizer,
+              os.path.join(workdir, "sft"), sft_steps)
+  stage("export", export, os.path.join(workdir, "sft"), os.path.join(workdir, "hf"))
+  reply = stage("chat", answer, os.path.join(workdir, "hf"), question)
   before, after = cpt.get("eval_start") or {}, cpt.get("eval") or {}
   return {
       "val_ppl_before": before.get("perplexity"), "val_ppl_after": after.get("perplexity"),
       "val_loss_before": before.get("loss"), "val_loss_after": after.get("loss"),
       "train_loss_final": cpt.get("train_loss"), "steps": cpt.get("final_step"),
+      "sft_loss_final": sft.get("train_loss"), "sft_steps": sft.get("final_step"),
+      "question": question, "answer": reply,
       "loss_fell": bool(before and after and after["loss"] < before["loss"]),
       "hf_folder": os.path.join(workdir, "hf"), "cpt_workdir": os.path.join(workdir, "cpt"),
+      "sft_workdir": os.path.join(workdir, "sft"),
       "seconds": timings, "total_s": round(sum(timings.values()), 1),
   }
 
@@ -110,16 +144,20 @@ def main(argv: list[str]) -> None:
   from astrollama_jax.train.metrics import quiet_library_logs
   quiet_library_logs()
   summary = run(FLAGS.workdir, find_tokenizer(FLAGS.tokenizer),
-                FLAGS.corpus or str(REPO / "data" / "demo_corpus"), FLAGS.steps)
+                FLAGS.corpus or str(REPO / "data" / "demo_corpus"), FLAGS.steps, FLAGS.sft_steps,
+                FLAGS.question)
   rows = [("validation perplexity, before", summary["val_ppl_before"]),
           ("validation perplexity, after", summary["val_ppl_after"]),
           ("final training loss", summary["train_loss_final"]),
-          ("training steps", summary["steps"]),
+          ("training steps (CPT)", summary["steps"]),
+          ("final training loss (SFT)", summary["sft_loss_final"]),
+          ("training steps (SFT)", summary["sft_steps"]),
           *[(f"time: {k} (s)", v) for k, v in summary["seconds"].items()],
           ("HF folder", summary["hf_folder"])]
   print()
   for name, value in rows:
     print(f"{name:<32} {value:.4g}" if isinstance(value, float) else f"{name:<32} {value}")
+  print(f"\n[user] {summary['question']}\n[astrollama-demo] {summary['answer']}\n")
   print(json.dumps(summary))
   if not summary["loss_fell"]:
     raise SystemExit("validation loss did not fall")

@@ -13,9 +13,11 @@ import ml_collections
 
 from astrollama_jax.train.defaults import base_config
 
+# Meshes as planned by ``python -m astrollama_jax.aot`` (see docs/benchmarks.md): 8 GPUs for 7B
+# (~34 GB per device), 64 for 70B (~42 GB per device), both with full remat and a chunked loss.
 _PRESETS = {
-    "7b": dict(preset="llama2_7b", learning_rate=2e-5),
-    "70b": dict(preset="llama2_70b", learning_rate=3e-7),
+    "7b": dict(preset="llama2_7b", learning_rate=2e-5, mesh=(1, 8, 1)),
+    "70b": dict(preset="llama2_70b", learning_rate=3e-7, mesh=(1, 16, 4)),
 }
 
 
@@ -25,6 +27,10 @@ def get_config(size: str = "7b") -> ml_collections.ConfigDict:
   preset = _PRESETS[size]
   config = base_config()
   config.model.preset = preset["preset"]
+  config.mesh = preset["mesh"]
+  config.model.param_dtype = "float32"
+  config.model.compute_dtype = "bfloat16"
+  config.model.remat_policy = "full"
 
   # The continual-pre-training result this SFT starts from (anything checkpoints.load_model reads).
   config.init_checkpoint = f"runs/astro_cpt_{size}"
@@ -55,4 +61,5 @@ def get_config(size: str = "7b") -> ml_collections.ConfigDict:
   t.warmup_ratio = 0.03
   t.end_lr_ratio = 0.0
   t.weight_decay = 0.0
+  t.loss_chunk_size = 512   # never materialise float32 logits for the whole 2048 x 32000
   return config

@@ -7,7 +7,7 @@
         --config.data.tokenizer_path=../shared/data/tokenizer/llama2/tokenizer.model
 
 (``python -m astrollama_jax.demo`` does all of it.) The ``demo`` preset is shrunk to 2 layers of
-width 128 so a run takes about a minute on two idle cores; the 32,000-piece vocabulary stays, so
+width 128 so the whole demo takes about two and a half minutes on two idle cores; the 32,000-piece vocabulary stays, so
 the real LLaMA-2 tokenizer and HF export work unchanged. float32 compute: bfloat16 is slow on CPU.
 """
 
@@ -32,7 +32,7 @@ def get_config():
 
   t = c.train
   t.global_batch_size = 8
-  t.num_steps = 60
+  t.num_steps = 120
   t.learning_rate = 3e-3
   t.warmup_ratio = 0.05
   t.end_lr_ratio = 0.1
@@ -40,8 +40,8 @@ def get_config():
   t.grad_clip_norm = 1.0
   t.loss_chunk_size = 32
   t.log_every = 10
-  t.eval_every = 20
+  t.eval_every = 40
   t.eval_batch_size = 8
-  t.checkpoint_every = 20
+  t.checkpoint_every = 40
   t.keep_checkpoints = 2
   return c

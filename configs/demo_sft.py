@@ -26,13 +26,13 @@ def get_config():
 
   t = c.train
   t.global_batch_size = 4
-  t.num_steps = 30
+  t.num_steps = 120
   t.learning_rate = 1e-3
   t.warmup_ratio = 0.1
   t.end_lr_ratio = 0.1
   t.loss_chunk_size = 64
-  t.log_every = 5
+  t.log_every = 10
   t.eval_every = 0
-  t.checkpoint_every = 15
+  t.checkpoint_every = 40
   t.keep_checkpoints = 2
   return c
