@@ -28,6 +28,13 @@ setup(
         "matplotlib>=3.9",
         "psutil>=5.9",
     ],
+    entry_points={
+        "console_scripts": [
+            f"astrollama-{name.replace('_', '-')}=astrollama_jax.cli:{name}"
+            for name in ("prepare", "train", "convert", "export", "generate", "chat", "eval",
+                         "bench", "aot", "make_qa", "demo")
+        ],
+    },
     extras_require={
         # torch is named exactly: a CPU wheel here; an unpinned torch pulls GBs of CUDA packages.
         "test": [
