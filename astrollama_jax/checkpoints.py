@@ -31,6 +31,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.sharding import Mesh, SingleDeviceSharding
 
+from astrollama_jax import diskspace
 from astrollama_jax.model import llama
 from astrollama_jax.model.config import LlamaConfig
 
@@ -80,7 +81,8 @@ def atomic_directory(directory: str) -> Iterator[str]:
 
   An interrupted or failed write leaves at most a hidden ``.<name>.partial`` folder (removed
   by the next attempt), never a folder under the final name that looks complete. The name is
-  deterministic so that every process of a multi-host job agrees on it.
+  deterministic so that every process of a multi-host job agrees on it. A full disk anywhere
+  in the block is reported as ``diskspace.DiskFullError`` naming ``directory``.
   """
   final = os.path.abspath(directory)
   if os.path.exists(final) and (not os.path.isdir(final) or os.listdir(final)):
@@ -94,13 +96,14 @@ def atomic_directory(directory: str) -> Iterator[str]:
     os.makedirs(tmp)
   _sync("atomic_directory:start")
   try:
-    yield tmp
-    _sync("atomic_directory:written")
-    if primary:
-      if os.path.isdir(final):
-        os.rmdir(final)  # empty, checked above
-      os.rename(tmp, final)
-    _sync("atomic_directory:renamed")
+    with diskspace.disk_full_errors(final, "the output folder"):
+      yield tmp
+      _sync("atomic_directory:written")
+      if primary:
+        if os.path.isdir(final):
+          os.rmdir(final)  # empty, checked above
+        os.rename(tmp, final)
+      _sync("atomic_directory:renamed")
   except BaseException:
     if primary:
       shutil.rmtree(tmp, ignore_errors=True)
@@ -114,15 +117,19 @@ def _sync(name: str) -> None:
 
 
 def write_side_files(directory: str, cfg: LlamaConfig, tokenizer_path: str | None) -> None:
-  """``model_config.json`` and a copy of ``tokenizer.model`` (primary process only)."""
+  """``model_config.json`` and a copy of ``tokenizer.model`` (primary process only).
+
+  Each file is replaced atomically: a resumed run rewrites them in a WORKDIR that already
+  holds checkpoints, and a full disk must not leave those checkpoints without a readable config.
+  """
   if jax.process_index() != 0:
     return
-  with open(os.path.join(directory, CONFIG_FILE), "w") as f:
-    f.write(cfg.to_json())
+  diskspace.write_atomic(os.path.join(directory, CONFIG_FILE), cfg.to_json())
   if tokenizer_path:
     if not os.path.isfile(tokenizer_path):
       raise FileNotFoundError(f"tokenizer model not found: {tokenizer_path}")
-    shutil.copyfile(tokenizer_path, os.path.join(directory, TOKENIZER_FILE))
+    with open(tokenizer_path, "rb") as f:
+      diskspace.write_atomic(os.path.join(directory, TOKENIZER_FILE), f.read())
 
 
 def chunked_save_args(params: Params, chunk_bytes: int | None = None) -> Params:
@@ -160,6 +167,8 @@ def save_params(directory: str, cfg: LlamaConfig, params: Params,
   check_params(cfg, params)
   dtype = str(np.dtype(params["embed"].dtype))
   cfg = cfg.replace(param_dtype=dtype) if dtype in DTYPES else cfg
+  diskspace.check_free_space(directory, sum(x.size * np.dtype(x.dtype).itemsize
+                                            for x in jax.tree.leaves(params)), "the output folder")
   with atomic_directory(directory) as tmp:
     write_side_files(tmp, cfg, tokenizer_path)
     ckptr = ocp.StandardCheckpointer()

@@ -19,10 +19,11 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import numpy as np
 from absl import app, flags, logging
 from tqdm import tqdm
 
-from astrollama_jax import checkpoints
+from astrollama_jax import checkpoints, diskspace
 from astrollama_jax.convert import hf, orbax_io
 from astrollama_jax.convert.hf import ConversionError
 
@@ -51,7 +52,11 @@ def export(checkpoint: str, output: str, dtype: str | None = None, tokenizer: st
   out = os.path.abspath(output)
   if os.path.exists(out) and os.listdir(out):  # fail before the (long) restore
     raise FileExistsError(f"output {out} exists and is not empty; choose another or remove it")
-  kind, _, _, step = checkpoints.locate(checkpoint)
+  kind, root, _, step = checkpoints.locate(checkpoint)
+  if kind != "hf":  # the size follows from the config (its param_dtype is the stored one): refuse
+    stored = checkpoints.read_model_config(root)  # before the (long) restore; save_hf checks again
+    diskspace.check_free_space(out, stored.num_params() * np.dtype(dtype or stored.param_dtype).itemsize,
+                               "the output folder")
   loaded = checkpoints.load_model(checkpoint, dtype=dtype, on_host=True)
   cfg = loaded.cfg
   orbax_io.release_memory()
@@ -87,7 +92,8 @@ def main(argv):
   try:
     summary = export(FLAGS.checkpoint, FLAGS.output, FLAGS.dtype, FLAGS.tokenizer,
                      int(FLAGS.max_shard_gb * 1024**3))
-  except (ConversionError, checkpoints.CheckpointError, FileNotFoundError, FileExistsError, ValueError) as e:
+  except (ConversionError, checkpoints.CheckpointError, FileNotFoundError, FileExistsError, ValueError,
+          diskspace.DiskFullError) as e:
     logging.error("export failed: %s", e)
     raise SystemExit(f"error: {e}") from None
   orbax_io.report(f"exported {summary['checkpoint']} -> {summary['output']}", summary)

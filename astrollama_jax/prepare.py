@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from absl import app, flags, logging
 
+from astrollama_jax import diskspace
 from astrollama_jax.data import corpus
 
 FLAGS = flags.FLAGS
@@ -48,6 +49,9 @@ def main(argv: list[str]) -> None:
     builder, report = corpus.build(config, FLAGS.output)
   except ValueError as e:  # bad input: say what, and stop before writing anything
     raise app.UsageError(str(e)) from None
+  except diskspace.DiskFullError as e:
+    logging.error("%s", e)
+    raise SystemExit(f"error: {e}") from None
   logging.info("dataset written to %s", builder.data_dir)
   print("\n" + report.table())
   print(f"\ndataset: {builder.data_dir}")

@@ -13,10 +13,11 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import numpy as np
 from absl import app, flags, logging
 from tqdm import tqdm
 
-from astrollama_jax import checkpoints
+from astrollama_jax import checkpoints, diskspace
 from astrollama_jax.convert import hf, meta, orbax_io
 from astrollama_jax.convert.hf import ConversionError
 
@@ -68,6 +69,8 @@ def convert(source_format: str, source: str, output: str, dtype: str | None = No
     raise ValueError(f"unknown source_format {source_format!r}; use meta or hf")
   from astrollama_jax.data.tokenizer import Tokenizer
   Tokenizer(tok_path).check_vocab(cfg.vocab_size)
+  # The size is known before the first tensor is read: refuse now rather than after hours.
+  diskspace.check_free_space(out, cfg.num_params() * np.dtype(cfg.param_dtype).itemsize, "the output folder")
   logging.info("converting %s (%s) -> %s: %s", source, source_format, out, cfg)
 
   bar = tqdm(total=total, unit="tensor", disable=not show_progress, desc="convert")
@@ -117,7 +120,8 @@ def main(argv):
       raise app.UsageError(f"--{name} is required")
   try:
     summary = convert(FLAGS.source_format, FLAGS.source, FLAGS.output, FLAGS.dtype, FLAGS.tokenizer)
-  except (ConversionError, checkpoints.CheckpointError, FileNotFoundError, FileExistsError, ValueError) as e:
+  except (ConversionError, checkpoints.CheckpointError, FileNotFoundError, FileExistsError, ValueError,
+          diskspace.DiskFullError) as e:
     logging.error("conversion failed: %s", e)
     raise SystemExit(f"error: {e}") from None
   orbax_io.report(f"converted {summary['source']} -> {summary['output']}", summary)

@@ -18,11 +18,13 @@ import tempfile
 import time
 from typing import Any, Callable, Iterator
 
+import jax
 import numpy as np
 from absl import logging
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from astrollama_jax import diskspace
 from astrollama_jax.model.config import LlamaConfig
 
 Params = dict[str, Any]
@@ -206,12 +208,16 @@ def save_hf(cfg: LlamaConfig, params: Params, folder: str, dtype: str | None = N
   """Write an HF folder (config.json, generation_config.json, sharded safetensors + index).
 
   The folder appears atomically: everything is written into a temporary sibling and renamed
-  at the end, so an interrupted export never leaves a folder that looks complete.
+  at the end, so an interrupted export never leaves a folder that looks complete. A disk too
+  small for the tensors is refused up front; one that fills up anyway (other writers) gives a
+  ``diskspace.DiskFullError`` naming ``folder``, with the temporary sibling removed.
   ``extra_files(tmpdir)`` may add tokenizer files before the rename.
   """
   folder = os.path.abspath(folder)
   if os.path.exists(folder) and os.listdir(folder):
     raise FileExistsError(f"output folder {folder} exists and is not empty")
+  diskspace.check_free_space(folder, sum(x.size * np.dtype(dtype or x.dtype).itemsize
+                                         for x in jax.tree.leaves(params)), "the output folder")
   parent = os.path.dirname(folder)
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(folder) + "-", dir=parent)
@@ -263,8 +269,10 @@ def save_hf(cfg: LlamaConfig, params: Params, folder: str, dtype: str | None = N
     if os.path.exists(folder):
       os.rmdir(folder)
     os.rename(tmp, folder)
-  except BaseException:
+  except BaseException as e:
     shutil.rmtree(tmp, ignore_errors=True)
+    if diskspace.is_disk_full(e):
+      raise diskspace.disk_full_error(folder, "the output folder") from e
     raise
   return {"tensors": n_tensors, "parameters": total_params, "bytes": total_bytes,
           "shards": len(shard_files), "seconds": time.time() - t0}

@@ -31,6 +31,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import shutil
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -39,6 +40,7 @@ import tensorflow_datasets as tfds
 from tensorflow_datasets.core import example_serializer
 from tqdm import tqdm
 
+from astrollama_jax import diskspace
 from astrollama_jax.data import latex, sources
 
 SPLITS = ("train", "validation")
@@ -309,6 +311,15 @@ class AstroCorpus(tfds.core.GeneratorBasedBuilder):
     for rec in records:
       yield f"{rec['id']}/{rec['section']}", rec
 
+  def _download_and_prepare(self, dl_manager, download_config):
+    """The records, then ``manifest.json`` and the section index beside them, all in TFDS's
+    temporary folder (``self.data_dir`` here), so that the dataset appears complete in one rename
+    or not at all: a truncated index or manifest never sits beside finished records."""
+    super()._download_and_prepare(dl_manager, download_config)
+    self.info.write_to_directory(self.data_dir)  # so the records can be read back for the index
+    _write_manifest(Path(self.data_dir), self._corpus_config, self.collected)
+    write_section_index(self.data_dir)
+
 
 @contextlib.contextmanager
 def _deterministic_protos():
@@ -332,16 +343,38 @@ def _deterministic_protos():
 
 
 def build(config: CorpusConfig, output_dir: str | os.PathLike) -> tuple[AstroCorpus, Report]:
-  """Write the dataset under ``output_dir`` (always regenerated) plus manifest and index."""
-  builder = AstroCorpus(corpus_config=config, data_dir=os.fspath(output_dir))
-  # FORCE_REDOWNLOAD: a rerun rebuilds from the inputs (TFDS writes into a temporary
-  # folder and swaps it in at the end, so a failed run leaves the old dataset intact).
-  with _deterministic_protos():
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        download_mode=tfds.download.GenerateMode.FORCE_REDOWNLOAD))
-  collected = builder.collected
-  assert collected is not None
-  ds_dir = Path(builder.data_dir)
+  """Write the dataset under ``output_dir`` (always regenerated) plus manifest and index.
+
+  A rerun rebuilds from the inputs. TFDS writes into a temporary folder and renames it at the
+  end, but it deletes an existing dataset before it starts; so the previous dataset is moved
+  aside first, put back if the build fails (a full disk: ``diskspace.DiskFullError`` naming
+  ``output_dir``) and removed once the new one is in place. A build killed meanwhile leaves it
+  aside, and the next build puts it back before starting.
+  """
+  final = Path(output_dir) / AstroCorpus.name / str(AstroCorpus.VERSION)
+  aside = Path(output_dir) / f".{AstroCorpus.name}-{AstroCorpus.VERSION}.previous"
+  if aside.exists() and not final.exists():
+    aside.rename(final)
+  shutil.rmtree(aside, ignore_errors=True)
+  if final.exists():
+    final.rename(aside)
+  try:
+    with diskspace.disk_full_errors(os.fspath(output_dir), "the dataset under",
+                                    "the previous dataset there, if any, is unchanged"):
+      builder = AstroCorpus(corpus_config=config, data_dir=os.fspath(output_dir))
+      with _deterministic_protos():
+        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+            download_mode=tfds.download.GenerateMode.FORCE_REDOWNLOAD))
+  except BaseException:
+    if aside.exists() and not final.exists():
+      aside.rename(final)
+    raise
+  shutil.rmtree(aside, ignore_errors=True)
+  assert builder.collected is not None
+  return builder, builder.collected.report
+
+
+def _write_manifest(ds_dir: Path, config: CorpusConfig, collected: Collected) -> None:
   manifest = {
       "config": {k: (list(v) if isinstance(v, (list, tuple)) else v)
                  for k, v in dataclasses.asdict(config).items() if k != "progress"},
@@ -350,8 +383,6 @@ def build(config: CorpusConfig, output_dir: str | os.PathLike) -> tuple[AstroCor
       "papers": collected.papers,
   }
   (ds_dir / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-  write_section_index(ds_dir)
-  return builder, collected.report
 
 
 def dataset_dir(data_dir: str | os.PathLike) -> Path:

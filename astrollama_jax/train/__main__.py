@@ -51,13 +51,18 @@ def main(argv: list[str]) -> None:
   distributed.initialize(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes,
                          FLAGS.process_id)
   import jax
+  from astrollama_jax import diskspace
   from astrollama_jax.train import loop
   config = FLAGS.config
   try:
-    summary = loop.train(config, FLAGS.workdir)
+    with diskspace.disk_full_errors(FLAGS.workdir, "the run's files under"):  # checkpoints name their step
+      summary = loop.train(config, FLAGS.workdir)
   except loop.NonFiniteError as e:
     logging.error("%s", e)
     sys.exit(3)
+  except diskspace.DiskFullError as e:
+    logging.error("%s", e)
+    sys.exit(f"error: {e}")
   if jax.process_index() == 0:
     print("\n" + table(summary))
     print(json.dumps(summary))

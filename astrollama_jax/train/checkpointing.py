@@ -7,10 +7,17 @@ arrays are copied to host before ``save`` returns, the files are written in the 
 a step only becomes visible once finalised, so a crash mid-save leaves no half checkpoint that
 looks complete. At start-up the newest step that restores cleanly wins; a corrupt one is reported,
 moved to ``WORKDIR/checkpoints_corrupt/`` and the previous step is tried.
+
+A full disk during a save stops the run with ``diskspace.DiskFullError`` naming the step folder
+and the free space. The failed step was never finalised, so it is not a checkpoint; its temporary
+folder is removed, and the earlier steps stay (Orbax deletes old steps only after a new one is
+finalised), so the rerun resumes from the last complete one.
 """
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import json
 import os
 import shutil
@@ -23,6 +30,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from astrollama_jax import diskspace
 from astrollama_jax.train.state import TrainState
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -75,12 +83,26 @@ class Checkpointer:
         max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
         cleanup_tmp_directories=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options)
+    self._saving: int | None = None  # the step of the latest save started
+
+  def check_free_space(self, nbytes: int) -> None:
+    """Refuse to start when the disk cannot hold one more checkpoint of ``nbytes``.
+
+    Better now than at the first save, after hours of steps; every process must agree, so that
+    all stop together. Orbax deletes old steps only after a new one is finalised, so the space
+    for one whole checkpoint must be free even when ``keep`` steps exist already.
+    """
+    free = diskspace.free_bytes(self.directory)
+    if not _all_agree(free is None or free >= nbytes):
+      raise diskspace.not_enough_space(self.directory, nbytes, "a checkpoint of this run in",
+                                       hint="free some space or choose another --workdir")
 
   def all_steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
 
   def save(self, step: int, state: TrainState, data_iter: Any, meta: dict[str, Any]) -> bool:
     """Start saving ``state`` as ``step`` (returns at once when asynchronous)."""
+    self.wait()  # a failure of the previous (background) save surfaces here, under its own step
     if step in self.manager.all_steps():
       return False
     meta = dict(meta, step=step, rng=[int(v) for v in np.asarray(jax.device_get(state.rng))],
@@ -91,7 +113,27 @@ class Checkpointer:
         opt_state=ocp.args.StandardSave(state.opt_state),
         train_meta=ocp.args.JsonSave(meta),
         data_iter=grain.checkpoint.CheckpointSave(_IteratorState(data_iter)))
-    return self.manager.save(step, args=args, force=True)
+    self._saving = step
+    with self._disk_full_errors():
+      return self.manager.save(step, args=args, force=True)
+
+  @contextlib.contextmanager
+  def _disk_full_errors(self):
+    """A full disk while writing step ``self._saving``: drop its temporary folder, name it."""
+    try:
+      yield
+    except Exception as e:
+      if not diskspace.is_disk_full(e):
+        raise
+      step, self._saving = self._saving, None
+      if jax.process_index() == 0:
+        for tmp in glob.glob(os.path.join(self.directory, f"{step}.orbax-checkpoint-tmp*")):
+          shutil.rmtree(tmp, ignore_errors=True)
+      kept = sorted(int(n) for n in os.listdir(self.directory) if n.isdigit())
+      raise diskspace.disk_full_error(
+          os.path.join(self.directory, str(step)), f"checkpoint step {step} to",
+          f"complete checkpoints kept: {kept}; free some space and rerun the same command to resume "
+          f"from step {kept[-1]}" if kept else "no complete checkpoint yet") from e
 
   def restore_latest(self, target: TrainState, data_iter: Any) -> tuple[TrainState, dict[str, Any]] | None:
     """The newest step that restores cleanly, or None if there is none.
@@ -144,8 +186,11 @@ class Checkpointer:
     return self.manager.reached_preemption(step)
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    with self._disk_full_errors():
+      self.manager.wait_until_finished()
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    try:
+      self.wait()
+    finally:
+      self.manager.close()

@@ -109,6 +109,8 @@ def train(config: Any, workdir: str) -> dict[str, Any]:
   tx, schedule = optimizer.make_optimizer(t, steps)
   shapes, shardings = state_lib.abstract_state(cfg, tx, mesh)
   ckpt = Checkpointer(workdir, keep=t.keep_checkpoints, async_save=t.async_checkpointing)
+  ckpt.check_free_space(sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+                            for x in jax.tree.leaves((shapes.params, shapes.opt_state))))
   train_iter = iter(data.make_dataset(config, "train", num_epochs=None))
   seq, gbs = config.data.seq_len, t.global_batch_size
   step_flops = flops.training_flops(cfg, gbs, seq).total

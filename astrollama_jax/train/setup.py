@@ -14,7 +14,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from astrollama_jax import checkpoints
+from astrollama_jax import checkpoints, diskspace
 from astrollama_jax.model.config import LlamaConfig, get_config
 from astrollama_jax.train import data
 from astrollama_jax.train.checkpointing import CHECKPOINTS_DIR
@@ -129,8 +129,8 @@ def bootstrap_workdir(workdir: str, config: Any, cfg: LlamaConfig, tok_path: str
     same_tok = tok_path and os.path.abspath(tok_path) == os.path.abspath(
         os.path.join(workdir, checkpoints.TOKENIZER_FILE))
     checkpoints.write_side_files(workdir, cfg, None if same_tok else tok_path)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    diskspace.write_atomic(os.path.join(workdir, "config.json"),
+                           config.to_json_best_effort(indent=2, sort_keys=True))
 
 
 def total_steps(config: Any) -> int:
