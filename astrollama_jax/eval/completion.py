@@ -84,12 +84,9 @@ def run(model: common.Model, data: Sequence[str], *, tokenizer: Tokenizer, outpu
     name = common.corpus_name(spec)
     docs = common.read_texts(spec, split=split, limit=limit)
     if checker is not None:
-      report = checker.check([d["text"] for d in docs])
-      for d, share, flag in zip(docs, report.shares, report.flagged):
-        d["contamination"], d["flagged"] = float(share), bool(flag)
+      docs, dropped = checker.annotate(docs)
       if checker.drop:
-        skipped["contaminated"] = skipped.get("contaminated", 0) + int(report.flagged.sum())
-        docs = [d for d in docs if not d["flagged"]]
+        skipped["contaminated"] = skipped.get("contaminated", 0) + dropped
     start = len(samples)
     for d in docs:
       parts = split_text(d["text"], prefix_frac)

@@ -103,6 +103,18 @@ class Checker:
     counts = np.array([len(g) for g in item_grams])
     return Report(shares, counts, shares > self.threshold, self.threshold, self.n)
 
+  def annotate(self, docs: list[dict]) -> tuple[list[dict], int]:
+    """Mark each ``{"text": ...}`` doc with its share and flag; drop flagged ones if asked.
+
+    Returns the docs to score and how many were dropped.
+    """
+    report = self.check([d["text"] for d in docs])
+    for d, share, flag in zip(docs, report.shares, report.flagged):
+      d["contamination"], d["flagged"] = float(share), bool(flag)
+    if not self.drop:
+      return docs, 0
+    return [d for d in docs if not d["flagged"]], int(report.flagged.sum())
+
   def train_specs_iter(self) -> Iterable[str]:
     for spec in self.train_specs:
       yield from iter_corpus(spec, self.split)

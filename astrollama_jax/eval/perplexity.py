@@ -67,12 +67,8 @@ def run(model: common.Model, data: Sequence[str], *, tokenizer: Tokenizer, outpu
     name = common.corpus_name(spec)
     docs = common.read_texts(spec, split=split, limit=limit)
     if checker is not None:
-      report = checker.check([d["text"] for d in docs])
-      for d, share, flag in zip(docs, report.shares, report.flagged):
-        d["contamination"], d["flagged"] = float(share), bool(flag)
-      if checker.drop:
-        excluded += int(report.flagged.sum())
-        docs = [d for d in docs if not d["flagged"]]
+      docs, dropped = checker.annotate(docs)
+      excluded += dropped
     if not docs:
       raise common.EvalDataError(f"{spec}: no documents to score")
     ids = tokenizer.encode_batch([d["text"] for d in docs], bos=True)
