@@ -50,11 +50,13 @@ def _final(workdir):
   return loaded.params, opt
 
 
-def test_kill9_and_resume_is_bit_identical(tmp_path, corpus):
+def kill_and_resume(tmp_path, cmd, last_kill_step):
+  """Run ``cmd(workdir)`` whole, and again killed with -9 at a random step after the first
+  checkpoint and restarted. Returns (whole workdir, broken workdir, resumed summary, killed_after)."""
   whole, broken = tmp_path / "whole", tmp_path / "broken"
-  kill_at = random.Random().randint(EVERY + 1, STEPS - 2)
-  ref = start(train_cmd(whole, *RUN, *corpus), 1, tmp_path / "whole.log")
-  victim = start(train_cmd(broken, *RUN, *corpus), 1, tmp_path / "broken.log")
+  kill_at = random.Random().randint(EVERY + 1, last_kill_step)
+  ref = start(cmd(whole), 1, tmp_path / "whole.log")
+  victim = start(cmd(broken), 1, tmp_path / "broken.log")
   try:
     _wait_for(lambda: (broken / "checkpoints" / str(EVERY)).is_dir()
               and any(r["step"] >= kill_at for r in records(broken, "train")), victim)
@@ -65,8 +67,24 @@ def test_kill9_and_resume_is_bit_identical(tmp_path, corpus):
       victim.kill()
   killed_after = max(r["step"] for r in records(broken, "train"))
   assert killed_after < STEPS, "the run finished before it was killed"
-  summary = finish(start(train_cmd(broken, *RUN, *corpus), 1, tmp_path / "broken.log"), tmp_path / "broken.log")
+  summary = finish(start(cmd(broken), 1, tmp_path / "broken.log"), tmp_path / "broken.log")
   finish(ref, tmp_path / "whole.log")
+  return whole, broken, summary, killed_after
+
+
+def assert_same_losses_and_end_state(whole, broken):
+  """Same logged losses, and bit-identical final parameters and optimizer state."""
+  losses = {r["step"]: r["loss"] for r in records(whole, "train")}
+  assert all(losses[r["step"]] == r["loss"] for r in records(broken, "train"))
+  (p_whole, o_whole), (p_broken, o_broken) = _final(whole), _final(broken)
+  import jax
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), p_whole, p_broken)
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), o_whole, o_broken)
+
+
+def test_kill9_and_resume_is_bit_identical(tmp_path, corpus):
+  whole, broken, summary, killed_after = kill_and_resume(
+      tmp_path, lambda workdir: train_cmd(workdir, *RUN, *corpus), STEPS - 2)
   assert EVERY <= summary["resumed_from"] <= killed_after, summary
   assert summary["final_step"] == STEPS
 
@@ -79,10 +97,4 @@ def test_kill9_and_resume_is_bit_identical(tmp_path, corpus):
   redone = [r["step"] for r in got]
   assert len(redone) > STEPS or summary["resumed_from"] == killed_after
 
-  # Same losses and bit-identical parameters and optimizer state.
-  losses = {r["step"]: r["loss"] for r in records(whole, "train")}
-  assert all(losses[r["step"]] == r["loss"] for r in records(broken, "train"))
-  (p_whole, o_whole), (p_broken, o_broken) = _final(whole), _final(broken)
-  import jax
-  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), p_whole, p_broken)
-  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), o_whole, o_broken)
+  assert_same_losses_and_end_state(whole, broken)
