@@ -25,7 +25,6 @@ from tqdm import tqdm
 
 from astrollama_jax import checkpoints, diskspace
 from astrollama_jax.convert import hf, orbax_io
-from astrollama_jax.convert.hf import ConversionError
 
 FLAGS = flags.FLAGS
 
@@ -89,13 +88,8 @@ def main(argv):
   for name in ("checkpoint", "output"):
     if not getattr(FLAGS, name):
       raise app.UsageError(f"--{name} is required")
-  try:
-    summary = export(FLAGS.checkpoint, FLAGS.output, FLAGS.dtype, FLAGS.tokenizer,
-                     int(FLAGS.max_shard_gb * 1024**3))
-  except (ConversionError, checkpoints.CheckpointError, FileNotFoundError, FileExistsError, ValueError,
-          diskspace.DiskFullError) as e:
-    logging.error("export failed: %s", e)
-    raise SystemExit(f"error: {e}") from None
+  summary = orbax_io.run_command("export", export, FLAGS.checkpoint, FLAGS.output, FLAGS.dtype,
+                                 FLAGS.tokenizer, int(FLAGS.max_shard_gb * 1024**3))
   orbax_io.report(f"exported {summary['checkpoint']} -> {summary['output']}", summary)
 
 

@@ -19,7 +19,6 @@ from tqdm import tqdm
 
 from astrollama_jax import checkpoints, diskspace
 from astrollama_jax.convert import hf, meta, orbax_io
-from astrollama_jax.convert.hf import ConversionError
 
 FLAGS = flags.FLAGS
 
@@ -118,12 +117,8 @@ def main(argv):
   for name in ("source_format", "source", "output"):
     if not getattr(FLAGS, name):
       raise app.UsageError(f"--{name} is required")
-  try:
-    summary = convert(FLAGS.source_format, FLAGS.source, FLAGS.output, FLAGS.dtype, FLAGS.tokenizer)
-  except (ConversionError, checkpoints.CheckpointError, FileNotFoundError, FileExistsError, ValueError,
-          diskspace.DiskFullError) as e:
-    logging.error("conversion failed: %s", e)
-    raise SystemExit(f"error: {e}") from None
+  summary = orbax_io.run_command("conversion", convert, FLAGS.source_format, FLAGS.source, FLAGS.output,
+                                 FLAGS.dtype, FLAGS.tokenizer)
   orbax_io.report(f"converted {summary['source']} -> {summary['output']}", summary)
 
 

@@ -20,12 +20,13 @@ import json
 import os
 import resource
 import time
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import jax
 import numpy as np
+from absl import logging
 
-from astrollama_jax import checkpoints
+from astrollama_jax import checkpoints, diskspace
 from astrollama_jax.convert.hf import ConversionError
 from astrollama_jax.model import llama
 from astrollama_jax.model.config import LlamaConfig
@@ -114,6 +115,20 @@ def write_converted(output: str, cfg: LlamaConfig, params: Iterable[tuple[tuple[
       raise ConversionError(f"parameters {missing} were never written")
     writer.finalize()
   return {"arrays": n_arrays, "parameters": int(n_params), "bytes": int(n_bytes)}
+
+
+# Input and output problems a user can fix: reported as one line, without a traceback.
+USER_ERRORS = (ConversionError, checkpoints.CheckpointError, FileNotFoundError, FileExistsError,
+               ValueError, diskspace.DiskFullError)
+
+
+def run_command(what: str, fn: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
+  """``fn(*args)``; a user-fixable error exits the command with ``error: ...``."""
+  try:
+    return fn(*args)
+  except USER_ERRORS as e:
+    logging.error("%s failed: %s", what, e)
+    raise SystemExit(f"error: {e}") from None
 
 
 def report(title: str, summary: dict[str, Any]) -> None:
