@@ -109,28 +109,26 @@ def _text(value: Any, where: str) -> str:
   return value
 
 
-def _role_turns_sharegpt(record: dict) -> list[tuple[str, str]]:
+def _keyed_turns(turns: list, role_key: str, text_key: str) -> list[tuple[str, str]]:
+  """Turns given as dicts with a role field and a text field (ShareGPT, OpenAI messages)."""
   out = []
-  for i, turn in enumerate(record["conversations"]):
-    if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
-      raise ChatFormatError("turn lacks from/value", f"turn {i}")
-    role = _ROLE_ALIASES.get(str(turn["from"]).lower())
+  for i, turn in enumerate(turns):
+    if not isinstance(turn, dict) or role_key not in turn or text_key not in turn:
+      raise ChatFormatError(f"turn lacks {role_key}/{text_key}", f"turn {i}")
+    role = _ROLE_ALIASES.get(str(turn[role_key]).lower())
     if role is None:
-      raise ChatFormatError("unknown role", repr(turn["from"]))
-    out.append((role, _text(turn["value"], f"turn {i}")))
+      raise ChatFormatError("unknown role", repr(turn[role_key]))
+    out.append((role, _text(turn[text_key], f"turn {i}")))
   return out
+
+
+def _role_turns_sharegpt(record: dict) -> list[tuple[str, str]]:
+  return _keyed_turns(record["conversations"], "from", "value")
 
 
 def _role_turns_openai(record: dict) -> list[tuple[str, str]]:
   out = [(SYSTEM, _text(record["system"], "system"))] if record.get("system") else []
-  for i, msg in enumerate(record["messages"]):
-    if not isinstance(msg, dict) or "role" not in msg or "content" not in msg:
-      raise ChatFormatError("turn lacks role/content", f"turn {i}")
-    role = _ROLE_ALIASES.get(str(msg["role"]).lower())
-    if role is None:
-      raise ChatFormatError("unknown role", repr(msg["role"]))
-    out.append((role, _text(msg["content"], f"turn {i}")))
-  return out
+  return out + _keyed_turns(record["messages"], "role", "content")
 
 
 def _role_turns_alternating(strings: list) -> list[tuple[str, str]]:
