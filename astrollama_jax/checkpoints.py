@@ -23,6 +23,7 @@ import dataclasses
 import json
 import os
 import shutil
+import time
 from typing import Any, Iterator
 
 import jax
@@ -106,8 +107,28 @@ def atomic_directory(directory: str) -> Iterator[str]:
       _sync("atomic_directory:renamed")
   except BaseException:
     if primary:
-      shutil.rmtree(tmp, ignore_errors=True)
+      _remove_settled(tmp)
     raise
+
+
+def _remove_settled(folder: str, quiet_s: float = 0.5, limit_s: float = 5.0) -> None:
+  """Remove ``folder``, again if it reappears, until it has stayed gone for ``quiet_s``.
+
+  When one array write of an Orbax save fails, writes of its sibling arrays can still be in
+  flight on Orbax's background threads; tensorstore recreates their parent folders, so a single
+  ``rmtree`` can leave the partial folder behind.
+  """
+  end = time.monotonic() + limit_s
+  gone_since = None
+  while time.monotonic() < end:
+    if os.path.exists(folder):
+      shutil.rmtree(folder, ignore_errors=True)
+      gone_since = None
+    elif gone_since is None:
+      gone_since = time.monotonic()
+    elif time.monotonic() - gone_since >= quiet_s:
+      return
+    time.sleep(0.05)
 
 
 def _sync(name: str) -> None:
