@@ -1,13 +1,30 @@
-"""Console scripts (``astrollama-train`` ...): each runs its module exactly as ``python -m`` does.
+"""The one command-line surface: console scripts, the flags commands share, errors, the summary.
 
-The modules define their absl flags under ``if __name__ == "__main__"``, so a console script
-runs the module as ``__main__`` rather than importing a function from it.
+Every entry point is an absl app started with ``cli.run(main)``:
+
+* the flags several commands take (``--checkpoint``, ``--tokenizer``, ``--mesh``, ``--dtype``,
+  ``--compute_dtype``, ``--attention``, ``--output``) are defined here, by ``define``, with one
+  meaning and one default each;
+* a problem the user can fix (a missing file, a bad flag value, an output that is not empty)
+  ends the command with one ``error: ...`` line on stderr and exit status 1, no traceback;
+  tracebacks are for bugs (``run``);
+* every command closes with ``report``: a two-column table for people, then the same summary
+  as one JSON line for scripts.
+
+Console scripts (``astrollama-train`` ...) run their module exactly as ``python -m`` does: the
+modules define their flags under ``if __name__ == "__main__"``, so importing one defines none.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import runpy
-from typing import Callable
+import sys
+import traceback
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+from absl import app, flags, logging
 
 COMMANDS = {
     "prepare": "astrollama_jax.prepare",
@@ -23,12 +40,221 @@ COMMANDS = {
     "demo": "astrollama_jax.demo",
 }
 
+DTYPES = ("float32", "bfloat16", "float16")
+DEFAULT_MESH = "1,-1,1"
+
+
+class UserError(Exception):
+  """A problem the user can fix; its message is the one line the command prints."""
+
+
+def _attention_impls() -> tuple[str, ...]:
+  from astrollama_jax.model.config import ATTENTION_IMPLS
+  return ATTENTION_IMPLS
+
+
+# name -> (absl definer, default, help); the one meaning and default of each shared flag.
+def _shared() -> dict[str, tuple[Callable[..., Any], Any, str, dict[str, Any]]]:
+  return {
+      "checkpoint": (flags.DEFINE_string, None,
+                     "Model to load: HF folder, converted DIR, training WORKDIR or step folder.", {}),
+      "tokenizer": (flags.DEFINE_string, None,
+                    "SentencePiece tokenizer.model (default: the one beside the model).", {}),
+      "mesh": (flags.DEFINE_string, DEFAULT_MESH,
+               "Device mesh data,fsdp,tensor; one entry may be -1: the rest of the devices.", {}),
+      "dtype": (flags.DEFINE_enum, None,
+                "Parameter dtype (default: the dtype the checkpoint stores).", {"enum_values": DTYPES}),
+      "compute_dtype": (flags.DEFINE_enum, None,
+                        "Activation dtype (default: the parameters' dtype, so a float32 checkpoint "
+                        "computes in float32).", {"enum_values": DTYPES}),
+      "attention": (flags.DEFINE_enum, None,
+                    "Attention implementation (default: the model config's).",
+                    {"enum_values": _attention_impls()}),
+      "output": (flags.DEFINE_string, None, "Where the command writes its result.", {}),
+  }
+
+
+def define(*names: str, flag_values: flags.FlagValues = flags.FLAGS, required: Sequence[str] = (),
+           help: Mapping[str, str] | None = None, defaults: Mapping[str, Any] | None = None) -> None:
+  """Define the shared flags ``names`` on ``flag_values``.
+
+  ``help`` may say what ``--output`` is for this command (a file, a folder); ``defaults`` is only
+  for ``--output``'s default, since the other flags mean the same everywhere.
+  """
+  table = _shared()
+  for name in names:
+    if name not in table:
+      raise KeyError(f"no shared flag {name!r}; shared flags: {sorted(table)}")
+    definer, default, text, extra = table[name]
+    if defaults and name in defaults:
+      if name != "output":
+        raise ValueError(f"--{name} has one default for every command")
+      default = defaults[name]
+    definer(name, default, (help or {}).get(name, text), flag_values=flag_values, **extra)
+  for name in required:
+    flags.mark_flag_as_required(name, flag_values=flag_values)
+
+
+def mesh_shape(text: str) -> tuple[int, int, int]:
+  """``"data,fsdp,tensor"`` -> three ints (one may be -1); a bad value is a ``UserError``."""
+  try:
+    shape = tuple(int(x) for x in str(text).split(","))
+  except ValueError:
+    shape = ()
+  if len(shape) != 3 or any(s == 0 or s < -1 for s in shape) or shape.count(-1) > 1:
+    raise UserError(f"--mesh must be data,fsdp,tensor: three positive integers, one of them may be "
+                    f"-1 (e.g. {DEFAULT_MESH}); got {text!r}")
+  return shape  # type: ignore[return-value]
+
+
+def make_mesh(text: str = DEFAULT_MESH):
+  """The device mesh a ``--mesh`` value names, over all of this job's devices."""
+  from astrollama_jax import sharding
+  try:
+    return sharding.make_mesh(mesh_shape(text))
+  except ValueError as e:
+    raise UserError(f"--mesh={text}: {e}") from None
+
+
+def load_model(checkpoint: str, mesh: Any = None, *, dtype: str | None = None,
+               compute_dtype: str | None = None, attention: str | None = None,
+               tokenizer: str | None = None):
+  """Load any checkpoint for inference with the shared flags' meaning.
+
+  Returns ``checkpoints.LoadedModel`` whose ``cfg`` computes in ``compute_dtype`` (default: the
+  loaded parameters' dtype, i.e. the stored one unless ``dtype`` casts) with ``attention`` (default:
+  the stored config's), and whose ``tokenizer_path`` is ``tokenizer`` or the checkpoint's own.
+  """
+  import dataclasses
+  from astrollama_jax import checkpoints
+  loaded = checkpoints.load_model(checkpoint, mesh=mesh, dtype=dtype)
+  cfg = loaded.cfg.replace(compute_dtype=compute_dtype or loaded.cfg.param_dtype)
+  if attention:
+    cfg = cfg.replace(attention_impl=attention)
+  tok = tokenizer or loaded.tokenizer_path
+  if not tok:
+    raise UserError(f"{checkpoint} has no tokenizer.model; pass --tokenizer=PATH")
+  if not os.path.isfile(tok):
+    raise UserError(f"--tokenizer {tok} does not exist")
+  logging.info("loaded %s (%s): %.1fM params, %s params, %s compute, %s attention", checkpoint,
+               loaded.kind, cfg.num_params() / 1e6, cfg.param_dtype, cfg.compute_dtype,
+               cfg.attention_impl)
+  return dataclasses.replace(loaded, cfg=cfg, tokenizer_path=tok)
+
+
+# --- errors ----------------------------------------------------------------------------------
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+  """Exception types that report a user-fixable problem wherever they are raised (our own
+  checks raise ``ValueError`` subclasses too, such as ``CheckpointError``: see ``is_user_error``)."""
+  from astrollama_jax import diskspace
+  return (UserError, diskspace.DiskFullError, FileNotFoundError, FileExistsError,
+          IsADirectoryError, NotADirectoryError, PermissionError)
+
+
+def _raised_here(error: BaseException) -> bool:
+  """Whether ``error`` was raised by this package's own code (a check we wrote), not a library."""
+  tb = traceback.extract_tb(error.__traceback__)
+  package = os.path.dirname(os.path.abspath(__file__))
+  return bool(tb) and os.path.abspath(tb[-1].filename).startswith(package + os.sep)
+
+
+def is_user_error(error: BaseException) -> bool:
+  """A user-fixable problem: one of ``_user_errors``, or a ``ValueError`` that our own code raised
+  to name a bad value (a ``ValueError`` from inside a library is a bug and keeps its traceback)."""
+  if isinstance(error, _user_errors()):
+    return True
+  return isinstance(error, ValueError) and _raised_here(error)
+
+
+def fail(error: BaseException | str) -> None:
+  """Exit the command with one ``error: ...`` line (status 1)."""
+  message = str(error).strip() or type(error).__name__
+  logging.error("%s", message)
+  raise SystemExit(f"error: {message}")
+
+
+def guard(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+  """``fn(*args, **kwargs)``, with a user-fixable error turned into ``fail``."""
+  try:
+    return fn(*args, **kwargs)
+  except Exception as e:  # noqa: BLE001 - sorted by is_user_error; bugs are re-raised
+    if is_user_error(e):
+      fail(e)
+    raise
+
+
+def run(main: Callable[[list[str]], Any], **kwargs: Any) -> None:
+  """``absl.app.run(main)``, with user-fixable errors reported as one line (see ``guard``)."""
+  app.run(lambda argv: guard(main, argv), **kwargs)
+
+
+def no_extra_args(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+
+
+# --- the closing summary ---------------------------------------------------------------------
+
+def _fmt(key: str, value: Any) -> str:
+  if isinstance(value, bool) or value is None:
+    return str(value)
+  if isinstance(value, int) and "bytes" in key:
+    return f"{value:,} ({value / 1024**3:.2f} GiB)"
+  if isinstance(value, int):
+    return f"{value:,}"
+  if isinstance(value, float):
+    return f"{value:.4g}"
+  if isinstance(value, (dict, list, tuple)):
+    return json.dumps(value, default=str, ensure_ascii=False)
+  return str(value)
+
+
+def jsonable(value: Any) -> Any:
+  """numpy scalars and arrays, tuples and paths as plain JSON values."""
+  import numpy as np
+  if isinstance(value, dict):
+    return {str(k): jsonable(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [jsonable(v) for v in value]
+  if isinstance(value, np.generic):
+    return value.item()
+  if isinstance(value, np.ndarray):
+    return value.tolist()
+  if isinstance(value, float) and value != value:  # NaN is not JSON
+    return None
+  if isinstance(value, (str, int, float, bool)) or value is None:
+    return value
+  return str(value)
+
+
+def table(header: Sequence[str], rows: Iterable[Sequence[Any]], file: Any = None) -> None:
+  """Print rows as left-aligned columns under ``header``."""
+  cells = [[str(h) for h in header]] + [[_fmt(str(h), v) for h, v in zip(header, r)] for r in rows]
+  width = [max(len(r[i]) for r in cells) for i in range(len(header))]
+  for r in cells:
+    print("  ".join(c.ljust(w) for c, w in zip(r, width)).rstrip(), file=file or sys.stdout)
+
+
+def report(title: str, summary: Mapping[str, Any], rows: Iterable[Sequence[Any]] | None = None,
+           header: Sequence[str] | None = None) -> dict[str, Any]:
+  """Close a command: a table (``rows`` under ``header``, else the summary's keys and values),
+  then ``summary`` as one JSON line, the last line of stdout, which scripts parse."""
+  summary = jsonable(dict(summary))
+  print(f"\n{title}")
+  if rows is not None:
+    table(header or (), rows)
+  else:
+    table(("", ""), [(k, _fmt(k, v)) for k, v in summary.items()])
+  print(json.dumps(summary, ensure_ascii=False), flush=True)
+  return summary
+
 
 def _command(module: str) -> Callable[[], None]:
-  def run() -> None:
+  def run_module() -> None:
     runpy.run_module(module, run_name="__main__", alter_sys=True)
-  run.__doc__ = f"python -m {module}"
-  return run
+  run_module.__doc__ = f"python -m {module}"
+  return run_module
 
 
 globals().update({name: _command(module) for name, module in COMMANDS.items()})
