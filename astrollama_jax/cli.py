@@ -18,11 +18,12 @@ modules define their flags under ``if __name__ == "__main__"``, so importing one
 from __future__ import annotations
 
 import json
+import math
 import os
 import runpy
 import sys
 import traceback
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from absl import app, flags, logging
 
@@ -196,56 +197,74 @@ def no_extra_args(argv: Sequence[str]) -> None:
 
 # --- the closing summary ---------------------------------------------------------------------
 
-def _fmt(key: str, value: Any) -> str:
+def _cell(key: str, value: Any) -> str:
   if isinstance(value, bool) or value is None:
-    return str(value)
+    return "" if value is None else str(value)
   if isinstance(value, int) and "bytes" in key:
     return f"{value:,} ({value / 1024**3:.2f} GiB)"
-  if isinstance(value, int):
-    return f"{value:,}"
   if isinstance(value, float):
-    return f"{value:.4g}"
+    if math.isnan(value):
+      return "nan"
+    return f"{value:.4f}" if abs(value) < 1e5 else f"{value:.4g}"
   if isinstance(value, (dict, list, tuple)):
-    return json.dumps(value, default=str, ensure_ascii=False)
+    return json.dumps(jsonable(value), ensure_ascii=False)
   return str(value)
 
 
+def _numeric(text: str) -> bool:
+  try:
+    float(text.split(" ")[0].replace(",", ""))
+    return True
+  except ValueError:
+    return False
+
+
+def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None,
+                 header: bool = True) -> str:
+  """A fixed-width text table of ``rows`` (dicts, or sequences in the order of ``columns``):
+  numbers right-aligned to 4 decimals."""
+  if not rows:
+    return "(no rows)"
+  columns = list(columns or rows[0].keys())
+  rows = [r if isinstance(r, Mapping) else dict(zip(columns, r)) for r in rows]
+  cells = [[_cell(c, r.get(c)) for c in columns] for r in rows]
+  widths = [max(len(c) if header else 0, *(len(row[i]) for row in cells))
+            for i, c in enumerate(columns)]
+  head = "  ".join(c.ljust(w) for c, w in zip(columns, widths))
+  rule = "  ".join("-" * w for w in widths)
+  body = ["  ".join(v.rjust(w) if _numeric(v) else v.ljust(w) for v, w in zip(row, widths)).rstrip()
+          for row in cells]
+  return "\n".join(([head.rstrip(), rule] if header else []) + body)
+
+
 def jsonable(value: Any) -> Any:
-  """numpy scalars and arrays, tuples and paths as plain JSON values."""
+  """numpy scalars and arrays, tuples and paths as plain JSON values (NaN and inf as null)."""
   import numpy as np
   if isinstance(value, dict):
     return {str(k): jsonable(v) for k, v in value.items()}
   if isinstance(value, (list, tuple)):
     return [jsonable(v) for v in value]
-  if isinstance(value, np.generic):
-    return value.item()
   if isinstance(value, np.ndarray):
-    return value.tolist()
-  if isinstance(value, float) and value != value:  # NaN is not JSON
-    return None
-  if isinstance(value, (str, int, float, bool)) or value is None:
+    return jsonable(value.tolist())
+  if isinstance(value, np.generic):
+    value = value.item()
+  if isinstance(value, float):
+    return None if math.isnan(value) or math.isinf(value) else value
+  if isinstance(value, (str, int, bool)) or value is None:
     return value
   return str(value)
 
 
-def table(header: Sequence[str], rows: Iterable[Sequence[Any]], file: Any = None) -> None:
-  """Print rows as left-aligned columns under ``header``."""
-  cells = [[str(h) for h in header]] + [[_fmt(str(h), v) for h, v in zip(header, r)] for r in rows]
-  width = [max(len(r[i]) for r in cells) for i in range(len(header))]
-  for r in cells:
-    print("  ".join(c.ljust(w) for c, w in zip(r, width)).rstrip(), file=file or sys.stdout)
-
-
-def report(title: str, summary: Mapping[str, Any], rows: Iterable[Sequence[Any]] | None = None,
-           header: Sequence[str] | None = None) -> dict[str, Any]:
-  """Close a command: a table (``rows`` under ``header``, else the summary's keys and values),
-  then ``summary`` as one JSON line, the last line of stdout, which scripts parse."""
+def report(title: str, summary: Mapping[str, Any], rows: Sequence[Mapping[str, Any]] | None = None,
+           columns: Sequence[str] | None = None) -> dict[str, Any]:
+  """Close a command: ``title``, a table (``rows``, else the summary's keys and values), then
+  ``summary`` as one JSON line, the last line of stdout, which scripts parse. Returns it."""
   summary = jsonable(dict(summary))
-  print(f"\n{title}")
-  if rows is not None:
-    table(header or (), rows)
+  if rows is None:
+    pairs = [{"key": k, "value": _cell(k, v)} for k, v in summary.items()]
+    print(f"{title}\n{format_table(pairs, header=False)}")
   else:
-    table(("", ""), [(k, _fmt(k, v)) for k, v in summary.items()])
+    print(f"{title}\n{format_table(rows, columns)}")
   print(json.dumps(summary, ensure_ascii=False), flush=True)
   return summary
 
