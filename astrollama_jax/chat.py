@@ -15,17 +15,18 @@ Commands: /reset, /system TEXT, /help, /quit (EOF also ends).
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from typing import Callable, Iterable, Sequence, TextIO
 
-from absl import app, flags
+from absl import flags
+
+from astrollama_jax import cli
 
 from astrollama_jax.data.chat_formats import ASSISTANT, USER, Conversation
 from astrollama_jax.data.chat_template import build_prompt_ids
 from astrollama_jax.data.tokenizer import Tokenizer
-from astrollama_jax.generate import define_flags, generate, load_for_generation, parse_mesh
+from astrollama_jax.generate import check_sampling, define_flags, generate, load_from_flags
 from astrollama_jax.model.config import LlamaConfig
 
 HELP = """commands:
@@ -140,6 +141,11 @@ def run_repl(session: ChatSession, lines: Iterable[str], out: TextIO, echo: bool
     line = line.strip()
     if not line:
       continue
+    try:
+      cli.check_text(line, "input")
+    except cli.UserError as e:
+      emit(f"[error] {e}; line ignored\n")
+      continue
     if echo:
       emit(f">>> {line}\n")
     if line.startswith("/"):
@@ -166,6 +172,8 @@ def run_repl(session: ChatSession, lines: Iterable[str], out: TextIO, echo: bool
 
 def _stdin_lines(interactive: bool) -> Iterable[str]:
   if not interactive:
+    # Undecodable bytes become lone surrogates, which run_repl answers with an error line.
+    sys.stdin.reconfigure(errors="surrogateescape")
     yield from sys.stdin
     return
   print(HELP, flush=True)
@@ -178,23 +186,19 @@ def _stdin_lines(interactive: bool) -> Iterable[str]:
 
 
 def main(argv: Sequence[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  cli.no_extra_args(argv)
   F = flags.FLAGS
-  mesh = parse_mesh(F.mesh)
-  cfg, params, tokenizer = load_for_generation(F.checkpoint, mesh, F.dtype, F.tokenizer, F.compute_dtype)
+  check_sampling(F.max_new_tokens, F.temperature, F.top_k, F.top_p)
+  cfg, params, tokenizer, mesh = load_from_flags(F)
   session = ChatSession(cfg, params, tokenizer, system=F.system, max_new_tokens=F.max_new_tokens,
                         temperature=F.temperature, top_k=F.top_k, top_p=F.top_p, seed=F.seed,
                         stop_strings=F.stop, mesh=mesh, chunk_size=F.stream_chunk)
   interactive = not F.message and sys.stdin.isatty()
   lines = F.message if F.message else _stdin_lines(interactive)
   run_repl(session, lines, sys.stdout, echo=not interactive)
-
-  print(f"\n{'turn':>4}  {'prompt':>6}  {'new':>5}  {'dropped':>7}  {'finish':<6}  {'seconds':>7}")
-  for i, e in enumerate(session.log):
-    print(f"{i:>4}  {e['prompt_tokens']:>6}  {e['new_tokens']:>5}  {e['dropped']:>7}  {e['finish']:<6}  "
-          f"{e['seconds']:>7.2f}")
-  print(json.dumps(session.summary()))
+  rows = [{"turn": i, "prompt": e["prompt_tokens"], "new": e["new_tokens"], "dropped": e["dropped"],
+           "finish": e["finish"], "seconds": e["seconds"]} for i, e in enumerate(session.log)]
+  cli.report("\nchat", session.summary(), rows)
 
 
 if __name__ == "__main__":
@@ -202,4 +206,4 @@ if __name__ == "__main__":
   flags.DEFINE_multi_string("message", [], "Answer these messages in turn and exit (instead of stdin).")
   flags.DEFINE_integer("stream_chunk", 1, "Decode steps between streamed updates.")
   flags.adopt_module_key_flags(sys.modules[define_flags.__module__])  # list them in --help
-  app.run(main)
+  cli.run(main)

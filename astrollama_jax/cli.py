@@ -91,7 +91,11 @@ def define(*names: str, flag_values: flags.FlagValues = flags.FLAGS, required: S
       if name != "output":
         raise ValueError(f"--{name} has one default for every command")
       default = defaults[name]
-    definer(name, default, (help or {}).get(name, text), flag_values=flag_values, **extra)
+    text = (help or {}).get(name, text)
+    if "enum_values" in extra:
+      definer(name, default, extra["enum_values"], text, flag_values=flag_values)
+    else:
+      definer(name, default, text, flag_values=flag_values)
   for name in required:
     flags.mark_flag_as_required(name, flag_values=flag_values)
 
@@ -141,6 +145,47 @@ def load_model(checkpoint: str, mesh: Any = None, *, dtype: str | None = None,
                loaded.kind, cfg.num_params() / 1e6, cfg.param_dtype, cfg.compute_dtype,
                cfg.attention_impl)
   return dataclasses.replace(loaded, cfg=cfg, tokenizer_path=tok)
+
+
+def check_text(text: str, where: str) -> str:
+  """``text``, or a ``UserError`` naming ``where`` if it cannot be encoded (a lone surrogate)."""
+  try:
+    text.encode("utf-8")
+  except UnicodeEncodeError as e:
+    raise UserError(f"{where}: text that cannot be encoded as UTF-8 ({e.reason} at character "
+                    f"{e.start})") from None
+  return text
+
+
+def check_output_file(path: str) -> None:
+  """Fail before any work if ``path`` cannot be written as a file."""
+  path = os.path.abspath(path)
+  if os.path.isdir(path):
+    raise UserError(f"--output {path} is a folder; give a file path")
+  parent = os.path.dirname(path)
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    raise UserError(f"--output {path}: {parent} is a file, not a folder")
+  if not os.access(parent, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+    raise UserError(f"--output {path} is not writable")
+
+
+def check_output_dir(path: str, empty: bool = True) -> None:
+  """Fail before any work if ``path`` cannot be created or written as a folder (or, with
+  ``empty``, already holds files)."""
+  path = os.path.abspath(path)
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise UserError(f"--output {path} is a file; give a folder")
+  existing = path
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise UserError(f"--output {path}: {existing} is a file, not a folder")
+  if not os.access(existing, os.W_OK):
+    raise UserError(f"--output {path} is not writable")
+  if empty and os.path.isdir(path) and os.listdir(path):
+    raise UserError(f"--output {path} is not empty")
 
 
 # --- errors ----------------------------------------------------------------------------------

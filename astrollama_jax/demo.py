@@ -89,10 +89,13 @@ def finetune(cpt_workdir: str, tokenizer: str, workdir: str, steps: int | None) 
 
 def answer(hf_folder: str, question: str) -> str:
   """Greedy answer of the exported chat model, as ``python -m astrollama_jax.chat`` gives it."""
+  from astrollama_jax import cli
   from astrollama_jax.chat import ChatSession
-  from astrollama_jax.generate import load_for_generation
-  cfg, params, tokenizer = load_for_generation(hf_folder)
-  session = ChatSession(cfg, params, tokenizer, max_new_tokens=48, temperature=0.0, chunk_size=16)
+  from astrollama_jax.data.tokenizer import Tokenizer
+  mesh = cli.make_mesh()
+  loaded = cli.load_model(hf_folder, mesh)
+  session = ChatSession(loaded.cfg, loaded.params, Tokenizer(loaded.tokenizer_path),
+                        max_new_tokens=48, temperature=0.0, chunk_size=16, mesh=mesh)
   return session.reply(question)
 
 

@@ -31,7 +31,7 @@ import numpy as np
 from absl import app, flags, logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from astrollama_jax import sharding
+from astrollama_jax import cli, sharding
 from astrollama_jax.data.chat_formats import Conversation
 from astrollama_jax.data.chat_template import build_prompt_ids
 from astrollama_jax.data.tokenizer import Tokenizer
@@ -198,17 +198,22 @@ def _cut_at_stop(ids: list[int], text: str, cut: int, tokenizer: Tokenizer) -> l
   return []
 
 
-def _validate(cfg, prompts, max_new_tokens, temperature, top_k, top_p, stop_strings, tokenizer):
-  if not prompts:
-    raise ValueError("generate: no prompts given")
+def check_sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: float) -> None:
+  """Raise ``ValueError`` naming the first sampling setting out of range (NaN included)."""
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-  if temperature < 0:
-    raise ValueError(f"temperature must be >= 0, got {temperature}")
+  if not 0 <= temperature < float("inf"):
+    raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
   if top_k < 0:
     raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
   if not 0.0 < top_p <= 1.0:
     raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+
+def _validate(cfg, prompts, max_new_tokens, temperature, top_k, top_p, stop_strings, tokenizer):
+  if not prompts:
+    raise ValueError("generate: no prompts given")
+  check_sampling(max_new_tokens, temperature, top_k, top_p)
   if stop_strings and tokenizer is None:
     raise ValueError("stop_strings need a tokenizer to decode the generated text")
   for i, p in enumerate(prompts):
@@ -331,37 +336,10 @@ class _Rows:
 
 # --- loading and the command line -------------------------------------------------------------------
 
-def parse_mesh(text: str) -> Mesh | None:
-  """``"data,fsdp,tensor"`` (one entry may be -1) -> a mesh; ``""`` -> None (one device)."""
-  if not text:
-    return None
-  try:
-    shape = tuple(int(x) for x in text.split(","))
-  except ValueError:
-    raise ValueError(f"--mesh must be three integers like 1,-1,1, got {text!r}") from None
-  return sharding.make_mesh(shape)
-
-
-def load_for_generation(path: str, mesh: Mesh | None = None, dtype: str | None = None,
-                        tokenizer_path: str | None = None, compute_dtype: str | None = None
-                        ) -> tuple[LlamaConfig, Params, Tokenizer]:
-  """Config, params (on ``mesh`` or the first device) and tokenizer of any checkpoint path."""
-  from astrollama_jax.checkpoints import load_model
-  loaded = load_model(path, mesh=mesh, dtype=dtype)
-  cfg = loaded.cfg.replace(compute_dtype=compute_dtype) if compute_dtype else loaded.cfg
-  tokenizer_path = tokenizer_path or loaded.tokenizer_path
-  if not tokenizer_path:
-    raise FileNotFoundError(f"{path} has no tokenizer.model; pass --tokenizer=PATH")
-  tokenizer = Tokenizer(tokenizer_path)
-  tokenizer.check_vocab(cfg.vocab_size)
-  return cfg, loaded.params, tokenizer
-
-
 def define_flags(temperature: float = 0.0, top_p: float = 1.0, max_new_tokens: int = 256) -> None:
   """Flags shared by ``generate`` and ``chat`` (called from ``__main__`` only, never on import)."""
-  flags.DEFINE_string("checkpoint", None, "HF folder, converted DIR, training WORKDIR or step folder.",
-                      required=True)
-  flags.DEFINE_string("tokenizer", None, "SentencePiece model (default: the checkpoint's tokenizer.model).")
+  cli.define("checkpoint", "tokenizer", "mesh", "dtype", "compute_dtype", "attention",
+             required=["checkpoint"])
   flags.DEFINE_integer("max_new_tokens", max_new_tokens, "Most tokens to generate per answer.")
   flags.DEFINE_float("temperature", temperature, "0 = greedy; else the sampling temperature.")
   flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens (0 = off).")
@@ -369,10 +347,16 @@ def define_flags(temperature: float = 0.0, top_p: float = 1.0, max_new_tokens: i
   flags.DEFINE_integer("seed", 0, "Sampling seed.")
   flags.DEFINE_multi_string("stop", [], "Stop string (repeatable); excluded from the output.")
   flags.DEFINE_string("system", None, "System prompt (chat format).")
-  flags.DEFINE_string("mesh", "", "data,fsdp,tensor mesh shape, e.g. 1,-1,1 (empty: one device).")
-  flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"], "Cast the params to this dtype.")
-  flags.DEFINE_enum("compute_dtype", None, ["float32", "bfloat16", "float16"],
-                    "Activation dtype (default: the checkpoint config's).")
+
+
+def load_from_flags(F: flags.FlagValues = flags.FLAGS) -> tuple[LlamaConfig, Params, Tokenizer, Mesh]:
+  """The model, tokenizer and mesh the shared flags name (``generate`` and ``chat``)."""
+  mesh = cli.make_mesh(F.mesh)
+  loaded = cli.load_model(F.checkpoint, mesh, dtype=F.dtype, compute_dtype=F.compute_dtype,
+                          attention=F.attention, tokenizer=F.tokenizer)
+  tokenizer = Tokenizer(loaded.tokenizer_path)
+  tokenizer.check_vocab(loaded.cfg.vocab_size)
+  return loaded.cfg, loaded.params, tokenizer, mesh
 
 
 def _read_prompts_file(path: str) -> list[dict[str, Any]]:
@@ -388,6 +372,7 @@ def _read_prompts_file(path: str) -> list[dict[str, Any]]:
         raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from None
       if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
         raise ValueError(f"{path}:{lineno}: expected an object with a string field 'prompt'")
+      cli.check_text(json.dumps(rec, ensure_ascii=False), f"{path}:{lineno}")
       records.append(rec)
   if not records:
     raise ValueError(f"{path}: no prompts")
@@ -400,17 +385,17 @@ def _short(text: str, n: int = 48) -> str:
 
 
 def main(argv: Sequence[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  cli.no_extra_args(argv)
   F = flags.FLAGS
   if bool(F.prompt) == bool(F.prompts_file):
     raise app.UsageError("give --prompt (repeatable) or --prompts_file, not both or neither")
-  try:
-    records = [{"prompt": p} for p in F.prompt] if F.prompt else _read_prompts_file(F.prompts_file)
-  except (OSError, ValueError) as e:
-    raise app.UsageError(str(e)) from None
-  mesh = parse_mesh(F.mesh)
-  cfg, params, tokenizer = load_for_generation(F.checkpoint, mesh, F.dtype, F.tokenizer, F.compute_dtype)
+  check_sampling(F.max_new_tokens, F.temperature, F.top_k, F.top_p)
+  records = [{"prompt": p} for p in F.prompt] if F.prompt else _read_prompts_file(F.prompts_file)
+  for i, r in enumerate(records):
+    cli.check_text(r["prompt"], f"--prompt {i}")
+  if F.output:
+    cli.check_output_file(F.output)
+  cfg, params, tokenizer, mesh = load_from_flags(F)
   if F.chat:
     ids = [build_prompt_ids(Conversation(turns=(("user", r["prompt"]),), system=r.get("system", F.system)),
                             tokenizer) for r in records]
@@ -418,7 +403,7 @@ def main(argv: Sequence[str]) -> None:
     ids = [tokenizer.encode(r["prompt"], bos=True) for r in records]
   for i, p in enumerate(ids):  # checked up front, so no batch fails after others were written
     if len(p) + F.max_new_tokens > cfg.max_seq_len:
-      raise app.UsageError(f"prompt {i} is {len(p)} tokens; with --max_new_tokens={F.max_new_tokens} it "
+      raise cli.UserError(f"prompt {i} is {len(p)} tokens; with --max_new_tokens={F.max_new_tokens} it "
                            f"exceeds the model's context of {cfg.max_seq_len}")
 
   out_file = open(F.output, "w", encoding="utf-8") if F.output else None
@@ -446,21 +431,21 @@ def main(argv: Sequence[str]) -> None:
     if out_file:
       out_file.close()
 
-  print(f"{'#':>4}  {'tokens':>6}  {'finish':<7}  {'prompt':<48}  completion")
-  for i, r in enumerate(rows):
-    print(f"{i:>4}  {r['num_tokens']:>6}  {r['finish_reason']:<7}  {_short(r['prompt']):<48}  "
-          f"{_short(r['completion'])}")
   summary = {"prompts": len(rows), "generated_tokens": total_tokens, "seconds": round(seconds, 3),
              "tokens_per_s": round(total_tokens / max(seconds, 1e-9), 2), "finish_reasons": reasons,
              "output": F.output}
-  print(json.dumps(summary))
+  table = [{"#": i, "tokens": r["num_tokens"], "finish": r["finish_reason"],
+            "prompt": _short(r["prompt"]), "completion": _short(r["completion"])}
+           for i, r in enumerate(rows)]
+  cli.report("generated", summary, table)
 
 
 if __name__ == "__main__":
   define_flags(max_new_tokens=128)
   flags.DEFINE_multi_string("prompt", [], "A prompt (repeatable).")
   flags.DEFINE_string("prompts_file", None, "JSONL with a 'prompt' field per line (+ optional 'system').")
-  flags.DEFINE_string("output", None, "Write one JSONL record per prompt here (input fields + completion).")
+  cli.define("output", help={"output": "Write one JSONL record per prompt to this file (input fields "
+                                       "+ completion)."})
   flags.DEFINE_bool("chat", False, "Wrap each prompt in the LLaMA-2 chat format.")
   flags.DEFINE_integer("batch_size", 8, "Prompts per generate call.")
-  app.run(main)
+  cli.run(main)
