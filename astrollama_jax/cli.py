@@ -277,9 +277,9 @@ def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | Non
             for i, c in enumerate(columns)]
   head = "  ".join(c.ljust(w) for c, w in zip(columns, widths))
   rule = "  ".join("-" * w for w in widths)
-  body = ["  ".join(v.rjust(w) if _numeric(v) else v.ljust(w) for v, w in zip(row, widths)).rstrip()
+  body = ["  ".join(v.rjust(w) if _numeric(v) else v.ljust(w) for v, w in zip(row, widths))
           for row in cells]
-  return "\n".join(([head.rstrip(), rule] if header else []) + body)
+  return "\n".join(([head, rule] if header else []) + body)
 
 
 def jsonable(value: Any) -> Any:

@@ -60,7 +60,7 @@ def test_contamination_command_and_scoring_without_flagged(corpus, capsys, tmp_p
   root, items = corpus
   summary = run_cli(capsys, "--task=contamination", f"--data={root / 'eval.jsonl'}",
                     f"--train_data={root / 'train.jsonl'}", "--threshold=0.3",
-                    f"--output_dir={tmp_path}")
+                    f"--output={tmp_path}")
   assert summary["metrics"]["contamination/flagged"] == 2
   lines = [json.loads(l) for l in open(tmp_path / "contamination_items.jsonl")]
   assert [l["id"] for l in lines if l["flagged"]] == ["e0", "e1"]

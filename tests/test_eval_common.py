@@ -120,9 +120,3 @@ def test_read_texts_names_the_bad_line(tmp_path):
     common.read_texts(str(p))
   p.write_text('{"abstract": "an abstract", "id": "x1"}\n')
   assert common.read_texts(str(p))[0]["id"] == "x1"
-
-
-def test_format_table_aligns_columns():
-  out = common.format_table([{"a": "x", "b": 1.5}, {"a": "longer", "b": 22.25}])
-  lines = out.splitlines()
-  assert len({len(l) for l in lines}) == 1 and "22.2500" in out

@@ -40,7 +40,7 @@ def test_completion_end_to_end_on_real_abstracts(tmp_path, capsys, tokenizer_pat
   model = make_hf_folder(TINY, tmp_path / "hf", seed=11)
   out = tmp_path / "out"
   summary = run_cli(capsys, "--task=completion", f"--checkpoint={tmp_path / 'hf'}",
-                    f"--tokenizer={tokenizer_path}", f"--output_dir={out}",
+                    f"--tokenizer={tokenizer_path}", f"--output={out}",
                     f"--data={tmp_path / 'abstracts.jsonl'}", "--max_new_tokens=24",
                     "--compute_dtype=float32", "--gen_batch_size=3", "--batch_size=2",
                     "--bootstrap=100")

@@ -36,7 +36,7 @@ def test_embeddings_equal_torch_and_query_finds_the_paper(setup, capsys, tokeniz
                                                           tmp_path):
   root, model, records = setup
   summary = run_cli(capsys, "--task=embed", f"--checkpoint={root / 'hf'}",
-                    f"--tokenizer={tokenizer_path}", f"--output_dir={tmp_path}",
+                    f"--tokenizer={tokenizer_path}", f"--output={tmp_path}",
                     f"--data={root / 'papers.jsonl'}", "--compute_dtype=float32",
                     "--batch_size=2", "--neighbours=3", "--max_len=384")
   ids, titles, emb = embed.load(str(tmp_path / "embeddings.npz"))
@@ -52,7 +52,7 @@ def test_embeddings_equal_torch_and_query_finds_the_paper(setup, capsys, tokeniz
   # A query with one paper's abstract finds that paper first (cosine 1), from the saved file.
   q = records[4]["abstract"]
   summary = run_cli(capsys, "--task=embed", f"--checkpoint={root / 'hf'}",
-                    f"--tokenizer={tokenizer_path}", f"--output_dir={tmp_path / 'q'}",
+                    f"--tokenizer={tokenizer_path}", f"--output={tmp_path / 'q'}",
                     f"--embeddings={tmp_path / 'embeddings.npz'}", f"--query={q}",
                     "--compute_dtype=float32", "--neighbours=3", "--max_len=384")
   rows = summary["rows"]

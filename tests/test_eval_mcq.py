@@ -80,7 +80,7 @@ def _expected_credit(scores, answer):
 def test_mcq_scores_equal_torch_and_accuracy_counts_ties(setup, capsys, tmp_path):
   root, model, tok = setup
   summary = run_cli(capsys, "--task=mcq", f"--checkpoint={root / 'hf'}",
-                    f"--tokenizer={tok.path}", f"--output_dir={tmp_path}",
+                    f"--tokenizer={tok.path}", f"--output={tmp_path}",
                     f"--data={root / 'astro.jsonl'},{root / 'astronomy_test.csv'}",
                     "--shots=1", f"--dev={root / 'astronomy_dev.csv'}",
                     "--compute_dtype=float32", "--batch_size=2", "--max_len=256")

@@ -53,7 +53,7 @@ def test_perplexity_equals_torch_per_corpus_section_and_total(setup, capsys, tok
   root, model, tok = setup
   out = root / "out"
   summary = run_cli(capsys, "--task=perplexity", f"--checkpoint={root / 'hf'}",
-                    f"--tokenizer={tokenizer_path}", f"--output_dir={out}",
+                    f"--tokenizer={tokenizer_path}", f"--output={out}",
                     f"--data={root / 'abstracts.jsonl'},{root / 'papers.jsonl'}",
                     "--compute_dtype=float32", "--batch_size=4", "--bootstrap=200")
   ref_a = _reference(model, tok, abstracts[:5])
@@ -106,7 +106,7 @@ def test_bad_data_file_is_named(setup, capsys, tokenizer_path, tmp_path):
   bad.write_text('{"text": "ok"}\n{"body": "no text here"}\n')
   with pytest.raises(EvalDataError, match="bad.jsonl:2"):
     run_cli(capsys, "--task=perplexity", f"--checkpoint={root / 'hf'}",
-            f"--tokenizer={tokenizer_path}", f"--output_dir={tmp_path}", f"--data={bad}")
+            f"--tokenizer={tokenizer_path}", f"--output={tmp_path}", f"--data={bad}")
 
 
 def test_prepared_dataset_sections_and_contamination_drop(setup, capsys, tokenizer_path, tmp_path):
@@ -125,7 +125,7 @@ def test_prepared_dataset_sections_and_contamination_drop(setup, capsys, tokeniz
   write_jsonl(tmp_path / "train.jsonl",
               [{"text": "Some other words. " + r["text"]} for r in planted])
   summary = run_cli(capsys, "--task=perplexity", f"--checkpoint={root / 'hf'}",
-                    f"--tokenizer={tokenizer_path}", f"--output_dir={tmp_path / 'out'}",
+                    f"--tokenizer={tokenizer_path}", f"--output={tmp_path / 'out'}",
                     f"--data={tmp_path / 'ds'}", "--compute_dtype=float32", "--batch_size=4",
                     "--max_len=256", "--stride=128", f"--train_data={tmp_path / 'train.jsonl'}",
                     "--drop_contaminated", "--bootstrap=50")
@@ -154,10 +154,10 @@ def test_orbax_checkpoint_scores_like_the_hf_folder(setup, capsys, tokenizer_pat
   ckpt = checkpoints.save_params(str(tmp_path / "converted"), cfg, params, tokenizer_path)
   args = ["--task=perplexity", f"--data={root / 'abstracts.jsonl'}", "--batch_size=4",
           "--bootstrap=20"]
-  ours = run_cli(capsys, *args, f"--checkpoint={ckpt}", f"--output_dir={tmp_path / 'o'}",
+  ours = run_cli(capsys, *args, f"--checkpoint={ckpt}", f"--output={tmp_path / 'o'}",
                  "--compute_dtype=float32")
   nll, cnt = _reference(model, tok, abstracts[:5])
   assert ours["metrics"]["ppl"] == pytest.approx(np.exp(nll.sum() / cnt.sum()), rel=1e-4)
-  bf16 = run_cli(capsys, *args, f"--checkpoint={ckpt}", f"--output_dir={tmp_path / 'b'}",
+  bf16 = run_cli(capsys, *args, f"--checkpoint={ckpt}", f"--output={tmp_path / 'b'}",
                  "--compute_dtype=bfloat16", "--dtype=bfloat16")
   assert bf16["metrics"]["nll"] == pytest.approx(ours["metrics"]["nll"], rel=2e-3)

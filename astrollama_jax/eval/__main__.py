@@ -7,7 +7,7 @@
   --task=contamination  share of each item's 13-grams found in a training corpus
   --compare=R1,R2,... a markdown table and a PNG chart of the same metrics across runs
 
-Every task prints a table and one JSON line, and writes ``<output_dir>/<task>.json``.
+Every task prints a table and one JSON line, and writes ``<output>/<task>.json``.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from __future__ import annotations
 import os
 
 from absl import app, flags, logging
+
+from astrollama_jax import cli
 
 TASKS = ("perplexity", "completion", "embed", "mcq", "contamination")
 
@@ -25,13 +27,12 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_enum("task", None, TASKS, "What to evaluate.", **fv)
   flags.DEFINE_list("compare", None,
                     "Result files or output dirs to compare (instead of --task).", **fv)
-  flags.DEFINE_string("checkpoint", None,
-                      "HF folder, converted dir, training workdir or step folder.", **fv)
-  flags.DEFINE_string("tokenizer", None, "SentencePiece model (default: the checkpoint's).", **fv)
+  cli.define("checkpoint", "tokenizer", "mesh", "dtype", "compute_dtype", "attention", "output",
+             flag_values=flag_values, defaults={"output": "eval_results"},
+             help={"output": "Folder for the results files (<output>/<task>.json)."})
   flags.DEFINE_multi_string("data", None, "Evaluation data: JSONL / CSV files or a prepared "
                             "dataset dir; repeatable and comma-separated (one corpus each).", **fv)
   flags.DEFINE_string("split", "validation", "Split to read from a prepared dataset dir.", **fv)
-  flags.DEFINE_string("output_dir", "eval_results", "Where results files go.", **fv)
   flags.DEFINE_string("label", None,
                       "Name of this run in comparisons (default: checkpoint name).", **fv)
   flags.DEFINE_integer("limit", 0, "Use at most this many items per data file (0 = all).", **fv)
@@ -39,14 +40,9 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_integer("bootstrap", 1000, "Bootstrap resamples for 95% intervals.", **fv)
   flags.DEFINE_bool("progress", True, "Show progress bars.", **fv)
   # model / execution
-  flags.DEFINE_string("mesh", "1,-1,1", "Mesh shape data,fsdp,tensor (one entry may be -1).", **fv)
   flags.DEFINE_integer("batch_size", 8, "Rows of --max_len tokens per forward pass.", **fv)
   flags.DEFINE_integer("max_len", 0,
                        "Context length for scoring (0 = the model's max_seq_len).", **fv)
-  flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"],
-                    "Parameter dtype on load.", **fv)
-  flags.DEFINE_enum("compute_dtype", None, ["float32", "bfloat16", "float16"],
-                    "Activation dtype (default: the checkpoint config's).", **fv)
   # perplexity
   flags.DEFINE_integer("stride", 0,
                        "Sliding-window stride for long documents (0 = max_len // 2).", **fv)
@@ -83,7 +79,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_bool("drop_contaminated", False, "Score without the flagged items.", **fv)
   # compare
   flags.DEFINE_string("compare_out", None, "Prefix of the comparison .md/.png "
-                      "(default: <output_dir>/comparison).", **fv)
+                      "(default: <output>/comparison).", **fv)
 
 
 def _checker(F: flags.FlagValues):
@@ -97,13 +93,12 @@ def _checker(F: flags.FlagValues):
 
 def main(argv, F: flags.FlagValues = flags.FLAGS):
   """Dispatch on --compare or --task (``F``: the parsed flags; absl's global ones by default)."""
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  cli.no_extra_args(argv)
   from astrollama_jax.eval import common
 
   if F.compare:
     from astrollama_jax.eval import compare
-    compare.run(F.compare, F.compare_out or os.path.join(F.output_dir, "comparison"))
+    compare.run(F.compare, F.compare_out or os.path.join(F.output, "comparison"))
     return
   if not F.task:
     raise app.UsageError("give --task=" + "|".join(TASKS) + " or --compare=RESULT1,RESULT2")
@@ -120,7 +115,7 @@ def main(argv, F: flags.FlagValues = flags.FLAGS):
       is_mcq = spec.endswith(".csv") or mcq.looks_like_mcq(spec)
       items += (mcq.read_questions(spec, F.limit) if is_mcq
                 else common.read_texts(spec, F.split, F.limit))
-    contamination.run(items, checker, F.output_dir, label, ",".join(data))
+    contamination.run(items, checker, F.output, label, ",".join(data))
     return
 
   reuse = F.task == "embed" and F.embeddings and os.path.exists(F.embeddings)
@@ -131,9 +126,10 @@ def main(argv, F: flags.FlagValues = flags.FLAGS):
   if not data and not reuse:
     raise app.UsageError(f"--task={F.task} needs --data")
 
+  cli.check_output_dir(F.output, empty=False)
   from astrollama_jax.data.tokenizer import Tokenizer
-  model = common.load(F.checkpoint, F.mesh, F.dtype, F.compute_dtype, F.tokenizer)
-  kw = dict(tokenizer=Tokenizer(model.tokenizer_path), output_dir=F.output_dir, label=label,
+  model = common.load(F.checkpoint, F.mesh, F.dtype, F.compute_dtype, F.tokenizer, F.attention)
+  kw = dict(tokenizer=Tokenizer(model.tokenizer_path), output_dir=F.output, label=label,
             batch_size=F.batch_size, max_len=F.max_len, progress=F.progress)
 
   if F.task == "perplexity":
@@ -152,14 +148,14 @@ def main(argv, F: flags.FlagValues = flags.FLAGS):
     from astrollama_jax.eval import completion
     embedder = None
     if F.embedder:
-      embedder = common.load(F.embedder, F.mesh, F.dtype, F.compute_dtype, F.tokenizer)
+      embedder = common.load(F.embedder, F.mesh, F.dtype, F.compute_dtype, F.tokenizer, F.attention)
     completion.run(model, data, embedder=embedder, prefix_frac=F.prefix_frac,
                    max_new_tokens=F.max_new_tokens, temperature=F.temperature, top_k=F.top_k,
                    top_p=F.top_p, gen_batch_size=F.gen_batch_size, limit=F.limit, split=F.split,
                    n_boot=F.bootstrap, seed=F.seed, checker=_checker(F), **kw)
-  logging.info("results in %s", F.output_dir)
+  logging.info("results in %s", F.output)
 
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

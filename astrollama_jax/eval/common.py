@@ -1,6 +1,6 @@
 """What every eval task shares: loading the model, reading evaluation records, writing results.
 
-Results of every task are one JSON file ``<output_dir>/<task>.json`` with the same shape
+Results of every task are one JSON file ``<output>/<task>.json`` with the same shape
 (``task``, ``label``, ``checkpoint``, ``metrics`` {name: number}, ``rows`` for the table,
 ``files``), so ``--compare`` can put any set of runs side by side.
 """
@@ -18,8 +18,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from astrollama_jax import sharding
-from astrollama_jax.model import llama
+from astrollama_jax import cli
 from astrollama_jax.model.config import LlamaConfig
 
 TEXT_FIELDS = ("text", "abstract")
@@ -39,39 +38,14 @@ class Model:
   checkpoint: str
 
 
-def parse_mesh(spec: str) -> tuple[int, int, int]:
-  try:
-    shape = tuple(int(x) for x in spec.split(","))
-  except ValueError:
-    raise ValueError(f"--mesh must be three comma-separated ints (data,fsdp,tensor), got {spec!r}")
-  if len(shape) != 3:
-    raise ValueError(f"--mesh must have three entries (data,fsdp,tensor), got {spec!r}")
-  return shape
-
-
-def load(checkpoint: str, mesh_shape: str = "1,-1,1", dtype: str | None = None,
-         compute_dtype: str | None = None, tokenizer: str | None = None) -> Model:
-  """Load any checkpoint kind (HF folder, converted dir, workdir, step) onto a mesh."""
-  from astrollama_jax.checkpoints import load_model
-  mesh = sharding.make_mesh(parse_mesh(mesh_shape))
-  loaded = load_model(checkpoint, mesh=mesh, dtype=dtype or None)
-  cfg = loaded.cfg
-  if compute_dtype:
-    cfg = cfg.replace(compute_dtype=compute_dtype)
-  tok = tokenizer or loaded.tokenizer_path
-  if not tok:
-    raise ValueError(f"{checkpoint} has no tokenizer.model; pass --tokenizer=PATH")
-  logging.info("loaded %s: %s, %d params, compute %s", checkpoint, loaded.kind,
-               cfg.num_params(), cfg.compute_dtype)
-  return Model(cfg, loaded.params, mesh, tok, checkpoint)
-
-
-def from_params(cfg: LlamaConfig, params: Any, mesh=None, tokenizer_path: str | None = None,
-                checkpoint: str = "") -> Model:
-  """A ``Model`` from parameters already in memory (tests, notebooks)."""
-  if mesh is not None:
-    params = llama.shard_params(cfg, params, mesh)
-  return Model(cfg, params, mesh, tokenizer_path, checkpoint)
+def load(checkpoint: str, mesh_shape: str = cli.DEFAULT_MESH, dtype: str | None = None,
+         compute_dtype: str | None = None, tokenizer: str | None = None,
+         attention: str | None = None) -> Model:
+  """Load any checkpoint kind onto a mesh, with the shared flags' meaning (``cli.load_model``)."""
+  mesh = cli.make_mesh(mesh_shape)
+  loaded = cli.load_model(checkpoint, mesh, dtype=dtype, compute_dtype=compute_dtype,
+                          attention=attention, tokenizer=tokenizer)
+  return Model(loaded.cfg, loaded.params, mesh, loaded.tokenizer_path, checkpoint)
 
 
 # --- evaluation records ---------------------------------------------------------------------
@@ -154,49 +128,6 @@ def read_csv_rows(path: str) -> Iterator[tuple[int, list[str]]]:
 
 # --- results ---------------------------------------------------------------------------------
 
-def format_table(rows: Sequence[dict], columns: Sequence[str] | None = None) -> str:
-  """A plain fixed-width text table (numbers to 4 significant decimals)."""
-  if not rows:
-    return "(no rows)"
-  columns = list(columns or rows[0].keys())
-
-  def cell(v):
-    if isinstance(v, float):
-      return "nan" if math.isnan(v) else f"{v:.4f}" if abs(v) < 1e5 else f"{v:.4g}"
-    return "" if v is None else str(v)
-
-  cells = [[cell(r.get(c)) for c in columns] for r in rows]
-  widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-  line = "  ".join(c.ljust(w) for c, w in zip(columns, widths))
-  sep = "  ".join("-" * w for w in widths)
-  body = ["  ".join(v.rjust(w) if _numeric(v) else v.ljust(w) for v, w in zip(row, widths))
-          for row in cells]
-  return "\n".join([line, sep, *body])
-
-
-def _numeric(s: str) -> bool:
-  try:
-    float(s)
-    return True
-  except ValueError:
-    return False
-
-
-def jsonable(x: Any) -> Any:
-  if isinstance(x, dict):
-    return {str(k): jsonable(v) for k, v in x.items()}
-  if isinstance(x, (list, tuple)):
-    return [jsonable(v) for v in x]
-  if isinstance(x, (np.floating, float)):
-    x = float(x)
-    return None if math.isnan(x) or math.isinf(x) else x
-  if isinstance(x, np.integer):
-    return int(x)
-  if isinstance(x, np.ndarray):
-    return jsonable(x.tolist())
-  return x
-
-
 def is_writer() -> bool:
   """Only the first process writes files and prints (every process computes the same results)."""
   return jax.process_index() == 0
@@ -210,16 +141,16 @@ def write_jsonl(path: str, records: Sequence[dict]) -> None:
   tmp = path + ".tmp"
   with open(tmp, "w", encoding="utf-8") as f:
     for r in records:
-      f.write(json.dumps(jsonable(r), ensure_ascii=False) + "\n")
+      f.write(json.dumps(cli.jsonable(r), ensure_ascii=False) + "\n")
   os.replace(tmp, path)
 
 
 def finish(task: str, output_dir: str, label: str, checkpoint: str, metrics: dict,
            rows: Sequence[dict], files: dict | None = None, extra: dict | None = None,
            columns: Sequence[str] | None = None) -> dict:
-  """Write ``<output_dir>/<task>.json``, print the table and the one JSON summary line."""
+  """Write ``<output>/<task>.json``, print the table and the one JSON summary line."""
   result_path = os.path.join(output_dir, f"{task}.json")
-  summary = jsonable({"task": task, "label": label, "checkpoint": checkpoint,
+  summary = cli.jsonable({"task": task, "label": label, "checkpoint": checkpoint,
                        "metrics": metrics, "rows": list(rows),
                        "files": {"result": result_path, **(files or {})}, **(extra or {})})
   if not is_writer():
@@ -229,8 +160,7 @@ def finish(task: str, output_dir: str, label: str, checkpoint: str, metrics: dic
   with open(tmp, "w", encoding="utf-8") as f:
     json.dump(summary, f, indent=1, ensure_ascii=False)
   os.replace(tmp, result_path)
-  print(format_table(rows, columns))
-  print(json.dumps(summary, ensure_ascii=False))
+  cli.report(f"{task}: {label}", summary, rows or [], columns)
   return summary
 
 

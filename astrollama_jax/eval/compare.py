@@ -1,6 +1,6 @@
 """Side-by-side comparison of eval results (e.g. base vs CPT vs SFT): a markdown table and a chart.
 
-Each input is a result file written by a task (``<output_dir>/<task>.json``) or a directory
+Each input is a result file written by a task (``<output>/<task>.json``) or a directory
 of them (all tasks of one checkpoint, merged into one run). A run is named by the ``label``
 stored in its results. Metrics are matched by name; where a task stored a 95% interval
 (``<m>_lo``/``<m>_hi`` or ``<m>/lo``/``<m>/hi``) the table shows it and the chart draws it
@@ -15,6 +15,7 @@ import math
 import os
 from typing import Sequence
 
+from astrollama_jax import cli
 from astrollama_jax.eval import common
 
 _BOUND_SUFFIXES = ("_lo", "_hi", "/lo", "/hi")
@@ -156,6 +157,4 @@ def run(specs: Sequence[str], out_prefix: str) -> dict:
   summary = {"task": "compare", "runs": [label for label, _ in runs], "inputs": specs,
              "metrics": {label: {n: m.get(n) for n in names} for label, m in runs},
              "files": {"markdown": md_path, "chart": png_path}}
-  print(common.format_table(rows))
-  print(json.dumps(common.jsonable(summary), ensure_ascii=False))
-  return summary
+  return cli.report("compare", summary, rows)
