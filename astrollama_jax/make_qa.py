@@ -12,7 +12,9 @@ Endpoint: a URL ending in ``/chat/completions`` is used as given; one ending in 
 
 Robustness: at most ``--concurrency`` requests in flight; 429, 5xx, timeouts and connection errors
 are retried with exponential backoff and jitter (a ``Retry-After`` header is obeyed instead);
-replies that are not the JSON dialogue asked for are rejected and counted. Output is append-only,
+replies that are not the JSON dialogue asked for are rejected and counted. The API key goes to
+the endpoint's origin only (a redirect elsewhere is refused, and no proxy is used); the whole
+exchange has one deadline, replies have a size cap, and one bad reply fails its abstract only. Output is append-only,
 one line per finished abstract and flushed at once, so a rerun skips finished ids and only redoes
 the rest (a line cut short by a crash is dropped). Failed abstracts are not written: rerun to retry.
 """
@@ -25,18 +27,17 @@ import dataclasses
 import email.utils
 import http.client
 import json
-import logging
 import os
 import random
 import socket
 import time
-import urllib.error
-import urllib.request
+import threading
+import urllib.parse
 from typing import Any, Callable, Iterator
 
-from absl import app, flags
+from absl import flags, logging
 
-_log = logging.getLogger(__name__)
+from astrollama_jax import cli
 
 SYSTEM_PROMPT = (
     "You are an expert astrophysicist who writes training data for an astronomy chat assistant. "
@@ -94,6 +95,7 @@ class Settings:
   backoff_base: float = 1.0
   backoff_max: float = 60.0
   temperature: float = 0.7
+  max_reply_bytes: int = 16 * 1024**2
   min_exchanges: int = 2
   max_exchanges: int = 4
 
@@ -132,6 +134,8 @@ def parse_dialogue(content: Any) -> list[tuple[str, str]]:
     obj = json.loads(_strip_fences(content))
   except json.JSONDecodeError:
     raise ReplyError("reply is not JSON") from None
+  except RecursionError:
+    raise ReplyError("reply is nested too deeply") from None
   turns = obj.get("dialogue") if isinstance(obj, dict) else obj
   if not isinstance(turns, list) or not turns:
     raise ReplyError("reply has no dialogue list")
@@ -165,31 +169,93 @@ def _retry_after(value: str | None) -> float | None:
   return max(0.0, when.timestamp() - time.time())
 
 
-def post_chat(url: str, body: dict, api_key: str | None, timeout: float) -> dict:
-  """One POST; returns the decoded response or raises RetryableError / FatalRequestError."""
+MAX_REDIRECTS = 3
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+  parts = urllib.parse.urlsplit(url)
+  port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
+  return parts.scheme, (parts.hostname or "").lower(), port
+
+
+def _abort(conn: http.client.HTTPConnection) -> None:
+  """Unblock a read in progress on ``conn`` (the deadline passed while the server dripped)."""
+  if conn.sock is not None:
+    try:
+      conn.sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+      pass
+
+
+def _exchange(url: str, data: bytes, headers: dict[str, str], timeout: float,
+              max_bytes: int) -> tuple[int, Any, bytes]:
+  """One HTTP POST, all of it (connect, headers, body) within ``timeout`` seconds."""
+  parts = urllib.parse.urlsplit(url)
+  if parts.scheme not in ("http", "https") or not parts.hostname:
+    raise FatalRequestError(f"not an http(s) URL: {url}")
+  conn_cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+  conn = conn_cls(parts.hostname, parts.port, timeout=timeout)
+  deadline = time.monotonic() + timeout
+  timer = threading.Timer(timeout, _abort, (conn,))
+  timer.daemon = True
+  timer.start()
+  try:
+    conn.request("POST", urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, "")),
+                 body=data, headers=headers)
+    response = conn.getresponse()
+    if int(response.headers.get("Content-Length") or 0) > max_bytes:
+      raise FatalRequestError(f"reply larger than {max_bytes} bytes")
+    chunks, size = [], 0
+    while chunk := response.read1(1 << 16):
+      size += len(chunk)
+      if size > max_bytes:
+        raise FatalRequestError(f"reply larger than {max_bytes} bytes")
+      if time.monotonic() > deadline:
+        raise RetryableError("timeout")
+      chunks.append(chunk)
+    return response.status, response.headers, b"".join(chunks)
+  except (socket.timeout, TimeoutError):
+    raise RetryableError("timeout") from None
+  except (OSError, http.client.HTTPException):
+    raise RetryableError("timeout" if time.monotonic() >= deadline else "connection error") from None
+  finally:
+    timer.cancel()
+    conn.close()
+
+
+def post_chat(url: str, body: dict, api_key: str | None, timeout: float,
+              max_bytes: int = 16 * 1024**2) -> dict:
+  """One POST; returns the decoded response or raises RetryableError / FatalRequestError.
+
+  The API key goes to ``url``'s origin only: a redirect to another scheme, host or port is
+  refused (it is never followed, with or without the key). ``timeout`` bounds the whole exchange,
+  not each socket read, and a reply over ``max_bytes`` is abandoned.
+  """
   headers = {"Content-Type": "application/json"}
   if api_key:
     headers["Authorization"] = f"Bearer {api_key}"
-  request = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers, method="POST")
-  try:
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-      raw = response.read()
-  except urllib.error.HTTPError as e:
-    if e.code == 429 or e.code >= 500:
-      raise RetryableError(f"http {e.code}", _retry_after(e.headers.get("Retry-After"))) from None
-    raise FatalRequestError(f"http {e.code}") from None
-  except (socket.timeout, TimeoutError):
-    raise RetryableError("timeout") from None
-  except urllib.error.URLError as e:
-    if isinstance(e.reason, (socket.timeout, TimeoutError)):
-      raise RetryableError("timeout") from None
-    raise RetryableError("connection error") from None
-  except (ConnectionError, http.client.HTTPException):
-    raise RetryableError("connection error") from None
+  data = json.dumps(body).encode()
+  for _ in range(MAX_REDIRECTS + 1):
+    status, reply_headers, raw = _exchange(url, data, headers, timeout, max_bytes)
+    if status not in (301, 302, 303, 307, 308):
+      break
+    target = urllib.parse.urljoin(url, reply_headers.get("Location") or "")
+    if _origin(target) != _origin(url):
+      scheme, host, port = _origin(target)
+      raise FatalRequestError(f"redirect to another origin refused ({scheme}://{host}:{port})")
+    url = target
+  else:
+    raise FatalRequestError("too many redirects")
+  if status == 429 or status >= 500:
+    raise RetryableError(f"http {status}", _retry_after(reply_headers.get("Retry-After")))
+  if status >= 300:
+    raise FatalRequestError(f"http {status}")
   try:
     return json.loads(raw)
   except (json.JSONDecodeError, UnicodeDecodeError):
     raise RetryableError("response body is not JSON") from None
+  except RecursionError:
+    raise FatalRequestError("response body is nested too deeply") from None
 
 
 def backoff_delay(attempt: int, settings: Settings, retry_after: float | None) -> float:
@@ -206,13 +272,13 @@ def dialogue_for(paper: dict, settings: Settings, sleep: Callable[[float], None]
   url = chat_completions_url(settings.endpoint)
   for attempt in range(settings.max_retries + 1):
     try:
-      response = post_chat(url, body, settings.api_key, settings.timeout)
+      response = post_chat(url, body, settings.api_key, settings.timeout, settings.max_reply_bytes)
       break
     except RetryableError as e:
       if attempt == settings.max_retries:
         raise
       delay = backoff_delay(attempt, settings, e.retry_after)
-      _log.info("%s: %s, retry %d in %.2fs", paper["id"], e.reason, attempt + 1, delay)
+      logging.info("%s: %s, retry %d in %.2fs", paper["id"], e.reason, attempt + 1, delay)
       sleep(delay)
   try:
     content = response["choices"][0]["message"]["content"]
@@ -240,9 +306,9 @@ def finished_ids(output: str) -> set[str]:
       done.add(str(json.loads(line)["id"]))
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
       if line.endswith(b"\n"):
-        _log.warning("%s: unreadable line kept as is (not a crash tail)", output)
+        logging.warning("%s: unreadable line kept as is (not a crash tail)", output)
       else:
-        _log.warning("%s: dropping a truncated last line (%d bytes)", output, len(line))
+        logging.warning("%s: dropping a truncated last line (%d bytes)", output, len(line))
         break
     good_end += len(line)
   if good_end < len(data):
@@ -270,7 +336,7 @@ def read_abstracts(path: str, limit: int | None, report: collections.Counter) ->
           raise ValueError("empty abstract")
       except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         report["bad abstract record"] += 1
-        _log.warning("%s:%d: skipped (%s)", path, i + 1, e)
+        logging.warning("%s:%d: skipped (%s)", path, i + 1, e)
         continue
       if paper["id"] in seen:
         report["duplicate id"] += 1
@@ -298,50 +364,63 @@ def run(abstracts: str, output: str, settings: Settings, limit: int | None = Non
         turns = future.result()
       except (ReplyError, RetryableError, FatalRequestError) as e:
         failed[e.reason] += 1
-        _log.warning("%s: failed (%s)", paper["id"], e.reason)
+        logging.warning("%s: failed (%s)", paper["id"], e.reason)
+        continue
+      except Exception as e:  # noqa: BLE001 - one paper's failure never discards the others'
+        failed[f"unexpected {type(e).__name__}"] += 1
+        logging.exception("%s: failed", paper["id"])
         continue
       out.write(json.dumps(to_record(paper, turns, settings.model), ensure_ascii=False) + "\n")
       out.flush()
       written += 1
   summary = {"done": written, "skipped_existing": len(papers) - len(todo), "failed": dict(failed),
              "bad_input": dict(input_report)}
-  _log.info("make_qa summary: %s", json.dumps(summary))
+  logging.info("make_qa summary: %s", json.dumps(summary))
   return summary
 
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("abstracts", None, "JSONL of papers with id, title, abstract.")
-flags.DEFINE_string("output", None, "ShareGPT JSONL to append dialogues to (resumed if it exists).")
-flags.DEFINE_string("endpoint", None, "Server base URL, .../v1, or the full .../chat/completions URL.")
-flags.DEFINE_string("model", None, "Model name sent to the server.")
-flags.DEFINE_string("api_key_env", "OPENAI_API_KEY", "Environment variable holding the API key (optional).")
-flags.DEFINE_integer("concurrency", 8, "Requests in flight at most.")
-flags.DEFINE_integer("max_retries", 5, "Retries per abstract on 429/5xx/timeouts.")
-flags.DEFINE_float("timeout", 60.0, "Seconds per request.")
-flags.DEFINE_float("backoff_base", 1.0, "First backoff ceiling in seconds; doubles per retry.")
-flags.DEFINE_float("backoff_max", 60.0, "Longest wait between retries, Retry-After included.")
-flags.DEFINE_float("temperature", 0.7, "Sampling temperature.")
-flags.DEFINE_integer("limit", None, "Use only the first N lines of --abstracts.")
+
+
+def define_flags() -> None:
+  """The command's flags (defined from ``__main__`` only, so importing this module defines none)."""
+  flags.DEFINE_string("abstracts", None, "JSONL of papers with id, title, abstract.")
+  cli.define("output", help={"output": "ShareGPT JSONL to append dialogues to (resumed if it exists)."})
+  flags.DEFINE_string("endpoint", None, "Server base URL, .../v1, or the full .../chat/completions URL.")
+  flags.DEFINE_string("model", None, "Model name sent to the server.")
+  flags.DEFINE_string("api_key_env", "OPENAI_API_KEY",
+                      "Environment variable holding the API key (optional; sent to --endpoint only).")
+  flags.DEFINE_integer("concurrency", 8, "Requests in flight at most.")
+  flags.DEFINE_integer("max_retries", 5, "Retries per abstract on 429/5xx/timeouts.")
+  flags.DEFINE_float("timeout", 60.0, "Seconds per request, the whole exchange.")
+  flags.DEFINE_float("backoff_base", 1.0, "First backoff ceiling in seconds; doubles per retry.")
+  flags.DEFINE_float("backoff_max", 60.0, "Longest wait between retries, Retry-After included.")
+  flags.DEFINE_float("temperature", 0.7, "Sampling temperature.")
+  flags.DEFINE_float("max_reply_mb", 16.0, "Largest reply accepted, MiB.")
+  flags.DEFINE_integer("limit", None, "Use only the first N lines of --abstracts.")
+  flags.mark_flags_as_required(["abstracts", "output", "endpoint", "model"])
 
 
 def main(argv: list[str]) -> None:
-  del argv
-  for name in ("abstracts", "output", "endpoint", "model"):
-    if not getattr(FLAGS, name):
-      raise app.UsageError(f"--{name} is required")
+  cli.no_extra_args(argv)
   if not os.path.isfile(FLAGS.abstracts):
-    raise app.UsageError(f"--abstracts: no such file {FLAGS.abstracts}")
-  logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    raise cli.UserError(f"--abstracts: no such file {FLAGS.abstracts}")
+  cli.check_output_file(FLAGS.output)
+  for name in ("timeout", "max_reply_mb"):
+    if not getattr(FLAGS, name) > 0:
+      raise cli.UserError(f"--{name} must be positive, got {getattr(FLAGS, name)}")
   api_key = os.environ.get(FLAGS.api_key_env) if FLAGS.api_key_env else None
   if not api_key:
-    _log.info("no API key in $%s: sending requests without Authorization", FLAGS.api_key_env)
+    logging.info("no API key in $%s: sending requests without Authorization", FLAGS.api_key_env)
   settings = Settings(endpoint=FLAGS.endpoint, model=FLAGS.model, api_key=api_key,
                       concurrency=FLAGS.concurrency, max_retries=FLAGS.max_retries, timeout=FLAGS.timeout,
                       backoff_base=FLAGS.backoff_base, backoff_max=FLAGS.backoff_max,
-                      temperature=FLAGS.temperature)
+                      temperature=FLAGS.temperature,
+                      max_reply_bytes=int(FLAGS.max_reply_mb * 1024**2))
   summary = run(FLAGS.abstracts, FLAGS.output, settings, limit=FLAGS.limit)
-  print(json.dumps(summary, indent=2))
+  cli.report("make_qa", summary)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  define_flags()
+  cli.run(main)

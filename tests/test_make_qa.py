@@ -42,7 +42,15 @@ SCRIPTS = {
     "flaky": [("status", 500, {}), ("status", 502, {}), ("json", json.dumps(GOOD_DIALOGUE))],
     "down": [("status", 503, {})],
     "forbidden": [("status", 403, {})],
+    # hostile servers
+    "redirect_away": [("redirect", "other")],
+    "redirect_here": [("redirect", "self"), ("json", json.dumps(GOOD_DIALOGUE))],
+    "drip": [("drip", 0.25)],
+    "huge": [("raw", b'{"pad": "' + b"x" * (3 * 1024**2) + b'"}')],
+    "deep_body": [("raw", b"[" * 200_000 + b"]" * 200_000)],
+    "deep_content": [("json", "[" * 200_000 + "]" * 200_000)],
 }
+REDIRECT_TARGET: dict[str, str] = {}
 
 
 class _Server:
@@ -88,6 +96,25 @@ class _Server:
               self.send_header(k, v)
             self.send_header("Content-Length", "0")
             self.end_headers()
+            return
+          if step[0] == "redirect":
+            self.send_response(302)
+            target = outer.url if step[1] == "self" else REDIRECT_TARGET["other"]
+            self.send_header("Location", target + "/v1/chat/completions")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+          if step[0] == "drip":  # headers at once, then one byte of body every step[1] seconds
+            self.send_response(200)
+            self.send_header("Content-Length", "100000")
+            self.end_headers()
+            try:
+              for _ in range(100000):
+                self.wfile.write(b" ")
+                self.wfile.flush()
+                time.sleep(step[1])
+            except (BrokenPipeError, ConnectionResetError):
+              pass
             return
           if step[0] == "raw":
             payload = step[1]
@@ -274,6 +301,34 @@ def test_cli(tmp_path):
         capture_output=True, text=True, env=env, timeout=60, check=False)
     assert server.auth == {"Bearer sekrit"}
   assert proc.returncode == 0, proc.stderr
-  summary = json.loads(proc.stdout)
+  summary = json.loads(proc.stdout.strip().splitlines()[-1])
   assert summary["done"] == 1 and summary["failed"] == {"reply is not JSON": 1}
   assert [r["id"] for r in _lines(out)] == ["2501.00000"]
+
+
+def test_hostile_servers_fail_one_abstract_each_and_keep_the_rest(tmp_path):
+  """Cross-origin redirects are refused (the key never leaves the endpoint), the deadline bounds
+  a dripping reply, a huge or deeply nested reply fails its abstract, and the good ones are kept."""
+  abstracts = tmp_path / "a.jsonl"
+  kinds = ["good", "redirect_away", "redirect_here", "drip", "huge", "deep_body", "deep_content",
+           "good"]
+  ids = _write_abstracts(abstracts, kinds)
+  out = tmp_path / "qa.jsonl"
+  with _Server() as server, _Server() as other:
+    REDIRECT_TARGET["other"] = other.url
+    t0 = time.monotonic()
+    summary = make_qa.run(str(abstracts), str(out),
+                          _settings(server.url, api_key="sekrit", timeout=1.5, max_retries=0,
+                                    concurrency=8, max_reply_bytes=1024**2),
+                          sleep=lambda s: None)
+    elapsed = time.monotonic() - t0
+    assert other.hits == {} and other.auth == set()  # nothing, let alone the key, reached it
+  assert elapsed < 20
+  port = other.url.rsplit(":", 1)[1]
+  assert summary["failed"] == {f"redirect to another origin refused (http://127.0.0.1:{port})": 1,
+                               "timeout": 1,
+                               f"reply larger than {1024**2} bytes": 1,
+                               "response body is nested too deeply": 1,
+                               "reply is nested too deeply": 1}
+  assert summary["done"] == 3
+  assert sorted(r["id"] for r in _lines(out)) == sorted([ids[0], ids[2], ids[7]])
