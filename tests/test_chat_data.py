@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from astrollama_jax.data import chat
-from astrollama_jax.data.chat import ChatFormatError, Conversation
+from astrollama_jax.data import chat, chat_formats, chat_template
+from astrollama_jax.data.chat_formats import ChatFormatError, Conversation
 from astrollama_jax.data.tokenizer import Tokenizer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -46,7 +46,7 @@ def test_every_format_reads_into_the_same_conversation(tmp_path):
                                 {"role": "assistant", "content": "A2"}]},
   ]
   path = _write_jsonl(tmp_path / "mixed.jsonl", records)
-  convs, report = chat.load_conversations(path)
+  convs, report = chat_formats.load_conversations(path)
   assert report == {"ok": 2}
   assert [dataclasses.replace(c, id="") for c in convs] == [want, want]
   assert [c.id for c in convs] == ["sg", "oa"]
@@ -57,12 +57,12 @@ def test_every_format_reads_into_the_same_conversation(tmp_path):
       "lima": {"conversations": ["Q1", "A1", "Q2", "A2"]},
   }
   for fmt, rec in cases.items():
-    assert dataclasses.replace(chat.parse_record(rec, fmt), id="") == no_sys
-    assert chat.detect_format(rec) == fmt
-  assert chat.parse_record(cases["ultrachat"]).id == "7"
-  orca = chat.parse_record({"id": "o", "system_prompt": "Be brief.", "question": "Q1", "response": "A1"})
+    assert dataclasses.replace(chat_formats.parse_record(rec, fmt), id="") == no_sys
+    assert chat_formats.detect_format(rec) == fmt
+  assert chat_formats.parse_record(cases["ultrachat"]).id == "7"
+  orca = chat_formats.parse_record({"id": "o", "system_prompt": "Be brief.", "question": "Q1", "response": "A1"})
   assert orca == Conversation((("user", "Q1"), ("assistant", "A1")), "Be brief.", "o")
-  orca_nosys = chat.parse_record({"system_prompt": "", "question": "Q1", "response": "A1"}, "openorca")
+  orca_nosys = chat_formats.parse_record({"system_prompt": "", "question": "Q1", "response": "A1"}, "openorca")
   assert orca_nosys.system is None
 
 
@@ -72,24 +72,24 @@ def test_lmflow_and_json_array_files(tmp_path):
       {"system": "", "messages": [{"role": "user", "content": "Q1"}]},  # no reply: skipped
   ]}
   (tmp_path / "lm.json").write_text(json.dumps(lmflow))
-  convs, report = chat.load_conversations(tmp_path / "lm.json", "lmflow")
+  convs, report = chat_formats.load_conversations(tmp_path / "lm.json", "lmflow")
   assert report == {"ok": 1, "no assistant reply": 1}
   assert convs[0].turns == (("user", "Q1"), ("assistant", "A1")) and convs[0].system == "Be brief."
   assert convs[0].id == "lm.json:0"
 
   (tmp_path / "arr.json").write_text(json.dumps([{"conversations": ["Q", "A"]}, 5]))
-  convs, report = chat.load_conversations(tmp_path / "arr.json")
+  convs, report = chat_formats.load_conversations(tmp_path / "arr.json")
   assert report == {"ok": 1, "record is not a JSON object": 1}
 
   (tmp_path / "bad.json").write_text("[{")
   with pytest.raises(ValueError, match="bad.json"):
-    chat.load_conversations(tmp_path / "bad.json")
+    chat_formats.load_conversations(tmp_path / "bad.json")
   (tmp_path / "x.txt").write_text("")
   with pytest.raises(ValueError, match="json or .jsonl"):
-    chat.load_conversations(tmp_path / "x.txt")
+    chat_formats.load_conversations(tmp_path / "x.txt")
   (tmp_path / "other.json").write_text(json.dumps({"type": "text_only", "instances": []}))
   with pytest.raises(ValueError, match="text_only"):
-    chat.load_conversations(tmp_path / "other.json")
+    chat_formats.load_conversations(tmp_path / "other.json")
 
 
 def test_malformed_records_are_skipped_and_counted(tmp_path):
@@ -111,7 +111,7 @@ def test_malformed_records_are_skipped_and_counted(tmp_path):
       sg(("gpt", "Hello! Ask me anything."), ("human", "a"), ("gpt", "b"), ("human", "dangling")),
   ]
   path = _write_jsonl(tmp_path / "bad.jsonl", records)
-  convs, report = chat.load_conversations(path)
+  convs, report = chat_formats.load_conversations(path)
   assert report == {
       "invalid JSON line": 1, "record is not a JSON object": 1, "unknown format": 2,
       "roles do not alternate": 1, "unknown role": 1, "empty turn": 1, "no assistant reply": 1,
@@ -122,24 +122,24 @@ def test_malformed_records_are_skipped_and_counted(tmp_path):
   assert convs[0].turns == (("user", "a"), ("assistant", "b"))
   # Forcing a format that does not fit names what is missing.
   with pytest.raises(ChatFormatError, match="missing field for openorca"):
-    chat.parse_record(sg(("human", "a"), ("gpt", "b")), "openorca")
+    chat_formats.parse_record(sg(("human", "a"), ("gpt", "b")), "openorca")
   with pytest.raises(ValueError, match="unknown chat format"):
-    chat.parse_record({}, "alpaca")
+    chat_formats.parse_record({}, "alpaca")
   # For generation a final user turn is kept.
-  prompt = chat.parse_record(sg(("human", "a"), ("gpt", "b"), ("human", "c")), require_reply=False)
+  prompt = chat_formats.parse_record(sg(("human", "a"), ("gpt", "b"), ("human", "c")), require_reply=False)
   assert prompt.turns[-1] == ("user", "c")
 
 
 def test_shared_sharegpt_reads_fully():
   if not SHAREGPT.exists():
     pytest.skip("shared chat data missing")
-  convs, report = chat.load_conversations(SHAREGPT, "sharegpt")
+  convs, report = chat_formats.load_conversations(SHAREGPT, "sharegpt")
   assert report == {"ok": 500}
   assert sum(len(c.turns) for c in convs) == 2000
 
 
 def test_demo_chat_set_layout():
-  convs, report = chat.load_conversations(DEMO_CHAT, "sharegpt")
+  convs, report = chat_formats.load_conversations(DEMO_CHAT, "sharegpt")
   assert report == {"ok": len(convs)} and 35 <= len(convs) <= 50
   assert sum(c.system is not None for c in convs) >= 5
   assert sum(len(c.turns) > 2 for c in convs) >= 5
@@ -162,7 +162,7 @@ def hf_dir(tmp_path_factory):
   if not TOKENIZER.exists():
     pytest.skip("LLaMA-2 tokenizer not in shared data")
   out = tmp_path_factory.mktemp("hf_tok")
-  paths = chat.write_hf_tokenizer_files(out, TOKENIZER)
+  paths = chat_template.write_hf_tokenizer_files(out, TOKENIZER)
   assert sorted(os.path.basename(p) for p in paths) == [
       "special_tokens_map.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json"]
   return out
@@ -183,7 +183,7 @@ def _hf_chat_ids(hf_tok, conv: Conversation) -> list[int]:
 
 def test_hf_tokenizer_folder(hf_dir, hf_tok):
   config = json.loads((hf_dir / "tokenizer_config.json").read_text())
-  assert config["chat_template"] == chat.LLAMA2_CHAT_TEMPLATE
+  assert config["chat_template"] == chat_template.LLAMA2_CHAT_TEMPLATE
   assert config["add_bos_token"] is True and config["add_eos_token"] is False
   assert (config["bos_token"], config["eos_token"], config["unk_token"]) == ("<s>", "</s>", "<unk>")
   assert type(hf_tok).__name__ == "LlamaTokenizer"
@@ -194,16 +194,16 @@ def test_hf_tokenizer_folder(hf_dir, hf_tok):
 def test_chat_ids_equal_apply_chat_template_on_sharegpt(tok, hf_tok):
   if not SHAREGPT.exists():
     pytest.skip("shared chat data missing")
-  convs, _ = chat.load_conversations(SHAREGPT)
+  convs, _ = chat_formats.load_conversations(SHAREGPT)
   systems = [None, "You are a helpful astronomy assistant.", "  Answer briefly.\nUse SI units.  "]
   for i, conv in enumerate(convs):
     conv = dataclasses.replace(conv, system=systems[i % 3])
-    ids, mask = chat.encode_conversation(tok, conv)
+    ids, mask = chat_template.encode_conversation(tok, conv)
     assert ids == _hf_chat_ids(hf_tok, conv), conv.id
     assert len(mask) == len(ids)
     # The prompt for the last reply is the same ids up to that reply.
     prompt = dataclasses.replace(conv, turns=conv.turns[:-1])
-    prompt_ids = chat.build_prompt_ids(prompt, tok)
+    prompt_ids = chat_template.build_prompt_ids(prompt, tok)
     assert prompt_ids == _hf_chat_ids(hf_tok, prompt)
     assert ids[:len(prompt_ids)] == prompt_ids and mask[len(prompt_ids):] == [1] * (len(ids) - len(prompt_ids))
 
@@ -219,15 +219,15 @@ def test_chat_ids_equal_apply_chat_template_on_mt_bench(tok, hf_tok):
     reply = q.get("reference", ["Here you go:\n\n```python\ndef f(x):\n    return  x * 2\n```"])[0]
     conv = Conversation(turns=(("user", q["turns"][0]), ("assistant", reply), ("user", q["turns"][1])),
                         system="You are an expert. Think step by step." if q["question_id"] % 2 else None)
-    assert chat.build_prompt_ids(conv, tok) == _hf_chat_ids(hf_tok, conv), q["question_id"]
+    assert chat_template.build_prompt_ids(conv, tok) == _hf_chat_ids(hf_tok, conv), q["question_id"]
     full = dataclasses.replace(conv, turns=conv.turns + (("assistant", "Done."),))
-    assert chat.encode_conversation(tok, full)[0] == _hf_chat_ids(hf_tok, full), q["question_id"]
+    assert chat_template.encode_conversation(tok, full)[0] == _hf_chat_ids(hf_tok, full), q["question_id"]
 
 
 def test_demo_chat_ids_equal_apply_chat_template(tok, hf_tok):
-  convs, _ = chat.load_conversations(DEMO_CHAT)
+  convs, _ = chat_formats.load_conversations(DEMO_CHAT)
   for conv in convs:
-    assert chat.encode_conversation(tok, conv)[0] == _hf_chat_ids(hf_tok, conv), conv.id
+    assert chat_template.encode_conversation(tok, conv)[0] == _hf_chat_ids(hf_tok, conv), conv.id
 
 
 def test_plain_encode_equals_auto_tokenizer_on_abstracts(tok, hf_tok):
@@ -264,7 +264,7 @@ def test_template_rejects_non_alternating_roles(hf_tok):
 
 @needs_tokenizer
 def test_loss_mask_exact_positions_single_exchange(tok):
-  ex = chat.encode_for_training(tok, Conversation((("user", "hi there"), ("assistant", "hello"))))
+  ex = chat_template.encode_for_training(tok, Conversation((("user", "hi there"), ("assistant", "hello"))))
   # <s> ▁[ INST ] ▁hi ▁there ▁[ / INST ] ▁hello ▁ </s>
   ids = [1, 518, 25580, 29962, 7251, 727, 518, 29914, 25580, 29962, 22172, 29871, 2]
   assert ex["tokens"].tolist() == ids[:-1] and ex["targets"].tolist() == ids[1:]
@@ -284,7 +284,7 @@ def test_loss_mask_exact_positions_with_system_and_two_exchanges(tok):
   r2 = tok.encode("The Earth-Sun distance. ", bos=False) + [tok.eos_id]
   ids = p1 + r1 + p2 + r2
   is_reply = [0] * len(p1) + [1] * len(r1) + [0] * len(p2) + [1] * len(r2)
-  ex = chat.encode_for_training(tok, conv)
+  ex = chat_template.encode_for_training(tok, conv)
   assert ex["tokens"].tolist() == ids[:-1] and ex["targets"].tolist() == ids[1:]
   assert ex["loss_mask"].tolist() == is_reply[1:]
   # what is learnt, decoded: the two replies, each closed by EOS
@@ -292,32 +292,32 @@ def test_loss_mask_exact_positions_with_system_and_two_exchanges(tok):
   assert learnt == r1 + r2 and learnt.count(tok.eos_id) == 2
   # a final unanswered user turn adds nothing to the training example
   longer = dataclasses.replace(conv, turns=conv.turns + (("user", "Thanks!"),))
-  assert chat.encode_for_training(tok, longer)["tokens"].tolist() == ex["tokens"].tolist()
+  assert chat_template.encode_for_training(tok, longer)["tokens"].tolist() == ex["tokens"].tolist()
 
 
 @needs_tokenizer
 def test_truncation_drops_whole_trailing_exchanges(tok):
   conv = Conversation((("user", "Q one"), ("assistant", "A one " * 5), ("user", "Q two"), ("assistant", "A two " * 50)))
-  first_ids, _ = chat.encode_conversation(tok, dataclasses.replace(conv, turns=conv.turns[:2]))
-  full = chat.encode_for_training(tok, conv)
+  first_ids, _ = chat_template.encode_conversation(tok, dataclasses.replace(conv, turns=conv.turns[:2]))
+  full = chat_template.encode_for_training(tok, conv)
   n_full = len(full["tokens"])
   for seq_len in (len(first_ids) - 1, len(first_ids) + 5, n_full - 1):
-    ex = chat.encode_for_training(tok, conv, seq_len=seq_len)
+    ex = chat_template.encode_for_training(tok, conv, seq_len=seq_len)
     assert ex["tokens"].tolist() == first_ids[:-1]  # second exchange dropped whole
     assert ex["loss_mask"][-1] == 1.0 and ex["targets"][-1] == tok.eos_id
-  assert chat.encode_for_training(tok, conv, seq_len=n_full)["tokens"].tolist() == full["tokens"].tolist()
+  assert chat_template.encode_for_training(tok, conv, seq_len=n_full)["tokens"].tolist() == full["tokens"].tolist()
   with pytest.raises(ChatFormatError, match="first exchange too long"):
-    chat.encode_for_training(tok, conv, seq_len=len(first_ids) - 2)
+    chat_template.encode_for_training(tok, conv, seq_len=len(first_ids) - 2)
 
 
 @needs_tokenizer
 def test_build_prompt_ids_needs_a_final_user_turn(tok):
   conv = Conversation((("user", "Q"), ("assistant", "A")))
   with pytest.raises(ValueError, match="ends with a user turn"):
-    chat.build_prompt_ids(conv, tok)
-  ids = chat.build_prompt_ids(Conversation((("user", "Q"),)), tok)
+    chat_template.build_prompt_ids(conv, tok)
+  ids = chat_template.build_prompt_ids(Conversation((("user", "Q"),)), tok)
   assert ids[0] == tok.bos_id and tok.decode(ids[-4:]).endswith("[/INST]")
-  assert chat.decode_reply(tok, tok.encode("Sure thing ", bos=False) + [tok.eos_id, 999]) == "Sure thing"
+  assert chat_template.decode_reply(tok, tok.encode("Sure thing ", bos=False) + [tok.eos_id, 999]) == "Sure thing"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -410,7 +410,7 @@ def test_sft_dataset_batches_shards_and_resumes(tok):
   # every example the mixture can produce, keyed by its tokens
   examples = {}
   for conv in chat.mix_sources(sources, seed=5):
-    ex = chat.encode_for_training(tok, conv, seq_len)
+    ex = chat_template.encode_for_training(tok, conv, seq_len)
     examples[tuple(ex["tokens"].tolist())] = (ex["targets"].tolist(), ex["loss_mask"].tolist())
 
   seen = []

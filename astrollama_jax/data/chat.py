@@ -1,8 +1,8 @@
 """Chat SFT data: source mixtures and the Grain pipeline that feeds the trainer.
 
-The pieces live in two sibling modules, re-exported here so callers import one place:
-``chat_formats`` (reading ShareGPT/OpenAI/UltraChat/OpenOrca/LIMA/LMFlow into ``Conversation``) and
-``chat_template`` (the LLaMA-2 chat format as token ids, the loss mask, the HF tokenizer folder).
+Built on two sibling modules: ``chat_formats`` (reading ShareGPT/OpenAI/UltraChat/OpenOrca/LIMA/
+LMFlow into ``Conversation``) and ``chat_template`` (the LLaMA-2 chat format as token ids, the loss
+mask, the HF tokenizer folder).
 
 Batches have the corpus pipeline's layout, so the trainer cannot tell SFT from pre-training except
 by ``loss_mask``: tokens/targets/segment_ids/positions int32 and loss_mask float32, [batch, seq_len].
@@ -11,30 +11,18 @@ by ``loss_mask``: tokens/targets/segment_ids/positions int32 and loss_mask float
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 from typing import Any, Iterable, Mapping, Sequence
 
 import grain
 import numpy as np
+from absl import logging
 
 from astrollama_jax.data import packing
-from astrollama_jax.data.chat_formats import (ChatFormatError, Conversation, FORMATS, detect_format,
-                                              load_conversations, parse_record, read_conversations,
-                                              write_sharegpt_jsonl)
-from astrollama_jax.data.chat_template import (LLAMA2_CHAT_TEMPLATE, build_prompt_ids, decode_reply,
-                                               encode_conversation, encode_for_training,
-                                               write_hf_tokenizer_files)
+from astrollama_jax.data.chat_formats import ChatFormatError, Conversation, FORMATS, load_conversations
+from astrollama_jax.data.chat_template import encode_for_training
 from astrollama_jax.data.tokenizer import Tokenizer
 
-__all__ = [
-    "ChatFormatError", "ChatSource", "Conversation", "FORMATS", "LLAMA2_CHAT_TEMPLATE", "build_prompt_ids",
-    "decode_reply", "detect_format", "encode_conversation", "encode_for_training", "load_conversations",
-    "make_sft_dataset", "mix_sources", "parse_record", "read_conversations", "write_hf_tokenizer_files",
-    "write_sharegpt_jsonl",
-]
-
-_log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,13 +90,13 @@ def mix_sources(sources: Iterable[ChatSource | Mapping[str, Any] | Sequence[Any]
     else:
       n = len(convs)
     if n > len(convs):
-      _log.warning("%s: %d conversations asked, %d readable: repeating", src.path, n, len(convs))
+      logging.warning("%s: %d conversations asked, %d readable: repeating", src.path, n, len(convs))
     if n and not convs:
       raise ValueError(f"chat source {src.path}: no readable conversations (report {rep})")
     picked = _take(convs, n, np.random.default_rng([seed, index]))
     mixed += picked
     rep["taken"] = len(picked)
-    _log.info("chat source %s: %s", src.path, rep)
+    logging.info("chat source %s: %s", src.path, rep)
     if report is not None:
       report[src.path] = rep
   order = np.random.default_rng([seed, 1 << 30]).permutation(len(mixed))
@@ -126,7 +114,7 @@ class _EncodeForTraining:
     try:
       return encode_for_training(self.tokenizer, conversation, self.seq_len)
     except ChatFormatError as e:
-      _log.warning("conversation %s skipped: %s", conversation.id, e)
+      logging.warning("conversation %s skipped: %s", conversation.id, e)
       return None
 
 

@@ -14,9 +14,10 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
-import logging
 import os
 from typing import Any, Iterable, Iterator
+
+from absl import logging
 
 USER = "user"
 ASSISTANT = "assistant"
@@ -36,7 +37,6 @@ _ROLE_ALIASES = {
 # tokenizes the rendered template, so our ids and HF's could differ. Such records are skipped.
 _SPECIAL_STRINGS = ("<s>", "</s>")
 
-_log = logging.getLogger(__name__)
 
 
 class ChatFormatError(ValueError):
@@ -205,7 +205,7 @@ def _records(path: str, report: collections.Counter) -> Iterator[tuple[int, Any]
           yield i, json.loads(line)
         except json.JSONDecodeError:
           report["invalid JSON line"] += 1
-          _log.warning("%s:%d: invalid JSON line, skipped", path, i + 1)
+          logging.warning("%s:%d: invalid JSON line, skipped", path, i + 1)
     return
   if not path.endswith(".json"):
     raise ValueError(f"{path}: chat data must be .json or .jsonl")
@@ -236,7 +236,7 @@ def read_conversations(path: str | os.PathLike, fmt: str = "auto", report: colle
     except ChatFormatError as e:
       report[e.reason] += 1
       if report[e.reason] <= 3:
-        _log.warning("%s record %d skipped: %s", path, i, e)
+        logging.warning("%s record %d skipped: %s", path, i, e)
       continue
     report["ok"] += 1
     yield conv if conv.id else dataclasses.replace(conv, id=f"{os.path.basename(path)}:{i}")
