@@ -6,7 +6,15 @@ setup(
     name="astrollama-jax",
     version="0.1.0",
     description="AstroLLaMA-Chat recipe in JAX: arXiv LaTeX -> CPT -> chat SFT -> HF hub",
-    packages=find_packages(include=["astrollama_jax", "astrollama_jax.*"]),
+    # The top-level configs/ and data/ folders ship inside the package (astrollama_jax.resources
+    # finds them there after a non-editable install, and at the top level in a checkout).
+    packages=find_packages(include=["astrollama_jax", "astrollama_jax.*"])
+    + ["astrollama_jax.configs", "astrollama_jax.demo_data"],
+    package_dir={"astrollama_jax.configs": "configs", "astrollama_jax.demo_data": "data"},
+    package_data={"astrollama_jax.configs": ["*.py", "**/*.py"],
+                  "astrollama_jax.demo_data": ["**/*"],
+                  "astrollama_jax.eval": ["*.md"]},
+    include_package_data=False,
     python_requires=">=3.10",
     # Pinned to the versions this project is tested with; newer minors are allowed where they work.
     install_requires=[

@@ -15,38 +15,46 @@ The steps call the same code as ``python -m astrollama_jax.prepare``, ``... .tra
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import pathlib
 import shutil
 import time
 from typing import Any
 
-from absl import app, flags, logging
+from absl import flags, logging
+
+from astrollama_jax import cli, resources
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "Output folder (corpus/, cpt/, hf/).")
-flags.DEFINE_string("tokenizer", None, "LLaMA-2 tokenizer.model (default: $ASTROLLAMA_TOKENIZER or "
-                    "../shared/data/tokenizer/llama2/tokenizer.model next to the repository).")
-flags.DEFINE_string("corpus", None, "Demo corpus folder (default: the repository's data/demo_corpus).")
-flags.DEFINE_integer("steps", None, "Override the number of training steps of configs/demo.py.")
-flags.DEFINE_integer("sft_steps", None, "Override the number of training steps of configs/demo_sft.py.")
-flags.DEFINE_string("question", "What does a high star formation rate in a galaxy tell us?",
-                    "The question the fine-tuned demo model answers at the end.")
-flags.mark_flags_as_required(["workdir"])
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+
+def define_flags() -> None:
+  """The command's flags (defined from ``__main__`` only, so importing this module defines none)."""
+  flags.DEFINE_string("workdir", None, "Output folder (corpus/, cpt/, sft/, hf/).", required=True)
+  cli.define("tokenizer", help={"tokenizer": "LLaMA-2 tokenizer.model (default: "
+                                "$ASTROLLAMA_TOKENIZER, else ../shared/data/tokenizer/llama2/"
+                                "tokenizer.model beside a checkout)."})
+  flags.DEFINE_string("corpus", None, "Demo corpus folder (default: the shipped data/demo_corpus).")
+  flags.DEFINE_integer("steps", None, "Override the number of training steps of configs/demo.py.")
+  flags.DEFINE_integer("sft_steps", None,
+                       "Override the number of training steps of configs/demo_sft.py.")
+  flags.DEFINE_string("question", "What does a high star formation rate in a galaxy tell us?",
+                      "The question the fine-tuned demo model answers at the end.")
 
 
 def find_tokenizer(explicit: str | None) -> str:
-  candidates = [explicit] if explicit else [
-      os.environ.get("ASTROLLAMA_TOKENIZER"),
-      str(REPO.parent / "shared" / "data" / "tokenizer" / "llama2" / "tokenizer.model")]
+  if explicit:
+    candidates = [explicit]
+  else:
+    repo = resources.checkout()
+    candidates = [os.environ.get("ASTROLLAMA_TOKENIZER"),
+                  repo and str(repo.parent / "shared" / "data" / "tokenizer" / "llama2" /
+                               "tokenizer.model")]
   for path in candidates:
     if path and os.path.isfile(path):
       return path
-  raise app.UsageError(f"LLaMA-2 tokenizer.model not found (looked at {[c for c in candidates if c]}); "
-                       "pass --tokenizer=PATH")
+  raise cli.UserError(f"LLaMA-2 tokenizer.model not found (looked at "
+                      f"{[c for c in candidates if c]}); pass --tokenizer=PATH")
 
 
 def load_config(path: pathlib.Path) -> Any:
@@ -67,7 +75,7 @@ def prepare(source: str, output: str) -> dict[str, Any]:
 
 def pretrain(corpus_dir: str, tokenizer: str, workdir: str, steps: int | None) -> dict[str, Any]:
   from astrollama_jax.train import loop
-  config = load_config(REPO / "configs" / "demo.py")
+  config = load_config(resources.path("configs", "demo.py"))
   config.data.path = corpus_dir
   config.data.tokenizer_path = tokenizer
   if steps:
@@ -77,11 +85,11 @@ def pretrain(corpus_dir: str, tokenizer: str, workdir: str, steps: int | None) -
 
 def finetune(cpt_workdir: str, tokenizer: str, workdir: str, steps: int | None) -> dict[str, Any]:
   from astrollama_jax.train import loop
-  config = load_config(REPO / "configs" / "demo_sft.py")
+  config = load_config(resources.path("configs", "demo_sft.py"))
   config.init_checkpoint = cpt_workdir
   config.data.tokenizer_path = tokenizer
-  for source in config.data.sources:  # repository-relative paths work from any directory
-    source["path"] = str(REPO / source["path"])
+  for source in config.data.sources:  # shipped data: "data/..." paths, found wherever installed
+    source["path"] = str(resources.path(*pathlib.PurePosixPath(source["path"]).parts))
   if steps:
     config.train.num_steps = steps
   return loop.train(config, workdir)
@@ -142,13 +150,12 @@ def run(workdir: str, tokenizer: str, corpus_src: str, steps: int | None = None,
 
 
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  cli.no_extra_args(argv)
   from astrollama_jax.train.metrics import quiet_library_logs
   quiet_library_logs()
-  summary = run(FLAGS.workdir, find_tokenizer(FLAGS.tokenizer),
-                FLAGS.corpus or str(REPO / "data" / "demo_corpus"), FLAGS.steps, FLAGS.sft_steps,
-                FLAGS.question)
+  corpus_src = FLAGS.corpus or str(resources.path("data", "demo_corpus"))
+  summary = run(FLAGS.workdir, find_tokenizer(FLAGS.tokenizer), corpus_src, FLAGS.steps,
+                FLAGS.sft_steps, FLAGS.question)
   rows = [("validation perplexity, before", summary["val_ppl_before"]),
           ("validation perplexity, after", summary["val_ppl_after"]),
           ("final training loss", summary["train_loss_final"]),
@@ -157,14 +164,12 @@ def main(argv: list[str]) -> None:
           ("training steps (SFT)", summary["sft_steps"]),
           *[(f"time: {k} (s)", v) for k, v in summary["seconds"].items()],
           ("HF folder", summary["hf_folder"])]
-  print()
-  for name, value in rows:
-    print(f"{name:<32} {value:.4g}" if isinstance(value, float) else f"{name:<32} {value}")
   print(f"\n[user] {summary['question']}\n[astrollama-demo] {summary['answer']}\n")
-  print(json.dumps(summary))
+  cli.report("demo", summary, rows, ("stage", "value"))
   if not summary["loss_fell"]:
     raise SystemExit("validation loss did not fall")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  define_flags()
+  cli.run(main)
