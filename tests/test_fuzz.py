@@ -1,0 +1,164 @@
+"""Property-based tests of the parsers that read what the outside world sends: a model server's
+replies, LaTeX sources, chat records and chat input lines. For any input: no crash (only the
+documented error), no hang (hypothesis deadline), bounded memory, nothing written elsewhere."""
+
+import http.server
+import io
+import json
+import threading
+import tracemalloc
+
+from hypothesis import HealthCheck, given, settings, strategies as st
+import pytest
+
+from astrollama_jax import make_qa
+from astrollama_jax.chat import run_repl
+from astrollama_jax.data import chat_formats, latex
+
+FAST = settings(max_examples=150, deadline=2000, suppress_health_check=[HealthCheck.too_slow])
+
+# Text with every kind of character, lone surrogates included.
+ANY_TEXT = st.text(st.characters(codec=None, exclude_categories=()), max_size=400)
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | ANY_TEXT,
+                    lambda inner: st.lists(inner, max_size=5)
+                    | st.dictionaries(ANY_TEXT, inner, max_size=5), max_leaves=30)
+LATEX_TOKENS = st.sampled_from([
+    "\\begin{document}", "\\end{document}", "\\begin{abstract}", "\\end{abstract}",
+    "\\section{Introduction}", "\\section{Conclusions}", "\\section*{Summary}", "\\input{x}",
+    "\\newcommand{\\a}{b}", "\\def\\x{\\x}", "{", "}", "[", "]", "$", "$$", "%", "\\\\", "\\",
+    "\\label{s}", "\\cite{a,b}", "\\footnote{", "\\begin{equation}", "\\end{equation}", "~", "&",
+    "\\title{T}", "\n\n", " text ", "é", "\ud800", "\x00"])
+
+
+@FAST
+@given(st.one_of(ANY_TEXT, JSON.map(json.dumps),
+                 JSON.map(lambda d: "```json\n" + json.dumps({"dialogue": d}) + "\n```")))
+def test_model_reply_content_parses_or_is_rejected(content):
+  try:
+    turns = make_qa.parse_dialogue(content)
+  except make_qa.ReplyError:
+    return
+  assert turns and len(turns) % 2 == 0
+  assert [r for r, _ in turns] == ["user", "assistant"] * (len(turns) // 2)
+
+
+class _ReplyServer:
+  """Answers every POST with the status and body the test sets."""
+
+  def __init__(self):
+    self.reply = (200, b"{}")
+    outer = self
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+      def log_message(self, *args):
+        pass
+
+      def do_POST(self):  # noqa: N802
+        self.rfile.read(int(self.headers["Content-Length"]))
+        status, body = outer.reply
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    self.httpd.daemon_threads = True
+    self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1/chat/completions"
+    threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+
+@pytest.fixture(scope="module")
+def reply_server():
+  server = _ReplyServer()
+  yield server
+  server.httpd.shutdown()
+  server.httpd.server_close()
+
+
+@settings(max_examples=60, deadline=5000, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(status=st.sampled_from([200, 201, 204, 400, 401, 404, 429, 500, 502, 503]),
+       body=st.one_of(st.binary(max_size=2000), JSON.map(lambda j: json.dumps(j).encode()),
+                      st.integers(1, 3000).map(lambda n: b"[" * n + b"]" * n)))
+def test_any_server_reply_is_a_result_or_a_counted_failure(reply_server, status, body):
+  reply_server.reply = (status, body)
+  try:
+    out = make_qa.post_chat(reply_server.url, {"x": 1}, "key", timeout=5.0, max_bytes=1000)
+  except (make_qa.RetryableError, make_qa.FatalRequestError) as e:
+    assert e.reason
+    return
+  assert 200 <= status < 300 and len(body) <= 1000
+  assert out == json.loads(body)
+
+
+@FAST
+@given(st.lists(LATEX_TOKENS | ANY_TEXT, max_size=60).map("".join))
+def test_latex_extraction_returns_a_paper_or_a_skip_reason(tmp_path_factory, text):
+  folder = tmp_path_factory.mktemp("paper")
+  tex = folder / "main.tex"
+  tex.write_text(text, encoding="utf-8", errors="surrogatepass")
+  before = set(tmp_path_factory.getbasetemp().rglob("*"))
+  tracemalloc.start()
+  try:
+    result = latex.process_paper(str(tex), timeout_s=1.5)
+    _, peak = tracemalloc.get_traced_memory()
+  finally:
+    tracemalloc.stop()
+  assert peak < 64 * 1024**2
+  assert set(tmp_path_factory.getbasetemp().rglob("*")) == before  # nothing written
+  if isinstance(result, latex.Skipped):
+    assert result.reason and result.reason != "internal_error", result
+  else:
+    assert result.sections
+    for section in result.sections.values():
+      section.text.encode("utf-8", errors="surrogatepass")
+
+
+@FAST
+@given(JSON, st.sampled_from(chat_formats.FORMATS))
+def test_chat_records_parse_or_name_the_problem(record, fmt):
+  try:
+    conv = chat_formats.parse_record(record, fmt)
+  except chat_formats.ChatFormatError as e:
+    assert e.reason
+    return
+  assert conv.turns and conv.turns[-1][0] == "assistant"
+
+
+class _EchoSession:
+  """Stands in for a loaded model in the REPL: answers with the line's length."""
+
+  system = None
+
+  def __init__(self):
+    self.replies = 0
+
+  def reply(self, message, emit):
+    message.encode("utf-8")  # the model's tokenizer needs encodable text
+    self.replies += 1
+    emit(str(len(message)))
+
+  def reset(self):
+    pass
+
+  def set_system(self, text):
+    self.system = text
+
+
+@FAST
+@given(st.lists(ANY_TEXT | st.sampled_from(["/reset", "/system x", "/help", "/bogus"]),
+                max_size=12))
+def test_chat_repl_answers_every_line_without_crashing(lines):
+  out, session = io.StringIO(), _EchoSession()
+  run_repl(session, [line + "\n" for line in lines if "/quit" not in line], out, echo=True)
+  answered = [line for line in lines if line.strip() and not line.strip().startswith("/")]
+  encodable = [line for line in answered if _encodable(line.strip())]
+  assert session.replies == len(encodable)
+  assert out.getvalue().count("[error]") == len(answered) - len(encodable)
+
+
+def _encodable(text):
+  try:
+    text.encode("utf-8")
+    return True
+  except UnicodeEncodeError:
+    return False
