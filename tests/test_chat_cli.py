@@ -152,3 +152,27 @@ def test_generate_cli_names_the_bad_line(model, tmp_path):
   proc = _run("astrollama_jax.generate", f"--checkpoint={model[0]}", f"--prompts_file={src}")
   assert proc.returncode != 0
   assert f"{src}:2" in proc.stderr and "'prompt'" in proc.stderr
+
+
+def test_undecodable_input_gets_an_error_line_not_a_crash(model, tmp_path):
+  """Invalid UTF-8 on stdin is answered with an error; a lone surrogate in a prompts file, a NaN
+  temperature and an output that is a folder are refused before the model loads, naming them."""
+  folder = model[0]
+  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir)
+  proc = subprocess.run([sys.executable, "-m", "astrollama_jax.chat", f"--checkpoint={folder}",
+                         "--temperature=0", f"--max_new_tokens={NEW}", "--compute_dtype=float32"],
+                        input=b"\xff\xfe bad bytes\nHi!\n", capture_output=True, cwd=REPO, env=env,
+                        timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = proc.stdout.decode()
+  assert "[error] input: text that cannot be encoded as UTF-8" in out
+  assert json.loads(out.strip().splitlines()[-1])["turns"] == 1  # the good line was answered
+
+  src = tmp_path / "p.jsonl"
+  src.write_text('{"prompt": "fine"}\n{"prompt": "bad \\ud800 text"}\n')
+  for args, needle in (([f"--prompts_file={src}"], f"{src}:2: text that cannot be encoded"),
+                       (["--prompt=x", "--temperature=nan"], "temperature must be a finite number"),
+                       (["--prompt=x", f"--output={tmp_path}"], "is a folder")):
+    proc = _run("astrollama_jax.generate", f"--checkpoint={folder}", *args)
+    assert proc.returncode == 1 and needle in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr

@@ -118,5 +118,11 @@ def test_read_texts_names_the_bad_line(tmp_path):
   p.write_text('{"abstract": "fine"}\nnot json\n')
   with pytest.raises(common.EvalDataError, match=r"bad.jsonl:2: not JSON"):
     common.read_texts(str(p))
+  p.write_text('{"text": "fine"}\n{"text": "lone \\ud800 surrogate"}\n')
+  with pytest.raises(common.EvalDataError, match=r"bad.jsonl:2: text that cannot be encoded"):
+    common.read_texts(str(p))
+  p.write_bytes(b'{"text": "fine"}\n{"text": "\xff"}\n')
+  with pytest.raises(common.EvalDataError, match=r"bad.jsonl:2: not UTF-8"):
+    common.read_texts(str(p))
   p.write_text('{"abstract": "an abstract", "id": "x1"}\n')
   assert common.read_texts(str(p))[0]["id"] == "x1"

@@ -71,8 +71,12 @@ def read_jsonl(path: str) -> Iterator[tuple[int, dict]]:
   """(line number, record) for every non-empty line; a bad line raises naming file and line."""
   if not os.path.isfile(path):
     raise EvalDataError(f"no such file: {path}")
-  with open(path, encoding="utf-8") as f:
-    for n, line in enumerate(f, 1):
+  with open(path, "rb") as f:
+    for n, raw in enumerate(f, 1):
+      try:
+        line = raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        raise EvalDataError(f"{path}:{n}: not UTF-8 ({e.reason} at byte {e.start})") from None
       if not line.strip():
         continue
       try:
@@ -81,6 +85,10 @@ def read_jsonl(path: str) -> Iterator[tuple[int, dict]]:
         raise EvalDataError(f"{path}:{n}: not JSON ({e.msg})") from None
       if not isinstance(rec, dict):
         raise EvalDataError(f"{path}:{n}: expected a JSON object, got {type(rec).__name__}")
+      try:
+        cli.check_text(json.dumps(rec, ensure_ascii=False), f"{path}:{n}")
+      except cli.UserError as e:
+        raise EvalDataError(str(e)) from None
       yield n, rec
 
 
