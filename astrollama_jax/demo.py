@@ -68,7 +68,7 @@ def prepare(source: str, output: str) -> dict[str, Any]:
 def pretrain(corpus_dir: str, tokenizer: str, workdir: str, steps: int | None) -> dict[str, Any]:
   from astrollama_jax.train import loop
   config = load_config(REPO / "configs" / "demo.py")
-  config.data.path = corpus_dir
+  config.data.lm.path = corpus_dir
   config.data.tokenizer_path = tokenizer
   if steps:
     config.train.num_steps = steps
@@ -80,7 +80,7 @@ def finetune(cpt_workdir: str, tokenizer: str, workdir: str, steps: int | None) 
   config = load_config(REPO / "configs" / "demo_sft.py")
   config.init_checkpoint = cpt_workdir
   config.data.tokenizer_path = tokenizer
-  for source in config.data.sources:  # repository-relative paths work from any directory
+  for source in config.data.sft.sources:  # repository-relative paths work from any directory
     source["path"] = str(REPO / source["path"])
   if steps:
     config.train.num_steps = steps
