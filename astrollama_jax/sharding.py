@@ -171,7 +171,8 @@ def named_sharding(mesh: Mesh, logical: Sequence[str | None], shape: Sequence[in
   return NamedSharding(mesh, spec)
 
 
-def tree_shardings(mesh: Mesh, logical_tree: Any, shape_tree: Any, rules: Rules | None = None) -> Any:
+def tree_shardings(mesh: Mesh, logical_tree: Any, shape_tree: Any,
+                   rules: Rules | None = None) -> Any:
   """NamedShardings for a pytree, given a matching tree of logical-axis tuples and of shapes."""
   paths_shapes = jax.tree_util.tree_flatten_with_path(shape_tree)[0]
   logical_leaves = jax.tree_util.tree_leaves(logical_tree, is_leaf=lambda x: isinstance(x, tuple))

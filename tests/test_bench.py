@@ -21,7 +21,8 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _run_bench(*flag_args: str, tmp_path) -> tuple[dict, str, list[str]]:
-  """Run ``python -m astrollama_jax.bench`` on one CPU device; (last JSON line, stdout, --output lines)."""
+  """Run ``python -m astrollama_jax.bench`` on one CPU device: (last JSON line, stdout,
+  --output lines)."""
   out_file = tmp_path / "bench.jsonl"
   env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1",
              JAX_COMPILATION_CACHE_DIR=os.environ.get("ASTROLLAMA_JAX_CACHE", str(REPO / ".jax_cache")),

@@ -112,7 +112,8 @@ def test_custom_rules_shard_params_and_activations_alike():
 
 
 def test_bad_rules_are_named():
-  with pytest.raises(ValueError, match=r"config.sharding_rules.mlp = 'tenser': give distinct mesh axes"):
+  with pytest.raises(ValueError,
+                     match=r"config.sharding_rules.mlp = 'tenser': give distinct mesh axes"):
     setup.sharding_rules(_config(mlp="tenser"))
   with pytest.raises(ValueError, match=r"config.sharding_rules.batch = 'data,data'"):
     setup.sharding_rules(_config(batch="data,data"))

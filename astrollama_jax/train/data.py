@@ -9,7 +9,8 @@
 
 Every kind reads ``config.data`` (shared keys) and its own sub-section ``config.data.<kind>``,
 and yields per-process numpy batches (``packing.BATCH_SPEC``: tokens, targets, segment_ids,
-positions int32, loss_mask float32) of shape [global_batch / processes, seq_len] from an iterator with
+positions int32, loss_mask float32) of shape [global_batch / processes, seq_len] from an
+iterator with
 ``get_state()``/``set_state()``; ``to_global`` assembles them into sharded ``jax.Array``s.
 """
 

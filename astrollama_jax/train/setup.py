@@ -58,7 +58,8 @@ def check_inputs(config: Any, workdir: str) -> None:
       and config.init_checkpoint is not None and tokenizer_path(config, workdir) is None):
     missing.append("--config.data.tokenizer_path=FILE (the SentencePiece tokenizer.model)")
   if missing:
-    raise ValueError(f"the config leaves out what a {kind!r} run needs: pass " + " and ".join(missing))
+    raise ValueError(f"the config leaves out what a {kind!r} run needs: pass "
+                     + " and ".join(missing))
 
 
 def _with_overrides(cfg: LlamaConfig, config: Any, source: str) -> LlamaConfig:

@@ -118,7 +118,8 @@ def make_train_step(cfg: LlamaConfig, tx: optax.GradientTransformation, schedule
     return new_state, metrics
 
   replicated = NamedSharding(mesh, P())
-  return jax.jit(sharding.keeping_rules(step), in_shardings=(state_shardings, batch_shardings(mesh)),
+  return jax.jit(sharding.keeping_rules(step),
+                 in_shardings=(state_shardings, batch_shardings(mesh)),
                  out_shardings=(state_shardings, replicated), donate_argnums=(0,))
 
 
@@ -126,6 +127,10 @@ def make_eval_step(cfg: LlamaConfig, param_shardings: Any, mesh: Mesh, *,
                    loss_chunk: int = 0) -> Callable[[Any, Batch], tuple[jax.Array, jax.Array]]:
   """``eval_step(params, batch) -> (NLL sum, token count)``; sum over batches, then divide."""
   replicated = NamedSharding(mesh, P())
-  return jax.jit(sharding.keeping_rules(lambda params, batch: lm_loss_sums(cfg, params, batch, loss_chunk)),
+
+  def eval_step(params, batch):
+    return lm_loss_sums(cfg, params, batch, loss_chunk)
+
+  return jax.jit(sharding.keeping_rules(eval_step),
                  in_shardings=(param_shardings, batch_shardings(mesh)),
                  out_shardings=(replicated, replicated))
