@@ -1,35 +1,38 @@
 r"""``python -m astrollama_jax.aot``: compile a config's real train step for N devices, ahead of time.
 
-  python -m astrollama_jax.aot --config=configs/llama2_70b_cpt.py --devices=64 [--mesh=1,32,2]
+  python -m astrollama_jax.aot --config=configs/llama2_cpt.py:70b --devices=64 \
+      [--config.mesh='(1,32,1)' --config.train.grad_accum_steps=10 ...]
 
-Nothing is allocated: the train state and the batch are abstract shapes carrying the shardings
-the run would use, the step is lowered and compiled for N fake CPU devices laid out as the
-config's mesh, and the per-device memory XLA plans (arguments, outputs, temporaries; donated
-outputs alias their inputs) is printed next to an analytic count of the state. The CPU compiler
-stands in for the accelerator's: same sharding and same program, but its fusion and buffer
-assignment differ (see docs/benchmarks.md, "Scale").
+The config and its ``--config.*`` overrides are read exactly as ``train`` reads them, and the
+step is the trainer's own (``train.program.compile_train_step``). Nothing is allocated: the train
+state and the batch are abstract shapes carrying the shardings the run would use, the step is
+lowered and compiled for N fake CPU devices laid out as the config's mesh, and the per-device
+memory XLA plans (arguments, outputs, temporaries; donated outputs alias their inputs) is
+printed next to an analytic count of the state. The CPU compiler stands in for the
+accelerator's: same sharding and same program, but its fusion and buffer assignment differ (see
+docs/benchmarks.md, "Scale").
 """
 
 from __future__ import annotations
 
-import json
-import time
 from typing import Any
 
-from absl import app, flags
-from ml_collections import config_flags
-
-FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "A configs/*.py training config.", lock_config=True)
-flags.DEFINE_integer("devices", None, "Number of fake devices to compile for.")
-flags.DEFINE_string("mesh", None, "data,fsdp,tensor to use instead of the config's mesh (one may be -1).")
-flags.DEFINE_float("device_gb", 80.0, "Per-device memory to compare the plan against, GB.")
-flags.mark_flags_as_required(["config", "devices"])
+from absl import flags
 
 GB = 1e9
 
 
-def plan(config: Any, devices: int, mesh_shape: tuple[int, ...] | None = None) -> dict[str, Any]:
+def define_flags() -> None:
+  """The command's flags (defined from ``__main__`` only, so importing this module defines none)."""
+  from ml_collections import config_flags
+  config_flags.DEFINE_config_file("config", None, "A configs/*.py training config; --config.* "
+                                  "overrides as for train.", lock_config=True)
+  flags.DEFINE_integer("devices", None, "Number of fake devices to compile for.")
+  flags.DEFINE_float("device_gb", 80.0, "Per-device memory to compare the plan against, GB.")
+  flags.mark_flags_as_required(["config", "devices"])
+
+
+def plan(config: Any, devices: int) -> dict[str, Any]:
   """Compile the train step of ``config`` for ``devices`` CPU devices; return the memory plan.
 
   Must run before anything initialises the JAX backend (it sets the CPU device count).
@@ -37,35 +40,34 @@ def plan(config: Any, devices: int, mesh_shape: tuple[int, ...] | None = None) -
   import jax
   jax.config.update("jax_platforms", "cpu")
   jax.config.update("jax_num_cpu_devices", devices)
-  import numpy as np
-
-  from astrollama_jax import sharding
-  from astrollama_jax.model.config import get_config
-  from astrollama_jax.train import optimizer, setup, state as state_lib, step as step_lib
-
   if jax.device_count() != devices:
     raise RuntimeError(f"JAX already has {jax.device_count()} devices; run aot in a fresh process")
-  cfg = get_config(config.model.preset, **setup.arch_overrides(config), **setup.policy(config))
+  return memory_plan(config)
+
+
+def memory_plan(config: Any) -> dict[str, Any]:
+  """The per-device memory plan of ``config``'s train step on this process's devices."""
+  import jax
+
+  from astrollama_jax import sharding
+  from astrollama_jax.train import program as program_lib, setup
+
+  devices = jax.device_count()
+  cfg = setup.preset_model_config(config)
   attention = cfg.attention_impl
   if attention == "cudnn":  # a GPU kernel: the CPU compiler plans XLA attention instead (S^2 scores)
     cfg = cfg.replace(attention_impl="xla")
-  mesh = sharding.make_mesh(mesh_shape or tuple(config.mesh))
+  mesh = sharding.make_mesh(tuple(config.mesh))
   setup.check_batch_layout(config, dict(mesh.shape))
+  # The schedule's length changes constants only, not a buffer: the run's, else a stand-in.
+  program = program_lib.compile_train_step(config, mesh, cfg=cfg,
+                                           total_steps=config.train.num_steps or 1000)
+  mem = program.compiled.memory_analysis()
   t = config.train
-  tx, schedule = optimizer.make_optimizer(t, total_steps=1000)
-  shapes, shardings = state_lib.abstract_state(cfg, tx, mesh)
   gbs, seq = t.global_batch_size, config.data.seq_len
-  batch = {k: jax.ShapeDtypeStruct((gbs, seq), np.float32 if k == "loss_mask" else np.int32, sharding=s)
-           for k, s in step_lib.batch_shardings(mesh).items()}
-  t0 = time.time()
-  with jax.set_mesh(mesh):
-    train_step = step_lib.make_train_step(cfg, tx, schedule, shardings, mesh,
-                                          grad_accum=t.grad_accum_steps, loss_chunk=t.loss_chunk_size)
-    lowered = train_step.lower(state_lib.with_shardings(shapes, shardings), batch)
-    compiled = lowered.compile()
-  mem = compiled.memory_analysis()
+  moments = config.optimizer.moments_dtype
   n_params = cfg.num_params()
-  moment_bytes = 2 if t.moments_dtype == "bfloat16" else 4
+  moment_bytes = 2 if moments == "bfloat16" else 4
   per_device = {
       "arguments_gb": mem.argument_size_in_bytes / GB,
       "outputs_gb": mem.output_size_in_bytes / GB,
@@ -79,21 +81,22 @@ def plan(config: Any, devices: int, mesh_shape: tuple[int, ...] | None = None) -
       "model": config.model.preset, "params_b": n_params / 1e9, "devices": devices,
       "mesh": dict(mesh.shape), "global_batch": gbs, "seq_len": seq,
       "micro_batch": gbs // t.grad_accum_steps, "grad_accum": t.grad_accum_steps,
-      "remat": cfg.remat_policy, "attention": cfg.attention_impl + (" (config: cudnn)" if attention == "cudnn" else ""),
-      "compute_dtype": cfg.compute_dtype, "moments_dtype": t.moments_dtype,
-      "loss_chunk": t.loss_chunk_size,
+      "remat": cfg.remat_policy,
+      "attention": cfg.attention_impl + (" (config: cudnn)" if attention == "cudnn" else ""),
+      "compute_dtype": cfg.compute_dtype, "moments_dtype": moments,
+      "loss_chunk": config.loss.chunk_size,
       # What the state alone must take if evenly sharded: f32 master weights + two moments.
       "state_gb_analytic": n_params * (4 + 2 * moment_bytes) / devices / GB,
       **{k: round(v, 3) for k, v in per_device.items()},
-      "compile_s": round(time.time() - t0, 1),
+      "compile_s": round(program.compile_s, 1),
   }
 
 
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  mesh = tuple(int(x) for x in FLAGS.mesh.split(",")) if FLAGS.mesh else None
-  result = plan(FLAGS.config, FLAGS.devices, mesh)
+  from astrollama_jax import cli
+  cli.no_extra_args(argv)
+  FLAGS = flags.FLAGS
+  result = plan(FLAGS.config, FLAGS.devices)
   result["fits"] = result["total_gb"] <= FLAGS.device_gb
   rows = [("model", f"{result['model']} ({result['params_b']:.2f}B params)"),
           ("devices / mesh", f"{result['devices']} / {result['mesh']}"),
@@ -108,10 +111,11 @@ def main(argv: list[str]) -> None:
           ("total (GB/device)", f"{result['total_gb']:.2f}"),
           (f"fits {FLAGS.device_gb:g} GB", str(result["fits"])),
           ("compile (s)", f"{result['compile_s']}")]
-  for name, value in rows:
-    print(f"{name:<32} {value}")
-  print(json.dumps(result))
+  cli.report("aot: per-device memory plan of the train step", result, rows=rows,
+             header=("", ""))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  define_flags()
+  from astrollama_jax import cli as _cli
+  _cli.run(main)

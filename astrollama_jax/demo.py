@@ -76,7 +76,7 @@ def prepare(source: str, output: str) -> dict[str, Any]:
 def pretrain(corpus_dir: str, tokenizer: str, workdir: str, steps: int | None) -> dict[str, Any]:
   from astrollama_jax.train import loop
   config = load_config(resources.path("configs", "demo.py"))
-  config.data.path = corpus_dir
+  config.data.lm.path = corpus_dir
   config.data.tokenizer_path = tokenizer
   if steps:
     config.train.num_steps = steps
@@ -88,7 +88,7 @@ def finetune(cpt_workdir: str, tokenizer: str, workdir: str, steps: int | None) 
   config = load_config(resources.path("configs", "demo_sft.py"))
   config.init_checkpoint = cpt_workdir
   config.data.tokenizer_path = tokenizer
-  for source in config.data.sources:  # shipped data: "data/..." paths, found wherever installed
+  for source in config.data.sft.sources:  # shipped data: "data/..." paths, found wherever installed
     source["path"] = str(resources.path(*pathlib.PurePosixPath(source["path"]).parts))
   if steps:
     config.train.num_steps = steps

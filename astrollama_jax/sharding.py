@@ -1,15 +1,21 @@
 """Meshes and logical-axis sharding rules.
 
 Sharding is data, not code: every parameter and large activation names its dimensions with
-logical axes (``vocab``, ``embed``, ``heads`` ...), and ``RULES`` maps those onto the mesh
+logical axes (``vocab``, ``embed``, ``heads`` ...), and a rules table maps those onto the mesh
 axes ``data``, ``fsdp`` and ``tensor``. The same model code then runs on one CPU, eight fake
 CPU devices, a GPU host or a TPU pod.
+
+One table is in force at a time (``use_rules``; ``RULES`` by default, a run's comes from its
+config's ``sharding_rules``): parameter shardings, batch shardings and the activation
+constraints inside the model all read it, so they cannot disagree.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
-from typing import Any, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -39,6 +45,64 @@ RULES: tuple[tuple[str, Any], ...] = (
     ("act_vocab", "tensor"),
     ("cache_seq", None),
 )
+Rules = Sequence[tuple[str, Any]]
+_ACTIVE: list[Rules] = [RULES]
+
+
+def current_rules() -> Rules:
+  """The table in force (the innermost ``use_rules``; ``RULES`` outside any)."""
+  return _ACTIVE[-1]
+
+
+@contextlib.contextmanager
+def use_rules(rules: Rules | None) -> Iterator[Rules]:
+  """Make ``rules`` the table for everything inside (``None``: keep the current one).
+
+  Shardings are computed and models traced inside it; a jitted function traced here keeps the
+  table it was traced with.
+  """
+  rules = current_rules() if rules is None else tuple(rules)
+  _ACTIVE.append(rules)
+  try:
+    yield rules
+  finally:
+    _ACTIVE.pop()
+
+
+def keeping_rules(fn: Any) -> Any:
+  """``fn`` that always runs (is traced) with the table in force now, not at call time."""
+  rules = current_rules()
+
+  @functools.wraps(fn)
+  def wrapped(*args: Any, **kwargs: Any) -> Any:
+    with use_rules(rules):
+      return fn(*args, **kwargs)
+  return wrapped
+
+
+def rules_to_config(rules: Rules = RULES) -> dict[str, str]:
+  """The table as config values: mesh axes joined by commas, '' for replicated."""
+  return {name: ",".join((target,) if isinstance(target, str) else tuple(target or ()))
+          for name, target in rules}
+
+
+def rules_from_config(table: Mapping[str, str], where: str = "sharding_rules") -> Rules:
+  """``rules_to_config``'s form back to a table, every name and mesh axis checked."""
+  known = {name for name, _ in RULES}
+  out = []
+  for name, text in table.items():
+    if name not in known:
+      raise ValueError(f"{where}.{name}: no such logical axis; logical axes: {sorted(known)}")
+    axes = tuple(a.strip() for a in str(text or "").split(",") if a.strip())
+    bad = [a for a in axes if a not in MESH_AXES]
+    if bad or len(set(axes)) != len(axes):
+      raise ValueError(f"{where}.{name} = {text!r}: give distinct mesh axes of {MESH_AXES}, "
+                       "comma-separated ('' = replicated)")
+    out.append((name, axes[0] if len(axes) == 1 else (axes or None)))
+  missing = known - {name for name, _ in out}
+  if missing:
+    raise ValueError(f"{where} lacks logical axes {sorted(missing)}")
+  return tuple(out)
 
 
 def make_mesh(shape: Sequence[int] = (1, -1, 1), devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -68,9 +132,9 @@ def make_mesh(shape: Sequence[int] = (1, -1, 1), devices: Sequence[jax.Device] |
   return Mesh(dev_array, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
 
 
-def logical_to_spec(logical: Sequence[str | None], rules=RULES) -> P:
+def logical_to_spec(logical: Sequence[str | None], rules: Rules | None = None) -> P:
   """Translate logical axis names into a mesh PartitionSpec (each mesh axis used once)."""
-  table = dict(rules)
+  table = dict(current_rules() if rules is None else rules)
   used: set[str] = set()
   out = []
   for name in logical:
@@ -100,14 +164,15 @@ def _fit_spec(spec: P, shape: Sequence[int], mesh: Mesh, what: str = "") -> P:
 
 
 def named_sharding(mesh: Mesh, logical: Sequence[str | None], shape: Sequence[int] | None = None,
-                   rules=RULES, what: str = "") -> NamedSharding:
+                   rules: Rules | None = None, what: str = "") -> NamedSharding:
   spec = logical_to_spec(logical, rules)
   if shape is not None:
     spec = _fit_spec(spec, shape, mesh, what)
   return NamedSharding(mesh, spec)
 
 
-def tree_shardings(mesh: Mesh, logical_tree: Any, shape_tree: Any, rules=RULES) -> Any:
+def tree_shardings(mesh: Mesh, logical_tree: Any, shape_tree: Any,
+                   rules: Rules | None = None) -> Any:
   """NamedShardings for a pytree, given a matching tree of logical-axis tuples and of shapes."""
   paths_shapes = jax.tree_util.tree_flatten_with_path(shape_tree)[0]
   logical_leaves = jax.tree_util.tree_leaves(logical_tree, is_leaf=lambda x: isinstance(x, tuple))
@@ -118,8 +183,9 @@ def tree_shardings(mesh: Mesh, logical_tree: Any, shape_tree: Any, rules=RULES) 
   return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(shape_tree), out)
 
 
-def constrain(x: jax.Array, logical: Sequence[str | None], rules=RULES) -> jax.Array:
-  """``with_sharding_constraint`` by logical names; a no-op outside a mesh context."""
+def constrain(x: jax.Array, logical: Sequence[str | None], rules: Rules | None = None) -> jax.Array:
+  """``with_sharding_constraint`` by logical names (the current table); a no-op outside a mesh
+  context."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh is None or mesh.empty:
     return x

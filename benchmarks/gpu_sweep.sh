@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Sweep of the speed levers of issue 8 on one lent GPU; every bench run appends one JSON line.
+# Sweep of the speed levers on one GPU; every bench run appends one JSON line.
 #
 #   bash benchmarks/gpu_sweep.sh [PHASE ...]      # default: all phases, in priority order
 #   DRY_RUN=1 bash benchmarks/gpu_sweep.sh        # print the commands only
@@ -15,7 +15,8 @@
 #   xla       latency-hiding scheduler, cuBLAS instead of Triton GEMMs
 #   batch     batch 2 and 4, micro-batches, chunked cross-entropy, bf16 moments
 # Results: $RESULTS (default $OUT/bench.jsonl on the device machine, else benchmarks/results/),
-# stderr of every run in the .log beside it. Knobs (env): PY, PRESET, LAYERS, SEQ, STEPS, WARMUP,
+# stderr of every run in the .log beside it. Each run is configs/bench.py:$PRESET with --config.*
+# overrides (the trainer's config keys; see docs/benchmarks.md). Knobs (env): PY, PRESET, LAYERS, SEQ, STEPS, WARMUP,
 # REMAT (policy after the remat phase), ATTN (attention after headline), RUN_TIMEOUT (seconds a
 # run), MEM_FRACTION, PROBE (matmul size), POLICIES (remat phase), FIT_LAYERS (fit phase).
 #
@@ -41,9 +42,17 @@ export PYTHONUNBUFFERED=1
 # Runs that repeat a configuration (the torch fallback, a second sweep) skip compilation.
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/astrollama_jax_cache}
 
+# The config keys the sweep varies.
+B=--config.train.global_batch_size
+ATT=--config.model.attention_impl
+RM=--config.model.remat_policy
+NL=--config.model.n_layers
+BF16_MOMENTS=--config.optimizer.moments_dtype=bfloat16
+CE=--config.loss.chunk_size
+
 bench() {
-  local cmd=("$PY" -m astrollama_jax.bench --preset="$PRESET" --steps="$STEPS" --warmup="$WARMUP"
-             --out="$RESULTS" "$@")
+  local cmd=("$PY" -m astrollama_jax.bench --config="configs/bench.py:$PRESET" --steps="$STEPS"
+             --warmup="$WARMUP" --output="$RESULTS" "$@")
   echo "+ ${cmd[*]}"
   [ -n "${DRY_RUN:-}" ] && return 0
   local start=$SECONDS
@@ -58,54 +67,54 @@ bench() {
 }
 
 train() {  # 7B layer shapes at $LAYERS layers, sequence $SEQ
-  bench --task=train --layers="$LAYERS" --seq="$SEQ" --mem_fraction="$MEM_FRACTION" "$@"
+  bench --task=train $NL="$LAYERS" --config.data.seq_len="$SEQ" --mem_fraction="$MEM_FRACTION" "$@"
 }
 
 phase_headline() {
-  train --batch=1 --attention=xla --remat=full --matmul_probe="${PROBE:-8192}"
-  train --batch=1 --attention=cudnn --remat=full
+  train $B=1 $ATT=xla $RM=full --matmul_probe="${PROBE:-8192}"
+  train $B=1 $ATT=cudnn $RM=full
   # Same process: torch first (then freed), then JAX. If the two CUDA stacks clash, the fallback
   # times each side in a process of its own.
-  bench --task=train --layers="$LAYERS" --seq="$SEQ" --batch=1 --attention="$ATTN" --remat=full \
+  bench --task=train $NL="$LAYERS" --config.data.seq_len="$SEQ" $B=1 $ATT="$ATTN" $RM=full \
     --reference=torch --mem_fraction=0.85
   if [ -z "${DRY_RUN:-}" ] && ! tail -n 1 "$RESULTS" | grep -q '"reference"'; then
-    train --batch=1 --attention="$ATTN" --remat=full --reference=torch_only
+    train $B=1 $ATT="$ATTN" $RM=full --reference=torch_only
   fi
 }
 
 phase_decode() {
   for b in 1 32; do
-    bench --task=decode --batch=$b --prompt_len=512 --new_tokens=256 --steps=3 --warmup=1 \
+    bench --task=decode $B=$b --prompt_len=512 --new_tokens=256 --steps=3 --warmup=1 \
       --reference=torch --mem_fraction=0.85
   done
 }
 
 phase_remat() {
   for policy in ${POLICIES:-none minimal qkv_out dots_no_batch dots}; do
-    train --batch=1 --attention="$ATTN" --remat=$policy
+    train $B=1 $ATT="$ATTN" $RM=$policy
   done
 }
 
 phase_fit() {
   # Largest first; an out-of-memory run is recorded with "error": "out of memory".
-  bench --task=train --layers=32 --seq="$SEQ" --batch=1 --attention="$ATTN" --remat=full \
-    --param_dtype=bfloat16 --bf16_moments --ce_chunk=1024 --mem_fraction="$MEM_FRACTION" --steps=5
+  bench --task=train $NL=32 --config.data.seq_len="$SEQ" $B=1 $ATT="$ATTN" $RM=full \
+    --config.model.param_dtype=bfloat16 $BF16_MOMENTS $CE=1024 --mem_fraction="$MEM_FRACTION" --steps=5
   for n in ${FIT_LAYERS:-32 28 24}; do
-    bench --task=train --layers=$n --seq="$SEQ" --batch=1 --attention="$ATTN" --remat=full \
-      --bf16_moments --ce_chunk=1024 --mem_fraction="$MEM_FRACTION" --steps=5
+    bench --task=train $NL=$n --config.data.seq_len="$SEQ" $B=1 $ATT="$ATTN" $RM=full \
+      $BF16_MOMENTS $CE=1024 --mem_fraction="$MEM_FRACTION" --steps=5
   done
 }
 
 phase_xla() {
-  train --batch=1 --attention="$ATTN" --remat="$REMAT" --xla_flags=latency_hiding
-  train --batch=1 --attention="$ATTN" --remat="$REMAT" --xla_flags=no_triton_gemm
+  train $B=1 $ATT="$ATTN" $RM="$REMAT" --xla_flags=latency_hiding
+  train $B=1 $ATT="$ATTN" $RM="$REMAT" --xla_flags=no_triton_gemm
 }
 
 phase_batch() {
-  train --batch=2 --attention="$ATTN" --remat="$REMAT"
-  train --batch=4 --attention="$ATTN" --remat="$REMAT" --ce_chunk=1024
-  train --batch=4 --micro_batches=2 --attention="$ATTN" --remat="$REMAT"
-  train --batch=2 --attention="$ATTN" --remat="$REMAT" --bf16_moments
+  train $B=2 $ATT="$ATTN" $RM="$REMAT"
+  train $B=4 $ATT="$ATTN" $RM="$REMAT" $CE=1024
+  train $B=4 --config.train.grad_accum_steps=2 $ATT="$ATTN" $RM="$REMAT"
+  train $B=2 $ATT="$ATTN" $RM="$REMAT" $BF16_MOMENTS
 }
 
 phases=("$@")

@@ -2,7 +2,7 @@
 # Run the same training command on every worker of a Cloud TPU pod slice.
 #
 #   launch/tpu_pod.sh TPU_NAME ZONE CONFIG WORKDIR [--config.key=value ...]
-#   e.g. launch/tpu_pod.sh astro-v5p-128 us-east5-a configs/llama2_70b_cpt.py /mnt/shared/runs/cpt70b \
+#   e.g. launch/tpu_pod.sh astro-v5p-128 us-east5-a configs/llama2_cpt.py:70b /mnt/shared/runs/cpt70b \
 #          --config.mesh='(1,64,1)' --config.model.attention_impl=xla
 #
 # Every worker runs `python -m astrollama_jax.train ... --distributed=on`; jax.distributed finds

@@ -21,13 +21,15 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _run_bench(*flag_args: str, tmp_path) -> tuple[dict, str, list[str]]:
-  """Run ``python -m astrollama_jax.bench`` on one CPU device; (last JSON line, stdout, --out lines)."""
+  """Run ``python -m astrollama_jax.bench`` on one CPU device: (last JSON line, stdout,
+  --output lines)."""
   out_file = tmp_path / "bench.jsonl"
   env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1",
              JAX_COMPILATION_CACHE_DIR=os.environ.get("ASTROLLAMA_JAX_CACHE", str(REPO / ".jax_cache")),
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
-  cmd = [sys.executable, "-m", "astrollama_jax.bench", "--preset=tiny", "--mesh=1,1,1", "--steps=2",
-         "--warmup=1", "--reference=torch", f"--out={out_file}", *flag_args]
+  cmd = [sys.executable, "-m", "astrollama_jax.bench", "--config=configs/bench.py:tiny",
+         "--config.mesh=(1,1,1)", "--steps=2", "--warmup=1", "--reference=torch",
+         f"--output={out_file}", *flag_args]
   proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
   assert proc.returncode == 0, proc.stderr[-3000:]
   last = proc.stdout.strip().splitlines()[-1]
@@ -35,9 +37,12 @@ def _run_bench(*flag_args: str, tmp_path) -> tuple[dict, str, list[str]]:
 
 
 def test_train_json_adds_up(tmp_path):
-  s, stdout, written = _run_bench("--task=train", "--seq=64", "--batch=4", "--micro_batches=2",
-                                  "--ce_chunk=32", "--bf16_moments", "--remat=dots",
-                                  "--xla_flags=latency_hiding", "--peak_tflops=2", tmp_path=tmp_path)
+  s, stdout, written = _run_bench("--task=train", "--config.data.seq_len=64",
+                                  "--config.train.global_batch_size=4",
+                                  "--config.train.grad_accum_steps=2", "--config.loss.chunk_size=32",
+                                  "--config.optimizer.moments_dtype=bfloat16",
+                                  "--config.model.remat_policy=dots", "--xla_flags=latency_hiding",
+                                  "--peak_tflops=2", tmp_path=tmp_path)
   assert json.loads(written[-1]) == s
   assert "jax / torch tokens/s" in stdout
   # The flags reached XLA (an unknown flag would have aborted the process) and the JSON says so.
@@ -65,8 +70,8 @@ def test_train_json_adds_up(tmp_path):
 
 
 def test_decode_json_adds_up(tmp_path):
-  s, stdout, _ = _run_bench("--task=decode", "--batch=2", "--prompt_len=12", "--new_tokens=6",
-                            tmp_path=tmp_path)
+  s, stdout, _ = _run_bench("--task=decode", "--config.train.global_batch_size=2", "--prompt_len=12",
+                            "--new_tokens=6", tmp_path=tmp_path)
   assert (s["task"], s["batch"], s["prompt_len"], s["new_tokens"]) == ("decode", 2, 12, 6)
   for side in (s, s["reference"]):
     assert side["tokens_per_s"] == pytest.approx(2 * 6 / side["time_s"], rel=1e-9)
@@ -114,13 +119,17 @@ def test_out_of_memory_is_a_result_other_errors_raise():
 def test_reference_runs_before_jax_claims_the_device():
   """On a GPU, JAX's backend takes its memory when it starts: the torch side must not start it."""
   script = (
-      "import contextlib, io, json\n"
+      "import contextlib, io, json, sys\n"
       "from absl import flags\n"
       "from jax._src import xla_bridge\n"
       "from astrollama_jax import bench\n"
       "bench.define_flags()\n"
-      "flags.FLAGS(['bench', '--task=train', '--preset=tiny', '--layers=1', '--seq=16', '--batch=1',\n"
-      "             '--steps=1', '--warmup=0', '--reference=torch_only'])\n"
+      # config_flags reads its --config.* overrides from sys.argv
+      "sys.argv = ['bench', '--task=train', '--config=configs/bench.py:tiny',\n"
+      "            '--config.model.n_layers=1', '--config.data.seq_len=16',\n"
+      "            '--config.train.global_batch_size=1', '--steps=1', '--warmup=0',\n"
+      "            '--reference=torch_only']\n"
+      "flags.FLAGS(sys.argv)\n"
       "with contextlib.redirect_stdout(io.StringIO()) as out:\n"
       "  bench.main(['bench'])\n"
       "s = json.loads(out.getvalue().splitlines()[-1])\n"

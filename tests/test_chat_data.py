@@ -373,12 +373,12 @@ def test_sft_config_fields():
   spec.loader.exec_module(module)
   config = module.get_config()
   assert config.data.kind == "sft" and config.data.seq_len == 2048 and config.model.preset == "llama2_7b"
-  counts = [s["count"] for s in config.data.sources]
+  counts = [s["count"] for s in config.data.sft.sources]
   assert counts == [10_356, None, 10_000, 10_000]
-  assert [s["format"] for s in config.data.sources] == ["sharegpt", "lima", "openorca", "ultrachat"]
-  assert [chat.ChatSource.of(s).count for s in config.data.sources] == counts
-  assert config.train.global_batch_size == 48 and config.train.warmup_ratio == 0.03
-  assert config.train.learning_rate == 2e-5 and module.get_config("70b").train.learning_rate == 3e-7
+  assert [s["format"] for s in config.data.sft.sources] == ["sharegpt", "lima", "openorca", "ultrachat"]
+  assert [chat.ChatSource.of(s).count for s in config.data.sft.sources] == counts
+  assert config.train.global_batch_size == 48 and config.schedule.warmup_ratio == 0.03
+  assert config.schedule.learning_rate == 2e-5 and module.get_config("70b").schedule.learning_rate == 3e-7
   assert module.get_config("70b").model.preset == "llama2_70b"
 
 

@@ -6,11 +6,11 @@ import numpy as np
 
 from test_train_cli import TINY_MODEL, finish, records, start, train_cmd
 
-RUN = [*TINY_MODEL, "--config.model.vocab_size=1024", "--config.mesh=(2,2,2)", "--config.data.kind=synthetic", "--config.data.num_rows=64",
+RUN = [*TINY_MODEL, "--config.model.vocab_size=1024", "--config.mesh=(2,2,2)", "--config.data.kind=synthetic", "--config.data.synthetic.num_rows=64",
        "--config.data.seq_len=32", "--config.train.global_batch_size=8", "--config.train.num_steps=3",
-       "--config.train.log_every=1", "--config.train.log_batch_hashes=True", "--config.train.eval_every=0",
-       "--config.train.eval_at_start=False", "--config.train.eval_batches=1",
-       "--config.train.learning_rate=1e-2", "--config.train.warmup_ratio=0.0"]
+       "--config.log.every=1", "--config.log.batch_hashes=True", "--config.eval.every=0",
+       "--config.eval.at_start=False", "--config.eval.batches=1",
+       "--config.schedule.learning_rate=1e-2", "--config.schedule.warmup_ratio=0.0"]
 
 
 def _free_port() -> int:

@@ -14,11 +14,11 @@ from test_train_cli import REPO, TINY_MODEL, finish, records, start, train_cmd
 
 STEPS, EVERY = 9, 3
 RUN = [*TINY_MODEL, "--config.data.seq_len=64", "--config.train.global_batch_size=4",
-       f"--config.train.num_steps={STEPS}", f"--config.train.checkpoint_every={EVERY}",
-       "--config.train.keep_checkpoints=10", "--config.train.log_every=1",
-       "--config.train.log_batch_hashes=True", "--config.train.eval_every=0",
-       "--config.train.eval_at_start=False", "--config.train.eval_at_end=False",
-       "--config.train.loss_chunk_size=0"]
+       f"--config.train.num_steps={STEPS}", f"--config.checkpoint.every={EVERY}",
+       "--config.checkpoint.keep=10", "--config.log.every=1",
+       "--config.log.batch_hashes=True", "--config.eval.every=0",
+       "--config.eval.at_start=False", "--config.eval.at_end=False",
+       "--config.loss.chunk_size=0"]
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,7 @@ def corpus(tmp_path_factory, tokenizer_path):
   subprocess.run([sys.executable, "-m", "astrollama_jax.prepare", "--source=data/demo_corpus",
                   f"--output={out}", "--validation_fraction=0.15"], cwd=REPO, check=True,
                  capture_output=True, timeout=120)
-  return [f"--config.data.path={out}", f"--config.data.tokenizer_path={tokenizer_path}"]
+  return [f"--config.data.lm.path={out}", f"--config.data.tokenizer_path={tokenizer_path}"]
 
 
 def _wait_for(cond, proc, timeout=180.0):

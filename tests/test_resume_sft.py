@@ -11,8 +11,8 @@ from test_train_cli import TINY_MODEL, records, train_cmd
 # configs/demo_sft.py's shape (packed chat rows, chunked loss) with the tiny model, from a random init.
 RUN = [*TINY_MODEL, "--config.init_checkpoint=", "--config.data.seq_len=128",
        "--config.train.global_batch_size=4", f"--config.train.num_steps={STEPS}",
-       f"--config.train.checkpoint_every={EVERY}", "--config.train.keep_checkpoints=10",
-       "--config.train.log_every=1", "--config.train.log_batch_hashes=True"]
+       f"--config.checkpoint.every={EVERY}", "--config.checkpoint.keep=10",
+       "--config.log.every=1", "--config.log.batch_hashes=True"]
 
 
 def test_sft_kill9_and_resume_is_bit_identical(tmp_path, tokenizer_path):

@@ -17,7 +17,7 @@ def _aot(*args: str) -> dict:
 
 
 def test_llama2_7b_step_plan_on_8_devices():
-  r = _aot("--config=configs/llama2_7b_cpt.py", "--devices=8")
+  r = _aot("--config=configs/llama2_cpt.py:7b", "--devices=8")
   assert r["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1} and r["micro_batch"] == 40
   # The state is the arguments: 6.74e9 params x (4 + 4 + 4) bytes / 8 devices, evenly sharded.
   assert r["state_gb_analytic"] == pytest.approx(6.738415616 * 12 / 8, rel=1e-6)
@@ -35,6 +35,6 @@ def _aot_error(*args: str) -> str:
 
 def test_layouts_that_cannot_work_are_refused_by_name():
   assert "mesh (1, 32, 2) needs 64 devices, have 48" in _aot_error(
-      "--config=configs/llama2_70b_cpt.py", "--devices=48")
+      "--config=configs/llama2_cpt.py:70b", "--devices=48")
   assert "train.global_batch_size = 160 rows cannot be split over the 64 batch shards" in _aot_error(
-      "--config=configs/llama2_70b_cpt.py", "--devices=64", "--mesh=1,64,1")
+      "--config=configs/llama2_cpt.py:70b", "--devices=64", "--config.mesh=(1,64,1)")

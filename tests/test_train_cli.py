@@ -65,10 +65,10 @@ def records(workdir, kind: str) -> list[dict]:
 
 # --- tests ------------------------------------------------------------------------------------------
 
-SYNTHETIC = [*TINY_MODEL, "--config.model.vocab_size=1024", "--config.data.kind=synthetic", "--config.data.num_rows=64", "--config.data.seq_len=32",
-             "--config.train.global_batch_size=4", "--config.train.log_every=1", "--config.train.eval_every=0",
-             "--config.train.eval_at_start=False", "--config.train.eval_at_end=False",
-             "--config.train.checkpoint_every=3", "--config.train.keep_checkpoints=5"]
+SYNTHETIC = [*TINY_MODEL, "--config.model.vocab_size=1024", "--config.data.kind=synthetic", "--config.data.synthetic.num_rows=64", "--config.data.seq_len=32",
+             "--config.train.global_batch_size=4", "--config.log.every=1", "--config.eval.every=0",
+             "--config.eval.at_start=False", "--config.eval.at_end=False",
+             "--config.checkpoint.every=3", "--config.checkpoint.keep=5"]
 
 
 def test_sigterm_saves_and_a_corrupt_latest_checkpoint_falls_back(tmp_path):
@@ -138,7 +138,7 @@ def test_config_errors_name_the_setting(tmp_path):
 def test_too_many_nonfinite_steps_in_a_row_stop_the_run(tmp_path):
   # A NaN learning rate makes the first update NaN; every later loss is NaN and skipped.
   workdir, log = tmp_path / "nan", tmp_path / "nan.log"
-  proc = start(train_cmd(workdir, *SYNTHETIC, "--config.train.num_steps=50", "--config.train.learning_rate=nan",
+  proc = start(train_cmd(workdir, *SYNTHETIC, "--config.train.num_steps=50", "--config.schedule.learning_rate=nan",
                          "--config.train.max_consecutive_nonfinite=3"), 1, log)
   assert proc.wait(timeout=240) == 3, _tail(log)
   assert "3 consecutive steps with a non-finite loss or gradient up to step 4" in _tail(log)

@@ -16,12 +16,14 @@ SEQ = 32
 
 
 def _hparams(**kw):
-  t = base_config().train
+  """A config whose optimizer and schedule sections take ``kw`` (each key where it belongs)."""
+  c = base_config()
   # A large epsilon keeps Adam's first updates continuous in the gradient (lr * g / (|g| + eps)
   # instead of lr * sign(g)), so float noise in near-zero gradients cannot flip whole updates.
-  t.update(dict(learning_rate=1e-2, warmup_ratio=0.0, adam_eps=1e-3))
-  t.update(kw)
-  return t
+  kw = {"learning_rate": 1e-2, "warmup_ratio": 0.0, "adam_eps": 1e-3, **kw}
+  for k, v in kw.items():
+    (c.schedule if k in c.schedule else c.optimizer)[k] = v
+  return c
 
 
 def _batch(rows, seed=0, start=0):
@@ -157,7 +159,8 @@ def test_weight_decay_spares_norm_scales():
 
 
 def test_schedule_warmup_then_cosine():
-  sched = optimizer.make_schedule(_hparams(learning_rate=1.0, warmup_ratio=0.1, end_lr_ratio=0.1), 100)
+  hp = _hparams(learning_rate=1.0, warmup_ratio=0.1, end_lr_ratio=0.1)
+  sched = optimizer.make_schedule(hp.schedule, 100)
   lrs = np.array([float(sched(n)) for n in range(100)])
   np.testing.assert_allclose(lrs[:10], np.arange(1, 11) / 10, rtol=1e-6)  # 10 warmup updates
   assert np.all(np.diff(lrs[10:]) < 0) and lrs[-1] == pytest.approx(0.1)

@@ -33,8 +33,19 @@ from typing import Literal, Sequence
 import grain
 import numpy as np
 
+# The batch format (the table above): the one definition the packers, the train step's
+# abstract batch and the benchmark's synthetic batch all use.
+BATCH_SPEC: dict[str, type[np.generic]] = {
+    "tokens": np.int32, "targets": np.int32, "segment_ids": np.int32, "positions": np.int32,
+    "loss_mask": np.float32,
+}
+BATCH_KEYS = tuple(BATCH_SPEC)
 FEATURES = ("tokens", "targets", "loss_mask")
-BATCH_KEYS = ("tokens", "targets", "segment_ids", "positions", "loss_mask")
+
+
+def as_batch(fields: dict) -> dict[str, np.ndarray]:
+  """``fields`` (every key of ``BATCH_SPEC``) as arrays of the batch dtypes."""
+  return {k: np.asarray(fields[k], dtype) for k, dtype in BATCH_SPEC.items()}
 
 
 def lm_example(seq: Sequence[int] | np.ndarray) -> dict[str, np.ndarray]:
@@ -51,20 +62,14 @@ def _check(example: dict) -> dict:
   if len(example["targets"]) != n or len(example["loss_mask"]) != n:
     raise ValueError("tokens, targets and loss_mask of an example must have the same length, "
                      f"got {n}, {len(example['targets'])}, {len(example['loss_mask'])}")
-  return {"tokens": np.asarray(example["tokens"], np.int32),
-          "targets": np.asarray(example["targets"], np.int32),
-          "loss_mask": np.asarray(example["loss_mask"], np.float32)}
+  return {k: np.asarray(example[k], BATCH_SPEC[k]) for k in FEATURES}
 
 
 def _to_row(packed: dict) -> dict[str, np.ndarray]:
-  seg = np.asarray(packed["tokens_segment_ids"], np.int32)
-  return {
-      "tokens": np.asarray(packed["tokens"], np.int32),
-      "targets": np.asarray(packed["targets"], np.int32),
-      "segment_ids": seg,
-      "positions": np.asarray(packed["tokens_positions"], np.int32),
-      "loss_mask": np.asarray(packed["loss_mask"], np.float32) * (seg > 0),
-  }
+  seg = np.asarray(packed["tokens_segment_ids"], BATCH_SPEC["segment_ids"])
+  return as_batch({"tokens": packed["tokens"], "targets": packed["targets"], "segment_ids": seg,
+                   "positions": packed["tokens_positions"],
+                   "loss_mask": np.asarray(packed["loss_mask"], np.float32) * (seg > 0)})
 
 
 def pack_examples(examples: grain.IterDataset, seq_len: int, *,

@@ -17,6 +17,11 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "qkv_out", "minimal")
 ATTENTION_IMPLS = ("xla", "jax", "cudnn")
 
 
+def _policy(default: str) -> Any:
+  """A field of the execution policy (dtypes, remat, attention), not of the architecture."""
+  return dataclasses.field(default=default, metadata={"policy": True})
+
+
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
   """Architecture plus execution policy of a LLaMA-2 decoder."""
@@ -30,10 +35,11 @@ class LlamaConfig:
   norm_eps: float = 1e-5
   rope_theta: float = 10000.0
   max_seq_len: int = 4096
-  param_dtype: str = "float32"
-  compute_dtype: str = "bfloat16"
-  remat_policy: str = "none"
-  attention_impl: str = "xla"
+  # Execution policy: may differ between a checkpoint and the run that loads it.
+  param_dtype: str = _policy("float32")
+  compute_dtype: str = _policy("bfloat16")
+  remat_policy: str = _policy("none")
+  attention_impl: str = _policy("xla")
   initializer_range: float = 0.02
 
   def __post_init__(self):
@@ -143,6 +149,9 @@ class LlamaConfig:
     return cls(**kw)
 
 
+# The fields a run may change on top of a checkpoint (the rest are its architecture).
+POLICY_FIELDS = tuple(f.name for f in dataclasses.fields(LlamaConfig) if f.metadata.get("policy"))
+
 PRESETS: dict[str, dict[str, Any]] = {
     "llama2_7b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, ffn_dim=11008),
     "llama2_13b": dict(dim=5120, n_layers=40, n_heads=40, n_kv_heads=40, ffn_dim=13824),
@@ -152,7 +161,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=4, ffn_dim=128, max_seq_len=512),
     "tiny_gqa": dict(dim=64, n_layers=2, n_heads=8, n_kv_heads=4, ffn_dim=128, max_seq_len=512),
     "tiny_70b_shape": dict(dim=128, n_layers=2, n_heads=16, n_kv_heads=8, ffn_dim=256, max_seq_len=512),
-    "demo": dict(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, ffn_dim=688, max_seq_len=512),
+    # What the demo trains on two CPU cores in about two minutes (configs/demo.py).
+    "demo": dict(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=384, max_seq_len=512),
 }
 
 

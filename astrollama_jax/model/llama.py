@@ -126,7 +126,7 @@ class _LogicalAxes(tuple):
 jax.tree_util.register_pytree_node(_LogicalAxes, lambda x: ((), tuple(x)), lambda aux, _: _LogicalAxes(aux))
 
 
-def param_shardings(cfg: LlamaConfig, mesh: Mesh, rules=sharding.RULES) -> Params:
+def param_shardings(cfg: LlamaConfig, mesh: Mesh, rules: sharding.Rules | None = None) -> Params:
   return sharding.tree_shardings(mesh, logical_axes(cfg), param_shapes(cfg), rules)
 
 

@@ -1,7 +1,11 @@
 r"""``python -m astrollama_jax.train``: continual pre-training or SFT, resumable, any mesh.
 
-  python -m astrollama_jax.train --config=configs/demo.py --workdir=/tmp/demo_run \
+  python -m astrollama_jax.train --config=configs/demo.py --workdir=runs/demo \
+      --config.data.lm.path=CORPUS --config.data.tokenizer_path=tokenizer.model \
       [--config.train.num_steps=100 ...]
+
+A config file may take an argument (``--config=configs/llama2_cpt.py:70b``); every key of
+``train/defaults.py`` can be overridden with ``--config.SECTION.KEY=VALUE``.
 
 Multi-host: on TPU pods run the same command on every worker with ``--distributed=on``; under
 SLURM (srun) or OpenMPI (mpirun) the processes find each other; elsewhere pass
@@ -11,10 +15,9 @@ Re-running the same command resumes from the latest complete checkpoint in ``--w
 
 from __future__ import annotations
 
-import json
 import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
@@ -30,21 +33,9 @@ flags.DEFINE_integer("process_id", None, "This process's id (with --coordinator_
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def table(summary: dict) -> str:
-  rows = []
-  for k, v in summary.items():
-    if isinstance(v, dict):
-      v = ", ".join(f"{a}={b:.4g}" if isinstance(b, float) else f"{a}={b}" for a, b in v.items())
-    elif isinstance(v, float):
-      v = f"{v:.4g}"
-    rows.append((k, str(v)))
-  width = max(len(k) for k, _ in rows)
-  return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
-
-
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from astrollama_jax import cli
+  cli.no_extra_args(argv)
   from astrollama_jax.train import distributed
   from astrollama_jax.train.metrics import quiet_library_logs
   quiet_library_logs()
@@ -53,20 +44,16 @@ def main(argv: list[str]) -> None:
   import jax
   from astrollama_jax import diskspace
   from astrollama_jax.train import loop
-  config = FLAGS.config
   try:
     with diskspace.disk_full_errors(FLAGS.workdir, "the run's files under"):  # checkpoints name their step
-      summary = loop.train(config, FLAGS.workdir)
+      summary = loop.train(FLAGS.config, FLAGS.workdir)
   except loop.NonFiniteError as e:
     logging.error("%s", e)
     sys.exit(3)
-  except diskspace.DiskFullError as e:
-    logging.error("%s", e)
-    sys.exit(f"error: {e}")
   if jax.process_index() == 0:
-    print("\n" + table(summary))
-    print(json.dumps(summary))
+    cli.report(f"train: {FLAGS.workdir}", summary)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from astrollama_jax import cli as _cli
+  _cli.run(main)

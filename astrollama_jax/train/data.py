@@ -7,8 +7,10 @@
   (seed, r) only, and process ``p`` reads the rows its devices hold, so any host layout sees
   the same global batches.
 
-Every kind yields per-process numpy batches {tokens, targets, segment_ids, positions: int32,
-loss_mask: float32} of shape [global_batch / processes, seq_len] from an iterator with
+Every kind reads ``config.data`` (shared keys) and its own sub-section ``config.data.<kind>``,
+and yields per-process numpy batches (``packing.BATCH_SPEC``: tokens, targets, segment_ids,
+positions int32, loss_mask float32) of shape [global_batch / processes, seq_len] from an
+iterator with
 ``get_state()``/``set_state()``; ``to_global`` assembles them into sharded ``jax.Array``s.
 """
 
@@ -22,9 +24,9 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from astrollama_jax.train.step import BATCH_KEYS, batch_shardings
-
-KINDS = ("lm", "sft", "synthetic")
+from astrollama_jax.data.packing import BATCH_KEYS, as_batch
+from astrollama_jax.train.defaults import DATA_KINDS
+from astrollama_jax.train.step import batch_shardings
 
 
 def local_batch_size(global_batch: int) -> int:
@@ -42,32 +44,32 @@ def make_dataset(config: Any, split: str, *, batch_size: int | None = None,
   ``num_epochs=None`` repeats forever.
   """
   d = config.data
-  if d.kind not in KINDS:
-    raise ValueError(f"config.data.kind {d.kind!r} is not one of {KINDS}")
+  if d.kind not in DATA_KINDS:
+    raise ValueError(f"config.data.kind {d.kind!r} is not one of {DATA_KINDS}")
   global_batch = batch_size or config.train.global_batch_size
   local = local_batch_size(global_batch)
-  shuffle = d.get("shuffle", True) if shuffle is None else shuffle
+  shuffle = d.shuffle if shuffle is None else shuffle
   common = dict(seq_len=d.seq_len, batch_size=local, seed=d.seed, process_index=jax.process_index(),
                 process_count=jax.process_count(), num_epochs=num_epochs, shuffle=shuffle)
   if d.kind == "lm":
     from astrollama_jax.data import pipeline
-    return pipeline.make_lm_dataset(d.path, split=split, tokenizer_path=d.tokenizer_path,
-                                    mixture=dict(d.mixture) or None, worker_count=d.worker_count,
-                                    **common)
+    return pipeline.make_lm_dataset(d.lm.path, split=split, tokenizer_path=d.tokenizer_path,
+                                    mixture=dict(d.lm.mixture) or None,
+                                    worker_count=d.lm.worker_count, **common)
   if d.kind == "sft":
     from astrollama_jax.data import chat
-    sources = d.sources if split == "train" else d.get("eval_sources", None)
+    sources = d.sft.sources if split == "train" else d.sft.eval_sources
     if not sources:
-      raise ValueError("config.data.eval_sources is empty: no SFT validation data")
+      raise ValueError("config.data.sft.eval_sources is empty: no SFT validation data")
     return chat.make_sft_dataset(list(sources), d.tokenizer_path, **common)
   return synthetic_dataset(d.seq_len, global_batch, seed=d.seed + (split != "train"),
-                           num_rows=d.get("num_rows", 4096), num_epochs=num_epochs)
+                           num_rows=d.synthetic.num_rows, num_epochs=num_epochs)
 
 
 def has_split(config: Any, split: str) -> bool:
-  """Whether ``split`` can be read (SFT validation needs ``eval_sources``)."""
+  """Whether ``split`` can be read (SFT validation needs ``data.sft.eval_sources``)."""
   if config.data.kind == "sft" and split != "train":
-    return bool(config.data.get("eval_sources", None))
+    return bool(config.data.sft.eval_sources)
   return True
 
 
@@ -90,9 +92,8 @@ def synthetic_row(seed: int, row: int, seq_len: int, vocab: int = 1000) -> dict[
     segs[a:b] = s + 1
     pos[a:b] = np.arange(b - a)
   same_doc = (segs[:-1] == segs[1:]) & (segs[:-1] != 0)
-  return {"tokens": tokens[:-1], "targets": np.where(same_doc, tokens[1:], 0).astype(np.int32),
-          "segment_ids": segs[:-1], "positions": pos[:-1],
-          "loss_mask": same_doc.astype(np.float32)}
+  return as_batch({"tokens": tokens[:-1], "targets": np.where(same_doc, tokens[1:], 0),
+                   "segment_ids": segs[:-1], "positions": pos[:-1], "loss_mask": same_doc})
 
 
 class _SyntheticRows:

@@ -1,8 +1,8 @@
 """The training loop: resume or initialise, step, log, evaluate, checkpoint, stop cleanly.
 
 Host work (reading the next batch, hashing it) overlaps with the device's step: metrics are
-only pulled to the host every ``log_every`` steps, which is also when the loop checks the
-non-finite counter (so a run of skipped steps is noticed within ``log_every`` steps; skipped
+only pulled to the host every ``log.every`` steps, which is also when the loop checks the
+non-finite counter (so a run of skipped steps is noticed within ``log.every`` steps; skipped
 steps change nothing, so the state stays the last good one). SIGTERM (or JAX's preemption
 notice on multi-host jobs) makes the loop save a checkpoint at the next step boundary and
 return with ``preempted: true``.
@@ -20,8 +20,7 @@ import numpy as np
 from absl import logging
 
 from astrollama_jax import checkpoints, flops, sharding
-from astrollama_jax.model import llama
-from astrollama_jax.train import data, optimizer, setup, state as state_lib, step as step_lib
+from astrollama_jax.train import data, program as program_lib, setup, step as step_lib
 from astrollama_jax.train.checkpointing import Checkpointer
 from astrollama_jax.train.metrics import MetricsLogger
 
@@ -53,15 +52,15 @@ class _Preemption:
 
 
 def evaluate(config: Any, eval_step: Any, params: Any, mesh: Any) -> dict[str, float] | None:
-  """Mean NLL and perplexity over the validation split (or its first ``eval_batches``)."""
+  """Mean NLL and perplexity over the validation split (or its first ``eval.batches``)."""
   if not data.has_split(config, "validation"):
     return None
-  t = config.train
-  batch = t.eval_batch_size or t.global_batch_size // t.grad_accum_steps
+  e, t = config.eval, config.train
+  batch = e.batch_size or t.global_batch_size // t.grad_accum_steps
   it = iter(data.make_dataset(config, "validation", batch_size=batch, num_epochs=1, shuffle=False))
   total = count = 0.0
   n = 0
-  while not t.eval_batches or n < t.eval_batches:
+  while not e.batches or n < e.batches:
     local = next(it, None)
     if _any_done(local is None):  # every process must run the same number of eval steps
       break
@@ -81,20 +80,25 @@ def _any_done(done: bool) -> bool:
   return bool(np.any(multihost_utils.process_allgather(np.asarray(done, np.int32))))
 
 
-def _init_state(config: Any, cfg: Any, tx: Any, shardings: Any, mesh: Any) -> Any:
+def _init_state(config: Any, program: program_lib.TrainProgram) -> Any:
   if config.init_checkpoint:
-    loaded = checkpoints.load_model(config.init_checkpoint, mesh=mesh, dtype=cfg.param_dtype)
+    loaded = checkpoints.load_model(config.init_checkpoint, mesh=program.mesh,
+                                    dtype=program.cfg.param_dtype)
     logging.info("initialised from %s (%s)", config.init_checkpoint, loaded.kind)
-    params = loaded.params
-  else:  # random init inside the state's compiled program: each device makes only its shards
-    params = lambda: llama.init_params(cfg, seed=config.seed)  # noqa: E731
-  return state_lib.create_state(params, tx, shardings, seed=config.seed)
+    return program.init_state(config.seed, loaded.params)
+  return program.init_state(config.seed)
 
 
 def train(config: Any, workdir: str) -> dict[str, Any]:
   """Run (or resume) the training job ``config`` in ``workdir``; returns the summary."""
   started = time.time()
+  setup.check_inputs(config, workdir)
   mesh = sharding.make_mesh(tuple(config.mesh))
+  with sharding.use_rules(setup.sharding_rules(config)):  # for params and activations alike
+    return _train(config, workdir, mesh, started)
+
+
+def _train(config: Any, workdir: str, mesh: Any, started: float) -> dict[str, Any]:
   cfg, cfg_source = setup.model_config(config, workdir)
   tok_path = setup.tokenizer_path(config, workdir)
   setup.check_compatible(cfg, config, tok_path)
@@ -104,50 +108,42 @@ def train(config: Any, workdir: str) -> dict[str, Any]:
   setup.bootstrap_workdir(workdir, config, cfg, tok_path)
   logging.info("model %s (%.1fM params) from %s on mesh %s", cfg, cfg.num_params() / 1e6, cfg_source,
                dict(mesh.shape))
-  t = config.train
   steps = setup.total_steps(config)
-  tx, schedule = optimizer.make_optimizer(t, steps)
-  shapes, shardings = state_lib.abstract_state(cfg, tx, mesh)
-  ckpt = Checkpointer(workdir, keep=t.keep_checkpoints, async_save=t.async_checkpointing)
-  ckpt.check_free_space(sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
-                            for x in jax.tree.leaves((shapes.params, shapes.opt_state))))
+  program = program_lib.compile_train_step(config, mesh, cfg=cfg, total_steps=steps)
+  mem = program.compiled.memory_analysis()
+  if mem is not None:
+    logging.info("train step per-device memory: args %.2f GB, temp %.2f GB, out %.2f GB",
+                 mem.argument_size_in_bytes / 1e9, mem.temp_size_in_bytes / 1e9,
+                 mem.output_size_in_bytes / 1e9)
+  ckpt = Checkpointer(workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
+  ckpt.check_free_space(program.state_bytes())
   train_iter = iter(data.make_dataset(config, "train", num_epochs=None))
-  seq, gbs = config.data.seq_len, t.global_batch_size
-  step_flops = flops.training_flops(cfg, gbs, seq).total
+  step_flops = flops.training_flops(cfg, config.train.global_batch_size, config.data.seq_len).total
   summary: dict[str, Any] = {"workdir": workdir, "total_steps": steps, "params": cfg.num_params()}
   with jax.set_mesh(mesh):
     t0 = time.time()
-    restored = ckpt.restore_latest(state_lib.with_shardings(shapes, shardings), train_iter)
+    restored = ckpt.restore_latest(program.abstract_state, train_iter)
     if restored is not None:
       state, meta = restored
       start = meta["step"]
       summary.update(resumed_from=start, eval_start=meta.get("eval_start"))
     else:
-      state, start, meta = _init_state(config, cfg, tx, shardings, mesh), 0, {}
+      state, start, meta = _init_state(config, program), 0, {}
     jax.block_until_ready(state)
     summary["state_s"] = round(time.time() - t0, 2)  # restore or initialise
-    abstract_batch = {k: jax.ShapeDtypeStruct((gbs, seq), np.float32 if k == "loss_mask" else np.int32,
-                                              sharding=s) for k, s in step_lib.batch_shardings(mesh).items()}
-    t0 = time.time()
-    train_step = step_lib.make_train_step(cfg, tx, schedule, shardings, mesh, grad_accum=t.grad_accum_steps,
-                                          loss_chunk=t.loss_chunk_size)
-    compiled = train_step.lower(state_lib.with_shardings(shapes, shardings), abstract_batch).compile()
-    summary["compile_s"] = round(time.time() - t0, 2)
-    mem = compiled.memory_analysis()
-    if mem is not None:
-      logging.info("train step per-device memory: args %.2f GB, temp %.2f GB, out %.2f GB",
-                   mem.argument_size_in_bytes / 1e9, mem.temp_size_in_bytes / 1e9, mem.output_size_in_bytes / 1e9)
-    eval_step = step_lib.make_eval_step(cfg, shardings.params, mesh, loss_chunk=t.loss_chunk_size)
+    summary["compile_s"] = program.compile_s
+    eval_step = step_lib.make_eval_step(cfg, program.shardings.params, mesh,
+                                        loss_chunk=config.loss.chunk_size)
     logger = MetricsLogger(workdir, steps, start)
     preempt = _Preemption(ckpt)
     try:
-      if start == 0 and t.eval_at_start:
+      if start == 0 and config.eval.at_start:
         summary["eval_start"] = evaluate(config, eval_step, state.params, mesh)
         if summary["eval_start"]:
           logger.write(0, "eval", summary["eval_start"])
       meta = {"eval_start": summary.get("eval_start")}
-      summary.update(_run_steps(config, compiled, state, train_iter, ckpt, logger, preempt, eval_step,
-                                mesh, start, steps, step_flops, meta))
+      summary.update(_run_steps(config, program.compiled, state, train_iter, ckpt, logger,
+                                preempt, eval_step, mesh, start, steps, step_flops, meta))
     finally:
       preempt.close()
       logger.close()
@@ -158,7 +154,7 @@ def train(config: Any, workdir: str) -> dict[str, Any]:
 
 def _run_steps(config, compiled, state, train_iter, ckpt, logger, preempt, eval_step, mesh, start,
                steps, step_flops, meta) -> dict[str, Any]:
-  t = config.train
+  t, log, ev_cfg, ck = config.train, config.log, config.eval, config.checkpoint
   n_dev, kind = jax.device_count(), jax.devices()[0].device_kind
   tokens_per_step = t.global_batch_size * config.data.seq_len
   pending: list[Any] = []
@@ -169,13 +165,13 @@ def _run_steps(config, compiled, state, train_iter, ckpt, logger, preempt, eval_
     local = next(train_iter, None)
     if local is None:
       raise RuntimeError(f"the training data ran out at step {step} of {steps}")
-    if t.log_batch_hashes:
+    if log.batch_hashes:
       logger.write(step + 1, "batch", {"hash": data.batch_hash(local)})
     state, metrics = compiled(state, data.to_global(mesh, local))
     pending.append(metrics)
     step += 1
     last = step == steps
-    if step % t.log_every == 0 or last:
+    if step % log.every == 0 or last:
       fetched = jax.device_get(pending)
       now = time.time()
       dt = (now - mark) / max(step - mark_step, 1)
@@ -193,7 +189,7 @@ def _run_steps(config, compiled, state, train_iter, ckpt, logger, preempt, eval_
       if run >= t.max_consecutive_nonfinite:
         raise NonFiniteError(f"{run} consecutive steps with a non-finite loss or gradient up to step "
                              f"{step}; stopping (latest checkpoint: {ckpt.all_steps()[-1:]})")
-    if t.eval_every and step % t.eval_every == 0 and not last:
+    if ev_cfg.every and step % ev_cfg.every == 0 and not last:
       ev = evaluate(config, eval_step, state.params, mesh)
       if ev:
         logger.write(step, "eval", ev)
@@ -203,11 +199,11 @@ def _run_steps(config, compiled, state, train_iter, ckpt, logger, preempt, eval_
       logging.warning("preempted: checkpoint of step %d saved; exiting", step)
       out["preempted"] = True
       break
-    if (t.checkpoint_every and step % t.checkpoint_every == 0) or last:
+    if (ck.every and step % ck.every == 0) or last:
       ckpt.save(step, state, train_iter, meta)
   out["final_step"] = step
   out["nonfinite_total"] = int(jax.device_get(state.nonfinite_total))
-  if not out["preempted"] and t.eval_at_end:
+  if not out["preempted"] and ev_cfg.at_end:
     out["eval"] = evaluate(config, eval_step, state.params, mesh)
     if out["eval"]:
       logger.write(step, "eval", out["eval"])

@@ -14,13 +14,11 @@ import jax
 import numpy as np
 from absl import logging
 
-from astrollama_jax import checkpoints, diskspace
-from astrollama_jax.model.config import LlamaConfig, get_config
+from astrollama_jax import checkpoints, diskspace, sharding
+from astrollama_jax.model.config import POLICY_FIELDS, LlamaConfig, get_config
 from astrollama_jax.train import data
 from astrollama_jax.train.checkpointing import CHECKPOINTS_DIR
-
-# Execution policy: may differ between the checkpoint a run starts from and the run itself.
-POLICY_FIELDS = ("param_dtype", "compute_dtype", "remat_policy", "attention_impl")
+from astrollama_jax.train.defaults import DATA_KINDS
 
 
 def arch_overrides(config: Any) -> dict[str, Any]:
@@ -30,6 +28,38 @@ def arch_overrides(config: Any) -> dict[str, Any]:
 
 def policy(config: Any) -> dict[str, Any]:
   return {k: config.model[k] for k in POLICY_FIELDS}
+
+
+def preset_model_config(config: Any) -> LlamaConfig:
+  """``model.preset`` with the config's architecture overrides and execution policy."""
+  return get_config(config.model.preset, **arch_overrides(config), **policy(config))
+
+
+def sharding_rules(config: Any) -> sharding.Rules:
+  """The run's logical-axis -> mesh-axis table (``config.sharding_rules``)."""
+  return sharding.rules_from_config(config.sharding_rules, "config.sharding_rules")
+
+
+def check_inputs(config: Any, workdir: str) -> None:
+  """Fail first, in one line, when the config leaves out what the run reads: the data of its
+  ``data.kind``, the tokenizer, an ``init_checkpoint`` the config asks for."""
+  kind = config.data.kind
+  if kind not in DATA_KINDS:
+    raise ValueError(f"config.data.kind {kind!r} is not one of {DATA_KINDS}")
+  missing = []
+  if config.init_checkpoint is None:
+    missing.append("--config.init_checkpoint=DIR (the model to start from; '' for a random init)")
+  if kind == "lm" and not config.data.lm.path:
+    missing.append("--config.data.lm.path=DIR (the --output of python -m astrollama_jax.prepare)")
+  if kind == "sft" and not config.data.sft.sources:
+    missing.append("--config.data.sft.sources (chat files: list of {path, format, count, weight})")
+  # (an init_checkpoint still to be named may bring its own tokenizer)
+  if (kind in ("lm", "sft") and not config.data.tokenizer_path
+      and config.init_checkpoint is not None and tokenizer_path(config, workdir) is None):
+    missing.append("--config.data.tokenizer_path=FILE (the SentencePiece tokenizer.model)")
+  if missing:
+    raise ValueError(f"the config leaves out what a {kind!r} run needs: pass "
+                     + " and ".join(missing))
 
 
 def _with_overrides(cfg: LlamaConfig, config: Any, source: str) -> LlamaConfig:
@@ -62,7 +92,7 @@ def model_config(config: Any, workdir: str) -> tuple[LlamaConfig, str]:
     else:
       cfg = checkpoints.read_model_config(root)
     return _with_overrides(cfg, config, config.init_checkpoint), config.init_checkpoint
-  return get_config(config.model.preset, **arch_overrides(config), **policy(config)), f"preset {config.model.preset}"
+  return preset_model_config(config), f"preset {config.model.preset}"
 
 
 def tokenizer_path(config: Any, workdir: str) -> str | None:
@@ -83,13 +113,12 @@ def check_compatible(cfg: LlamaConfig, config: Any, tok_path: str | None) -> Non
   if config.data.seq_len > cfg.max_seq_len:
     raise ValueError(f"config.data.seq_len {config.data.seq_len} exceeds the model's max_seq_len "
                      f"{cfg.max_seq_len}")
-  t = config.train
+  t, chunk = config.train, config.loss.chunk_size
   if t.global_batch_size % t.grad_accum_steps:
     raise ValueError(f"train.global_batch_size {t.global_batch_size} is not divisible by "
                      f"train.grad_accum_steps {t.grad_accum_steps}")
-  if t.loss_chunk_size and config.data.seq_len % t.loss_chunk_size:
-    raise ValueError(f"train.loss_chunk_size {t.loss_chunk_size} does not divide data.seq_len "
-                     f"{config.data.seq_len}")
+  if chunk and config.data.seq_len % chunk:
+    raise ValueError(f"loss.chunk_size {chunk} does not divide data.seq_len {config.data.seq_len}")
   if config.data.kind in ("lm", "sft"):
     if not tok_path:
       raise ValueError("no tokenizer: set config.data.tokenizer_path")
@@ -105,7 +134,7 @@ def check_batch_layout(config: Any, mesh_shape: dict[str, int]) -> None:
   micro = t.global_batch_size // t.grad_accum_steps
   batches = {"train.global_batch_size": t.global_batch_size,
              "micro-batch (global_batch_size / grad_accum_steps)": micro,
-             "train.eval_batch_size": t.eval_batch_size or micro}
+             "eval.batch_size": config.eval.batch_size or micro}
   for name, rows in batches.items():
     if rows % shards:
       raise ValueError(f"{name} = {rows} rows cannot be split over the {shards} batch shards "
@@ -139,7 +168,7 @@ def total_steps(config: Any) -> int:
   if t.num_steps > 0:
     return int(t.num_steps)
   if config.data.kind == "synthetic":
-    per_epoch = config.data.num_rows // t.global_batch_size
+    per_epoch = config.data.synthetic.num_rows // t.global_batch_size
   else:
     logging.info("counting the batches of one epoch (set train.num_steps to skip this)")
     per_epoch = data.count_batches(iter(data.make_dataset(config, "train", num_epochs=1)))

@@ -18,17 +18,24 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from astrollama_jax import sharding
+from astrollama_jax.data.packing import BATCH_KEYS, BATCH_SPEC
 from astrollama_jax.model.config import LlamaConfig
 from astrollama_jax.train.loss import lm_loss_sums
 from astrollama_jax.train.state import TrainState
 
 Batch = Mapping[str, jax.Array]
-BATCH_KEYS = ("tokens", "targets", "segment_ids", "positions", "loss_mask")
 
 
 def batch_shardings(mesh: Mesh) -> dict[str, NamedSharding]:
-  """Every batch field is [batch, seq], split over (data, fsdp) on the batch axis."""
+  """Every batch field is [batch, seq], split like the logical ``batch`` axis (data, fsdp)."""
   return {k: sharding.batch_sharding(mesh) for k in BATCH_KEYS}
+
+
+def abstract_batch(rows: int, seq_len: int, mesh: Mesh) -> dict[str, jax.ShapeDtypeStruct]:
+  """The step's batch argument as shapes (``packing.BATCH_SPEC``) with their shardings."""
+  shardings = batch_shardings(mesh)
+  return {k: jax.ShapeDtypeStruct((rows, seq_len), dtype, sharding=shardings[k])
+          for k, dtype in BATCH_SPEC.items()}
 
 
 def split_microbatches(batch: Batch, k: int) -> dict[str, jax.Array]:
@@ -50,7 +57,8 @@ def split_microbatches(batch: Batch, k: int) -> dict[str, jax.Array]:
 def make_train_step(cfg: LlamaConfig, tx: optax.GradientTransformation, schedule: optax.Schedule,
                     state_shardings: TrainState, mesh: Mesh, *, grad_accum: int = 1,
                     loss_chunk: int = 0) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
-  """``step(state, batch) -> (state, metrics)``, jitted with the state donated.
+  """``step(state, batch) -> (state, metrics)``, jitted with the state donated; traced with the
+  sharding rules in force now (those ``state_shardings`` were computed with).
 
   Metrics (replicated scalars): loss (mean NLL per counted token), grad_norm (before clipping),
   lr (the rate this update used), tokens (counted tokens), skipped (1 if not applied).
@@ -110,7 +118,8 @@ def make_train_step(cfg: LlamaConfig, tx: optax.GradientTransformation, schedule
     return new_state, metrics
 
   replicated = NamedSharding(mesh, P())
-  return jax.jit(step, in_shardings=(state_shardings, batch_shardings(mesh)),
+  return jax.jit(sharding.keeping_rules(step),
+                 in_shardings=(state_shardings, batch_shardings(mesh)),
                  out_shardings=(state_shardings, replicated), donate_argnums=(0,))
 
 
@@ -118,6 +127,10 @@ def make_eval_step(cfg: LlamaConfig, param_shardings: Any, mesh: Mesh, *,
                    loss_chunk: int = 0) -> Callable[[Any, Batch], tuple[jax.Array, jax.Array]]:
   """``eval_step(params, batch) -> (NLL sum, token count)``; sum over batches, then divide."""
   replicated = NamedSharding(mesh, P())
-  return jax.jit(lambda params, batch: lm_loss_sums(cfg, params, batch, loss_chunk),
+
+  def eval_step(params, batch):
+    return lm_loss_sums(cfg, params, batch, loss_chunk)
+
+  return jax.jit(sharding.keeping_rules(eval_step),
                  in_shardings=(param_shardings, batch_shardings(mesh)),
                  out_shardings=(replicated, replicated))

@@ -1,0 +1,85 @@
+"""The one compiled train step of a config: what ``train``, ``aot`` and ``bench`` all run.
+
+``compile_train_step(config, mesh)`` builds, from the training config alone, the optimizer and
+schedule, the abstract train state and its shardings (by the config's sharding rules), the
+abstract batch (``packing.BATCH_SPEC``) and the jitted step, then lowers and compiles it ahead
+of time. The trainer runs that program; ``aot`` reads its memory plan for fake devices; the
+benchmark times it. So a number from either of the latter is a number for the former.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import jax
+import optax
+from jax.sharding import Mesh
+
+from astrollama_jax import sharding
+from astrollama_jax.model import llama
+from astrollama_jax.model.config import LlamaConfig
+from astrollama_jax.train import optimizer, setup, state as state_lib, step as step_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainProgram:
+  """A compiled train step with everything that went into it."""
+
+  cfg: LlamaConfig
+  mesh: Mesh
+  rules: sharding.Rules
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  state_shapes: state_lib.TrainState      # ShapeDtypeStructs
+  shardings: state_lib.TrainState         # NamedShardings
+  batch: dict[str, jax.ShapeDtypeStruct]  # with their shardings
+  lowered: Any
+  compiled: Any
+  compile_s: float
+
+  @property
+  def abstract_state(self) -> state_lib.TrainState:
+    """The state's shapes carrying their shardings (for restoring a checkpoint)."""
+    return state_lib.with_shardings(self.state_shapes, self.shardings)
+
+  def state_bytes(self) -> int:
+    """Bytes of parameters and optimizer state over the whole mesh."""
+    leaves = jax.tree.leaves((self.state_shapes.params, self.state_shapes.opt_state))
+    return sum(x.size * x.dtype.itemsize for x in leaves)
+
+  def init_state(self, seed: int, params: Any = None) -> state_lib.TrainState:
+    """A fresh state around ``params``, or around a random init made inside one compiled
+    program (each device makes only its own shards)."""
+    if params is None:
+      cfg = self.cfg
+      params = lambda: llama.init_params(cfg, seed=seed)  # noqa: E731
+    with sharding.use_rules(self.rules), jax.set_mesh(self.mesh):
+      return state_lib.create_state(params, self.tx, self.shardings, seed=seed)
+
+
+def compile_train_step(config: Any, mesh: Mesh, *, cfg: LlamaConfig | None = None,
+                       total_steps: int = 1) -> TrainProgram:
+  """Build and compile ``config``'s train step on ``mesh``.
+
+  ``cfg`` is the model (default: ``model.preset`` with the config's overrides; the trainer
+  passes the one it resolved from a checkpoint); ``total_steps`` sets the schedule's length,
+  which changes no shape. The config's sharding rules are in force for the state's shardings
+  and while the step is traced, so both follow the same table.
+  """
+  cfg = cfg or setup.preset_model_config(config)
+  t = config.train
+  with sharding.use_rules(setup.sharding_rules(config)) as rules, jax.set_mesh(mesh):
+    tx, schedule = optimizer.make_optimizer(config, total_steps)
+    shapes, shardings = state_lib.abstract_state(cfg, tx, mesh)
+    batch = step_lib.abstract_batch(t.global_batch_size, config.data.seq_len, mesh)
+    train_step = step_lib.make_train_step(cfg, tx, schedule, shardings, mesh,
+                                          grad_accum=t.grad_accum_steps,
+                                          loss_chunk=config.loss.chunk_size)
+    t0 = time.time()
+    lowered = train_step.lower(state_lib.with_shardings(shapes, shardings), batch)
+    compiled = lowered.compile()
+  return TrainProgram(cfg=cfg, mesh=mesh, rules=rules, tx=tx, schedule=schedule,
+                      state_shapes=shapes, shardings=shardings, batch=batch, lowered=lowered,
+                      compiled=compiled, compile_s=round(time.time() - t0, 2))
