@@ -57,7 +57,7 @@ def model_config(config: Any, workdir: str) -> tuple[LlamaConfig, str]:
   if config.init_checkpoint:
     kind, root, _, _ = checkpoints.locate(config.init_checkpoint)
     if kind == "hf":
-      from astrollama_jax.convert import hf
+      from astrollama_jax.formats import hf
       cfg = LlamaConfig.from_hf_config(hf.read_hf_config(root))
     else:
       cfg = checkpoints.read_model_config(root)
