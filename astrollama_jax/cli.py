@@ -314,6 +314,12 @@ def report(title: str, summary: Mapping[str, Any], rows: Sequence[Mapping[str, A
   return summary
 
 
+def peak_rss_bytes() -> int:
+  """This process's peak resident memory so far, for a command's summary (Linux reports KiB)."""
+  import resource
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def _command(module: str) -> Callable[[], None]:
   def run_module() -> None:
     runpy.run_module(module, run_name="__main__", alter_sys=True)
