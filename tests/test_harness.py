@@ -244,3 +244,55 @@ def test_unknown_task_is_one_error_line(setup, tokenizer_path):
   assert errors == [errors[0]] and "no_such_task_xyz" in errors[0], res.stderr[-2000:]
   assert "astro_mcq" not in errors[0] and "Traceback" not in res.stderr
   assert not (setup / "bad_out").exists()
+
+
+def test_two_processes_give_the_single_process_results(setup, both, tmp_path, tokenizer_path):
+  """jax.distributed over loopback, 4 CPU devices each, one 2x2x2 mesh: process 0 prints and
+  writes the numbers one process computes; process 1 prints and writes nothing."""
+  from test_multihost import _free_port
+  from test_train_cli import train_env
+  _, ours = both
+  tasks = ["astro_mcq", "astro_greedy", "astro_ph_abstracts", "astro_complete"]
+  port, out = _free_port(), tmp_path / "out"
+  procs = []
+  for i in range(2):
+    cmd = [sys.executable, "-m", "astrollama_jax.harness", f"--checkpoint={setup / 'hf'}",
+           f"--tokenizer={tokenizer_path}", f"--tasks={','.join(tasks)}",
+           f"--include_path={setup / 'tasks'}", f"--limit={LIMIT}", f"--max_length={MAX_LENGTH}",
+           "--compute_dtype=float32", "--mesh=2,2,2", "--batch_size=4", "--bootstrap_iters=0",
+           f"--output={out}", "--label=tiny", "--noprogress", "--num_processes=2",
+           f"--coordinator_address=127.0.0.1:{port}", f"--process_id={i}"]
+    procs.append(subprocess.Popen(cmd, cwd=setup, env=train_env(4), stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True))
+  try:
+    outputs = [p.communicate(timeout=600) for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  for p, (_, err) in zip(procs, outputs):
+    assert p.returncode == 0, err[-3000:]
+  summary = json.loads(outputs[0][0].strip().splitlines()[-1])
+  # (gloo, the CPU collectives library, prints its connections on stdout itself)
+  assert [line for line in outputs[1][0].splitlines() if "peer ranks" not in line] == []
+  for task in tasks:
+    want = {k: v for k, v in ours["results"][task].items() if isinstance(v, float)}
+    got = {k: summary["results"][task][k] for k in want}
+    assert got == pytest.approx(want, rel=1e-5, abs=1e-5), task
+  assert sorted(os.listdir(out)) == ["harness.json", "tiny"]
+  assert len(os.listdir(out / "tiny")) == 1  # one results file, from process 0
+
+
+def test_model_args_string_builds_the_registered_model(setup):
+  """``simple_evaluate(model="astrollama", model_args="checkpoint=...")`` goes this way."""
+  from lm_eval.api.registry import get_model
+
+  import astrollama_jax.eval.harness  # noqa: F401  (registers the model)
+  lm = get_model("astrollama").create_from_arg_string(
+      f"checkpoint={setup / 'hf'},compute_dtype=float32,max_length=32",
+      {"batch_size": "auto", "device": "cpu", "max_batch_size": None})
+  assert (lm.max_length, lm.batch_size, lm.cfg.compute_dtype) == (32, 8, "float32")
+  context, continuation = lm._encode_pair("The Sun is a ", "star")
+  assert context[0] == lm.prefix_token_id == 1 and lm.tok_decode(continuation) == "star"
+  with pytest.raises(ValueError, match="max_length"):
+    get_model("astrollama").create_from_arg_string(f"pretrained={setup / 'hf'},max_length=4096")
