@@ -99,7 +99,9 @@ def setup(tmp_path_factory, tokenizer_path, abstracts):
 def _evaluate(model, model_args, root, tasks, **kw):
   from lm_eval import simple_evaluate
   from lm_eval.tasks import TaskManager
-  manager = TaskManager(include_path=[harness_cli.TASKS_DIR, str(root / "tasks")])
+  # lm-eval's own tasks are not needed here (indexing them takes most of a minute)
+  manager = TaskManager(include_path=[harness_cli.TASKS_DIR, str(root / "tasks")],
+                        include_defaults=False)
   return simple_evaluate(model=model, model_args=model_args, tasks=tasks, limit=LIMIT,
                          task_manager=manager, log_samples=True, bootstrap_iters=0, **kw)
 
@@ -216,7 +218,7 @@ def test_shipped_yamls_load_with_lm_evals_task_manager(tmp_path, monkeypatch, ab
   write_jsonl(tmp_path / "astro_eval" / "astro_ph_abstracts.jsonl",
               [{"abstract": a, "text": None if i % 2 else a} for i, a in enumerate(abstracts[:5])])
   monkeypatch.chdir(tmp_path)
-  manager = TaskManager(include_path=harness_cli.TASKS_DIR)
+  manager = TaskManager(include_path=harness_cli.TASKS_DIR, include_defaults=False)
   assert set(SHIPPED) <= set(manager.all_subtasks) and "astro" in manager.all_tags
   loaded = manager.load(["astro"])["tasks"]
   assert sorted(loaded) == SHIPPED
@@ -296,3 +298,12 @@ def test_model_args_string_builds_the_registered_model(setup):
   assert context[0] == lm.prefix_token_id == 1 and lm.tok_decode(continuation) == "star"
   with pytest.raises(ValueError, match="max_length"):
     get_model("astrollama").create_from_arg_string(f"pretrained={setup / 'hf'},max_length=4096")
+
+
+def test_bad_include_path_and_limit_are_user_errors(tmp_path):
+  from astrollama_jax import cli
+  with pytest.raises(cli.UserError, match="not a folder"):
+    harness_cli.task_manager([str(tmp_path / "nope")])
+  with pytest.raises(cli.UserError, match="--limit"):
+    harness_cli._limit(0)
+  assert harness_cli._limit(3.0) == 3 and harness_cli._limit(0.5) == 0.5
