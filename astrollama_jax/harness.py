@@ -29,6 +29,7 @@ from astrollama_jax import cli
 
 TASKS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "eval", "tasks")
 RESULT_FILE = "harness.json"
+_COUNTS = ("sample_len", "sample_count")  # lm-eval's document counts, not metrics
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
@@ -103,8 +104,8 @@ def flat_metrics(results: dict) -> tuple[dict[str, Any], list[dict[str, Any]]]:
   for task, values in results.get("results", {}).items():
     for key, value in sorted(values.items()):
       metric, _, filt = key.partition(",")
-      if metric.endswith("_stderr") or not isinstance(value, (int, float)) or \
-          isinstance(value, bool):
+      if metric.endswith("_stderr") or metric in _COUNTS or \
+          not isinstance(value, (int, float)) or isinstance(value, bool):
         continue
       name = f"{task}/{metric}" + ("" if filt in ("", "none") else f"/{filt}")
       stderr = values.get(f"{metric}_stderr,{filt}")

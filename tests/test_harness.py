@@ -205,6 +205,7 @@ def test_cli_prints_the_table_and_results_and_writes_files(setup, both, capsys, 
     ours_file = json.load(f)
   assert ours_file["label"] == "tiny" and ours_file["task"] == "harness"
   assert ours_file["metrics"]["astro_mcq/acc"] == summary["results"]["astro_mcq"]["acc,none"]
+  assert "astro_mcq/sample_len" not in ours_file["metrics"]
   (label, metrics), = compare.load_runs([str(out)])
   assert label == "tiny"
   assert metrics["astro_ph_abstracts/bits_per_byte"] == pytest.approx(
