@@ -35,6 +35,7 @@ COMMANDS = {
     "generate": "astrollama_jax.generate",
     "chat": "astrollama_jax.chat",
     "eval": "astrollama_jax.eval",
+    "harness": "astrollama_jax.harness",
     "bench": "astrollama_jax.bench",
     "aot": "astrollama_jax.aot",
     "make_qa": "astrollama_jax.make_qa",
