@@ -56,7 +56,10 @@ def main(argv: list[str]) -> None:
   config = FLAGS.config
   try:
     with diskspace.disk_full_errors(FLAGS.workdir, "the run's files under"):  # checkpoints name their step
-      summary = loop.train(config, FLAGS.workdir)
+      # --- run-survival hooks: one trainer per workdir; the hang watchdog ---
+      from astrollama_jax.train import watchdog, workdir_lock
+      with workdir_lock.held(FLAGS.workdir), watchdog.watching(config.train.hang_timeout_s):
+        summary = loop.train(config, FLAGS.workdir)
   except loop.NonFiniteError as e:
     logging.error("%s", e)
     sys.exit(3)
@@ -66,6 +69,8 @@ def main(argv: list[str]) -> None:
   if jax.process_index() == 0:
     print("\n" + table(summary))
     print(json.dumps(summary))
+  from astrollama_jax.train import exit_codes  # run-survival hook: 75 = preempted after saving
+  sys.exit(exit_codes.for_summary(summary))
 
 
 if __name__ == "__main__":

@@ -48,6 +48,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.mixture = {}                 # lm: section weights, e.g. {"abstract": 0.5, ...}; {} = all
   c.data.worker_count = 0             # lm: Grain worker processes
   c.data.num_rows = 4096              # synthetic: rows per epoch
+  c.data.stall_after_steps = 0        # synthetic: > 0 hangs after this many batches (tests)
 
   t = c.train = ml_collections.ConfigDict()
   t.global_batch_size = 160           # sequences per optimizer step, over all processes
@@ -76,4 +77,5 @@ def base_config() -> ml_collections.ConfigDict:
   t.checkpoint_every = 500
   t.keep_checkpoints = 3
   t.async_checkpointing = True
+  t.hang_timeout_s = 0.0              # > 0: no step/eval/checkpoint progress this long -> exit 76
   return c

@@ -24,6 +24,7 @@ from astrollama_jax.model import llama
 from astrollama_jax.train import data, optimizer, setup, state as state_lib, step as step_lib
 from astrollama_jax.train.checkpointing import Checkpointer
 from astrollama_jax.train.metrics import MetricsLogger
+from astrollama_jax.train import watchdog  # run-survival hook
 
 
 class NonFiniteError(RuntimeError):
@@ -62,6 +63,7 @@ def evaluate(config: Any, eval_step: Any, params: Any, mesh: Any) -> dict[str, f
   total = count = 0.0
   n = 0
   while not t.eval_batches or n < t.eval_batches:
+    watchdog.beat(f"evaluation batch {n}")  # run-survival hook
     local = next(it, None)
     if _any_done(local is None):  # every process must run the same number of eval steps
       break
@@ -166,6 +168,7 @@ def _run_steps(config, compiled, state, train_iter, ckpt, logger, preempt, eval_
   mark, mark_step = time.time(), start
   step = start
   while step < steps:
+    watchdog.beat(f"step {step}")  # run-survival hook
     local = next(train_iter, None)
     if local is None:
       raise RuntimeError(f"the training data ran out at step {step} of {steps}")
