@@ -162,7 +162,6 @@ STEPS, EVERY = 60, 5
 
 
 def test_a_preempted_job_requeues_itself_and_resumes_to_the_end(slurm, tmp_path):
-  started = time.time()
   workdir, log = tmp_path / "run", tmp_path / "job.log"
   env = dict(slurm, **{k: v for k, v in train_env(1).items() if k.startswith(("JAX", "XLA", "TF"))})
   env.update(ASTROLLAMA_SLURM_CPU="1", PYTHON=sys.executable, PYTHONPATH=str(REPO))
@@ -205,4 +204,3 @@ def test_a_preempted_job_requeues_itself_and_resumes_to_the_end(slurm, tmp_path)
   assert summary["resumed_from"] == preempted_at and summary["final_step"] == STEPS
   steps = [r["step"] for r in records(workdir, "train")]
   assert steps == list(range(1, STEPS + 1)), "a clean preemption loses no step and repeats none"
-  print(f"slurm preempt-requeue-resume: {time.time() - started:.0f} s")

@@ -68,7 +68,8 @@ RUN2 = [*TINY_MODEL, "--config.model.vocab_size=1024", "--config.mesh=(2,1,1)",
 
 
 @pytest.mark.parametrize("victim", [1, 0])
-def test_killing_one_process_ends_the_other_within_a_bounded_time(tmp_path, victim):
+def test_killing_one_process_ends_the_other_within_a_bounded_time(tmp_path, monkeypatch, victim):
+  monkeypatch.setenv("ASTROLLAMA_HEARTBEAT_TIMEOUT_S", "20")  # the trainers' JAX heartbeat timeout
   port = _free_port()
   logs = [tmp_path / f"p{i}.log" for i in range(2)]
   procs = [start(train_cmd(tmp_path / "run", *RUN2, f"--coordinator_address=127.0.0.1:{port}",
@@ -80,7 +81,7 @@ def test_killing_one_process_ends_the_other_within_a_bounded_time(tmp_path, vict
       time.sleep(0.1)
     os.kill(procs[victim].pid, signal.SIGKILL)
     survivor = procs[1 - victim]
-    try:  # bounded by the JAX heartbeat timeout (100 s) or the watchdog (10 s), whichever acts
+    try:  # bounded by the JAX heartbeat timeout (20 s) or the watchdog (10 s), whichever acts
       rc = survivor.wait(timeout=150)
     except subprocess.TimeoutExpired:
       raise AssertionError(f"the surviving process still runs; log:\n{_tail(logs[1 - victim])}") \
