@@ -52,6 +52,9 @@ setup(
             "hypothesis>=6.150",
             "torch==2.13.0",
             "transformers>=5.20,<6",
+            # The TPU compiler (jax 0.10.2's own "tpu" extra pin): tests/test_tpu_plan.py compiles
+            # for a TPU slice on a CPU host with it; no TPU needed, and without it that test skips.
+            "libtpu==0.0.42.*",
         ],
     },
 )

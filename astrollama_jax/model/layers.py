@@ -9,14 +9,15 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 from flax import nnx
+import jax
 from jax.ad_checkpoint import checkpoint_name
+import jax.numpy as jnp
 
 from astrollama_jax.model.attention import attention
 from astrollama_jax.model.config import LlamaConfig
 from astrollama_jax.sharding import constrain
+
 
 def param(rngs: nnx.Rngs | None, shape, names, dtype, std: float | None) -> nnx.Param:
   """A parameter carrying its logical axis names (sharded later by the rules table)."""
