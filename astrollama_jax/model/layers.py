@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from flax import nnx
 import jax
-from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from astrollama_jax.model.attention import attention
 from astrollama_jax.model.config import LlamaConfig
