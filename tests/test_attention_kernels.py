@@ -120,7 +120,7 @@ def test_sharded_kernel_equals_xla_on_a_mesh():
     _assert_close(got, want, 1e-5)
 
 
-def test_auto_and_decode_choices():
+def test_auto_and_decode_choices(monkeypatch):
   assert {"splash", "flash_gpu", "auto"} <= set(ATTENTION_IMPLS)
   assert attn.resolve_impl("auto", "tpu") == "splash"
   assert attn.resolve_impl("auto", "gpu") == "cudnn"
@@ -137,6 +137,11 @@ def test_auto_and_decode_choices():
   for impl in FUSED + ("auto",):
     got = attn.attention(q, k, v, q_idx, k_idx, q_seg, k_seg, impl, cached=True)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  # Also where "auto" would pick cuDNN for training (which cannot run here): decode takes xla.
+  monkeypatch.setattr(attn, "target_platform", lambda: "gpu")
+  assert attn.resolve_impl("auto") == "cudnn"
+  got = attn.attention(q, k, v, q_idx, k_idx, q_seg, k_seg, "auto", cached=True)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
   with pytest.raises(ValueError, match="self-attention"):
     attn.attention(q, k, v, q_idx, k_idx, q_seg, k_seg, "splash")
 

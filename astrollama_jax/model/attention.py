@@ -18,9 +18,10 @@ never a padding key (segment 0). Implementations:
 
 The fused kernels need a self-attention shape (no KV cache: query slot i is key slot i), which
 training and scoring always have. With a KV cache (decoding one token, or a prompt chunk against
-the cache) they fall back to ``xla``: a single query row is a matrix-vector product that is bound
-by reading the cache, which one einsum pass over it already does at full bandwidth, while the
-kernels pad the query to a 128-row block (128x the work) and need the causal offset to be static.
+the cache) they, and ``auto``, fall back to ``xla``: a single query row is a matrix-vector
+product bound by reading the cache, which one einsum pass over it already does at full
+bandwidth, while the kernels pad the query to a 128-row block (128x the work) and would need the
+cache's causal offset to be static.
 
 Padding queries (segment 0) are unspecified in every implementation (the fused kernels let them
 attend to earlier padding, ``xla`` spreads them uniformly); nothing reads them, since losses and
@@ -91,9 +92,9 @@ def attention(q, k, v, q_idx, k_idx, q_seg, k_seg, impl: str, *, cached: bool = 
   padding). ``cached`` says k/v come from a KV cache (decoding), where fused kernels give way to
   the dense path (see the module docstring).
   """
-  impl = resolve_impl(impl)
-  if impl in FUSED_IMPLS and cached:
+  if cached and impl in FUSED_IMPLS + ("auto",):
     impl = "xla"
+  impl = resolve_impl(impl)
   if impl not in FUSED_IMPLS:
     return dot_attention(q, k, v, attention_mask(q_idx, k_idx, q_seg, k_seg), impl)
   if q.shape[1] != k.shape[1]:
