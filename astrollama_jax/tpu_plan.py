@@ -151,9 +151,11 @@ def train_step_plan(config: Any, topology: Topology | str,
                     mesh_shape: Sequence[int] | None = None) -> dict[str, Any]:
   """The real train step of a ``configs/*.py`` config, compiled by libtpu for ``topology``.
 
-  Uses the config's model policy (remat, dtypes, ``attention_impl``), batch, accumulation and
-  optimizer, on ``mesh_shape`` (default: the config's mesh, -1 allowed). Nothing is allocated.
+  Uses the config's model policy (remat, dtypes, ``attention_impl``: ``auto`` is splash here),
+  batch, accumulation and optimizer, on ``mesh_shape`` (default: the config's mesh, -1
+  allowed). Nothing is allocated. The result's ``attention`` is the implementation compiled.
   """
+  from astrollama_jax.model.attention import resolve_impl
   from astrollama_jax.model.config import get_config
   from astrollama_jax.train import optimizer, setup
   from astrollama_jax.train import state as state_lib
@@ -176,6 +178,6 @@ def train_step_plan(config: Any, topology: Topology | str,
   result = compile_plan(fn, (state_lib.with_shardings(shapes, shardings), batch), topo.hbm_bytes,
                         mesh)
   return {"topology": topo.name, "chips": topo.chips, "mesh": dict(mesh.shape),
-          "model": config.model.preset, "attention": cfg.attention_impl,
+          "model": config.model.preset, "attention": resolve_impl(cfg.attention_impl, "tpu"),
           "remat": cfg.remat_policy, "global_batch": rows, "seq_len": seq,
           "grad_accum": t.grad_accum_steps, **result}
