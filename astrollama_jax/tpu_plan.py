@@ -117,6 +117,11 @@ def kernel_calls(hlo_text: str) -> int:
   return len(_KERNEL_CALL.findall(hlo_text))
 
 
+# libtpu's compile error for a plan over the chip's HBM (sizes in GiB, printed as "G").
+_OUT_OF_HBM = re.compile(r"RESOURCE_EXHAUSTED: Ran out of memory.*?HLO temporaries "
+                         r"\(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)", re.S)
+
+
 def compile_plan(fn: Callable, args: Sequence[Any], hbm_bytes: int | None = None,
                  mesh: jax.sharding.Mesh | None = None) -> dict[str, Any]:
   """Lower and compile jitted ``fn`` on abstract ``args`` (ShapeDtypeStructs with shardings).
@@ -124,11 +129,23 @@ def compile_plan(fn: Callable, args: Sequence[Any], hbm_bytes: int | None = None
   Returns per-chip bytes (arguments, outputs, aliased, temporaries, generated code, peak =
   arguments + outputs - aliased + temporaries + code), whether the peak fits ``hbm_bytes``, the
   compile time and the fused-kernel count. ``mesh``, if given, is set while tracing (for
-  ``sharding.constrain`` and the attention kernels' shard_map).
+  ``sharding.constrain`` and the attention kernels' shard_map). A program libtpu refuses as
+  larger than the chip comes back as ``fits: False`` with its temporaries, the HBM libtpu had
+  available, and the error line (no argument/peak figures: the compiler stopped first).
   """
   t0 = time.time()
-  with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-    compiled = fn.lower(*args).compile()
+  try:
+    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+      compiled = fn.lower(*args).compile()
+  except jax.errors.JaxRuntimeError as e:
+    too_big = _OUT_OF_HBM.search(str(e))
+    if too_big is None:
+      raise
+    # libtpu refuses a program whose temporaries exceed the chip: that is the answer "no".
+    return {"fits": False, "hbm_bytes": hbm_bytes, "compile_s": round(time.time() - t0, 1),
+            "temp_bytes": int(float(too_big.group(1)) * GIB),
+            "available_bytes": int(float(too_big.group(2)) * GIB),
+            "error": str(e).strip().splitlines()[0]}
   compile_s = time.time() - t0
   mem = compiled.memory_analysis()
   out = {

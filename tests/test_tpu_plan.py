@@ -66,3 +66,15 @@ def test_tiny_train_step_plan_on_v5e_4():
   # Splash shows up as Mosaic custom calls (forward and backward kernels); XLA has none.
   assert plans["splash"]["kernel_calls"] > 0
   assert plans["xla"]["kernel_calls"] == 0
+
+
+@pytest.mark.skipif(not tpu_plan.libtpu_available(),
+                    reason="libtpu is not installed (pip install 'jax[tpu]'): no TPU compiler")
+def test_plan_over_the_chip_reports_not_fitting():
+  """4096 rows of unchunked 32k-vocabulary logits cannot fit one 16 GiB v5e chip."""
+  c = _tiny_config("xla")
+  c.train.global_batch_size = 4096
+  plan = tpu_plan.train_step_plan(c, "v5e-1")
+  assert plan["fits"] is False
+  assert plan["temp_bytes"] > plan["available_bytes"] > 0
+  assert "RESOURCE_EXHAUSTED" in plan["error"]
