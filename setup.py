@@ -55,6 +55,9 @@ setup(
             # lm-evaluation-harness: `astrollama-harness`, and its hf backend for the parity test
             "lm-eval==0.4.13",
             "accelerate>=1.15.0",
+            # The TPU compiler (jax 0.10.2's own "tpu" extra pin): tests/test_tpu_plan.py compiles
+            # for a TPU slice on a CPU host with it; no TPU needed, and without it that test skips.
+            "libtpu==0.0.42.*",
         ],
     },
 )
