@@ -13,8 +13,7 @@ plan at once (libtpu otherwise takes a per-host lock meant for real chips).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-import contextlib
+from collections.abc import Sequence
 import dataclasses
 import importlib.util
 import os
@@ -45,8 +44,9 @@ class Topology:
   topology_name: str            # e.g. "v5:4x4x4"
   chip_config_name: str         # "megacore" (v4, v5p) or "default"
   chips_per_host_bounds: tuple[int, int, int]
-  chips: int
+  chips: int                    # over all slices
   hbm_bytes: int                # per chip
+  num_slices: int = 1
 
 
 def libtpu_available() -> bool:
@@ -67,11 +67,14 @@ def _grid(chips: int, dims: int) -> list[int]:
 
 
 def parse_topology(name: str) -> Topology:
-  """``v5p-128`` (TensorCores, as Cloud names v4/v5p slices), ``v5e-8``/``v6e-8`` (chips)."""
-  match = re.fullmatch(r"(v4|v5p|v5e|v6e)-(\d+)", name.strip().lower())
-  if not match:
-    raise ValueError(f"unknown TPU topology {name!r}; expected e.g. v5p-128, v4-256, v5e-8, v6e-16")
-  gen, count = match.group(1), int(match.group(2))
+  """``v5p-128`` (TensorCores, as Cloud names v4/v5p slices), ``v5e-8``/``v6e-8`` (chips);
+  ``2xv5p-128`` is two such slices (multi-slice, joined over the data-centre network)."""
+  match = re.fullmatch(r"(?:(\d+)x)?(v4|v5p|v5e|v6e)-(\d+)", name.strip().lower())
+  if not match or match.group(1) == "0":
+    raise ValueError(f"unknown TPU topology {name!r}; expected e.g. v5p-128, v4-256, v5e-8, "
+                     "v6e-16, or 2xv5p-128 for two slices")
+  slices = int(match.group(1) or 1)
+  gen, count = match.group(2), int(match.group(3))
   desc_gen, cores = _GENERATIONS[gen]
   if count % cores:
     raise ValueError(f"{name}: {gen} slices are named by TensorCores, a multiple of {cores}")
@@ -84,7 +87,8 @@ def parse_topology(name: str) -> Topology:
   return Topology(name=name, generation=gen,
                   topology_name=f"{desc_gen}:" + "x".join(map(str, shape)),
                   chip_config_name="megacore" if cores == 2 else "default",
-                  chips_per_host_bounds=host, chips=chips, hbm_bytes=HBM_GIB[gen] * GIB)
+                  chips_per_host_bounds=host, chips=chips * slices,
+                  hbm_bytes=HBM_GIB[gen] * GIB, num_slices=slices)
 
 
 def devices(topology: Topology | str) -> list[Any]:
@@ -99,7 +103,7 @@ def devices(topology: Topology | str) -> list[Any]:
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   desc = topologies.get_topology_desc(
       platform="tpu", topology_name=topo.topology_name, chip_config_name=topo.chip_config_name,
-      chips_per_host_bounds=topo.chips_per_host_bounds, num_slices=1)
+      chips_per_host_bounds=topo.chips_per_host_bounds, num_slices=topo.num_slices)
   return list(desc.devices)
 
 
@@ -122,21 +126,18 @@ _OUT_OF_HBM = re.compile(r"RESOURCE_EXHAUSTED: Ran out of memory.*?HLO temporari
                          r"\(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)", re.S)
 
 
-def compile_plan(fn: Callable, args: Sequence[Any], hbm_bytes: int | None = None,
-                 mesh: jax.sharding.Mesh | None = None) -> dict[str, Any]:
-  """Lower and compile jitted ``fn`` on abstract ``args`` (ShapeDtypeStructs with shardings).
+def compile_plan(lowered: Any, hbm_bytes: int | None = None) -> dict[str, Any]:
+  """Compile a lowered program (abstract arguments sharded over a slice's devices).
 
   Returns per-chip bytes (arguments, outputs, aliased, temporaries, generated code, peak =
   arguments + outputs - aliased + temporaries + code), whether the peak fits ``hbm_bytes``, the
-  compile time and the fused-kernel count. ``mesh``, if given, is set while tracing (for
-  ``sharding.constrain`` and the attention kernels' shard_map). A program libtpu refuses as
-  larger than the chip comes back as ``fits: False`` with its temporaries, the HBM libtpu had
-  available, and the error line (no argument/peak figures: the compiler stopped first).
+  compile time and the fused-kernel count. A program libtpu refuses as larger than the chip
+  comes back as ``fits: False`` with its temporaries, the HBM libtpu had available, and the
+  error line (no argument/peak figures: the compiler stopped first).
   """
   t0 = time.time()
   try:
-    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-      compiled = fn.lower(*args).compile()
+    compiled = lowered.compile()
   except jax.errors.JaxRuntimeError as e:
     too_big = _OUT_OF_HBM.search(str(e))
     if too_big is None:
@@ -164,37 +165,26 @@ def compile_plan(fn: Callable, args: Sequence[Any], hbm_bytes: int | None = None
   return out
 
 
-def train_step_plan(config: Any, topology: Topology | str,
-                    mesh_shape: Sequence[int] | None = None) -> dict[str, Any]:
-  """The real train step of a ``configs/*.py`` config, compiled by libtpu for ``topology``.
+def train_step_plan(config: Any, topology: Topology | str) -> dict[str, Any]:
+  """The trainer's own train step (``train.program``) of a config, compiled by libtpu for
+  ``topology`` on the config's mesh (-1 allowed) and sharding rules.
 
-  Uses the config's model policy (remat, dtypes, ``attention_impl``: ``auto`` is splash here),
-  batch, accumulation and optimizer, on ``mesh_shape`` (default: the config's mesh, -1
-  allowed). Nothing is allocated. The result's ``attention`` is the implementation compiled.
+  The model policy is the config's; ``cudnn`` (a GPU kernel) and ``auto`` compile as splash.
+  Nothing is allocated. The result's ``attention`` is the implementation compiled.
   """
   from astrollama_jax.model.attention import resolve_impl
-  from astrollama_jax.model.config import get_config
-  from astrollama_jax.train import optimizer, setup
-  from astrollama_jax.train import state as state_lib
-  from astrollama_jax.train import step as step_lib
+  from astrollama_jax.train import program as program_lib, setup
 
   topo = parse_topology(topology) if isinstance(topology, str) else topology
-  cfg = get_config(config.model.preset, **setup.arch_overrides(config), **setup.policy(config))
-  mesh = make_mesh(topo, tuple(mesh_shape or config.mesh))
+  cfg = setup.preset_model_config(config)
+  impl = resolve_impl("auto" if cfg.attention_impl == "cudnn" else cfg.attention_impl, "tpu")
+  cfg = cfg.replace(attention_impl=impl)
+  mesh = make_mesh(topo, tuple(config.mesh))
   setup.check_batch_layout(config, dict(mesh.shape))
+  program = program_lib.compile_train_step(config, mesh, cfg=cfg, compile=False,
+                                           total_steps=config.train.num_steps or 1000)
   t = config.train
-  tx, schedule = optimizer.make_optimizer(t, total_steps=1000)
-  shapes, shardings = state_lib.abstract_state(cfg, tx, mesh)
-  rows, seq = t.global_batch_size, config.data.seq_len
-  batch = {name: jax.ShapeDtypeStruct((rows, seq), np.float32 if name == "loss_mask" else np.int32,
-                                      sharding=s)
-           for name, s in step_lib.batch_shardings(mesh).items()}
-  with jax.set_mesh(mesh):
-    fn = step_lib.make_train_step(cfg, tx, schedule, shardings, mesh,
-                                  grad_accum=t.grad_accum_steps, loss_chunk=t.loss_chunk_size)
-  result = compile_plan(fn, (state_lib.with_shardings(shapes, shardings), batch), topo.hbm_bytes,
-                        mesh)
-  return {"topology": topo.name, "chips": topo.chips, "mesh": dict(mesh.shape),
-          "model": config.model.preset, "attention": resolve_impl(cfg.attention_impl, "tpu"),
-          "remat": cfg.remat_policy, "global_batch": rows, "seq_len": seq,
-          "grad_accum": t.grad_accum_steps, **result}
+  return {"target": topo.name, "chips": topo.chips, "mesh": dict(mesh.shape),
+          "model": config.model.preset, "attention": impl, "remat": cfg.remat_policy,
+          "global_batch": t.global_batch_size, "seq_len": config.data.seq_len,
+          "grad_accum": t.grad_accum_steps, **compile_plan(program.lowered, topo.hbm_bytes)}

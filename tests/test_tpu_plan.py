@@ -19,6 +19,7 @@ from astrollama_jax.train.defaults import base_config
     ("v5e-4", "v5e:2x2", 4, "default", 16),
     ("v5e-8", "v5e:2x4", 8, "default", 16),
     ("v6e-256", "v6e:16x16", 256, "default", 32),
+    ("2xv5p-8", "v5:2x2x1", 8, "megacore", 95),
 ])
 def test_parse_topology(name, topology, chips, config, hbm_gib):
   topo = tpu_plan.parse_topology(name)
@@ -26,7 +27,7 @@ def test_parse_topology(name, topology, chips, config, hbm_gib):
   assert topo.hbm_bytes == hbm_gib * 2 ** 30
 
 
-@pytest.mark.parametrize("bad", ["v5p-7", "v3-8", "tpu", "v5e-12"])
+@pytest.mark.parametrize("bad", ["v5p-7", "v3-8", "tpu", "v5e-12", "0xv5e-4"])
 def test_parse_topology_rejects(bad):
   with pytest.raises(ValueError):
     tpu_plan.parse_topology(bad)
@@ -78,3 +79,24 @@ def test_plan_over_the_chip_reports_not_fitting():
   assert plan["fits"] is False
   assert plan["temp_bytes"] > plan["available_bytes"] > 0
   assert "RESOURCE_EXHAUSTED" in plan["error"]
+
+
+@pytest.mark.skipif(not tpu_plan.libtpu_available(),
+                    reason="libtpu is not installed (pip install 'jax[tpu]'): no TPU compiler")
+def test_aot_command_compiles_for_a_topology():
+  """``aot --topology`` compiles the trainer's step with libtpu; the last line names the plan."""
+  import json
+  import subprocess
+  import sys
+
+  from test_train_cli import REPO, train_env
+  args = ["--config=configs/demo.py", "--topology=v5e-4", "--config.model.attention_impl=auto",
+          "--config.model.dim=256", "--config.model.n_heads=2", "--config.model.n_kv_heads=1",
+          "--config.data.seq_len=256", "--config.train.global_batch_size=8"]
+  out = subprocess.run([sys.executable, "-m", "astrollama_jax.aot", *args], cwd=REPO,
+                       env=train_env(1), capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  plan = json.loads(out.stdout.strip().splitlines()[-1])
+  assert plan["target"] == "v5e-4" and plan["attention"] == "splash" and plan["fits"] is True
+  assert 0 < plan["peak_gib"] < plan["hbm_gib"] == 16 and plan["kernel_calls"] > 0
+  assert "fused-kernel calls" in out.stdout
