@@ -14,6 +14,8 @@ import urllib.error
 import urllib.request
 
 import jax
+from conftest import REPO
+from hf_reference import TINY_GQA, save_hf_model
 
 from astrollama_jax import cli
 from astrollama_jax.data.chat_template import write_hf_tokenizer_files
@@ -21,8 +23,6 @@ from astrollama_jax.data.tokenizer import Tokenizer
 from astrollama_jax.generate import generate
 from astrollama_jax.serve.batching import Batcher
 from astrollama_jax.serve.server import App, Server
-from conftest import REPO
-from hf_reference import TINY_GQA, save_hf_model
 
 NEW = 16  # answer tokens in every test: one compiled answer bucket
 

@@ -5,7 +5,6 @@ experts' corrections."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sqlite3
 import subprocess
@@ -13,14 +12,24 @@ import sys
 import textwrap
 
 import pytest
+from conftest import REPO
+from serve_helpers import (
+  NEW,
+  client,
+  free_port,
+  load,
+  make_hf_folder,
+  post,
+  running,
+  start_cli,
+  wait_ready,
+)
+from test_train_cli import finish, records, start
 
 from astrollama_jax.data.chat import mix_sources
 from astrollama_jax.data.chat_formats import load_conversations
 from astrollama_jax.feedback import export
 from astrollama_jax.feedback.store import FeedbackStore
-from conftest import REPO
-from serve_helpers import NEW, client, free_port, load, make_hf_folder, post, running, start_cli, wait_ready
-from test_train_cli import finish, records, start
 
 openai = pytest.importorskip("openai")
 

@@ -12,14 +12,20 @@ import json
 import os
 import threading
 
-import numpy as np
 import pytest
 import torch
+from serve_helpers import (
+  NEW,
+  client,
+  free_port,
+  load,
+  make_hf_folder,
+  running,
+  start_cli,
+  wait_ready,
+)
 
-from astrollama_jax.data.chat_formats import Conversation
-from astrollama_jax.data.chat_template import build_prompt_ids
 from astrollama_jax.generate import generate
-from serve_helpers import NEW, client, free_port, load, make_hf_folder, post, running, start_cli, wait_ready
 
 openai = pytest.importorskip("openai")
 

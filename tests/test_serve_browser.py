@@ -12,18 +12,18 @@ import os
 import shutil
 
 import pytest
+from serve_helpers import NEW, load, make_hf_folder, running
 
 from astrollama_jax.feedback.store import FeedbackStore
 from astrollama_jax.generate import GenerationResult
-from serve_helpers import NEW, load, make_hf_folder, running
 
 CHROMIUM, DRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 if not (os.path.exists(CHROMIUM) and os.path.exists(DRIVER)):
   pytest.skip(f"{CHROMIUM} or {DRIVER} not installed (apt-get install -y chromium chromium-driver)",
               allow_module_level=True)
 webdriver = pytest.importorskip("selenium.webdriver")
-from selenium.webdriver.common.by import By  # noqa: E402
-from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
 
 INJECTION = '<script>window.pwned = 1</script><img src="x" onerror="window.pwned = 2"> <b>bold</b> & "q"'
 

@@ -12,7 +12,7 @@ for ``config.data.sources`` of the SFT config, and the (chosen, rejected) pairs 
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 from absl import app, flags
 
@@ -34,7 +34,7 @@ def define_flags() -> None:
 
 
 def pairs_path(output: str) -> str:
-  stem = output[:-len(".jsonl")] if output.endswith(".jsonl") else output
+  stem = output.removesuffix(".jsonl")
   return f"{stem}.pairs.jsonl"
 
 

@@ -19,9 +19,14 @@ import datetime
 import itertools
 import json
 import os
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
-from astrollama_jax.data.chat_formats import ASSISTANT, Conversation, write_sharegpt_jsonl
+from astrollama_jax.data.chat_formats import (
+  ASSISTANT,
+  Conversation,
+  write_sharegpt_jsonl,
+)
 from astrollama_jax.feedback.store import FeedbackStore
 
 
@@ -101,8 +106,7 @@ def export(store: FeedbackStore, output: str, pairs_output: str, min_rating: int
 
   def write_pairs(p: str) -> None:
     with open(p, "w", encoding="utf-8") as f:
-      for pair in pairs:
-        f.write(json.dumps(pair, ensure_ascii=False) + "\n")
+      f.writelines(json.dumps(pair, ensure_ascii=False) + "\n" for pair in pairs)
 
   _write_atomically(pairs_output, write_pairs)
   return {"ratings": len(rows), "conversations": len(convs),

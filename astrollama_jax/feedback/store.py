@@ -14,7 +14,8 @@ import json
 import os
 import sqlite3
 import threading
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 SCHEMA_VERSION = 1
 MAX_TAGS = 12

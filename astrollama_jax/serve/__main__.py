@@ -14,11 +14,12 @@ from __future__ import annotations
 import os
 import signal
 import threading
-from typing import Sequence
+from collections.abc import Sequence
 
 from absl import flags, logging
 
 from astrollama_jax import cli
+
 
 def define_flags() -> None:
   """The command's flags (defined when run, never on import)."""

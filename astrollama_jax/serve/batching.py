@@ -27,7 +27,8 @@ import queue
 import random
 import threading
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from absl import logging
 
@@ -196,7 +197,7 @@ class Batcher:
     with self._cond:
       return len(self._pending)
 
-  def start(self) -> "Batcher":
+  def start(self) -> Batcher:
     if self._thread is None:
       self._thread = threading.Thread(target=self._loop, name="batcher", daemon=True)
       self._thread.start()

@@ -11,9 +11,15 @@ import dataclasses
 import math
 import time
 import uuid
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
-from astrollama_jax.data.chat_formats import ASSISTANT, USER, ChatFormatError, Conversation
+from astrollama_jax.data.chat_formats import (
+  ASSISTANT,
+  USER,
+  ChatFormatError,
+  Conversation,
+)
 from astrollama_jax.data.chat_template import build_prompt_ids
 from astrollama_jax.data.tokenizer import Tokenizer
 from astrollama_jax.serve.batching import Result, Sampling

@@ -96,7 +96,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
   def app(self) -> App:
     return self.server.app  # type: ignore[attr-defined]
 
-  def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base's name
+  def log_message(self, format: str, *args: Any) -> None:
     logging.info("%s %s", self.address_string(), format % args)
 
   # --- writing ---
@@ -231,13 +231,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
         break
       length -= len(got)
 
-  def do_GET(self) -> None:  # noqa: N802 - http.server's names
+  def do_GET(self) -> None:
     self._route("GET")
 
-  def do_HEAD(self) -> None:  # noqa: N802
+  def do_HEAD(self) -> None:
     self._route("HEAD")
 
-  def do_POST(self) -> None:  # noqa: N802
+  def do_POST(self) -> None:
     self._route("POST")
 
   def _not_allowed(self) -> None:
