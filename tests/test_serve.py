@@ -339,3 +339,32 @@ def test_command_line_binds_loopback_and_answers_like_in_process(folder, model, 
   finally:
     if proc.poll() is None:
       proc.kill()
+
+
+def test_a_chunked_request_body_is_refused_with_411(server):
+  srv = server[0]
+  conn = http.client.HTTPConnection("127.0.0.1", srv.server_address[1], timeout=60)
+  conn.putrequest("POST", "/v1/chat/completions")
+  conn.putheader("Content-Type", "application/json")
+  conn.putheader("Transfer-Encoding", "chunked")
+  conn.endheaders()
+  conn.send(b"2\r\n{}\r\n0\r\n\r\n")
+  r = conn.getresponse()
+  assert_error(r.status, json.loads(r.read()), 411, "Content-Length")
+  conn.close()
+  assert chat(client(srv), "hi").choices[0].message.content
+
+
+def test_a_failing_model_answers_500_and_the_server_goes_on(model):
+  def broken(*args, **kwargs):
+    raise RuntimeError("device lost")
+
+  with running(model, generate_fn=broken) as (srv, _):
+    c = client(srv)
+    for _ in range(2):
+      with pytest.raises(openai.InternalServerError) as e:
+        chat(c, "hi")
+      assert "device lost" in str(e.value) and e.value.body["type"] == "server_error"
+    with pytest.raises(openai.APIError, match="device lost"):
+      list(chat(c, "hi", stream=True))
+    assert c.models.list().data[0].id == "tiny-chat"
