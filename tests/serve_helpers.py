@@ -53,7 +53,8 @@ def running(model, *, start: bool = True, generate_fn=generate, feedback=None, a
             max_seq_len=loaded.cfg.max_seq_len, feedback=feedback, api_key=api_key,
             max_body_bytes=max_body_bytes, default_max_tokens=NEW)
   server = Server(app, "127.0.0.1", 0)
-  thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+  thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                            daemon=True)
   thread.start()
   try:
     yield server, batcher
@@ -76,7 +77,8 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def start_cli(*args: str, env_extra: dict[str, str] | None = None, log_path=None) -> subprocess.Popen:
+def start_cli(*args: str, env_extra: dict[str, str] | None = None,
+              log_path=None) -> subprocess.Popen:
   """``python -m astrollama_jax.serve ARGS`` in the background (stderr to ``log_path``)."""
   env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5", **(env_extra or {}))
@@ -93,7 +95,8 @@ def wait_ready(url: str, proc: subprocess.Popen, headers: dict[str, str] | None 
     if proc.poll() is not None:
       raise AssertionError(f"server exited with {proc.returncode}")
     try:
-      with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=5) as r:
+      req = urllib.request.Request(url, headers=headers or {})
+      with urllib.request.urlopen(req, timeout=5) as r:
         if r.status == 200:
           return
     except (urllib.error.URLError, ConnectionError, TimeoutError):

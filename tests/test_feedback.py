@@ -58,8 +58,13 @@ def model(folder):
   return load(folder)
 
 
+def messages(question, system=None):
+  return ([{"role": "system", "content": system}] if system else []) + [
+      {"role": "user", "content": question}]
+
+
 def ask(c, question, system=None, **kw):
-  msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
+  msgs = messages(question, system)
   return c.chat.completions.create(model="tiny-chat", messages=msgs,
                                    **{"temperature": 0, "max_tokens": NEW, **kw})
 
@@ -80,7 +85,8 @@ def test_a_rating_is_stored_before_the_answer_and_survives_kill_9(folder, tmp_pa
     c = o.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
     answer = ask(c, "What is a blazar?", system="Be brief.", temperature=0.8, top_p=0.9, seed=5)
     status, row = post(f"http://127.0.0.1:{port}/v1/feedback",
-                       {"completion_id": answer.id, "rating": 2, "tags": ["Hallucination", "wrong units"],
+                       {"completion_id": answer.id, "rating": 2,
+                        "tags": ["Hallucination", "wrong units"],
                         "correction": "A blazar is a quasar whose jet points at us."})
     assert status == 200, row
     proc.send_signal(signal.SIGKILL)
@@ -96,11 +102,12 @@ def test_a_rating_is_stored_before_the_answer_and_survives_kill_9(folder, tmp_pa
   assert json.loads(stored["messages"]) == [{"role": "system", "content": "Be brief."},
                                             {"role": "user", "content": "What is a blazar?"}]
   assert stored["answer"] == answer.choices[0].message.content
-  assert stored["correction"] == "A blazar is a quasar whose jet points at us." and stored["rating"] == 2
+  assert stored["correction"] == "A blazar is a quasar whose jet points at us."
+  assert stored["rating"] == 2
   assert json.loads(stored["tags"]) == ["hallucination", "wrong units"]
   assert stored["checkpoint"] == str(folder) and stored["model"] == "tiny-chat"
   sampling = json.loads(stored["sampling"])
-  assert (sampling["temperature"], sampling["top_p"], sampling["seed"], sampling["max_tokens"]) == (0.8, 0.9, 5, NEW)
+  assert [sampling[k] for k in ("temperature", "top_p", "seed", "max_tokens")] == [0.8, 0.9, 5, NEW]
   assert stored["created_at"].endswith("+00:00")
 
 
@@ -125,16 +132,18 @@ def test_bad_ratings_are_refused_and_listed_ones_are_newest_first(model, tmp_pat
     with urllib.request.urlopen(srv.url + "/v1/feedback?limit=5") as r:
       listed = json.loads(r.read())["data"]
     assert [x["completion_id"] for x in listed] == [b.id, a.id]
-    assert listed[0]["correction"] == "A neutron star." and listed[0]["messages"][-1]["content"] == "What is a pulsar?"
+    assert listed[0]["correction"] == "A neutron star."
+    assert listed[0]["messages"][-1]["content"] == "What is a pulsar?"
   with running(model) as (srv, _):  # no --feedback_db: the page chats, ratings say why not
     got, payload = rate(srv, ask(client(srv), "hi").id, 5)
     assert got == 404 and "--feedback_db" in payload["error"]["message"]
 
 
-def add(store, cid, question, answer, rating, correction=None, tags=(), created_at=None, system=None):
-  msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
+def add(store, cid, question, answer, rating, correction=None, tags=(), created_at=None,
+        system=None):
   return store.add(completion_id=cid, checkpoint="ckpt-a" if rating % 2 else "ckpt-b", model="m",
-                   messages=msgs, answer=answer, rating=rating, correction=correction, tags=tags,
+                   messages=messages(question, system), answer=answer, rating=rating,
+                   correction=correction, tags=tags,
                    sampling={"temperature": 0.0}, created_at=created_at)
 
 
@@ -146,8 +155,8 @@ def feedback_cli(*args):
 def test_export_and_stats(tmp_path):
   store = FeedbackStore(tmp_path / "r.sqlite")
   add(store, "c0", "Old question?", "Old answer.", 5, created_at="2020-01-01T00:00:00.000+00:00")
-  add(store, "c1", "What is a quasar?", "A kind of star.", 2, "An accreting supermassive black hole.",
-      ["hallucination"], system="Be brief.")
+  add(store, "c1", "What is a quasar?", "A kind of star.", 2,
+      "An accreting supermassive black hole.", ["hallucination"], system="Be brief.")
   add(store, "c2", "What is a parsec?", "About 3.26 light years.", 5, tags=["good"])
   add(store, "c3", "What is a parsec?", "A unit of time.", 1, tags=["wrong units"])
   add(store, "c4", "What is redshift?", "Light stretched by expansion.", 3)
@@ -156,7 +165,8 @@ def test_export_and_stats(tmp_path):
   proc = feedback_cli("export", f"--db={store.path}", f"--output={out}", "--since=2024-01-01")
   assert proc.returncode == 0, proc.stderr[-2000:]
   summary = json.loads(proc.stdout.strip().splitlines()[-1])
-  assert (summary["ratings"], summary["conversations"], summary["corrected"], summary["pairs"]) == (4, 3, 1, 2)
+  counts = [summary[k] for k in ("ratings", "conversations", "corrected", "pairs")]
+  assert counts == [4, 3, 1, 2]
   convs, report = load_conversations(out, "sharegpt")
   assert report == {"ok": 3}
   assert [(c.turns[-1][1], c.system) for c in convs] == [
@@ -169,7 +179,8 @@ def test_export_and_stats(tmp_path):
   assert pairs[0]["prompt"] == [{"role": "system", "content": "Be brief."},
                                 {"role": "user", "content": "What is a quasar?"}]
   # The SFT mixture reads the export as a weighted source.
-  mixed = mix_sources([{"path": str(out), "format": "sharegpt", "count": None, "weight": 2.0}], seed=0)
+  source = {"path": str(out), "format": "sharegpt", "count": None, "weight": 2.0}
+  mixed = mix_sources([source], seed=0)
   assert len(mixed) == 6 and {c.turns[-1][1] for c in mixed} == {c.turns[-1][1] for c in convs}
 
   assert len(export.sft_conversations(store.rows(latest_per_answer=True), 5)) == 3  # c0, c1, c2
@@ -177,15 +188,17 @@ def test_export_and_stats(tmp_path):
   assert proc.returncode == 0, proc.stderr[-2000:]
   stats = json.loads(proc.stdout.strip().splitlines()[-1])
   assert stats["ratings"] == 6
-  assert stats["per_tag"]["wrong units"]["ratings"] == 1 and stats["per_tag"]["(no tag)"]["ratings"] == 3
-  assert stats["per_checkpoint"]["ckpt-a"]["ratings"] == 4 and stats["per_checkpoint"]["ckpt-b"]["r2"] == 1
+  tags, ckpts = stats["per_tag"], stats["per_checkpoint"]
+  assert tags["wrong units"]["ratings"] == 1 and tags["(no tag)"]["ratings"] == 3
+  assert ckpts["ckpt-a"]["ratings"] == 4 and ckpts["ckpt-b"]["r2"] == 1
   assert "ratings per tag" in proc.stdout and "hallucination" in proc.stdout
 
-  for args, word in [(["export", f"--db={tmp_path / 'none.sqlite'}", f"--output={out}"], "does not exist"),
-                     (["export", f"--db={store.path}"], "--output"),
-                     (["export", f"--db={store.path}", f"--output={out}", "--since=yesterday"], "--since"),
-                     (["export", f"--db={store.path}", f"--output={out}", "--min_rating=9"], "min_rating"),
-                     (["frobnicate", f"--db={store.path}"], "export or stats")]:
+  db, to = f"--db={store.path}", f"--output={out}"
+  for args, word in [(["export", f"--db={tmp_path / 'none.sqlite'}", to], "does not exist"),
+                     (["export", db], "--output"),
+                     (["export", db, to, "--since=yesterday"], "--since"),
+                     (["export", db, to, "--min_rating=9"], "min_rating"),
+                     (["frobnicate", db], "export or stats")]:
     proc = feedback_cli(*args)
     assert proc.returncode != 0 and word in proc.stderr, (args, proc.stderr[-1000:])
 
@@ -197,9 +210,10 @@ def run_sft_round(workdir, init_checkpoint, export_path, tokenizer_path, steps: 
   configs/demo_sft.py, trains on the export (a weighted source) and evaluates on it.
   """
   config = workdir.parent / f"{workdir.name}_config.py"
+  demo, src = str(REPO / "configs" / "demo_sft.py"), str(export_path)
   config.write_text(textwrap.dedent(f"""
       import importlib.util
-      spec = importlib.util.spec_from_file_location("demo_sft", {str(REPO / "configs" / "demo_sft.py")!r})
+      spec = importlib.util.spec_from_file_location("demo_sft", {demo!r})
       demo_sft = importlib.util.module_from_spec(spec)
       spec.loader.exec_module(demo_sft)
 
@@ -207,8 +221,8 @@ def run_sft_round(workdir, init_checkpoint, export_path, tokenizer_path, steps: 
         c = demo_sft.get_config()
         c.init_checkpoint = {str(init_checkpoint)!r}
         c.data.tokenizer_path = {str(tokenizer_path)!r}
-        c.data.sources = [dict(path={str(export_path)!r}, format="sharegpt", count=None, weight=4.0)]
-        c.data.eval_sources = [dict(path={str(export_path)!r}, format="sharegpt", count=None, weight=None)]
+        c.data.sources = [dict(path={src!r}, format="sharegpt", count=None, weight=4.0)]
+        c.data.eval_sources = [dict(path={src!r}, format="sharegpt", count=None, weight=None)]
         c.data.seq_len = 128
         c.train.global_batch_size = 4
         c.train.num_steps = {steps}
@@ -244,7 +258,8 @@ def test_a_feedback_round_lowers_the_loss_on_the_corrections(folder, tmp_path, t
   out = tmp_path / "feedback_sft.jsonl"
   summary = export.export(store, str(out), str(tmp_path / "pairs.jsonl"))
   assert summary["conversations"] == len(CORRECTED) and summary["pairs"] == len(CORRECTED)
-  assert [c.turns[-1][1] for c in load_conversations(out, "sharegpt")[0]] == [a for _, a in CORRECTED]
+  exported = load_conversations(out, "sharegpt")[0]
+  assert [c.turns[-1][1] for c in exported] == [a for _, a in CORRECTED]
 
   result = run_sft_round(tmp_path / "sft", ckpt, out, tokenizer_path)
   evals = result["eval"]

@@ -86,7 +86,8 @@ def test_installed_demo_runs_from_another_folder(installed, tmp_path, tokenizer_
 
 def test_installed_package_ships_the_feedback_page(installed, tmp_path):
   env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-  code = ("from importlib import resources; s = resources.files('astrollama_jax.serve') / 'static'; "
+  code = ("from importlib import resources; "
+          "s = resources.files('astrollama_jax.serve') / 'static'; "
           "print(sorted(p.name for p in s.iterdir()))")
   out = subprocess.run([str(installed / "bin" / "python"), "-c", code], cwd=tmp_path, env=env,
                        capture_output=True, text=True, check=True)

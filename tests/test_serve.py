@@ -70,8 +70,9 @@ def hf_chat_greedy(folder, msgs, n):
   ids = tok.apply_chat_template(msgs, tokenize=True)
   ids = list(ids["input_ids"] if not isinstance(ids, list) else ids)
   with torch.no_grad():
-    out = model.generate(torch.as_tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                         do_sample=False, max_new_tokens=n, pad_token_id=0, eos_token_id=2)
+    out = model.generate(torch.as_tensor([ids]),
+                         attention_mask=torch.ones(1, len(ids), dtype=torch.long), do_sample=False,
+                         max_new_tokens=n, pad_token_id=0, eos_token_id=2)
   new = out[0, len(ids):].tolist()
   return tok, ids, new[:new.index(2)] if 2 in new else new
 
@@ -97,11 +98,13 @@ def test_streamed_deltas_join_to_the_whole_answer(server):
   c = client(server[0])
   whole = chat(c, QUESTIONS[0])
   chunks = list(chat(c, QUESTIONS[0], stream=True, stream_options={"include_usage": True}))
-  deltas = [ch.choices[0].delta.content for ch in chunks if ch.choices and ch.choices[0].delta.content]
+  deltas = [ch.choices[0].delta.content for ch in chunks
+            if ch.choices and ch.choices[0].delta.content]
   assert len(deltas) > 1, "the answer should arrive in several pieces"
   assert "".join(deltas) == whole.choices[0].message.content
   assert chunks[0].choices[0].delta.role == "assistant"
-  assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == whole.choices[0].finish_reason
+  reasons = [ch.choices[0].finish_reason for ch in chunks if ch.choices]
+  assert reasons[-1] == whole.choices[0].finish_reason
   assert chunks[-1].choices == [] and chunks[-1].usage.model_dump() == whole.usage.model_dump()
   assert len({ch.id for ch in chunks}) == 1
 
@@ -132,8 +135,8 @@ def test_stop_strings_and_max_tokens_cut_the_answer(server, model):
   assert cut.choices[0].message.content == full[:full.index(stop)]
   assert cut.choices[0].finish_reason == "stop"
   assert 0 < cut.usage.completion_tokens < NEW
-  streamed = "".join(ch.choices[0].delta.content or "" for ch in chat(c, QUESTIONS[3], stop=stop, stream=True)
-                     if ch.choices)
+  streamed = "".join(ch.choices[0].delta.content or ""
+                     for ch in chat(c, QUESTIONS[3], stop=stop, stream=True) if ch.choices)
   assert streamed == full[:full.index(stop)]
   short = chat(c, QUESTIONS[3], max_tokens=3)
   assert short.choices[0].finish_reason == "length" and short.usage.completion_tokens == 3
@@ -176,8 +179,8 @@ def test_eight_concurrent_clients_get_their_answers_alone_in_one_call(model):
 
 def test_seeded_sampling_is_reproducible_and_seeds_differ(server):
   c = client(server[0])
-  a, b, other = (chat(c, QUESTIONS[1], temperature=1.0, top_p=0.95, seed=s).choices[0].message.content
-                 for s in (7, 7, 8))
+  a, b, other = (chat(c, QUESTIONS[1], temperature=1.0, top_p=0.95, seed=s)
+                 .choices[0].message.content for s in (7, 7, 8))
   assert a == b and a != other
 
 
@@ -203,33 +206,31 @@ def assert_error(status, body, want_status, *words):
 JSON = {"Content-Type": "application/json"}
 
 
+HI = [{"role": "user", "content": "hi"}]
+
+
+def req(msgs=HI, **fields) -> bytes:
+  return json.dumps({"model": "tiny-chat", "messages": msgs, **fields}).encode()
+
+
 @pytest.mark.parametrize("body,status,words", [
     (b"{not json", 400, ["not valid JSON"]),
     (b"[1, 2]", 400, ["JSON object"]),
     (json.dumps({"model": "tiny-chat"}).encode(), 400, ["messages"]),
-    (json.dumps({"model": "gpt-9", "messages": [{"role": "user", "content": "hi"}]}).encode(), 404, ["gpt-9"]),
-    (json.dumps({"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}],
-                 "temperature": "hot"}).encode(), 400, ["temperature"]),
-    (json.dumps({"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}],
-                 "temperature": 5}).encode(), 400, ["temperature", "[0.0, 2.0]"]),
-    (json.dumps({"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}],
-                 "max_tokens": 0}).encode(), 400, ["max_tokens"]),
-    (json.dumps({"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}], "n": 2}).encode(),
-     400, ["n=1"]),
-    (json.dumps({"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}],
-                 "tools": []}).encode(), 400, ["tools"]),
-    (json.dumps({"model": "tiny-chat", "messages": [{"role": "user", "content": "a"},
-                                                    {"role": "user", "content": "b"}]}).encode(), 400, ["alternate"]),
-    (json.dumps({"model": "tiny-chat", "messages": [{"role": "user", "content": "a"},
-                                                    {"role": "assistant", "content": "b"}]}).encode(),
-     400, ["end with a user message"]),
-    (json.dumps({"model": "tiny-chat", "messages": [{"role": "wizard", "content": "a"}]}).encode(), 400, ["wizard"]),
-    (json.dumps({"model": "tiny-chat", "messages": [{"role": "user", "content": 3}]}).encode(), 400, ["content"]),
-    (json.dumps({"model": "tiny-chat", "messages": [{"role": "user", "content": "\ud800"}]}).encode(), 400, ["UTF-8"]),
-    (json.dumps({"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}], "stop": [""]}).encode(),
-     400, ["stop"]),
-    (json.dumps({"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}],
-                 "stream": "yes"}).encode(), 400, ["stream"]),
+    (req(model="gpt-9"), 404, ["gpt-9"]),
+    (req(temperature="hot"), 400, ["temperature"]),
+    (req(temperature=5), 400, ["temperature", "[0.0, 2.0]"]),
+    (req(max_tokens=0), 400, ["max_tokens"]),
+    (req(n=2), 400, ["n=1"]),
+    (req(tools=[]), 400, ["tools"]),
+    (req([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]), 400, ["alternate"]),
+    (req([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]), 400,
+     ["end with a user message"]),
+    (req([{"role": "wizard", "content": "a"}]), 400, ["wizard"]),
+    (req([{"role": "user", "content": 3}]), 400, ["content"]),
+    (req([{"role": "user", "content": "\ud800"}]), 400, ["UTF-8"]),
+    (req(stop=[""]), 400, ["stop"]),
+    (req(stream="yes"), 400, ["stream"]),
 ])
 def test_malformed_requests_get_a_4xx_with_an_openai_error(server, body, status, words):
   srv = server[0]
@@ -252,14 +253,15 @@ def test_too_long_requests_name_the_context_limit(server):
 
 def test_http_level_errors_and_the_server_goes_on(server):
   srv = server[0]
-  msg = json.dumps({"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}]}).encode()
-  assert_error(*raw_request(srv, "POST", "/v1/chat/completions", msg, {"Content-Type": "text/plain"})[:2],
-               415, "application/json")
-  assert_error(*raw_request(srv, "POST", "/v1/chat/completions", b"x" * (2 << 20), JSON)[:2], 413, "limit")
+  path = "/v1/chat/completions"
+  assert_error(*raw_request(srv, "POST", path, req(), {"Content-Type": "text/plain"})[:2], 415,
+               "application/json")
+  assert_error(*raw_request(srv, "POST", path, b"x" * (2 << 20), JSON)[:2], 413, "limit")
   assert_error(*raw_request(srv, "GET", "/v1/chat/completions")[:2], 405)
   assert_error(*raw_request(srv, "DELETE", "/v1/models")[:2], 405)
   assert_error(*raw_request(srv, "GET", "/v2/nothing")[:2], 404)
-  assert_error(*raw_request(srv, "GET", "/v1/models", headers={"Host": "evil.example:80"})[:2], 403, "Host")
+  assert_error(*raw_request(srv, "GET", "/v1/models", headers={"Host": "evil.example:80"})[:2], 403,
+               "Host")
   status, _, headers = raw_request(srv, "GET", "/")
   assert status == 200 and "script-src 'self'" in headers["Content-Security-Policy"]
   assert chat(client(srv), "hi").choices[0].message.content
@@ -268,7 +270,8 @@ def test_http_level_errors_and_the_server_goes_on(server):
 def test_a_client_that_leaves_mid_stream_does_not_stop_the_server(server):
   srv = server[0]
   conn = http.client.HTTPConnection("127.0.0.1", srv.server_address[1], timeout=60)
-  body = {"model": "tiny-chat", "messages": messages(QUESTIONS[2]), "stream": True, "max_tokens": NEW}
+  body = {"model": "tiny-chat", "messages": messages(QUESTIONS[2]), "stream": True,
+          "max_tokens": NEW}
   conn.request("POST", "/v1/chat/completions", json.dumps(body), JSON)
   r = conn.getresponse()
   assert r.status == 200 and r.getheader("Content-Type").startswith("text/event-stream")
@@ -321,7 +324,8 @@ def test_command_line_binds_loopback_and_answers_like_in_process(folder, model, 
                    env_extra={"TEST_SERVE_KEY": "k"})
   try:
     wait_ready(f"http://127.0.0.1:{port}/health", proc, {"Authorization": "Bearer k"})
-    listening = [c.laddr for c in psutil.Process(proc.pid).net_connections() if c.status == "LISTEN"]
+    listening = [c.laddr for c in psutil.Process(proc.pid).net_connections()
+                 if c.status == "LISTEN"]
     assert [(a.ip, a.port) for a in listening] == [("127.0.0.1", port)]
     import openai as o
     c = o.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", max_retries=0)
@@ -330,7 +334,8 @@ def test_command_line_binds_loopback_and_answers_like_in_process(folder, model, 
     with running(model) as (srv, _):
       want = chat(client(srv), QUESTIONS[0])
     assert got.choices[0].message.content == want.choices[0].message.content
-    assert got.usage.completion_tokens == want.usage.completion_tokens  # --max_tokens is the default
+    # --max_tokens is the default answer length
+    assert got.usage.completion_tokens == want.usage.completion_tokens
     proc.terminate()
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, (tmp_path / "log").read_text()[-3000:]

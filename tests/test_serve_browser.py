@@ -25,7 +25,8 @@ webdriver = pytest.importorskip("selenium.webdriver")
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
-INJECTION = '<script>window.pwned = 1</script><img src="x" onerror="window.pwned = 2"> <b>bold</b> & "q"'
+INJECTION = ('<script>window.pwned = 1</script><img src="x" onerror="window.pwned = 2"> '
+             '<b>bold</b> & "q"')
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +44,8 @@ def browser(tmp_path_factory):
               "--disable-background-networking", "--disable-component-update", "--disable-sync",
               "--window-size=1100,1000", f"--user-data-dir={tmp_path_factory.mktemp('chromium')}"):
     options.add_argument(arg)
-  driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path=DRIVER), options=options)
+  service = webdriver.ChromeService(executable_path=DRIVER)
+  driver = webdriver.Chrome(service=service, options=options)
   driver.set_page_load_timeout(60)
   yield driver
   driver.quit()
@@ -92,9 +94,10 @@ def test_chat_rate_with_a_correction_and_find_it_after_a_reload(model, browser, 
     assert text and updates >= 2, "the answer should arrive in several streamed pieces"
     import openai
     c = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0)
+    msgs = [{"role": "system", "content": "You are an astronomer."},
+            {"role": "user", "content": "What is a quasar?"}]
     direct = c.chat.completions.create(model="tiny-chat", temperature=0, max_tokens=NEW, top_p=0.9,
-                                       messages=[{"role": "system", "content": "You are an astronomer."},
-                                                 {"role": "user", "content": "What is a quasar?"}])
+                                       messages=msgs)
     assert text == direct.choices[0].message.content
 
     box.find_element(By.CSS_SELECTOR, ".stars button[data-score='2']").click()
@@ -127,7 +130,8 @@ def test_chat_rate_with_a_correction_and_find_it_after_a_reload(model, browser, 
 def echo_last_user_message(cfg, params, prompts, max_new_tokens, *, tokenizer, stream=None,
                            chunk_size=None, **_):
   """A stand-in model with ``generate``'s signature that answers with the question it was asked."""
-  texts = [tokenizer.decode(p).rsplit("[INST]", 1)[-1].rsplit("[/INST]", 1)[0].strip() for p in prompts]
+  texts = [tokenizer.decode(p).rsplit("[INST]", 1)[-1].rsplit("[/INST]", 1)[0].strip()
+           for p in prompts]
   ids = [tokenizer.encode(t, bos=False)[:max_new_tokens] for t in texts]
   step = chunk_size or 4
   for start in range(0, max(len(i) for i in ids), step):

@@ -29,7 +29,8 @@ def define_flags() -> None:
                       "--output, named *.pairs.jsonl).")
   flags.DEFINE_integer("min_rating", 4, "export: uncorrected answers rated at least this are kept "
                        "as SFT data (corrected ones always are).")
-  flags.DEFINE_string("since", None, "Only ratings made at or after this ISO date or date-time (UTC).")
+  flags.DEFINE_string("since", None,
+                      "Only ratings made at or after this ISO date or date-time (UTC).")
   flags.mark_flag_as_required("db")
 
 

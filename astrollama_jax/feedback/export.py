@@ -63,7 +63,8 @@ def sft_conversations(rows: Iterable[dict[str, Any]], min_rating: int) -> list[C
 
 def _pair(row_chosen: dict, chosen: str, rating_chosen: int | None, row_rejected: dict,
           source: str) -> dict[str, Any]:
-  return {"id": f"rating-{row_chosen['id']}-vs-{row_rejected['id']}", "prompt": row_chosen["messages"],
+  return {"id": f"rating-{row_chosen['id']}-vs-{row_rejected['id']}",
+          "prompt": row_chosen["messages"],
           "chosen": [{"role": "assistant", "content": chosen}],
           "rejected": [{"role": "assistant", "content": row_rejected["answer"]}],
           "chosen_rating": rating_chosen, "rejected_rating": row_rejected["rating"],
@@ -111,7 +112,8 @@ def export(store: FeedbackStore, output: str, pairs_output: str, min_rating: int
   _write_atomically(pairs_output, write_pairs)
   return {"ratings": len(rows), "conversations": len(convs),
           "corrected": sum(1 for r in rows if r["correction"]),
-          "kept_as_rated": sum(1 for r in rows if not r["correction"] and r["rating"] >= min_rating),
+          "kept_as_rated": sum(1 for r in rows
+                               if not r["correction"] and r["rating"] >= min_rating),
           "pairs": len(pairs), "output": output, "pairs_output": pairs_output,
           "min_rating": min_rating, "since": parse_since(since)}
 

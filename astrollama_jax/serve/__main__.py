@@ -23,14 +23,16 @@ from astrollama_jax import cli
 
 def define_flags() -> None:
   """The command's flags (defined when run, never on import)."""
-  flags.DEFINE_string("host", "127.0.0.1", "Address to bind (the default answers this machine only).")
+  flags.DEFINE_string("host", "127.0.0.1",
+                      "Address to bind (the default answers this machine only).")
   flags.DEFINE_integer("port", 8000, "TCP port (0: any free port, logged at start).")
   flags.DEFINE_string("api_key_env", None,
                       "Name of an environment variable holding an API key; every endpoint then "
                       "wants 'Authorization: Bearer KEY' (the page asks for it).")
   flags.DEFINE_string("feedback_db", None, "SQLite file for the page's ratings (created if absent; "
                       "without it the page chats but cannot save ratings).")
-  flags.DEFINE_string("model_name", None, "Model id in the API (default: the checkpoint's folder name).")
+  flags.DEFINE_string("model_name", None,
+                      "Model id in the API (default: the checkpoint's folder name).")
   flags.DEFINE_integer("max_batch", 8, "Requests decoded together in one call.")
   flags.DEFINE_integer("max_queue", 64, "Prompts that may wait; more are answered 429.")
   flags.DEFINE_integer("max_tokens", 256, "Default max_tokens of a request that gives none.")
