@@ -23,6 +23,12 @@ jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
+try:  # the machine's cores are shared: torch's thread pool only adds contention for tiny models
+  import torch  # noqa: E402
+  torch.set_num_threads(1)
+except ImportError:
+  pass
+
 
 @pytest.fixture(scope="session")
 def shared_data() -> pathlib.Path:

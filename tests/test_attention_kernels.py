@@ -185,7 +185,7 @@ def test_perplexity_with_splash_equals_torch(tmp_path, capsys, tokenizer_path, a
   """As tests/test_eval_perplexity.py: per-item NLL sums equal a plain PyTorch forward pass."""
   import json
 
-  from test_eval_common import make_hf_folder, run_cli, torch_token_logprobs, write_jsonl
+  from helpers import make_hf_folder, run_cli, torch_token_logprobs, write_jsonl
 
   from astrollama_jax.data.tokenizer import Tokenizer
   model = make_hf_folder(TINY_128, tmp_path / "hf", seed=3)

@@ -16,7 +16,7 @@ from astrollama_jax.data.chat_template import build_prompt_ids
 from astrollama_jax.data.tokenizer import Tokenizer
 from astrollama_jax.formats import hf
 from astrollama_jax.generate import generate
-from conftest import REPO
+from helpers import REPO
 from hf_reference import TINY_GQA, save_hf_model
 
 NEW = 24  # as in test_generate: the same compiled shapes serve both modules and the subprocesses

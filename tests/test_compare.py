@@ -7,7 +7,7 @@ import matplotlib.image
 import pytest
 
 from astrollama_jax.eval import common
-from test_eval_common import run_cli
+from helpers import run_cli
 
 
 def _result(out_dir, task, label, metrics):

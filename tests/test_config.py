@@ -13,7 +13,7 @@ import pytest
 from astrollama_jax.model.config import POLICY_FIELDS, LlamaConfig
 from astrollama_jax.train import setup
 from astrollama_jax.train.defaults import base_config
-from test_train_cli import REPO, train_env
+from helpers import REPO, train_env
 
 CONFIGS = {"demo.py": [()], "demo_sft.py": [()], "llama2_cpt.py": [("7b",), ("70b",)],
            "astro_chat_sft.py": [("7b",), ("70b",)], "bench.py": [("tiny",), ("llama2_70b",)]}

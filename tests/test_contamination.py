@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from astrollama_jax.eval import contamination
-from test_eval_common import run_cli, write_jsonl
+from helpers import run_cli, write_jsonl
 
 
 @pytest.fixture(scope="module")

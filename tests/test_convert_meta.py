@@ -24,51 +24,13 @@ from astrollama_jax.data.tokenizer import Tokenizer
 from astrollama_jax.model import llama
 from astrollama_jax.model.config import get_config
 from hf_reference import TINY, TINY_GQA, hf_logits, make_hf_model
+from helpers import write_meta_checkpoint
 
 TINY_70B = get_config("tiny_70b_shape", compute_dtype="float32")
 
 
-def _meta_from_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-  """Undo HF's q/k permutation: half-split rotary rows -> Meta's interleaved pairs."""
-  rows, cols = w.shape
-  return w.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
-def write_meta_checkpoint(model, cfg, folder, mp: int, dtype=torch.float32, tokenizer_path=None):
-  """Meta's download layout: params.json + consolidated.NN.pth, one file per model-parallel rank."""
-  os.makedirs(folder, exist_ok=True)
-  sd = {k: v.detach().to(dtype) for k, v in model.state_dict().items()}
-  full = {"tok_embeddings.weight": (sd["model.embed_tokens.weight"], 1),
-          "norm.weight": (sd["model.norm.weight"], None),
-          "output.weight": (sd["lm_head.weight"], 0)}
-  for i in range(cfg.n_layers):
-    p, m = f"model.layers.{i}.", f"layers.{i}."
-    full.update({
-        m + "attention.wq.weight": (_meta_from_hf(sd[p + "self_attn.q_proj.weight"], cfg.n_heads), 0),
-        m + "attention.wk.weight": (_meta_from_hf(sd[p + "self_attn.k_proj.weight"], cfg.n_kv_heads), 0),
-        m + "attention.wv.weight": (sd[p + "self_attn.v_proj.weight"], 0),
-        m + "attention.wo.weight": (sd[p + "self_attn.o_proj.weight"], 1),
-        m + "feed_forward.w1.weight": (sd[p + "mlp.gate_proj.weight"], 0),
-        m + "feed_forward.w3.weight": (sd[p + "mlp.up_proj.weight"], 0),
-        m + "feed_forward.w2.weight": (sd[p + "mlp.down_proj.weight"], 1),
-        m + "attention_norm.weight": (sd[p + "input_layernorm.weight"], None),
-        m + "ffn_norm.weight": (sd[p + "post_attention_layernorm.weight"], None),
-    })
-  for rank in range(mp):
-    shard = {name: (t if axis is None else t.chunk(mp, dim=axis)[rank]).clone()
-             for name, (t, axis) in full.items()}
-    shard["rope.freqs"] = torch.ones(cfg.head_dim // 2, dtype=dtype)
-    torch.save(shard, os.path.join(folder, f"consolidated.{rank:02d}.pth"))
-  # multiple_of / ffn_dim_multiplier chosen so Meta's formula gives the tiny presets' ffn_dim.
-  params = {"dim": cfg.dim, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads, "multiple_of": 128,
-            "ffn_dim_multiplier": 0.75, "norm_eps": cfg.norm_eps, "vocab_size": -1}
-  if cfg.n_kv_heads != cfg.n_heads:
-    params["n_kv_heads"] = cfg.n_kv_heads
-  with open(os.path.join(folder, "params.json"), "w") as f:
-    json.dump(params, f)
-  if tokenizer_path:
-    os.symlink(tokenizer_path, os.path.join(folder, "tokenizer.model"))
-  return folder
 
 
 def _ids(tokenizer_path, abstracts, n=2, length=48):

@@ -12,8 +12,7 @@ import pytest
 from array_record.python.array_record_data_source import ArrayRecordDataSource
 
 from astrollama_jax.data import corpus
-from conftest_data import (DEMO_CORPUS, MINI_BODY, MINI_PAPER, REPO, abstracts_subset, write_gz,
-                           write_jsonl, write_tar_gz)
+from helpers import DEMO_CORPUS, MINI_BODY, MINI_PAPER, REPO, abstracts_subset, write_gz, write_jsonl, write_tar_gz
 
 
 def _raw_records(ds_dir):

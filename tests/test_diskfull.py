@@ -26,7 +26,7 @@ from astrollama_jax.data import corpus
 from astrollama_jax.export import export
 from astrollama_jax.model import llama
 from hf_reference import TINY_GQA
-from test_train_cli import REPO, SYNTHETIC, _tail, finish, start, train_cmd, train_env
+from helpers import REPO, SYNTHETIC, tail, finish, start, train_cmd, train_env
 
 CFG = TINY_GQA
 
@@ -223,5 +223,5 @@ def test_train_checkpoint_on_a_full_disk_keeps_the_previous_one_and_resumes(tmp_
   assert loaded.step == 3 and loaded.cfg.dim == 64
 
   summary = finish(start(cmd, 1, log), log)
-  assert summary["resumed_from"] == 3 and summary["final_step"] == 9, _tail(log)
+  assert summary["resumed_from"] == 3 and summary["final_step"] == 9, tail(log)
   assert checkpoints.load_model(str(workdir), on_host=True).step == 9

@@ -1,66 +1,11 @@
-"""Shared pieces of the eval tests (a tiny HF model on disk, the CLI run in-process, torch
-references), and tests of the parts every task shares: packing, windows, intervals, tables."""
+"""The parts every eval task shares: packing, windows, intervals, reading records."""
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
-import torch
-from absl import flags
+import pytest
 
-from hf_reference import save_hf_model
-
-# The machine has two cores shared by many processes: torch's thread pool only adds contention
-# for these tiny reference models.
-torch.set_num_threads(1)
-
-
-def make_hf_folder(cfg, folder, seed=1):
-  """Save a random tiny LlamaForCausalLM (float32) and return the torch model."""
-  return save_hf_model(cfg, folder, seed=seed)
-
-
-def run_cli(capsys, *args: str) -> dict:
-  """Run ``python -m astrollama_jax.eval`` in this process; return its final JSON line.
-
-  The flags live in a private ``FlagValues``, so nothing is defined on absl's global set.
-  """
-  from astrollama_jax.eval import __main__ as cli
-  fv = flags.FlagValues()
-  cli.define_flags(fv)
-  argv = fv(["eval", "--noprogress", *args])
-  cli.main(argv, fv)
-  out = capsys.readouterr().out.strip().splitlines()
-  assert out, "the command printed nothing"
-  return json.loads(out[-1])
-
-
-def torch_token_logprobs(model, ids) -> np.ndarray:
-  """log p(ids[t] | ids[:t]) for t >= 1 with one plain forward pass (float64 result)."""
-  with torch.no_grad():
-    logits = model(input_ids=torch.tensor([ids])).logits[0].double()
-  lp = torch.log_softmax(logits, -1)[:-1].gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
-  return lp.numpy()
-
-
-def torch_logprobs_given(model, context, target) -> np.ndarray:
-  """log p(target | context), token by token, from one forward pass over context + target."""
-  full = list(context) + list(target)
-  return torch_token_logprobs(model, full)[len(context) - 1:]
-
-
-def write_jsonl(path, records):
-  with open(path, "w") as f:
-    for r in records:
-      f.write(json.dumps(r) + "\n")
-
-
-# --- tests of the shared parts -------------------------------------------------------------------
-
-import pytest  # noqa: E402
-
-from astrollama_jax.eval import common, scoring, stats  # noqa: E402
+from astrollama_jax.eval import common, scoring, stats
 
 
 @pytest.mark.parametrize("n,max_len,stride", [(2, 8, 4), (9, 8, 4), (10, 8, 4), (37, 8, 3),

@@ -9,7 +9,7 @@ import torch
 from astrollama_jax.data.tokenizer import Tokenizer
 from astrollama_jax.eval import completion
 from hf_reference import TINY
-from test_eval_common import make_hf_folder, run_cli, torch_logprobs_given, write_jsonl
+from helpers import make_hf_folder, run_cli, torch_logprobs_given, write_jsonl
 
 
 def test_sentence_boundaries_skip_abbreviations_and_decimals():

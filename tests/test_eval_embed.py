@@ -7,7 +7,7 @@ import torch
 from astrollama_jax.data.tokenizer import Tokenizer
 from astrollama_jax.eval import embed
 from hf_reference import TINY_GQA
-from test_eval_common import make_hf_folder, run_cli, write_jsonl
+from helpers import make_hf_folder, run_cli, write_jsonl
 
 
 @pytest.fixture(scope="module")

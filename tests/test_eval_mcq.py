@@ -10,7 +10,7 @@ import torch
 from astrollama_jax.data.tokenizer import Tokenizer
 from astrollama_jax.eval import mcq
 from hf_reference import TINY
-from test_eval_common import make_hf_folder, run_cli, torch_logprobs_given, write_jsonl
+from helpers import make_hf_folder, run_cli, torch_logprobs_given, write_jsonl
 
 QUESTIONS = [
     {"id": "q1", "question": "Which process powers main-sequence stars?",

@@ -7,7 +7,7 @@ import pytest
 
 from astrollama_jax.data.tokenizer import Tokenizer
 from hf_reference import TINY_GQA
-from test_eval_common import make_hf_folder, run_cli, torch_token_logprobs, write_jsonl
+from helpers import make_hf_folder, run_cli, torch_token_logprobs, write_jsonl
 
 
 @pytest.fixture(scope="module")

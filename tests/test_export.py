@@ -21,7 +21,7 @@ from astrollama_jax.data.tokenizer import Tokenizer
 from astrollama_jax.export import export
 from astrollama_jax.model import llama
 from hf_reference import TINY_GQA, hf_logits, make_hf_model
-from test_convert_meta import write_meta_checkpoint
+from helpers import write_meta_checkpoint
 
 CFG = TINY_GQA
 

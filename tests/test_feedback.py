@@ -12,19 +12,9 @@ import sys
 import textwrap
 
 import pytest
-from conftest import REPO
-from serve_helpers import (
-  NEW,
-  client,
-  free_port,
-  load,
-  make_hf_folder,
-  post,
-  running,
-  start_cli,
-  wait_ready,
-)
-from test_train_cli import finish, records, start
+from helpers import REPO
+from helpers import NEW, client, free_port, load, make_chat_hf_folder, post, running, start_cli, wait_ready
+from helpers import finish, records, start
 
 from astrollama_jax.data.chat import mix_sources
 from astrollama_jax.data.chat_formats import load_conversations
@@ -49,7 +39,7 @@ CORRECTED = [
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory, tokenizer_path):
   path = tmp_path_factory.mktemp("tiny_chat")
-  make_hf_folder(path, tokenizer_path)
+  make_chat_hf_folder(path, tokenizer_path)
   return path
 
 

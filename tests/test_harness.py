@@ -27,7 +27,7 @@ from astrollama_jax import harness as harness_cli  # noqa: E402
 from astrollama_jax.data.chat_template import write_hf_tokenizer_files  # noqa: E402
 from astrollama_jax.eval import compare  # noqa: E402
 from hf_reference import TINY  # noqa: E402
-from test_eval_common import make_hf_folder, write_jsonl  # noqa: E402
+from helpers import make_hf_folder, write_jsonl  # noqa: E402
 
 lm_eval = pytest.importorskip("lm_eval")
 
@@ -252,11 +252,11 @@ def test_unknown_task_is_one_error_line(setup, tokenizer_path):
 def test_two_processes_give_the_single_process_results(setup, both, tmp_path, tokenizer_path):
   """jax.distributed over loopback, 4 CPU devices each, one 2x2x2 mesh: process 0 prints and
   writes the numbers one process computes; process 1 prints and writes nothing."""
-  from test_multihost import _free_port
-  from test_train_cli import train_env
+  from helpers import free_port
+  from helpers import train_env
   _, ours = both
   tasks = ["astro_mcq", "astro_greedy", "astro_ph_abstracts", "astro_complete"]
-  port, out = _free_port(), tmp_path / "out"
+  port, out = free_port(), tmp_path / "out"
   procs = []
   for i in range(2):
     cmd = [sys.executable, "-m", "astrollama_jax.harness", f"--checkpoint={setup / 'hf'}",

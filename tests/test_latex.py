@@ -9,8 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from astrollama_jax.data import latex, latex_clean, latex_sections, sources
-from conftest_data import (LABELLED_LATEX, MINI_BODY, MINI_PAPER, need, write_gz,
-                                 write_tar_gz)
+from helpers import LABELLED_LATEX, MINI_BODY, MINI_PAPER, need, write_gz, write_tar_gz
 
 
 # ----------------------------------------------------------------------------- real papers

@@ -13,7 +13,7 @@ import stat
 import subprocess
 import time
 
-from test_train_cli import REPO
+from helpers import REPO
 
 from astrollama_jax.train import exit_codes
 

@@ -18,7 +18,7 @@ from astrollama_jax.formats import hf, mapping
 from astrollama_jax.formats.mapping import ConversionError
 from astrollama_jax.model import llama
 from hf_reference import TINY_GQA
-from test_convert_meta import write_meta_checkpoint
+from helpers import write_meta_checkpoint
 
 CFG = TINY_GQA
 

@@ -1,10 +1,10 @@
 """Two processes on loopback (jax.distributed, 4 fake CPU devices each) train like one with 8."""
 
-import socket
 
 import numpy as np
 
-from test_train_cli import TINY_MODEL, finish, records, start, train_cmd
+from helpers import TINY_MODEL, finish, records, start, train_cmd
+from helpers import free_port
 
 RUN = [*TINY_MODEL, "--config.model.vocab_size=1024", "--config.mesh=(2,2,2)", "--config.data.kind=synthetic", "--config.data.synthetic.num_rows=64",
        "--config.data.seq_len=32", "--config.train.global_batch_size=8", "--config.train.num_steps=3",
@@ -13,15 +13,11 @@ RUN = [*TINY_MODEL, "--config.model.vocab_size=1024", "--config.mesh=(2,2,2)", "
        "--config.schedule.learning_rate=1e-2", "--config.schedule.warmup_ratio=0.0"]
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 def test_two_processes_match_one(tmp_path):
   one_dir, two_dir = tmp_path / "one", tmp_path / "two"
-  port = _free_port()
+  port = free_port()
   one = start(train_cmd(one_dir, *RUN), 8, tmp_path / "one.log")
   procs = [start(train_cmd(two_dir, *RUN, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
                            f"--process_id={i}"), 4, tmp_path / f"two_{i}.log") for i in range(2)]

@@ -12,7 +12,7 @@ import sysconfig
 
 import pytest
 
-from test_train_cli import REPO, train_env
+from helpers import REPO, train_env
 
 from astrollama_jax import resources
 

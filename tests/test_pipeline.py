@@ -11,7 +11,7 @@ from absl import flags
 
 from astrollama_jax.data import corpus, packing, pipeline
 from astrollama_jax.data.tokenizer import Tokenizer
-from conftest_data import DEMO_CORPUS, TOKENIZER, abstracts_subset, need
+from helpers import DEMO_CORPUS, TOKENIZER, abstracts_subset, need
 
 flags.FLAGS.mark_as_parsed()  # Grain worker processes read absl flags
 

@@ -5,8 +5,8 @@ SFT's data iterator (mixture sampling, shuffling, first-fit packing of whole con
 different from the corpus pipeline, so its checkpointed state gets its own test.
 """
 
-from test_resume import EVERY, STEPS, assert_same_losses_and_end_state, kill_and_resume
-from test_train_cli import TINY_MODEL, records, train_cmd
+from helpers import EVERY, STEPS, assert_same_losses_and_end_state, kill_and_resume
+from helpers import TINY_MODEL, records, train_cmd
 
 # configs/demo_sft.py's shape (packed chat rows, chunked loss) with the tiny model, from a random init.
 RUN = [*TINY_MODEL, "--config.init_checkpoint=", "--config.data.seq_len=128",

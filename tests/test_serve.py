@@ -14,16 +14,7 @@ import threading
 
 import pytest
 import torch
-from serve_helpers import (
-  NEW,
-  client,
-  free_port,
-  load,
-  make_hf_folder,
-  running,
-  start_cli,
-  wait_ready,
-)
+from helpers import NEW, client, free_port, load, make_chat_hf_folder, running, start_cli, wait_ready
 
 from astrollama_jax.generate import generate
 
@@ -38,7 +29,7 @@ QUESTIONS = ["What is a quasar?", "Why is the sky dark at night?", "What is a bl
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory, tokenizer_path):
   path = tmp_path_factory.mktemp("tiny_chat")
-  return path, make_hf_folder(path, tokenizer_path)
+  return path, make_chat_hf_folder(path, tokenizer_path)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import os
 import shutil
 
 import pytest
-from serve_helpers import NEW, load, make_hf_folder, running
+from helpers import NEW, load, make_chat_hf_folder, running
 
 from astrollama_jax.feedback.store import FeedbackStore
 from astrollama_jax.generate import GenerationResult
@@ -32,7 +32,7 @@ INJECTION = ('<script>window.pwned = 1</script><img src="x" onerror="window.pwne
 @pytest.fixture(scope="module")
 def model(tmp_path_factory, tokenizer_path):
   path = tmp_path_factory.mktemp("tiny_chat")
-  make_hf_folder(path, tokenizer_path)
+  make_chat_hf_folder(path, tokenizer_path)
   return load(path)
 
 

@@ -17,8 +17,8 @@ import sys
 import time
 
 import pytest
-from test_multihost import _free_port
-from test_train_cli import REPO, SYNTHETIC, records, train_env
+from helpers import free_port
+from helpers import REPO, SYNTHETIC, records, train_env
 
 from astrollama_jax.train import exit_codes
 from astrollama_jax.train.distributed import slurm_local_device_ids
@@ -39,8 +39,8 @@ SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket={root}/munge.socket
-SlurmctldPort={_free_port()}
-SlurmdPort={_free_port()}
+SlurmctldPort={free_port()}
+SlurmdPort={free_port()}
 StateSaveLocation={root}/state
 SlurmdSpoolDir={root}/spool
 SlurmctldPidFile={root}/slurmctld.pid

@@ -89,7 +89,7 @@ def test_aot_command_compiles_for_a_topology():
   import subprocess
   import sys
 
-  from test_train_cli import REPO, train_env
+  from helpers import REPO, train_env
   args = ["--config=configs/demo.py", "--topology=v5e-4", "--config.model.attention_impl=auto",
           "--config.model.dim=256", "--config.model.n_heads=2", "--config.model.n_kv_heads=1",
           "--config.data.seq_len=256", "--config.train.global_batch_size=8"]

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from test_train_cli import REPO, train_env
+from helpers import REPO, train_env
 
 
 def _aot(*args: str) -> dict:

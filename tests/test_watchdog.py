@@ -8,8 +8,8 @@ import subprocess
 import time
 
 import pytest
-from test_multihost import _free_port
-from test_train_cli import SYNTHETIC, TINY_MODEL, _tail, records, start, train_cmd
+from helpers import free_port
+from helpers import SYNTHETIC, TINY_MODEL, tail, records, start, train_cmd
 
 from astrollama_jax.train import exit_codes
 from astrollama_jax.train.watchdog import Watchdog
@@ -49,7 +49,7 @@ def test_a_stalled_data_source_dumps_every_stack_and_exits_hung(tmp_path):
   finally:
     if proc.poll() is None:
       proc.kill()
-  text = _tail(log, 200_000)
+  text = tail(log, 200_000)
   assert rc == exit_codes.HUNG, text[-4000:]
   assert "no progress for" in text and "since step 4 (hang timeout 5 s)" in text
   assert "Thread 0x" in text and "most recent call first" in text  # faulthandler, all threads
@@ -70,24 +70,24 @@ RUN2 = [*TINY_MODEL, "--config.model.vocab_size=1024", "--config.mesh=(2,1,1)",
 @pytest.mark.parametrize("victim", [1, 0])
 def test_killing_one_process_ends_the_other_within_a_bounded_time(tmp_path, monkeypatch, victim):
   monkeypatch.setenv("ASTROLLAMA_HEARTBEAT_TIMEOUT_S", "20")  # the trainers' JAX heartbeat timeout
-  port = _free_port()
+  port = free_port()
   logs = [tmp_path / f"p{i}.log" for i in range(2)]
   procs = [start(train_cmd(tmp_path / "run", *RUN2, f"--coordinator_address=127.0.0.1:{port}",
                            "--num_processes=2", f"--process_id={i}"), 1, logs[i]) for i in range(2)]
   try:
     end = time.time() + 300
     while not any(r["step"] >= 3 for r in records(tmp_path / "run", "train")):
-      assert all(p.poll() is None for p in procs) and time.time() < end, _tail(logs[0])
+      assert all(p.poll() is None for p in procs) and time.time() < end, tail(logs[0])
       time.sleep(0.1)
     os.kill(procs[victim].pid, signal.SIGKILL)
     survivor = procs[1 - victim]
     try:  # bounded by the JAX heartbeat timeout (20 s) or the watchdog (10 s), whichever acts
       rc = survivor.wait(timeout=150)
     except subprocess.TimeoutExpired:
-      raise AssertionError(f"the surviving process still runs; log:\n{_tail(logs[1 - victim])}") \
+      raise AssertionError(f"the surviving process still runs; log:\n{tail(logs[1 - victim])}") \
           from None
   finally:
     for p in procs:
       if p.poll() is None:
         p.kill()
-  assert rc != 0, _tail(logs[1 - victim])
+  assert rc != 0, tail(logs[1 - victim])

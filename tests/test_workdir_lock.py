@@ -11,7 +11,7 @@ import sys
 import time
 
 import pytest
-from test_train_cli import REPO, SYNTHETIC, _tail, finish, records, start, train_cmd
+from helpers import REPO, SYNTHETIC, tail, finish, records, start, train_cmd
 
 from astrollama_jax.train import exit_codes
 from astrollama_jax.train.workdir_lock import LOCK_FILE, WorkdirBusy, WorkdirLock
@@ -64,14 +64,14 @@ def test_a_leftover_record_without_a_lock_is_stale(tmp_path):
 def _wait(cond, proc, log, timeout=240.0):
   end = time.time() + timeout
   while not cond():
-    assert proc.poll() is None, f"the holder ended (rc {proc.returncode}):\n{_tail(log)}"
-    assert time.time() < end, f"timed out; log tail:\n{_tail(log)}"
+    assert proc.poll() is None, f"the holder ended (rc {proc.returncode}):\n{tail(log)}"
+    assert time.time() < end, f"timed out; log tail:\n{tail(log)}"
     time.sleep(0.1)
 
 
 def _refused(proc, log, holder_pid: int) -> None:
   rc = proc.wait(timeout=180)
-  text = _tail(log)
+  text = tail(log)
   assert rc == exit_codes.WORKDIR_BUSY, text
   lines = [line for line in text.splitlines() if line.startswith("error:")]
   assert len(lines) == 1, text
@@ -110,5 +110,5 @@ def test_two_trainers_on_one_workdir_then_kill9_and_take_over(tmp_path):
         p.kill()
   assert 3 <= summary["resumed_from"] <= killed_after and summary["final_step"] == last
   assert f"taking over the stale lock of a trainer that is gone (host {socket.gethostname()}, " \
-         f"pid {first.pid}," in _tail(tmp_path / "next.log", 200_000)
+         f"pid {first.pid}," in tail(tmp_path / "next.log", 200_000)
   assert (workdir / LOCK_FILE).read_text() == ""
