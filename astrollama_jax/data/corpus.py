@@ -127,7 +127,7 @@ class Report:
              + (f"  ({self.units_resumed} resumed)" if self.units_resumed else "")
              + (f"  ({self.units_already_in_corpus} already in the corpus)"
                 if self.units_already_in_corpus else "")),
-            ("LaTeX papers seen", f"{self.papers_seen}"),
+            ("papers seen (every source entry)", f"{self.papers_seen}"),
             ("LaTeX papers kept", f"{self.papers_kept}  ({self.retention:.1%}; the reference "
                                   f"recipe keeps ~{REFERENCE_RETENTION:.0%})")]
     rows += [(f"  with {name}", f"{self.sections_found.get(name, 0)}") for name in SECTIONS]
@@ -808,8 +808,9 @@ def write_manifest(ds_dir: Path, plan: Plan) -> None:
   config = {k: (list(v) if isinstance(v, (list, tuple)) else v)
             for k, v in dataclasses.asdict(plan.config).items() if k != "progress"}
   units = [{"name": u.name, "path": u.path, "bulk": u.bulk, "size": u.size()} for u in plan.units]
-  report = dataclasses.asdict(plan.report) | {"retention": plan.report.retention,
-                                              "reference_retention": REFERENCE_RETENTION}
+  report = {k: v for k, v in dataclasses.asdict(plan.report).items()
+            if k != "units_resumed"}  # how the work was split over runs is not part of the data
+  report |= {"retention": plan.report.retention, "reference_retention": REFERENCE_RETENTION}
   head = {"config": config, "report": report, "units": units,
           "previous_version": plan.stored.ds_dir.name if plan.stored else None}
   skipped, papers = _manifest_entries(plan)
@@ -1097,3 +1098,20 @@ def select_records(data_dir: str | os.PathLike, split: str, *, since: str = "", 
   if sections is not None:
     ok &= np.isin(keys["section"].astype(str), list(sections))
   return np.flatnonzero(ok).astype(np.int64)
+
+
+def component_indices(data_dir: str | os.PathLike, split: str, spec: str) -> np.ndarray:
+  """Record indices a mixture component names: space separated terms, each a section name,
+  ``since:DATE`` or ``until:DATE`` (e.g. ``"since:2024-06"``, ``"introduction until:2019"``)."""
+  sections, bounds = [], {"since": "", "until": ""}
+  for term in spec.split():
+    key, _, value = term.partition(":")
+    if key in bounds and value:
+      bounds[key] = value
+    elif term in SECTIONS:
+      sections.append(term)
+    else:
+      raise ValueError(f"mixture component {spec!r}: {term!r} is neither a section {SECTIONS} "
+                       "nor since:DATE / until:DATE")
+  return select_records(data_dir, split, since=bounds["since"], until=bounds["until"],
+                        sections=sections or None)
