@@ -118,6 +118,18 @@ def test_every_member_kind_of_a_bulk_tar(bulk):
   assert re.search(r"skipped: pdf_only +2  \(18.2%\)", table)
 
 
+def test_an_extracted_month_folder_reads_like_its_tar(bulk, tmp_path):
+  tmp, got = bulk
+  with tarfile.open(tmp / "arXiv_src_2101_001.tar") as tar:
+    tar.extractall(tmp_path, filter="data")
+  folder = corpus.collect(corpus.CorpusConfig(sources=[str(tmp_path / "2101")], progress=False,
+                                              validation_fraction=0.0))
+  from_tar = {k: v for k, v in _by_key(got).items() if k[0] != "astro-ph/9901001"}
+  assert _by_key(folder) == from_tar
+  assert sorted((s["id"], s["reason"]) for s in folder.skipped) == sorted(
+      (s["id"], s["reason"]) for s in got.skipped)
+
+
 def test_tex_cap_counts_tex_only_and_content_decides_the_kind(tmp_path):
   big_fig = gz(tar_bytes({"ms.tex": SINGLE, "big.png": figure(3 << 20)}))
   for name in ("2101.00001.gz", "2101.00001.tar.gz", "2101.00001.tgz"):  # same bytes, any name

@@ -72,7 +72,7 @@ RECORD_KEYS = "record_keys.npz"
 UNITS = "units.json"
 WORK_DIR = ".astro_corpus-work"
 REFERENCE_RETENTION = 0.90  # share of papers the AstroLLaMA recipe keeps from astro-ph
-RESULT_FORMAT = 1           # part of every unit's result key: bump when results change shape
+RESULT_FORMAT = 2           # part of every unit's result key: bump when results change shape
 # Licences one may redistribute a derived corpus under (``--licenses=redistributable``).
 LICENSE_ALIASES = {"redistributable": ("*creativecommons.org/licenses/by/*",
                                        "*creativecommons.org/licenses/by-sa/*",
@@ -208,7 +208,7 @@ class Unit:
   def fingerprint(self) -> list:
     """Names, sizes and modification times of everything the unit reads."""
     def stat(p: str) -> list:
-      st = os.stat(p)
+      st = os.lstat(p)
       return [p, st.st_size, st.st_mtime_ns]
     if self.bulk:
       return [stat(self.path)]
@@ -305,10 +305,19 @@ def _entries(unit: Unit) -> tuple[list[sources.Entry], str]:
   return [sources.Entry(b) for b in unit.bundles], ""
 
 
-def _read_results(path: Path) -> Iterator[dict]:
+def _result_line(r: dict) -> str:
+  """One entry's result as ``header TAB texts``: the header (id, version, source, reason or
+  section titles and spans) is all most passes decode; the texts only the records' pass."""
+  texts = {n: s.pop("text") for n, s in r.get("sections", {}).items()}
+  return json.dumps(r, sort_keys=True) + "\t" + json.dumps(texts, sort_keys=True) + "\n"
+
+
+def _read_results(path: Path) -> Iterator[tuple[dict, str]]:
+  """(header, texts still as JSON) of every entry of a result file."""
   with gzip.open(path, "rt", encoding="utf-8") as f:
     for line in f:
-      yield json.loads(line)
+      head, _, texts = line.partition("\t")  # JSON escapes tabs: the first one separates
+      yield json.loads(head), texts
 
 
 def parse_units(units: Sequence[Unit], config: CorpusConfig, work: Path,
@@ -336,11 +345,11 @@ def parse_units(units: Sequence[Unit], config: CorpusConfig, work: Path,
         tmp = path.with_suffix(".tmp")
         with gzip.open(tmp, "wt", encoding="utf-8", compresslevel=1) as f:
           for r in results:  # imap keeps the order: the file is a function of the unit
-            f.write(json.dumps(r, sort_keys=True) + "\n")
+            f.write(_result_line(r))
             bar.update()
           if error:  # a cut-off or corrupt bulk tar: what came before stays, the rest is this
-            f.write(json.dumps({"id": unit.name, "version": 0, "source": unit.path,
-                                "reason": "bad_archive", "detail": error}, sort_keys=True) + "\n")
+            f.write(_result_line({"id": unit.name, "version": 0, "source": unit.path,
+                                  "reason": "bad_archive", "detail": error}))
         os.replace(tmp, path)
   finally:
     if pool is not None:
@@ -392,7 +401,6 @@ class MetaIndex:
             skipped["category"] += 1
           continue
         self._add(pid, rec, (fi, lineno), self._verdict(rec, config), skipped)
-    skipped["bad_unicode"] += 0
 
   def _verdict(self, rec: dict, config: CorpusConfig) -> str:
     if not license_ok(rec["license"], self._licenses):
@@ -497,7 +505,7 @@ def make_plan(config: CorpusConfig, work: Path, stored: Stored | None = None) ->
 
   latex_ids: set[str] = set()
   for path in results:
-    latex_ids.update(r["id"] for r in _read_results(path))
+    latex_ids.update(r["id"] for r, _ in _read_results(path))
   jsonl_skip: collections.Counter = collections.Counter()
   meta = MetaIndex(jsonl_files, config, latex_ids, report, jsonl_skip)
   licenses = license_patterns(config.licenses)
@@ -508,7 +516,7 @@ def make_plan(config: CorpusConfig, work: Path, stored: Stored | None = None) ->
   decisions: dict[tuple[int, int], tuple[str, str]] = {}
   winners: dict[str, tuple[int, int, int, tuple[str, ...]]] = {}
   for u, path in enumerate(results):
-    for line, r in enumerate(_read_results(path)):
+    for line, (r, _) in enumerate(_read_results(path)):
       report.papers_seen += 1
       if "reason" in r:
         skip_count[r["reason"]] += 1
@@ -589,17 +597,17 @@ def _records(plan: Plan, split: str | None = None) -> Iterator[dict]:
   """The records of ``split`` (all splits if None), streamed from results and metadata."""
   frac = plan.config.validation_fraction
   for u, path in enumerate(plan.results):
-    for line, r in enumerate(_read_results(path)):
+    for line, (r, texts) in enumerate(_read_results(path)):
       pid = r["id"]
       w = plan.winners.get(pid)
       if w is None or w[1:] != (u, line) or (split and split_of(pid, frac) != split):
         continue
       m = plan.meta.by_id.get(pid)
-      for name, sec in r["sections"].items():
+      for name, text in json.loads(texts).items():
         if name == "abstract" and pid in plan.meta_abstracts:
           continue
         yield {"id": pid, "title": (m.title if m else "") or r["title"],
-               "date": m.date if m else date_from_id(pid), "section": name, "text": sec["text"],
+               "date": m.date if m else date_from_id(pid), "section": name, "text": text,
                "license": m.license if m else "", "version": r["version"]}
   wanted = {p for p in plan.meta_abstracts if not split or split_of(p, frac) == split}
   for pid, abstract in plan.meta.abstracts(wanted):
@@ -612,7 +620,7 @@ def _manifest_entries(plan: Plan) -> tuple[Iterator[dict], Iterator[dict]]:
   """(skipped entries, kept papers) for the manifest, streamed in unit and line order."""
   def skipped() -> Iterator[dict]:
     for u, path in enumerate(plan.results):
-      for line, r in enumerate(_read_results(path)):
+      for line, (r, _) in enumerate(_read_results(path)):
         if "reason" in r:
           yield {k: r[k] for k in ("id", "source", "reason", "detail")}
         elif (u, line) in plan.decisions:
@@ -621,13 +629,11 @@ def _manifest_entries(plan: Plan) -> tuple[Iterator[dict], Iterator[dict]]:
 
   def papers() -> Iterator[dict]:
     for u, path in enumerate(plan.results):
-      for line, r in enumerate(_read_results(path)):
+      for line, (r, _) in enumerate(_read_results(path)):
         w = plan.winners.get(r["id"])
         if w is not None and w[1:] == (u, line):
-          yield {"id": r["id"], "version": r["version"], "source": r["source"],
-                 "main_file": r["main_file"], "missing_inputs": r["missing_inputs"],
-                 "sections": {n: {"title": s["title"], "spans": s["spans"]}
-                              for n, s in r["sections"].items()}}
+          yield {k: r[k] for k in ("id", "version", "source", "main_file", "missing_inputs",
+                                   "sections")}
   return skipped(), papers()
 
 
@@ -851,7 +857,7 @@ def _next_version(ds_dir: Path) -> str:
   return f"{major}.{minor + 1}.0"
 
 
-def _assemble(old_dir: Path, delta_dir: Path | None, new_dir: Path, dropped: dict[str, np.ndarray],
+def _assemble(old_dir: Path, delta_dir: Path, new_dir: Path, dropped: dict[str, np.ndarray],
               version: str) -> None:
   """A new version folder: the old shards (hard links; a shard that loses records is rewritten
   without them) then the delta's shards, one ``dataset_info.json`` over both, and the
@@ -859,13 +865,12 @@ def _assemble(old_dir: Path, delta_dir: Path | None, new_dir: Path, dropped: dic
   from array_record.python import array_record_data_source, array_record_module
   new_dir.mkdir(parents=True)
   old_info = json.loads((old_dir / "dataset_info.json").read_text())
-  delta_info = json.loads((delta_dir / "dataset_info.json").read_text()) if delta_dir else {}
+  delta_info = json.loads((delta_dir / "dataset_info.json").read_text())
   old_keys = record_keys(old_dir)
-  delta_keys = record_keys(delta_dir) if delta_dir else {}
+  delta_keys = record_keys(delta_dir)
   splits, keys = [], {}
   for split in SPLITS:
-    old, delta = _shards(old_dir, old_info, split), (_shards(delta_dir, delta_info, split)
-                                                     if delta_dir else [])
+    old, delta = _shards(old_dir, old_info, split), _shards(delta_dir, delta_info, split)
     drop = set(int(i) for i in dropped.get(split, ()))
     n_total = len(old) + len(delta)
     lengths, num_bytes, start = [], 0, 0
@@ -876,15 +881,11 @@ def _assemble(old_dir: Path, delta_dir: Path | None, new_dir: Path, dropped: dic
       if lost:
         src = array_record_data_source.ArrayRecordDataSource([os.fspath(path)])
         writer = array_record_module.ArrayRecordWriter(os.fspath(target), "group_size:1")
-        kept = 0
-        for j in range(n):
-          if start + j not in drop:
-            raw = src[j]
-            writer.write(raw)
-            num_bytes += len(raw)
-            kept += 1
+        kept = [j for j in range(n) if start + j not in drop]
+        for j in kept:
+          writer.write(src[j])
         writer.close()
-        lengths.append(kept)
+        lengths.append(len(kept))
       else:
         _link_or_copy(path, target)
         lengths.append(n)
@@ -910,7 +911,7 @@ def _assemble(old_dir: Path, delta_dir: Path | None, new_dir: Path, dropped: dic
   (new_dir / "dataset_info.json").write_text(json.dumps(info, indent=2, sort_keys=True))
   shutil.copyfile(old_dir / "features.json", new_dir / "features.json")
   for name in (MANIFEST, UNITS):
-    shutil.copyfile((delta_dir or old_dir) / name, new_dir / name)
+    shutil.copyfile(delta_dir / name, new_dir / name)
   _save_indexes(new_dir, keys)
 
 
@@ -936,7 +937,7 @@ def _update(config: CorpusConfig, out: Path, work: Path):
                      f"{old_fraction}, not {config.validation_fraction}; an id must keep its split")
   stored = Stored.load(old_dir)
   plan = make_plan(config, work, stored)
-  if plan.is_empty() and not plan.report.records_dropped:
+  if plan.is_empty():  # a replacement always brings records, so nothing is dropped either
     from absl import logging
     logging.info("nothing new for %s: it stays as it is", old_dir)
     return tfds.builder_from_directory(os.fspath(old_dir)), plan.report
@@ -944,18 +945,9 @@ def _update(config: CorpusConfig, out: Path, work: Path):
   shutil.rmtree(scratch, ignore_errors=True)
   version = _next_version(old_dir)
   try:
-    delta_dir = None
-    if not plan.is_empty():
-      delta_dir = Path(_write_tfds(plan, scratch / "delta").data_dir)
-    else:  # only drops: the manifest and units of this update still go with the new version
-      delta_dir = None
-      (scratch / "meta").mkdir(parents=True)
-      write_manifest(scratch / "meta", plan)
+    delta_dir = Path(_write_tfds(plan, scratch / "delta").data_dir)
     new_tmp = scratch / version
     _assemble(old_dir, delta_dir, new_tmp, plan.dropped, version)
-    if delta_dir is None:
-      for name in (MANIFEST, UNITS):
-        shutil.copyfile(scratch / "meta" / name, new_tmp / name)
     new_tmp.rename(old_dir.parent / version)
   finally:
     shutil.rmtree(scratch, ignore_errors=True)
