@@ -18,7 +18,7 @@ new version, ``OUTPUT/astro_corpus/1.1.0/``, without reading the old tars again.
 
 from __future__ import annotations
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 from astrollama_jax import cli
 from astrollama_jax.data import corpus

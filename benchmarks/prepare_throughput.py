@@ -191,7 +191,7 @@ def run_prepare(sources: list[Path], out: Path, workers: int) -> dict:
 
 def _rounded(value):
   if isinstance(value, float):
-    return round(value, 3)
+    return float(f"{value:.4g}")
   if isinstance(value, dict):
     return {k: _rounded(v) for k, v in value.items()}
   if isinstance(value, list):

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from astrollama_jax.data import corpus, sources
-from conftest_data import LABELLED_LATEX, MINI_BODY, MINI_PAPER, REPO, TOKENIZER, need, write_jsonl
+from conftest_data import LABELLED_LATEX, MINI_BODY, MINI_PAPER, REPO, TOKENIZER, need
 
 SINGLE = MINI_PAPER.replace("\\input{body}", MINI_BODY)
 
@@ -128,6 +128,15 @@ def test_an_extracted_month_folder_reads_like_its_tar(bulk, tmp_path):
   assert _by_key(folder) == from_tar
   assert sorted((s["id"], s["reason"]) for s in folder.skipped) == sorted(
       (s["id"], s["reason"]) for s in got.skipped)
+
+
+def test_a_bulk_that_keeps_nothing_is_an_error_not_an_empty_dataset(tmp_path):
+  bulk_tar(tmp_path / "arXiv_src_2101_001.tar", {"2101/2101.00003.pdf": b"%PDF-1.4\n",
+                                                "2101/2101.00005.gz": b"\x1f\x8b junk"})
+  with pytest.raises(ValueError, match=r"no record to write: 2 entries seen, 0 kept "
+                                       r"\(skipped: bad_archive 1, pdf_only 1\)"):
+    corpus.build(corpus.CorpusConfig(sources=[str(tmp_path)], progress=False), tmp_path / "out")
+  assert not (tmp_path / "out" / corpus.AstroCorpus.name).exists()
 
 
 def test_tex_cap_counts_tex_only_and_content_decides_the_kind(tmp_path):

@@ -123,20 +123,23 @@ class Report:
 
   def rows(self) -> list[tuple[str, str]]:
     """The retention table as (label, value) rows (printed at the end of ``prepare``)."""
-    rows = [("sources (bulk tars, folders)", f"{self.units_seen}"
-             + (f"  ({self.units_resumed} resumed)" if self.units_resumed else "")
-             + (f"  ({self.units_already_in_corpus} already in the corpus)"
-                if self.units_already_in_corpus else "")),
+    units = f"{self.units_seen}"
+    if self.units_resumed:
+      units += f"  ({self.units_resumed} resumed)"
+    if self.units_already_in_corpus:
+      units += f"  ({self.units_already_in_corpus} already in the corpus)"
+    kept = (f"{self.papers_kept}  ({self.retention:.1%}; the reference recipe keeps "
+            f"~{REFERENCE_RETENTION:.0%})")
+    rows = [("sources (bulk tars, folders)", units),
             ("papers seen (every source entry)", f"{self.papers_seen}"),
-            ("LaTeX papers kept", f"{self.papers_kept}  ({self.retention:.1%}; the reference "
-                                  f"recipe keeps ~{REFERENCE_RETENTION:.0%})")]
+            ("LaTeX papers kept", kept)]
     rows += [(f"  with {name}", f"{self.sections_found.get(name, 0)}") for name in SECTIONS]
     rows += [(f"  skipped: {reason}", f"{n}  ({n / max(self.papers_seen, 1):.1%})")
              for reason, n in sorted(self.papers_skipped.items())]
     rows.append(("  kept without metadata", f"{self.papers_without_metadata}"))
     if self.papers_replaced or self.records_dropped:
-      rows.append(("  replaced by a newer version", f"{self.papers_replaced} papers, "
-                                                    f"{self.records_dropped} records"))
+      replaced = f"{self.papers_replaced} papers, {self.records_dropped} records"
+      rows.append(("  replaced by a newer version", replaced))
     rows += [("JSONL records seen", f"{self.jsonl_records_seen}"),
              ("JSONL abstracts kept", f"{self.jsonl_records_kept}")]
     rows += [(f"  skipped: {reason}", f"{n}") for reason, n in sorted(self.jsonl_skipped.items())]
@@ -442,7 +445,7 @@ class Stored:
   keys: dict[str, dict[str, np.ndarray]]  # split -> {id, section, version, date}
 
   @classmethod
-  def load(cls, ds_dir: Path) -> "Stored":
+  def load(cls, ds_dir: Path) -> Stored:
     units = json.loads((ds_dir / UNITS).read_text()) if (ds_dir / UNITS).exists() else []
     return cls(ds_dir, units, record_keys(ds_dir))
 
@@ -723,7 +726,7 @@ def _deterministic_protos():
   hash-table order, which changes from process to process, so two runs on the same input
   would write different bytes. ``deterministic=True`` sorts the keys. Also: TFDS's shuffler
   (records are ordered by a hash of their key, whatever order they are generated in) keeps up
-  to 1 GB in memory before it spills to disk; 64 MiB keeps a build's memory flat.
+  to 1 GB in memory before it spills to disk; 16 MiB keeps a build's memory flat.
   """
   from tensorflow_datasets.core import shuffle
   cls = example_serializer.ExampleSerializer
@@ -733,12 +736,18 @@ def _deterministic_protos():
     return self.get_tf_example(example).SerializeToString(deterministic=True)
 
   cls.serialize_example = serialize_example
-  shuffle.MAX_MEM_BUFFER_SIZE = min(buffer, 64 << 20)
+  shuffle.MAX_MEM_BUFFER_SIZE = min(buffer, 16 << 20)
   try:
     yield
   finally:
     cls.serialize_example = original
     shuffle.MAX_MEM_BUFFER_SIZE = buffer
+
+
+def _skip_summary(report: Report) -> str:
+  reasons = sorted(report.papers_skipped.items()) + [
+      (f"metadata {k}", v) for k, v in sorted(report.jsonl_skipped.items())]
+  return "skipped: " + (", ".join(f"{k} {v}" for k, v in reasons) or "nothing")
 
 
 def _write_tfds(plan: Plan, data_dir: Path) -> AstroCorpus:
@@ -781,6 +790,9 @@ def build(config: CorpusConfig, output_dir: str | os.PathLike, *, update: bool =
         builder, report = _update(config, out, work)
       else:
         plan = make_plan(config, work)
+        if plan.is_empty():
+          raise ValueError(f"no record to write: {plan.report.papers_seen} entries seen, "
+                           f"{plan.report.papers_kept} kept ({_skip_summary(plan.report)})")
         if root.exists():
           root.rename(aside)
         try:
@@ -871,9 +883,9 @@ def _assemble(old_dir: Path, delta_dir: Path, new_dir: Path, dropped: dict[str, 
   splits, keys = [], {}
   for split in SPLITS:
     old, delta = _shards(old_dir, old_info, split), _shards(delta_dir, delta_info, split)
-    drop = set(int(i) for i in dropped.get(split, ()))
+    drop = {int(i) for i in dropped.get(split, ())}
     n_total = len(old) + len(delta)
-    lengths, num_bytes, start = [], 0, 0
+    lengths, start = [], 0
     for i, (path, n) in enumerate(old + delta):
       target = new_dir / _shard_name(split, i, n_total)
       is_old = i < len(old)
@@ -890,8 +902,8 @@ def _assemble(old_dir: Path, delta_dir: Path, new_dir: Path, dropped: dict[str, 
         _link_or_copy(path, target)
         lengths.append(n)
       start += n if is_old else 0
-    num_bytes += sum(int(s["numBytes"]) for info in (old_info, delta_info)
-                     for s in info.get("splits", []) if s["name"] == split)
+    num_bytes = sum(int(s["numBytes"]) for info in (old_info, delta_info)
+                    for s in info.get("splits", []) if s["name"] == split)
     num_bytes -= _bytes_of(old_dir, old_info, split, drop)
     if lengths and sum(lengths):
       splits.append({"filepathTemplate": "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}",

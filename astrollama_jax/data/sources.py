@@ -130,7 +130,7 @@ def looks_like_tar(header: bytes) -> bool:
 
 def _single_name(name: str) -> str:
   base = Path(name).name
-  base = base[:-3] if base.endswith(".gz") else base
+  base = base.removesuffix(".gz")
   return base if base.lower().endswith(TEX_SUFFIXES) else base + ".tex"
 
 
