@@ -221,6 +221,9 @@ def test_metadata_join_licences_dates_and_a_lone_surrogate(tmp_path):
                                               until="2021-01-31"))
   assert {i for i, _ in _by_key(recent)} == {"2101.00001", "2101.00002", "2101.00004"}
   assert {s["id"]: s["reason"] for s in recent.skipped}["astro-ph/9901001"] == "date_range"
+  for bad in ("2024-13", "24-01", "2024/01/01"):
+    with pytest.raises(ValueError, match="is not a date"):
+      corpus.collect(corpus.CorpusConfig(sources=[str(snap)], since=bad, progress=False))
 
 
 def test_no_symlink_is_followed_in_a_paper_folder(tmp_path):

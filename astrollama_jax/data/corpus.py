@@ -80,7 +80,7 @@ LICENSE_ALIASES = {"redistributable": ("*creativecommons.org/licenses/by/*",
                                        "*arxiv.org/licenses/assumed-1991-2003/*")}
 _NEW_ID_RE = re.compile(r"^(\d{2})(\d{2})\.\d{4,5}$")
 _OLD_ID_RE = re.compile(r"^[a-z-]+(?:\.[A-Z]{2})?/(\d{2})(\d{2})\d{3}$")
-_DATE_RE = re.compile(r"^\d{4}(-\d{2}(-\d{2})?)?$")
+_DATE_RE = re.compile(r"^\d{4}(-(0[1-9]|1[0-2])(-(0[1-9]|[12]\d|3[01]))?)?$")
 
 
 @dataclasses.dataclass
