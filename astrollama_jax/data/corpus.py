@@ -718,6 +718,22 @@ class AstroCorpus(tfds.core.GeneratorBasedBuilder):
     write_section_index(self.data_dir)
 
 
+class _LocalFiles:
+  """The part of ``tf.io.gfile`` (and ``tf.errors``) TFDS's shuffler uses when it spills to
+  disk, on local files: TFDS works without TensorFlow except on that path, so a corpus whose
+  records outgrow the shuffler's memory buffer would otherwise fail to import TensorFlow."""
+
+  class errors:  # noqa: N801 - mirrors tf.errors
+    class ResourceExhaustedError(Exception):
+      message = ""
+
+  class io:  # noqa: N801 - mirrors tf.io
+    class gfile:  # noqa: N801 - mirrors tf.io.gfile
+      GFile = staticmethod(open)
+      exists = staticmethod(os.path.exists)
+      remove = staticmethod(os.remove)
+
+
 @contextlib.contextmanager
 def _deterministic_protos():
   """Serialize tf.train.Example with sorted map keys while the dataset is written.
@@ -726,22 +742,25 @@ def _deterministic_protos():
   hash-table order, which changes from process to process, so two runs on the same input
   would write different bytes. ``deterministic=True`` sorts the keys. Also: TFDS's shuffler
   (records are ordered by a hash of their key, whatever order they are generated in) keeps up
-  to 1 GB in memory before it spills to disk; 16 MiB keeps a build's memory flat.
+  to 1 GB in memory before it spills to 1000 bucket files; 16 MiB keeps a build's memory flat,
+  and the spill goes through local files (``_LocalFiles``) rather than TensorFlow.
   """
   from tensorflow_datasets.core import shuffle
   cls = example_serializer.ExampleSerializer
-  original, buffer = cls.serialize_example, shuffle.MAX_MEM_BUFFER_SIZE
+  original, buffer, files = cls.serialize_example, shuffle.MAX_MEM_BUFFER_SIZE, shuffle.tf
 
   def serialize_example(self, example):
     return self.get_tf_example(example).SerializeToString(deterministic=True)
 
   cls.serialize_example = serialize_example
   shuffle.MAX_MEM_BUFFER_SIZE = min(buffer, 16 << 20)
+  shuffle.tf = _LocalFiles
   try:
     yield
   finally:
     cls.serialize_example = original
     shuffle.MAX_MEM_BUFFER_SIZE = buffer
+    shuffle.tf = files
 
 
 def _skip_summary(report: Report) -> str:
