@@ -723,12 +723,12 @@ class _LocalFiles:
   disk, on local files: TFDS works without TensorFlow except on that path, so a corpus whose
   records outgrow the shuffler's memory buffer would otherwise fail to import TensorFlow."""
 
-  class errors:  # noqa: N801 - mirrors tf.errors
+  class errors:  # mirrors tf.errors
     class ResourceExhaustedError(Exception):
       message = ""
 
-  class io:  # noqa: N801 - mirrors tf.io
-    class gfile:  # noqa: N801 - mirrors tf.io.gfile
+  class io:  # mirrors tf.io
+    class gfile:  # mirrors tf.io.gfile
       GFile = staticmethod(open)
       exists = staticmethod(os.path.exists)
       remove = staticmethod(os.remove)
