@@ -1,11 +1,15 @@
-"""Read arXiv inputs as downloaded: LaTeX bundles and metadata JSON lines.
+"""Read arXiv inputs as distributed: bulk source tars, LaTeX bundles and metadata JSON lines.
 
 A LaTeX *bundle* is what arXiv serves for one paper: a gzipped single ``.tex``
-(``<id>.gz``), a tarball with several files (``<id>.tar.gz``/``.tgz``/``.tar``, or a
-``.gz`` that turns out to be a tar), a plain ``.tex``, or a folder. ``read_bundle``
-returns its TeX files as ``{relative path: text}`` or raises ``ParseError`` with a
-manifest reason; it never reads more than ``max_bytes`` so a huge or hostile archive
-cannot exhaust memory.
+(``<id>.gz``), a gzipped tar of the submission (also named ``<id>.gz``), a tarball, a plain
+``.tex``, a folder, or a PDF for a paper without source. The kind is recognised by content,
+not by name. ``read_bundle`` returns its TeX files as ``{relative path: text}`` or raises
+``ParseError`` with a manifest reason; only TeX text counts toward ``max_bytes`` (figures are
+passed over, never kept), so a huge or hostile archive cannot exhaust memory.
+
+arXiv's bulk tars (``arXiv_src_YYMM_NNN.tar``) hold ``YYMM/ID.gz`` and ``YYMM/ID.pdf`` members.
+``bulk_entries`` lists them from the tar headers alone; ``read_entry`` reads one member in place
+(by offset, without extracting anything to disk), so worker processes can share one tar.
 """
 
 from __future__ import annotations
