@@ -145,3 +145,14 @@ def test_prepare_cli_is_deterministic_with_workers(tmp_path):
                          f"--source={tmp_path}/missing.jsonl", f"--output={tmp_path}/c"],
                         capture_output=True, text=True, cwd=REPO, timeout=60)
   assert proc.returncode != 0 and "does not exist" in proc.stderr
+
+
+def test_records_past_the_shuffle_buffer_spill_to_disk_without_tensorflow(tmp_path, monkeypatch,
+                                                                          demo_build):
+  """A corpus larger than TFDS's in-memory shuffle buffer (every real one) is written the same."""
+  from tensorflow_datasets.core import shuffle
+  monkeypatch.setattr(shuffle, "MAX_MEM_BUFFER_SIZE", 2000)  # the demo's records spill
+  config = corpus.CorpusConfig(sources=[str(DEMO_CORPUS)], validation_fraction=0.15, progress=False)
+  builder, _ = corpus.build(config, tmp_path / "spilled")
+  _, _, out = demo_build
+  assert _raw_records(builder.data_dir) == _raw_records(corpus.dataset_dir(out))

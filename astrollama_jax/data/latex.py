@@ -90,9 +90,25 @@ def extract_files(files: Mapping[str, str], paper_id: str = "", source: str = ""
 
 def extract_paper(path: str | os.PathLike, max_bytes: int = sources.DEFAULT_MAX_BYTES) -> Paper:
   """Read one bundle (.gz, .tar.gz, folder, .tex) and extract its sections."""
-  paper_id, version = sources.paper_id_from_path(path)
-  files = sources.read_bundle(path, max_bytes=max_bytes)
-  return extract_files(files, paper_id, str(path), version)
+  return extract_entry(sources.Entry(str(path)), max_bytes)
+
+
+_WITHDRAWN_MAX_CHARS = 8192  # a withdrawal notice is a few lines; a paper is not
+
+
+def extract_entry(entry: sources.Entry, max_bytes: int = sources.DEFAULT_MAX_BYTES) -> Paper:
+  """``extract_paper`` for any entry, a member of a bulk tar included. A source that yields no
+  section and is a short withdrawal notice is reported as ``withdrawn``."""
+  paper_id, version = entry.id_version
+  files = sources.read_entry(entry, max_bytes=max_bytes)
+  try:
+    return extract_files(files, paper_id, entry.label, version)
+  except ParseError as e:
+    text = "\n".join(files.values())
+    if (e.reason in ("no_main_file", "no_sections") and len(text) < _WITHDRAWN_MAX_CHARS
+        and sources.is_withdrawal_notice(latex_sections.strip_comments(text))):
+      raise ParseError("withdrawn", "the source is a withdrawal notice") from None
+    raise
 
 
 class _Timeout(Exception):
@@ -124,19 +140,44 @@ def time_limit(seconds: float | None):
 def process_paper(path: str | os.PathLike, timeout_s: float | None = DEFAULT_TIMEOUT_S,
                   max_bytes: int = sources.DEFAULT_MAX_BYTES) -> Paper | Skipped:
   """``extract_paper`` that never raises for a bad document: it returns ``Skipped``."""
-  paper_id, _ = sources.paper_id_from_path(path)
+  return process_entry(sources.Entry(str(path)), timeout_s, max_bytes)
+
+
+def process_entry(entry: sources.Entry, timeout_s: float | None = DEFAULT_TIMEOUT_S,
+                  max_bytes: int = sources.DEFAULT_MAX_BYTES) -> Paper | Skipped:
+  """``extract_entry`` that never raises for a bad document: it returns ``Skipped``."""
+  paper_id, _ = entry.id_version
+  label = entry.label
   try:
     with time_limit(timeout_s):
-      return extract_paper(path, max_bytes=max_bytes)
+      return extract_entry(entry, max_bytes=max_bytes)
   except ParseError as e:
-    return Skipped(paper_id, str(path), e.reason, e.detail)
+    return Skipped(paper_id, label, e.reason, e.detail)
   except RecursionError:
-    return Skipped(paper_id, str(path), "too_deep", "nesting exceeds Python's recursion limit")
+    return Skipped(paper_id, label, "too_deep", "nesting exceeds Python's recursion limit")
   except (OSError, UnicodeError, ValueError, IndexError) as e:  # anything else the file did
-    return Skipped(paper_id, str(path), "parse_error", f"{type(e).__name__}: {e}")
+    return Skipped(paper_id, label, "parse_error", f"{type(e).__name__}: {e}")
   except Exception as e:  # a bug of ours must not stop a corpus build: record it, go on
-    return Skipped(paper_id, str(path), "internal_error", f"{type(e).__name__}: {e}")
+    return Skipped(paper_id, label, "internal_error", f"{type(e).__name__}: {e}")
+
+
+def result_record(args: tuple[sources.Entry, float | None, int]) -> dict:
+  """``process_entry(*args)`` as a JSON-able dict (what a corpus build stores per entry): a
+  paper's sections with their text and spans (the raw LaTeX is dropped), or the skip reason.
+  A top-level function so that worker processes can run it."""
+  entry, timeout_s, max_bytes = args
+  r = process_entry(entry, timeout_s, max_bytes)
+  version = entry.id_version[1]
+  if isinstance(r, Skipped):
+    return {"id": r.id, "version": version, "source": r.source, "reason": r.reason,
+            "detail": r.detail}
+  return {"id": r.id, "version": r.version, "source": r.source, "main_file": r.main_file,
+          "title": r.title, "missing_inputs": r.missing_inputs,
+          "sections": {n: {"title": s.title, "text": s.text,
+                           "spans": [dataclasses.asdict(x) for x in s.spans]}
+                       for n, s in r.sections.items()}}
 
 
 __all__ = ["Paper", "Section", "Skipped", "Span", "ParseError", "SECTION_NAMES",
-           "extract_paper", "extract_files", "process_paper", "time_limit"]
+           "extract_paper", "extract_entry", "extract_files", "process_paper", "process_entry",
+           "result_record", "time_limit"]

@@ -75,6 +75,44 @@ def has_split(config: Any, split: str) -> bool:
   return True
 
 
+# --- mixtures of record sets (sections, date ranges) ----------------------------------------------
+
+def make_components_dataset(data_dir: str, split: str, tokenizer_path: str,
+                            components: Any, *, seq_len: int, batch_size: int, seed: int = 0,
+                            process_index: int | None = None, process_count: int | None = None,
+                            num_epochs: int | None = None, shuffle: bool = True,
+                            worker_count: int = 0, drop_remainder: bool = True) -> grain.IterDataset:
+  """Packed LM batches that mix record sets by weight, each named as
+  ``corpus.component_indices`` reads it: ``{"since:2024-06-01": 0.7, "abstract": 0.3}`` trains
+  on "everything since June 2024" for 70% of the documents. Batches as ``make_lm_dataset``'s."""
+  from astrollama_jax.data import corpus, packing, pipeline
+  from astrollama_jax.data.tokenizer import Tokenizer
+  pi = jax.process_index() if process_index is None else process_index
+  pc = jax.process_count() if process_count is None else process_count
+  source = corpus.read_split(data_dir, split)
+  tokenize = pipeline._Tokenize(Tokenizer(tokenizer_path))
+  parts, weights = [], []
+  for salt, (spec, weight) in enumerate(sorted(dict(components).items()), 1):
+    if weight <= 0:
+      continue
+    mine = corpus.component_indices(data_dir, split, spec)[pi::pc]
+    if not len(mine):
+      raise ValueError(f"mixture component {spec!r} has no records of split {split!r} for "
+                       f"process {pi} of {pc} under {data_dir}")
+    subset = pipeline._Subset(source, mine)
+    order = pipeline._EpochShuffled(subset, seed * 1000003 + 97 * salt, num_epochs, shuffle)
+    parts.append(grain.MapDataset.source(order).map(tokenize))
+    weights.append(float(weight))
+  if not parts:
+    raise ValueError(f"mixture {dict(components)} has no positive weight")
+  ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights)
+  rows = packing.pack_examples(ds.to_iter_dataset(), seq_len)
+  it = rows.batch(batch_size, drop_remainder=drop_remainder)
+  if worker_count > 0:
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+  return it
+
+
 # --- synthetic data ------------------------------------------------------------------------------
 
 def synthetic_row(seed: int, row: int, seq_len: int, vocab: int = 1000) -> dict[str, np.ndarray]:
