@@ -333,6 +333,15 @@ def test_training_reads_everything_since_a_date_as_a_mixture_component(tmp_path)
                                           process_index=0, process_count=1, drop_remainder=False)
   text = Tokenizer(str(tok)).decode([int(t) for b in ds for t in b["tokens"][0] if t > 2])
   assert "january" in text and "december" not in text
+  # the same through a training config: data.lm.mixture names the component
+  from astrollama_jax.train.defaults import base_config
+  config = base_config()
+  config.data.lm.path, config.data.tokenizer_path = str(out), str(tok)
+  config.data.lm.mixture = {"since:2021-01": 1.0}
+  config.data.seq_len, config.data.shuffle = 1024, False
+  ds = train_data.make_dataset(config, "train", batch_size=1, num_epochs=1)
+  text = Tokenizer(str(tok)).decode([int(t) for b in ds for t in b["tokens"][0] if t > 2])
+  assert "january" in text and "december" not in text
   with pytest.raises(ValueError, match="no records"):
     train_data.make_components_dataset(str(out), "train", str(tok), {"since:2030": 1.0},
                                        seq_len=64, batch_size=1)

@@ -54,9 +54,13 @@ def make_dataset(config: Any, split: str, *, batch_size: int | None = None,
                 process_count=jax.process_count(), num_epochs=num_epochs, shuffle=shuffle)
   if d.kind == "lm":
     from astrollama_jax.data import pipeline
+    mixture = dict(d.lm.mixture)
+    if any(not key.isidentifier() for key in mixture):  # date bounds: "since:2024-06 abstract"
+      return make_components_dataset(d.lm.path, split, d.tokenizer_path, mixture,
+                                     worker_count=d.lm.worker_count, **common)
     return pipeline.make_lm_dataset(d.lm.path, split=split, tokenizer_path=d.tokenizer_path,
-                                    mixture=dict(d.lm.mixture) or None,
-                                    worker_count=d.lm.worker_count, **common)
+                                    mixture=mixture or None, worker_count=d.lm.worker_count,
+                                    **common)
   if d.kind == "sft":
     from astrollama_jax.data import chat
     sources = d.sft.sources if split == "train" else d.sft.eval_sources

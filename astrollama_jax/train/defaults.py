@@ -58,7 +58,9 @@ def base_config() -> ml_collections.ConfigDict:
       kind="lm", seq_len=2048, seed=0, shuffle=True,
       tokenizer_path="",                # lm and sft: SentencePiece tokenizer.model
       lm=_section(path="",              # the --output of `python -m astrollama_jax.prepare`
-                  mixture={},           # section weights, e.g. {"abstract": 0.5, ...}; {} = all
+                  # weights of record sets: sections {"abstract": 0.5, ...}, or with date bounds
+                  # {"since:2024-06-01": 0.7, "abstract until:2024-05-31": 0.3}; {} = all
+                  mixture={},
                   worker_count=0),      # Grain worker processes
       # sources: list of {path, format, count, weight}; eval_sources: validation conversations.
       sft=_section(sources=[], eval_sources=[]),
