@@ -28,20 +28,34 @@ FLAGS = flags.FLAGS
 
 def define_flags() -> None:
   """Flags exist only when run as a command, so importing this module defines none."""
-  flags.DEFINE_multi_string("source", None, "Input path(s); repeat the flag or separate with commas.")
+  flags.DEFINE_multi_string(
+    "source", None, "Input path(s); repeat the flag or separate with commas."
+  )
   cli.define("output", help={"output": "Folder (TFDS data_dir) the dataset is written under."})
   flags.DEFINE_list("categories", ["astro-ph*"], "fnmatch patterns; a record matching any is kept.")
-  flags.DEFINE_list("licenses", [], "fnmatch patterns on the metadata's licence URL, or "
-                    "'redistributable' (CC BY, CC BY-SA, CC0); default: any licence.")
-  flags.DEFINE_string("since", "", "Keep papers first submitted on/after this date (YYYY[-MM[-DD]]).")
+  flags.DEFINE_list(
+    "licenses",
+    [],
+    "fnmatch patterns on the metadata's licence URL, or "
+    "'redistributable' (CC BY, CC BY-SA, CC0); default: any licence.",
+  )
+  flags.DEFINE_string(
+    "since", "", "Keep papers first submitted on/after this date (YYYY[-MM[-DD]])."
+  )
   flags.DEFINE_string("until", "", "Keep papers first submitted on/before this date.")
   flags.DEFINE_float("validation_fraction", 0.05, "Fraction of arXiv ids (by hash) in validation.")
   flags.DEFINE_integer("workers", 0, "Processes for LaTeX parsing (0: in this process).")
   flags.DEFINE_float("timeout_s", 30.0, "Wall-time limit per LaTeX document, seconds.")
-  flags.DEFINE_integer("max_mb", 8, "Skip a paper whose TeX text exceeds this many MiB (figures "
-                       "and other files do not count).")
-  flags.DEFINE_bool("update", False, "Grow the dataset in --output with the sources it does not "
-                    "hold yet, as a new version.")
+  flags.DEFINE_integer(
+    "max_mb",
+    8,
+    "Skip a paper whose TeX text exceeds this many MiB (figures and other files do not count).",
+  )
+  flags.DEFINE_bool(
+    "update",
+    False,
+    "Grow the dataset in --output with the sources it does not hold yet, as a new version.",
+  )
 
 
 def parse_sources(values: list[str] | None) -> list[str]:
@@ -59,23 +73,35 @@ def config_from_flags() -> corpus.CorpusConfig:
   if FLAGS.max_mb <= 0 or FLAGS.workers < 0:
     raise cli.UserError("--max_mb must be positive and --workers not negative")
   return corpus.CorpusConfig(
-      sources=parse_sources(FLAGS.source), categories=tuple(FLAGS.categories),
-      validation_fraction=FLAGS.validation_fraction, workers=FLAGS.workers,
-      timeout_s=FLAGS.timeout_s, max_bytes=FLAGS.max_mb << 20, licenses=tuple(FLAGS.licenses),
-      since=corpus.check_date(FLAGS.since, "--since"),
-      until=corpus.check_date(FLAGS.until, "--until"))
+    sources=parse_sources(FLAGS.source),
+    categories=tuple(FLAGS.categories),
+    validation_fraction=FLAGS.validation_fraction,
+    workers=FLAGS.workers,
+    timeout_s=FLAGS.timeout_s,
+    max_bytes=FLAGS.max_mb << 20,
+    licenses=tuple(FLAGS.licenses),
+    since=corpus.check_date(FLAGS.since, "--since"),
+    until=corpus.check_date(FLAGS.until, "--until"),
+  )
 
 
 def summary(report: corpus.Report, data_dir: str) -> dict:
   """The closing JSON line: where the dataset is and how much of the input it kept."""
-  return {"dataset": data_dir, "papers_seen": report.papers_seen,
-          "papers_kept": report.papers_kept, "retention": round(report.retention, 4),
-          "reference_retention": corpus.REFERENCE_RETENTION, "skipped": report.papers_skipped,
-          "jsonl_abstracts_kept": report.jsonl_records_kept, "jsonl_skipped": report.jsonl_skipped,
-          "records": report.records, "sources": report.units_seen,
-          "sources_resumed": report.units_resumed,
-          "sources_already_in_corpus": report.units_already_in_corpus,
-          "papers_replaced": report.papers_replaced}
+  return {
+    "dataset": data_dir,
+    "papers_seen": report.papers_seen,
+    "papers_kept": report.papers_kept,
+    "retention": round(report.retention, 4),
+    "reference_retention": corpus.REFERENCE_RETENTION,
+    "skipped": report.papers_skipped,
+    "jsonl_abstracts_kept": report.jsonl_records_kept,
+    "jsonl_skipped": report.jsonl_skipped,
+    "records": report.records,
+    "sources": report.units_seen,
+    "sources_resumed": report.units_resumed,
+    "sources_already_in_corpus": report.units_already_in_corpus,
+    "papers_replaced": report.papers_replaced,
+  }
 
 
 def main(argv: list[str]) -> None:
@@ -84,8 +110,9 @@ def main(argv: list[str]) -> None:
   builder, report = corpus.build(config, FLAGS.output, update=FLAGS.update)
   logging.info("dataset written to %s", builder.data_dir)
   rows = report.rows() + [("dataset", str(builder.data_dir))]
-  cli.report("prepare: retention", summary(report, str(builder.data_dir)), rows=rows,
-             header=("", ""))
+  cli.report(
+    "prepare: retention", summary(report, str(builder.data_dir)), rows=rows, header=("", "")
+  )
 
 
 if __name__ == "__main__":

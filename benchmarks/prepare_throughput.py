@@ -11,10 +11,10 @@ first quarter, half and all of the tars (memory against corpus size), and with
 ``--workers=2`` on all of them. Peak memory is the largest sum of VmRSS over the command's
 process tree (the command and its worker processes), sampled from /proc every 50 ms. The
 parse phase ends when the last tar's result file appears in the work folder; the rest (metadata
-join, TFDS write, manifest, indexes) is the write phase. CPU time is summed over the tree too (utime +
-stime from /proc), per phase and apart for the command and its workers. The projection for an
-archive of ``--archive_papers`` papers on a ``--cores`` host uses CPU seconds per paper, which do
-not depend on how busy the measuring machine is: the workers' parse work divides over the
+join, TFDS write, manifest, indexes) is the write phase. CPU time is summed over the tree too
+(utime + stime from /proc), per phase and apart for the command and its workers. The projection
+for an archive of ``--archive_papers`` papers on a ``--cores`` host uses CPU seconds per paper,
+which do not depend on how busy the measuring machine is: the workers' parse work divides over the
 cores, the command's own per-paper work while parsing and the write phase stay serial.
 Prints a table and one JSON line.
 """
@@ -26,6 +26,7 @@ import importlib.metadata
 import io
 import json
 import os
+from pathlib import Path
 import platform
 import shutil
 import subprocess
@@ -34,10 +35,9 @@ import tarfile
 import tempfile
 import threading
 import time
-from pathlib import Path
 
-import numpy as np
 from absl import app, flags
+import numpy as np
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("latex", "../shared/data/latex", "Folder of paper folders (.tex files).")
@@ -62,8 +62,9 @@ def _tar(files: dict[str, bytes]) -> bytes:
   return buf.getvalue()
 
 
-def make_bulk(latex: Path, out: Path, papers: int, tars: int, figure_kb: int,
-              pdf_every: int) -> dict:
+def make_bulk(
+  latex: Path, out: Path, papers: int, tars: int, figure_kb: int, pdf_every: int
+) -> dict:
   """The synthetic bulk; returns its shape (entries per kind, bytes on disk)."""
   folders = sorted(p for p in latex.iterdir() if p.is_dir() and list(p.glob("*.tex")))
   rng = np.random.default_rng(0)
@@ -75,18 +76,25 @@ def make_bulk(latex: Path, out: Path, papers: int, tars: int, figure_kb: int,
     with tarfile.open(out / f"arXiv_src_{yymm}_001.tar", "w") as bulk:
       for i in range(t * per_tar, min(papers, (t + 1) * per_tar)):
         folder = folders[i % len(folders)]
-        texs = {p.relative_to(folder).as_posix(): p.read_bytes()
-                for p in sorted(folder.rglob("*.tex"))}
+        texs = {
+          p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*.tex"))
+        }
         pid = f"{yymm}.{i:05d}"
         if pdf_every and i % pdf_every == pdf_every - 1:
           name, data, kind = f"{yymm}/{pid}.pdf", b"%PDF-1.5\n" + rng.bytes(20_000), "pdf_only"
         elif i % 2 == 0 or len(texs) > 1:
           fig = {"figures/fig1.png": rng.bytes(figure_kb << 10)}
-          name, data, kind = f"{yymm}/{pid}.gz", gzip.compress(_tar(texs | fig), 6, mtime=0), \
-              "gzipped_tar"
+          name, data, kind = (
+            f"{yymm}/{pid}.gz",
+            gzip.compress(_tar(texs | fig), 6, mtime=0),
+            "gzipped_tar",
+          )
         else:
-          name, data, kind = f"{yymm}/{pid}.gz", gzip.compress(texs["ms.tex"], 6, mtime=0), \
-              "single_file"
+          name, data, kind = (
+            f"{yymm}/{pid}.gz",
+            gzip.compress(texs["ms.tex"], 6, mtime=0),
+            "single_file",
+          )
         kinds[kind] += 1
         info = tarfile.TarInfo(name)
         info.size, info.mtime = len(data), 0
@@ -131,12 +139,20 @@ def _split_cpu(cpu: dict[int, float], main: int) -> tuple[float, float]:
 
 
 def run_prepare(sources: list[Path], out: Path, workers: int) -> dict:
-  cmd = [sys.executable, "-m", "astrollama_jax.prepare", "--source=" + ",".join(map(str, sources)),
-         f"--output={out}", f"--workers={workers}", "--validation_fraction=0.05"]
+  cmd = [
+    sys.executable,
+    "-m",
+    "astrollama_jax.prepare",
+    "--source=" + ",".join(map(str, sources)),
+    f"--output={out}",
+    f"--workers={workers}",
+    "--validation_fraction=0.05",
+  ]
   env = dict(os.environ, PYTHONPATH=str(REPO))
   start = time.perf_counter()
-  proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                          text=True, env=env)
+  proc = subprocess.Popen(
+    cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env
+  )
   peak, parse_start, parse_end = 0, None, None
   work = out / ".astro_corpus-work"
   stop = threading.Event()
@@ -174,19 +190,27 @@ def run_prepare(sources: list[Path], out: Path, workers: int) -> dict:
   parse_start = parse_start or start
   papers = summary["papers_seen"]
   begin, end = marks.get("start", (0.0, 0.0)), marks.get("end", _split_cpu(cpu, proc.pid))
-  return {"workers": workers, "tars": len(sources), "papers": summary["papers_seen"],
-          "kept": summary["papers_kept"], "retention": summary["retention"], "seconds": total,
-          "startup_seconds": parse_start - start, "parse_seconds": parse_end - parse_start,
-          "write_seconds": start + total - parse_end,
-          "papers_per_s": summary["papers_seen"] / total,
-          "parse_papers_per_s": summary["papers_seen"] / max(parse_end - parse_start, 1e-9),
-          "peak_rss_bytes": peak, "cpu_seconds": sum(cpu.values()),
-          # CPU seconds per paper while parsing, in the command itself and in its workers (with
-          # --workers=0 the command does it all), and after parsing (serial): load-independent
-          "parse_cpu_main_per_paper": (end[0] - begin[0]) / papers,
-          "parse_cpu_workers_per_paper": (end[1] - begin[1]) / papers,
-          "write_cpu_per_paper": (sum(_split_cpu(cpu, proc.pid)) - sum(end)) / papers,
-          "records": sum(sum(v.values()) for v in summary["records"].values())}
+  return {
+    "workers": workers,
+    "tars": len(sources),
+    "papers": summary["papers_seen"],
+    "kept": summary["papers_kept"],
+    "retention": summary["retention"],
+    "seconds": total,
+    "startup_seconds": parse_start - start,
+    "parse_seconds": parse_end - parse_start,
+    "write_seconds": start + total - parse_end,
+    "papers_per_s": summary["papers_seen"] / total,
+    "parse_papers_per_s": summary["papers_seen"] / max(parse_end - parse_start, 1e-9),
+    "peak_rss_bytes": peak,
+    "cpu_seconds": sum(cpu.values()),
+    # CPU seconds per paper while parsing, in the command itself and in its workers (with
+    # --workers=0 the command does it all), and after parsing (serial): load-independent
+    "parse_cpu_main_per_paper": (end[0] - begin[0]) / papers,
+    "parse_cpu_workers_per_paper": (end[1] - begin[1]) / papers,
+    "write_cpu_per_paper": (sum(_split_cpu(cpu, proc.pid)) - sum(end)) / papers,
+    "records": sum(sum(v.values()) for v in summary["records"].values()),
+  }
 
 
 def _rounded(value):
@@ -204,12 +228,17 @@ def main(argv: list[str]) -> None:
   root = Path(FLAGS.work or tempfile.mkdtemp(prefix="prepare_bench"))
   bulk = root / "bulk"
   shutil.rmtree(bulk, ignore_errors=True)
-  shape = make_bulk(Path(FLAGS.latex), bulk, FLAGS.papers, FLAGS.tars, FLAGS.figure_kb,
-                    FLAGS.pdf_every)
+  shape = make_bulk(
+    Path(FLAGS.latex), bulk, FLAGS.papers, FLAGS.tars, FLAGS.figure_kb, FLAGS.pdf_every
+  )
   tars = sorted(bulk.glob("*.tar"))
   runs = []
-  for n_tars, workers in ((max(1, len(tars) // 4), 1), (max(1, len(tars) // 2), 1),
-                          (len(tars), 1), (len(tars), 2)):
+  for n_tars, workers in (
+    (max(1, len(tars) // 4), 1),
+    (max(1, len(tars) // 2), 1),
+    (len(tars), 1),
+    (len(tars), 2),
+  ):
     out = root / f"out_{n_tars}_{workers}"
     shutil.rmtree(out, ignore_errors=True)
     runs.append(run_prepare(tars[:n_tars], out, workers))
@@ -225,26 +254,43 @@ def main(argv: list[str]) -> None:
   write_h = n * full1["write_cpu_per_paper"] / 3600
   efficiency = full1["parse_seconds"] / (2 * full2["parse_seconds"])
   result = {
-      "benchmark": "prepare_throughput", "bulk": shape, "runs": runs,
-      "wall_parallel_efficiency_1_to_2": round(efficiency, 3),
-      "projection": {"archive_papers": n, "cores": cores, "hours": round(parse_h + write_h, 2),
-                     "parse_hours": round(parse_h, 2), "write_hours": round(write_h, 2),
-                     "papers_per_s": round(n / ((parse_h + write_h) * 3600), 1)},
-      "cpu_count": os.cpu_count(), "machine": platform.processor() or platform.machine(),
-      "versions": {"python": platform.python_version(),
-                   **{p: importlib.metadata.version(p) for p in
-                      ("tensorflow-datasets", "array-record", "numpy")}},
+    "benchmark": "prepare_throughput",
+    "bulk": shape,
+    "runs": runs,
+    "wall_parallel_efficiency_1_to_2": round(efficiency, 3),
+    "projection": {
+      "archive_papers": n,
+      "cores": cores,
+      "hours": round(parse_h + write_h, 2),
+      "parse_hours": round(parse_h, 2),
+      "write_hours": round(write_h, 2),
+      "papers_per_s": round(n / ((parse_h + write_h) * 3600), 1),
+    },
+    "cpu_count": os.cpu_count(),
+    "machine": platform.processor() or platform.machine(),
+    "versions": {
+      "python": platform.python_version(),
+      **{
+        p: importlib.metadata.version(p) for p in ("tensorflow-datasets", "array-record", "numpy")
+      },
+    },
   }
-  print(f"{'workers':>7} {'tars':>4} {'papers':>6} {'kept':>6} {'seconds':>8} {'start s':>8} "
-        f"{'parse s':>8} {'write s':>8} {'papers/s':>8} {'peak RSS MiB':>12}")
+  print(
+    f"{'workers':>7} {'tars':>4} {'papers':>6} {'kept':>6} {'seconds':>8} {'start s':>8} "
+    f"{'parse s':>8} {'write s':>8} {'papers/s':>8} {'peak RSS MiB':>12}"
+  )
   for r in runs:
-    print(f"{r['workers']:>7} {r['tars']:>4} {r['papers']:>6} {r['kept']:>6} {r['seconds']:>8.1f} "
-          f"{r['startup_seconds']:>8.1f} {r['parse_seconds']:>8.1f} {r['write_seconds']:>8.1f} "
-          f"{r['papers_per_s']:>8.1f} {r['parse_papers_per_s']:>8.1f} "
-          f"{r['peak_rss_bytes'] / 2**20:>12.0f}")
+    print(
+      f"{r['workers']:>7} {r['tars']:>4} {r['papers']:>6} {r['kept']:>6} {r['seconds']:>8.1f} "
+      f"{r['startup_seconds']:>8.1f} {r['parse_seconds']:>8.1f} {r['write_seconds']:>8.1f} "
+      f"{r['papers_per_s']:>8.1f} {r['parse_papers_per_s']:>8.1f} "
+      f"{r['peak_rss_bytes'] / 2**20:>12.0f}"
+    )
   p = result["projection"]
-  print(f"projection: {n:,} papers on {cores} cores: {p['hours']} h = {p['papers_per_s']} papers/s "
-        f"(parse {p['parse_hours']} h, write {p['write_hours']} h)")
+  print(
+    f"projection: {n:,} papers on {cores} cores: {p['hours']} h = {p['papers_per_s']} papers/s "
+    f"(parse {p['parse_hours']} h, write {p['write_hours']} h)"
+  )
   print(json.dumps(_rounded(result)))
   if not FLAGS.work:
     shutil.rmtree(root, ignore_errors=True)

@@ -109,30 +109,48 @@ We looked at them.
 # --- training runs in subprocesses ------------------------------------------------------
 
 # A model small enough for seconds per run, with the real 32,000-piece vocabulary.
-TINY_MODEL = ["--config.model.dim=64", "--config.model.n_layers=2", "--config.model.n_heads=4",
-              "--config.model.n_kv_heads=2", "--config.model.ffn_dim=128"]
+TINY_MODEL = [
+  "--config.model.dim=64",
+  "--config.model.n_layers=2",
+  "--config.model.n_heads=4",
+  "--config.model.n_kv_heads=2",
+  "--config.model.ffn_dim=128",
+]
 
 
 def train_env(devices: int) -> dict[str, str]:
   env = dict(os.environ)
-  env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-             JAX_COMPILATION_CACHE_DIR=os.environ.get("ASTROLLAMA_JAX_CACHE", str(REPO / ".jax_cache")),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5", TF_CPP_MIN_LOG_LEVEL="2")
+  env.update(
+    JAX_PLATFORMS="cpu",
+    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    JAX_COMPILATION_CACHE_DIR=os.environ.get("ASTROLLAMA_JAX_CACHE", str(REPO / ".jax_cache")),
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5",
+    TF_CPP_MIN_LOG_LEVEL="2",
+  )
   return env
 
 
 def train_cmd(workdir, *overrides: str, config: str = "configs/demo.py") -> list[str]:
-  return [sys.executable, "-m", "astrollama_jax.train", f"--config={config}", f"--workdir={workdir}",
-          *overrides]
+  return [
+    sys.executable,
+    "-m",
+    "astrollama_jax.train",
+    f"--config={config}",
+    f"--workdir={workdir}",
+    *overrides,
+  ]
 
 
 def start(cmd: list[str], devices: int, log_path) -> subprocess.Popen:
   log = open(log_path, "ab")
-  return subprocess.Popen(cmd, cwd=REPO, env=train_env(devices), stdout=log, stderr=subprocess.STDOUT)
+  return subprocess.Popen(
+    cmd, cwd=REPO, env=train_env(devices), stdout=log, stderr=subprocess.STDOUT
+  )
 
 
-def finish(proc: subprocess.Popen, log_path, timeout: float = 240, summary: bool = True,
-           rc: int = 0) -> dict:
+def finish(
+  proc: subprocess.Popen, log_path, timeout: float = 240, summary: bool = True, rc: int = 0
+) -> dict:
   """Wait for a run; return its JSON summary (the last stdout line), or fail with its log.
 
   Only process 0 prints a summary: pass ``summary=False`` for the others. ``rc``: the exit
@@ -142,7 +160,7 @@ def finish(proc: subprocess.Popen, log_path, timeout: float = 240, summary: bool
     got = proc.wait(timeout=timeout)
   except subprocess.TimeoutExpired:
     proc.kill()
-    raise AssertionError(f"training timed out; log tail:\n{tail(log_path)}")
+    raise AssertionError(f"training timed out; log tail:\n{tail(log_path)}") from None
   if got != rc:
     raise AssertionError(f"training exited {got}, not {rc}; log tail:\n{tail(log_path)}")
   if not summary:
@@ -159,14 +177,25 @@ def tail(path, n: int = 4000) -> str:
 
 def records(workdir, kind: str) -> list[dict]:
   from astrollama_jax.train.metrics import read_jsonl
+
   path = pathlib.Path(workdir) / "metrics.jsonl"
   return [r for r in read_jsonl(str(path)) if r["kind"] == kind] if path.exists() else []
 
 
-SYNTHETIC = [*TINY_MODEL, "--config.model.vocab_size=1024", "--config.data.kind=synthetic", "--config.data.synthetic.num_rows=64", "--config.data.seq_len=32",
-             "--config.train.global_batch_size=4", "--config.log.every=1", "--config.eval.every=0",
-             "--config.eval.at_start=False", "--config.eval.at_end=False",
-             "--config.checkpoint.every=3", "--config.checkpoint.keep=5"]
+SYNTHETIC = [
+  *TINY_MODEL,
+  "--config.model.vocab_size=1024",
+  "--config.data.kind=synthetic",
+  "--config.data.synthetic.num_rows=64",
+  "--config.data.seq_len=32",
+  "--config.train.global_batch_size=4",
+  "--config.log.every=1",
+  "--config.eval.every=0",
+  "--config.eval.at_start=False",
+  "--config.eval.at_end=False",
+  "--config.checkpoint.every=3",
+  "--config.checkpoint.keep=5",
+]
 
 
 # --- kill -9 and resume -------------------------------------------------------------------
@@ -187,23 +216,32 @@ def wait_for(cond, proc, timeout=180.0):
 
 def final_state(workdir):
   import orbax.checkpoint as ocp
+
   from astrollama_jax import checkpoints
+
   loaded = checkpoints.load_model(str(workdir))
   assert loaded.step == STEPS
-  opt = ocp.StandardCheckpointer().restore(os.path.join(workdir, "checkpoints", str(STEPS), "opt_state"))
+  opt = ocp.StandardCheckpointer().restore(
+    os.path.join(workdir, "checkpoints", str(STEPS), "opt_state")
+  )
   return loaded.params, opt
 
 
 def kill_and_resume(tmp_path, cmd, last_kill_step):
   """Run ``cmd(workdir)`` whole, and again killed with -9 at a random step after the first
-  checkpoint and restarted. Returns (whole workdir, broken workdir, resumed summary, killed_after)."""
+  checkpoint, then restarted. Returns (whole workdir, broken workdir, summary, killed_after)."""
   whole, broken = tmp_path / "whole", tmp_path / "broken"
   kill_at = random.Random().randint(EVERY + 1, last_kill_step)
   ref = start(cmd(whole), 1, tmp_path / "whole.log")
   victim = start(cmd(broken), 1, tmp_path / "broken.log")
   try:
-    wait_for(lambda: (broken / "checkpoints" / str(EVERY)).is_dir()
-              and any(r["step"] >= kill_at for r in records(broken, "train")), victim)
+    wait_for(
+      lambda: (
+        (broken / "checkpoints" / str(EVERY)).is_dir()
+        and any(r["step"] >= kill_at for r in records(broken, "train"))
+      ),
+      victim,
+    )
     os.kill(victim.pid, signal.SIGKILL)
     victim.wait(timeout=30)
   finally:
@@ -222,15 +260,22 @@ def assert_same_losses_and_end_state(whole, broken):
   assert all(losses[r["step"]] == r["loss"] for r in records(broken, "train"))
   (p_whole, o_whole), (p_broken, o_broken) = final_state(whole), final_state(broken)
   import jax
-  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), p_whole, p_broken)
-  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), o_whole, o_broken)
+
+  jax.tree.map(
+    lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), p_whole, p_broken
+  )
+  jax.tree.map(
+    lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), o_whole, o_broken
+  )
 
 
 # --- the eval command in this process, torch references ------------------------------------
 
+
 def make_hf_folder(cfg, folder, seed=1):
   """Save a random tiny LlamaForCausalLM (float32) and return the torch model."""
   from hf_reference import save_hf_model
+
   return save_hf_model(cfg, folder, seed=seed)
 
 
@@ -240,6 +285,7 @@ def run_cli(capsys, *args: str) -> dict:
   The flags live in a private ``FlagValues``, so nothing is defined on absl's global set.
   """
   from astrollama_jax.eval import __main__ as cli
+
   fv = flags.FlagValues()
   cli.define_flags(fv)
   argv = fv(["eval", "--noprogress", *args])
@@ -252,6 +298,7 @@ def run_cli(capsys, *args: str) -> dict:
 def torch_token_logprobs(model, ids) -> np.ndarray:
   """log p(ids[t] | ids[:t]) for t >= 1 with one plain forward pass (float64 result)."""
   import torch
+
   with torch.no_grad():
     logits = model(input_ids=torch.tensor([ids])).logits[0].double()
   lp = torch.log_softmax(logits, -1)[:-1].gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
@@ -261,13 +308,13 @@ def torch_token_logprobs(model, ids) -> np.ndarray:
 def torch_logprobs_given(model, context, target) -> np.ndarray:
   """log p(target | context), token by token, from one forward pass over context + target."""
   full = list(context) + list(target)
-  return torch_token_logprobs(model, full)[len(context) - 1:]
-
+  return torch_token_logprobs(model, full)[len(context) - 1 :]
 
 
 # --- Meta's download layout ----------------------------------------------------------------
 
-def _meta_from_hf(w: "torch.Tensor", n_heads: int) -> "torch.Tensor":  # noqa: F821
+
+def _meta_from_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:  # noqa: F821
   """Undo HF's q/k permutation: half-split rotary rows -> Meta's interleaved pairs."""
   rows, cols = w.shape
   return w.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
@@ -276,17 +323,27 @@ def _meta_from_hf(w: "torch.Tensor", n_heads: int) -> "torch.Tensor":  # noqa: F
 def write_meta_checkpoint(model, cfg, folder, mp: int, dtype=None, tokenizer_path=None):
   """Meta's download layout: params.json + consolidated.NN.pth, one file per model-parallel rank."""
   import torch
+
   dtype = dtype or torch.float32
   os.makedirs(folder, exist_ok=True)
   sd = {k: v.detach().to(dtype) for k, v in model.state_dict().items()}
-  full = {"tok_embeddings.weight": (sd["model.embed_tokens.weight"], 1),
-          "norm.weight": (sd["model.norm.weight"], None),
-          "output.weight": (sd["lm_head.weight"], 0)}
+  full = {
+    "tok_embeddings.weight": (sd["model.embed_tokens.weight"], 1),
+    "norm.weight": (sd["model.norm.weight"], None),
+    "output.weight": (sd["lm_head.weight"], 0),
+  }
   for i in range(cfg.n_layers):
     p, m = f"model.layers.{i}.", f"layers.{i}."
-    full.update({
-        m + "attention.wq.weight": (_meta_from_hf(sd[p + "self_attn.q_proj.weight"], cfg.n_heads), 0),
-        m + "attention.wk.weight": (_meta_from_hf(sd[p + "self_attn.k_proj.weight"], cfg.n_kv_heads), 0),
+    full.update(
+      {
+        m + "attention.wq.weight": (
+          _meta_from_hf(sd[p + "self_attn.q_proj.weight"], cfg.n_heads),
+          0,
+        ),
+        m + "attention.wk.weight": (
+          _meta_from_hf(sd[p + "self_attn.k_proj.weight"], cfg.n_kv_heads),
+          0,
+        ),
         m + "attention.wv.weight": (sd[p + "self_attn.v_proj.weight"], 0),
         m + "attention.wo.weight": (sd[p + "self_attn.o_proj.weight"], 1),
         m + "feed_forward.w1.weight": (sd[p + "mlp.gate_proj.weight"], 0),
@@ -294,15 +351,25 @@ def write_meta_checkpoint(model, cfg, folder, mp: int, dtype=None, tokenizer_pat
         m + "feed_forward.w2.weight": (sd[p + "mlp.down_proj.weight"], 1),
         m + "attention_norm.weight": (sd[p + "input_layernorm.weight"], None),
         m + "ffn_norm.weight": (sd[p + "post_attention_layernorm.weight"], None),
-    })
+      }
+    )
   for rank in range(mp):
-    shard = {name: (t if axis is None else t.chunk(mp, dim=axis)[rank]).clone()
-             for name, (t, axis) in full.items()}
+    shard = {
+      name: (t if axis is None else t.chunk(mp, dim=axis)[rank]).clone()
+      for name, (t, axis) in full.items()
+    }
     shard["rope.freqs"] = torch.ones(cfg.head_dim // 2, dtype=dtype)
     torch.save(shard, os.path.join(folder, f"consolidated.{rank:02d}.pth"))
   # multiple_of / ffn_dim_multiplier chosen so Meta's formula gives the tiny presets' ffn_dim.
-  params = {"dim": cfg.dim, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads, "multiple_of": 128,
-            "ffn_dim_multiplier": 0.75, "norm_eps": cfg.norm_eps, "vocab_size": -1}
+  params = {
+    "dim": cfg.dim,
+    "n_layers": cfg.n_layers,
+    "n_heads": cfg.n_heads,
+    "multiple_of": 128,
+    "ffn_dim_multiplier": 0.75,
+    "norm_eps": cfg.norm_eps,
+    "vocab_size": -1,
+  }
   if cfg.n_kv_heads != cfg.n_heads:
     params["n_kv_heads"] = cfg.n_kv_heads
   with open(os.path.join(folder, "params.json"), "w") as f:
@@ -313,6 +380,7 @@ def write_meta_checkpoint(model, cfg, folder, mp: int, dtype=None, tokenizer_pat
 
 
 # --- loopback ports ------------------------------------------------------------------------
+
 
 def free_port() -> int:
   with socket.socket() as s:
@@ -328,6 +396,7 @@ NEW = 16  # answer tokens in every test: one compiled answer bucket
 def make_chat_hf_folder(folder, tokenizer_path):
   """A random tiny LLaMA saved as an HF folder with the LLaMA-2 tokenizer and chat template."""
   from hf_reference import TINY_GQA, save_hf_model
+
   model = save_hf_model(TINY_GQA, folder, seed=1)
   write_hf_tokenizer_files(folder, tokenizer_path)
   return model
@@ -340,20 +409,45 @@ def load(folder):
 
 
 @contextlib.contextmanager
-def running(model, *, start: bool = True, generate_fn=generate, feedback=None, api_key=None,
-            max_queue: int = 64, max_batch: int = 8, max_body_bytes: int = 1 << 20):
+def running(
+  model,
+  *,
+  start: bool = True,
+  generate_fn=generate,
+  feedback=None,
+  api_key=None,
+  max_queue: int = 64,
+  max_batch: int = 8,
+  max_body_bytes: int = 1 << 20,
+):
   """(server, batcher): a server on a free loopback port, in this process, stopped afterwards."""
   loaded, tok, mesh = model
-  batcher = Batcher(loaded.cfg, loaded.params, tok, mesh=mesh, max_batch=max_batch,
-                    max_queue=max_queue, generate_fn=generate_fn)
+  batcher = Batcher(
+    loaded.cfg,
+    loaded.params,
+    tok,
+    mesh=mesh,
+    max_batch=max_batch,
+    max_queue=max_queue,
+    generate_fn=generate_fn,
+  )
   if start:
     batcher.start()
-  app = App(batcher, tok, model="tiny-chat", checkpoint="tiny-chat-checkpoint",
-            max_seq_len=loaded.cfg.max_seq_len, feedback=feedback, api_key=api_key,
-            max_body_bytes=max_body_bytes, default_max_tokens=NEW)
+  app = App(
+    batcher,
+    tok,
+    model="tiny-chat",
+    checkpoint="tiny-chat-checkpoint",
+    max_seq_len=loaded.cfg.max_seq_len,
+    feedback=feedback,
+    api_key=api_key,
+    max_body_bytes=max_body_bytes,
+    default_max_tokens=NEW,
+  )
   server = Server(app, "127.0.0.1", 0)
-  thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
-                            daemon=True)
+  thread = threading.Thread(
+    target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+  )
   thread.start()
   try:
     yield server, batcher
@@ -366,23 +460,39 @@ def running(model, *, start: bool = True, generate_fn=generate, feedback=None, a
 
 def client(server, **kw):
   import openai
-  return openai.OpenAI(base_url=server.url + "/v1", api_key=kw.pop("api_key", "unused"),
-                       max_retries=0, timeout=120, **kw)
+
+  return openai.OpenAI(
+    base_url=server.url + "/v1",
+    api_key=kw.pop("api_key", "unused"),
+    max_retries=0,
+    timeout=120,
+    **kw,
+  )
 
 
-
-def start_cli(*args: str, env_extra: dict[str, str] | None = None,
-              log_path=None) -> subprocess.Popen:
+def start_cli(
+  *args: str, env_extra: dict[str, str] | None = None, log_path=None
+) -> subprocess.Popen:
   """``python -m astrollama_jax.serve ARGS`` in the background (stderr to ``log_path``)."""
-  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5", **(env_extra or {}))
+  env = dict(
+    os.environ,
+    JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5",
+    **(env_extra or {}),
+  )
   log = open(log_path, "wb") if log_path else subprocess.DEVNULL
-  return subprocess.Popen([sys.executable, "-m", "astrollama_jax.serve", *args], cwd=REPO, env=env,
-                          stdout=subprocess.PIPE, stderr=log)
+  return subprocess.Popen(
+    [sys.executable, "-m", "astrollama_jax.serve", *args],
+    cwd=REPO,
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=log,
+  )
 
 
-def wait_ready(url: str, proc: subprocess.Popen, headers: dict[str, str] | None = None,
-               timeout: float = 240) -> None:
+def wait_ready(
+  url: str, proc: subprocess.Popen, headers: dict[str, str] | None = None, timeout: float = 240
+) -> None:
   """Poll ``url`` until it answers 200 (bounded), failing early if the process died."""
   end = time.time() + timeout
   while time.time() < end:
@@ -399,12 +509,18 @@ def wait_ready(url: str, proc: subprocess.Popen, headers: dict[str, str] | None 
   raise AssertionError(f"{url} not ready after {timeout} s")
 
 
-def post(url: str, body, headers: dict[str, str] | None = None, raw: bytes | None = None,
-         content_type: str = "application/json") -> tuple[int, dict]:
+def post(
+  url: str,
+  body,
+  headers: dict[str, str] | None = None,
+  raw: bytes | None = None,
+  content_type: str = "application/json",
+) -> tuple[int, dict]:
   """POST JSON (or ``raw`` bytes); (status, decoded JSON body) for any status."""
   data = raw if raw is not None else json.dumps(body).encode()
-  req = urllib.request.Request(url, data=data, method="POST",
-                               headers={"Content-Type": content_type, **(headers or {})})
+  req = urllib.request.Request(
+    url, data=data, method="POST", headers={"Content-Type": content_type, **(headers or {})}
+  )
   try:
     with urllib.request.urlopen(req, timeout=120) as r:
       return r.status, json.loads(r.read())

@@ -3,11 +3,11 @@
 import contextlib
 import io
 
+from helpers import run_cli
 import matplotlib.image
 import pytest
 
 from astrollama_jax.eval import common
-from helpers import run_cli
 
 
 def _result(out_dir, task, label, metrics):
@@ -19,23 +19,38 @@ def _result(out_dir, task, label, metrics):
 def runs(tmp_path):
   """base and cpt: a directory each with perplexity + mcq results; sft: one mcq file only."""
   for label, ppl, acc in (("base", 12.5, 0.25), ("cpt", 9.75, 0.375)):
-    _result(tmp_path / label, "perplexity", label,
-            {"ppl": ppl, "ppl_lo": ppl - 0.5, "ppl_hi": ppl + 0.5, "nll": 2.5})
-    _result(tmp_path / label, "mcq", label,
-            {"acc/letter": acc, "acc/letter/lo": acc - 0.125, "acc/letter/hi": acc + 0.125})
-  _result(tmp_path / "sft", "mcq", "sft", {"acc/letter": 0.5, "acc/letter/lo": 0.375,
-                                           "acc/letter/hi": 0.625})
+    _result(
+      tmp_path / label,
+      "perplexity",
+      label,
+      {"ppl": ppl, "ppl_lo": ppl - 0.5, "ppl_hi": ppl + 0.5, "nll": 2.5},
+    )
+    _result(
+      tmp_path / label,
+      "mcq",
+      label,
+      {"acc/letter": acc, "acc/letter/lo": acc - 0.125, "acc/letter/hi": acc + 0.125},
+    )
+  _result(
+    tmp_path / "sft",
+    "mcq",
+    "sft",
+    {"acc/letter": 0.5, "acc/letter/lo": 0.375, "acc/letter/hi": 0.625},
+  )
   return tmp_path
 
 
 def test_compare_writes_table_and_chart(runs, capsys):
   out = runs / "cmp" / "base_cpt_sft"
-  summary = run_cli(capsys, f"--compare={runs / 'base'},{runs / 'cpt'},"
-                            f"{runs / 'sft' / 'mcq.json'}", f"--compare_out={out}")
+  summary = run_cli(
+    capsys,
+    f"--compare={runs / 'base'},{runs / 'cpt'},{runs / 'sft' / 'mcq.json'}",
+    f"--compare_out={out}",
+  )
   assert summary["runs"] == ["base", "cpt", "sft"]
   md = (runs / "cmp" / "base_cpt_sft.md").read_text().splitlines()
   assert md[0] == "| metric | base | cpt | sft |"
-  rows = {l.split("|")[1].strip(): [c.strip() for c in l.split("|")[2:-1]] for l in md[2:]}
+  rows = {r.split("|")[1].strip(): [c.strip() for c in r.split("|")[2:-1]] for r in md[2:]}
   assert set(rows) == {"ppl", "nll", "acc/letter"}  # interval bounds are not rows
   assert rows["ppl"] == ["12.5 [12, 13]", "9.75 [9.25, 10.25]", "–"]
   assert rows["acc/letter"] == ["0.25 [0.125, 0.375]", "0.375 [0.25, 0.5]", "0.5 [0.375, 0.625]"]

@@ -10,6 +10,8 @@ import os
 import subprocess
 import sys
 
+from helpers import write_meta_checkpoint
+from hf_reference import TINY, TINY_GQA, hf_logits, make_hf_model
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,18 +21,12 @@ import torch
 from astrollama_jax import checkpoints
 from astrollama_jax.convert import meta
 from astrollama_jax.convert.__main__ import convert
-from astrollama_jax.formats.mapping import ConversionError
 from astrollama_jax.data.tokenizer import Tokenizer
+from astrollama_jax.formats.mapping import ConversionError
 from astrollama_jax.model import llama
 from astrollama_jax.model.config import get_config
-from hf_reference import TINY, TINY_GQA, hf_logits, make_hf_model
-from helpers import write_meta_checkpoint
 
 TINY_70B = get_config("tiny_70b_shape", compute_dtype="float32")
-
-
-
-
 
 
 def _ids(tokenizer_path, abstracts, n=2, length=48):
@@ -61,7 +57,9 @@ def test_meta_logits_match_hf(converted, tokenizer_path, abstracts):
     assert getattr(loaded.cfg, field) == getattr(cfg, field), field
   assert loaded.cfg.param_dtype == "float32"
   ids = _ids(tokenizer_path, abstracts)
-  ours, _ = llama.apply(loaded.cfg.replace(compute_dtype="float32"), loaded.params, jnp.asarray(ids))
+  ours, _ = llama.apply(
+    loaded.cfg.replace(compute_dtype="float32"), loaded.params, jnp.asarray(ids)
+  )
   np.testing.assert_allclose(np.asarray(ours), hf_logits(model, ids), atol=1e-4, rtol=0)
 
 
@@ -82,26 +80,35 @@ def test_bfloat16_shards_convert_exactly(tmp_path, tokenizer_path):
     np.testing.assert_array_equal(x.view(np.uint16), y.view(np.uint16))
 
 
-@pytest.mark.parametrize("params_json,ffn", [
-    ({"dim": 4096, "multiple_of": 256}, 11008),                             # 7B
-    ({"dim": 5120, "multiple_of": 256}, 13824),                             # 13B
+@pytest.mark.parametrize(
+  "params_json,ffn",
+  [
+    ({"dim": 4096, "multiple_of": 256}, 11008),  # 7B
+    ({"dim": 5120, "multiple_of": 256}, 13824),  # 13B
     ({"dim": 8192, "multiple_of": 4096, "ffn_dim_multiplier": 1.3}, 28672),  # 70B
-])
+  ],
+)
 def test_ffn_dim_formula_matches_published_shapes(params_json, ffn):
-  assert meta.ffn_dim_from_params(params_json["dim"], params_json["multiple_of"],
-                                  params_json.get("ffn_dim_multiplier")) == ffn
+  assert (
+    meta.ffn_dim_from_params(
+      params_json["dim"], params_json["multiple_of"], params_json.get("ffn_dim_multiplier")
+    )
+    == ffn
+  )
 
 
 @pytest.fixture(scope="module")
 def meta8(tmp_path_factory, tokenizer_path):
   """A 70B-shaped tiny Meta checkpoint over 8 files, to break in the error tests (copied first)."""
   root = tmp_path_factory.mktemp("meta8")
-  return write_meta_checkpoint(make_hf_model(TINY_70B, seed=3), TINY_70B, str(root / "src"), 8,
-                               tokenizer_path=tokenizer_path)
+  return write_meta_checkpoint(
+    make_hf_model(TINY_70B, seed=3), TINY_70B, str(root / "src"), 8, tokenizer_path=tokenizer_path
+  )
 
 
 def _broken(meta8, tmp_path):
   import shutil
+
   dst = str(tmp_path / "broken")
   shutil.copytree(meta8, dst, symlinks=True)
   return dst
@@ -124,9 +131,13 @@ def test_missing_middle_shard_is_named(meta8, tmp_path):
 def test_missing_last_shard_names_file_tensor_and_shapes(meta8, tmp_path):
   src = _broken(meta8, tmp_path)
   os.remove(os.path.join(src, "consolidated.07.pth"))
-  _fails(src, tmp_path, r"tensor 'tok_embeddings\.weight': the 7 model-parallel shard\(s\) \['consolidated\.00\.pth'"
-                        r".* have shapes \[\(32000, 16\), .*merged on dim 1 that is \(32000, 112\), but "
-                        r"params\.json implies \(32000, 128\)")
+  _fails(
+    src,
+    tmp_path,
+    r"tensor 'tok_embeddings\.weight': the 7 model-parallel shard\(s\) \['consolidated\.00\.pth'"
+    r".* have shapes \[\(32000, 16\), .*merged on dim 1 that is \(32000, 112\), but "
+    r"params\.json implies \(32000, 128\)",
+  )
 
 
 def test_params_json_that_does_not_match_the_tensors(meta8, tmp_path):
@@ -134,8 +145,12 @@ def test_params_json_that_does_not_match_the_tensors(meta8, tmp_path):
   p = json.load(open(os.path.join(src, "params.json")))
   p["n_kv_heads"] = 4
   json.dump(p, open(os.path.join(src, "params.json"), "w"))
-  _fails(src, tmp_path, r"tensor 'layers\.0\.attention\.wk\.weight': .* have shapes \[\(8, 128\), .*"
-                        r"that is \(64, 128\), but params\.json implies \(32, 128\)")
+  _fails(
+    src,
+    tmp_path,
+    r"tensor 'layers\.0\.attention\.wk\.weight': .* have shapes \[\(8, 128\), .*"
+    r"that is \(64, 128\), but params\.json implies \(32, 128\)",
+  )
 
 
 def test_params_json_with_too_few_layers_is_refused(meta8, tmp_path):
@@ -143,8 +158,12 @@ def test_params_json_with_too_few_layers_is_refused(meta8, tmp_path):
   p = json.load(open(os.path.join(src, "params.json")))
   p["n_layers"] = 1
   json.dump(p, open(os.path.join(src, "params.json"), "w"))
-  _fails(src, tmp_path, r"consolidated\.00\.pth: tensor 'layers\.1\..*' belongs to layer 1 but params\.json "
-                        r"has n_layers=1")
+  _fails(
+    src,
+    tmp_path,
+    r"consolidated\.00\.pth: tensor 'layers\.1\..*' belongs to layer 1 but params\.json "
+    r"has n_layers=1",
+  )
 
 
 def test_truncated_shard_names_the_file(meta8, tmp_path):
@@ -152,7 +171,7 @@ def test_truncated_shard_names_the_file(meta8, tmp_path):
   fn = os.path.join(src, "consolidated.05.pth")
   data = open(fn, "rb").read()
   with open(fn, "wb") as f:
-    f.write(data[:len(data) // 2])
+    f.write(data[: len(data) // 2])
   _fails(src, tmp_path, r"cannot read Meta shard .*consolidated\.05\.pth")
 
 
@@ -184,26 +203,52 @@ def test_interrupted_conversion_leaves_no_complete_looking_folder(meta8, tmp_pat
 def test_convert_command_line(meta8, tmp_path):
   out = tmp_path / "cli"
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  proc = subprocess.run([sys.executable, "-m", "astrollama_jax.convert", "--source_format=meta",
-                         f"--source={meta8}", f"--output={out}", "--dtype=bfloat16"],
-                        capture_output=True, text=True, env=env, timeout=300)
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "astrollama_jax.convert",
+      "--source_format=meta",
+      f"--source={meta8}",
+      f"--output={out}",
+      "--dtype=bfloat16",
+    ],
+    capture_output=True,
+    text=True,
+    env=env,
+    timeout=300,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   summary = json.loads(proc.stdout.strip().splitlines()[-1])
   assert summary["tensors"] == 9 * TINY_70B.n_layers + 3 and summary["shards"] == 8
   assert summary["dtype"] == "bfloat16" and summary["peak_rss_bytes"] > 0
   assert summary["bytes"] == 2 * TINY_70B.num_params()
   assert "tensor" in proc.stderr  # the per-tensor progress bar
-  bad = subprocess.run([sys.executable, "-m", "astrollama_jax.convert", "--source_format=meta",
-                        f"--source={meta8}", f"--output={tmp_path / 'bad'}", "--dtype=int4"],
-                       capture_output=True, text=True, env=env, timeout=300)
+  bad = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "astrollama_jax.convert",
+      "--source_format=meta",
+      f"--source={meta8}",
+      f"--output={tmp_path / 'bad'}",
+      "--dtype=int4",
+    ],
+    capture_output=True,
+    text=True,
+    env=env,
+    timeout=300,
+  )
   assert bad.returncode != 0 and "unknown dtype 'int4'" in bad.stderr
 
 
 @pytest.mark.parametrize("shape", [(1, 8, 1), (1, 4, 2)], ids=["fsdp8", "fsdp4_tp2"])
-def test_converted_checkpoint_restores_onto_meshes(meta8, tmp_path, tokenizer_path, abstracts, shape,
-                                                   monkeypatch):
+def test_converted_checkpoint_restores_onto_meshes(
+  meta8, tmp_path, tokenizer_path, abstracts, shape, monkeypatch
+):
   """Small chunks, so every device reads only the chunks of its own shard."""
   from astrollama_jax import sharding
+
   monkeypatch.setattr(checkpoints, "CHUNK_BYTES", 64 * 1024)
   out = convert("meta", meta8, str(tmp_path / "out"), show_progress=False)["output"]
   meta_tree = checkpoints.stored_metadata(os.path.join(out, "params"))
@@ -214,7 +259,9 @@ def test_converted_checkpoint_restores_onto_meshes(meta8, tmp_path, tokenizer_pa
   ref, _ = llama.apply(cfg, checkpoints.load_model(out).params, jnp.asarray(ids))
   mesh = sharding.make_mesh(shape)
   loaded = checkpoints.load_model(out, mesh=mesh)
-  for arr, sh in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(llama.param_shardings(cfg, mesh))):
+  for arr, sh in zip(
+    jax.tree.leaves(loaded.params), jax.tree.leaves(llama.param_shardings(cfg, mesh))
+  ):
     assert arr.sharding.is_equivalent_to(sh, arr.ndim)
     assert all(s.data.shape == sh.shard_shape(arr.shape) for s in arr.addressable_shards)
   with jax.set_mesh(mesh):

@@ -8,8 +8,10 @@ import pytest
 from astrollama_jax.eval import common, scoring, stats
 
 
-@pytest.mark.parametrize("n,max_len,stride", [(2, 8, 4), (9, 8, 4), (10, 8, 4), (37, 8, 3),
-                                              (37, 8, 8), (37, 8, 1), (100, 16, 16)])
+@pytest.mark.parametrize(
+  "n,max_len,stride",
+  [(2, 8, 4), (9, 8, 4), (10, 8, 4), (37, 8, 3), (37, 8, 8), (37, 8, 1), (100, 16, 16)],
+)
 def test_windows_score_every_token_once_with_enough_context(n, max_len, stride):
   ids = list(range(100, 100 + n))
   reqs = scoring.window_requests(ids, max_len, stride)
@@ -19,7 +21,7 @@ def test_windows_score_every_token_once_with_enough_context(n, max_len, stride):
     assert len(r.context) + len(r.target) - 1 <= max_len  # fits one row of inputs
     # context and target are a contiguous slice of the document
     start = ids.index(r.context[0])
-    assert list(r.context) + list(r.target) == ids[start:start + len(r.context) + len(r.target)]
+    assert list(r.context) + list(r.target) == ids[start : start + len(r.context) + len(r.target)]
     if k > 0:
       assert len(r.context) >= max_len - stride + 1 and len(r.target) <= stride
 

@@ -3,39 +3,58 @@
 import subprocess
 import sys
 
+from helpers import (
+  EVERY,
+  REPO,
+  STEPS,
+  TINY_MODEL,
+  assert_same_losses_and_end_state,
+  kill_and_resume,
+  records,
+  train_cmd,
+)
 import pytest
 
-from helpers import REPO, TINY_MODEL, records, train_cmd
-from helpers import assert_same_losses_and_end_state, EVERY, kill_and_resume, STEPS
-
-RUN = [*TINY_MODEL, "--config.data.seq_len=64", "--config.train.global_batch_size=4",
-       f"--config.train.num_steps={STEPS}", f"--config.checkpoint.every={EVERY}",
-       "--config.checkpoint.keep=10", "--config.log.every=1",
-       "--config.log.batch_hashes=True", "--config.eval.every=0",
-       "--config.eval.at_start=False", "--config.eval.at_end=False",
-       "--config.loss.chunk_size=0"]
+RUN = [
+  *TINY_MODEL,
+  "--config.data.seq_len=64",
+  "--config.train.global_batch_size=4",
+  f"--config.train.num_steps={STEPS}",
+  f"--config.checkpoint.every={EVERY}",
+  "--config.checkpoint.keep=10",
+  "--config.log.every=1",
+  "--config.log.batch_hashes=True",
+  "--config.eval.every=0",
+  "--config.eval.at_start=False",
+  "--config.eval.at_end=False",
+  "--config.loss.chunk_size=0",
+]
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory, tokenizer_path):
   out = tmp_path_factory.mktemp("corpus")
-  subprocess.run([sys.executable, "-m", "astrollama_jax.prepare", "--source=data/demo_corpus",
-                  f"--output={out}", "--validation_fraction=0.15"], cwd=REPO, check=True,
-                 capture_output=True, timeout=120)
+  subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "astrollama_jax.prepare",
+      "--source=data/demo_corpus",
+      f"--output={out}",
+      "--validation_fraction=0.15",
+    ],
+    cwd=REPO,
+    check=True,
+    capture_output=True,
+    timeout=120,
+  )
   return [f"--config.data.lm.path={out}", f"--config.data.tokenizer_path={tokenizer_path}"]
-
-
-
-
-
-
-
-
 
 
 def test_kill9_and_resume_is_bit_identical(tmp_path, corpus):
   whole, broken, summary, killed_after = kill_and_resume(
-      tmp_path, lambda workdir: train_cmd(workdir, *RUN, *corpus), STEPS - 2)
+    tmp_path, lambda workdir: train_cmd(workdir, *RUN, *corpus), STEPS - 2
+  )
   assert EVERY <= summary["resumed_from"] <= killed_after, summary
   assert summary["final_step"] == STEPS
 

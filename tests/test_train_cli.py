@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from helpers import SYNTHETIC, finish, records, start, tail, train_cmd
 
-
-# --- tests ------------------------------------------------------------------------------------------
+# --- tests ---------------------------------------------------------------------------------
 
 
 def test_sigterm_saves_and_a_corrupt_latest_checkpoint_falls_back(tmp_path):
   import signal
   import time
+
   workdir, log = tmp_path / "run", tmp_path / "run.log"
   proc = start(train_cmd(workdir, *SYNTHETIC, "--config.train.num_steps=200"), 1, log)
   try:
@@ -20,6 +20,7 @@ def test_sigterm_saves_and_a_corrupt_latest_checkpoint_falls_back(tmp_path):
       time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     from astrollama_jax.train import exit_codes
+
     summary = finish(proc, log, timeout=120, rc=exit_codes.PREEMPTED)  # stopped early, saved
   finally:
     if proc.poll() is None:
@@ -27,22 +28,29 @@ def test_sigterm_saves_and_a_corrupt_latest_checkpoint_falls_back(tmp_path):
   stopped = summary["final_step"]
   assert summary["preempted"] and 4 <= stopped < 200
   ckpt = workdir / "checkpoints"
-  assert (ckpt / str(stopped)).is_dir(), "preemption must leave a checkpoint of the step it stopped at"
+  assert (ckpt / str(stopped)).is_dir(), (
+    "preemption must leave a checkpoint of the step it stopped at"
+  )
   assert any(r.get("event") == "preempted" for r in records(workdir, "event"))
 
-  # Damage the newest checkpoint: the restart reports it, sets it aside and resumes from the one before.
+  # Damage the newest checkpoint: the restart reports it, sets it aside, resumes from the last.
   for f in (ckpt / str(stopped) / "params").rglob("*"):
     if f.is_file():
       f.write_bytes(b"garbage")
   previous = max(int(p.name) for p in ckpt.iterdir() if p.name.isdigit() and int(p.name) < stopped)
-  summary = finish(start(train_cmd(workdir, *SYNTHETIC, f"--config.train.num_steps={stopped + 2}"), 1, log), log)
+  summary = finish(
+    start(train_cmd(workdir, *SYNTHETIC, f"--config.train.num_steps={stopped + 2}"), 1, log), log
+  )
   assert summary["resumed_from"] == previous and summary["final_step"] == stopped + 2
-  assert [p.name.split("-")[0] for p in (workdir / "checkpoints_corrupt").iterdir()] == [str(stopped)]
+  assert [p.name.split("-")[0] for p in (workdir / "checkpoints_corrupt").iterdir()] == [
+    str(stopped)
+  ]
   assert f"checkpoints/{stopped} cannot be restored" in tail(log, 200_000)
 
 
 def test_config_errors_name_the_setting(tmp_path):
   import pytest
+
   from astrollama_jax.model.config import get_config
   from astrollama_jax.train import setup
   from astrollama_jax.train.defaults import base_config
@@ -54,11 +62,15 @@ def test_config_errors_name_the_setting(tmp_path):
     setup.check_compatible(get_config("tiny"), config, None)
   config.data.seq_len = 64
   config.train.global_batch_size, config.train.grad_accum_steps = 6, 4
-  with pytest.raises(ValueError, match="global_batch_size 6 is not divisible by train.grad_accum_steps 4"):
+  with pytest.raises(
+    ValueError, match="global_batch_size 6 is not divisible by train.grad_accum_steps 4"
+  ):
     setup.check_compatible(get_config("tiny"), config, None)
 
   config.train.global_batch_size, config.train.grad_accum_steps = 160, 10
-  with pytest.raises(ValueError, match=r"micro-batch .* = 16 rows cannot be split over the 32 batch shards"):
+  with pytest.raises(
+    ValueError, match=r"micro-batch .* = 16 rows cannot be split over the 32 batch shards"
+  ):
     setup.check_batch_layout(config, {"data": 1, "fsdp": 32, "tensor": 1})
   setup.check_batch_layout(config, {"data": 2, "fsdp": 8, "tensor": 4})
 
@@ -76,8 +88,17 @@ def test_config_errors_name_the_setting(tmp_path):
 def test_too_many_nonfinite_steps_in_a_row_stop_the_run(tmp_path):
   # A NaN learning rate makes the first update NaN; every later loss is NaN and skipped.
   workdir, log = tmp_path / "nan", tmp_path / "nan.log"
-  proc = start(train_cmd(workdir, *SYNTHETIC, "--config.train.num_steps=50", "--config.schedule.learning_rate=nan",
-                         "--config.train.max_consecutive_nonfinite=3"), 1, log)
+  proc = start(
+    train_cmd(
+      workdir,
+      *SYNTHETIC,
+      "--config.train.num_steps=50",
+      "--config.schedule.learning_rate=nan",
+      "--config.train.max_consecutive_nonfinite=3",
+    ),
+    1,
+    log,
+  )
   assert proc.wait(timeout=240) == 3, tail(log)
   assert "3 consecutive steps with a non-finite loss or gradient up to step 4" in tail(log)
   skipped = [r["skipped"] for r in records(workdir, "train")]
@@ -86,15 +107,29 @@ def test_too_many_nonfinite_steps_in_a_row_stop_the_run(tmp_path):
 
 def test_training_starts_from_an_hf_folder(tmp_path):
   """``init_checkpoint`` may be an HF folder: its architecture and weights start the run."""
+  from hf_reference import save_hf_model
+
   from astrollama_jax import checkpoints
   from astrollama_jax.model.config import LlamaConfig
-  from hf_reference import save_hf_model
-  cfg = LlamaConfig(vocab_size=1024, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128,
-                    max_seq_len=64)
+
+  cfg = LlamaConfig(
+    vocab_size=1024, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=64
+  )
   save_hf_model(cfg, tmp_path / "hf", seed=3)
   workdir, log = tmp_path / "run", tmp_path / "run.log"
-  summary = finish(start(train_cmd(workdir, *SYNTHETIC, "--config.train.num_steps=2",
-                                   f"--config.init_checkpoint={tmp_path / 'hf'}"), 1, log), log)
+  summary = finish(
+    start(
+      train_cmd(
+        workdir,
+        *SYNTHETIC,
+        "--config.train.num_steps=2",
+        f"--config.init_checkpoint={tmp_path / 'hf'}",
+      ),
+      1,
+      log,
+    ),
+    log,
+  )
   assert summary["final_step"] == 2
   assert "initialised from" in tail(log, 100_000)
   assert checkpoints.read_model_config(str(workdir)).dim == 64

@@ -42,6 +42,7 @@ Decisions, so that the same inputs always give the same bytes:
 from __future__ import annotations
 
 import collections
+from collections.abc import Iterable, Iterator, Sequence
 import contextlib
 import dataclasses
 import fnmatch
@@ -50,11 +51,10 @@ import hashlib
 import json
 import multiprocessing
 import os
+from pathlib import Path
 import re
 import shutil
 import tempfile
-from pathlib import Path
-from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -72,12 +72,16 @@ RECORD_KEYS = "record_keys.npz"
 UNITS = "units.json"
 WORK_DIR = ".astro_corpus-work"
 REFERENCE_RETENTION = 0.90  # share of papers the AstroLLaMA recipe keeps from astro-ph
-RESULT_FORMAT = 2           # part of every unit's result key: bump when results change shape
+RESULT_FORMAT = 2  # part of every unit's result key: bump when results change shape
 # Licences one may redistribute a derived corpus under (``--licenses=redistributable``).
-LICENSE_ALIASES = {"redistributable": ("*creativecommons.org/licenses/by/*",
-                                       "*creativecommons.org/licenses/by-sa/*",
-                                       "*creativecommons.org/publicdomain/zero/*",
-                                       "*arxiv.org/licenses/assumed-1991-2003/*")}
+LICENSE_ALIASES = {
+  "redistributable": (
+    "*creativecommons.org/licenses/by/*",
+    "*creativecommons.org/licenses/by-sa/*",
+    "*creativecommons.org/publicdomain/zero/*",
+    "*arxiv.org/licenses/assumed-1991-2003/*",
+  )
+}
 _NEW_ID_RE = re.compile(r"^(\d{2})(\d{2})\.\d{4,5}$")
 _OLD_ID_RE = re.compile(r"^[a-z-]+(?:\.[A-Z]{2})?/(\d{2})(\d{2})\d{3}$")
 _DATE_RE = re.compile(r"^\d{4}(-(0[1-9]|1[0-2])(-(0[1-9]|[12]\d|3[01]))?)?$")
@@ -86,36 +90,38 @@ _DATE_RE = re.compile(r"^\d{4}(-(0[1-9]|1[0-2])(-(0[1-9]|[12]\d|3[01]))?)?$")
 @dataclasses.dataclass
 class CorpusConfig:
   """What to build from: see the module docstring for the rules."""
+
   sources: Sequence[str]
   categories: Sequence[str] = ("astro-ph*",)
   validation_fraction: float = 0.05
-  workers: int = 0                 # processes for LaTeX parsing; 0 = in this process
+  workers: int = 0  # processes for LaTeX parsing; 0 = in this process
   timeout_s: float = latex.DEFAULT_TIMEOUT_S
   max_bytes: int = sources.DEFAULT_MAX_BYTES  # cap on one paper's TeX text (figures not counted)
-  licenses: Sequence[str] = ()     # fnmatch patterns on the licence URL (or aliases); () = any
-  since: str = ""                  # keep papers first submitted on/after this date (YYYY[-MM[-DD]])
-  until: str = ""                  # ... and on/before this one
+  licenses: Sequence[str] = ()  # fnmatch patterns on the licence URL (or aliases); () = any
+  since: str = ""  # keep papers first submitted on/after this date (YYYY[-MM[-DD]])
+  until: str = ""  # ... and on/before this one
   progress: bool = True
 
 
 @dataclasses.dataclass
 class Report:
   """Retention: what was seen, kept and skipped (by reason)."""
-  papers_seen: int = 0               # every source entry: LaTeX, PDF only, bad members, ...
+
+  papers_seen: int = 0  # every source entry: LaTeX, PDF only, bad members, ...
   papers_kept: int = 0
   papers_skipped: dict[str, int] = dataclasses.field(default_factory=dict)
   sections_found: dict[str, int] = dataclasses.field(default_factory=dict)
   jsonl_records_seen: int = 0
   jsonl_records_kept: int = 0
   jsonl_skipped: dict[str, int] = dataclasses.field(default_factory=dict)
-  papers_without_metadata: int = 0   # kept: no metadata record names their id
+  papers_without_metadata: int = 0  # kept: no metadata record names their id
   latex_abstracts_replaced: int = 0  # a metadata abstract of the same id was kept instead
   records: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)  # split->section->n
-  units_seen: int = 0                # bulk tars and folders of loose sources
-  units_resumed: int = 0             # parsed by an earlier, interrupted build
-  units_already_in_corpus: int = 0   # update: read by an earlier version, not read again
-  papers_replaced: int = 0           # update: ids whose older records a newer version replaced
-  records_dropped: int = 0           # update: those older records
+  units_seen: int = 0  # bulk tars and folders of loose sources
+  units_resumed: int = 0  # parsed by an earlier, interrupted build
+  units_already_in_corpus: int = 0  # update: read by an earlier version, not read again
+  papers_replaced: int = 0  # update: ids whose older records a newer version replaced
+  records_dropped: int = 0  # update: those older records
 
   @property
   def retention(self) -> float:
@@ -128,20 +134,28 @@ class Report:
       units += f"  ({self.units_resumed} resumed)"
     if self.units_already_in_corpus:
       units += f"  ({self.units_already_in_corpus} already in the corpus)"
-    kept = (f"{self.papers_kept}  ({self.retention:.1%}; the reference recipe keeps "
-            f"~{REFERENCE_RETENTION:.0%})")
-    rows = [("sources (bulk tars, folders)", units),
-            ("papers seen (every source entry)", f"{self.papers_seen}"),
-            ("LaTeX papers kept", kept)]
+    kept = (
+      f"{self.papers_kept}  ({self.retention:.1%}; the reference recipe keeps "
+      f"~{REFERENCE_RETENTION:.0%})"
+    )
+    rows = [
+      ("sources (bulk tars, folders)", units),
+      ("papers seen (every source entry)", f"{self.papers_seen}"),
+      ("LaTeX papers kept", kept),
+    ]
     rows += [(f"  with {name}", f"{self.sections_found.get(name, 0)}") for name in SECTIONS]
-    rows += [(f"  skipped: {reason}", f"{n}  ({n / max(self.papers_seen, 1):.1%})")
-             for reason, n in sorted(self.papers_skipped.items())]
+    rows += [
+      (f"  skipped: {reason}", f"{n}  ({n / max(self.papers_seen, 1):.1%})")
+      for reason, n in sorted(self.papers_skipped.items())
+    ]
     rows.append(("  kept without metadata", f"{self.papers_without_metadata}"))
     if self.papers_replaced or self.records_dropped:
       replaced = f"{self.papers_replaced} papers, {self.records_dropped} records"
       rows.append(("  replaced by a newer version", replaced))
-    rows += [("JSONL records seen", f"{self.jsonl_records_seen}"),
-             ("JSONL abstracts kept", f"{self.jsonl_records_kept}")]
+    rows += [
+      ("JSONL records seen", f"{self.jsonl_records_seen}"),
+      ("JSONL abstracts kept", f"{self.jsonl_records_kept}"),
+    ]
     rows += [(f"  skipped: {reason}", f"{n}") for reason, n in sorted(self.jsonl_skipped.items())]
     for split in SPLITS:
       per = self.records.get(split, {})
@@ -173,8 +187,11 @@ def discover(paths: Iterable[str | os.PathLike]) -> tuple[list[Path], list[Path]
         return
       before = len(jsonl) + len(bundles)
       for child in sorted(p.iterdir()):
-        if (child.is_dir() or child.name.endswith((".jsonl",) + sources.BUNDLE_SUFFIXES)
-            or (child.name.startswith("arxiv-metadata") and child.name.endswith(".json"))):
+        if (
+          child.is_dir()
+          or child.name.endswith((".jsonl",) + sources.BUNDLE_SUFFIXES)
+          or (child.name.startswith("arxiv-metadata") and child.name.endswith(".json"))
+        ):
           visit(child, False)
       if top and len(jsonl) + len(bundles) == before:
         raise ValueError(f"source folder {p} holds no .jsonl file and no LaTeX source")
@@ -185,8 +202,10 @@ def discover(paths: Iterable[str | os.PathLike]) -> tuple[list[Path], list[Path]
     elif sources.is_bundle(p):
       bundles.append(p)
     elif top:
-      raise ValueError(f"source {p} is neither a .jsonl file, a LaTeX source (.gz, .tar.gz, "
-                       ".tgz, .tar, .tex), an arXiv bulk tar nor a folder")
+      raise ValueError(
+        f"source {p} is neither a .jsonl file, a LaTeX source (.gz, .tar.gz, "
+        ".tgz, .tar, .tex), an arXiv bulk tar nor a folder"
+      )
 
   for raw in paths:
     p = Path(raw)
@@ -199,6 +218,7 @@ def discover(paths: Iterable[str | os.PathLike]) -> tuple[list[Path], list[Path]
 @dataclasses.dataclass(frozen=True)
 class Unit:
   """What one result file holds: one bulk tar, or the loose sources of one folder."""
+
   path: str
   bulk: bool
   bundles: tuple[str, ...] = ()
@@ -210,15 +230,19 @@ class Unit:
 
   def fingerprint(self) -> list:
     """Names, sizes and modification times of everything the unit reads."""
+
     def stat(p: str) -> list:
       st = os.lstat(p)
       return [p, st.st_size, st.st_mtime_ns]
+
     if self.bulk:
       return [stat(self.path)]
     out = []
     for b in self.bundles:
       if os.path.isdir(b):
-        out += [stat(os.path.join(r, n)) for r, _, names in sorted(os.walk(b)) for n in sorted(names)]
+        out += [
+          stat(os.path.join(r, n)) for r, _, names in sorted(os.walk(b)) for n in sorted(names)
+        ]
       else:
         out.append(stat(b))
     return out
@@ -290,15 +314,16 @@ def in_dates(date: str, since: str, until: str) -> bool:
     return True
   if not date:
     return False
-  return (not since or date >= since) and (not until or date[:len(until)] <= until)
+  return (not since or date >= since) and (not until or date[: len(until)] <= until)
 
 
 # ----------------------------------------------------------------------------- parse (resumable)
 
 
 def _unit_key(unit: Unit, config: CorpusConfig) -> str:
-  blob = json.dumps([RESULT_FORMAT, unit.bulk, unit.fingerprint(), config.max_bytes,
-                     config.timeout_s])
+  blob = json.dumps(
+    [RESULT_FORMAT, unit.bulk, unit.fingerprint(), config.max_bytes, config.timeout_s]
+  )
   return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
@@ -323,8 +348,9 @@ def _read_results(path: Path) -> Iterator[tuple[dict, str]]:
       yield json.loads(head), texts
 
 
-def parse_units(units: Sequence[Unit], config: CorpusConfig, work: Path,
-                report: Report) -> list[Path]:
+def parse_units(
+  units: Sequence[Unit], config: CorpusConfig, work: Path, report: Report
+) -> list[Path]:
   """The result file of every unit, parsing the units that have none yet (see the module
   docstring); a unit's file is complete or absent, never partial."""
   work.mkdir(parents=True, exist_ok=True)
@@ -333,8 +359,10 @@ def parse_units(units: Sequence[Unit], config: CorpusConfig, work: Path,
   report.units_resumed = len(units) - len(todo)
   if report.units_resumed:
     from absl import logging
-    logging.info("%d of %d sources already parsed by an earlier build", report.units_resumed,
-                 len(units))
+
+    logging.info(
+      "%d of %d sources already parsed by an earlier build", report.units_resumed, len(units)
+    )
   pool = None
   if config.workers > 0 and todo:
     pool = multiprocessing.get_context("spawn").Pool(config.workers)  # no fork of threads
@@ -343,16 +371,28 @@ def parse_units(units: Sequence[Unit], config: CorpusConfig, work: Path,
       for unit, path in todo:
         entries, error = _entries(unit)
         work_items = [(e, config.timeout_s, config.max_bytes) for e in entries]
-        results = (pool.imap(latex.result_record, work_items, chunksize=4) if pool is not None
-                   and len(work_items) > 1 else map(latex.result_record, work_items))
+        results = (
+          pool.imap(latex.result_record, work_items, chunksize=4)
+          if pool is not None and len(work_items) > 1
+          else map(latex.result_record, work_items)
+        )
         tmp = path.with_suffix(".tmp")
         with gzip.open(tmp, "wt", encoding="utf-8", compresslevel=1) as f:
           for r in results:  # imap keeps the order: the file is a function of the unit
             f.write(_result_line(r))
             bar.update()
           if error:  # a cut-off or corrupt bulk tar: what came before stays, the rest is this
-            f.write(_result_line({"id": unit.name, "version": 0, "source": unit.path,
-                                  "reason": "bad_archive", "detail": error}))
+            f.write(
+              _result_line(
+                {
+                  "id": unit.name,
+                  "version": 0,
+                  "source": unit.path,
+                  "reason": "bad_archive",
+                  "detail": error,
+                }
+              )
+            )
         os.replace(tmp, path)
   finally:
     if pool is not None:
@@ -366,15 +406,16 @@ def parse_units(units: Sequence[Unit], config: CorpusConfig, work: Path,
 @dataclasses.dataclass
 class _Meta:
   """The winning metadata record of an id, without its abstract (read again when written)."""
+
   version: int
   updated: str
-  loc: tuple[int, int]     # (file index, line number)
-  verdict: str             # "" (kept) or the skip reason
+  loc: tuple[int, int]  # (file index, line number)
+  verdict: str  # "" (kept) or the skip reason
   title: str
   date: str
   license: str
   has_abstract: bool
-  categories: bool         # it names categories
+  categories: bool  # it names categories
 
 
 class MetaIndex:
@@ -384,8 +425,14 @@ class MetaIndex:
   (``latex_ids``); the abstracts themselves stay in the files (``abstracts`` re-reads them).
   """
 
-  def __init__(self, files: Sequence[Path], config: CorpusConfig, latex_ids: set[str],
-               report: Report, skipped: collections.Counter):
+  def __init__(
+    self,
+    files: Sequence[Path],
+    config: CorpusConfig,
+    latex_ids: set[str],
+    report: Report,
+    skipped: collections.Counter,
+  ):
     self.files = list(files)
     self.by_id: dict[str, _Meta] = {}
     self._licenses = license_patterns(config.licenses)
@@ -412,16 +459,25 @@ class MetaIndex:
       return "date_range"
     return "withdrawn" if rec["withdrawn"] else ""
 
-  def _add(self, pid: str, rec: dict, loc: tuple[int, int], verdict: str,
-           skipped: collections.Counter) -> None:
+  def _add(
+    self, pid: str, rec: dict, loc: tuple[int, int], verdict: str, skipped: collections.Counter
+  ) -> None:
     old = self.by_id.get(pid)
     if old is not None:
       skipped["duplicate_id"] += 1
       if (rec["version"], rec["updated"]) <= (old.version, old.updated):
         return
-    self.by_id[pid] = _Meta(rec["version"], rec["updated"], loc, verdict, rec["title"],
-                            rec["date"], rec["license"], bool(rec["abstract"]),
-                            bool(rec["categories"]))
+    self.by_id[pid] = _Meta(
+      rec["version"],
+      rec["updated"],
+      loc,
+      verdict,
+      rec["title"],
+      rec["date"],
+      rec["license"],
+      bool(rec["abstract"]),
+      bool(rec["categories"]),
+    )
 
   def abstracts(self, wanted: set[str]) -> Iterator[tuple[str, str]]:
     """(id, abstract) of the winning records of ``wanted`` ids, in file order."""
@@ -440,6 +496,7 @@ class MetaIndex:
 @dataclasses.dataclass
 class Stored:
   """What an existing dataset version holds, for an update: its units and record keys."""
+
   ds_dir: Path
   units: list[dict]
   keys: dict[str, dict[str, np.ndarray]]  # split -> {id, section, version, date}
@@ -460,8 +517,12 @@ class Stored:
     return abstract_v | latex_v
 
   def abstract_versions(self) -> dict[str, int]:
-    return {str(p): int(v) for k in self.keys.values()
-            for p, s, v in zip(k["id"], k["section"], k["version"]) if s == "abstract"}
+    return {
+      str(p): int(v)
+      for k in self.keys.values()
+      for p, s, v in zip(k["id"], k["section"], k["version"])
+      if s == "abstract"
+    }
 
 
 # ----------------------------------------------------------------------------- plan
@@ -470,15 +531,16 @@ class Stored:
 @dataclasses.dataclass
 class Plan:
   """Every entry's fate, decided before anything is written."""
+
   config: CorpusConfig
   units: list[Unit]
   results: list[Path]
   meta: MetaIndex
   report: Report
-  winners: dict[str, tuple[int, int, int]]           # id -> (version, unit, line)
+  winners: dict[str, tuple[int, int, int]]  # id -> (version, unit, line)
   decisions: dict[tuple[int, int], tuple[str, str]]  # (unit, line) -> (reason, detail)
-  meta_abstracts: set[str]                           # ids whose abstract comes from metadata
-  dropped: dict[str, np.ndarray]                     # update: stored record indices to drop
+  meta_abstracts: set[str]  # ids whose abstract comes from metadata
+  dropped: dict[str, np.ndarray]  # update: stored record indices to drop
   stored: Stored | None = None
 
   def is_empty(self) -> bool:
@@ -528,8 +590,10 @@ def make_plan(config: CorpusConfig, work: Path, stored: Stored | None = None) ->
       m = meta.by_id.get(pid)
       reason = detail = ""
       if m is not None and m.verdict:
-        reason, detail = m.verdict, ("" if m.verdict != "category" else "not " + ",".join(
-            config.categories))
+        reason, detail = (
+          m.verdict,
+          ("" if m.verdict != "category" else "not " + ",".join(config.categories)),
+        )
       elif m is None and licenses:
         reason, detail = "license", "no metadata names its licence"
       elif m is None and not in_dates(date_from_id(pid), config.since, config.until):
@@ -563,8 +627,12 @@ def make_plan(config: CorpusConfig, work: Path, stored: Stored | None = None) ->
       reason = "no_categories"
     elif not reason and not m.has_abstract:
       reason = "no_abstract"
-    elif (not reason and pid in stored_abstracts and pid not in replaced
-          and m.version <= stored_abstracts[pid]):
+    elif (
+      not reason
+      and pid in stored_abstracts
+      and pid not in replaced
+      and m.version <= stored_abstracts[pid]
+    ):
       reason = "already_in_corpus"
     if reason:
       if reason != "category" or pid in latex_ids:
@@ -572,13 +640,15 @@ def make_plan(config: CorpusConfig, work: Path, stored: Stored | None = None) ->
       continue
     meta_abstracts.add(pid)
   report.jsonl_records_kept = len(meta_abstracts)
-  report.latex_abstracts_replaced = sum(1 for pid, w in winners.items()
-                                        if "abstract" in w[3] and pid in meta_abstracts)
+  report.latex_abstracts_replaced = sum(
+    1 for pid, w in winners.items() if "abstract" in w[3] and pid in meta_abstracts
+  )
   report.jsonl_skipped = {k: v for k, v in jsonl_skip.items() if v}
   counts: dict[str, collections.Counter] = {s: collections.Counter() for s in SPLITS}
   for pid, w in winners.items():
     counts[split_of(pid, config.validation_fraction)].update(
-        n for n in w[3] if not (n == "abstract" and pid in meta_abstracts))
+      n for n in w[3] if not (n == "abstract" and pid in meta_abstracts)
+    )
   for pid in meta_abstracts:
     counts[split_of(pid, config.validation_fraction)]["abstract"] += 1
 
@@ -591,9 +661,18 @@ def make_plan(config: CorpusConfig, work: Path, stored: Stored | None = None) ->
       dropped[split] = np.flatnonzero(drop)
     report.records_dropped = int(sum(len(v) for v in dropped.values()))
   report.records = {s: dict(c) for s, c in counts.items()}
-  return Plan(config, units, results, meta, report,
-              {pid: w[:3] for pid, w in winners.items()}, decisions, meta_abstracts, dropped,
-              stored)
+  return Plan(
+    config,
+    units,
+    results,
+    meta,
+    report,
+    {pid: w[:3] for pid, w in winners.items()},
+    decisions,
+    meta_abstracts,
+    dropped,
+    stored,
+  )
 
 
 def _records(plan: Plan, split: str | None = None) -> Iterator[dict]:
@@ -609,18 +688,32 @@ def _records(plan: Plan, split: str | None = None) -> Iterator[dict]:
       for name, text in json.loads(texts).items():
         if name == "abstract" and pid in plan.meta_abstracts:
           continue
-        yield {"id": pid, "title": (m.title if m else "") or r["title"],
-               "date": m.date if m else date_from_id(pid), "section": name, "text": text,
-               "license": m.license if m else "", "version": r["version"]}
+        yield {
+          "id": pid,
+          "title": (m.title if m else "") or r["title"],
+          "date": m.date if m else date_from_id(pid),
+          "section": name,
+          "text": text,
+          "license": m.license if m else "",
+          "version": r["version"],
+        }
   wanted = {p for p in plan.meta_abstracts if not split or split_of(p, frac) == split}
   for pid, abstract in plan.meta.abstracts(wanted):
     m = plan.meta.by_id[pid]
-    yield {"id": pid, "title": m.title, "date": m.date, "section": "abstract", "text": abstract,
-           "license": m.license, "version": m.version}
+    yield {
+      "id": pid,
+      "title": m.title,
+      "date": m.date,
+      "section": "abstract",
+      "text": abstract,
+      "license": m.license,
+      "version": m.version,
+    }
 
 
 def _manifest_entries(plan: Plan) -> tuple[Iterator[dict], Iterator[dict]]:
   """(skipped entries, kept papers) for the manifest, streamed in unit and line order."""
+
   def skipped() -> Iterator[dict]:
     for u, path in enumerate(plan.results):
       for line, (r, _) in enumerate(_read_results(path)):
@@ -635,17 +728,19 @@ def _manifest_entries(plan: Plan) -> tuple[Iterator[dict], Iterator[dict]]:
       for line, (r, _) in enumerate(_read_results(path)):
         w = plan.winners.get(r["id"])
         if w is not None and w[1:] == (u, line):
-          yield {k: r[k] for k in ("id", "version", "source", "main_file", "missing_inputs",
-                                   "sections")}
+          yield {
+            k: r[k] for k in ("id", "version", "source", "main_file", "missing_inputs", "sections")
+          }
+
   return skipped(), papers()
 
 
 @dataclasses.dataclass
 class Collected:
-  records: dict[str, list[dict]]   # split -> records sorted by (id, section)
+  records: dict[str, list[dict]]  # split -> records sorted by (id, section)
   report: Report
-  skipped: list[dict]              # every skipped entry: id, source, reason, detail
-  papers: list[dict]               # every kept paper: id, source, main file, section spans
+  skipped: list[dict]  # every skipped entry: id, source, reason, detail
+  papers: list[dict]  # every kept paper: id, source, main file, section spans
 
 
 def collect(config: CorpusConfig) -> Collected:
@@ -653,8 +748,7 @@ def collect(config: CorpusConfig) -> Collected:
   (for small inputs and tests; ``build`` streams instead)."""
   with tempfile.TemporaryDirectory(prefix="astro_corpus_work") as work:
     plan = make_plan(config, Path(work))
-    records = {s: sorted(_records(plan, s), key=lambda r: (r["id"], r["section"]))
-               for s in SPLITS}
+    records = {s: sorted(_records(plan, s), key=lambda r: (r["id"], r["section"])) for s in SPLITS}
     skipped, papers = (list(x) for x in _manifest_entries(plan))
   return Collected(records, plan.report, skipped, sorted(papers, key=lambda p: p["id"]))
 
@@ -669,8 +763,9 @@ class AstroCorpus(tfds.core.GeneratorBasedBuilder):
   """
 
   VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "abstract / introduction / conclusion records with licence and "
-                            "version."}
+  RELEASE_NOTES = {
+    "1.0.0": "abstract / introduction / conclusion records with licence and version."
+  }
   # Local files only: no checksums or package metadata to find next to the code. Setting
   # this also stops TFDS from probing the package path, which needs the optional
   # `importlib_resources` module under an editable install.
@@ -683,25 +778,30 @@ class AstroCorpus(tfds.core.GeneratorBasedBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
-        builder=self,
-        description=__doc__,
-        features=tfds.features.FeaturesDict({
-            "id": tfds.features.Text(),
-            "title": tfds.features.Text(),
-            "date": tfds.features.Text(),
-            "section": tfds.features.Text(),
-            "text": tfds.features.Text(),
-            "license": tfds.features.Text(),
-            "version": tfds.features.Scalar(np.int32),
-        }),
-        supervised_keys=None,
+      builder=self,
+      description=__doc__,
+      features=tfds.features.FeaturesDict(
+        {
+          "id": tfds.features.Text(),
+          "title": tfds.features.Text(),
+          "date": tfds.features.Text(),
+          "section": tfds.features.Text(),
+          "text": tfds.features.Text(),
+          "license": tfds.features.Text(),
+          "version": tfds.features.Scalar(np.int32),
+        }
+      ),
+      supervised_keys=None,
     )
 
   def _split_generators(self, dl_manager):
     if self._plan is None:
       raise ValueError("AstroCorpus is written by corpus.build(CorpusConfig(sources=[...]))")
-    return {split: self._generate_examples(split) for split, per in self._plan.report.records.items()
-            if sum(per.values())}
+    return {
+      split: self._generate_examples(split)
+      for split, per in self._plan.report.records.items()
+      if sum(per.values())
+    }
 
   def _generate_examples(self, split):
     for rec in _records(self._plan, split):
@@ -746,6 +846,7 @@ def _deterministic_protos():
   and the spill goes through local files (``_LocalFiles``) rather than TensorFlow.
   """
   from tensorflow_datasets.core import shuffle
+
   cls = example_serializer.ExampleSerializer
   original, buffer, files = cls.serialize_example, shuffle.MAX_MEM_BUFFER_SIZE, shuffle.tf
 
@@ -765,15 +866,19 @@ def _deterministic_protos():
 
 def _skip_summary(report: Report) -> str:
   reasons = sorted(report.papers_skipped.items()) + [
-      (f"metadata {k}", v) for k, v in sorted(report.jsonl_skipped.items())]
+    (f"metadata {k}", v) for k, v in sorted(report.jsonl_skipped.items())
+  ]
   return "skipped: " + (", ".join(f"{k} {v}" for k, v in reasons) or "nothing")
 
 
 def _write_tfds(plan: Plan, data_dir: Path) -> AstroCorpus:
   builder = AstroCorpus(plan=plan, data_dir=os.fspath(data_dir))
   with _deterministic_protos():
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        download_mode=tfds.download.GenerateMode.FORCE_REDOWNLOAD))
+    builder.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(
+        download_mode=tfds.download.GenerateMode.FORCE_REDOWNLOAD
+      )
+    )
   return builder
 
 
@@ -803,15 +908,18 @@ def build(config: CorpusConfig, output_dir: str | os.PathLike, *, update: bool =
     aside.rename(root)
   shutil.rmtree(aside, ignore_errors=True)
   try:
-    with diskspace.disk_full_errors(os.fspath(output_dir), "the dataset under",
-                                    "the previous dataset there, if any, is unchanged"):
+    with diskspace.disk_full_errors(
+      os.fspath(output_dir), "the dataset under", "the previous dataset there, if any, is unchanged"
+    ):
       if update:
         builder, report = _update(config, out, work)
       else:
         plan = make_plan(config, work)
         if plan.is_empty():
-          raise ValueError(f"no record to write: {plan.report.papers_seen} entries seen, "
-                           f"{plan.report.papers_kept} kept ({_skip_summary(plan.report)})")
+          raise ValueError(
+            f"no record to write: {plan.report.papers_seen} entries seen, "
+            f"{plan.report.papers_kept} kept ({_skip_summary(plan.report)})"
+          )
         if root.exists():
           root.rename(aside)
         try:
@@ -842,14 +950,22 @@ def _json_list(f, items: Iterable[dict]) -> None:
 def write_manifest(ds_dir: Path, plan: Plan) -> None:
   """``manifest.json`` (config, report, units, then every skipped entry and kept paper,
   streamed) and ``units.json`` (every unit the dataset holds, for the next update)."""
-  config = {k: (list(v) if isinstance(v, (list, tuple)) else v)
-            for k, v in dataclasses.asdict(plan.config).items() if k != "progress"}
+  config = {
+    k: (list(v) if isinstance(v, (list, tuple)) else v)
+    for k, v in dataclasses.asdict(plan.config).items()
+    if k != "progress"
+  }
   units = [{"name": u.name, "path": u.path, "bulk": u.bulk, "size": u.size()} for u in plan.units]
-  report = {k: v for k, v in dataclasses.asdict(plan.report).items()
-            if k != "units_resumed"}  # how the work was split over runs is not part of the data
+  report = {
+    k: v for k, v in dataclasses.asdict(plan.report).items() if k != "units_resumed"
+  }  # how the work was split over runs is not part of the data
   report |= {"retention": plan.report.retention, "reference_retention": REFERENCE_RETENTION}
-  head = {"config": config, "report": report, "units": units,
-          "previous_version": plan.stored.ds_dir.name if plan.stored else None}
+  head = {
+    "config": config,
+    "report": report,
+    "units": units,
+    "previous_version": plan.stored.ds_dir.name if plan.stored else None,
+  }
   skipped, papers = _manifest_entries(plan)
   with open(ds_dir / MANIFEST, "w", encoding="utf-8") as f:
     f.write(json.dumps(head, indent=1, sort_keys=True)[:-2] + ',\n "skipped": ')
@@ -888,12 +1004,14 @@ def _next_version(ds_dir: Path) -> str:
   return f"{major}.{minor + 1}.0"
 
 
-def _assemble(old_dir: Path, delta_dir: Path, new_dir: Path, dropped: dict[str, np.ndarray],
-              version: str) -> None:
+def _assemble(
+  old_dir: Path, delta_dir: Path, new_dir: Path, dropped: dict[str, np.ndarray], version: str
+) -> None:
   """A new version folder: the old shards (hard links; a shard that loses records is rewritten
   without them) then the delta's shards, one ``dataset_info.json`` over both, and the
   indexes merged (old record positions shift past the dropped ones, the delta's come after)."""
   from array_record.python import array_record_data_source, array_record_module
+
   new_dir.mkdir(parents=True)
   old_info = json.loads((old_dir / "dataset_info.json").read_text())
   delta_info = json.loads((delta_dir / "dataset_info.json").read_text())
@@ -921,13 +1039,22 @@ def _assemble(old_dir: Path, delta_dir: Path, new_dir: Path, dropped: dict[str, 
         _link_or_copy(path, target)
         lengths.append(n)
       start += n if is_old else 0
-    num_bytes = sum(int(s["numBytes"]) for info in (old_info, delta_info)
-                    for s in info.get("splits", []) if s["name"] == split)
+    num_bytes = sum(
+      int(s["numBytes"])
+      for info in (old_info, delta_info)
+      for s in info.get("splits", [])
+      if s["name"] == split
+    )
     num_bytes -= _bytes_of(old_dir, old_info, split, drop)
     if lengths and sum(lengths):
-      splits.append({"filepathTemplate": "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}",
-                     "name": split, "numBytes": str(num_bytes),
-                     "shardLengths": [str(n) for n in lengths]})
+      splits.append(
+        {
+          "filepathTemplate": "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}",
+          "name": split,
+          "numBytes": str(num_bytes),
+          "shardLengths": [str(n) for n in lengths],
+        }
+      )
     parts = []
     if split in old_keys:
       keep = np.setdiff1d(np.arange(len(old_keys[split]["id"])), sorted(drop))
@@ -937,8 +1064,9 @@ def _assemble(old_dir: Path, delta_dir: Path, new_dir: Path, dropped: dict[str, 
     if parts:
       keys[split] = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
   info = dict(old_info, version=version, splits=splits)
-  info["releaseNotes"] = dict(old_info.get("releaseNotes", {}),
-                              **{version: f"update of {old_dir.name}"})
+  info["releaseNotes"] = dict(
+    old_info.get("releaseNotes", {}), **{version: f"update of {old_dir.name}"}
+  )
   (new_dir / "dataset_info.json").write_text(json.dumps(info, indent=2, sort_keys=True))
   shutil.copyfile(old_dir / "features.json", new_dir / "features.json")
   for name in (MANIFEST, UNITS):
@@ -951,6 +1079,7 @@ def _bytes_of(ds_dir: Path, info: dict, split: str, drop: set[int]) -> int:
   if not drop:
     return 0
   from array_record.python import array_record_data_source
+
   paths = [os.fspath(p) for p, _ in _shards(ds_dir, info, split)]
   src = array_record_data_source.ArrayRecordDataSource(paths)
   return sum(len(src[i]) for i in sorted(drop))
@@ -964,12 +1093,15 @@ def _update(config: CorpusConfig, out: Path, work: Path):
   manifest_config = _manifest_head(old_dir).get("config", {})
   old_fraction = manifest_config.get("validation_fraction", config.validation_fraction)
   if old_fraction != config.validation_fraction:
-    raise ValueError(f"--update: the dataset in {old_dir} splits with validation_fraction "
-                     f"{old_fraction}, not {config.validation_fraction}; an id must keep its split")
+    raise ValueError(
+      f"--update: the dataset in {old_dir} splits with validation_fraction "
+      f"{old_fraction}, not {config.validation_fraction}; an id must keep its split"
+    )
   stored = Stored.load(old_dir)
   plan = make_plan(config, work, stored)
   if plan.is_empty():  # a replacement always brings records, so nothing is dropped either
     from absl import logging
+
     logging.info("nothing new for %s: it stays as it is", old_dir)
     return tfds.builder_from_directory(os.fspath(old_dir)), plan.report
   scratch = out / f".{AstroCorpus.name}-update"
@@ -1015,8 +1147,14 @@ def dataset_dir(data_dir: str | os.PathLike) -> Path:
   d = Path(data_dir)
   if (d / "dataset_info.json").exists():
     return d
-  found = sorted((p.parent for p in d.glob(f"{AstroCorpus.name}/*/dataset_info.json")
-                  if not p.parent.name.startswith(".")), key=_version_key)
+  found = sorted(
+    (
+      p.parent
+      for p in d.glob(f"{AstroCorpus.name}/*/dataset_info.json")
+      if not p.parent.name.startswith(".")
+    ),
+    key=_version_key,
+  )
   if not found:
     raise FileNotFoundError(f"no astro_corpus dataset under {d} (run astrollama_jax.prepare)")
   return found[-1]
@@ -1046,7 +1184,9 @@ def compute_record_keys(ds_dir: str | os.PathLike) -> dict[str, dict[str, np.nda
       for k in ("id", "section", "date"):
         cols[k].append(_text(rec[k]))
       cols["version"].append(int(rec.get("version", 0)))
-    out[split] = {k: np.asarray(v, np.int32 if k == "version" else np.str_) for k, v in cols.items()}
+    out[split] = {
+      k: np.asarray(v, np.int32 if k == "version" else np.str_) for k, v in cols.items()
+    }
   return out
 
 
@@ -1084,7 +1224,7 @@ def section_index(data_dir: str | os.PathLike, split: str) -> dict[str, np.ndarr
   path = d / SECTION_INDEX
   arrays = dict(np.load(path)) if path.exists() else compute_section_index(d)
   prefix = f"{split}/"
-  return {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+  return {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)}
 
 
 def record_keys(data_dir: str | os.PathLike) -> dict[str, dict[str, np.ndarray]]:
@@ -1101,8 +1241,14 @@ def record_keys(data_dir: str | os.PathLike) -> dict[str, dict[str, np.ndarray]]
   return dict(out)
 
 
-def select_records(data_dir: str | os.PathLike, split: str, *, since: str = "", until: str = "",
-                   sections: Sequence[str] | None = None) -> np.ndarray:
+def select_records(
+  data_dir: str | os.PathLike,
+  split: str,
+  *,
+  since: str = "",
+  until: str = "",
+  sections: Sequence[str] | None = None,
+) -> np.ndarray:
   """Indices of the records of ``split`` dated within [since, until] (see ``in_dates``) and of
   ``sections`` (all if None): e.g. "everything since 2024-06" as one mixture component."""
   check_date(since, "since")
@@ -1115,7 +1261,7 @@ def select_records(data_dir: str | os.PathLike, split: str, *, since: str = "", 
   if since:
     ok &= dates >= since
   if until:
-    ok &= np.asarray([d[:len(until)] <= until if d else False for d in dates.tolist()], bool)
+    ok &= np.asarray([d[: len(until)] <= until if d else False for d in dates.tolist()], bool)
   if since or until:
     ok &= dates != ""
   if sections is not None:
@@ -1134,7 +1280,10 @@ def component_indices(data_dir: str | os.PathLike, split: str, spec: str) -> np.
     elif term in SECTIONS:
       sections.append(term)
     else:
-      raise ValueError(f"mixture component {spec!r}: {term!r} is neither a section {SECTIONS} "
-                       "nor since:DATE / until:DATE")
-  return select_records(data_dir, split, since=bounds["since"], until=bounds["until"],
-                        sections=sections or None)
+      raise ValueError(
+        f"mixture component {spec!r}: {term!r} is neither a section {SECTIONS} "
+        "nor since:DATE / until:DATE"
+      )
+  return select_records(
+    data_dir, split, since=bounds["since"], until=bounds["until"], sections=sections or None
+  )

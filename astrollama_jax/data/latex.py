@@ -10,12 +10,12 @@ belt to those braces).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 import contextlib
 import dataclasses
 import os
 import signal
 import threading
-from typing import Mapping
 
 from astrollama_jax.data import latex_clean, latex_sections, sources
 from astrollama_jax.data.latex_sections import SECTION_NAMES, ParseError, Span
@@ -25,22 +25,22 @@ DEFAULT_TIMEOUT_S = 30.0
 
 @dataclasses.dataclass
 class Section:
-  name: str           # abstract | introduction | conclusion
-  title: str          # the \section{...} argument as written ("" for the abstract)
-  spans: list[Span]   # where the raw LaTeX lies: (file, start, end) in the bundle's files
-  latex: str          # the raw body, comments removed and inputs inlined
-  text: str           # cleaned training text (see latex_clean for what happens to math)
+  name: str  # abstract | introduction | conclusion
+  title: str  # the \section{...} argument as written ("" for the abstract)
+  spans: list[Span]  # where the raw LaTeX lies: (file, start, end) in the bundle's files
+  latex: str  # the raw body, comments removed and inputs inlined
+  text: str  # cleaned training text (see latex_clean for what happens to math)
 
 
 @dataclasses.dataclass
 class Paper:
   id: str
   version: int
-  source: str                    # the path it came from
+  source: str  # the path it came from
   main_file: str
-  title: str                     # from \title{...}, cleaned ("" if none)
+  title: str  # from \title{...}, cleaned ("" if none)
   sections: dict[str, Section]
-  missing_inputs: list[str]      # \input targets that were not in the bundle
+  missing_inputs: list[str]  # \input targets that were not in the bundle
 
 
 @dataclasses.dataclass
@@ -61,19 +61,20 @@ def _latex_title(text: str, macros: dict[str, str]) -> str:
       j = latex_sections.match_brace(text, j, "[", "]")
     if j < len(text) and text[j] == "{":
       close = latex_sections.match_brace(text, j)
-      return " ".join(latex_clean.clean_latex(text[j + 1:close - 1], macros).split())
+      return " ".join(latex_clean.clean_latex(text[j + 1 : close - 1], macros).split())
     i = text.find("\\title", i + 1)
   return ""
 
 
-def extract_files(files: Mapping[str, str], paper_id: str = "", source: str = "",
-                  version: int = 0) -> Paper:
+def extract_files(
+  files: Mapping[str, str], paper_id: str = "", source: str = "", version: int = 0
+) -> Paper:
   """Sections of a paper given as ``{relative path: text}``."""
   main = latex_sections.find_main_file(files)
   doc, missing = latex_sections.flatten(files, main)
   latex_sections.check_balanced(doc.text)
   begin = doc.text.find("\\begin{document}")
-  macros = latex_clean.user_macros(doc.text[:max(begin, 0)])
+  macros = latex_clean.user_macros(doc.text[: max(begin, 0)])
   sections = {}
   for name, raw in latex_sections.find_sections(doc).items():
     text = latex_clean.clean_latex(raw.latex, macros)
@@ -105,8 +106,11 @@ def extract_entry(entry: sources.Entry, max_bytes: int = sources.DEFAULT_MAX_BYT
     return extract_files(files, paper_id, entry.label, version)
   except ParseError as e:
     text = "\n".join(files.values())
-    if (e.reason in ("no_main_file", "no_sections") and len(text) < _WITHDRAWN_MAX_CHARS
-        and sources.is_withdrawal_notice(latex_sections.strip_comments(text))):
+    if (
+      e.reason in ("no_main_file", "no_sections")
+      and len(text) < _WITHDRAWN_MAX_CHARS
+      and sources.is_withdrawal_notice(latex_sections.strip_comments(text))
+    ):
       raise ParseError("withdrawn", "the source is a withdrawal notice") from None
     raise
 
@@ -118,8 +122,11 @@ class _Timeout(Exception):
 @contextlib.contextmanager
 def time_limit(seconds: float | None):
   """Raise ParseError('timeout') if the block runs longer than ``seconds`` (main thread only)."""
-  if not seconds or threading.current_thread() is not threading.main_thread() \
-      or not hasattr(signal, "setitimer"):
+  if (
+    not seconds
+    or threading.current_thread() is not threading.main_thread()
+    or not hasattr(signal, "setitimer")
+  ):
     yield
     return
 
@@ -137,14 +144,20 @@ def time_limit(seconds: float | None):
     signal.signal(signal.SIGALRM, old)
 
 
-def process_paper(path: str | os.PathLike, timeout_s: float | None = DEFAULT_TIMEOUT_S,
-                  max_bytes: int = sources.DEFAULT_MAX_BYTES) -> Paper | Skipped:
+def process_paper(
+  path: str | os.PathLike,
+  timeout_s: float | None = DEFAULT_TIMEOUT_S,
+  max_bytes: int = sources.DEFAULT_MAX_BYTES,
+) -> Paper | Skipped:
   """``extract_paper`` that never raises for a bad document: it returns ``Skipped``."""
   return process_entry(sources.Entry(str(path)), timeout_s, max_bytes)
 
 
-def process_entry(entry: sources.Entry, timeout_s: float | None = DEFAULT_TIMEOUT_S,
-                  max_bytes: int = sources.DEFAULT_MAX_BYTES) -> Paper | Skipped:
+def process_entry(
+  entry: sources.Entry,
+  timeout_s: float | None = DEFAULT_TIMEOUT_S,
+  max_bytes: int = sources.DEFAULT_MAX_BYTES,
+) -> Paper | Skipped:
   """``extract_entry`` that never raises for a bad document: it returns ``Skipped``."""
   paper_id, _ = entry.id_version
   label = entry.label
@@ -157,7 +170,7 @@ def process_entry(entry: sources.Entry, timeout_s: float | None = DEFAULT_TIMEOU
     return Skipped(paper_id, label, "too_deep", "nesting exceeds Python's recursion limit")
   except (OSError, UnicodeError, ValueError, IndexError) as e:  # anything else the file did
     return Skipped(paper_id, label, "parse_error", f"{type(e).__name__}: {e}")
-  except Exception as e:  # a bug of ours must not stop a corpus build: record it, go on
+  except Exception as e:  # noqa: BLE001 - a bug of ours must not stop a corpus build: record it
     return Skipped(paper_id, label, "internal_error", f"{type(e).__name__}: {e}")
 
 
@@ -169,15 +182,39 @@ def result_record(args: tuple[sources.Entry, float | None, int]) -> dict:
   r = process_entry(entry, timeout_s, max_bytes)
   version = entry.id_version[1]
   if isinstance(r, Skipped):
-    return {"id": r.id, "version": version, "source": r.source, "reason": r.reason,
-            "detail": r.detail}
-  return {"id": r.id, "version": r.version, "source": r.source, "main_file": r.main_file,
-          "title": r.title, "missing_inputs": r.missing_inputs,
-          "sections": {n: {"title": s.title, "text": s.text,
-                           "spans": [dataclasses.asdict(x) for x in s.spans]}
-                       for n, s in r.sections.items()}}
+    return {
+      "id": r.id,
+      "version": version,
+      "source": r.source,
+      "reason": r.reason,
+      "detail": r.detail,
+    }
+  return {
+    "id": r.id,
+    "version": r.version,
+    "source": r.source,
+    "main_file": r.main_file,
+    "title": r.title,
+    "missing_inputs": r.missing_inputs,
+    "sections": {
+      n: {"title": s.title, "text": s.text, "spans": [dataclasses.asdict(x) for x in s.spans]}
+      for n, s in r.sections.items()
+    },
+  }
 
 
-__all__ = ["Paper", "Section", "Skipped", "Span", "ParseError", "SECTION_NAMES",
-           "extract_paper", "extract_entry", "extract_files", "process_paper", "process_entry",
-           "result_record", "time_limit"]
+__all__ = [
+  "Paper",
+  "Section",
+  "Skipped",
+  "Span",
+  "ParseError",
+  "SECTION_NAMES",
+  "extract_paper",
+  "extract_entry",
+  "extract_files",
+  "process_paper",
+  "process_entry",
+  "result_record",
+  "time_limit",
+]

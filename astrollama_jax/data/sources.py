@@ -15,17 +15,17 @@ arXiv's bulk tars (``arXiv_src_YYMM_NNN.tar``) hold ``YYMM/ID.gz`` and ``YYMM/ID
 from __future__ import annotations
 
 import collections
+from collections.abc import Iterator
 import dataclasses
+from email.utils import parsedate_to_datetime
 import gzip
 import io
 import json
 import os
+from pathlib import Path
 import re
 import tarfile
 import zlib
-from email.utils import parsedate_to_datetime
-from pathlib import Path
-from typing import Iterator
 
 from astrollama_jax.data.latex_sections import ParseError
 
@@ -37,8 +37,13 @@ _BULK_MEMBER_RE = re.compile(r"^\d{4}/[^/]+\.(gz|pdf)$")
 _VERSION_RE = re.compile(r"v\d+$")
 _OLD_ID_RE = re.compile(r"^([a-z-]+(?:\.[A-Z]{2})?)(\d{7})$")
 _INPUTENC_RE = re.compile(rb"\\usepackage\[([A-Za-z0-9,-]{1,40})\]\{inputenc\}")
-_LATIN = {b"latin1": "latin-1", b"latin9": "iso8859-15", b"ansinew": "cp1252", b"cp1252": "cp1252",
-          b"applemac": "mac_roman"}
+_LATIN = {
+  b"latin1": "latin-1",
+  b"latin9": "iso8859-15",
+  b"ansinew": "cp1252",
+  b"cp1252": "cp1252",
+  b"applemac": "mac_roman",
+}
 
 
 def paper_id_from_path(path: str | os.PathLike) -> tuple[str, int]:
@@ -50,12 +55,12 @@ def paper_id_from_path(path: str | os.PathLike) -> tuple[str, int]:
   name = Path(path).name
   for suf in BUNDLE_SUFFIXES:
     if name.endswith(suf):
-      name = name[:-len(suf)]
+      name = name[: -len(suf)]
       break
   version = 0
   m = _VERSION_RE.search(name)
-  if m and name[:m.start()]:
-    version, name = int(m.group()[1:]), name[:m.start()]
+  if m and name[: m.start()]:
+    version, name = int(m.group()[1:]), name[: m.start()]
   old = _OLD_ID_RE.match(name)
   if old:
     name = f"{old.group(1)}/{old.group(2)}"
@@ -64,15 +69,16 @@ def paper_id_from_path(path: str | os.PathLike) -> tuple[str, int]:
 
 def strip_version(arxiv_id: str) -> str:
   m = _VERSION_RE.search(arxiv_id)
-  return arxiv_id[:m.start()] if m and arxiv_id[:m.start()] else arxiv_id
+  return arxiv_id[: m.start()] if m and arxiv_id[: m.start()] else arxiv_id
 
 
 def is_bundle(path: Path) -> bool:
   """True for a file that looks like one paper's source, or a folder holding .tex files."""
   if path.is_dir():  # a paper folder has .tex files and no archives or JSONL beside them
     names = [p.name.lower() for p in path.iterdir() if p.is_file()]
-    return (any(n.endswith(TEX_SUFFIXES) for n in names)
-            and not any(n.endswith((".gz", ".tgz", ".tar", ".jsonl")) for n in names))
+    return any(n.endswith(TEX_SUFFIXES) for n in names) and not any(
+      n.endswith((".gz", ".tgz", ".tar", ".jsonl")) for n in names
+    )
   return path.name.lower().endswith(BUNDLE_SUFFIXES)
 
 
@@ -92,8 +98,10 @@ def decode_tex(data: bytes, name: str) -> str:
       for opt in m.group(1).split(b","):
         if opt in _LATIN:
           return data.decode(_LATIN[opt])
-    raise ParseError("encoding", f"{name} is not UTF-8 ({e.reason} at byte {e.start}) and "
-                     "declares no 8-bit inputenc") from None
+    raise ParseError(
+      "encoding",
+      f"{name} is not UTF-8 ({e.reason} at byte {e.start}) and declares no 8-bit inputenc",
+    ) from None
 
 
 def _member_name(name: str) -> str:
@@ -126,7 +134,7 @@ def looks_like_tar(header: bytes) -> bool:
   if len(header) < tarfile.BLOCKSIZE:
     return False
   try:
-    tarfile.TarInfo.frombuf(header[:tarfile.BLOCKSIZE], "utf-8", "surrogateescape")
+    tarfile.TarInfo.frombuf(header[: tarfile.BLOCKSIZE], "utf-8", "surrogateescape")
   except tarfile.HeaderError:
     return False
   return True
@@ -238,7 +246,7 @@ class _Window(io.RawIOBase):
       return 0
     self._f.seek(self._offset + self._pos)
     data = self._f.read(n)
-    b[:len(data)] = data
+    b[: len(data)] = data
     self._pos += len(data)
     return len(data)
 
@@ -247,6 +255,7 @@ class _Window(io.RawIOBase):
 class Entry:
   """One paper's source: a file or folder (``member`` empty), or a member of a bulk tar, found
   by its data's ``offset`` and ``size`` in that tar so a worker reads it without a tar scan."""
+
   path: str
   member: str = ""
   offset: int = 0
@@ -314,8 +323,11 @@ def read_entry(entry: Entry, max_bytes: int = DEFAULT_MAX_BYTES) -> dict[str, st
 # ----------------------------------------------------------------------------- JSON lines
 
 
-_WITHDRAWN_RE = re.compile(r"\b(?:has been|have been|is|was|were) withdrawn\b|\bwithdrawn by\b|"
-                           r"^\s*withdrawn\b", re.IGNORECASE)
+_WITHDRAWN_RE = re.compile(
+  r"\b(?:has been|have been|is|was|were) withdrawn\b|\bwithdrawn by\b|"
+  r"^\s*withdrawn\b",
+  re.IGNORECASE,
+)
 
 
 def is_withdrawal_notice(text: str) -> bool:
@@ -345,25 +357,28 @@ def normalise_record(rec: dict) -> dict:
     cats = cats.split()
   versions = rec.get("versions") if isinstance(rec.get("versions"), list) else []
   raw_id = str(rec["id"]).strip()
-  version = max([_version_number(raw_id)] + [_version_number(v.get("version", "")) for v in versions
-                                             if isinstance(v, dict)])
+  version = max(
+    [_version_number(raw_id)]
+    + [_version_number(v.get("version", "")) for v in versions if isinstance(v, dict)]
+  )
   updated = str(rec.get("update_date") or rec.get("date") or "")[:10]
   date = str(rec.get("date") or _first_version_date(versions) or updated)[:10]
   return {
-      "id": strip_version(raw_id),
-      "version": version,
-      "title": " ".join(str(rec.get("title") or "").split()),
-      "abstract": " ".join(str(rec.get("abstract") or "").split()),
-      "categories": [str(c) for c in cats],
-      "date": date,
-      "updated": updated,
-      "license": str(rec.get("license") or ""),
-      "withdrawn": is_withdrawal_notice(str(rec.get("comments") or "")),
+    "id": strip_version(raw_id),
+    "version": version,
+    "title": " ".join(str(rec.get("title") or "").split()),
+    "abstract": " ".join(str(rec.get("abstract") or "").split()),
+    "categories": [str(c) for c in cats],
+    "date": date,
+    "updated": updated,
+    "license": str(rec.get("license") or ""),
+    "withdrawn": is_withdrawal_notice(str(rec.get("comments") or "")),
   }
 
 
-def read_jsonl(path: str | os.PathLike,
-               skipped: collections.Counter | None = None) -> Iterator[tuple[int, dict]]:
+def read_jsonl(
+  path: str | os.PathLike, skipped: collections.Counter | None = None
+) -> Iterator[tuple[int, dict]]:
   """``(line number, record)`` of a metadata/abstract JSONL file, records as
   ``normalise_record`` makes them.
 

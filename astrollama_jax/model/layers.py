@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 from flax import nnx
+import jax
 from jax.ad_checkpoint import checkpoint_name
+import jax.numpy as jnp
 
 from astrollama_jax.model.attention import attention
 from astrollama_jax.model.config import LlamaConfig
@@ -87,8 +87,9 @@ class Attention(nnx.Module):
       k_idx = jnp.broadcast_to(jnp.arange(k_all.shape[1], dtype=jnp.int32), k_seg.shape)
       new_cache = {"k": k_all, "v": v_all}
       k_all, v_all = k_all.astype(dt), v_all.astype(dt)
-    out = attention(q, k_all, v_all, q_idx, k_idx, q_seg, k_seg, cfg.attention_impl,
-                    cached=cache is not None)
+    out = attention(
+      q, k_all, v_all, q_idx, k_idx, q_seg, k_seg, cfg.attention_impl, cached=cache is not None
+    )
     out = checkpoint_name(out, "attn_out")
     y = jnp.einsum("bthk,hkd->btd", out, self.o_proj[...].astype(dt))
     return y, new_cache

@@ -14,13 +14,15 @@ import time
 from typing import Any
 
 import jax
-import optax
 from jax.sharding import Mesh
+import optax
 
 from astrollama_jax import sharding
 from astrollama_jax.model import llama
 from astrollama_jax.model.config import LlamaConfig
-from astrollama_jax.train import optimizer, setup, state as state_lib, step as step_lib
+from astrollama_jax.train import optimizer, setup
+from astrollama_jax.train import state as state_lib
+from astrollama_jax.train import step as step_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,8 +34,8 @@ class TrainProgram:
   rules: sharding.Rules
   tx: optax.GradientTransformation
   schedule: optax.Schedule
-  state_shapes: state_lib.TrainState      # ShapeDtypeStructs
-  shardings: state_lib.TrainState         # NamedShardings
+  state_shapes: state_lib.TrainState  # ShapeDtypeStructs
+  shardings: state_lib.TrainState  # NamedShardings
   batch: dict[str, jax.ShapeDtypeStruct]  # with their shardings
   lowered: Any
   compiled: Any
@@ -59,8 +61,14 @@ class TrainProgram:
       return state_lib.create_state(params, self.tx, self.shardings, seed=seed)
 
 
-def compile_train_step(config: Any, mesh: Mesh, *, cfg: LlamaConfig | None = None,
-                       total_steps: int = 1, compile: bool = True) -> TrainProgram:
+def compile_train_step(
+  config: Any,
+  mesh: Mesh,
+  *,
+  cfg: LlamaConfig | None = None,
+  total_steps: int = 1,
+  compile: bool = True,
+) -> TrainProgram:
   """Build and compile ``config``'s train step on ``mesh`` (only lower it: ``compile=False``,
   for a caller that compiles it itself, e.g. for a TPU slice that may not hold it).
 
@@ -75,12 +83,28 @@ def compile_train_step(config: Any, mesh: Mesh, *, cfg: LlamaConfig | None = Non
     tx, schedule = optimizer.make_optimizer(config, total_steps)
     shapes, shardings = state_lib.abstract_state(cfg, tx, mesh)
     batch = step_lib.abstract_batch(t.global_batch_size, config.data.seq_len, mesh)
-    train_step = step_lib.make_train_step(cfg, tx, schedule, shardings, mesh,
-                                          grad_accum=t.grad_accum_steps,
-                                          loss_chunk=config.loss.chunk_size)
+    train_step = step_lib.make_train_step(
+      cfg,
+      tx,
+      schedule,
+      shardings,
+      mesh,
+      grad_accum=t.grad_accum_steps,
+      loss_chunk=config.loss.chunk_size,
+    )
     t0 = time.time()
     lowered = train_step.lower(state_lib.with_shardings(shapes, shardings), batch)
     compiled = lowered.compile() if compile else None
-  return TrainProgram(cfg=cfg, mesh=mesh, rules=rules, tx=tx, schedule=schedule,
-                      state_shapes=shapes, shardings=shardings, batch=batch, lowered=lowered,
-                      compiled=compiled, compile_s=round(time.time() - t0, 2))
+  return TrainProgram(
+    cfg=cfg,
+    mesh=mesh,
+    rules=rules,
+    tx=tx,
+    schedule=schedule,
+    state_shapes=shapes,
+    shardings=shardings,
+    batch=batch,
+    lowered=lowered,
+    compiled=compiled,
+    compile_s=round(time.time() - t0, 2),
+  )

@@ -13,8 +13,9 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from astrollama_jax.model import llama
 from astrollama_jax.model.config import LlamaConfig
@@ -24,19 +25,21 @@ from astrollama_jax.model.config import LlamaConfig
 class TrainState:
   """Everything a step reads and writes. ``rng`` is raw key data (uint32[2]) so it saves as JSON."""
 
-  step: jax.Array              # int32 scalar: optimizer steps taken (applied or skipped)
-  params: Any                  # plain nested dict, float32 master weights
+  step: jax.Array  # int32 scalar: optimizer steps taken (applied or skipped)
+  params: Any  # plain nested dict, float32 master weights
   opt_state: Any
-  rng: jax.Array               # uint32[2]
-  nonfinite_total: jax.Array   # int32 scalar: steps skipped for a non-finite loss or gradient
-  nonfinite_run: jax.Array     # int32 scalar: of those, how many in a row up to now
+  rng: jax.Array  # uint32[2]
+  nonfinite_total: jax.Array  # int32 scalar: steps skipped for a non-finite loss or gradient
+  nonfinite_run: jax.Array  # int32 scalar: of those, how many in a row up to now
 
 
 def _keys(path) -> tuple[str, ...]:
   return tuple(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
 
 
-def opt_state_shardings(opt_shapes: Any, param_shapes: Any, param_shardings: Any, mesh: Mesh) -> Any:
+def opt_state_shardings(
+  opt_shapes: Any, param_shapes: Any, param_shardings: Any, mesh: Mesh
+) -> Any:
   """Shard optimizer leaves like the parameter they mirror (matched by dict path and shape).
 
   Matching by the trailing dict keys works for any optax chain (moments live under the same
@@ -59,39 +62,58 @@ def opt_state_shardings(opt_shapes: Any, param_shapes: Any, param_shardings: Any
   return jax.tree_util.tree_map_with_path(pick, opt_shapes)
 
 
-def abstract_state(cfg: LlamaConfig, tx: optax.GradientTransformation, mesh: Mesh) -> tuple[Any, Any]:
+def abstract_state(
+  cfg: LlamaConfig, tx: optax.GradientTransformation, mesh: Mesh
+) -> tuple[Any, Any]:
   """(TrainState of ShapeDtypeStructs, TrainState of NamedShardings): nothing is allocated."""
   params = llama.param_shapes(cfg)
   p_shard = llama.param_shardings(cfg, mesh)
   opt = jax.eval_shape(tx.init, params)
   scalar = jax.ShapeDtypeStruct((), jnp.int32)
-  shapes = TrainState(step=scalar, params=params, opt_state=opt,
-                      rng=jax.ShapeDtypeStruct((2,), jnp.uint32),
-                      nonfinite_total=scalar, nonfinite_run=scalar)
+  shapes = TrainState(
+    step=scalar,
+    params=params,
+    opt_state=opt,
+    rng=jax.ShapeDtypeStruct((2,), jnp.uint32),
+    nonfinite_total=scalar,
+    nonfinite_run=scalar,
+  )
   replicated = NamedSharding(mesh, P())
-  shardings = TrainState(step=replicated, params=p_shard,
-                         opt_state=opt_state_shardings(opt, params, p_shard, mesh),
-                         rng=replicated, nonfinite_total=replicated, nonfinite_run=replicated)
+  shardings = TrainState(
+    step=replicated,
+    params=p_shard,
+    opt_state=opt_state_shardings(opt, params, p_shard, mesh),
+    rng=replicated,
+    nonfinite_total=replicated,
+    nonfinite_run=replicated,
+  )
   return shapes, shardings
 
 
 def with_shardings(shapes: Any, shardings: Any) -> Any:
   """ShapeDtypeStructs that also carry their target sharding (for AOT lowering and restore)."""
-  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+  return jax.tree.map(
+    lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings
+  )
 
 
-def create_state(params: Any, tx: optax.GradientTransformation, shardings: TrainState,
-                 seed: int) -> TrainState:
+def create_state(
+  params: Any, tx: optax.GradientTransformation, shardings: TrainState, seed: int
+) -> TrainState:
   """A fresh state around ``params`` (already on the mesh, or a function making them, which
   then runs inside the same compiled program): optimizer initialised in place."""
 
   def make(params):
     if callable(params):
       params = params()
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      rng=jax.random.key_data(jax.random.key(seed, impl="threefry2x32")),
-                      nonfinite_total=jnp.zeros((), jnp.int32),
-                      nonfinite_run=jnp.zeros((), jnp.int32))
+    return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      opt_state=tx.init(params),
+      rng=jax.random.key_data(jax.random.key(seed, impl="threefry2x32")),
+      nonfinite_total=jnp.zeros((), jnp.int32),
+      nonfinite_run=jnp.zeros((), jnp.int32),
+    )
 
   if callable(params):
     return jax.jit(lambda: make(params), out_shardings=shardings)()
