@@ -67,6 +67,8 @@ setup(
       "pytest-xdist>=3.8",
       "pytest-timeout>=2.4",
       "hypothesis>=6.150",
+      # lint and format (checked by .ci/run); pinned so the formatter's output cannot drift
+      "ruff==0.17.6",
       "torch==2.13.0",
       "transformers>=5.20,<6",
       # lm-evaluation-harness: `astrollama-harness`, and its hf backend for the parity test
