@@ -95,9 +95,14 @@ class WorkdirLock:
     self.workdir = workdir
     self.path = os.path.join(workdir, LOCK_FILE)
     self._fd: int | None = None
+    self._made: str | None = None  # the top folder acquire created, if any
     self.stale: dict[str, Any] | None = None  # the dead holder's record this lock replaced
 
   def acquire(self) -> WorkdirLock:
+    top = os.path.abspath(self.workdir)
+    while not os.path.exists(os.path.dirname(top)):
+      top = os.path.dirname(top)
+    self._made = None if os.path.exists(top) else top
     os.makedirs(self.workdir, exist_ok=True)
     fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -134,7 +139,9 @@ class WorkdirLock:
     return self
 
   def release(self) -> None:
-    """Empty the record (a clean exit leaves no stale holder) and drop the lock."""
+    """Empty the record (a clean exit leaves no stale holder) and drop the lock. A workdir that
+    the lock itself created and that holds nothing else (a run refused before it wrote
+    anything) is removed again: a refused command leaves nothing behind."""
     if self._fd is None:
       return
     try:
@@ -142,6 +149,22 @@ class WorkdirLock:
     finally:
       os.close(self._fd)  # closing the last descriptor releases the flock
       self._fd = None
+    if self._made and os.listdir(self.workdir) == [LOCK_FILE]:
+      os.remove(self.path)
+      for folder in (self.workdir, *_parents_up_to(self.workdir, self._made)):
+        try:
+          os.rmdir(folder)
+        except OSError:
+          break
+
+
+def _parents_up_to(path: str, top: str) -> list[str]:
+  """The folders above ``path`` up to and including ``top``."""
+  out, path, top = [], os.path.abspath(path), os.path.abspath(top)
+  while path != top and os.path.dirname(path) != path:
+    path = os.path.dirname(path)
+    out.append(path)
+  return out
 
 
 def _all_agree(ok: bool) -> bool:
