@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 from flax import nnx
+import jax
 from jax.ad_checkpoint import checkpoint_name
+import jax.numpy as jnp
 
 from astrollama_jax.model.config import LlamaConfig
 from astrollama_jax.model.lora import LayerLora, project

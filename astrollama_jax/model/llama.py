@@ -14,14 +14,14 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
-from flax import nnx
 from jax.sharding import Mesh
 
 from astrollama_jax import sharding
-from astrollama_jax.model.config import LlamaConfig
 from astrollama_jax.model import lora as lora_lib
+from astrollama_jax.model.config import LlamaConfig
 from astrollama_jax.model.layers import DecoderLayer, RMSNorm, param, rope_cos_sin
 
 Params = dict[str, Any]

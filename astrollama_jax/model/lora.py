@@ -68,7 +68,7 @@ class LoraSpec:
             "targets": list(self.targets)}
 
   @classmethod
-  def from_dict(cls, d: dict[str, Any]) -> "LoraSpec":
+  def from_dict(cls, d: dict[str, Any]) -> LoraSpec:
     return cls(rank=int(d["rank"]), alpha=float(d["alpha"]), dropout=float(d.get("dropout", 0.0)),
                targets=tuple(d["targets"]))
 
