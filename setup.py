@@ -52,6 +52,7 @@ setup(
             "hypothesis>=6.150",
             "torch==2.13.0",
             "transformers>=5.20,<6",
+            "peft==0.21.2",  # LoRA adapter export is checked against peft's loader
         ],
     },
 )
