@@ -198,7 +198,7 @@ def test_dropout_only_with_a_key_and_the_same_key_gives_the_same_masks():
 def test_a_lora_workdir_names_its_base_and_refuses_a_changed_one(tmp_path, tokenizer_path):
   cfg = get_config("tiny", vocab_size=1024)
   base_dir = checkpoints.save_params(str(tmp_path / "base"), cfg, llama.init_params(cfg, seed=5))
-  config = _config()
+  config = _config(mesh=(2, 2, 2))
   config.init_checkpoint = base_dir
   config.lora.base_dtype = "float32"
   summary = loop.train(config, str(tmp_path / "run"))
