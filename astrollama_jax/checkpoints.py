@@ -8,6 +8,9 @@ Four kinds of path hold a model, and ``load_model`` accepts all of them:
   written by ``orbax.checkpoint.CheckpointManager`` (the latest finalized step is taken);
 * one step folder ``WORKDIR/checkpoints/<step>``.
 
+A LoRA workdir (``lora.json``, see ``lora_base``) holds adapters only: loading it re-reads the
+base it names and merges the adapters in.
+
 Orbax params are restored straight onto the target shardings (``llama.param_shardings``): every
 process asks tensorstore only for its own slices, so no full array is assembled on one host.
 Only the ``params`` item of a training step is read; the optimizer state is never touched.
@@ -315,6 +318,11 @@ def load_model(path: str, mesh: Mesh | None = None, dtype: str | None = None,
     params = _device_put_leaf_by_leaf(host, shardings)
     return LoadedModel(cfg, params, tokenizer, kind, step)
   cfg = read_model_config(root)
+  from astrollama_jax import lora_base
+  record = lora_base.read(root) if kind in ("workdir", "step") else None
+  if record is not None:  # adapters: merged into their (re-read) base
+    cfg, params = lora_base.load_merged(record, root, params_dir, cfg, mesh, dtype, on_host)
+    return LoadedModel(cfg, params, tokenizer, kind, step)
   params = restore_params(params_dir, cfg, mesh, dtype, on_host)
   cfg = cfg.replace(param_dtype=str(np.dtype(params["embed"].dtype)))
   return LoadedModel(cfg, params, tokenizer, kind, step)

@@ -23,8 +23,8 @@ import numpy as np
 from absl import app, flags, logging
 from tqdm import tqdm
 
-from astrollama_jax import checkpoints, diskspace
-from astrollama_jax.convert import hf, orbax_io
+from astrollama_jax import checkpoints, diskspace, lora_base
+from astrollama_jax.convert import hf, orbax_io, peft
 
 FLAGS = flags.FLAGS
 
@@ -36,13 +36,20 @@ def define_flags() -> None:
   flags.DEFINE_string("dtype", None, "float32, bfloat16 or float16 (default: the checkpoint's dtype).")
   flags.DEFINE_string("tokenizer", None, "tokenizer.model to ship (default: the checkpoint's).")
   flags.DEFINE_float("max_shard_gb", 2.0, "Largest safetensors file, GiB.")
+  flags.DEFINE_string("peft_adapter", None, "LoRA workdir: also write its adapters to this folder "
+                      "as a peft adapter (adapter_config.json, adapter_model.safetensors).")
 
 
 
 
 def export(checkpoint: str, output: str, dtype: str | None = None, tokenizer: str | None = None,
-           max_shard_bytes: int = 2 * 1024**3, show_progress: bool = True) -> dict[str, Any]:
-  """Write the HF folder ``output`` from ``checkpoint``; returns the summary dict."""
+           max_shard_bytes: int = 2 * 1024**3, show_progress: bool = True,
+           peft_adapter: str | None = None) -> dict[str, Any]:
+  """Write the HF folder ``output`` from ``checkpoint``; returns the summary dict.
+
+  A LoRA workdir exports merged (its base with ``W + (alpha / rank) * A @ B``); with
+  ``peft_adapter`` its adapters are also written there as a peft adapter folder.
+  """
   from astrollama_jax.data.chat_template import write_hf_tokenizer_files
   from astrollama_jax.data.tokenizer import Tokenizer
 
@@ -51,7 +58,10 @@ def export(checkpoint: str, output: str, dtype: str | None = None, tokenizer: st
   out = os.path.abspath(output)
   if os.path.exists(out) and os.listdir(out):  # fail before the (long) restore
     raise FileExistsError(f"output {out} exists and is not empty; choose another or remove it")
-  kind, root, _, step = checkpoints.locate(checkpoint)
+  kind, root, params_dir, step = checkpoints.locate(checkpoint)
+  record = lora_base.read(root) if kind in ("workdir", "step") else None
+  if peft_adapter and record is None:
+    raise ValueError(f"--peft_adapter: {checkpoint} is not a LoRA workdir (no {lora_base.LORA_FILE})")
   if kind != "hf":  # the size follows from the config (its param_dtype is the stored one): refuse
     stored = checkpoints.read_model_config(root)  # before the (long) restore; save_hf checks again
     diskspace.check_free_space(out, stored.num_params() * np.dtype(dtype or stored.param_dtype).itemsize,
@@ -77,7 +87,13 @@ def export(checkpoint: str, output: str, dtype: str | None = None, tokenizer: st
                          extra_files=lambda d: write_hf_tokenizer_files(d, tok_path, cfg.max_seq_len))
   finally:
     bar.close()
-  return {"checkpoint": os.path.abspath(checkpoint), "kind": kind, "step": step, "output": out,
+  adapter = None
+  if peft_adapter:
+    with checkpoints.atomic_directory(peft_adapter) as tmp:
+      peft.save_adapter(tmp, record["spec"], lora_base.restore_adapters(params_dir),
+                        record["base"].get("path", ""))
+    adapter = os.path.abspath(peft_adapter)
+  return {"peft_adapter": adapter,"checkpoint": os.path.abspath(checkpoint), "kind": kind, "step": step, "output": out,
           "dtype": cfg.param_dtype, "tensors": written["tensors"], "parameters": written["parameters"],
           "bytes": written["bytes"], "shards": written["shards"], "seconds": timer.seconds,
           "peak_rss_bytes": orbax_io.peak_rss_bytes()}
@@ -89,7 +105,8 @@ def main(argv):
     if not getattr(FLAGS, name):
       raise app.UsageError(f"--{name} is required")
   summary = orbax_io.run_command("export", export, FLAGS.checkpoint, FLAGS.output, FLAGS.dtype,
-                                 FLAGS.tokenizer, int(FLAGS.max_shard_gb * 1024**3))
+                                 FLAGS.tokenizer, int(FLAGS.max_shard_gb * 1024**3), True,
+                                 FLAGS.peft_adapter)
   orbax_io.report(f"exported {summary['checkpoint']} -> {summary['output']}", summary)
 
 

@@ -96,3 +96,49 @@ def check_base(record: dict[str, Any], where: str) -> str | None:
         f"{where} holds LoRA adapters of the base model {path}, but that folder now holds "
         f"another model (fingerprint {got}, recorded {base['fingerprint']})")
   return path
+
+
+def restore_adapters(params_dir: str) -> dict[str, Any]:
+  """A LoRA step's adapters (small) as float32 numpy arrays."""
+  import numpy as np
+  import orbax.checkpoint as ocp
+  import jax
+  stored = checkpoints.stored_metadata(params_dir)
+  args = jax.tree.map(lambda m: ocp.RestoreArgs(restore_type=np.ndarray, dtype=np.float32), stored)
+  target = jax.tree.map(lambda m: np.empty((0,), np.float32), stored)
+  return ocp.PyTreeCheckpointer().restore(
+      checkpoints.pytree_dir(params_dir), args=ocp.args.PyTreeRestore(item=target, restore_args=args))
+
+
+def load_merged(record: dict[str, Any], root: str, params_dir: str, cfg: Any, mesh: Any = None,
+                dtype: str | None = None, on_host: bool = False) -> tuple[Any, Any]:
+  """(the base's config, its parameters with the adapters merged in) for inference and export.
+
+  The base is re-read where the record says (checked by fingerprint) in its stored dtype (or
+  ``dtype``); every targeted weight becomes ``W + (alpha / rank) * A @ B`` (float32 arithmetic,
+  cast back to W's dtype); every other weight is the base's, bit for bit.
+  """
+  import jax
+  import numpy as np
+  from astrollama_jax.model import llama, lora
+  spec = record["spec"]
+  adapters = restore_adapters(params_dir)
+  path = check_base(record, root)
+  if path is not None:
+    base = checkpoints.load_model(path, mesh=mesh, dtype=dtype, on_host=on_host)
+    base_cfg, params = base.cfg, base.params
+  else:  # a random base: rebuilt from its seed, in the run's base dtype
+    params = llama.init_params(cfg, seed=record["base"]["seed"])
+    params = jax.tree.map(lambda x: np.asarray(x.astype(dtype or record["base_dtype"])), params)
+    base_cfg = cfg.replace(param_dtype=str(np.dtype(params["embed"].dtype)))
+    if not on_host:
+      params = jax.device_put(params, llama.param_shardings(base_cfg, mesh) if mesh is not None
+                              else jax.devices()[0])
+  if on_host:
+    merged = lora.merge(params, adapters, spec)
+    merged = jax.tree.map(lambda new, old: old if new is old else np.asarray(new), merged, params)
+    return base_cfg, merged
+  shardings = jax.tree.map(lambda x: x.sharding, params)
+  merged = jax.jit(lambda p, a: lora.merge(p, a, spec), out_shardings=shardings,
+                   donate_argnums=(0,))(params, adapters)
+  return base_cfg, merged
