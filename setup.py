@@ -13,7 +13,7 @@ setup(
     package_dir={"astrollama_jax.configs": "configs", "astrollama_jax.demo_data": "data"},
     package_data={"astrollama_jax.configs": ["*.py", "**/*.py"],
                   "astrollama_jax.demo_data": ["**/*"],
-                  "astrollama_jax.eval": ["*.md"]},
+                  "astrollama_jax.eval": ["*.md", "tasks/*.yaml"]},
     include_package_data=False,
     python_requires=">=3.10",
     # Pinned to the versions this project is tested with; newer minors are allowed where they work.
@@ -40,7 +40,7 @@ setup(
         "console_scripts": [
             f"astrollama-{name.replace('_', '-')}=astrollama_jax.cli:{name}"
             for name in ("prepare", "train", "convert", "export", "generate", "chat", "eval",
-                         "bench", "aot", "make_qa", "demo")
+                         "harness", "bench", "aot", "make_qa", "demo")
         ],
     },
     extras_require={
@@ -52,6 +52,9 @@ setup(
             "hypothesis>=6.150",
             "torch==2.13.0",
             "transformers>=5.20,<6",
+            # lm-evaluation-harness: `astrollama-harness`, and its hf backend for the parity test
+            "lm-eval==0.4.13",
+            "accelerate>=1.15.0",
             "peft==0.21.2",  # LoRA adapter export is checked against peft's loader
         ],
     },

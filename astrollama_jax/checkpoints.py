@@ -1,45 +1,55 @@
-"""Where model parameters live on disk, and how they come back onto a mesh.
+"""Our on-disk parameter format, its one writer and its one reader, and ``load_model`` for every kind.
 
 Four kinds of path hold a model, and ``load_model`` accepts all of them:
 
-* an HF folder (``config.json`` + safetensors): read through ``convert.hf``;
+* an HF folder (``config.json`` + safetensors): read through ``formats.hf``;
 * a converted DIR: ``model_config.json``, ``tokenizer.model``, ``params/`` (Orbax);
 * a training WORKDIR: ``model_config.json``, ``tokenizer.model``, ``checkpoints/<step>/params``
-  written by ``orbax.checkpoint.CheckpointManager`` (the latest finalized step is taken);
+  (``train.checkpointing`` writes the steps; the latest finalized one is taken);
 * one step folder ``WORKDIR/checkpoints/<step>``.
 
 A LoRA workdir (``lora.json``, see ``lora_base``) holds adapters only: loading it re-reads the
 base it names and merges the adapters in.
 
-Orbax params are restored straight onto the target shardings (``llama.param_shardings``): every
-process asks tensorstore only for its own slices, so no full array is assembled on one host.
-Only the ``params`` item of a training step is read; the optimizer state is never touched.
+Parameters are written and read with one Orbax API, ``orbax.checkpoint.experimental.v1``. The
+writer (``write_params``) adds one parameter at a time to the checkpoint (Orbax's partial saves)
+and drops it: a 70B model is ~130 GiB in bfloat16, and host memory stays at about twice the
+largest stacked parameter (the array, plus tensorstore's buffers while it writes), not the
+model; see docs/benchmarks.md. Arrays are written in chunks of about ``CHUNK_BYTES`` so that a
+later restore onto a different mesh reads just the chunks that overlap its shards. The whole
+DIR is written under a temporary name (``atomic_directory``), so an interrupted write never
+leaves a folder that looks complete.
 
-Arrays are written in chunks of about ``CHUNK_BYTES`` so that a later restore onto a different
-mesh reads just the chunks that overlap its shards, not whole 500 MB tensors.
+The reader restores straight onto the target shardings (``llama.param_shardings``): every
+process asks tensorstore only for its own slices, so no full array is assembled on one host.
+It reads both the layout the writer makes (the tree under ``params/state``) and the flat one of
+training steps and of older converted DIRs. Only the ``params`` item of a training step is
+read; the optimizer state is never touched.
 """
 
 from __future__ import annotations
 
-import contextlib
+import ctypes
 import dataclasses
 import json
 import os
-import shutil
-import time
-from typing import Any, Iterator
+from collections.abc import Iterable
+from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from absl import logging
 from jax.sharding import Mesh, SingleDeviceSharding
+from orbax.checkpoint.experimental import v1
 
 from astrollama_jax import diskspace
+from astrollama_jax.diskspace import atomic_directory  # part of this module's API too
+from astrollama_jax.formats import hf, mapping
 from astrollama_jax.model import llama
 from astrollama_jax.model.config import LlamaConfig
 
 Params = dict[str, Any]
+Path = tuple[str, ...]
 
 CONFIG_FILE = "model_config.json"
 TOKENIZER_FILE = "tokenizer.model"
@@ -77,91 +87,8 @@ def check_dtype(dtype: Any) -> str | None:
   return name
 
 
-# --- writing --------------------------------------------------------------------------------
-
-@contextlib.contextmanager
-def atomic_directory(directory: str) -> Iterator[str]:
-  """Yield a temporary sibling of ``directory``; rename it into place only on success.
-
-  An interrupted or failed write leaves at most a hidden ``.<name>.partial`` folder (removed
-  by the next attempt), never a folder under the final name that looks complete. The name is
-  deterministic so that every process of a multi-host job agrees on it. A full disk anywhere
-  in the block is reported as ``diskspace.DiskFullError`` naming ``directory``.
-  """
-  final = os.path.abspath(directory)
-  if os.path.exists(final) and (not os.path.isdir(final) or os.listdir(final)):
-    raise FileExistsError(f"output {final} exists and is not empty; choose another or remove it")
-  tmp = os.path.join(os.path.dirname(final), f".{os.path.basename(final)}.partial")
-  primary = jax.process_index() == 0
-  if primary:
-    if os.path.exists(tmp):
-      logging.warning("removing %s left by an interrupted write", tmp)
-      shutil.rmtree(tmp)
-    os.makedirs(tmp)
-  _sync("atomic_directory:start")
-  try:
-    with diskspace.disk_full_errors(final, "the output folder"):
-      yield tmp
-      _sync("atomic_directory:written")
-      if primary:
-        if os.path.isdir(final):
-          os.rmdir(final)  # empty, checked above
-        os.rename(tmp, final)
-      _sync("atomic_directory:renamed")
-  except BaseException:
-    if primary:
-      _remove_settled(tmp)
-    raise
-
-
-def _remove_settled(folder: str, quiet_s: float = 0.5, limit_s: float = 5.0) -> None:
-  """Remove ``folder``, again if it reappears, until it has stayed gone for ``quiet_s``.
-
-  When one array write of an Orbax save fails, writes of its sibling arrays can still be in
-  flight on Orbax's background threads; tensorstore recreates their parent folders, so a single
-  ``rmtree`` can leave the partial folder behind.
-  """
-  end = time.monotonic() + limit_s
-  gone_since = None
-  while time.monotonic() < end:
-    if os.path.exists(folder):
-      shutil.rmtree(folder, ignore_errors=True)
-      gone_since = None
-    elif gone_since is None:
-      gone_since = time.monotonic()
-    elif time.monotonic() - gone_since >= quiet_s:
-      return
-    time.sleep(0.05)
-
-
-def _sync(name: str) -> None:
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices(name)
-
-
-def write_side_files(directory: str, cfg: LlamaConfig, tokenizer_path: str | None) -> None:
-  """``model_config.json`` and a copy of ``tokenizer.model`` (primary process only).
-
-  Each file is replaced atomically: a resumed run rewrites them in a WORKDIR that already
-  holds checkpoints, and a full disk must not leave those checkpoints without a readable config.
-  """
-  if jax.process_index() != 0:
-    return
-  diskspace.write_atomic(os.path.join(directory, CONFIG_FILE), cfg.to_json())
-  if tokenizer_path:
-    if not os.path.isfile(tokenizer_path):
-      raise FileNotFoundError(f"tokenizer model not found: {tokenizer_path}")
-    with open(tokenizer_path, "rb") as f:
-      diskspace.write_atomic(os.path.join(directory, TOKENIZER_FILE), f.read())
-
-
-def chunked_save_args(params: Params, chunk_bytes: int | None = None) -> Params:
-  """Orbax save args that split big host arrays into ~``chunk_bytes`` chunks."""
-  chunk_bytes = chunk_bytes or CHUNK_BYTES
-  return jax.tree.map(lambda x: ocp.SaveArgs(chunk_byte_size=chunk_bytes)
-                      if np.asarray(x.shape).prod() * x.dtype.itemsize > chunk_bytes else ocp.SaveArgs(),
-                      params)
+def _keys(path: tuple[Any, ...]) -> Path:
+  return tuple(str(k.key) for k in path)
 
 
 def check_params(cfg: LlamaConfig, params: Params, what: str = "params") -> None:
@@ -181,23 +108,104 @@ def check_params(cfg: LlamaConfig, params: Params, what: str = "params") -> None
     raise CheckpointError(f"{what}: parameters not in the model: {extra}")
 
 
+# --- writing --------------------------------------------------------------------------------
+
+def write_side_files(directory: str, cfg: LlamaConfig, tokenizer_path: str | None) -> None:
+  """``model_config.json`` and a copy of ``tokenizer.model`` (primary process only).
+
+  Each file is replaced atomically: a resumed run rewrites them in a WORKDIR that already
+  holds checkpoints, and a full disk must not leave those checkpoints without a readable config.
+  """
+  if jax.process_index() != 0:
+    return
+  diskspace.write_atomic(os.path.join(directory, CONFIG_FILE), cfg.to_json())
+  if tokenizer_path:
+    if not os.path.isfile(tokenizer_path):
+      raise FileNotFoundError(f"tokenizer model not found: {tokenizer_path}")
+    with open(tokenizer_path, "rb") as f:
+      diskspace.write_atomic(os.path.join(directory, TOKENIZER_FILE), f.read())
+
+
+def _release_memory() -> None:
+  """Hand freed heap back to the OS (glibc keeps it otherwise).
+
+  Without this the buffers tensorstore's threads allocate and free stay in glibc arenas, and
+  resident memory after writing (or restoring to host) a 1B model sits ~3x above the bound.
+  """
+  try:
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+  except (OSError, AttributeError):  # not glibc: nothing to do
+    pass
+
+
+def _context() -> v1.Context:
+  """How every parameter array is stored: chunks of ~``CHUNK_BYTES``, no compression.
+
+  Weights barely compress, and skipping zstd halves the write time on few cores. Each array is
+  handed over once and never touched again, so Orbax need not copy it first (that copy would
+  double the peak).
+  """
+  ctx = v1.Context()
+  ctx.array.saving.storage_options.chunk_byte_size = CHUNK_BYTES
+  ctx.array.saving.use_compression = False
+  ctx.memory.deepcopy_host_arrays = False
+  return ctx
+
+
+def write_params(directory: str, cfg: LlamaConfig, params: Iterable[tuple[Path, Any]],
+                 tokenizer_path: str | None = None) -> dict[str, int]:
+  """Stream ``(path, array)`` pairs into the converted DIR ``directory``; returns counts.
+
+  Every array (numpy, or a ``jax.Array`` on this process's devices) must have the shape and
+  dtype ``cfg`` gives it, and the finished checkpoint must hold every parameter of the model.
+  Each one is written as it arrives and then dropped, so the caller may build them one by one.
+  """
+  shapes = llama.param_shapes(cfg)
+  n_params = n_bytes = n_arrays = 0
+  written: set[Path] = set()
+  with atomic_directory(directory) as tmp:
+    write_side_files(tmp, cfg, tokenizer_path)
+    target = os.path.join(tmp, PARAMS_DIR)
+    with _context():
+      for path, arr in params:
+        try:
+          want = mapping.get_path(shapes, path)
+        except (KeyError, TypeError):
+          raise CheckpointError(f"parameter {'/'.join(path)} is not in the model") from None
+        if tuple(arr.shape) != tuple(want.shape) or str(arr.dtype) != cfg.param_dtype:
+          raise CheckpointError(f"parameter {'/'.join(path)} is {arr.dtype}{list(arr.shape)} but the "
+                                f"config expects {cfg.param_dtype}{list(want.shape)}")
+        n_params += arr.size
+        n_bytes += arr.size * np.dtype(arr.dtype).itemsize
+        n_arrays += 1
+        tree: Params = {}
+        mapping.set_path(tree, path, arr)
+        del arr
+        v1.partial.save(target, tree)
+        del tree
+        _release_memory()
+        written.add(tuple(path))
+      missing = sorted({_keys(p) for p, _ in jax.tree_util.tree_flatten_with_path(shapes)[0]} - written)
+      if missing:
+        raise CheckpointError(f"parameters {missing} were never written")
+      v1.partial.finalize(target)
+  return {"arrays": n_arrays, "parameters": int(n_params), "bytes": int(n_bytes)}
+
+
 def save_params(directory: str, cfg: LlamaConfig, params: Params,
                 tokenizer_path: str | None = None) -> str:
-  """Write a converted DIR (``model_config.json``, ``tokenizer.model``, ``params/``) atomically.
+  """Write a whole params tree as a converted DIR (``write_params``); returns the directory.
 
   ``params`` may be numpy arrays or (sharded) ``jax.Array``s; ``cfg.param_dtype`` is set to
-  their dtype so the config always describes what is on disk. Returns the directory.
+  their dtype so the config always describes what is on disk.
   """
   check_params(cfg, params)
   dtype = str(np.dtype(params["embed"].dtype))
   cfg = cfg.replace(param_dtype=dtype) if dtype in DTYPES else cfg
   diskspace.check_free_space(directory, sum(x.size * np.dtype(x.dtype).itemsize
                                             for x in jax.tree.leaves(params)), "the output folder")
-  with atomic_directory(directory) as tmp:
-    write_side_files(tmp, cfg, tokenizer_path)
-    ckptr = ocp.StandardCheckpointer()
-    ckptr.save(os.path.join(tmp, PARAMS_DIR), params, save_args=chunked_save_args(params))
-    ckptr.wait_until_finished()
+  leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+  write_params(directory, cfg, ((_keys(p), x) for p, x in leaves), tokenizer_path)
   return os.path.abspath(directory)
 
 
@@ -212,15 +220,16 @@ def read_model_config(path: str) -> LlamaConfig:
     raise CheckpointError(f"cannot read the model config {file}: {e}") from e
 
 
+def _is_step(folder: str) -> bool:
+  """A finalized step folder (an interrupted save keeps Orbax's temporary name)."""
+  return os.path.basename(folder).isdigit() and ocp.step.is_path_finalized(folder)
+
+
 def _latest_step(checkpoints: str) -> int:
-  mgr = ocp.CheckpointManager(checkpoints, options=ocp.CheckpointManagerOptions(read_only=True))
-  try:
-    step = mgr.latest_step()  # finalized steps only: a half-written step is not listed
-  finally:
-    mgr.close()
-  if step is None:
+  steps = [int(n) for n in os.listdir(checkpoints) if _is_step(os.path.join(checkpoints, n))]
+  if not steps:
     raise CheckpointError(f"{checkpoints} holds no complete checkpoint step")
-  return int(step)
+  return max(steps)
 
 
 def locate(path: str) -> tuple[str, str, str | None, int | None]:
@@ -228,7 +237,7 @@ def locate(path: str) -> tuple[str, str, str | None, int | None]:
   path = os.path.abspath(os.fspath(path))
   if not os.path.isdir(path):
     raise CheckpointError(f"{path} is not a directory")
-  has = lambda *p: os.path.exists(os.path.join(path, *p))  # noqa: E731
+  has = lambda *p: os.path.exists(os.path.join(path, *p))
   if has(CONFIG_FILE) and has(PARAMS_DIR):
     return "converted", path, os.path.join(path, PARAMS_DIR), None
   if has(CONFIG_FILE) and has(CHECKPOINTS_DIR):
@@ -237,7 +246,7 @@ def locate(path: str) -> tuple[str, str, str | None, int | None]:
   parent = os.path.dirname(path)
   if (os.path.basename(parent) == CHECKPOINTS_DIR and has(PARAMS_DIR)
       and os.path.isfile(os.path.join(os.path.dirname(parent), CONFIG_FILE))):
-    if not ocp.step.is_path_finalized(path) or not os.path.basename(path).isdigit():
+    if not _is_step(path):
       raise CheckpointError(f"{path} is not a complete checkpoint step (interrupted save?)")
     return "step", os.path.dirname(parent), os.path.join(path, PARAMS_DIR), int(os.path.basename(path))
   if has("config.json") and any(f.endswith(".safetensors") for f in os.listdir(path)):
@@ -250,23 +259,32 @@ def locate(path: str) -> tuple[str, str, str | None, int | None]:
 
 # --- restoring ------------------------------------------------------------------------------------
 
-def pytree_dir(params_dir: str) -> str:
-  """The folder holding the Orbax tree: ``params/`` (StandardCheckpointer, training) or
-  ``params/state`` (the v1 layout that streaming conversion's partial saves write)."""
-  for d in (params_dir, os.path.join(params_dir, "state")):
-    if os.path.isfile(os.path.join(d, "_METADATA")):
-      return d
-  raise CheckpointError(f"{params_dir} is not a complete Orbax checkpoint (no _METADATA)")
+@dataclasses.dataclass
+class _HostArray:
+  """Restore a leaf as a numpy array of this dtype (Orbax v1's abstract numpy leaf)."""
+
+  shape: tuple[int, ...]
+  dtype: np.dtype
+
+
+def _orbax_item(params_dir: str) -> tuple[str, dict[str, str]]:
+  """Where Orbax finds a ``params/`` folder: (checkpoint, ``checkpointable_name`` argument).
+
+  A converted DIR's ``params/`` is a checkpoint of its own; a training step's is the ``params``
+  item of the step's checkpoint (``WORKDIR/checkpoints/<step>``).
+  """
+  if os.path.isfile(os.path.join(params_dir, "_CHECKPOINT_METADATA")):
+    return params_dir, {}
+  return os.path.dirname(params_dir), {"checkpointable_name": os.path.basename(params_dir)}
 
 
 def stored_metadata(params_dir: str) -> Params:
-  """Shape/dtype metadata of every stored parameter; reads no array data."""
+  """Shape/dtype (and chunk) metadata of every stored parameter; reads no array data."""
   try:
-    return ocp.StandardCheckpointer().metadata(pytree_dir(params_dir)).item_metadata.tree
-  except CheckpointError:
-    raise
-  except Exception as e:
-    raise CheckpointError(f"cannot read the Orbax metadata of {params_dir}: {e}") from e
+    root, item = _orbax_item(params_dir)
+    return v1.metadata(root, **item).metadata
+  except Exception as e:  # an interrupted write, or not an Orbax checkpoint at all
+    raise CheckpointError(f"{params_dir} is not a complete Orbax checkpoint: {e}") from e
 
 
 def restore_params(params_dir: str, cfg: LlamaConfig, mesh: Mesh | None = None,
@@ -278,22 +296,27 @@ def restore_params(params_dir: str, cfg: LlamaConfig, mesh: Mesh | None = None,
   """
   stored = stored_metadata(params_dir)
   check_params(cfg, stored, params_dir)
-  ckptr = ocp.StandardCheckpointer()
   if on_host:
-    args = jax.tree.map(lambda m: ocp.RestoreArgs(restore_type=np.ndarray, dtype=np.dtype(dtype or m.dtype)),
-                        stored)
-    target = jax.tree.map(lambda m: np.empty((0,), np.dtype(dtype or m.dtype)), stored)
-    restored = ocp.PyTreeCheckpointer().restore(
-        pytree_dir(params_dir), args=ocp.args.PyTreeRestore(item=target, restore_args=args))
-    return restored
-  if mesh is not None:
-    shardings = llama.param_shardings(cfg, mesh)
+    return restore_on_host(params_dir, dtype, stored)
   else:
-    shardings = jax.tree.map(lambda _: SingleDeviceSharding(jax.devices()[0]), llama.param_shapes(cfg))
-  target = jax.tree.map(
-      lambda meta, sh: jax.ShapeDtypeStruct(tuple(meta.shape), np.dtype(dtype or meta.dtype), sharding=sh),
-      stored, shardings)
-  return ckptr.restore(pytree_dir(params_dir), target)
+    if mesh is not None:
+      shardings = llama.param_shardings(cfg, mesh)
+    else:
+      device = SingleDeviceSharding(jax.devices()[0])
+      shardings = jax.tree.map(lambda _: device, llama.param_shapes(cfg))
+    target = jax.tree.map(lambda m, sh: jax.ShapeDtypeStruct(tuple(m.shape), np.dtype(dtype or m.dtype),
+                                                             sharding=sh), stored, shardings)
+  root, item = _orbax_item(params_dir)
+  return v1.load(root, target, **item)
+
+
+def restore_on_host(params_dir: str, dtype: str | None = None, stored: Params | None = None) -> Params:
+  """Every stored leaf as a numpy array (cast to ``dtype``), whatever the tree: a model's
+  parameters, or a LoRA step's adapters."""
+  stored = stored_metadata(params_dir) if stored is None else stored
+  target = jax.tree.map(lambda m: _HostArray(tuple(m.shape), np.dtype(dtype or m.dtype)), stored)
+  root, item = _orbax_item(params_dir)
+  return v1.load(root, target, **item)
 
 
 def load_model(path: str, mesh: Mesh | None = None, dtype: str | None = None,
@@ -308,23 +331,25 @@ def load_model(path: str, mesh: Mesh | None = None, dtype: str | None = None,
   tokenizer = os.path.join(root, TOKENIZER_FILE)
   tokenizer = tokenizer if os.path.isfile(tokenizer) else None
   if kind == "hf":
-    from astrollama_jax.convert import hf
     cfg, host = hf.load_hf(root, dtype=dtype)
     cfg = cfg.replace(param_dtype=str(np.dtype(host["embed"].dtype)))
     if on_host:
-      return LoadedModel(cfg, host, tokenizer, kind, step)
-    shardings = (llama.param_shardings(cfg, mesh) if mesh is not None else
-                 jax.tree.map(lambda _: SingleDeviceSharding(jax.devices()[0]), host))
-    params = _device_put_leaf_by_leaf(host, shardings)
-    return LoadedModel(cfg, params, tokenizer, kind, step)
-  cfg = read_model_config(root)
-  from astrollama_jax import lora_base
-  record = lora_base.read(root) if kind in ("workdir", "step") else None
-  if record is not None:  # adapters: merged into their (re-read) base
-    cfg, params = lora_base.load_merged(record, root, params_dir, cfg, mesh, dtype, on_host)
-    return LoadedModel(cfg, params, tokenizer, kind, step)
-  params = restore_params(params_dir, cfg, mesh, dtype, on_host)
-  cfg = cfg.replace(param_dtype=str(np.dtype(params["embed"].dtype)))
+      params = host
+    else:
+      shardings = (llama.param_shardings(cfg, mesh) if mesh is not None else
+                   jax.tree.map(lambda _: SingleDeviceSharding(jax.devices()[0]), host))
+      params = _device_put_leaf_by_leaf(host, shardings)
+  else:
+    from astrollama_jax import lora_base
+    cfg = read_model_config(root)
+    record = lora_base.read(root) if kind in ("workdir", "step") else None
+    if record is not None:  # adapters: merged into their (re-read) base
+      cfg, params = lora_base.load_merged(record, root, params_dir, cfg, mesh, dtype, on_host)
+    else:
+      params = restore_params(params_dir, cfg, mesh, dtype, on_host)
+      cfg = cfg.replace(param_dtype=str(np.dtype(params["embed"].dtype)))
+  if on_host:
+    _release_memory()  # what reading left in glibc's arenas: export needs the room next
   return LoadedModel(cfg, params, tokenizer, kind, step)
 
 

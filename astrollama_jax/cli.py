@@ -35,6 +35,7 @@ COMMANDS = {
     "generate": "astrollama_jax.generate",
     "chat": "astrollama_jax.chat",
     "eval": "astrollama_jax.eval",
+    "harness": "astrollama_jax.harness",
     "bench": "astrollama_jax.bench",
     "aot": "astrollama_jax.aot",
     "make_qa": "astrollama_jax.make_qa",
@@ -312,6 +313,12 @@ def report(title: str, summary: Mapping[str, Any], rows: Sequence[Mapping[str, A
     print(f"{title}\n{format_table(rows, columns)}")
   print(json.dumps(summary, ensure_ascii=False), flush=True)
   return summary
+
+
+def peak_rss_bytes() -> int:
+  """This process's peak resident memory so far, for a command's summary (Linux reports KiB)."""
+  import resource
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _command(module: str) -> Callable[[], None]:

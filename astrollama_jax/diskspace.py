@@ -5,7 +5,8 @@ Libraries report ENOSPC in their own ways: Python raises ``OSError(errno.ENOSPC)
 a ``RuntimeError`` with the same text. ``disk_full_errors`` turns any of them into one
 ``DiskFullError`` that says which output could not be written and how much space is left, so
 every writing command (convert, export, prepare, train) fails the same readable way.
-``check_free_space`` refuses up front when a command knows how many bytes it will write.
+``check_free_space`` refuses up front when a command knows how many bytes it will write;
+``atomic_directory`` makes an output folder appear whole or not at all.
 """
 
 from __future__ import annotations
@@ -14,7 +15,10 @@ import contextlib
 import errno
 import os
 import shutil
+import time
 from typing import Iterator
+
+from absl import logging
 
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 _NO_SPACE_TEXT = tuple(os.strerror(e) for e in _NO_SPACE)  # "No space left on device", ...
@@ -117,3 +121,66 @@ def write_atomic(path: str, data: bytes | str) -> None:
     with contextlib.suppress(OSError):
       os.remove(tmp)
     raise
+
+
+@contextlib.contextmanager
+def atomic_directory(directory: str) -> Iterator[str]:
+  """Yield a temporary sibling of ``directory``; rename it into place only on success.
+
+  An interrupted or failed write leaves at most a hidden ``.<name>.partial`` folder (removed
+  by the next attempt), never a folder under the final name that looks complete. The name is
+  deterministic so that every process of a multi-host job agrees on it. A full disk anywhere
+  in the block is reported as ``DiskFullError`` naming ``directory``.
+  """
+  import jax  # only writers of model files come here; the rest of this module needs no JAX
+  final = os.path.abspath(directory)
+  if os.path.exists(final) and (not os.path.isdir(final) or os.listdir(final)):
+    raise FileExistsError(f"output {final} exists and is not empty; choose another or remove it")
+  tmp = os.path.join(os.path.dirname(final), f".{os.path.basename(final)}.partial")
+  primary = jax.process_index() == 0
+  if primary:
+    if os.path.exists(tmp):
+      logging.warning("removing %s left by an interrupted write", tmp)
+      shutil.rmtree(tmp)
+    os.makedirs(tmp)
+  _sync("atomic_directory:start")
+  try:
+    with disk_full_errors(final, "the output folder"):
+      yield tmp
+      _sync("atomic_directory:written")
+      if primary:
+        if os.path.isdir(final):
+          os.rmdir(final)  # empty, checked above
+        os.rename(tmp, final)
+      _sync("atomic_directory:renamed")
+  except BaseException:
+    if primary:
+      _remove_settled(tmp)
+    raise
+
+
+def _remove_settled(folder: str, quiet_s: float = 0.5, limit_s: float = 5.0) -> None:
+  """Remove ``folder``, again if it reappears, until it has stayed gone for ``quiet_s``.
+
+  When one array write of an Orbax save fails, writes of its sibling arrays can still be in
+  flight on Orbax's background threads; tensorstore recreates their parent folders, so a single
+  ``rmtree`` can leave the partial folder behind.
+  """
+  end = time.monotonic() + limit_s
+  gone_since = None
+  while time.monotonic() < end:
+    if os.path.exists(folder):
+      shutil.rmtree(folder, ignore_errors=True)
+      gone_since = None
+    elif gone_since is None:
+      gone_since = time.monotonic()
+    elif time.monotonic() - gone_since >= quiet_s:
+      return
+    time.sleep(0.05)
+
+
+def _sync(name: str) -> None:
+  import jax
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)

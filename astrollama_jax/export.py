@@ -8,7 +8,7 @@ step is read; the optimizer state stays on disk. The output holds sharded safete
 index, ``config.json``, ``generation_config.json`` and the tokenizer files (``tokenizer.model``,
 ``tokenizer.json``, ``tokenizer_config.json`` with the LLaMA-2 chat template,
 ``special_tokens_map.json``), so ``AutoTokenizer`` and ``LlamaForCausalLM.from_pretrained`` load
-it offline. The folder appears atomically (``hf.save_hf`` writes a temporary sibling).
+it offline. The folder appears atomically (``formats.hf.save_hf``).
 
 Memory: the parameters are restored to host memory as numpy (no accelerator needed), once;
 HF tensors are then transposed one at a time and flushed every ``--max_shard_gb``.
@@ -17,29 +17,29 @@ HF tensors are then transposed one at a time and flushed every ``--max_shard_gb`
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import numpy as np
 from absl import app, flags, logging
 from tqdm import tqdm
 
-from astrollama_jax import checkpoints, diskspace, lora_base
-from astrollama_jax.convert import hf, orbax_io, peft
+from astrollama_jax import checkpoints, cli, diskspace, lora_base
+from astrollama_jax.formats import hf, mapping, peft
 
 FLAGS = flags.FLAGS
 
 
 def define_flags() -> None:
   """Flags exist only when run as a command, so importing this module defines none."""
-  flags.DEFINE_string("checkpoint", None, "Converted DIR, training WORKDIR, step folder or HF folder.")
-  flags.DEFINE_string("output", None, "HF folder to create (must not exist or be empty).")
+  cli.define("checkpoint", "output", "tokenizer", help={
+      "output": "HF folder to create (must not exist or be empty).",
+      "tokenizer": "tokenizer.model to ship (default: the checkpoint's)."})
+  # Not cli's enum --dtype: check_dtype's message names the dtypes the same way everywhere.
   flags.DEFINE_string("dtype", None, "float32, bfloat16 or float16 (default: the checkpoint's dtype).")
-  flags.DEFINE_string("tokenizer", None, "tokenizer.model to ship (default: the checkpoint's).")
   flags.DEFINE_float("max_shard_gb", 2.0, "Largest safetensors file, GiB.")
   flags.DEFINE_string("peft_adapter", None, "LoRA workdir: also write its adapters to this folder "
                       "as a peft adapter (adapter_config.json, adapter_model.safetensors).")
-
-
 
 
 def export(checkpoint: str, output: str, dtype: str | None = None, tokenizer: str | None = None,
@@ -53,7 +53,7 @@ def export(checkpoint: str, output: str, dtype: str | None = None, tokenizer: st
   from astrollama_jax.data.chat_template import write_hf_tokenizer_files
   from astrollama_jax.data.tokenizer import Tokenizer
 
-  timer = orbax_io.Timer()
+  t0 = time.monotonic()
   dtype = checkpoints.check_dtype(dtype)
   out = os.path.abspath(output)
   if os.path.exists(out) and os.listdir(out):  # fail before the (long) restore
@@ -68,7 +68,6 @@ def export(checkpoint: str, output: str, dtype: str | None = None, tokenizer: st
                                "the output folder")
   loaded = checkpoints.load_model(checkpoint, dtype=dtype, on_host=True)
   cfg = loaded.cfg
-  orbax_io.release_memory()
   tok_path = tokenizer or loaded.tokenizer_path
   if not tok_path:
     raise FileNotFoundError(f"{checkpoint} has no tokenizer.model; pass --tokenizer")
@@ -76,7 +75,7 @@ def export(checkpoint: str, output: str, dtype: str | None = None, tokenizer: st
   logging.info("exporting %s (%s%s) -> %s: %s", checkpoint, kind, f" step {step}" if step is not None else "",
                out, cfg)
 
-  bar = tqdm(total=9 * cfg.n_layers + 3, unit="tensor", disable=not show_progress, desc="export")
+  bar = tqdm(total=mapping.num_tensors(cfg), unit="tensor", disable=not show_progress, desc="export")
 
   def progress(name, arr):
     bar.set_postfix_str(f"{name} {list(arr.shape)}", refresh=False)
@@ -89,14 +88,14 @@ def export(checkpoint: str, output: str, dtype: str | None = None, tokenizer: st
     bar.close()
   adapter = None
   if peft_adapter:
-    with checkpoints.atomic_directory(peft_adapter) as tmp:
+    with diskspace.atomic_directory(peft_adapter) as tmp:
       peft.save_adapter(tmp, record["spec"], lora_base.restore_adapters(params_dir),
                         record["base"].get("path", ""))
     adapter = os.path.abspath(peft_adapter)
-  return {"peft_adapter": adapter,"checkpoint": os.path.abspath(checkpoint), "kind": kind, "step": step, "output": out,
+  return {"peft_adapter": adapter, "checkpoint": os.path.abspath(checkpoint), "kind": kind, "step": step, "output": out,
           "dtype": cfg.param_dtype, "tensors": written["tensors"], "parameters": written["parameters"],
-          "bytes": written["bytes"], "shards": written["shards"], "seconds": timer.seconds,
-          "peak_rss_bytes": orbax_io.peak_rss_bytes()}
+          "bytes": written["bytes"], "shards": written["shards"], "seconds": round(time.monotonic() - t0, 2),
+          "peak_rss_bytes": cli.peak_rss_bytes()}
 
 
 def main(argv):
@@ -104,12 +103,11 @@ def main(argv):
   for name in ("checkpoint", "output"):
     if not getattr(FLAGS, name):
       raise app.UsageError(f"--{name} is required")
-  summary = orbax_io.run_command("export", export, FLAGS.checkpoint, FLAGS.output, FLAGS.dtype,
-                                 FLAGS.tokenizer, int(FLAGS.max_shard_gb * 1024**3), True,
-                                 FLAGS.peft_adapter)
-  orbax_io.report(f"exported {summary['checkpoint']} -> {summary['output']}", summary)
+  summary = export(FLAGS.checkpoint, FLAGS.output, FLAGS.dtype, FLAGS.tokenizer,
+                   int(FLAGS.max_shard_gb * 1024**3), peft_adapter=FLAGS.peft_adapter)
+  cli.report(f"exported {summary['checkpoint']} -> {summary['output']}", summary)
 
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

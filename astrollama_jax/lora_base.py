@@ -100,14 +100,7 @@ def check_base(record: dict[str, Any], where: str) -> str | None:
 
 def restore_adapters(params_dir: str) -> dict[str, Any]:
   """A LoRA step's adapters (small) as float32 numpy arrays."""
-  import numpy as np
-  import orbax.checkpoint as ocp
-  import jax
-  stored = checkpoints.stored_metadata(params_dir)
-  args = jax.tree.map(lambda m: ocp.RestoreArgs(restore_type=np.ndarray, dtype=np.float32), stored)
-  target = jax.tree.map(lambda m: np.empty((0,), np.float32), stored)
-  return ocp.PyTreeCheckpointer().restore(
-      checkpoints.pytree_dir(params_dir), args=ocp.args.PyTreeRestore(item=target, restore_args=args))
+  return checkpoints.restore_on_host(params_dir, "float32")
 
 
 def load_merged(record: dict[str, Any], root: str, params_dir: str, cfg: Any, mesh: Any = None,

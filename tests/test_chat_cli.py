@@ -11,10 +11,10 @@ import jax
 import pytest
 
 from astrollama_jax.chat import HELP, ChatSession, TextStream, run_repl
-from astrollama_jax.convert import hf
 from astrollama_jax.data.chat_formats import Conversation
 from astrollama_jax.data.chat_template import build_prompt_ids
 from astrollama_jax.data.tokenizer import Tokenizer
+from astrollama_jax.formats import hf
 from astrollama_jax.generate import generate
 from conftest import REPO
 from hf_reference import TINY_GQA, save_hf_model

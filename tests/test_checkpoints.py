@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from orbax.checkpoint.experimental import v1
 
 from astrollama_jax import checkpoints, sharding
 from astrollama_jax.model import llama
@@ -80,9 +81,8 @@ def test_restore_casts_dtype(converted, params):
 def test_big_arrays_are_chunked_for_partial_reads(params, tmp_path, monkeypatch):
   monkeypatch.setattr(checkpoints, "CHUNK_BYTES", 64 * 1024)
   out = checkpoints.save_params(str(tmp_path / "c"), CFG, params)
-  meta = ocp.StandardCheckpointer().metadata(os.path.join(out, "params")).item_metadata.tree
-  embed = meta["embed"]
-  assert np.prod(embed.storage.chunk_shape) * 4 <= 64 * 1024 < np.prod(embed.shape) * 4
+  embed = checkpoints.stored_metadata(os.path.join(out, "params"))["embed"]
+  assert np.prod(embed.storage_metadata.chunk_shape) * 4 <= 64 * 1024 < np.prod(embed.shape) * 4
 
 
 def _write_workdir(root, params, steps, tokenizer_path):
@@ -123,7 +123,7 @@ def test_workdir_latest_step_and_step_folder_read_params_only(params, tmp_path, 
 
 
 def test_hf_folder_loads(tmp_path, params):
-  from astrollama_jax.convert import hf
+  from astrollama_jax.formats import hf
   hf.save_hf(CFG, params, str(tmp_path / "hf"))
   loaded = checkpoints.load_model(str(tmp_path / "hf"), mesh=sharding.make_mesh((1, 4, 2)))
   assert loaded.kind == "hf" and loaded.tokenizer_path is None
@@ -144,7 +144,7 @@ def test_config_that_does_not_fit_the_params_names_the_tensor(converted, tmp_pat
 def test_failed_save_leaves_nothing_that_looks_complete(params, tmp_path, monkeypatch):
   def boom(*a, **k):
     raise RuntimeError("disk full")
-  monkeypatch.setattr(ocp.StandardCheckpointer, "save", boom)
+  monkeypatch.setattr(v1.partial, "save", boom)
   with pytest.raises(RuntimeError, match="disk full"):
     checkpoints.save_params(str(tmp_path / "out"), CFG, params)
   assert os.listdir(tmp_path) == []

@@ -19,7 +19,7 @@ import torch
 from astrollama_jax import checkpoints
 from astrollama_jax.convert import meta
 from astrollama_jax.convert.__main__ import convert
-from astrollama_jax.convert.hf import ConversionError
+from astrollama_jax.formats.mapping import ConversionError
 from astrollama_jax.data.tokenizer import Tokenizer
 from astrollama_jax.model import llama
 from astrollama_jax.model.config import get_config
@@ -246,7 +246,7 @@ def test_converted_checkpoint_restores_onto_meshes(meta8, tmp_path, tokenizer_pa
   out = convert("meta", meta8, str(tmp_path / "out"), show_progress=False)["output"]
   meta_tree = checkpoints.stored_metadata(os.path.join(out, "params"))
   embed = meta_tree["embed"]
-  assert np.prod(embed.storage.chunk_shape) < np.prod(embed.shape)
+  assert np.prod(embed.storage_metadata.chunk_shape) < np.prod(embed.shape)
   cfg = TINY_70B
   ids = _ids(tokenizer_path, abstracts)
   ref, _ = llama.apply(cfg, checkpoints.load_model(out).params, jnp.asarray(ids))

@@ -20,7 +20,7 @@ import pytest
 from orbax.checkpoint._src.serialization import type_handlers
 
 from astrollama_jax import checkpoints, diskspace
-from astrollama_jax.convert import hf
+from astrollama_jax.formats import hf
 from astrollama_jax.convert.__main__ import convert
 from astrollama_jax.data import corpus
 from astrollama_jax.export import export

@@ -148,7 +148,7 @@ def test_orbax_checkpoint_scores_like_the_hf_folder(setup, capsys, tokenizer_pat
                                                    tmp_path):
   """A converted Orbax DIR (tokenizer taken from it) gives the HF folder's numbers; bf16 is close."""
   from astrollama_jax import checkpoints
-  from astrollama_jax.convert import hf
+  from astrollama_jax.formats import hf
   root, model, tok = setup
   cfg, params = hf.load_hf(str(root / "hf"))
   ckpt = checkpoints.save_params(str(tmp_path / "converted"), cfg, params, tokenizer_path)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from astrollama_jax import sharding
-from astrollama_jax.convert import hf
+from astrollama_jax.formats import hf
 from astrollama_jax.data.tokenizer import Tokenizer
 from astrollama_jax.generate import bucket, generate, sample_logits
 from hf_reference import TINY_GQA, save_hf_model

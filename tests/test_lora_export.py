@@ -12,7 +12,7 @@ import transformers
 from safetensors import safe_open
 
 from astrollama_jax import checkpoints
-from astrollama_jax.convert import peft as peft_io
+from astrollama_jax.formats import peft as peft_io
 from astrollama_jax.export import export
 from astrollama_jax.model import llama, lora
 from astrollama_jax.train import loop

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from astrollama_jax import sharding
-from astrollama_jax.convert import hf
+from astrollama_jax.formats import hf
 from astrollama_jax.data.tokenizer import Tokenizer
 from astrollama_jax.model import llama
 from hf_reference import TINY, TINY_GQA, hf_logits, save_hf_model

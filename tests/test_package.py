@@ -5,6 +5,7 @@ import json
 import math
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -29,8 +30,16 @@ def installed(tmp_path_factory) -> pathlib.Path:
   """A fresh venv holding the wheel built from this tree; its other dependencies are this
   environment's (a .pth file), so nothing is downloaded."""
   root = tmp_path_factory.mktemp("installed")
+  # Built from a copy: building writes build/ and *.egg-info/ beside the sources.
+  tracked = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, check=True, capture_output=True,
+                           text=True).stdout.split("\0")
+  source = root / "source"
+  for name in filter(None, tracked):
+    if (REPO / name).is_file():
+      (source / name).parent.mkdir(parents=True, exist_ok=True)
+      shutil.copy2(REPO / name, source / name)
   subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                  str(REPO), "-w", str(root / "wheel")], check=True, capture_output=True,
+                  str(source), "-w", str(root / "wheel")], check=True, capture_output=True,
                  timeout=300)
   venv = root / "venv"
   subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)

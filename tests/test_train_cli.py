@@ -144,3 +144,19 @@ def test_too_many_nonfinite_steps_in_a_row_stop_the_run(tmp_path):
   assert "3 consecutive steps with a non-finite loss or gradient up to step 4" in _tail(log)
   skipped = [r["skipped"] for r in records(workdir, "train")]
   assert skipped == [0, 1, 1, 1]
+
+
+def test_training_starts_from_an_hf_folder(tmp_path):
+  """``init_checkpoint`` may be an HF folder: its architecture and weights start the run."""
+  from astrollama_jax import checkpoints
+  from astrollama_jax.model.config import LlamaConfig
+  from hf_reference import save_hf_model
+  cfg = LlamaConfig(vocab_size=1024, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128,
+                    max_seq_len=64)
+  save_hf_model(cfg, tmp_path / "hf", seed=3)
+  workdir, log = tmp_path / "run", tmp_path / "run.log"
+  summary = finish(start(train_cmd(workdir, *SYNTHETIC, "--config.train.num_steps=2",
+                                   f"--config.init_checkpoint={tmp_path / 'hf'}"), 1, log), log)
+  assert summary["final_step"] == 2
+  assert "initialised from" in _tail(log, 100_000)
+  assert checkpoints.read_model_config(str(workdir)).dim == 64

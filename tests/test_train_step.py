@@ -60,7 +60,7 @@ def sharded_run():
 def test_loss_matches_transformers(tmp_path):
   import torch
   from hf_reference import TINY_GQA, save_hf_model
-  from astrollama_jax.convert import hf
+  from astrollama_jax.formats import hf
 
   model = save_hf_model(TINY_GQA, tmp_path, seed=5)
   cfg, params = hf.load_hf(str(tmp_path))

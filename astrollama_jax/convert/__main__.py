@@ -4,21 +4,24 @@
       [--dtype=bfloat16] [--tokenizer=llama/tokenizer.model]
 
 Writes DIR/model_config.json, DIR/tokenizer.model and DIR/params (Orbax), one parameter at a
-time (see ``convert/orbax_io.py`` for the memory bound), shows progress per source tensor and
-ends with a summary table and one JSON line.
+time (``checkpoints.write_params``; see there for the memory bound), shows progress per source
+tensor and ends with a summary table and one JSON line.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
+import jax
 import numpy as np
 from absl import app, flags, logging
 from tqdm import tqdm
 
-from astrollama_jax import checkpoints, diskspace
-from astrollama_jax.convert import hf, meta, orbax_io
+from astrollama_jax import checkpoints, cli, diskspace
+from astrollama_jax.convert import meta
+from astrollama_jax.formats import hf, mapping
 
 FLAGS = flags.FLAGS
 
@@ -27,11 +30,11 @@ def define_flags() -> None:
   """Flags exist only when run as a command, so importing this module defines none."""
   flags.DEFINE_enum("source_format", None, ["meta", "hf"], "Meta consolidated.*.pth folder or HF folder.")
   flags.DEFINE_string("source", None, "Folder with the source weights.")
-  flags.DEFINE_string("output", None, "Converted DIR to create (must not exist or be empty).")
+  # Not cli's enum --dtype: check_dtype's message names the dtypes the same way everywhere.
   flags.DEFINE_string("dtype", None, "Parameter dtype: float32, bfloat16 or float16 (default: as stored).")
-  flags.DEFINE_string("tokenizer", None, "tokenizer.model (default: in --source or its parent folder).")
-
-
+  cli.define("output", "tokenizer", help={
+      "output": "Converted DIR to create (must not exist or be empty).",
+      "tokenizer": "tokenizer.model (default: in --source or its parent folder)."})
 
 
 def find_tokenizer(source: str, explicit: str | None = None) -> str:
@@ -48,7 +51,9 @@ def find_tokenizer(source: str, explicit: str | None = None) -> str:
 def convert(source_format: str, source: str, output: str, dtype: str | None = None,
             tokenizer: str | None = None, show_progress: bool = True) -> dict[str, Any]:
   """Convert ``source`` into the converted DIR ``output``; returns the summary dict."""
-  timer = orbax_io.Timer()
+  t0 = time.monotonic()
+  if jax.process_count() > 1:
+    raise RuntimeError("conversion runs in a single process; restore the result onto any mesh")
   dtype = checkpoints.check_dtype(dtype)
   if not os.path.isdir(source):
     raise FileNotFoundError(f"source folder {source} does not exist")
@@ -58,12 +63,10 @@ def convert(source_format: str, source: str, output: str, dtype: str | None = No
   tok_path = find_tokenizer(source, tokenizer)
   if source_format == "meta":
     cfg = meta.read_meta_config(source, dtype)
-    total, extra = meta.num_source_tensors(cfg), {"shards": len(meta.shard_files(source))}
+    extra = {"shards": len(meta.shard_files(source))}
   elif source_format == "hf":
-    hf_cfg = hf.read_hf_config(source)
-    src_dtype = _hf_dtype(source)
-    cfg = hf_cfg.replace(param_dtype=dtype or src_dtype)
-    total, extra = meta.num_source_tensors(cfg), {}
+    cfg = hf.read_hf_config(source).replace(param_dtype=dtype or hf.stored_dtype(source))
+    extra = {}
   else:
     raise ValueError(f"unknown source_format {source_format!r}; use meta or hf")
   from astrollama_jax.data.tokenizer import Tokenizer
@@ -72,7 +75,7 @@ def convert(source_format: str, source: str, output: str, dtype: str | None = No
   diskspace.check_free_space(out, cfg.num_params() * np.dtype(cfg.param_dtype).itemsize, "the output folder")
   logging.info("converting %s (%s) -> %s: %s", source, source_format, out, cfg)
 
-  bar = tqdm(total=total, unit="tensor", disable=not show_progress, desc="convert")
+  bar = tqdm(total=mapping.num_tensors(cfg), unit="tensor", disable=not show_progress, desc="convert")
   n_source = 0
 
   def progress(name, arr):
@@ -81,35 +84,14 @@ def convert(source_format: str, source: str, output: str, dtype: str | None = No
     bar.set_postfix_str(f"{name} {list(arr.shape)}", refresh=False)
     bar.update()
 
-  if source_format == "meta":
-    stream = meta.iter_meta_params(source, cfg, cfg.param_dtype, progress=progress)
-  else:
-    stream = _hf_with_progress(source, cfg, progress)
+  read = meta.iter_meta_params if source_format == "meta" else hf.iter_hf_params
   try:
-    counts = orbax_io.write_converted(out, cfg, stream, tok_path)
+    counts = checkpoints.write_params(out, cfg, read(source, cfg, cfg.param_dtype, progress), tok_path)
   finally:
     bar.close()
   return {"source_format": source_format, "source": os.path.abspath(source), "output": out,
           "dtype": cfg.param_dtype, "tensors": n_source, **counts, **extra,
-          "seconds": timer.seconds, "peak_rss_bytes": orbax_io.peak_rss_bytes()}
-
-
-def _hf_dtype(folder: str) -> str:
-  """The stored dtype of an HF folder (of its embedding table)."""
-  reader = hf._TensorReader(hf._weight_files(folder))
-  return str(reader.get("model.embed_tokens.weight").dtype)
-
-
-def _hf_with_progress(source, cfg, progress):
-  """HF tensors stream per stacked parameter; report every HF tensor it was built from."""
-  for path, arr in hf.iter_hf_params(source, cfg, cfg.param_dtype):
-    name = "/".join(path)
-    if path[0] == "layers":
-      for i in range(arr.shape[0]):
-        progress(f"{name}[{i}]", arr[i])
-    else:
-      progress(name, arr)
-    yield path, arr
+          "seconds": round(time.monotonic() - t0, 2), "peak_rss_bytes": cli.peak_rss_bytes()}
 
 
 def main(argv):
@@ -117,11 +99,10 @@ def main(argv):
   for name in ("source_format", "source", "output"):
     if not getattr(FLAGS, name):
       raise app.UsageError(f"--{name} is required")
-  summary = orbax_io.run_command("conversion", convert, FLAGS.source_format, FLAGS.source, FLAGS.output,
-                                 FLAGS.dtype, FLAGS.tokenizer)
-  orbax_io.report(f"converted {summary['source']} -> {summary['output']}", summary)
+  summary = convert(FLAGS.source_format, FLAGS.source, FLAGS.output, FLAGS.dtype, FLAGS.tokenizer)
+  cli.report(f"converted {summary['source']} -> {summary['output']}", summary)
 
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

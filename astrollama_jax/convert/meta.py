@@ -7,7 +7,8 @@ merging is a concatenation along the axis the table below names.
 
 Meta's q/k rows are in interleaved-pair rotary order; our model (like HF) uses the half-split
 order, so q/k get HF's permutation here. Past that, Meta's [out, in] matrices are exactly HF's,
-and the HF table in ``hf.py`` finishes the job: one reshape table, one rotary convention.
+and the shared table (``formats.mapping``) finishes the job: this module only says how to fetch
+each HF tensor from the shards; one reshape table, one stacking loop, one rotary convention.
 
 Memory: the shard files are memory-mapped (``torch.load(mmap=True)``) and re-opened per output
 parameter; each source tensor's pages are released as soon as it is copied into the stacked
@@ -28,8 +29,8 @@ from typing import Any, Callable, Iterator
 import numpy as np
 from absl import logging
 
-from astrollama_jax.convert import hf
-from astrollama_jax.convert.hf import ConversionError
+from astrollama_jax.formats import mapping
+from astrollama_jax.formats.mapping import ConversionError
 from astrollama_jax.model.config import LlamaConfig
 
 # HF name -> (Meta name, merge axis across shards or None if replicated, q/k head count field).
@@ -213,34 +214,25 @@ def _merge(parts: list[np.ndarray], axis: int | None, name: str, files: list[str
   return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=axis)
 
 
-def num_source_tensors(cfg: LlamaConfig) -> int:
-  return 9 * cfg.n_layers + 3
-
-
 def iter_meta_params(folder: str, cfg: LlamaConfig, dtype: str | None = None,
                      progress: Callable[[str, np.ndarray], None] | None = None,
                      ) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
   """Yield (our path, stacked numpy array) one parameter at a time from Meta shards.
 
-  ``progress(meta_name, merged)`` is called for every merged source tensor.
+  ``progress(hf_name, merged)`` is called for every merged source tensor.
   """
   files = shard_files(folder)
-  out_dtype = np.dtype(dtype) if dtype else None
-  from astrollama_jax.model.llama import param_shapes
-  shapes = param_shapes(cfg)
-  seen: set[str] = set()
-  for path, template, from_hf, to_hf in hf._mapping(cfg):
-    meta_template, axis, heads_field = _META_NAMES[template]
-    target = hf._get(shapes, path)
-    layered = "{i}" in template
-    per_shape = target.shape[1:] if layered else target.shape
-    expected = to_hf(np.empty(per_shape, np.int8)).shape  # Meta's [out, in] == HF's
-    stacked = None
-    with open_shards(files) as dicts:
-      if not seen:
+  checked = False
+
+  def read(entry: mapping.Tensor, expected: tuple[int, ...]) -> Iterator[np.ndarray]:
+    nonlocal checked
+    meta_template, axis, heads_field = _META_NAMES[entry.hf_name]
+    with open_shards(files) as dicts:  # re-opened per parameter: its mapped pages go with it
+      if not checked:
         for fn, d in zip(files, dicts):
           _check_names(fn, d, cfg)
-      for i in range(cfg.n_layers if layered else 1):
+        checked = True
+      for i in range(cfg.n_layers if entry.per_layer else 1):
         name = meta_template.format(i=i)
         parts, sources = [], []
         for fn, d in zip(files, dicts):
@@ -249,24 +241,15 @@ def iter_meta_params(folder: str, cfg: LlamaConfig, dtype: str | None = None,
                                   f"n_layers={cfg.n_layers})")
           sources.append(d[name])
           parts.append(_to_numpy(d[name], name, fn))
-        w = _merge(parts, axis, name, files, expected)
+        w = _merge(parts, axis, name, files, expected)  # Meta's [out, in] == HF's
         del parts
         if heads_field:
           w = _interleaved_to_half_split(w, getattr(cfg, heads_field))
-        if progress:
-          progress(name, w)
-        w = from_hf(w)
-        if layered:
-          if stacked is None:
-            stacked = np.empty(target.shape, out_dtype or w.dtype)
-          stacked[i] = w
-        else:
-          stacked = np.array(w, dtype=out_dtype or w.dtype)  # a copy: no view into the mapping
-        seen.add(name)
+        yield w
         del w
-        _drop_pages(sources)  # read once: let go of its mapped pages now
-    yield path, stacked
-    del stacked
+        _drop_pages(sources)  # copied into the stacked parameter: let go of its mapped pages now
+
+  return mapping.stack_params(cfg, read, dtype, progress)
 
 
 def _check_names(fn: str, state: dict[str, Any], cfg: LlamaConfig) -> None:

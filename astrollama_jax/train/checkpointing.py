@@ -1,7 +1,8 @@
 """Orbax checkpoints of a training run: params, optimizer state, step/RNG/counters, data iterator.
 
 ``WORKDIR/checkpoints/<step>/`` holds the items ``params`` and ``opt_state`` (StandardSave, each
-process writing its own shards), ``train_meta`` (JSON: step, rng, skip counters, ...) and
+process writing its own shards; ``checkpoints`` owns the names and reads ``params`` back for every
+other command), ``train_meta`` (JSON: step, rng, skip counters, ...) and
 ``data_iter`` (one Grain iterator state file per process). Saves are asynchronous: the device
 arrays are copied to host before ``save`` returns, the files are written in the background and
 a step only becomes visible once finalised, so a crash mid-save leaves no half checkpoint that
@@ -31,9 +32,9 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from astrollama_jax import diskspace
+from astrollama_jax.checkpoints import CHECKPOINTS_DIR, PARAMS_DIR
 from astrollama_jax.train.state import TrainState
 
-CHECKPOINTS_DIR = "checkpoints"
 CORRUPT_DIR = "checkpoints_corrupt"
 
 
@@ -108,11 +109,11 @@ class Checkpointer:
     meta = dict(meta, step=step, rng=[int(v) for v in np.asarray(jax.device_get(state.rng))],
                 nonfinite_total=int(state.nonfinite_total), nonfinite_run=int(state.nonfinite_run),
                 process_count=jax.process_count(), saved_at=time.time())
-    args = ocp.args.Composite(
-        params=ocp.args.StandardSave(state.params),
-        opt_state=ocp.args.StandardSave(state.opt_state),
-        train_meta=ocp.args.JsonSave(meta),
-        data_iter=grain.checkpoint.CheckpointSave(_IteratorState(data_iter)))
+    args = ocp.args.Composite(**{
+        PARAMS_DIR: ocp.args.StandardSave(state.params),
+        "opt_state": ocp.args.StandardSave(state.opt_state),
+        "train_meta": ocp.args.JsonSave(meta),
+        "data_iter": grain.checkpoint.CheckpointSave(_IteratorState(data_iter))})
     self._saving = step
     with self._disk_full_errors():
       return self.manager.save(step, args=args, force=True)
@@ -143,11 +144,11 @@ class Checkpointer:
     """
     for step in reversed(self.all_steps()):
       try:
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(target.params),
-            opt_state=ocp.args.StandardRestore(target.opt_state),
-            train_meta=ocp.args.JsonRestore(),
-            data_iter=grain.checkpoint.CheckpointRestore(_IteratorState(data_iter, capture=False))))
+        restored = self.manager.restore(step, args=ocp.args.Composite(**{
+            PARAMS_DIR: ocp.args.StandardRestore(target.params),
+            "opt_state": ocp.args.StandardRestore(target.opt_state),
+            "train_meta": ocp.args.JsonRestore(),
+            "data_iter": grain.checkpoint.CheckpointRestore(_IteratorState(data_iter, capture=False))}))
         meta = dict(restored["train_meta"])
         if meta.get("step") != step:
           raise ValueError(f"train_meta says step {meta.get('step')}")
@@ -161,7 +162,7 @@ class Checkpointer:
         continue
       state = TrainState(
           step=_replicated(np.int32(step), target.step.sharding),
-          params=restored["params"], opt_state=restored["opt_state"],
+          params=restored[PARAMS_DIR], opt_state=restored["opt_state"],
           rng=_replicated(np.asarray(meta["rng"], np.uint32), target.rng.sharding),
           nonfinite_total=_replicated(np.int32(meta["nonfinite_total"]), target.nonfinite_total.sharding),
           nonfinite_run=_replicated(np.int32(meta["nonfinite_run"]), target.nonfinite_run.sharding))

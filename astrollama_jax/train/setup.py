@@ -87,8 +87,8 @@ def model_config(config: Any, workdir: str) -> tuple[LlamaConfig, str]:
   if config.init_checkpoint:
     kind, root, _, _ = checkpoints.locate(config.init_checkpoint)
     if kind == "hf":
-      from astrollama_jax.convert import hf
-      cfg = LlamaConfig.from_hf_config(hf.read_hf_config(root))
+      from astrollama_jax.formats import hf
+      cfg = hf.read_hf_config(root)
     else:
       cfg = checkpoints.read_model_config(root)
     return _with_overrides(cfg, config, config.init_checkpoint), config.init_checkpoint

@@ -1,0 +1,310 @@
+"""lm-evaluation-harness on our model: the same numbers as lm-eval's own ``hf`` backend.
+
+One random tiny LLaMA is saved as an HF folder; lm-eval runs it once through ``hf`` (PyTorch)
+and once through our ``astrollama`` model (JAX, float32, on a 2x2x2 mesh), offline, over local
+JSONL: the shipped astronomy tasks (multiple choice two ways, rolling perplexity), a
+loglikelihood task whose ``acc`` is lm-eval's is_greedy, and a generation task with stop
+sequences. Every document's answer and every metric must agree.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import yaml  # noqa: E402
+from absl import flags  # noqa: E402
+
+from astrollama_jax import harness as harness_cli  # noqa: E402
+from astrollama_jax.data.chat_template import write_hf_tokenizer_files  # noqa: E402
+from astrollama_jax.eval import compare  # noqa: E402
+from hf_reference import TINY  # noqa: E402
+from test_eval_common import make_hf_folder, write_jsonl  # noqa: E402
+
+lm_eval = pytest.importorskip("lm_eval")
+
+MAX_LENGTH = 64  # short, so rolling windows, left truncation and the generation budget all bite
+LIMIT = 4
+SHIPPED = ["astro_mcq", "astro_mcq_cloze", "astro_ph_abstracts"]
+OURS_ONLY = ["astro_greedy", "astro_complete"]  # written by the test
+STOP = ["e", "\n"]
+
+
+def _mcq(abstracts, letters=True):
+  """Questions made of abstract words; the answer a letter, or (``letters=False``) an index."""
+  out = []
+  for i, a in enumerate(abstracts[:5]):
+    w = a.split()
+    out.append({"question": " ".join(w[:10]) + "?", "A": w[10], "B": " ".join(w[11:13]),
+                "C": w[13], "D": w[14], "answer": "ABCD"[i % 4] if letters else i % 4})
+  return out
+
+
+def _greedy_docs(model, tok, abstracts):
+  """Half the targets are the model's own greedy continuation (is_greedy true), half not."""
+  docs = []
+  for i, a in enumerate(abstracts[20:24]):
+    prompt = " ".join(a.split()[:8])
+    ids = tok(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+      out = model.generate(ids, max_new_tokens=3, do_sample=False)
+    greedy = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    docs.append({"prompt": prompt, "target": greedy if i % 2 == 0 else a.split()[8]})
+  return docs
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tokenizer_path, abstracts):
+  """Root folder with hf/ (model + tokenizer), astro_eval/ (the shipped tasks' data) and
+  tasks/ (two more YAMLs)."""
+  import transformers
+  root = tmp_path_factory.mktemp("harness")
+  model = make_hf_folder(TINY, root / "hf", seed=5)
+  write_hf_tokenizer_files(root / "hf", tokenizer_path, TINY.max_seq_len)
+  tok = transformers.AutoTokenizer.from_pretrained(str(root / "hf"))
+  data = root / "astro_eval"
+  data.mkdir()
+  write_jsonl(data / "astro_mcq.jsonl", _mcq(abstracts))
+  # "abstract" for some records and "text" for others: both fields the eval formats accept
+  write_jsonl(data / "astro_ph_abstracts.jsonl",
+              [{"abstract": a} if i % 2 else {"text": a} for i, a in enumerate(abstracts[5:10])])
+  write_jsonl(data / "greedy.jsonl", _greedy_docs(model, tok, abstracts))
+  write_jsonl(data / "complete.jsonl", [{"prompt": " ".join(a.split()[:12]), "target": a}
+                                        for a in abstracts[30:35]])
+  tasks = root / "tasks"
+  tasks.mkdir()
+  common = {"dataset_path": "json", "test_split": "test", "doc_to_text": "{{ prompt }}"}
+  (tasks / "astro_greedy.yaml").write_text(yaml.safe_dump({
+      **common, "task": "astro_greedy", "output_type": "loglikelihood",
+      "dataset_kwargs": {"data_files": {"test": str(data / "greedy.jsonl")}},
+      "doc_to_target": "{{ target }}", "target_delimiter": "",
+      "metric_list": [{"metric": "acc"}, {"metric": "perplexity"}]}))
+  (tasks / "astro_complete.yaml").write_text(yaml.safe_dump({
+      **common, "task": "astro_complete", "output_type": "generate_until",
+      "dataset_kwargs": {"data_files": {"test": str(data / "complete.jsonl")}},
+      "doc_to_target": "{{ target }}",
+      "generation_kwargs": {"until": STOP, "max_gen_toks": 12, "do_sample": False},
+      "metric_list": [{"metric": "exact_match"}, {"metric": "chrf"}]}))
+  return root
+
+
+def _evaluate(model, model_args, root, tasks, **kw):
+  from lm_eval import simple_evaluate
+  from lm_eval.tasks import TaskManager
+  # lm-eval's own tasks are not needed here (indexing them takes most of a minute)
+  manager = TaskManager(include_path=[harness_cli.TASKS_DIR, str(root / "tasks")],
+                        include_defaults=False)
+  return simple_evaluate(model=model, model_args=model_args, tasks=tasks, limit=LIMIT,
+                         task_manager=manager, log_samples=True, bootstrap_iters=0, **kw)
+
+
+@pytest.fixture(scope="module")
+def both(setup):
+  """lm-eval's results through hf and through astrollama, run from the data's folder."""
+  from astrollama_jax.eval.harness import AstroLlamaLM
+  torch.set_num_threads(1)
+  cwd = os.getcwd()
+  os.chdir(setup)
+  try:
+    hf = _evaluate("hf", f"pretrained={setup / 'hf'},dtype=float32,max_length={MAX_LENGTH}",
+                   setup, SHIPPED + OURS_ONLY, device="cpu", batch_size=2)
+    lm = AstroLlamaLM(checkpoint=str(setup / "hf"), mesh="2,2,2", compute_dtype="float32",
+                      max_length=MAX_LENGTH, batch_size=4, progress=False)
+    ours = _evaluate(lm, None, setup, SHIPPED + OURS_ONLY)
+  finally:
+    os.chdir(cwd)
+  return hf, ours
+
+
+def _numbers(resps):
+  """A sample's filtered responses as a flat list of floats (bools as 0/1) or of strings."""
+  flat = []
+  for r in resps:
+    flat += list(r) if isinstance(r, (list, tuple)) else [r]
+  return flat
+
+
+@pytest.mark.parametrize("task", SHIPPED + OURS_ONLY)
+def test_every_document_scores_like_the_hf_backend(both, task):
+  hf, ours = both
+  a, b = hf["samples"][task], ours["samples"][task]
+  assert [s["doc_id"] for s in a] == [s["doc_id"] for s in b] and len(a) == LIMIT
+  for x, y in zip(a, b):
+    assert x["arguments"] == y["arguments"]  # the same prompts, few-shot and choices
+    fx, fy = _numbers(x["filtered_resps"]), _numbers(y["filtered_resps"])
+    if task == "astro_complete":
+      assert fx == fy, (x["arguments"], fx, fy)
+    else:
+      np.testing.assert_allclose(np.asarray(fy, float), np.asarray(fx, float), rtol=1e-5,
+                                 atol=1e-4, err_msg=f"{task} doc {x['doc_id']}")
+
+
+@pytest.mark.parametrize("task", SHIPPED + OURS_ONLY)
+def test_every_metric_equals_the_hf_backend(both, task):
+  hf, ours = both
+  a, b = hf["results"][task], ours["results"][task]
+  assert set(a) == set(b)
+  numeric = {k: v for k, v in a.items() if isinstance(v, float) and k != "alias"}
+  assert numeric, a
+  for key, value in numeric.items():
+    assert b[key] == pytest.approx(value, rel=1e-4, abs=1e-4), (task, key, value, b[key])
+
+
+def test_the_tasks_exercise_what_they_should(both):
+  """Not vacuous: is_greedy true and false, stop strings cut, rolling over several windows."""
+  _, ours = both
+  greedy = [bool(s["filtered_resps"][0][1]) for s in ours["samples"]["astro_greedy"]]
+  assert any(greedy) and not all(greedy)
+  texts = [s["filtered_resps"][0] for s in ours["samples"]["astro_complete"]]
+  assert any(texts) and not any(c in t for t in texts for c in STOP)
+  lengths = [len(s["doc"].get("text") or s["doc"].get("abstract")) for s in
+             ours["samples"]["astro_ph_abstracts"]]
+  assert min(lengths) > 4 * MAX_LENGTH  # characters: every text spans more than one window
+  assert ours["results"]["astro_ph_abstracts"]["word_perplexity,none"] > 1
+
+
+def _run_cli(capsys, *args):
+  fv = flags.FlagValues()
+  harness_cli.define_flags(fv)
+  argv = fv(["harness", "--noprogress", *args])
+  harness_cli.main(argv, fv)
+  return capsys.readouterr().out.strip().splitlines()
+
+
+def test_cli_prints_the_table_and_results_and_writes_files(setup, both, capsys, monkeypatch,
+                                                           tokenizer_path):
+  monkeypatch.chdir(setup)
+  out = setup / "cli_out"
+  lines = _run_cli(capsys, f"--checkpoint={setup / 'hf'}", f"--tokenizer={tokenizer_path}",
+                   "--tasks=astro_mcq,astro_ph_abstracts,astro_complete",
+                   f"--include_path={setup / 'tasks'}", f"--limit={LIMIT}",
+                   f"--max_length={MAX_LENGTH}", "--compute_dtype=float32", "--mesh=2,2,2",
+                   "--batch_size=4", "--bootstrap_iters=0", f"--output={out}", "--label=tiny")
+  summary = json.loads(lines[-1])
+  table = "\n".join(lines[:-1])
+  assert "|astro_mcq" in table and "word_perplexity" in table and "Metric" in table
+  _, ours = both
+  for task in ("astro_mcq", "astro_ph_abstracts", "astro_complete"):
+    for key, value in ours["results"][task].items():
+      if isinstance(value, float):
+        assert summary["results"][task][key] == pytest.approx(value, rel=1e-6), (task, key)
+  # lm-eval's results file, and ours that --compare reads
+  lm_file = summary["files"]["lm_eval"]
+  assert os.path.isfile(lm_file) and os.path.dirname(lm_file) == str(out / "tiny")
+  with open(lm_file) as f:
+    assert json.load(f)["results"] == summary["results"]
+  with open(out / "harness.json") as f:
+    ours_file = json.load(f)
+  assert ours_file["label"] == "tiny" and ours_file["task"] == "harness"
+  assert ours_file["metrics"]["astro_mcq/acc"] == summary["results"]["astro_mcq"]["acc,none"]
+  assert "astro_mcq/sample_len" not in ours_file["metrics"]
+  (label, metrics), = compare.load_runs([str(out)])
+  assert label == "tiny"
+  assert metrics["astro_ph_abstracts/bits_per_byte"] == pytest.approx(
+      summary["results"]["astro_ph_abstracts"]["bits_per_byte,none"])
+
+
+def test_shipped_yamls_load_with_lm_evals_task_manager(tmp_path, monkeypatch, abstracts):
+  from lm_eval.tasks import TaskManager
+  (tmp_path / "astro_eval").mkdir()
+  write_jsonl(tmp_path / "astro_eval" / "astro_mcq.jsonl", _mcq(abstracts, letters=False))
+  write_jsonl(tmp_path / "astro_eval" / "astro_ph_abstracts.jsonl",
+              [{"abstract": a, "text": None if i % 2 else a} for i, a in enumerate(abstracts[:5])])
+  monkeypatch.chdir(tmp_path)
+  manager = TaskManager(include_path=harness_cli.TASKS_DIR, include_defaults=False)
+  assert set(SHIPPED) <= set(manager.all_subtasks) and "astro" in manager.all_tags
+  loaded = manager.load(["astro"])["tasks"]
+  assert sorted(loaded) == SHIPPED
+  mcq = loaded["astro_mcq"]
+  doc = mcq.test_docs()[1]
+  assert mcq.doc_to_target(doc) == 1 and mcq.doc_to_choice(doc) == ["A", "B", "C", "D"]
+  assert mcq.doc_to_text(doc).endswith("\nD. " + doc["D"] + "\nAnswer:")
+  assert mcq.doc_to_target(mcq.test_docs()[3]) == 3
+  assert mcq.config.description.startswith("The following are multiple choice questions")
+  cloze = loaded["astro_mcq_cloze"]
+  assert cloze.doc_to_choice(doc) == [doc["A"], doc["B"], doc["C"], doc["D"]]
+  ppl = loaded["astro_ph_abstracts"]
+  assert [ppl.doc_to_target(d) for d in ppl.test_docs()] == abstracts[:5]
+
+
+def test_unknown_task_is_one_error_line(setup, tokenizer_path):
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(harness_cli.__file__)))
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")])}
+  res = subprocess.run([sys.executable, "-m", "astrollama_jax.harness",
+                        f"--checkpoint={setup / 'hf'}", "--tasks=astro_mcq,no_such_task_xyz",
+                        f"--output={setup / 'bad_out'}"], capture_output=True, text=True,
+                       env=env, timeout=300, check=False)
+  assert res.returncode == 1, res.stderr[-2000:]
+  errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+  assert errors == [errors[0]] and "no_such_task_xyz" in errors[0], res.stderr[-2000:]
+  assert "astro_mcq" not in errors[0] and "Traceback" not in res.stderr
+  assert not (setup / "bad_out").exists()
+
+
+def test_two_processes_give_the_single_process_results(setup, both, tmp_path, tokenizer_path):
+  """jax.distributed over loopback, 4 CPU devices each, one 2x2x2 mesh: process 0 prints and
+  writes the numbers one process computes; process 1 prints and writes nothing."""
+  from test_multihost import _free_port
+  from test_train_cli import train_env
+  _, ours = both
+  tasks = ["astro_mcq", "astro_greedy", "astro_ph_abstracts", "astro_complete"]
+  port, out = _free_port(), tmp_path / "out"
+  procs = []
+  for i in range(2):
+    cmd = [sys.executable, "-m", "astrollama_jax.harness", f"--checkpoint={setup / 'hf'}",
+           f"--tokenizer={tokenizer_path}", f"--tasks={','.join(tasks)}",
+           f"--include_path={setup / 'tasks'}", f"--limit={LIMIT}", f"--max_length={MAX_LENGTH}",
+           "--compute_dtype=float32", "--mesh=2,2,2", "--batch_size=4", "--bootstrap_iters=0",
+           f"--output={out}", "--label=tiny", "--noprogress", "--num_processes=2",
+           f"--coordinator_address=127.0.0.1:{port}", f"--process_id={i}"]
+    procs.append(subprocess.Popen(cmd, cwd=setup, env=train_env(4), stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True))
+  try:
+    outputs = [p.communicate(timeout=600) for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  for p, (_, err) in zip(procs, outputs):
+    assert p.returncode == 0, err[-3000:]
+  summary = json.loads(outputs[0][0].strip().splitlines()[-1])
+  # (gloo, the CPU collectives library, prints its connections on stdout itself)
+  assert [line for line in outputs[1][0].splitlines() if "peer ranks" not in line] == []
+  for task in tasks:
+    want = {k: v for k, v in ours["results"][task].items() if isinstance(v, float)}
+    got = {k: summary["results"][task][k] for k in want}
+    assert got == pytest.approx(want, rel=1e-5, abs=1e-5), task
+  assert sorted(os.listdir(out)) == ["harness.json", "tiny"]
+  assert len(os.listdir(out / "tiny")) == 1  # one results file, from process 0
+
+
+def test_model_args_string_builds_the_registered_model(setup):
+  """``simple_evaluate(model="astrollama", model_args="checkpoint=...")`` goes this way."""
+  from lm_eval.api.registry import get_model
+
+  import astrollama_jax.eval.harness  # noqa: F401  (registers the model)
+  lm = get_model("astrollama").create_from_arg_string(
+      f"checkpoint={setup / 'hf'},compute_dtype=float32,max_length=32",
+      {"batch_size": "auto", "device": "cpu", "max_batch_size": None})
+  assert (lm.max_length, lm.batch_size, lm.cfg.compute_dtype) == (32, 8, "float32")
+  context, continuation = lm._encode_pair("The Sun is a ", "star")
+  assert context[0] == lm.prefix_token_id == 1 and lm.tok_decode(continuation) == "star"
+  with pytest.raises(ValueError, match="max_length"):
+    get_model("astrollama").create_from_arg_string(f"pretrained={setup / 'hf'},max_length=4096")
+
+
+def test_bad_include_path_and_limit_are_user_errors(tmp_path):
+  from astrollama_jax import cli
+  with pytest.raises(cli.UserError, match="not a folder"):
+    harness_cli.task_manager([str(tmp_path / "nope")])
+  with pytest.raises(cli.UserError, match="--limit"):
+    harness_cli._limit(0)
+  assert harness_cli._limit(3.0) == 3 and harness_cli._limit(0.5) == 0.5
