@@ -113,6 +113,7 @@ def load_merged(record: dict[str, Any], root: str, params_dir: str, cfg: Any, me
   """
   import jax
   import numpy as np
+
   from astrollama_jax.model import llama, lora
   spec = record["spec"]
   adapters = restore_adapters(params_dir)

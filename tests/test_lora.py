@@ -5,15 +5,16 @@ import os
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
-from jax.sharding import PartitionSpec as P
 
 from astrollama_jax import checkpoints, lora_base, sharding
 from astrollama_jax.data.packing import BATCH_SPEC
 from astrollama_jax.model import llama, lora
 from astrollama_jax.model.config import get_config
-from astrollama_jax.train import loop, program as program_lib
+from astrollama_jax.train import loop
+from astrollama_jax.train import program as program_lib
 from astrollama_jax.train.defaults import base_config
 
 CFG = get_config("tiny_gqa", compute_dtype="float32")
@@ -229,7 +230,8 @@ def _adapters_and_opt(workdir, step):
   import orbax.checkpoint as ocp
   folder = os.path.join(workdir, "checkpoints", str(step))
   ckptr = ocp.StandardCheckpointer()
-  return ckptr.restore(os.path.join(folder, "params")), ckptr.restore(os.path.join(folder, "opt_state"))
+  return (ckptr.restore(os.path.join(folder, "params")),
+          ckptr.restore(os.path.join(folder, "opt_state")))
 
 
 def test_kill9_and_resume_of_a_lora_run_is_bit_identical(tmp_path, tokenizer_path):

@@ -1,23 +1,23 @@
-"""A LoRA workdir exported: merged HF weights, a peft adapter folder, and inference on it directly."""
+"""A LoRA workdir exported (merged HF weights, a peft adapter folder) and run directly."""
 
 import json
 import os
 import shutil
 
+from hf_reference import TINY_GQA, hf_logits, save_hf_model
 import jax
 import numpy as np
 import pytest
+from safetensors import safe_open
 import torch
 import transformers
-from safetensors import safe_open
 
 from astrollama_jax import checkpoints
-from astrollama_jax.formats import peft as peft_io
 from astrollama_jax.export import export
+from astrollama_jax.formats import peft as peft_io
 from astrollama_jax.model import llama, lora
 from astrollama_jax.train import loop
 from astrollama_jax.train.defaults import base_config
-from hf_reference import TINY_GQA, hf_logits, save_hf_model
 
 TARGETS = "q,v,o,down"
 
@@ -131,8 +131,10 @@ def _generate(checkpoint, output):
   """Greedy completions of the ``generate`` command (a subprocess) for two prompts."""
   import subprocess
   import sys
+
   from test_train_cli import REPO, train_env
-  out = subprocess.run([sys.executable, "-m", "astrollama_jax.generate", f"--checkpoint={checkpoint}",
+  out = subprocess.run([sys.executable, "-m", "astrollama_jax.generate",
+                        f"--checkpoint={checkpoint}",
                         "--prompt=The Hubble constant", "--prompt=Dark matter halos",
                         "--max_new_tokens=8", "--temperature=0", "--compute_dtype=float32",
                         f"--output={output}"], cwd=REPO, env=train_env(1),

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from astrollama_jax.model.lora import A, B, TARGETS, LoraSpec
+from astrollama_jax.model.lora import TARGETS, A, B, LoraSpec
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
