@@ -162,3 +162,30 @@ def test_generate_and_eval_on_a_lora_workdir_equal_the_merged_export(lora_run, t
   assert lora_m.keys() == merged_m.keys()
   for key in lora_m:
     assert lora_m[key] == pytest.approx(merged_m[key], rel=1e-5, abs=1e-6), key
+
+
+def test_the_export_command_writes_both_folders_and_refuses_an_adapter_of_a_full_model(
+    lora_run, tmp_path):
+  import subprocess
+  import sys
+
+  from test_train_cli import REPO, train_env
+  base, workdir, merged, adapter = lora_run
+
+  def run(checkpoint, name):
+    return subprocess.run([sys.executable, "-m", "astrollama_jax.export",
+                           f"--checkpoint={checkpoint}", f"--output={tmp_path / name}",
+                           f"--peft_adapter={tmp_path / (name + '_adapter')}"], cwd=REPO,
+                          env=train_env(1), capture_output=True, text=True, timeout=300)
+
+  out = run(workdir, "cli")
+  assert out.returncode == 0, out.stderr[-3000:]
+  summary = json.loads(out.stdout.strip().splitlines()[-1])
+  assert summary["peft_adapter"] == str(tmp_path / "cli_adapter")
+  for name in (peft_io.ADAPTER_WEIGHTS, peft_io.ADAPTER_CONFIG):
+    assert (tmp_path / "cli_adapter" / name).read_bytes() == (adapter / name).read_bytes()
+  assert _tensors(tmp_path / "cli").keys() == _tensors(merged["output"]).keys()
+
+  out = run(base, "full")
+  assert out.returncode == 1 and "is not a LoRA workdir" in out.stderr
+  assert not (tmp_path / "full").exists() and not (tmp_path / "full_adapter").exists()
