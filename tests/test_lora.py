@@ -254,3 +254,22 @@ def test_kill9_and_resume_of_a_lora_run_is_bit_identical(tmp_path, tokenizer_pat
   assert set(p_whole["layers"]["attn"]) == {"q_proj", "v_proj", "o_proj"}
   jax.tree.map(np.testing.assert_array_equal, p_whole, p_broken)
   jax.tree.map(np.testing.assert_array_equal, o_whole, o_broken)
+
+
+def test_a_lora_workdir_over_a_random_base_loads_merged(tmp_path):
+  config = _config(mesh=(2, 2, 2))
+  config.train.num_steps = 2
+  config.schedule.learning_rate = 1e-2
+  loop.train(config, str(tmp_path / "run"))
+  record = lora_base.read(str(tmp_path / "run"))
+  assert record["base"] == {"kind": "random", "seed": 0}
+  loaded = checkpoints.load_model(str(tmp_path / "run"), on_host=True)
+  assert loaded.step == 2 and loaded.cfg.param_dtype == "bfloat16"
+  base = jax.tree.map(lambda x: np.asarray(x.astype(jnp.bfloat16)),
+                      llama.init_params(loaded.cfg, seed=0))
+  adapters = lora_base.restore_adapters(str(tmp_path / "run" / "checkpoints" / "2" / "params"))
+  want = lora.merge(base, adapters, record["spec"])
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+               loaded.params, want)
+  assert np.any(loaded.params["layers"]["mlp"]["up_proj"] != base["layers"]["mlp"]["up_proj"])
+  np.testing.assert_array_equal(loaded.params["lm_head"], base["lm_head"])
