@@ -13,7 +13,8 @@ setup(
     package_dir={"astrollama_jax.configs": "configs", "astrollama_jax.demo_data": "data"},
     package_data={"astrollama_jax.configs": ["*.py", "**/*.py"],
                   "astrollama_jax.demo_data": ["**/*"],
-                  "astrollama_jax.eval": ["*.md", "tasks/*.yaml"]},
+                  "astrollama_jax.eval": ["*.md", "tasks/*.yaml"],
+                  "astrollama_jax.serve": ["static/*"]},
     include_package_data=False,
     python_requires=">=3.10",
     # Pinned to the versions this project is tested with; newer minors are allowed where they work.
@@ -40,7 +41,7 @@ setup(
         "console_scripts": [
             f"astrollama-{name.replace('_', '-')}=astrollama_jax.cli:{name}"
             for name in ("prepare", "train", "convert", "export", "generate", "chat", "eval",
-                         "harness", "bench", "aot", "make_qa", "demo")
+                         "harness", "bench", "aot", "make_qa", "demo", "serve", "feedback")
         ],
     },
     extras_require={
@@ -55,6 +56,12 @@ setup(
             # lm-evaluation-harness: `astrollama-harness`, and its hf backend for the parity test
             "lm-eval==0.4.13",
             "accelerate>=1.15.0",
+            # The TPU compiler (jax 0.10.2's own "tpu" extra pin): tests/test_tpu_plan.py compiles
+            # for a TPU slice on a CPU host with it; no TPU needed, and without it that test skips.
+            "libtpu==0.0.42.*",
+            # The server's tests: the official client, and selenium driving Debian's Chromium.
+            "openai>=3.57,<4",
+            "selenium>=4.51,<5",
             "peft==0.21.2",  # LoRA adapter export is checked against peft's loader
         ],
     },

@@ -1,7 +1,13 @@
-r"""``python -m astrollama_jax.aot``: compile a config's real train step for N devices, ahead of time.
+r"""``python -m astrollama_jax.aot``: compile a config's real train step ahead of time.
 
-  python -m astrollama_jax.aot --config=configs/llama2_cpt.py:70b --devices=64 \
-      [--config.mesh='(1,32,1)' --config.train.grad_accum_steps=10 ...]
+  python -m astrollama_jax.aot --config=configs/llama2_cpt.py:70b --topology=v5p-128 \
+      [--config.mesh='(1,32,2)' --config.train.grad_accum_steps=10 ...]
+  python -m astrollama_jax.aot --config=configs/llama2_cpt.py:70b --devices=64
+
+``--topology`` (``v5p-128``, ``v4-256``, ``v5e-8``, ``v6e-16``, ``2xv5p-128`` for two slices)
+compiles with libtpu's own compiler for that slice (``tpu_plan.py``; no TPU needed): the
+per-chip plan the slice would run, against the chip's HBM, with the fused attention kernels
+compiled in. Without libtpu, ``--devices=N`` plans on N fake CPU devices instead.
 
 The config and its ``--config.*`` overrides are read exactly as ``train`` reads them, and the
 step is the trainer's own (``train.program.compile_train_step``). Nothing is allocated: the train
@@ -27,9 +33,11 @@ def define_flags() -> None:
   from ml_collections import config_flags
   config_flags.DEFINE_config_file("config", None, "A configs/*.py training config; --config.* "
                                   "overrides as for train.", lock_config=True)
-  flags.DEFINE_integer("devices", None, "Number of fake devices to compile for.")
-  flags.DEFINE_float("device_gb", 80.0, "Per-device memory to compare the plan against, GB.")
-  flags.mark_flags_as_required(["config", "devices"])
+  flags.DEFINE_string("topology", None, "TPU slice to compile for with libtpu, e.g. v5p-128, "
+                      "v4-256, v5e-8, v6e-16, 2xv5p-128.")
+  flags.DEFINE_integer("devices", None, "Without --topology: number of fake CPU devices.")
+  flags.DEFINE_float("device_gb", 80.0, "With --devices: per-device memory to compare against, GB.")
+  flags.mark_flags_as_required(["config"])
 
 
 def plan(config: Any, devices: int) -> dict[str, Any]:
@@ -55,7 +63,7 @@ def memory_plan(config: Any) -> dict[str, Any]:
   devices = jax.device_count()
   cfg = setup.preset_model_config(config)
   attention = cfg.attention_impl
-  if attention == "cudnn":  # a GPU kernel: the CPU compiler plans XLA attention instead (S^2 scores)
+  if attention != "xla":  # fused kernels are GPU/TPU programs: the CPU stand-in plans XLA's
     cfg = cfg.replace(attention_impl="xla")
   mesh = sharding.make_mesh(tuple(config.mesh))
   setup.check_batch_layout(config, dict(mesh.shape))
@@ -85,7 +93,7 @@ def memory_plan(config: Any) -> dict[str, Any]:
       "mesh": dict(mesh.shape), "global_batch": gbs, "seq_len": seq,
       "micro_batch": gbs // t.grad_accum_steps, "grad_accum": t.grad_accum_steps,
       "remat": cfg.remat_policy,
-      "attention": cfg.attention_impl + (" (config: cudnn)" if attention == "cudnn" else ""),
+      "attention": cfg.attention_impl + (f" (config: {attention})" if attention != "xla" else ""),
       "compute_dtype": cfg.compute_dtype, "moments_dtype": moments,
       "loss_chunk": config.loss.chunk_size,
       "lora": program.lora.to_dict() if program.lora else None,
@@ -98,16 +106,48 @@ def memory_plan(config: Any) -> dict[str, Any]:
   }
 
 
+def tpu_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
+  """The table of a libtpu plan (``tpu_plan.train_step_plan``)."""
+  gib = lambda key: f"{result[key] / 2**30:.2f}" if key in result else "-"  # noqa: E731
+  return [("target / mesh", f"{result['target']} ({result['chips']} chips) / {result['mesh']}"),
+          ("batch", f"{result['global_batch']} x {result['seq_len']} (accumulation "
+                    f"{result['grad_accum']})"),
+          ("remat / attention", f"{result['remat']} / {result['attention']}"),
+          ("arguments (GiB/chip)", gib("argument_bytes")),
+          ("temporaries (GiB/chip)", gib("temp_bytes")),
+          ("peak (GiB/chip)", gib("peak_bytes")),
+          ("HBM (GiB/chip)", gib("hbm_bytes")),
+          ("fits", str(result["fits"])),
+          ("fused-kernel calls", str(result.get("kernel_calls", "-"))),
+          ("compile (s)", str(result["compile_s"]))]
+
+
 def main(argv: list[str]) -> None:
   from astrollama_jax import cli
   cli.no_extra_args(argv)
   FLAGS = flags.FLAGS
+  if bool(FLAGS.topology) == bool(FLAGS.devices):
+    raise cli.UserError("give --topology=SLICE (libtpu) or --devices=N (fake CPU devices)")
+  if FLAGS.topology:
+    from astrollama_jax import tpu_plan
+    topology = tpu_plan.parse_topology(FLAGS.topology)
+    if not tpu_plan.libtpu_available():
+      raise cli.UserError("--topology needs libtpu (pip install 'libtpu==0.0.42.*'); "
+                          "--devices=N plans on fake CPU devices without it")
+    result = tpu_plan.train_step_plan(FLAGS.config, topology)
+    peak = result.get("peak_bytes", result.get("temp_bytes", 0))
+    result.update(peak_gib=round(peak / 2**30, 3), hbm_gib=round(result["hbm_bytes"] / 2**30, 3))
+    cli.report(f"aot: libtpu's per-chip plan of the train step on {result['target']}", result,
+               rows=tpu_rows(result), columns=("quantity", "value"))
+    return
   result = plan(FLAGS.config, FLAGS.devices)
   result["fits"] = result["total_gb"] <= FLAGS.device_gb
+  result.update(target=f"cpu-{FLAGS.devices}", peak_gib=round(result["total_gb"] * 1e9 / 2**30, 3),
+                hbm_gib=round(FLAGS.device_gb * 1e9 / 2**30, 3), kernel_calls=0)
   rows = [("model", f"{result['model']} ({result['params_b']:.2f}B params)"),
           ("devices / mesh", f"{result['devices']} / {result['mesh']}"),
-          ("batch", f"{result['global_batch']} x {result['seq_len']} (micro-batch {result['micro_batch']}, "
-                    f"accumulation {result['grad_accum']})"),
+          ("batch", f"{result['global_batch']} x {result['seq_len']} (micro-batch "
+                    f"{result['micro_batch']}, accumulation {result['grad_accum']})"),
           ("trained params", f"{result['trained_params']:,}" + (
               f" (LoRA rank {result['lora']['rank']}, base {result['base_dtype']})"
               if result["lora"] else "")),
@@ -121,7 +161,7 @@ def main(argv: list[str]) -> None:
           (f"fits {FLAGS.device_gb:g} GB", str(result["fits"])),
           ("compile (s)", f"{result['compile_s']}")]
   cli.report("aot: per-device memory plan of the train step", result, rows=rows,
-             columns=("plan", "value"))
+             columns=("quantity", "value"))
 
 
 if __name__ == "__main__":

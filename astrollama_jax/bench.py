@@ -369,7 +369,7 @@ def report(summary: dict) -> None:
   if summary.get("speedup_vs_reference") is not None:
     rows.append(("jax / torch tokens/s", f"{summary['speedup_vs_reference']:.3f}", ""))
   cli.report(f"bench {summary['task']}: {summary['model']} on {summary['n_devices'] or 1} x "
-             f"{summary['device']}", summary, rows=rows, header=("", "jax", "torch" if ref else ""))
+             f"{summary['device']}", summary, rows=rows, columns=("metric", "jax", "torch" if ref else "-"))
 
 
 def start_jax(config, args, summary: dict):

@@ -40,6 +40,8 @@ COMMANDS = {
     "aot": "astrollama_jax.aot",
     "make_qa": "astrollama_jax.make_qa",
     "demo": "astrollama_jax.demo",
+    "serve": "astrollama_jax.serve",
+    "feedback": "astrollama_jax.feedback",
 }
 
 DTYPES = ("float32", "bfloat16", "float16")

@@ -8,15 +8,21 @@
 #
 # WORKDIR must be on a filesystem every host shares. Environment: REPO_DIR (checkout path on the
 # hosts, default: this checkout), PYTHON (default python3), PORT (default 12355).
+#
+# Exit status (astrollama_jax/train/exit_codes.py), the highest of the processes' as with srun:
+# 0 done; 75 stopped on SIGTERM (forwarded from INT/TERM here) after saving a checkpoint; 76 the
+# hang watchdog fired; 73 WORKDIR held by another trainer. On 75 or 76 rerun the same command:
+# it resumes from WORKDIR. Each process gets all of its host's GPUs (no SLURM_LOCALID here).
 set -euo pipefail
 PYTHON=${PYTHON:-python3}
 if [[ ${1:-} == --local ]]; then
-  [[ $# -ge 6 ]] || { sed -n '2,11p' "$0"; exit 2; }
+  [[ $# -ge 6 ]] || { sed -n '2,16p' "$0"; exit 2; }
   COORD=$2; N=$3; ID=$4; CONFIG=$5; WORKDIR=$6; shift 6
+  echo $$ > "${TMPDIR:-/tmp}/astrollama-train-${COORD##*:}-$ID.pid"  # exec keeps the pid: for TERM
   exec "$PYTHON" -m astrollama_jax.train --config="$CONFIG" --workdir="$WORKDIR" \
     --coordinator_address="$COORD" --num_processes="$N" --process_id="$ID" "$@"
 fi
-[[ $# -ge 2 && -n ${HOSTS:-} ]] || { sed -n '2,11p' "$0"; exit 2; }
+[[ $# -ge 2 && -n ${HOSTS:-} ]] || { sed -n '2,16p' "$0"; exit 2; }
 CONFIG=$1; WORKDIR=$2; shift 2
 REPO_DIR=${REPO_DIR:-$(cd "$(dirname "$0")/.." && pwd)}
 IFS=, read -r -a HOST_LIST <<< "$HOSTS"
@@ -29,7 +35,19 @@ for i in "${!HOST_LIST[@]}"; do
     > "gpu_multihost.$i.log" 2>&1 &
   pids+=($!)
 done
-trap 'kill -TERM "${pids[@]}" 2>/dev/null || true' INT TERM   # forwards as SIGTERM: checkpoint and stop
+forward_term() {  # SIGTERM to the trainers themselves (killing ssh would not reach them)
+  for i in "${!HOST_LIST[@]}"; do
+    ssh "${HOST_LIST[$i]}" "kill -TERM \$(cat \${TMPDIR:-/tmp}/astrollama-train-${COORD##*:}-$i.pid)" &
+  done
+}
+trap forward_term INT TERM   # the trainers checkpoint at the next step and exit 75
 status=0
-for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
+for i in "${!pids[@]}"; do
+  while :; do
+    rc=0; wait "${pids[$i]}" || rc=$?
+    kill -0 "${pids[$i]}" 2>/dev/null || break  # else a trap interrupted wait: wait again
+  done
+  echo "process $i on ${HOST_LIST[$i]}: exit status $rc (gpu_multihost.$i.log)" >&2
+  if (( rc > status )); then status=$rc; fi
+done
 exit $status

@@ -91,3 +91,13 @@ def test_installed_demo_runs_from_another_folder(installed, tmp_path, tokenizer_
   assert isinstance(summary["answer"], str)
   assert f"[user] What is a quasar?\n[astrollama-demo] {summary['answer']}" in out.stdout
   assert not any(os.scandir(elsewhere)), "the demo wrote outside its --workdir"
+
+
+def test_installed_package_ships_the_feedback_page(installed, tmp_path):
+  env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+  code = ("from importlib import resources; "
+          "s = resources.files('astrollama_jax.serve') / 'static'; "
+          "print(sorted(p.name for p in s.iterdir()))")
+  out = subprocess.run([str(installed / "bin" / "python"), "-c", code], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, check=True)
+  assert out.stdout.strip() == "['page.css', 'page.html', 'page.js']"

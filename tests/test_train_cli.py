@@ -33,18 +33,20 @@ def start(cmd: list[str], devices: int, log_path) -> subprocess.Popen:
   return subprocess.Popen(cmd, cwd=REPO, env=train_env(devices), stdout=log, stderr=subprocess.STDOUT)
 
 
-def finish(proc: subprocess.Popen, log_path, timeout: float = 240, summary: bool = True) -> dict:
+def finish(proc: subprocess.Popen, log_path, timeout: float = 240, summary: bool = True,
+           rc: int = 0) -> dict:
   """Wait for a run; return its JSON summary (the last stdout line), or fail with its log.
 
-  Only process 0 prints a summary: pass ``summary=False`` for the others.
+  Only process 0 prints a summary: pass ``summary=False`` for the others. ``rc``: the exit
+  status expected (``exit_codes``: 75 after a preemption).
   """
   try:
-    rc = proc.wait(timeout=timeout)
+    got = proc.wait(timeout=timeout)
   except subprocess.TimeoutExpired:
     proc.kill()
     raise AssertionError(f"training timed out; log tail:\n{_tail(log_path)}")
-  if rc != 0:
-    raise AssertionError(f"training exited {rc}; log tail:\n{_tail(log_path)}")
+  if got != rc:
+    raise AssertionError(f"training exited {got}, not {rc}; log tail:\n{_tail(log_path)}")
   if not summary:
     return {}
   for line in reversed(pathlib.Path(log_path).read_text(errors="replace").splitlines()):
@@ -82,7 +84,8 @@ def test_sigterm_saves_and_a_corrupt_latest_checkpoint_falls_back(tmp_path):
       assert proc.poll() is None and time.time() < end, _tail(log)
       time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
-    summary = finish(proc, log, timeout=120)
+    from astrollama_jax.train import exit_codes
+    summary = finish(proc, log, timeout=120, rc=exit_codes.PREEMPTED)  # stopped early, saved
   finally:
     if proc.poll() is None:
       proc.kill()

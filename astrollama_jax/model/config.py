@@ -14,7 +14,8 @@ from typing import Any
 import jax.numpy as jnp
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "qkv_out", "minimal")
-ATTENTION_IMPLS = ("xla", "jax", "cudnn")
+# See model/attention.py for what each one is and what "auto" picks per platform.
+ATTENTION_IMPLS = ("xla", "jax", "cudnn", "splash", "flash_gpu", "auto")
 
 
 def _policy(default: str) -> Any:

@@ -14,11 +14,10 @@ import jax
 from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 
+from astrollama_jax.model.attention import attention
 from astrollama_jax.model.config import LlamaConfig
 from astrollama_jax.model.lora import LayerLora, project
 from astrollama_jax.sharding import constrain
-
-_NEG_INF = -1e30
 
 
 def param(rngs: nnx.Rngs | None, shape, names, dtype, std: float | None) -> nnx.Param:
@@ -58,29 +57,6 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
   return x * cos + rotated * sin
 
 
-def attention_mask(q_idx, k_idx, q_seg, k_seg) -> jax.Array:
-  """[B, T, S] boolean: causal by slot index, same segment, never padding (segment 0)."""
-  causal = k_idx[:, None, :] <= q_idx[:, :, None]
-  same = (q_seg[:, :, None] == k_seg[:, None, :]) & (k_seg[:, None, :] != 0)
-  return causal & same
-
-
-def dot_attention(q, k, v, mask, impl: str) -> jax.Array:
-  """Grouped-query attention. q [B,T,H,D], k/v [B,S,K,D], mask [B,T,S] -> [B,T,H,D]."""
-  if impl in ("jax", "cudnn"):
-    return jax.nn.dot_product_attention(
-        q, k, v, mask=mask[:, None], implementation=None if impl == "jax" else "cudnn")
-  b, t, h, d = q.shape
-  kh = k.shape[2]
-  qg = q.reshape(b, t, kh, h // kh, d)
-  scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
-  scores = scores * (d ** -0.5)
-  scores = jnp.where(mask[:, None, None], scores, _NEG_INF)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-  return out.reshape(b, t, h, d)
-
-
 class Attention(nnx.Module):
   def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
     d, h, kh, hd, std = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.initializer_range
@@ -113,8 +89,8 @@ class Attention(nnx.Module):
       k_idx = jnp.broadcast_to(jnp.arange(k_all.shape[1], dtype=jnp.int32), k_seg.shape)
       new_cache = {"k": k_all, "v": v_all}
       k_all, v_all = k_all.astype(dt), v_all.astype(dt)
-    mask = attention_mask(q_idx, k_idx, q_seg, k_seg)
-    out = dot_attention(q, k_all, v_all, mask, cfg.attention_impl)
+    out = attention(q, k_all, v_all, q_idx, k_idx, q_seg, k_seg, cfg.attention_impl,
+                    cached=cache is not None)
     out = checkpoint_name(out, "attn_out")
     y = project(out, self.o_proj[...], "attn", "o_proj", "bthk,hkd->btd", lora)
     return y, new_cache

@@ -46,12 +46,16 @@ def main(argv: list[str]) -> None:
   from astrollama_jax.train import loop
   try:
     with diskspace.disk_full_errors(FLAGS.workdir, "the run's files under"):  # checkpoints name their step
-      summary = loop.train(FLAGS.config, FLAGS.workdir)
+      from astrollama_jax.train import watchdog, workdir_lock
+      with workdir_lock.held(FLAGS.workdir), watchdog.watching(FLAGS.config.train.hang_timeout_s):
+        summary = loop.train(FLAGS.config, FLAGS.workdir)
   except loop.NonFiniteError as e:
     logging.error("%s", e)
     sys.exit(3)
   if jax.process_index() == 0:
     cli.report(f"train: {FLAGS.workdir}", summary)
+  from astrollama_jax.train import exit_codes
+  sys.exit(exit_codes.for_summary(summary))
 
 
 if __name__ == "__main__":

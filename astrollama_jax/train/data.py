@@ -17,6 +17,7 @@ iterator with
 from __future__ import annotations
 
 import hashlib
+import time
 from typing import Any, Iterator
 
 import grain
@@ -63,7 +64,8 @@ def make_dataset(config: Any, split: str, *, batch_size: int | None = None,
       raise ValueError("config.data.sft.eval_sources is empty: no SFT validation data")
     return chat.make_sft_dataset(list(sources), d.tokenizer_path, **common)
   return synthetic_dataset(d.seq_len, global_batch, seed=d.seed + (split != "train"),
-                           num_rows=d.synthetic.num_rows, num_epochs=num_epochs)
+                           num_rows=d.synthetic.num_rows, num_epochs=num_epochs,
+                           stall_after=d.synthetic.stall_after_steps if split == "train" else 0)
 
 
 def has_split(config: Any, split: str) -> bool:
@@ -108,9 +110,25 @@ class _SyntheticRows:
     return synthetic_row(self.seed, row, self.seq_len)
 
 
+class _StallAfter:
+  """Batch ``i`` as is for ``i < n``, then never returns: a data source that hangs mid-run."""
+
+  def __init__(self, n: int):
+    self.n = n
+
+  def __call__(self, index: int, batch: Any) -> Any:
+    while index >= self.n:
+      time.sleep(1.0)
+    return batch
+
+
 def synthetic_dataset(seq_len: int, global_batch: int, *, seed: int = 0, num_rows: int = 4096,
-                      num_epochs: int | None = None) -> grain.IterDataset:
-  """``num_rows`` synthetic rows per epoch, batched; this process gets rows of its devices."""
+                      num_epochs: int | None = None, stall_after: int = 0) -> grain.IterDataset:
+  """``num_rows`` synthetic rows per epoch, batched; this process gets rows of its devices.
+
+  ``stall_after`` > 0 makes batch ``stall_after`` (0-based, over all epochs) block forever, to
+  exercise the hang watchdog on a stuck input pipeline.
+  """
   local = local_batch_size(global_batch)
   steps = num_rows // global_batch
   if steps < 1:
@@ -118,7 +136,10 @@ def synthetic_dataset(seq_len: int, global_batch: int, *, seed: int = 0, num_row
   offset = jax.process_index() * local  # devices are ordered process-major (checked in to_global)
   ds = grain.MapDataset.range(steps * local).map(_SyntheticRows(seed, seq_len, global_batch, local, offset))
   ds = ds.repeat(num_epochs) if num_epochs != 1 else ds
-  return ds.batch(local, drop_remainder=True).to_iter_dataset()
+  ds = ds.batch(local, drop_remainder=True)
+  if stall_after > 0:
+    ds = ds.map_with_index(_StallAfter(stall_after))
+  return ds.to_iter_dataset()
 
 
 # --- host batches -> global arrays ---------------------------------------------------------------

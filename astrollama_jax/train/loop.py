@@ -26,6 +26,7 @@ from astrollama_jax.train import program as program_lib
 from astrollama_jax.train import step as step_lib
 from astrollama_jax.train.checkpointing import Checkpointer
 from astrollama_jax.train.metrics import MetricsLogger
+from astrollama_jax.train import watchdog
 
 
 class NonFiniteError(RuntimeError):
@@ -64,6 +65,7 @@ def evaluate(config: Any, eval_step: Any, params: Any, mesh: Any) -> dict[str, f
   total = count = 0.0
   n = 0
   while not e.batches or n < e.batches:
+    watchdog.beat(f"evaluation batch {n}")
     local = next(it, None)
     if _any_done(local is None):  # every process must run the same number of eval steps
       break
@@ -197,6 +199,7 @@ def _run_steps(config, program, state, train_iter, ckpt, logger, preempt, eval_s
   mark, mark_step = time.time(), start
   step = start
   while step < steps:
+    watchdog.beat(f"step {step}")
     local = next(train_iter, None)
     if local is None:
       raise RuntimeError(f"the training data ran out at step {step} of {steps}")

@@ -67,8 +67,9 @@ class TrainProgram:
 
 
 def compile_train_step(config: Any, mesh: Mesh, *, cfg: LlamaConfig | None = None,
-                       total_steps: int = 1) -> TrainProgram:
-  """Build and compile ``config``'s train step on ``mesh``.
+                       total_steps: int = 1, compile: bool = True) -> TrainProgram:
+  """Build and compile ``config``'s train step on ``mesh`` (only lower it: ``compile=False``,
+  for a caller that compiles it itself, e.g. for a TPU slice that may not hold it).
 
   ``cfg`` is the model (default: ``model.preset`` with the config's overrides; the trainer
   passes the one it resolved from a checkpoint); ``total_steps`` sets the schedule's length,
@@ -88,7 +89,7 @@ def compile_train_step(config: Any, mesh: Mesh, *, cfg: LlamaConfig | None = Non
                                           loss_chunk=config.loss.chunk_size, lora=lora)
     t0 = time.time()
     lowered = train_step.lower(state_lib.with_shardings(shapes, shardings), batch)
-    compiled = lowered.compile()
+    compiled = lowered.compile() if compile else None
   return TrainProgram(cfg=cfg, mesh=mesh, rules=rules, tx=tx, schedule=schedule,
                       state_shapes=shapes, shardings=shardings, batch=batch, lowered=lowered,
                       compiled=compiled, compile_s=round(time.time() - t0, 2), lora=lora,

@@ -1,0 +1,1 @@
+"""Expert feedback: the ratings store the server writes, and its export into training data."""

@@ -1,0 +1,76 @@
+"""``python -m astrollama_jax.feedback``: the expert ratings as training data, and their counts.
+
+    python -m astrollama_jax.feedback export --db=ratings.sqlite --output=feedback_sft.jsonl \\
+        [--pairs=feedback_pairs.jsonl] [--min_rating=4] [--since=2024-05-01]
+    python -m astrollama_jax.feedback stats --db=ratings.sqlite [--since=DATE]
+
+``export`` writes the corrected (and the highly rated) conversations as ShareGPT JSONL, a source
+for ``config.data.sft.sources`` of the SFT config, and the (chosen, rejected) pairs as JSONL.
+``stats`` prints the ratings per tag and per checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+from absl import app, flags
+
+from astrollama_jax import cli
+
+ACTIONS = ("export", "stats")
+
+
+def define_flags() -> None:
+  """The command's flags (defined when run, never on import)."""
+  flags.DEFINE_string("db", None, "The SQLite ratings file the server wrote (--feedback_db).")
+  cli.define("output", help={"output": "export: the ShareGPT JSONL of the conversations."})
+  flags.DEFINE_string("pairs", None, "export: the preference pairs JSONL (default: beside "
+                      "--output, named *.pairs.jsonl).")
+  flags.DEFINE_integer("min_rating", 4, "export: uncorrected answers rated at least this are kept "
+                       "as SFT data (corrected ones always are).")
+  flags.DEFINE_string("since", None,
+                      "Only ratings made at or after this ISO date or date-time (UTC).")
+  flags.mark_flag_as_required("db")
+
+
+def pairs_path(output: str) -> str:
+  stem = output.removesuffix(".jsonl")
+  return f"{stem}.pairs.jsonl"
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) != 2 or argv[1] not in ACTIONS:
+    raise app.UsageError(f"give one action: {' or '.join(ACTIONS)}")
+  from astrollama_jax.feedback import export
+  from astrollama_jax.feedback.store import open_existing
+  F = flags.FLAGS
+  since = export.parse_since(F.since)  # a bad date fails before the file is opened
+  store = open_existing(F.db)
+  try:
+    if argv[1] == "export":
+      if not F.output:
+        raise cli.UserError("export needs --output=FILE")
+      pairs = F.pairs or pairs_path(F.output)
+      for path in (F.output, pairs):
+        cli.check_output_file(path)
+      if os.path.abspath(pairs) == os.path.abspath(F.output):
+        raise cli.UserError("--pairs and --output must be different files")
+      cli.report("feedback export", export.export(store, F.output, pairs, F.min_rating, since))
+      return
+    rows = store.rows(since=since)
+    tags, ckpts = export.stats(rows)
+    print("ratings per tag")
+    print(cli.format_table(tags))
+    print()
+    cli.report("ratings per checkpoint", {"db": F.db, "ratings": len(rows), "since": since,
+                                          "per_tag": {r["tag"]: r for r in tags},
+                                          "per_checkpoint": {r["checkpoint"]: r for r in ckpts}},
+               ckpts)
+  finally:
+    store.close()
+
+
+if __name__ == "__main__":
+  define_flags()
+  cli.run(main)
