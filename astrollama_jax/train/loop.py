@@ -15,15 +15,13 @@ import signal
 import time
 from typing import Any
 
-from absl import logging
 import jax
 import numpy as np
+from absl import logging
 
 from astrollama_jax import checkpoints, flops, lora_base, sharding
 from astrollama_jax.model import llama
-from astrollama_jax.train import data, setup
-from astrollama_jax.train import program as program_lib
-from astrollama_jax.train import step as step_lib
+from astrollama_jax.train import data, program as program_lib, setup, step as step_lib
 from astrollama_jax.train.checkpointing import Checkpointer
 from astrollama_jax.train.metrics import MetricsLogger
 from astrollama_jax.train import watchdog
