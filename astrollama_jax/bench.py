@@ -48,33 +48,54 @@ def define_flags() -> None:
   from ml_collections import config_flags
 
   from astrollama_jax import cli
+
   config_flags.DEFINE_config_file(
-      "config", None, "A training config (configs/bench.py:PRESET, or any configs/*.py); "
-      "--config.* overrides as for train.", lock_config=True)
+    "config",
+    None,
+    "A training config (configs/bench.py:PRESET, or any configs/*.py); "
+    "--config.* overrides as for train.",
+    lock_config=True,
+  )
   flags.mark_flag_as_required("config")
   flags.DEFINE_enum("task", "train", ["train", "decode"], "What to time.")
   flags.DEFINE_integer("steps", 10, "Timed steps (train) or timed generate calls (decode).")
   flags.DEFINE_integer("warmup", 2, "Untimed steps first (the first compiles).")
   flags.DEFINE_integer("prompt_len", 512, "Decode: prompt tokens per row.")
   flags.DEFINE_integer("new_tokens", 256, "Decode: generated tokens per row.")
-  flags.DEFINE_enum("reference", "none", ["none", "torch", "torch_only"],
-                    "Also (or only) time transformers' PyTorch LlamaForCausalLM on the same shapes.")
-  flags.DEFINE_string("xla_flags", "none", "XLA flag preset(s), comma separated: "
-                      "none, latency_hiding, no_triton_gemm, no_command_buffer.")
+  flags.DEFINE_enum(
+    "reference",
+    "none",
+    ["none", "torch", "torch_only"],
+    "Also (or only) time transformers' PyTorch LlamaForCausalLM on the same shapes.",
+  )
+  flags.DEFINE_string(
+    "xla_flags",
+    "none",
+    "XLA flag preset(s), comma separated: none, latency_hiding, no_triton_gemm, no_command_buffer.",
+  )
   flags.DEFINE_string("xla_extra", "", "Raw XLA flags appended to XLA_FLAGS.")
-  flags.DEFINE_float("mem_fraction", 0.0, "XLA_PYTHON_CLIENT_MEM_FRACTION for GPU (0: JAX's default).")
-  flags.DEFINE_float("peak_tflops", 0.0, "Device bf16 peak TFLOP/s for MFU (0: look up the device kind).")
-  flags.DEFINE_integer("matmul_probe", 0, "Also time a bf16 N^3 matmul (N=8192 on a GPU): the "
-                       "achievable TFLOP/s (0: off).")
+  flags.DEFINE_float(
+    "mem_fraction", 0.0, "XLA_PYTHON_CLIENT_MEM_FRACTION for GPU (0: JAX's default)."
+  )
+  flags.DEFINE_float(
+    "peak_tflops", 0.0, "Device bf16 peak TFLOP/s for MFU (0: look up the device kind)."
+  )
+  flags.DEFINE_integer(
+    "matmul_probe",
+    0,
+    "Also time a bf16 N^3 matmul (N=8192 on a GPU): the achievable TFLOP/s (0: off).",
+  )
   cli.define("output", help={"output": "Append the summary's JSON line to this file."})
 
 
 XLA_PRESETS: dict[str, tuple[str, ...]] = {
-    "none": (),
-    "latency_hiding": ("--xla_gpu_enable_latency_hiding_scheduler=true",
-                       "--xla_gpu_enable_highest_priority_async_stream=true"),
-    "no_triton_gemm": ("--xla_gpu_enable_triton_gemm=false",),
-    "no_command_buffer": ("--xla_gpu_enable_command_buffer=",),
+  "none": (),
+  "latency_hiding": (
+    "--xla_gpu_enable_latency_hiding_scheduler=true",
+    "--xla_gpu_enable_highest_priority_async_stream=true",
+  ),
+  "no_triton_gemm": ("--xla_gpu_enable_triton_gemm=false",),
+  "no_command_buffer": ("--xla_gpu_enable_command_buffer=",),
 }
 
 
@@ -87,12 +108,15 @@ def configure_xla(presets: str, extra: str = "", mem_fraction: float = 0.0) -> s
   added: list[str] = []
   for name in [p.strip() for p in presets.split(",") if p.strip()]:
     if name not in XLA_PRESETS:
-      raise app.UsageError(f"unknown --xla_flags preset {name!r}; choose from {sorted(XLA_PRESETS)}")
+      raise app.UsageError(
+        f"unknown --xla_flags preset {name!r}; choose from {sorted(XLA_PRESETS)}"
+      )
     added.extend(XLA_PRESETS[name])
   added.extend(extra.split())
   if not added and not mem_fraction:
     return ""
   from jax._src import xla_bridge
+
   if xla_bridge.backends_are_initialized():
     raise RuntimeError("XLA flags must be set before JAX initialises a backend")
   if added:
@@ -105,6 +129,7 @@ def configure_xla(presets: str, extra: str = "", mem_fraction: float = 0.0) -> s
 def model_config(config: Any, longest: int):
   """The config's model, its positional limit raised to the longest sequence timed."""
   from astrollama_jax.train import setup
+
   cfg = setup.preset_model_config(config)
   return cfg.replace(max_seq_len=max(cfg.max_seq_len, longest))
 
@@ -114,12 +139,18 @@ def synthetic_batch(vocab: int, batch: int, seq: int, seed: int) -> dict[str, An
   import numpy as np
 
   from astrollama_jax.data.packing import as_batch
+
   rng = np.random.default_rng(seed)
   ids = rng.integers(3, vocab, size=(batch, seq + 1))
-  return as_batch({"tokens": ids[:, :-1], "targets": ids[:, 1:],
-                   "segment_ids": np.ones((batch, seq)),
-                   "positions": np.broadcast_to(np.arange(seq), (batch, seq)),
-                   "loss_mask": np.ones((batch, seq))})
+  return as_batch(
+    {
+      "tokens": ids[:, :-1],
+      "targets": ids[:, 1:],
+      "segment_ids": np.ones((batch, seq)),
+      "positions": np.broadcast_to(np.arange(seq), (batch, seq)),
+      "loss_mask": np.ones((batch, seq)),
+    }
+  )
 
 
 def time_calls(fn: Callable[[], Any], steps: int, warmup: int, sync: Callable[[Any], Any]) -> dict:
@@ -133,20 +164,33 @@ def time_calls(fn: Callable[[], Any], steps: int, warmup: int, sync: Callable[[A
     t0 = time.perf_counter()
     sync(fn())
     times.append(time.perf_counter() - t0)
-  return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
-          "warmup_s": warm, "timed_steps": len(times)}
+  return {
+    "median_s": statistics.median(times),
+    "min_s": min(times),
+    "max_s": max(times),
+    "warmup_s": warm,
+    "timed_steps": len(times),
+  }
 
 
-def rates(flops_per_step: float, tokens_per_step: int, step_s: float, n_devices: int,
-          peak_flops: float | None) -> dict:
+def rates(
+  flops_per_step: float,
+  tokens_per_step: int,
+  step_s: float,
+  n_devices: int,
+  peak_flops: float | None,
+) -> dict:
   """tokens/s, TFLOP/s per device and MFU of a step: the arithmetic the test checks."""
   tflops = flops_per_step / step_s / n_devices / 1e12
-  return {"tokens_per_s": tokens_per_step / step_s,
-          "tflops_per_device": tflops,
-          "mfu": None if not peak_flops else tflops * 1e12 / peak_flops}
+  return {
+    "tokens_per_s": tokens_per_step / step_s,
+    "tflops_per_device": tflops,
+    "mfu": None if not peak_flops else tflops * 1e12 / peak_flops,
+  }
 
 
 # --- JAX side ------------------------------------------------------------------------------------
+
 
 def jax_peak_memory(devices) -> int | None:
   """Peak bytes in use on the busiest device, or None where the backend keeps no statistics (CPU)."""
@@ -159,6 +203,7 @@ def make_bench_mesh(shape) -> Any:
   import math
   import jax
   from astrollama_jax import sharding
+
   shape = [int(s) for s in shape]
   n = len(jax.devices()) if -1 in shape else math.prod(shape)
   return sharding.make_mesh(shape, jax.devices()[:n])
@@ -168,10 +213,11 @@ def matmul_probe(n: int, steps: int = 10) -> float:
   """Achieved TFLOP/s of one bf16 [n,n]x[n,n] matmul on the default device: the practical ceiling."""
   import jax
   import jax.numpy as jnp
+
   a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
   f = jax.jit(lambda x: x @ x)
   t = time_calls(lambda: f(a), steps, 2, jax.block_until_ready)
-  return 2 * n ** 3 / t["median_s"] / 1e12
+  return 2 * n**3 / t["median_s"] / 1e12
 
 
 def jax_train(config, cfg, args, batch: dict, mesh) -> dict:
@@ -183,8 +229,10 @@ def jax_train(config, cfg, args, batch: dict, mesh) -> dict:
   """
   import jax
   from astrollama_jax.train import program as program_lib
-  program = program_lib.compile_train_step(config, mesh, cfg=cfg,
-                                           total_steps=args.warmup + args.steps)
+
+  program = program_lib.compile_train_step(
+    config, mesh, cfg=cfg, total_steps=args.warmup + args.steps
+  )
   holder = {"state": program.init_state(config.seed)}
   dev_batch = jax.device_put(batch, {k: v.sharding for k, v in program.batch.items()})
 
@@ -196,9 +244,13 @@ def jax_train(config, cfg, args, batch: dict, mesh) -> dict:
   out["final_loss"] = float(holder["metrics"]["loss"])
   mem = program.compiled.memory_analysis()
   if mem is not None:
-    need = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
-            + mem.temp_size_in_bytes)
-    out["compiled_memory_gb"] = need / 2 ** 30
+    need = (
+      mem.argument_size_in_bytes
+      + mem.output_size_in_bytes
+      - mem.alias_size_in_bytes
+      + mem.temp_size_in_bytes
+    )
+    out["compiled_memory_gb"] = need / 2**30
   out["compile_s"] = program.compile_s
   return out
 
@@ -208,6 +260,7 @@ def jax_decode(cfg, args, prompts: list[list[int]], mesh, seed: int) -> dict:
   dtype (as transformers serves them), EOS disabled so every row makes ``new_tokens`` tokens."""
   from astrollama_jax.generate import generate
   from astrollama_jax.model import llama
+
   cfg = cfg.replace(param_dtype=cfg.compute_dtype)
   params = llama.init_params(cfg, seed, mesh)
 
@@ -217,28 +270,38 @@ def jax_decode(cfg, args, prompts: list[list[int]], mesh, seed: int) -> dict:
       if res.num_generated != len(prompts) * n:
         raise RuntimeError(f"generate made {res.num_generated} tokens, expected {len(prompts) * n}")
       return res
+
     return call
 
   full = time_calls(run(args.new_tokens), args.steps, args.warmup, lambda _: None)
   first = time_calls(run(1), args.steps, 1, lambda _: None)
-  return {**decode_rates(full["median_s"], first["median_s"], len(prompts), args.new_tokens),
-          "warmup_s": full["warmup_s"], "decode_param_dtype": cfg.param_dtype}
+  return {
+    **decode_rates(full["median_s"], first["median_s"], len(prompts), args.new_tokens),
+    "warmup_s": full["warmup_s"],
+    "decode_param_dtype": cfg.param_dtype,
+  }
 
 
 # --- PyTorch reference ---------------------------------------------------------------------------
+
 
 def _torch_model(cfg, bf16_params: bool):
   """A random transformers LlamaForCausalLM with our shapes, built directly on the device."""
   import torch
   import transformers
+
   dev = "cuda" if torch.cuda.is_available() else "cpu"
-  hf = {k: v for k, v in cfg.to_hf_config().items()
-        if k not in ("architectures", "model_type", "torch_dtype")}
+  hf = {
+    k: v
+    for k, v in cfg.to_hf_config().items()
+    if k not in ("architectures", "model_type", "torch_dtype")
+  }
   dtype = torch.bfloat16 if (dev == "cuda" and bf16_params) else torch.float32
   torch.manual_seed(0)
   with torch.device(dev):
     model = transformers.LlamaForCausalLM._from_config(
-        transformers.LlamaConfig(**hf), dtype=dtype, attn_implementation="sdpa")
+      transformers.LlamaConfig(**hf), dtype=dtype, attn_implementation="sdpa"
+    )
   if dev == "cuda":
     torch.cuda.reset_peak_memory_stats()
   return model, dev
@@ -246,17 +309,24 @@ def _torch_model(cfg, bf16_params: bool):
 
 def _torch_sync(dev: str) -> Callable[[Any], None]:
   import torch
+
   return (lambda _: torch.cuda.synchronize()) if dev == "cuda" else (lambda _: None)
 
 
 def _torch_info(model, dev: str) -> dict:
   import torch
   import transformers
+
   cuda = dev == "cuda"
-  return {"impl": "torch", "torch": torch.__version__, "transformers": transformers.__version__,
-          "device": torch.cuda.get_device_name() if cuda else "cpu", "attention": "sdpa",
-          "param_dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-          "peak_memory_gb": torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None}
+  return {
+    "impl": "torch",
+    "torch": torch.__version__,
+    "transformers": transformers.__version__,
+    "device": torch.cuda.get_device_name() if cuda else "cpu",
+    "attention": "sdpa",
+    "param_dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+    "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+  }
 
 
 def torch_train(config, cfg, args, batch: dict) -> dict:
@@ -268,15 +338,21 @@ def torch_train(config, cfg, args, batch: dict) -> dict:
   checkpointing. On CPU everything is float32 (a smoke run, not a comparison).
   """
   import torch
+
   model, dev = _torch_model(cfg, bf16_params=cfg.param_dtype == "bfloat16")
   model.train()
   remat = cfg.remat_policy != "none"
   if remat:
     getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
   o, micro = config.optimizer, config.train.grad_accum_steps
-  opt = torch.optim.AdamW(model.parameters(), lr=config.schedule.learning_rate,
-                          betas=(o.adam_b1, o.adam_b2), eps=o.adam_eps,
-                          weight_decay=o.weight_decay, fused=dev == "cuda")
+  opt = torch.optim.AdamW(
+    model.parameters(),
+    lr=config.schedule.learning_rate,
+    betas=(o.adam_b1, o.adam_b2),
+    eps=o.adam_eps,
+    weight_decay=o.weight_decay,
+    fused=dev == "cuda",
+  )
   ids = torch.as_tensor(batch["tokens"], dtype=torch.long, device=dev)
   autocast = dev == "cuda" and cfg.compute_dtype == "bfloat16"
 
@@ -297,6 +373,7 @@ def torch_train(config, cfg, args, batch: dict) -> dict:
 def torch_decode(cfg, args, prompts: list[list[int]]) -> dict:
   """transformers' ``generate``: greedy, its default dynamic KV cache, exactly ``new_tokens`` a row."""
   import torch
+
   model, dev = _torch_model(cfg, bf16_params=cfg.compute_dtype == "bfloat16")
   model.eval()
   ids = torch.as_tensor(prompts, dtype=torch.long, device=dev)
@@ -304,21 +381,35 @@ def torch_decode(cfg, args, prompts: list[list[int]]) -> dict:
   def run(n):
     def call():
       with torch.no_grad():
-        return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                              max_new_tokens=n, min_new_tokens=n, pad_token_id=0)
+        return model.generate(
+          input_ids=ids,
+          attention_mask=torch.ones_like(ids),
+          do_sample=False,
+          max_new_tokens=n,
+          min_new_tokens=n,
+          pad_token_id=0,
+        )
+
     return call
 
   full = time_calls(run(args.new_tokens), args.steps, args.warmup, _torch_sync(dev))
   first = time_calls(run(1), args.steps, 1, _torch_sync(dev))
-  return {**decode_rates(full["median_s"], first["median_s"], len(prompts), args.new_tokens),
-          "warmup_s": full["warmup_s"], **_torch_info(model, dev)}
+  return {
+    **decode_rates(full["median_s"], first["median_s"], len(prompts), args.new_tokens),
+    "warmup_s": full["warmup_s"],
+    **_torch_info(model, dev),
+  }
 
 
 def decode_rates(full_s: float, first_s: float, batch: int, new_tokens: int) -> dict:
   """End-to-end generated tokens/s, and the per-token rate once the prompt is in (prefill)."""
   steady = full_s - first_s
-  return {"time_s": full_s, "prefill_s": first_s, "tokens_per_s": batch * new_tokens / full_s,
-          "decode_tokens_per_s": batch * (new_tokens - 1) / steady if steady > 0 else None}
+  return {
+    "time_s": full_s,
+    "prefill_s": first_s,
+    "tokens_per_s": batch * new_tokens / full_s,
+    "decode_tokens_per_s": batch * (new_tokens - 1) / steady if steady > 0 else None,
+  }
 
 
 def guarded(fn: Callable[[], dict], side: str) -> dict:
@@ -343,9 +434,11 @@ def guarded(fn: Callable[[], dict], side: str) -> dict:
 
 # --- report --------------------------------------------------------------------------------------
 
+
 def versions() -> dict:
   import jax
   import jaxlib
+
   out = {"python": platform.python_version(), "jax": jax.__version__, "jaxlib": jaxlib.__version__}
   for mod in ("flax", "optax", "torch", "transformers"):
     if mod in sys.modules:
@@ -360,16 +453,25 @@ def _fmt(v: Any) -> str:
 def report(summary: dict) -> None:
   """The headline numbers, JAX beside the reference when there is one, then the JSON line."""
   from astrollama_jax import cli
+
   ref = summary.get("reference")
   keys = ["step_time_s", "tokens_per_s", "tflops_per_device", "mfu", "peak_memory_gb", "error"]
   if summary["task"] == "decode":
     keys = ["time_s", "prefill_s", "tokens_per_s", "decode_tokens_per_s", "peak_memory_gb", "error"]
-  rows = [(k, _fmt(summary.get(k)), _fmt(ref.get(k)) if ref else "") for k in keys
-          if k != "error" or summary.get(k) or (ref or {}).get(k)]
+  rows = [
+    (k, _fmt(summary.get(k)), _fmt(ref.get(k)) if ref else "")
+    for k in keys
+    if k != "error" or summary.get(k) or (ref or {}).get(k)
+  ]
   if summary.get("speedup_vs_reference") is not None:
     rows.append(("jax / torch tokens/s", f"{summary['speedup_vs_reference']:.3f}", ""))
-  cli.report(f"bench {summary['task']}: {summary['model']} on {summary['n_devices'] or 1} x "
-             f"{summary['device']}", summary, rows=rows, columns=("metric", "jax", "torch" if ref else "-"))
+  cli.report(
+    f"bench {summary['task']}: {summary['model']} on {summary['n_devices'] or 1} x "
+    f"{summary['device']}",
+    summary,
+    rows=rows,
+    columns=("metric", "jax", "torch" if ref else "-"),
+  )
 
 
 def start_jax(config, args, summary: dict):
@@ -377,11 +479,16 @@ def start_jax(config, args, summary: dict):
   on a GPU the backend claims its memory (``--mem_fraction``) as soon as it starts."""
   import jax
   from astrollama_jax import flops
+
   mesh = make_bench_mesh(config.mesh)
   device = jax.devices()[0]
   peak = args.peak_tflops * 1e12 if args.peak_tflops else flops.peak_flops(device.device_kind)
-  summary.update(platform=device.platform, device=device.device_kind, n_devices=mesh.devices.size,
-                 peak_tflops=peak / 1e12 if peak else None)
+  summary.update(
+    platform=device.platform,
+    device=device.device_kind,
+    n_devices=mesh.devices.size,
+    peak_tflops=peak / 1e12 if peak else None,
+  )
   if args.matmul_probe:
     summary["matmul_tflops"] = matmul_probe(args.matmul_probe)
   return mesh, peak
@@ -390,30 +497,47 @@ def start_jax(config, args, summary: dict):
 def run_train(config, cfg, args, summary: dict) -> dict | None:
   """Time the reference (first) and the train step; fills ``summary``, returns the reference's."""
   from astrollama_jax import flops
+
   rows, seq = config.train.global_batch_size, config.data.seq_len
   batch = synthetic_batch(cfg.vocab_size, rows, seq, config.seed)
   step_flops = flops.training_flops(cfg, rows, seq).total
   tokens = rows * seq
-  summary.update(seq=seq, bf16_moments=config.optimizer.moments_dtype == "bfloat16",
-                 micro_batches=config.train.grad_accum_steps, ce_chunk=config.loss.chunk_size,
-                 flops_per_step=step_flops, tokens_per_step=tokens)
+  summary.update(
+    seq=seq,
+    bf16_moments=config.optimizer.moments_dtype == "bfloat16",
+    micro_batches=config.train.grad_accum_steps,
+    ce_chunk=config.loss.chunk_size,
+    flops_per_step=step_flops,
+    tokens_per_step=tokens,
+  )
 
   def finish(res: dict, n: int, peak: float | None) -> dict:
     if "median_s" in res:
       step_s = res.pop("median_s")
-      res.update(step_time_s=step_s, step_time_min_s=res.pop("min_s"),
-                 step_time_max_s=res.pop("max_s"), **rates(step_flops, tokens, step_s, n, peak))
+      res.update(
+        step_time_s=step_s,
+        step_time_min_s=res.pop("min_s"),
+        step_time_max_s=res.pop("max_s"),
+        **rates(step_flops, tokens, step_s, n, peak),
+      )
     return res
 
   ref = None
   if args.reference != "none":
     ref = guarded(lambda: torch_train(config, cfg, args, batch), "torch")
-    ref_peak = args.peak_tflops * 1e12 if args.peak_tflops else flops.peak_flops(ref.get("device", ""))
+    ref_peak = (
+      args.peak_tflops * 1e12 if args.peak_tflops else flops.peak_flops(ref.get("device", ""))
+    )
     ref = finish(ref, 1, ref_peak)
   if args.reference != "torch_only":
     mesh, peak = start_jax(config, args, summary)
-    summary.update(finish(guarded(lambda: jax_train(config, cfg, args, batch, mesh), "jax"),
-                          summary["n_devices"], peak))
+    summary.update(
+      finish(
+        guarded(lambda: jax_train(config, cfg, args, batch, mesh), "jax"),
+        summary["n_devices"],
+        peak,
+      )
+    )
     summary["peak_memory_bytes"] = jax_peak_memory(list(mesh.devices.flat))
   return ref
 
@@ -421,10 +545,16 @@ def run_train(config, cfg, args, summary: dict) -> dict | None:
 def run_decode(config, cfg, args, summary: dict) -> dict | None:
   """Time the reference's generation (first) and ours; fills ``summary``, returns the reference's."""
   import numpy as np
-  prompts = np.random.default_rng(config.seed).integers(
-      3, cfg.vocab_size, size=(config.train.global_batch_size, args.prompt_len)).tolist()
+
+  prompts = (
+    np.random.default_rng(config.seed)
+    .integers(3, cfg.vocab_size, size=(config.train.global_batch_size, args.prompt_len))
+    .tolist()
+  )
   summary.update(prompt_len=args.prompt_len, new_tokens=args.new_tokens)
-  ref = guarded(lambda: torch_decode(cfg, args, prompts), "torch") if args.reference != "none" else None
+  ref = (
+    guarded(lambda: torch_decode(cfg, args, prompts), "torch") if args.reference != "none" else None
+  )
   if args.reference != "torch_only":
     mesh, _ = start_jax(config, args, summary)
     summary.update(guarded(lambda: jax_decode(cfg, args, prompts, mesh, config.seed), "jax"))
@@ -435,6 +565,7 @@ def run_decode(config, cfg, args, summary: dict) -> dict | None:
 def main(argv: list[str]) -> None:
   from astrollama_jax import cli, sharding
   from astrollama_jax.train import setup
+
   cli.no_extra_args(argv)
   args, config = FLAGS, FLAGS.config
   if args.steps < 1 or args.warmup < 0:
@@ -445,18 +576,28 @@ def main(argv: list[str]) -> None:
     setup.check_compatible(cfg, config, None)
   added_flags = configure_xla(args.xla_flags, args.xla_extra, args.mem_fraction)
   summary: dict[str, Any] = {
-      "task": args.task, "model": f"{config.model.preset} x{cfg.n_layers} layers",
-      "preset": config.model.preset, "layers": cfg.n_layers, "params": cfg.num_params(),
-      "batch": config.train.global_batch_size, "attention": cfg.attention_impl,
-      "remat": cfg.remat_policy, "param_dtype": cfg.param_dtype,
-      "compute_dtype": cfg.compute_dtype, "platform": None, "device": None, "n_devices": None,
-      "mesh": ",".join(str(m) for m in config.mesh), "xla_flags": added_flags, "peak_tflops": None,
-      "command": " ".join(["python -m astrollama_jax.bench"] + sys.argv[1:]),
+    "task": args.task,
+    "model": f"{config.model.preset} x{cfg.n_layers} layers",
+    "preset": config.model.preset,
+    "layers": cfg.n_layers,
+    "params": cfg.num_params(),
+    "batch": config.train.global_batch_size,
+    "attention": cfg.attention_impl,
+    "remat": cfg.remat_policy,
+    "param_dtype": cfg.param_dtype,
+    "compute_dtype": cfg.compute_dtype,
+    "platform": None,
+    "device": None,
+    "n_devices": None,
+    "mesh": ",".join(str(m) for m in config.mesh),
+    "xla_flags": added_flags,
+    "peak_tflops": None,
+    "command": " ".join(["python -m astrollama_jax.bench"] + sys.argv[1:]),
   }
   with sharding.use_rules(setup.sharding_rules(config)):
     ref = (run_train if args.task == "train" else run_decode)(config, cfg, args, summary)
   mem = summary.pop("peak_memory_bytes", None)
-  summary["peak_memory_gb"] = None if mem is None else mem / 2 ** 30
+  summary["peak_memory_gb"] = None if mem is None else mem / 2**30
   if ref is not None:
     summary["reference"] = ref
     summary["device"] = summary["device"] or ref.get("device")
@@ -474,4 +615,5 @@ def main(argv: list[str]) -> None:
 if __name__ == "__main__":
   define_flags()
   from astrollama_jax import cli as _cli
+
   _cli.run(main)

@@ -39,8 +39,9 @@ HELP = """commands:
 class TextStream:
   """Turns per-chunk generated ids into printable text deltas (see the module docstring)."""
 
-  def __init__(self, tokenizer: Tokenizer, emit: Callable[[str], None] | None,
-               stop_strings: Sequence[str] = ()):
+  def __init__(
+    self, tokenizer: Tokenizer, emit: Callable[[str], None] | None, stop_strings: Sequence[str] = ()
+  ):
     self.tokenizer, self.emit, self.stop_strings = tokenizer, emit, [s for s in stop_strings if s]
     self.ids: list[int] = []
     self.printed = ""
@@ -49,20 +50,20 @@ class TextStream:
     """The part of ``text`` that can no longer change or turn out to be a stop string."""
     for s in self.stop_strings:
       if s in text:
-        text = text[:text.index(s)]
+        text = text[: text.index(s)]
     hold = 0
     for s in self.stop_strings:
       for n in range(min(len(s) - 1, len(text)), 0, -1):
         if text.endswith(s[:n]):
           hold = max(hold, n)
           break
-    text = text[:len(text) - hold]
+    text = text[: len(text) - hold]
     return text.rstrip("\ufffd")  # an incomplete multi-byte character
 
   def _write(self, text: str) -> None:
     if text.startswith(self.printed) and len(text) > len(self.printed):
       if self.emit is not None:
-        self.emit(text[len(self.printed):])
+        self.emit(text[len(self.printed) :])
       self.printed = text
 
   def update(self, new_ids: list[list[int]]) -> None:
@@ -77,15 +78,32 @@ class TextStream:
 class ChatSession:
   """One conversation with a loaded model: history, system prompt, sampling settings, statistics."""
 
-  def __init__(self, cfg: LlamaConfig, params, tokenizer: Tokenizer, *, system: str | None = None,
-               max_new_tokens: int = 256, temperature: float = 0.7, top_k: int = 0, top_p: float = 0.9,
-               seed: int = 0, stop_strings: Sequence[str] = (), mesh=None, chunk_size: int = 1):
+  def __init__(
+    self,
+    cfg: LlamaConfig,
+    params,
+    tokenizer: Tokenizer,
+    *,
+    system: str | None = None,
+    max_new_tokens: int = 256,
+    temperature: float = 0.7,
+    top_k: int = 0,
+    top_p: float = 0.9,
+    seed: int = 0,
+    stop_strings: Sequence[str] = (),
+    mesh=None,
+    chunk_size: int = 1,
+  ):
     if max_new_tokens >= cfg.max_seq_len:
-      raise ValueError(f"max_new_tokens {max_new_tokens} leaves no room for a prompt in the model's "
-                       f"context of {cfg.max_seq_len} tokens")
+      raise ValueError(
+        f"max_new_tokens {max_new_tokens} leaves no room for a prompt in the model's "
+        f"context of {cfg.max_seq_len} tokens"
+      )
     self.cfg, self.params, self.tokenizer, self.mesh = cfg, params, tokenizer, mesh
     self.system = system or None
-    self.sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
+    self.sampling = dict(
+      max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p
+    )
     self.seed, self.stop_strings, self.chunk_size = seed, list(stop_strings), chunk_size
     self.history: list[tuple[str, str]] = []  # (user, assistant) exchanges
     self.log: list[dict] = []  # one entry per answered message
@@ -105,34 +123,58 @@ class ChatSession:
       ids = build_prompt_ids(conv, self.tokenizer)
       if len(ids) <= budget:
         return ids, drop
-    raise ValueError(f"the message (with the system prompt) is {len(ids)} tokens; at most {budget} fit "
-                     f"in the context of {self.cfg.max_seq_len} with max_new_tokens="
-                     f"{self.sampling['max_new_tokens']}")
+    raise ValueError(
+      f"the message (with the system prompt) is {len(ids)} tokens; at most {budget} fit "
+      f"in the context of {self.cfg.max_seq_len} with max_new_tokens="
+      f"{self.sampling['max_new_tokens']}"
+    )
 
   def reply(self, message: str, emit: Callable[[str], None] | None = None) -> str:
     """Answer ``message`` (streaming text pieces to ``emit``), add the exchange to the history."""
     ids, drop = self.prompt_ids(message)
     stream = TextStream(self.tokenizer, emit, self.stop_strings)
-    res = generate(self.cfg, self.params, [ids], seed=self.seed + len(self.log), eos_id=self.tokenizer.eos_id,
-                   stop_strings=self.stop_strings, tokenizer=self.tokenizer, mesh=self.mesh,
-                   stream=stream.update, chunk_size=self.chunk_size, **self.sampling)
+    res = generate(
+      self.cfg,
+      self.params,
+      [ids],
+      seed=self.seed + len(self.log),
+      eos_id=self.tokenizer.eos_id,
+      stop_strings=self.stop_strings,
+      tokenizer=self.tokenizer,
+      mesh=self.mesh,
+      stream=stream.update,
+      chunk_size=self.chunk_size,
+      **self.sampling,
+    )
     stream.finish(res.texts[0])
     answer = res.texts[0].strip()
     self.history = self.history[drop:] + [(message, answer)]
-    self.log.append({"prompt_tokens": len(ids), "new_tokens": len(res.tokens[0]), "dropped": drop,
-                     "finish": res.finish_reasons[0], "seconds": res.seconds})
+    self.log.append(
+      {
+        "prompt_tokens": len(ids),
+        "new_tokens": len(res.tokens[0]),
+        "dropped": drop,
+        "finish": res.finish_reasons[0],
+        "seconds": res.seconds,
+      }
+    )
     return answer
 
   def summary(self) -> dict:
     new = sum(e["new_tokens"] for e in self.log)
     secs = sum(e["seconds"] for e in self.log)
-    return {"turns": len(self.log), "generated_tokens": new, "seconds": round(secs, 3),
-            "tokens_per_s": round(new / max(secs, 1e-9), 2),
-            "dropped_exchanges": sum(e["dropped"] for e in self.log)}
+    return {
+      "turns": len(self.log),
+      "generated_tokens": new,
+      "seconds": round(secs, 3),
+      "tokens_per_s": round(new / max(secs, 1e-9), 2),
+      "dropped_exchanges": sum(e["dropped"] for e in self.log),
+    }
 
 
 def run_repl(session: ChatSession, lines: Iterable[str], out: TextIO, echo: bool = False) -> None:
   """Answer lines until /quit or the end of ``lines``; commands start with '/'."""
+
   def emit(text: str) -> None:
     out.write(text)
     out.flush()
@@ -190,20 +232,42 @@ def main(argv: Sequence[str]) -> None:
   F = flags.FLAGS
   check_sampling(F.max_new_tokens, F.temperature, F.top_k, F.top_p)
   cfg, params, tokenizer, mesh = load_from_flags(F)
-  session = ChatSession(cfg, params, tokenizer, system=F.system, max_new_tokens=F.max_new_tokens,
-                        temperature=F.temperature, top_k=F.top_k, top_p=F.top_p, seed=F.seed,
-                        stop_strings=F.stop, mesh=mesh, chunk_size=F.stream_chunk)
+  session = ChatSession(
+    cfg,
+    params,
+    tokenizer,
+    system=F.system,
+    max_new_tokens=F.max_new_tokens,
+    temperature=F.temperature,
+    top_k=F.top_k,
+    top_p=F.top_p,
+    seed=F.seed,
+    stop_strings=F.stop,
+    mesh=mesh,
+    chunk_size=F.stream_chunk,
+  )
   interactive = not F.message and sys.stdin.isatty()
   lines = F.message if F.message else _stdin_lines(interactive)
   run_repl(session, lines, sys.stdout, echo=not interactive)
-  rows = [{"turn": i, "prompt": e["prompt_tokens"], "new": e["new_tokens"], "dropped": e["dropped"],
-           "finish": e["finish"], "seconds": e["seconds"]} for i, e in enumerate(session.log)]
+  rows = [
+    {
+      "turn": i,
+      "prompt": e["prompt_tokens"],
+      "new": e["new_tokens"],
+      "dropped": e["dropped"],
+      "finish": e["finish"],
+      "seconds": e["seconds"],
+    }
+    for i, e in enumerate(session.log)
+  ]
   cli.report("\nchat", session.summary(), rows)
 
 
 if __name__ == "__main__":
   define_flags(temperature=0.7, top_p=0.9, max_new_tokens=256)
-  flags.DEFINE_multi_string("message", [], "Answer these messages in turn and exit (instead of stdin).")
+  flags.DEFINE_multi_string(
+    "message", [], "Answer these messages in turn and exit (instead of stdin)."
+  )
   flags.DEFINE_integer("stream_chunk", 1, "Decode steps between streamed updates.")
   flags.adopt_module_key_flags(sys.modules[define_flags.__module__])  # list them in --help
   cli.run(main)

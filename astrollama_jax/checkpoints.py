@@ -101,14 +101,17 @@ def check_params(cfg: LlamaConfig, params: Params, what: str = "params") -> None
     if key not in got:
       raise CheckpointError(f"{what}: parameter {key} is missing (expected shape {spec.shape})")
     if tuple(got[key].shape) != tuple(spec.shape):
-      raise CheckpointError(f"{what}: parameter {key} has shape {tuple(got[key].shape)} but the "
-                            f"model config expects {tuple(spec.shape)}")
+      raise CheckpointError(
+        f"{what}: parameter {key} has shape {tuple(got[key].shape)} but the "
+        f"model config expects {tuple(spec.shape)}"
+      )
   extra = sorted(set(got) - {jax.tree_util.keystr(p) for p, _ in want})
   if extra:
     raise CheckpointError(f"{what}: parameters not in the model: {extra}")
 
 
 # --- writing --------------------------------------------------------------------------------
+
 
 def write_side_files(directory: str, cfg: LlamaConfig, tokenizer_path: str | None) -> None:
   """``model_config.json`` and a copy of ``tokenizer.model`` (primary process only).
@@ -152,8 +155,12 @@ def _context() -> v1.Context:
   return ctx
 
 
-def write_params(directory: str, cfg: LlamaConfig, params: Iterable[tuple[Path, Any]],
-                 tokenizer_path: str | None = None) -> dict[str, int]:
+def write_params(
+  directory: str,
+  cfg: LlamaConfig,
+  params: Iterable[tuple[Path, Any]],
+  tokenizer_path: str | None = None,
+) -> dict[str, int]:
   """Stream ``(path, array)`` pairs into the converted DIR ``directory``; returns counts.
 
   Every array (numpy, or a ``jax.Array`` on this process's devices) must have the shape and
@@ -173,8 +180,10 @@ def write_params(directory: str, cfg: LlamaConfig, params: Iterable[tuple[Path, 
         except (KeyError, TypeError):
           raise CheckpointError(f"parameter {'/'.join(path)} is not in the model") from None
         if tuple(arr.shape) != tuple(want.shape) or str(arr.dtype) != cfg.param_dtype:
-          raise CheckpointError(f"parameter {'/'.join(path)} is {arr.dtype}{list(arr.shape)} but the "
-                                f"config expects {cfg.param_dtype}{list(want.shape)}")
+          raise CheckpointError(
+            f"parameter {'/'.join(path)} is {arr.dtype}{list(arr.shape)} but the "
+            f"config expects {cfg.param_dtype}{list(want.shape)}"
+          )
         n_params += arr.size
         n_bytes += arr.size * np.dtype(arr.dtype).itemsize
         n_arrays += 1
@@ -185,15 +194,18 @@ def write_params(directory: str, cfg: LlamaConfig, params: Iterable[tuple[Path, 
         del tree
         _release_memory()
         written.add(tuple(path))
-      missing = sorted({_keys(p) for p, _ in jax.tree_util.tree_flatten_with_path(shapes)[0]} - written)
+      missing = sorted(
+        {_keys(p) for p, _ in jax.tree_util.tree_flatten_with_path(shapes)[0]} - written
+      )
       if missing:
         raise CheckpointError(f"parameters {missing} were never written")
       v1.partial.finalize(target)
   return {"arrays": n_arrays, "parameters": int(n_params), "bytes": int(n_bytes)}
 
 
-def save_params(directory: str, cfg: LlamaConfig, params: Params,
-                tokenizer_path: str | None = None) -> str:
+def save_params(
+  directory: str, cfg: LlamaConfig, params: Params, tokenizer_path: str | None = None
+) -> str:
   """Write a whole params tree as a converted DIR (``write_params``); returns the directory.
 
   ``params`` may be numpy arrays or (sharded) ``jax.Array``s; ``cfg.param_dtype`` is set to
@@ -202,14 +214,18 @@ def save_params(directory: str, cfg: LlamaConfig, params: Params,
   check_params(cfg, params)
   dtype = str(np.dtype(params["embed"].dtype))
   cfg = cfg.replace(param_dtype=dtype) if dtype in DTYPES else cfg
-  diskspace.check_free_space(directory, sum(x.size * np.dtype(x.dtype).itemsize
-                                            for x in jax.tree.leaves(params)), "the output folder")
+  diskspace.check_free_space(
+    directory,
+    sum(x.size * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(params)),
+    "the output folder",
+  )
   leaves = jax.tree_util.tree_flatten_with_path(params)[0]
   write_params(directory, cfg, ((_keys(p), x) for p, x in leaves), tokenizer_path)
   return os.path.abspath(directory)
 
 
 # --- finding what a path holds ------------------------------------------------------------------
+
 
 def read_model_config(path: str) -> LlamaConfig:
   file = os.path.join(path, CONFIG_FILE)
@@ -244,20 +260,30 @@ def locate(path: str) -> tuple[str, str, str | None, int | None]:
     step = _latest_step(os.path.join(path, CHECKPOINTS_DIR))
     return "workdir", path, os.path.join(path, CHECKPOINTS_DIR, str(step), PARAMS_DIR), step
   parent = os.path.dirname(path)
-  if (os.path.basename(parent) == CHECKPOINTS_DIR and has(PARAMS_DIR)
-      and os.path.isfile(os.path.join(os.path.dirname(parent), CONFIG_FILE))):
+  if (
+    os.path.basename(parent) == CHECKPOINTS_DIR
+    and has(PARAMS_DIR)
+    and os.path.isfile(os.path.join(os.path.dirname(parent), CONFIG_FILE))
+  ):
     if not _is_step(path):
       raise CheckpointError(f"{path} is not a complete checkpoint step (interrupted save?)")
-    return "step", os.path.dirname(parent), os.path.join(path, PARAMS_DIR), int(os.path.basename(path))
+    return (
+      "step",
+      os.path.dirname(parent),
+      os.path.join(path, PARAMS_DIR),
+      int(os.path.basename(path)),
+    )
   if has("config.json") and any(f.endswith(".safetensors") for f in os.listdir(path)):
     return "hf", path, None, None
   raise CheckpointError(
-      f"{path} is not a model: expected an HF folder (config.json + *.safetensors), a converted "
-      f"DIR ({CONFIG_FILE} + {PARAMS_DIR}/), a training WORKDIR ({CONFIG_FILE} + "
-      f"{CHECKPOINTS_DIR}/) or a step folder WORKDIR/{CHECKPOINTS_DIR}/<step>")
+    f"{path} is not a model: expected an HF folder (config.json + *.safetensors), a converted "
+    f"DIR ({CONFIG_FILE} + {PARAMS_DIR}/), a training WORKDIR ({CONFIG_FILE} + "
+    f"{CHECKPOINTS_DIR}/) or a step folder WORKDIR/{CHECKPOINTS_DIR}/<step>"
+  )
 
 
 # --- restoring ------------------------------------------------------------------------------------
+
 
 @dataclasses.dataclass
 class _HostArray:
@@ -287,8 +313,13 @@ def stored_metadata(params_dir: str) -> Params:
     raise CheckpointError(f"{params_dir} is not a complete Orbax checkpoint: {e}") from e
 
 
-def restore_params(params_dir: str, cfg: LlamaConfig, mesh: Mesh | None = None,
-                   dtype: str | None = None, on_host: bool = False) -> Params:
+def restore_params(
+  params_dir: str,
+  cfg: LlamaConfig,
+  mesh: Mesh | None = None,
+  dtype: str | None = None,
+  on_host: bool = False,
+) -> Params:
   """Restore an Orbax params tree onto ``mesh`` (or the first device), cast to ``dtype``.
 
   Shapes are checked against ``cfg`` from the metadata before any data is read. With
@@ -304,13 +335,18 @@ def restore_params(params_dir: str, cfg: LlamaConfig, mesh: Mesh | None = None,
     else:
       device = SingleDeviceSharding(jax.devices()[0])
       shardings = jax.tree.map(lambda _: device, llama.param_shapes(cfg))
-    target = jax.tree.map(lambda m, sh: jax.ShapeDtypeStruct(tuple(m.shape), np.dtype(dtype or m.dtype),
-                                                             sharding=sh), stored, shardings)
+    target = jax.tree.map(
+      lambda m, sh: jax.ShapeDtypeStruct(tuple(m.shape), np.dtype(dtype or m.dtype), sharding=sh),
+      stored,
+      shardings,
+    )
   root, item = _orbax_item(params_dir)
   return v1.load(root, target, **item)
 
 
-def restore_on_host(params_dir: str, dtype: str | None = None, stored: Params | None = None) -> Params:
+def restore_on_host(
+  params_dir: str, dtype: str | None = None, stored: Params | None = None
+) -> Params:
   """Every stored leaf as a numpy array (cast to ``dtype``), whatever the tree: a model's
   parameters, or a LoRA step's adapters."""
   stored = stored_metadata(params_dir) if stored is None else stored
@@ -319,8 +355,9 @@ def restore_on_host(params_dir: str, dtype: str | None = None, stored: Params | 
   return v1.load(root, target, **item)
 
 
-def load_model(path: str, mesh: Mesh | None = None, dtype: str | None = None,
-               on_host: bool = False) -> LoadedModel:
+def load_model(
+  path: str, mesh: Mesh | None = None, dtype: str | None = None, on_host: bool = False
+) -> LoadedModel:
   """Load any model path (see the module docstring) onto ``mesh``, optionally cast to ``dtype``.
 
   The returned config's ``param_dtype`` is the dtype of the returned params. ``on_host``
@@ -336,11 +373,15 @@ def load_model(path: str, mesh: Mesh | None = None, dtype: str | None = None,
     if on_host:
       params = host
     else:
-      shardings = (llama.param_shardings(cfg, mesh) if mesh is not None else
-                   jax.tree.map(lambda _: SingleDeviceSharding(jax.devices()[0]), host))
+      shardings = (
+        llama.param_shardings(cfg, mesh)
+        if mesh is not None
+        else jax.tree.map(lambda _: SingleDeviceSharding(jax.devices()[0]), host)
+      )
       params = _device_put_leaf_by_leaf(host, shardings)
   else:
     from astrollama_jax import lora_base
+
     cfg = read_model_config(root)
     record = lora_base.read(root) if kind in ("workdir", "step") else None
     if record is not None:  # adapters: merged into their (re-read) base

@@ -28,20 +28,20 @@ from typing import Any, Callable, Mapping, Sequence
 from absl import app, flags, logging
 
 COMMANDS = {
-    "prepare": "astrollama_jax.prepare",
-    "train": "astrollama_jax.train",
-    "convert": "astrollama_jax.convert",
-    "export": "astrollama_jax.export",
-    "generate": "astrollama_jax.generate",
-    "chat": "astrollama_jax.chat",
-    "eval": "astrollama_jax.eval",
-    "harness": "astrollama_jax.harness",
-    "bench": "astrollama_jax.bench",
-    "aot": "astrollama_jax.aot",
-    "make_qa": "astrollama_jax.make_qa",
-    "demo": "astrollama_jax.demo",
-    "serve": "astrollama_jax.serve",
-    "feedback": "astrollama_jax.feedback",
+  "prepare": "astrollama_jax.prepare",
+  "train": "astrollama_jax.train",
+  "convert": "astrollama_jax.convert",
+  "export": "astrollama_jax.export",
+  "generate": "astrollama_jax.generate",
+  "chat": "astrollama_jax.chat",
+  "eval": "astrollama_jax.eval",
+  "harness": "astrollama_jax.harness",
+  "bench": "astrollama_jax.bench",
+  "aot": "astrollama_jax.aot",
+  "make_qa": "astrollama_jax.make_qa",
+  "demo": "astrollama_jax.demo",
+  "serve": "astrollama_jax.serve",
+  "feedback": "astrollama_jax.feedback",
 }
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -54,32 +54,61 @@ class UserError(Exception):
 
 def _attention_impls() -> tuple[str, ...]:
   from astrollama_jax.model.config import ATTENTION_IMPLS
+
   return ATTENTION_IMPLS
 
 
 # name -> (absl definer, default, help); the one meaning and default of each shared flag.
 def _shared() -> dict[str, tuple[Callable[..., Any], Any, str, dict[str, Any]]]:
   return {
-      "checkpoint": (flags.DEFINE_string, None,
-                     "Model to load: HF folder, converted DIR, training WORKDIR or step folder.", {}),
-      "tokenizer": (flags.DEFINE_string, None,
-                    "SentencePiece tokenizer.model (default: the one beside the model).", {}),
-      "mesh": (flags.DEFINE_string, DEFAULT_MESH,
-               "Device mesh data,fsdp,tensor; one entry may be -1: the rest of the devices.", {}),
-      "dtype": (flags.DEFINE_enum, None,
-                "Parameter dtype (default: the dtype the checkpoint stores).", {"enum_values": DTYPES}),
-      "compute_dtype": (flags.DEFINE_enum, None,
-                        "Activation dtype (default: the parameters' dtype, so a float32 checkpoint "
-                        "computes in float32).", {"enum_values": DTYPES}),
-      "attention": (flags.DEFINE_enum, None,
-                    "Attention implementation (default: the model config's).",
-                    {"enum_values": _attention_impls()}),
-      "output": (flags.DEFINE_string, None, "Where the command writes its result.", {}),
+    "checkpoint": (
+      flags.DEFINE_string,
+      None,
+      "Model to load: HF folder, converted DIR, training WORKDIR or step folder.",
+      {},
+    ),
+    "tokenizer": (
+      flags.DEFINE_string,
+      None,
+      "SentencePiece tokenizer.model (default: the one beside the model).",
+      {},
+    ),
+    "mesh": (
+      flags.DEFINE_string,
+      DEFAULT_MESH,
+      "Device mesh data,fsdp,tensor; one entry may be -1: the rest of the devices.",
+      {},
+    ),
+    "dtype": (
+      flags.DEFINE_enum,
+      None,
+      "Parameter dtype (default: the dtype the checkpoint stores).",
+      {"enum_values": DTYPES},
+    ),
+    "compute_dtype": (
+      flags.DEFINE_enum,
+      None,
+      "Activation dtype (default: the parameters' dtype, so a float32 checkpoint "
+      "computes in float32).",
+      {"enum_values": DTYPES},
+    ),
+    "attention": (
+      flags.DEFINE_enum,
+      None,
+      "Attention implementation (default: the model config's).",
+      {"enum_values": _attention_impls()},
+    ),
+    "output": (flags.DEFINE_string, None, "Where the command writes its result.", {}),
   }
 
 
-def define(*names: str, flag_values: flags.FlagValues = flags.FLAGS, required: Sequence[str] = (),
-           help: Mapping[str, str] | None = None, defaults: Mapping[str, Any] | None = None) -> None:
+def define(
+  *names: str,
+  flag_values: flags.FlagValues = flags.FLAGS,
+  required: Sequence[str] = (),
+  help: Mapping[str, str] | None = None,
+  defaults: Mapping[str, Any] | None = None,
+) -> None:
   """Define the shared flags ``names`` on ``flag_values``.
 
   ``help`` may say what ``--output`` is for this command (a file, a folder); ``defaults`` is only
@@ -110,23 +139,32 @@ def mesh_shape(text: str) -> tuple[int, int, int]:
   except ValueError:
     shape = ()
   if len(shape) != 3 or any(s == 0 or s < -1 for s in shape) or shape.count(-1) > 1:
-    raise UserError(f"--mesh must be data,fsdp,tensor: three positive integers, one of them may be "
-                    f"-1 (e.g. {DEFAULT_MESH}); got {text!r}")
+    raise UserError(
+      f"--mesh must be data,fsdp,tensor: three positive integers, one of them may be "
+      f"-1 (e.g. {DEFAULT_MESH}); got {text!r}"
+    )
   return shape  # type: ignore[return-value]
 
 
 def make_mesh(text: str = DEFAULT_MESH):
   """The device mesh a ``--mesh`` value names, over all of this job's devices."""
   from astrollama_jax import sharding
+
   try:
     return sharding.make_mesh(mesh_shape(text))
   except ValueError as e:
     raise UserError(f"--mesh={text}: {e}") from None
 
 
-def load_model(checkpoint: str, mesh: Any = None, *, dtype: str | None = None,
-               compute_dtype: str | None = None, attention: str | None = None,
-               tokenizer: str | None = None):
+def load_model(
+  checkpoint: str,
+  mesh: Any = None,
+  *,
+  dtype: str | None = None,
+  compute_dtype: str | None = None,
+  attention: str | None = None,
+  tokenizer: str | None = None,
+):
   """Load any checkpoint for inference with the shared flags' meaning.
 
   Returns ``checkpoints.LoadedModel`` whose ``cfg`` computes in ``compute_dtype`` (default: the
@@ -135,6 +173,7 @@ def load_model(checkpoint: str, mesh: Any = None, *, dtype: str | None = None,
   """
   import dataclasses
   from astrollama_jax import checkpoints
+
   loaded = checkpoints.load_model(checkpoint, mesh=mesh, dtype=dtype)
   cfg = loaded.cfg.replace(compute_dtype=compute_dtype or loaded.cfg.param_dtype)
   if attention:
@@ -144,9 +183,15 @@ def load_model(checkpoint: str, mesh: Any = None, *, dtype: str | None = None,
     raise UserError(f"{checkpoint} has no tokenizer.model; pass --tokenizer=PATH")
   if not os.path.isfile(tok):
     raise UserError(f"--tokenizer {tok} does not exist")
-  logging.info("loaded %s (%s): %.1fM params, %s params, %s compute, %s attention", checkpoint,
-               loaded.kind, cfg.num_params() / 1e6, cfg.param_dtype, cfg.compute_dtype,
-               cfg.attention_impl)
+  logging.info(
+    "loaded %s (%s): %.1fM params, %s params, %s compute, %s attention",
+    checkpoint,
+    loaded.kind,
+    cfg.num_params() / 1e6,
+    cfg.param_dtype,
+    cfg.compute_dtype,
+    cfg.attention_impl,
+  )
   return dataclasses.replace(loaded, cfg=cfg, tokenizer_path=tok)
 
 
@@ -155,8 +200,9 @@ def check_text(text: str, where: str) -> str:
   try:
     text.encode("utf-8")
   except UnicodeEncodeError as e:
-    raise UserError(f"{where}: text that cannot be encoded as UTF-8 ({e.reason} at character "
-                    f"{e.start})") from None
+    raise UserError(
+      f"{where}: text that cannot be encoded as UTF-8 ({e.reason} at character {e.start})"
+    ) from None
   return text
 
 
@@ -193,12 +239,21 @@ def check_output_dir(path: str, empty: bool = True) -> None:
 
 # --- errors ----------------------------------------------------------------------------------
 
+
 def _user_errors() -> tuple[type[BaseException], ...]:
   """Exception types that report a user-fixable problem wherever they are raised (our own
   checks raise ``ValueError`` subclasses too, such as ``CheckpointError``: see ``is_user_error``)."""
   from astrollama_jax import diskspace
-  return (UserError, diskspace.DiskFullError, FileNotFoundError, FileExistsError,
-          IsADirectoryError, NotADirectoryError, PermissionError)
+
+  return (
+    UserError,
+    diskspace.DiskFullError,
+    FileNotFoundError,
+    FileExistsError,
+    IsADirectoryError,
+    NotADirectoryError,
+    PermissionError,
+  )
 
 
 def _raised_here(error: BaseException) -> bool:
@@ -245,6 +300,7 @@ def no_extra_args(argv: Sequence[str]) -> None:
 
 # --- the closing summary ---------------------------------------------------------------------
 
+
 def _cell(key: str, value: Any) -> str:
   if isinstance(value, bool) or value is None:
     return "" if value is None else str(value)
@@ -267,8 +323,9 @@ def _numeric(text: str) -> bool:
     return False
 
 
-def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None,
-                 header: bool = True) -> str:
+def format_table(
+  rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None, header: bool = True
+) -> str:
   """A fixed-width text table of ``rows`` (dicts, or sequences in the order of ``columns``):
   numbers right-aligned to 4 decimals."""
   if not rows:
@@ -276,18 +333,22 @@ def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | Non
   columns = list(columns or rows[0].keys())
   rows = [r if isinstance(r, Mapping) else dict(zip(columns, r)) for r in rows]
   cells = [[_cell(c, r.get(c)) for c in columns] for r in rows]
-  widths = [max(len(c) if header else 0, *(len(row[i]) for row in cells))
-            for i, c in enumerate(columns)]
+  widths = [
+    max(len(c) if header else 0, *(len(row[i]) for row in cells)) for i, c in enumerate(columns)
+  ]
   head = "  ".join(c.ljust(w) for c, w in zip(columns, widths))
   rule = "  ".join("-" * w for w in widths)
-  body = ["  ".join(v.rjust(w) if _numeric(v) else v.ljust(w) for v, w in zip(row, widths))
-          for row in cells]
+  body = [
+    "  ".join(v.rjust(w) if _numeric(v) else v.ljust(w) for v, w in zip(row, widths))
+    for row in cells
+  ]
   return "\n".join(([head, rule] if header else []) + body)
 
 
 def jsonable(value: Any) -> Any:
   """numpy scalars and arrays, tuples and paths as plain JSON values (NaN and inf as null)."""
   import numpy as np
+
   if isinstance(value, dict):
     return {str(k): jsonable(v) for k, v in value.items()}
   if isinstance(value, (list, tuple)):
@@ -303,8 +364,12 @@ def jsonable(value: Any) -> Any:
   return str(value)
 
 
-def report(title: str, summary: Mapping[str, Any], rows: Sequence[Mapping[str, Any]] | None = None,
-           columns: Sequence[str] | None = None) -> dict[str, Any]:
+def report(
+  title: str,
+  summary: Mapping[str, Any],
+  rows: Sequence[Mapping[str, Any]] | None = None,
+  columns: Sequence[str] | None = None,
+) -> dict[str, Any]:
   """Close a command: ``title``, a table (``rows``, else the summary's keys and values), then
   ``summary`` as one JSON line, the last line of stdout, which scripts parse. Returns it."""
   summary = jsonable(dict(summary))
@@ -320,12 +385,14 @@ def report(title: str, summary: Mapping[str, Any], rows: Sequence[Mapping[str, A
 def peak_rss_bytes() -> int:
   """This process's peak resident memory so far, for a command's summary (Linux reports KiB)."""
   import resource
+
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _command(module: str) -> Callable[[], None]:
   def run_module() -> None:
     runpy.run_module(module, run_name="__main__", alter_sys=True)
+
   run_module.__doc__ = f"python -m {module}"
   return run_module
 

@@ -31,15 +31,24 @@ FLAGS = flags.FLAGS
 def define_flags() -> None:
   """The command's flags (defined from ``__main__`` only, so importing this module defines none)."""
   flags.DEFINE_string("workdir", None, "Output folder (corpus/, cpt/, sft/, hf/).", required=True)
-  cli.define("tokenizer", help={"tokenizer": "LLaMA-2 tokenizer.model (default: "
-                                "$ASTROLLAMA_TOKENIZER, else ../shared/data/tokenizer/llama2/"
-                                "tokenizer.model beside a checkout)."})
+  cli.define(
+    "tokenizer",
+    help={
+      "tokenizer": "LLaMA-2 tokenizer.model (default: "
+      "$ASTROLLAMA_TOKENIZER, else ../shared/data/tokenizer/llama2/"
+      "tokenizer.model beside a checkout)."
+    },
+  )
   flags.DEFINE_string("corpus", None, "Demo corpus folder (default: the shipped data/demo_corpus).")
   flags.DEFINE_integer("steps", None, "Override the number of training steps of configs/demo.py.")
-  flags.DEFINE_integer("sft_steps", None,
-                       "Override the number of training steps of configs/demo_sft.py.")
-  flags.DEFINE_string("question", "What does a high star formation rate in a galaxy tell us?",
-                      "The question the fine-tuned demo model answers at the end.")
+  flags.DEFINE_integer(
+    "sft_steps", None, "Override the number of training steps of configs/demo_sft.py."
+  )
+  flags.DEFINE_string(
+    "question",
+    "What does a high star formation rate in a galaxy tell us?",
+    "The question the fine-tuned demo model answers at the end.",
+  )
 
 
 def find_tokenizer(explicit: str | None) -> str:
@@ -47,14 +56,17 @@ def find_tokenizer(explicit: str | None) -> str:
     candidates = [explicit]
   else:
     repo = resources.checkout()
-    candidates = [os.environ.get("ASTROLLAMA_TOKENIZER"),
-                  repo and str(repo.parent / "shared" / "data" / "tokenizer" / "llama2" /
-                               "tokenizer.model")]
+    candidates = [
+      os.environ.get("ASTROLLAMA_TOKENIZER"),
+      repo and str(repo.parent / "shared" / "data" / "tokenizer" / "llama2" / "tokenizer.model"),
+    ]
   for path in candidates:
     if path and os.path.isfile(path):
       return path
-  raise cli.UserError(f"LLaMA-2 tokenizer.model not found (looked at "
-                      f"{[c for c in candidates if c]}); pass --tokenizer=PATH")
+  raise cli.UserError(
+    f"LLaMA-2 tokenizer.model not found (looked at "
+    f"{[c for c in candidates if c]}); pass --tokenizer=PATH"
+  )
 
 
 def load_config(path: pathlib.Path) -> Any:
@@ -67,6 +79,7 @@ def load_config(path: pathlib.Path) -> Any:
 
 def prepare(source: str, output: str) -> dict[str, Any]:
   from astrollama_jax.data import corpus
+
   config = corpus.CorpusConfig(sources=[source], validation_fraction=0.15)
   builder, report = corpus.build(config, output)
   print(report.table())
@@ -75,6 +88,7 @@ def prepare(source: str, output: str) -> dict[str, Any]:
 
 def pretrain(corpus_dir: str, tokenizer: str, workdir: str, steps: int | None) -> dict[str, Any]:
   from astrollama_jax.train import loop
+
   config = load_config(resources.path("configs", "demo.py"))
   config.data.lm.path = corpus_dir
   config.data.tokenizer_path = tokenizer
@@ -85,6 +99,7 @@ def pretrain(corpus_dir: str, tokenizer: str, workdir: str, steps: int | None) -
 
 def finetune(cpt_workdir: str, tokenizer: str, workdir: str, steps: int | None) -> dict[str, Any]:
   from astrollama_jax.train import loop
+
   config = load_config(resources.path("configs", "demo_sft.py"))
   config.init_checkpoint = cpt_workdir
   config.data.tokenizer_path = tokenizer
@@ -100,22 +115,37 @@ def answer(hf_folder: str, question: str) -> str:
   from astrollama_jax import cli
   from astrollama_jax.chat import ChatSession
   from astrollama_jax.data.tokenizer import Tokenizer
+
   mesh = cli.make_mesh()
   loaded = cli.load_model(hf_folder, mesh)
-  session = ChatSession(loaded.cfg, loaded.params, Tokenizer(loaded.tokenizer_path),
-                        max_new_tokens=48, temperature=0.0, chunk_size=16, mesh=mesh)
+  session = ChatSession(
+    loaded.cfg,
+    loaded.params,
+    Tokenizer(loaded.tokenizer_path),
+    max_new_tokens=48,
+    temperature=0.0,
+    chunk_size=16,
+    mesh=mesh,
+  )
   return session.reply(question)
 
 
 def export(checkpoint: str, output: str) -> dict[str, Any]:
   from astrollama_jax import export as export_lib
+
   if os.path.isdir(output):  # the demo's own earlier export
     shutil.rmtree(output)
   return export_lib.export(checkpoint, output, show_progress=False)
 
 
-def run(workdir: str, tokenizer: str, corpus_src: str, steps: int | None = None,
-        sft_steps: int | None = None, question: str = "What is a galaxy?") -> dict[str, Any]:
+def run(
+  workdir: str,
+  tokenizer: str,
+  corpus_src: str,
+  steps: int | None = None,
+  sft_steps: int | None = None,
+  question: str = "What is a galaxy?",
+) -> dict[str, Any]:
   """All stages; returns the summary (perplexities, losses, timings, output paths)."""
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
@@ -129,41 +159,69 @@ def run(workdir: str, tokenizer: str, corpus_src: str, steps: int | None = None,
     return out
 
   stage("prepare", prepare, corpus_src, os.path.join(workdir, "corpus"))
-  cpt = stage("pretrain", pretrain, os.path.join(workdir, "corpus"), tokenizer,
-              os.path.join(workdir, "cpt"), steps)
-  sft = stage("finetune", finetune, os.path.join(workdir, "cpt"), tokenizer,
-              os.path.join(workdir, "sft"), sft_steps)
+  cpt = stage(
+    "pretrain",
+    pretrain,
+    os.path.join(workdir, "corpus"),
+    tokenizer,
+    os.path.join(workdir, "cpt"),
+    steps,
+  )
+  sft = stage(
+    "finetune",
+    finetune,
+    os.path.join(workdir, "cpt"),
+    tokenizer,
+    os.path.join(workdir, "sft"),
+    sft_steps,
+  )
   stage("export", export, os.path.join(workdir, "sft"), os.path.join(workdir, "hf"))
   reply = stage("chat", answer, os.path.join(workdir, "hf"), question)
   before, after = cpt.get("eval_start") or {}, cpt.get("eval") or {}
   return {
-      "val_ppl_before": before.get("perplexity"), "val_ppl_after": after.get("perplexity"),
-      "val_loss_before": before.get("loss"), "val_loss_after": after.get("loss"),
-      "train_loss_final": cpt.get("train_loss"), "steps": cpt.get("final_step"),
-      "sft_loss_final": sft.get("train_loss"), "sft_steps": sft.get("final_step"),
-      "question": question, "answer": reply,
-      "loss_fell": bool(before and after and after["loss"] < before["loss"]),
-      "hf_folder": os.path.join(workdir, "hf"), "cpt_workdir": os.path.join(workdir, "cpt"),
-      "sft_workdir": os.path.join(workdir, "sft"),
-      "seconds": timings, "total_s": round(sum(timings.values()), 1),
+    "val_ppl_before": before.get("perplexity"),
+    "val_ppl_after": after.get("perplexity"),
+    "val_loss_before": before.get("loss"),
+    "val_loss_after": after.get("loss"),
+    "train_loss_final": cpt.get("train_loss"),
+    "steps": cpt.get("final_step"),
+    "sft_loss_final": sft.get("train_loss"),
+    "sft_steps": sft.get("final_step"),
+    "question": question,
+    "answer": reply,
+    "loss_fell": bool(before and after and after["loss"] < before["loss"]),
+    "hf_folder": os.path.join(workdir, "hf"),
+    "cpt_workdir": os.path.join(workdir, "cpt"),
+    "sft_workdir": os.path.join(workdir, "sft"),
+    "seconds": timings,
+    "total_s": round(sum(timings.values()), 1),
   }
 
 
 def main(argv: list[str]) -> None:
   cli.no_extra_args(argv)
   from astrollama_jax.train.metrics import quiet_library_logs
+
   quiet_library_logs()
   corpus_src = FLAGS.corpus or str(resources.path("data", "demo_corpus"))
-  summary = run(FLAGS.workdir, find_tokenizer(FLAGS.tokenizer), corpus_src, FLAGS.steps,
-                FLAGS.sft_steps, FLAGS.question)
-  rows = [("validation perplexity, before", summary["val_ppl_before"]),
-          ("validation perplexity, after", summary["val_ppl_after"]),
-          ("final training loss", summary["train_loss_final"]),
-          ("training steps (CPT)", summary["steps"]),
-          ("final training loss (SFT)", summary["sft_loss_final"]),
-          ("training steps (SFT)", summary["sft_steps"]),
-          *[(f"time: {k} (s)", v) for k, v in summary["seconds"].items()],
-          ("HF folder", summary["hf_folder"])]
+  summary = run(
+    FLAGS.workdir,
+    find_tokenizer(FLAGS.tokenizer),
+    corpus_src,
+    FLAGS.steps,
+    FLAGS.sft_steps,
+    FLAGS.question,
+  )
+  rows = [
+    ("validation perplexity, before", summary["val_ppl_before"]),
+    ("validation perplexity, after", summary["val_ppl_after"]),
+    ("final training loss", summary["train_loss_final"]),
+    ("training steps (CPT)", summary["steps"]),
+    ("final training loss (SFT)", summary["sft_loss_final"]),
+    ("training steps (SFT)", summary["sft_steps"]),
+    *[(f"time: {k} (s)", v) for k, v in summary["seconds"].items()],
+    ("HF folder", summary["hf_folder"]),
+  ]
   print(f"\n[user] {summary['question']}\n[astrollama-demo] {summary['answer']}\n")
   cli.report("demo", summary, rows, ("stage", "value"))
   if not summary["loss_fell"]:

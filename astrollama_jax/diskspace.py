@@ -71,8 +71,11 @@ def _size(n: int | None) -> str:
 
 def disk_full_error(path: str, what: str, hint: str = "") -> DiskFullError:
   path = os.path.abspath(path)
-  return DiskFullError(f"disk full: cannot write {what} {path}: no space left on the device "
-                       f"({_size(free_bytes(path))} free there){'; ' + hint if hint else ''}", path)
+  return DiskFullError(
+    f"disk full: cannot write {what} {path}: no space left on the device "
+    f"({_size(free_bytes(path))} free there){'; ' + hint if hint else ''}",
+    path,
+  )
 
 
 @contextlib.contextmanager
@@ -92,12 +95,19 @@ def disk_full_errors(path: str, what: str, hint: str = "") -> Iterator[None]:
     raise
 
 
-def not_enough_space(path: str, need: int, what: str, free: int | None = None,
-                     hint: str = "free some space or choose another output") -> DiskFullError:
+def not_enough_space(
+  path: str,
+  need: int,
+  what: str,
+  free: int | None = None,
+  hint: str = "free some space or choose another output",
+) -> DiskFullError:
   path = os.path.abspath(path)
   free = free_bytes(path) if free is None else free
-  return DiskFullError(f"disk full: {what} {path} needs {_size(need)} but only {_size(free)} is free "
-                       f"there; {hint}", path)
+  return DiskFullError(
+    f"disk full: {what} {path} needs {_size(need)} but only {_size(free)} is free there; {hint}",
+    path,
+  )
 
 
 def check_free_space(path: str, need: int, what: str) -> None:
@@ -133,6 +143,7 @@ def atomic_directory(directory: str) -> Iterator[str]:
   in the block is reported as ``DiskFullError`` naming ``directory``.
   """
   import jax  # only writers of model files come here; the rest of this module needs no JAX
+
   final = os.path.abspath(directory)
   if os.path.exists(final) and (not os.path.isdir(final) or os.listdir(final)):
     raise FileExistsError(f"output {final} exists and is not empty; choose another or remove it")
@@ -181,6 +192,8 @@ def _remove_settled(folder: str, quiet_s: float = 0.5, limit_s: float = 5.0) -> 
 
 def _sync(name: str) -> None:
   import jax
+
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
+
     multihost_utils.sync_global_devices(name)

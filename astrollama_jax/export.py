@@ -32,19 +32,37 @@ FLAGS = flags.FLAGS
 
 def define_flags() -> None:
   """Flags exist only when run as a command, so importing this module defines none."""
-  cli.define("checkpoint", "output", "tokenizer", help={
+  cli.define(
+    "checkpoint",
+    "output",
+    "tokenizer",
+    help={
       "output": "HF folder to create (must not exist or be empty).",
-      "tokenizer": "tokenizer.model to ship (default: the checkpoint's)."})
+      "tokenizer": "tokenizer.model to ship (default: the checkpoint's).",
+    },
+  )
   # Not cli's enum --dtype: check_dtype's message names the dtypes the same way everywhere.
-  flags.DEFINE_string("dtype", None, "float32, bfloat16 or float16 (default: the checkpoint's dtype).")
+  flags.DEFINE_string(
+    "dtype", None, "float32, bfloat16 or float16 (default: the checkpoint's dtype)."
+  )
   flags.DEFINE_float("max_shard_gb", 2.0, "Largest safetensors file, GiB.")
-  flags.DEFINE_string("peft_adapter", None, "LoRA workdir: also write its adapters to this folder "
-                      "as a peft adapter (adapter_config.json, adapter_model.safetensors).")
+  flags.DEFINE_string(
+    "peft_adapter",
+    None,
+    "LoRA workdir: also write its adapters to this folder "
+    "as a peft adapter (adapter_config.json, adapter_model.safetensors).",
+  )
 
 
-def export(checkpoint: str, output: str, dtype: str | None = None, tokenizer: str | None = None,
-           max_shard_bytes: int = 2 * 1024**3, show_progress: bool = True,
-           peft_adapter: str | None = None) -> dict[str, Any]:
+def export(
+  checkpoint: str,
+  output: str,
+  dtype: str | None = None,
+  tokenizer: str | None = None,
+  max_shard_bytes: int = 2 * 1024**3,
+  show_progress: bool = True,
+  peft_adapter: str | None = None,
+) -> dict[str, Any]:
   """Write the HF folder ``output`` from ``checkpoint``; returns the summary dict.
 
   A LoRA workdir exports merged (its base with ``W + (alpha / rank) * A @ B``); with
@@ -61,41 +79,69 @@ def export(checkpoint: str, output: str, dtype: str | None = None, tokenizer: st
   kind, root, params_dir, step = checkpoints.locate(checkpoint)
   record = lora_base.read(root) if kind in ("workdir", "step") else None
   if peft_adapter and record is None:
-    raise ValueError(f"--peft_adapter: {checkpoint} is not a LoRA workdir (no {lora_base.LORA_FILE})")
+    raise ValueError(
+      f"--peft_adapter: {checkpoint} is not a LoRA workdir (no {lora_base.LORA_FILE})"
+    )
   if kind != "hf":  # the size follows from the config (its param_dtype is the stored one): refuse
     stored = checkpoints.read_model_config(root)  # before the (long) restore; save_hf checks again
-    diskspace.check_free_space(out, stored.num_params() * np.dtype(dtype or stored.param_dtype).itemsize,
-                               "the output folder")
+    diskspace.check_free_space(
+      out, stored.num_params() * np.dtype(dtype or stored.param_dtype).itemsize, "the output folder"
+    )
   loaded = checkpoints.load_model(checkpoint, dtype=dtype, on_host=True)
   cfg = loaded.cfg
   tok_path = tokenizer or loaded.tokenizer_path
   if not tok_path:
     raise FileNotFoundError(f"{checkpoint} has no tokenizer.model; pass --tokenizer")
   Tokenizer(tok_path).check_vocab(cfg.vocab_size)
-  logging.info("exporting %s (%s%s) -> %s: %s", checkpoint, kind, f" step {step}" if step is not None else "",
-               out, cfg)
+  logging.info(
+    "exporting %s (%s%s) -> %s: %s",
+    checkpoint,
+    kind,
+    f" step {step}" if step is not None else "",
+    out,
+    cfg,
+  )
 
-  bar = tqdm(total=mapping.num_tensors(cfg), unit="tensor", disable=not show_progress, desc="export")
+  bar = tqdm(
+    total=mapping.num_tensors(cfg), unit="tensor", disable=not show_progress, desc="export"
+  )
 
   def progress(name, arr):
     bar.set_postfix_str(f"{name} {list(arr.shape)}", refresh=False)
     bar.update()
 
   try:
-    written = hf.save_hf(cfg, loaded.params, out, max_shard_bytes=max_shard_bytes, progress=progress,
-                         extra_files=lambda d: write_hf_tokenizer_files(d, tok_path, cfg.max_seq_len))
+    written = hf.save_hf(
+      cfg,
+      loaded.params,
+      out,
+      max_shard_bytes=max_shard_bytes,
+      progress=progress,
+      extra_files=lambda d: write_hf_tokenizer_files(d, tok_path, cfg.max_seq_len),
+    )
   finally:
     bar.close()
   adapter = None
   if peft_adapter:
     with diskspace.atomic_directory(peft_adapter) as tmp:
-      peft.save_adapter(tmp, record["spec"], lora_base.restore_adapters(params_dir),
-                        record["base"].get("path", ""))
+      peft.save_adapter(
+        tmp, record["spec"], lora_base.restore_adapters(params_dir), record["base"].get("path", "")
+      )
     adapter = os.path.abspath(peft_adapter)
-  return {"peft_adapter": adapter, "checkpoint": os.path.abspath(checkpoint), "kind": kind, "step": step, "output": out,
-          "dtype": cfg.param_dtype, "tensors": written["tensors"], "parameters": written["parameters"],
-          "bytes": written["bytes"], "shards": written["shards"], "seconds": round(time.monotonic() - t0, 2),
-          "peak_rss_bytes": cli.peak_rss_bytes()}
+  return {
+    "peft_adapter": adapter,
+    "checkpoint": os.path.abspath(checkpoint),
+    "kind": kind,
+    "step": step,
+    "output": out,
+    "dtype": cfg.param_dtype,
+    "tensors": written["tensors"],
+    "parameters": written["parameters"],
+    "bytes": written["bytes"],
+    "shards": written["shards"],
+    "seconds": round(time.monotonic() - t0, 2),
+    "peak_rss_bytes": cli.peak_rss_bytes(),
+  }
 
 
 def main(argv):
@@ -103,8 +149,14 @@ def main(argv):
   for name in ("checkpoint", "output"):
     if not getattr(FLAGS, name):
       raise app.UsageError(f"--{name} is required")
-  summary = export(FLAGS.checkpoint, FLAGS.output, FLAGS.dtype, FLAGS.tokenizer,
-                   int(FLAGS.max_shard_gb * 1024**3), peft_adapter=FLAGS.peft_adapter)
+  summary = export(
+    FLAGS.checkpoint,
+    FLAGS.output,
+    FLAGS.dtype,
+    FLAGS.tokenizer,
+    int(FLAGS.max_shard_gb * 1024**3),
+    peft_adapter=FLAGS.peft_adapter,
+  )
   cli.report(f"exported {summary['checkpoint']} -> {summary['output']}", summary)
 
 

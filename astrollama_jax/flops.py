@@ -24,14 +24,14 @@ from astrollama_jax.model.config import LlamaConfig
 # Dense bf16 peak FLOP/s per device (no sparsity). Keys are matched as substrings of the
 # lower-cased ``jax.Device.device_kind``; the first match wins, so longer names come first.
 PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
-    ("h100", 989e12),
-    ("h200", 989e12),
-    ("a100", 312e12),
-    ("tpu v5 lite", 197e12),  # v5e reports itself as "TPU v5 lite"
-    ("tpu v5e", 197e12),
-    ("tpu v5p", 459e12),
-    ("tpu v5", 459e12),
-    ("tpu v4", 275e12),
+  ("h100", 989e12),
+  ("h200", 989e12),
+  ("a100", 312e12),
+  ("tpu v5 lite", 197e12),  # v5e reports itself as "TPU v5 lite"
+  ("tpu v5e", 197e12),
+  ("tpu v5p", 459e12),
+  ("tpu v5", 459e12),
+  ("tpu v4", 275e12),
 )
 
 
@@ -39,7 +39,7 @@ PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
 class StepFlops:
   """Training FLOPs of one optimizer step (forward + backward), split as MaxText splits them."""
 
-  weights: float    # learnable-weight matmuls, incl. the LM head
+  weights: float  # learnable-weight matmuls, incl. the LM head
   attention: float  # causal attention (QK^T and PV)
 
   @property
@@ -50,12 +50,19 @@ class StepFlops:
 def training_flops(cfg: LlamaConfig, batch: int, seq_len: int) -> StepFlops:
   """FLOPs to train on ``batch`` rows of ``seq_len`` tokens (one forward + backward pass)."""
   tokens = batch * seq_len
-  d, f, h, k, hd, v = cfg.dim, cfg.ffn_dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.vocab_size
+  d, f, h, k, hd, v = (
+    cfg.dim,
+    cfg.ffn_dim,
+    cfg.n_heads,
+    cfg.n_kv_heads,
+    cfg.head_dim,
+    cfg.vocab_size,
+  )
   qkv = 2 * tokens * d * (h + 2 * k) * hd
   out_proj = 2 * tokens * d * h * hd
   mlp = 2 * tokens * d * f * 3
   lm_head = 2 * tokens * d * v
-  attention = 4 * batch * seq_len ** 2 * h * hd / 2  # causal: half of the S^2 score matrix
+  attention = 4 * batch * seq_len**2 * h * hd / 2  # causal: half of the S^2 score matrix
   weights = ((qkv + out_proj + mlp) * cfg.n_layers + lm_head) * 3
   return StepFlops(weights=float(weights), attention=float(attention * cfg.n_layers * 3))
 

@@ -41,7 +41,12 @@ from astrollama_jax.model.config import LlamaConfig
 Params = dict[str, Any]
 StreamFn = Callable[[list[list[int]]], Any]
 
-_STATE_LOGICAL = {"token": ("batch",), "pos": ("batch",), "done": ("batch",), "out": ("batch", None)}
+_STATE_LOGICAL = {
+  "token": ("batch",),
+  "pos": ("batch",),
+  "done": ("batch",),
+  "out": ("batch", None),
+}
 
 
 @dataclasses.dataclass
@@ -77,8 +82,10 @@ def _batch_bucket(n: int, shards: int) -> int:
 
 # --- sampling ------------------------------------------------------------------------------------
 
-def sample_logits(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_k: jax.Array,
-                  top_p: jax.Array) -> jax.Array:
+
+def sample_logits(
+  logits: jax.Array, key: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array
+) -> jax.Array:
   """Sample one id per row of [B, V] logits: temperature, then top-k, then nucleus (top-p).
 
   All three knobs are traced values, so changing them never recompiles. ``top_k <= 0`` and
@@ -102,12 +109,16 @@ def sample_logits(logits: jax.Array, key: jax.Array, temperature: jax.Array, top
 def _next_token(logits, key, step, knobs, sample: bool):
   if not sample:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  return sample_logits(logits, jax.random.fold_in(key, step), knobs["temperature"], knobs["top_k"],
-                       knobs["top_p"])
+  return sample_logits(
+    logits, jax.random.fold_in(key, step), knobs["temperature"], knobs["top_k"], knobs["top_p"]
+  )
 
 
 def _constrain_cache(cache: dict[str, Any]) -> dict[str, Any]:
-  return {k: sharding.constrain(v, llama.CACHE_LOGICAL[k]) if k != "index" else v for k, v in cache.items()}
+  return {
+    k: sharding.constrain(v, llama.CACHE_LOGICAL[k]) if k != "index" else v
+    for k, v in cache.items()
+  }
 
 
 def _constrain_state(state: dict[str, Any]) -> dict[str, Any]:
@@ -121,9 +132,21 @@ def _constrain_state(state: dict[str, Any]) -> dict[str, Any]:
 
 # --- the two compiled pieces -------------------------------------------------------------------------
 
+
 @functools.partial(jax.jit, static_argnames=("cfg", "cache_len", "out_len", "sample"))
-def _prefill(params, tokens, mask, active, key, knobs, *, cfg: LlamaConfig, cache_len: int,
-             out_len: int, sample: bool):
+def _prefill(
+  params,
+  tokens,
+  mask,
+  active,
+  key,
+  knobs,
+  *,
+  cfg: LlamaConfig,
+  cache_len: int,
+  out_len: int,
+  sample: bool,
+):
   """Run the padded prompts through the model once and sample the first new token."""
   b = tokens.shape[0]
   positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
@@ -136,8 +159,15 @@ def _prefill(params, tokens, mask, active, key, knobs, *, cfg: LlamaConfig, cach
   first = jnp.where(active, first, 0)
   out = jnp.zeros((b, out_len), jnp.int32).at[:, 0].set(first)
   done = ~active | (first == knobs["eos_id"]) | (knobs["max_new"] <= 1)
-  state = {"cache": cache, "token": first, "pos": positions[:, -1] + 1, "done": done, "out": out,
-           "step": jnp.ones((), jnp.int32), "key": key}
+  state = {
+    "cache": cache,
+    "token": first,
+    "pos": positions[:, -1] + 1,
+    "done": done,
+    "out": out,
+    "step": jnp.ones((), jnp.int32),
+    "key": key,
+  }
   return _constrain_state(state)
 
 
@@ -155,19 +185,29 @@ def _decode(params, state, until, stopped, knobs, *, cfg: LlamaConfig, sample: b
 
   def body(s):
     seg = jnp.ones_like(s["token"])[:, None]
-    logits, cache = llama.apply(cfg, params, s["token"][:, None], s["pos"][:, None], seg, s["cache"])
+    logits, cache = llama.apply(
+      cfg, params, s["token"][:, None], s["pos"][:, None], seg, s["cache"]
+    )
     tok = _next_token(logits[:, -1], s["key"], s["step"], knobs, sample)
     tok = jnp.where(s["done"], 0, tok)
     out = jax.lax.dynamic_update_slice_in_dim(s["out"], tok[:, None], s["step"], axis=1)
     done = s["done"] | (tok == knobs["eos_id"]) | (s["step"] + 1 >= knobs["max_new"])
-    new = {"cache": cache, "token": tok, "pos": s["pos"] + 1, "done": done, "out": out,
-           "step": s["step"] + 1, "key": s["key"]}
+    new = {
+      "cache": cache,
+      "token": tok,
+      "pos": s["pos"] + 1,
+      "done": done,
+      "out": out,
+      "step": s["step"] + 1,
+      "key": s["key"],
+    }
     return _constrain_state(new)
 
   return jax.lax.while_loop(cond, body, state)
 
 
 # --- host side ------------------------------------------------------------------------------------
+
 
 def _put(x: np.ndarray, where: jax.sharding.Sharding) -> jax.Array:
   """Host array -> global array; every process passes the same ``x`` (works across hosts)."""
@@ -178,6 +218,7 @@ def _fetch(x: jax.Array) -> np.ndarray:
   """Global array -> host numpy on every process (gathers across hosts when there are several)."""
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
+
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
   return np.asarray(x)
 
@@ -221,17 +262,33 @@ def _validate(cfg, prompts, max_new_tokens, temperature, top_k, top_p, stop_stri
       raise ValueError(f"prompt {i} is empty (it needs at least a BOS token)")
     bad = [t for t in p if not 0 <= int(t) < cfg.vocab_size]
     if bad:
-      raise ValueError(f"prompt {i} has ids outside the vocabulary [0, {cfg.vocab_size}): {bad[:5]}")
+      raise ValueError(
+        f"prompt {i} has ids outside the vocabulary [0, {cfg.vocab_size}): {bad[:5]}"
+      )
     if len(p) + max_new_tokens > cfg.max_seq_len:
-      raise ValueError(f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} that "
-                       f"exceeds the model's max_seq_len {cfg.max_seq_len}")
+      raise ValueError(
+        f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} that "
+        f"exceeds the model's max_seq_len {cfg.max_seq_len}"
+      )
 
 
-def generate(cfg: LlamaConfig, params: Params, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
-             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0, eos_id: int = 2,
-             stop_strings: Sequence[str] | None = None, tokenizer: Tokenizer | None = None,
-             mesh: Mesh | None = None, stream: StreamFn | None = None,
-             chunk_size: int | None = None) -> GenerationResult:
+def generate(
+  cfg: LlamaConfig,
+  params: Params,
+  prompts: Sequence[Sequence[int]],
+  max_new_tokens: int,
+  *,
+  temperature: float = 0.0,
+  top_k: int = 0,
+  top_p: float = 1.0,
+  seed: int = 0,
+  eos_id: int = 2,
+  stop_strings: Sequence[str] | None = None,
+  tokenizer: Tokenizer | None = None,
+  mesh: Mesh | None = None,
+  stream: StreamFn | None = None,
+  chunk_size: int | None = None,
+) -> GenerationResult:
   """Continue each prompt (a list of ids, BOS included) by up to ``max_new_tokens`` tokens.
 
   Greedy when ``temperature == 0``; else samples with temperature, ``top_k`` (0 = off) and
@@ -253,11 +310,16 @@ def generate(cfg: LlamaConfig, params: Params, prompts: Sequence[Sequence[int]],
   tokens = np.zeros((b, t), np.int32)
   mask = np.zeros((b, t), np.int32)
   for i, p in enumerate(prompts):
-    tokens[i, t - len(p):] = np.asarray(p, np.int32)
-    mask[i, t - len(p):] = 1
+    tokens[i, t - len(p) :] = np.asarray(p, np.int32)
+    mask[i, t - len(p) :] = 1
   active = np.arange(b) < n
-  knobs = {"temperature": np.float32(temperature), "top_k": np.int32(top_k), "top_p": np.float32(top_p),
-           "eos_id": np.int32(eos_id), "max_new": np.int32(max_new_tokens)}
+  knobs = {
+    "temperature": np.float32(temperature),
+    "top_k": np.int32(top_k),
+    "top_p": np.float32(top_p),
+    "eos_id": np.int32(eos_id),
+    "max_new": np.int32(max_new_tokens),
+  }
   sample = temperature > 0
   if chunk_size is None:
     chunk_size = 8 if (stream is not None or stop_strings) else max_new_tokens
@@ -274,8 +336,18 @@ def generate(cfg: LlamaConfig, params: Params, prompts: Sequence[Sequence[int]],
 
   rows = _Rows(n, b, eos_id, max_new_tokens, stop_strings, tokenizer)
   with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-    state = _prefill(params, tokens, mask, active, jax.random.key(seed), knobs, cfg=cfg, cache_len=t + out_len,
-                     out_len=out_len, sample=sample)
+    state = _prefill(
+      params,
+      tokens,
+      mask,
+      active,
+      jax.random.key(seed),
+      knobs,
+      cfg=cfg,
+      cache_len=t + out_len,
+      out_len=out_len,
+      sample=sample,
+    )
     while True:
       step = int(state["step"])
       # The whole buffer comes back: slicing on device would compile a program per slice shape.
@@ -297,9 +369,21 @@ def generate(cfg: LlamaConfig, params: Params, prompts: Sequence[Sequence[int]],
 class _Rows:
   """Host-side bookkeeping of the generated ids: EOS, stop strings, what is new for the stream."""
 
-  def __init__(self, n: int, padded: int, eos_id: int, max_new: int, stop_strings: Sequence[str],
-               tokenizer: Tokenizer | None):
-    self.eos_id, self.max_new, self.stop_strings, self.tokenizer = eos_id, max_new, stop_strings, tokenizer
+  def __init__(
+    self,
+    n: int,
+    padded: int,
+    eos_id: int,
+    max_new: int,
+    stop_strings: Sequence[str],
+    tokenizer: Tokenizer | None,
+  ):
+    self.eos_id, self.max_new, self.stop_strings, self.tokenizer = (
+      eos_id,
+      max_new,
+      stop_strings,
+      tokenizer,
+    )
     self.ids: list[list[int]] = [[] for _ in range(n)]
     self.reasons = ["length"] * n
     self.finished = [False] * n
@@ -309,7 +393,7 @@ class _Rows:
 
   def take(self, out: np.ndarray, done: np.ndarray, step: int) -> list[list[int]]:
     """Absorb steps ``seen .. step-1`` of the device's ``out`` buffer; return each row's new ids."""
-    new = out[:, self.seen:step]
+    new = out[:, self.seen : step]
     self.seen = step
     streamed: list[list[int]] = [[] for _ in self.ids]
     for i, ids in enumerate(self.ids):
@@ -336,10 +420,18 @@ class _Rows:
 
 # --- loading and the command line -------------------------------------------------------------------
 
+
 def define_flags(temperature: float = 0.0, top_p: float = 1.0, max_new_tokens: int = 256) -> None:
   """Flags shared by ``generate`` and ``chat`` (called from ``__main__`` only, never on import)."""
-  cli.define("checkpoint", "tokenizer", "mesh", "dtype", "compute_dtype", "attention",
-             required=["checkpoint"])
+  cli.define(
+    "checkpoint",
+    "tokenizer",
+    "mesh",
+    "dtype",
+    "compute_dtype",
+    "attention",
+    required=["checkpoint"],
+  )
   flags.DEFINE_integer("max_new_tokens", max_new_tokens, "Most tokens to generate per answer.")
   flags.DEFINE_float("temperature", temperature, "0 = greedy; else the sampling temperature.")
   flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens (0 = off).")
@@ -349,11 +441,19 @@ def define_flags(temperature: float = 0.0, top_p: float = 1.0, max_new_tokens: i
   flags.DEFINE_string("system", None, "System prompt (chat format).")
 
 
-def load_from_flags(F: flags.FlagValues = flags.FLAGS) -> tuple[LlamaConfig, Params, Tokenizer, Mesh]:
+def load_from_flags(
+  F: flags.FlagValues = flags.FLAGS,
+) -> tuple[LlamaConfig, Params, Tokenizer, Mesh]:
   """The model, tokenizer and mesh the shared flags name (``generate`` and ``chat``)."""
   mesh = cli.make_mesh(F.mesh)
-  loaded = cli.load_model(F.checkpoint, mesh, dtype=F.dtype, compute_dtype=F.compute_dtype,
-                          attention=F.attention, tokenizer=F.tokenizer)
+  loaded = cli.load_model(
+    F.checkpoint,
+    mesh,
+    dtype=F.dtype,
+    compute_dtype=F.compute_dtype,
+    attention=F.attention,
+    tokenizer=F.tokenizer,
+  )
   tokenizer = Tokenizer(loaded.tokenizer_path)
   tokenizer.check_vocab(loaded.cfg.vocab_size)
   return loaded.cfg, loaded.params, tokenizer, mesh
@@ -381,7 +481,7 @@ def _read_prompts_file(path: str) -> list[dict[str, Any]]:
 
 def _short(text: str, n: int = 48) -> str:
   text = " ".join(text.split())
-  return text if len(text) <= n else text[:n - 1] + "…"
+  return text if len(text) <= n else text[: n - 1] + "…"
 
 
 def main(argv: Sequence[str]) -> None:
@@ -397,26 +497,48 @@ def main(argv: Sequence[str]) -> None:
     cli.check_output_file(F.output)
   cfg, params, tokenizer, mesh = load_from_flags(F)
   if F.chat:
-    ids = [build_prompt_ids(Conversation(turns=(("user", r["prompt"]),), system=r.get("system", F.system)),
-                            tokenizer) for r in records]
+    ids = [
+      build_prompt_ids(
+        Conversation(turns=(("user", r["prompt"]),), system=r.get("system", F.system)), tokenizer
+      )
+      for r in records
+    ]
   else:
     ids = [tokenizer.encode(r["prompt"], bos=True) for r in records]
   for i, p in enumerate(ids):  # checked up front, so no batch fails after others were written
     if len(p) + F.max_new_tokens > cfg.max_seq_len:
-      raise cli.UserError(f"prompt {i} is {len(p)} tokens; with --max_new_tokens={F.max_new_tokens} it "
-                           f"exceeds the model's context of {cfg.max_seq_len}")
+      raise cli.UserError(
+        f"prompt {i} is {len(p)} tokens; with --max_new_tokens={F.max_new_tokens} it "
+        f"exceeds the model's context of {cfg.max_seq_len}"
+      )
 
   out_file = open(F.output, "w", encoding="utf-8") if F.output else None
   rows, total_tokens, seconds, reasons = [], 0, 0.0, {}
   try:
     for start in range(0, len(ids), F.batch_size):
-      batch = ids[start:start + F.batch_size]
-      res = generate(cfg, params, batch, F.max_new_tokens, temperature=F.temperature, top_k=F.top_k,
-                     top_p=F.top_p, seed=F.seed + start, eos_id=tokenizer.eos_id, stop_strings=F.stop,
-                     tokenizer=tokenizer, mesh=mesh)
+      batch = ids[start : start + F.batch_size]
+      res = generate(
+        cfg,
+        params,
+        batch,
+        F.max_new_tokens,
+        temperature=F.temperature,
+        top_k=F.top_k,
+        top_p=F.top_p,
+        seed=F.seed + start,
+        eos_id=tokenizer.eos_id,
+        stop_strings=F.stop,
+        tokenizer=tokenizer,
+        mesh=mesh,
+      )
       seconds += res.seconds
       for k, (text, toks, why) in enumerate(zip(res.texts, res.tokens, res.finish_reasons)):
-        rec = {**records[start + k], "completion": text, "num_tokens": len(toks), "finish_reason": why}
+        rec = {
+          **records[start + k],
+          "completion": text,
+          "num_tokens": len(toks),
+          "finish_reason": why,
+        }
         total_tokens += len(toks)
         reasons[why] = reasons.get(why, 0) + 1
         rows.append(rec)
@@ -431,21 +553,37 @@ def main(argv: Sequence[str]) -> None:
     if out_file:
       out_file.close()
 
-  summary = {"prompts": len(rows), "generated_tokens": total_tokens, "seconds": round(seconds, 3),
-             "tokens_per_s": round(total_tokens / max(seconds, 1e-9), 2), "finish_reasons": reasons,
-             "output": F.output}
-  table = [{"#": i, "tokens": r["num_tokens"], "finish": r["finish_reason"],
-            "prompt": _short(r["prompt"]), "completion": _short(r["completion"])}
-           for i, r in enumerate(rows)]
+  summary = {
+    "prompts": len(rows),
+    "generated_tokens": total_tokens,
+    "seconds": round(seconds, 3),
+    "tokens_per_s": round(total_tokens / max(seconds, 1e-9), 2),
+    "finish_reasons": reasons,
+    "output": F.output,
+  }
+  table = [
+    {
+      "#": i,
+      "tokens": r["num_tokens"],
+      "finish": r["finish_reason"],
+      "prompt": _short(r["prompt"]),
+      "completion": _short(r["completion"]),
+    }
+    for i, r in enumerate(rows)
+  ]
   cli.report("generated", summary, table)
 
 
 if __name__ == "__main__":
   define_flags(max_new_tokens=128)
   flags.DEFINE_multi_string("prompt", [], "A prompt (repeatable).")
-  flags.DEFINE_string("prompts_file", None, "JSONL with a 'prompt' field per line (+ optional 'system').")
-  cli.define("output", help={"output": "Write one JSONL record per prompt to this file (input fields "
-                                       "+ completion)."})
+  flags.DEFINE_string(
+    "prompts_file", None, "JSONL with a 'prompt' field per line (+ optional 'system')."
+  )
+  cli.define(
+    "output",
+    help={"output": "Write one JSONL record per prompt to this file (input fields + completion)."},
+  )
   flags.DEFINE_bool("chat", False, "Wrap each prompt in the LLaMA-2 chat format.")
   flags.DEFINE_integer("batch_size", 8, "Prompts per generate call.")
   cli.run(main)

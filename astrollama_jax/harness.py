@@ -35,31 +35,59 @@ _COUNTS = ("sample_len", "sample_count")  # lm-eval's document counts, not metri
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   """The command's flags (called from ``__main__`` only, never on import)."""
   fv = {"flag_values": flag_values}
-  cli.define("checkpoint", "tokenizer", "mesh", "dtype", "compute_dtype", "attention", "output",
-             required=["checkpoint", "output"], flag_values=flag_values,
-             help={"output": "Folder for lm-eval's results JSON and harness.json."})
-  flags.DEFINE_list("tasks", None, "lm-eval task, group or tag names (or YAML paths), "
-                    "comma-separated; glob patterns allowed.", required=True, **fv)
+  cli.define(
+    "checkpoint",
+    "tokenizer",
+    "mesh",
+    "dtype",
+    "compute_dtype",
+    "attention",
+    "output",
+    required=["checkpoint", "output"],
+    flag_values=flag_values,
+    help={"output": "Folder for lm-eval's results JSON and harness.json."},
+  )
+  flags.DEFINE_list(
+    "tasks",
+    None,
+    "lm-eval task, group or tag names (or YAML paths), comma-separated; glob patterns allowed.",
+    required=True,
+    **fv,
+  )
   flags.DEFINE_multi_string("include_path", [], "Folder of extra task YAMLs (repeatable).", **fv)
   flags.DEFINE_integer("num_fewshot", None, "Few-shot examples (default: each task's own).", **fv)
   flags.DEFINE_float("limit", None, "Documents per task: a count, or a fraction if < 1.", **fv)
-  flags.DEFINE_integer("batch_size", 8, "Rows of max_length tokens per scoring step; prompts "
-                       "per generation call.", **fv)
+  flags.DEFINE_integer(
+    "batch_size",
+    8,
+    "Rows of max_length tokens per scoring step; prompts per generation call.",
+    **fv,
+  )
   flags.DEFINE_integer("max_length", 0, "Context in tokens (0 = the model's max_seq_len).", **fv)
   flags.DEFINE_integer("max_gen_toks", 256, "Generation budget of tasks that set none.", **fv)
   flags.DEFINE_string("label", None, "Name of this run (default: the checkpoint's name).", **fv)
   flags.DEFINE_integer("seed", 0, "Seed of lm-eval's few-shot sampling and of sampling.", **fv)
-  flags.DEFINE_integer("bootstrap_iters", 100000, "lm-eval's bootstrap resamples for the "
-                       "stderr of non-mean metrics (0 = none).", **fv)
+  flags.DEFINE_integer(
+    "bootstrap_iters",
+    100000,
+    "lm-eval's bootstrap resamples for the stderr of non-mean metrics (0 = none).",
+    **fv,
+  )
   flags.DEFINE_bool("log_samples", False, "Also write lm-eval's per-document samples.", **fv)
   flags.DEFINE_bool("progress", True, "Show progress bars.", **fv)
-  flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"], "jax.distributed.initialize: "
-                    "auto = when the flags below or SLURM/OpenMPI/TPU-pod variables say there are "
-                    "several processes.", **fv)
-  flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 (multi-host GPU).",
-                      **fv)
-  flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).",
-                       **fv)
+  flags.DEFINE_enum(
+    "distributed",
+    "auto",
+    ["auto", "on", "off"],
+    "jax.distributed.initialize: "
+    "auto = when the flags below or SLURM/OpenMPI/TPU-pod variables say there are "
+    "several processes.",
+    **fv,
+  )
+  flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 (multi-host GPU).", **fv)
+  flags.DEFINE_integer(
+    "num_processes", None, "Number of processes (with --coordinator_address).", **fv
+  )
   flags.DEFINE_integer("process_id", None, "This process's id (with --coordinator_address).", **fv)
 
 
@@ -74,6 +102,7 @@ def _limit(value: float | None) -> int | float | None:
 def task_manager(include_paths: Sequence[str] = ()):
   """lm-eval's TaskManager over its tasks, ours and ``include_paths`` (each must be a folder)."""
   from lm_eval.tasks import TaskManager
+
   for path in include_paths:
     if not os.path.isdir(path):
       raise cli.UserError(f"--include_path {path} is not a folder")
@@ -92,8 +121,10 @@ def resolve_tasks(manager, names: Sequence[str]) -> list[str]:
     else:
       unknown.append(name)
   if unknown:
-    raise cli.UserError(f"unknown lm-eval task(s): {', '.join(unknown)} (`lm_eval ls tasks` "
-                        f"lists them; add a folder of YAMLs with --include_path)")
+    raise cli.UserError(
+      f"unknown lm-eval task(s): {', '.join(unknown)} (`lm_eval ls tasks` "
+      f"lists them; add a folder of YAMLs with --include_path)"
+    )
   return out
 
 
@@ -104,8 +135,12 @@ def flat_metrics(results: dict) -> tuple[dict[str, Any], list[dict[str, Any]]]:
   for task, values in results.get("results", {}).items():
     for key, value in sorted(values.items()):
       metric, _, filt = key.partition(",")
-      if metric.endswith("_stderr") or metric in _COUNTS or \
-          not isinstance(value, (int, float)) or isinstance(value, bool):
+      if (
+        metric.endswith("_stderr")
+        or metric in _COUNTS
+        or not isinstance(value, (int, float))
+        or isinstance(value, bool)
+      ):
         continue
       name = f"{task}/{metric}" + ("" if filt in ("", "none") else f"/{filt}")
       stderr = values.get(f"{metric}_stderr,{filt}")
@@ -113,19 +148,35 @@ def flat_metrics(results: dict) -> tuple[dict[str, Any], list[dict[str, Any]]]:
       metrics[name] = value
       if stderr is not None:
         metrics[f"{name}_lo"], metrics[f"{name}_hi"] = value - 1.96 * stderr, value + 1.96 * stderr
-      rows.append({"task": task, "metric": metric, "filter": filt,
-                   "n-shot": results.get("n-shot", {}).get(task), "value": value,
-                   "stderr": stderr})
+      rows.append(
+        {
+          "task": task,
+          "metric": metric,
+          "filter": filt,
+          "n-shot": results.get("n-shot", {}).get(task),
+          "value": value,
+          "stderr": stderr,
+        }
+      )
   return metrics, rows
 
 
-def write_result(output: str, label: str, checkpoint: str, results: dict,
-                 files: dict[str, str]) -> dict:
+def write_result(
+  output: str, label: str, checkpoint: str, results: dict, files: dict[str, str]
+) -> dict:
   """``<output>/harness.json`` in the shape of ``eval.common.finish`` (read by ``--compare``)."""
   metrics, rows = flat_metrics(results)
   path = os.path.join(output, RESULT_FILE)
-  summary = cli.jsonable({"task": "harness", "label": label, "checkpoint": checkpoint,
-                          "metrics": metrics, "rows": rows, "files": {"result": path, **files}})
+  summary = cli.jsonable(
+    {
+      "task": "harness",
+      "label": label,
+      "checkpoint": checkpoint,
+      "metrics": metrics,
+      "rows": rows,
+      "files": {"result": path, **files},
+    }
+  )
   os.makedirs(output, exist_ok=True)
   with open(path + ".tmp", "w", encoding="utf-8") as f:
     json.dump(summary, f, indent=1, ensure_ascii=False)
@@ -133,22 +184,42 @@ def write_result(output: str, label: str, checkpoint: str, results: dict,
   return summary
 
 
-def evaluate(lm, tasks: Sequence[str], manager, *, output: str | None, label: str,
-             num_fewshot: int | None = None, limit: int | float | None = None, seed: int = 0,
-             bootstrap_iters: int = 100000, log_samples: bool = False) -> dict:
+def evaluate(
+  lm,
+  tasks: Sequence[str],
+  manager,
+  *,
+  output: str | None,
+  label: str,
+  num_fewshot: int | None = None,
+  limit: int | float | None = None,
+  seed: int = 0,
+  bootstrap_iters: int = 100000,
+  log_samples: bool = False,
+) -> dict:
   """``simple_evaluate`` of ``lm`` on ``tasks``; process 0 writes lm-eval's results file(s)
   under ``output``. Returns lm-eval's results dict (``files``: what was written)."""
   from lm_eval import simple_evaluate
   from lm_eval.loggers import EvaluationTracker
 
   from astrollama_jax.eval import common
+
   tracker = EvaluationTracker(output_path=output) if output and common.is_writer() else None
-  results = simple_evaluate(model=lm, model_args={"model": label}, tasks=list(tasks),
-                            num_fewshot=num_fewshot, limit=limit, task_manager=manager,
-                            evaluation_tracker=tracker, log_samples=log_samples,
-                            bootstrap_iters=bootstrap_iters, random_seed=seed,
-                            numpy_random_seed=seed, torch_random_seed=seed,
-                            fewshot_random_seed=seed)
+  results = simple_evaluate(
+    model=lm,
+    model_args={"model": label},
+    tasks=list(tasks),
+    num_fewshot=num_fewshot,
+    limit=limit,
+    task_manager=manager,
+    evaluation_tracker=tracker,
+    log_samples=log_samples,
+    bootstrap_iters=bootstrap_iters,
+    random_seed=seed,
+    numpy_random_seed=seed,
+    torch_random_seed=seed,
+    fewshot_random_seed=seed,
+  )
   samples = results.pop("samples", None)
   results["config"]["model"] = "astrollama"
   files = {}
@@ -170,16 +241,19 @@ def _import_model_class():
   except ImportError as e:
     if (e.name or "").split(".")[0] != "lm_eval":
       raise
-    raise cli.UserError('lm-evaluation-harness is not installed: pip install "lm-eval==0.4.13"') \
-        from None
+    raise cli.UserError(
+      'lm-evaluation-harness is not installed: pip install "lm-eval==0.4.13"'
+    ) from None
   return AstroLlamaLM
 
 
 def main(argv: Sequence[str], F: flags.FlagValues = flags.FLAGS) -> None:
   cli.no_extra_args(argv)
   from astrollama_jax.train import distributed
+
   distributed.initialize(F.distributed, F.coordinator_address, F.num_processes, F.process_id)
   from astrollama_jax.eval import common
+
   AstroLlamaLM = _import_model_class()
   cli.check_output_dir(F.output, empty=False)
   limit = _limit(F.limit)
@@ -187,25 +261,46 @@ def main(argv: Sequence[str], F: flags.FlagValues = flags.FLAGS) -> None:
   tasks = resolve_tasks(manager, F.tasks)
   label = F.label or common.default_label(F.checkpoint)
   model = common.load(F.checkpoint, F.mesh, F.dtype, F.compute_dtype, F.tokenizer, F.attention)
-  lm = AstroLlamaLM(model=model, batch_size=F.batch_size, max_length=F.max_length or None,
-                    max_gen_toks=F.max_gen_toks, progress=F.progress)
+  lm = AstroLlamaLM(
+    model=model,
+    batch_size=F.batch_size,
+    max_length=F.max_length or None,
+    max_gen_toks=F.max_gen_toks,
+    progress=F.progress,
+  )
   logging.info("lm-eval tasks: %s", ", ".join(tasks))
-  results = evaluate(lm, tasks, manager, output=F.output, label=label,
-                     num_fewshot=F.num_fewshot, limit=limit, seed=F.seed,
-                     bootstrap_iters=F.bootstrap_iters, log_samples=F.log_samples)
+  results = evaluate(
+    lm,
+    tasks,
+    manager,
+    output=F.output,
+    label=label,
+    num_fewshot=F.num_fewshot,
+    limit=limit,
+    seed=F.seed,
+    bootstrap_iters=F.bootstrap_iters,
+    log_samples=F.log_samples,
+  )
   if not common.is_writer():
     return
   files = results.pop("files")
   ours = write_result(F.output, label, F.checkpoint, results, files)
   from lm_eval.utils import make_table
-  print(f"astrollama ({label}), limit: {limit}, num_fewshot: {F.num_fewshot}, "
-        f"batch_size: {F.batch_size}")
+
+  print(
+    f"astrollama ({label}), limit: {limit}, num_fewshot: {F.num_fewshot}, "
+    f"batch_size: {F.batch_size}"
+  )
   print(make_table(results))
   if "groups" in results:
     print(make_table(results, "groups"))
-  summary = {"label": label, "checkpoint": F.checkpoint, "results": results["results"],
-             **({"groups": results["groups"]} if "groups" in results else {}),
-             "files": ours["files"]}
+  summary = {
+    "label": label,
+    "checkpoint": F.checkpoint,
+    "results": results["results"],
+    **({"groups": results["groups"]} if "groups" in results else {}),
+    "files": ours["files"],
+  }
   print(json.dumps(cli.jsonable(summary), ensure_ascii=False), flush=True)
 
 

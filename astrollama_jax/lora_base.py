@@ -27,8 +27,11 @@ _EDGE = 64 * 1024
 
 def _files(kind: str, root: str, params_dir: str | None) -> list[str]:
   if kind == "hf":
-    return sorted(os.path.join(root, f) for f in os.listdir(root)
-                  if f.endswith(".safetensors") or f == "config.json")
+    return sorted(
+      os.path.join(root, f)
+      for f in os.listdir(root)
+      if f.endswith(".safetensors") or f == "config.json"
+    )
   out = [os.path.join(root, checkpoints.CONFIG_FILE)]
   for folder, _, names in os.walk(params_dir):
     out += [os.path.join(folder, n) for n in names]
@@ -58,8 +61,12 @@ def base_record(init_checkpoint: str, seed: int) -> dict[str, Any]:
     return {"kind": "random", "seed": int(seed)}
   kind, root, params_dir, step = checkpoints.locate(init_checkpoint)
   path = os.path.dirname(params_dir) if kind == "workdir" else root  # pin the step
-  return {"kind": "step" if kind == "workdir" else kind, "path": os.path.abspath(path),
-          "step": step, "fingerprint": fingerprint(path)}
+  return {
+    "kind": "step" if kind == "workdir" else kind,
+    "path": os.path.abspath(path),
+    "step": step,
+    "fingerprint": fingerprint(path),
+  }
 
 
 def write(workdir: str, spec: LoraSpec, base_dtype: str, base: dict[str, Any]) -> None:
@@ -89,12 +96,14 @@ def check_base(record: dict[str, Any], where: str) -> str | None:
   path = base["path"]
   if not os.path.isdir(path):
     raise checkpoints.CheckpointError(
-        f"{where} holds LoRA adapters of the base model {path}, which is gone; restore it there")
+      f"{where} holds LoRA adapters of the base model {path}, which is gone; restore it there"
+    )
   got = fingerprint(path)
   if got != base["fingerprint"]:
     raise checkpoints.CheckpointError(
-        f"{where} holds LoRA adapters of the base model {path}, but that folder now holds "
-        f"another model (fingerprint {got}, recorded {base['fingerprint']})")
+      f"{where} holds LoRA adapters of the base model {path}, but that folder now holds "
+      f"another model (fingerprint {got}, recorded {base['fingerprint']})"
+    )
   return path
 
 
@@ -103,8 +112,15 @@ def restore_adapters(params_dir: str) -> dict[str, Any]:
   return checkpoints.restore_on_host(params_dir, "float32")
 
 
-def load_merged(record: dict[str, Any], root: str, params_dir: str, cfg: Any, mesh: Any = None,
-                dtype: str | None = None, on_host: bool = False) -> tuple[Any, Any]:
+def load_merged(
+  record: dict[str, Any],
+  root: str,
+  params_dir: str,
+  cfg: Any,
+  mesh: Any = None,
+  dtype: str | None = None,
+  on_host: bool = False,
+) -> tuple[Any, Any]:
   """(the base's config, its parameters with the adapters merged in) for inference and export.
 
   The base is re-read where the record says (checked by fingerprint) in its stored dtype (or
@@ -115,6 +131,7 @@ def load_merged(record: dict[str, Any], root: str, params_dir: str, cfg: Any, me
   import numpy as np
 
   from astrollama_jax.model import llama, lora
+
   spec = record["spec"]
   adapters = restore_adapters(params_dir)
   path = check_base(record, root)
@@ -126,13 +143,15 @@ def load_merged(record: dict[str, Any], root: str, params_dir: str, cfg: Any, me
     params = jax.tree.map(lambda x: np.asarray(x.astype(dtype or record["base_dtype"])), params)
     base_cfg = cfg.replace(param_dtype=str(np.dtype(params["embed"].dtype)))
     if not on_host:
-      params = jax.device_put(params, llama.param_shardings(base_cfg, mesh) if mesh is not None
-                              else jax.devices()[0])
+      params = jax.device_put(
+        params, llama.param_shardings(base_cfg, mesh) if mesh is not None else jax.devices()[0]
+      )
   if on_host:
     merged = lora.merge(params, adapters, spec)
     merged = jax.tree.map(lambda new, old: old if new is old else np.asarray(new), merged, params)
     return base_cfg, merged
   shardings = jax.tree.map(lambda x: x.sharding, params)
-  merged = jax.jit(lambda p, a: lora.merge(p, a, spec), out_shardings=shardings,
-                   donate_argnums=(0,))(params, adapters)
+  merged = jax.jit(
+    lambda p, a: lora.merge(p, a, spec), out_shardings=shardings, donate_argnums=(0,)
+  )(params, adapters)
   return base_cfg, merged

@@ -40,8 +40,9 @@ from absl import flags, logging
 from astrollama_jax import cli
 
 SYSTEM_PROMPT = (
-    "You are an expert astrophysicist who writes training data for an astronomy chat assistant. "
-    "You answer with a single JSON object and nothing else.")
+  "You are an expert astrophysicist who writes training data for an astronomy chat assistant. "
+  "You answer with a single JSON object and nothing else."
+)
 
 USER_PROMPT = """Read this astro-ph abstract and write a dialogue between a curious user and an expert \
 assistant about the science in it.
@@ -111,8 +112,12 @@ def chat_completions_url(endpoint: str) -> str:
 
 
 def build_messages(title: str, abstract: str, settings: Settings) -> list[dict[str, str]]:
-  user = USER_PROMPT.format(title=title.strip(), abstract=abstract.strip(),
-                            min_exchanges=settings.min_exchanges, max_exchanges=settings.max_exchanges)
+  user = USER_PROMPT.format(
+    title=title.strip(),
+    abstract=abstract.strip(),
+    min_exchanges=settings.min_exchanges,
+    max_exchanges=settings.max_exchanges,
+  )
   return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
 
 
@@ -187,8 +192,9 @@ def _abort(conn: http.client.HTTPConnection) -> None:
       pass
 
 
-def _exchange(url: str, data: bytes, headers: dict[str, str], timeout: float,
-              max_bytes: int) -> tuple[int, Any, bytes]:
+def _exchange(
+  url: str, data: bytes, headers: dict[str, str], timeout: float, max_bytes: int
+) -> tuple[int, Any, bytes]:
   """One HTTP POST, all of it (connect, headers, body) within ``timeout`` seconds."""
   parts = urllib.parse.urlsplit(url)
   if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -200,8 +206,12 @@ def _exchange(url: str, data: bytes, headers: dict[str, str], timeout: float,
   timer.daemon = True
   timer.start()
   try:
-    conn.request("POST", urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, "")),
-                 body=data, headers=headers)
+    conn.request(
+      "POST",
+      urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, "")),
+      body=data,
+      headers=headers,
+    )
     response = conn.getresponse()
     if int(response.headers.get("Content-Length") or 0) > max_bytes:
       raise FatalRequestError(f"reply larger than {max_bytes} bytes")
@@ -217,14 +227,17 @@ def _exchange(url: str, data: bytes, headers: dict[str, str], timeout: float,
   except (socket.timeout, TimeoutError):
     raise RetryableError("timeout") from None
   except (OSError, http.client.HTTPException):
-    raise RetryableError("timeout" if time.monotonic() >= deadline else "connection error") from None
+    raise RetryableError(
+      "timeout" if time.monotonic() >= deadline else "connection error"
+    ) from None
   finally:
     timer.cancel()
     conn.close()
 
 
-def post_chat(url: str, body: dict, api_key: str | None, timeout: float,
-              max_bytes: int = 16 * 1024**2) -> dict:
+def post_chat(
+  url: str, body: dict, api_key: str | None, timeout: float, max_bytes: int = 16 * 1024**2
+) -> dict:
   """One POST; returns the decoded response or raises RetryableError / FatalRequestError.
 
   The API key goes to ``url``'s origin only: a redirect to another scheme, host or port is
@@ -262,13 +275,18 @@ def backoff_delay(attempt: int, settings: Settings, retry_after: float | None) -
   """Server's Retry-After if given, else full-jitter exponential backoff (capped)."""
   if retry_after is not None:
     return min(retry_after, settings.backoff_max)
-  return random.uniform(0.0, min(settings.backoff_max, settings.backoff_base * 2 ** attempt))
+  return random.uniform(0.0, min(settings.backoff_max, settings.backoff_base * 2**attempt))
 
 
-def dialogue_for(paper: dict, settings: Settings, sleep: Callable[[float], None] = time.sleep) -> list[tuple[str, str]]:
+def dialogue_for(
+  paper: dict, settings: Settings, sleep: Callable[[float], None] = time.sleep
+) -> list[tuple[str, str]]:
   """Ask for one paper's dialogue, retrying transient failures; raises ReplyError/Fatal/Retryable."""
-  body = {"model": settings.model, "messages": build_messages(paper["title"], paper["abstract"], settings),
-          "temperature": settings.temperature}
+  body = {
+    "model": settings.model,
+    "messages": build_messages(paper["title"], paper["abstract"], settings),
+    "temperature": settings.temperature,
+  }
   url = chat_completions_url(settings.endpoint)
   for attempt in range(settings.max_retries + 1):
     try:
@@ -289,8 +307,13 @@ def dialogue_for(paper: dict, settings: Settings, sleep: Callable[[float], None]
 
 def to_record(paper: dict, turns: list[tuple[str, str]], model: str) -> dict:
   names = {"user": "human", "assistant": "gpt"}
-  return {"id": paper["id"], "source_id": paper["id"], "title": paper["title"], "model": model,
-          "conversations": [{"from": names[r], "value": t} for r, t in turns]}
+  return {
+    "id": paper["id"],
+    "source_id": paper["id"],
+    "title": paper["title"],
+    "model": model,
+    "conversations": [{"from": names[r], "value": t} for r, t in turns],
+  }
 
 
 def finished_ids(output: str) -> set[str]:
@@ -331,7 +354,11 @@ def read_abstracts(path: str, limit: int | None, report: collections.Counter) ->
         continue
       try:
         rec = json.loads(line)
-        paper = {"id": str(rec["id"]), "title": str(rec.get("title", "")), "abstract": rec["abstract"]}
+        paper = {
+          "id": str(rec["id"]),
+          "title": str(rec.get("title", "")),
+          "abstract": rec["abstract"],
+        }
         if not isinstance(paper["abstract"], str) or not paper["abstract"].strip():
           raise ValueError("empty abstract")
       except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
@@ -345,8 +372,13 @@ def read_abstracts(path: str, limit: int | None, report: collections.Counter) ->
       yield paper
 
 
-def run(abstracts: str, output: str, settings: Settings, limit: int | None = None,
-        sleep: Callable[[float], None] = time.sleep) -> dict[str, Any]:
+def run(
+  abstracts: str,
+  output: str,
+  settings: Settings,
+  limit: int | None = None,
+  sleep: Callable[[float], None] = time.sleep,
+) -> dict[str, Any]:
   """Generate dialogues for every unfinished abstract; returns the summary dict."""
   done = finished_ids(output)
   input_report: collections.Counter = collections.Counter()
@@ -355,8 +387,10 @@ def run(abstracts: str, output: str, settings: Settings, limit: int | None = Non
   failed: collections.Counter = collections.Counter()
   written = 0
   os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-  with open(output, "a", encoding="utf-8") as out, \
-       concurrent.futures.ThreadPoolExecutor(max_workers=max(1, settings.concurrency)) as pool:
+  with (
+    open(output, "a", encoding="utf-8") as out,
+    concurrent.futures.ThreadPoolExecutor(max_workers=max(1, settings.concurrency)) as pool,
+  ):
     futures = {pool.submit(dialogue_for, p, settings, sleep): p for p in todo}
     for future in concurrent.futures.as_completed(futures):
       paper = futures[future]
@@ -373,8 +407,12 @@ def run(abstracts: str, output: str, settings: Settings, limit: int | None = Non
       out.write(json.dumps(to_record(paper, turns, settings.model), ensure_ascii=False) + "\n")
       out.flush()
       written += 1
-  summary = {"done": written, "skipped_existing": len(papers) - len(todo), "failed": dict(failed),
-             "bad_input": dict(input_report)}
+  summary = {
+    "done": written,
+    "skipped_existing": len(papers) - len(todo),
+    "failed": dict(failed),
+    "bad_input": dict(input_report),
+  }
   logging.info("make_qa summary: %s", json.dumps(summary))
   return summary
 
@@ -385,11 +423,18 @@ FLAGS = flags.FLAGS
 def define_flags() -> None:
   """The command's flags (defined from ``__main__`` only, so importing this module defines none)."""
   flags.DEFINE_string("abstracts", None, "JSONL of papers with id, title, abstract.")
-  cli.define("output", help={"output": "ShareGPT JSONL to append dialogues to (resumed if it exists)."})
-  flags.DEFINE_string("endpoint", None, "Server base URL, .../v1, or the full .../chat/completions URL.")
+  cli.define(
+    "output", help={"output": "ShareGPT JSONL to append dialogues to (resumed if it exists)."}
+  )
+  flags.DEFINE_string(
+    "endpoint", None, "Server base URL, .../v1, or the full .../chat/completions URL."
+  )
   flags.DEFINE_string("model", None, "Model name sent to the server.")
-  flags.DEFINE_string("api_key_env", "OPENAI_API_KEY",
-                      "Environment variable holding the API key (optional; sent to --endpoint only).")
+  flags.DEFINE_string(
+    "api_key_env",
+    "OPENAI_API_KEY",
+    "Environment variable holding the API key (optional; sent to --endpoint only).",
+  )
   flags.DEFINE_integer("concurrency", 8, "Requests in flight at most.")
   flags.DEFINE_integer("max_retries", 5, "Retries per abstract on 429/5xx/timeouts.")
   flags.DEFINE_float("timeout", 60.0, "Seconds per request, the whole exchange.")
@@ -412,11 +457,18 @@ def main(argv: list[str]) -> None:
   api_key = os.environ.get(FLAGS.api_key_env) if FLAGS.api_key_env else None
   if not api_key:
     logging.info("no API key in $%s: sending requests without Authorization", FLAGS.api_key_env)
-  settings = Settings(endpoint=FLAGS.endpoint, model=FLAGS.model, api_key=api_key,
-                      concurrency=FLAGS.concurrency, max_retries=FLAGS.max_retries, timeout=FLAGS.timeout,
-                      backoff_base=FLAGS.backoff_base, backoff_max=FLAGS.backoff_max,
-                      temperature=FLAGS.temperature,
-                      max_reply_bytes=int(FLAGS.max_reply_mb * 1024**2))
+  settings = Settings(
+    endpoint=FLAGS.endpoint,
+    model=FLAGS.model,
+    api_key=api_key,
+    concurrency=FLAGS.concurrency,
+    max_retries=FLAGS.max_retries,
+    timeout=FLAGS.timeout,
+    backoff_base=FLAGS.backoff_base,
+    backoff_max=FLAGS.backoff_max,
+    temperature=FLAGS.temperature,
+    max_reply_bytes=int(FLAGS.max_reply_mb * 1024**2),
+  )
   summary = run(FLAGS.abstracts, FLAGS.output, settings, limit=FLAGS.limit)
   cli.report("make_qa", summary)
 

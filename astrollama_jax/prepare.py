@@ -42,9 +42,13 @@ def main(argv: list[str]) -> None:
   if not 0.0 <= FLAGS.validation_fraction < 1.0:
     raise app.UsageError("--validation_fraction must be in [0, 1)")
   config = corpus.CorpusConfig(
-      sources=parse_sources(FLAGS.source), categories=tuple(FLAGS.categories),
-      validation_fraction=FLAGS.validation_fraction, workers=FLAGS.workers,
-      timeout_s=FLAGS.timeout_s, max_bytes=FLAGS.max_mb << 20)
+    sources=parse_sources(FLAGS.source),
+    categories=tuple(FLAGS.categories),
+    validation_fraction=FLAGS.validation_fraction,
+    workers=FLAGS.workers,
+    timeout_s=FLAGS.timeout_s,
+    max_bytes=FLAGS.max_mb << 20,
+  )
   try:
     builder, report = corpus.build(config, FLAGS.output)
   except ValueError as e:  # bad input: say what, and stop before writing anything

@@ -13,8 +13,8 @@ import pathlib
 PACKAGE = pathlib.Path(__file__).resolve().parent
 # kind -> (inside an installed wheel, in a checkout)
 _PLACES = {
-    "configs": (PACKAGE / "configs", PACKAGE.parent / "configs"),
-    "data": (PACKAGE / "demo_data", PACKAGE.parent / "data"),
+  "configs": (PACKAGE / "configs", PACKAGE.parent / "configs"),
+  "data": (PACKAGE / "demo_data", PACKAGE.parent / "data"),
 }
 
 
@@ -26,8 +26,10 @@ def path(kind: str, *parts: str) -> pathlib.Path:
     candidate = base.joinpath(*parts)
     if candidate.exists():
       return candidate
-  raise FileNotFoundError(f"{'/'.join((kind,) + parts)} is neither in the installed package nor in "
-                          f"a checkout ({', '.join(str(b) for b in _PLACES[kind])})")
+  raise FileNotFoundError(
+    f"{'/'.join((kind,) + parts)} is neither in the installed package nor in "
+    f"a checkout ({', '.join(str(b) for b in _PLACES[kind])})"
+  )
 
 
 def checkout() -> pathlib.Path | None:

@@ -26,25 +26,25 @@ MESH_AXES = ("data", "fsdp", "tensor")
 
 # logical axis -> mesh axis (or tuple of mesh axes, or None = replicated).
 RULES: tuple[tuple[str, Any], ...] = (
-    # parameters
-    ("vocab", "tensor"),
-    ("embed", "fsdp"),
-    ("heads", "tensor"),
-    ("kv_heads", "tensor"),
-    ("head_dim", None),
-    ("mlp", "tensor"),
-    ("layers", None),
-    ("norm", None),
-    ("lora_rank", None),   # LoRA adapters' low-rank axis (tiny: replicated)
-    # activations
-    ("batch", ("data", "fsdp")),
-    ("seq", None),
-    ("act_embed", None),
-    ("act_heads", "tensor"),
-    ("act_kv_heads", "tensor"),
-    ("act_mlp", "tensor"),
-    ("act_vocab", "tensor"),
-    ("cache_seq", None),
+  # parameters
+  ("vocab", "tensor"),
+  ("embed", "fsdp"),
+  ("heads", "tensor"),
+  ("kv_heads", "tensor"),
+  ("head_dim", None),
+  ("mlp", "tensor"),
+  ("layers", None),
+  ("norm", None),
+  ("lora_rank", None),  # LoRA adapters' low-rank axis (tiny: replicated)
+  # activations
+  ("batch", ("data", "fsdp")),
+  ("seq", None),
+  ("act_embed", None),
+  ("act_heads", "tensor"),
+  ("act_kv_heads", "tensor"),
+  ("act_mlp", "tensor"),
+  ("act_vocab", "tensor"),
+  ("cache_seq", None),
 )
 Rules = Sequence[tuple[str, Any]]
 _ACTIVE: list[Rules] = [RULES]
@@ -78,13 +78,16 @@ def keeping_rules(fn: Any) -> Any:
   def wrapped(*args: Any, **kwargs: Any) -> Any:
     with use_rules(rules):
       return fn(*args, **kwargs)
+
   return wrapped
 
 
 def rules_to_config(rules: Rules = RULES) -> dict[str, str]:
   """The table as config values: mesh axes joined by commas, '' for replicated."""
-  return {name: ",".join((target,) if isinstance(target, str) else tuple(target or ()))
-          for name, target in rules}
+  return {
+    name: ",".join((target,) if isinstance(target, str) else tuple(target or ()))
+    for name, target in rules
+  }
 
 
 def rules_from_config(table: Mapping[str, str], where: str = "sharding_rules") -> Rules:
@@ -97,8 +100,10 @@ def rules_from_config(table: Mapping[str, str], where: str = "sharding_rules") -
     axes = tuple(a.strip() for a in str(text or "").split(",") if a.strip())
     bad = [a for a in axes if a not in MESH_AXES]
     if bad or len(set(axes)) != len(axes):
-      raise ValueError(f"{where}.{name} = {text!r}: give distinct mesh axes of {MESH_AXES}, "
-                       "comma-separated ('' = replicated)")
+      raise ValueError(
+        f"{where}.{name} = {text!r}: give distinct mesh axes of {MESH_AXES}, "
+        "comma-separated ('' = replicated)"
+      )
     out.append((name, axes[0] if len(axes) == 1 else (axes or None)))
   missing = known - {name for name, _ in out}
   if missing:
@@ -106,7 +111,9 @@ def rules_from_config(table: Mapping[str, str], where: str = "sharding_rules") -
   return tuple(out)
 
 
-def make_mesh(shape: Sequence[int] = (1, -1, 1), devices: Sequence[jax.Device] | None = None) -> Mesh:
+def make_mesh(
+  shape: Sequence[int] = (1, -1, 1), devices: Sequence[jax.Device] | None = None
+) -> Mesh:
   """A (data, fsdp, tensor) mesh; one entry may be -1 for 'the rest of the devices'.
 
   Axis types are Auto so that ``with_sharding_constraint`` and jit shardings compose
@@ -127,6 +134,7 @@ def make_mesh(shape: Sequence[int] = (1, -1, 1), devices: Sequence[jax.Device] |
     raise ValueError(f"mesh {tuple(shape)} needs {math.prod(shape)} devices, have {len(devices)}")
   try:
     from jax.experimental import mesh_utils
+
     dev_array = mesh_utils.create_device_mesh(shape, devices=devices)
   except Exception:  # CPU / odd topologies: plain order is fine.
     dev_array = np.asarray(devices).reshape(shape)
@@ -156,31 +164,44 @@ def _fit_spec(spec: P, shape: Sequence[int], mesh: Mesh, what: str = "") -> P:
     names = (axes,) if isinstance(axes, str) else tuple(axes or ())
     size = math.prod(mesh.shape[a] for a in names)
     if names and dim % size:
-      logging.warning("%s: dimension %d not divisible by mesh axes %s (%d); replicating it",
-                      what, dim, names, size)
+      logging.warning(
+        "%s: dimension %d not divisible by mesh axes %s (%d); replicating it",
+        what,
+        dim,
+        names,
+        size,
+      )
       fixed.append(None)
     else:
       fixed.append(axes)
   return P(*fixed)
 
 
-def named_sharding(mesh: Mesh, logical: Sequence[str | None], shape: Sequence[int] | None = None,
-                   rules: Rules | None = None, what: str = "") -> NamedSharding:
+def named_sharding(
+  mesh: Mesh,
+  logical: Sequence[str | None],
+  shape: Sequence[int] | None = None,
+  rules: Rules | None = None,
+  what: str = "",
+) -> NamedSharding:
   spec = logical_to_spec(logical, rules)
   if shape is not None:
     spec = _fit_spec(spec, shape, mesh, what)
   return NamedSharding(mesh, spec)
 
 
-def tree_shardings(mesh: Mesh, logical_tree: Any, shape_tree: Any,
-                   rules: Rules | None = None) -> Any:
+def tree_shardings(
+  mesh: Mesh, logical_tree: Any, shape_tree: Any, rules: Rules | None = None
+) -> Any:
   """NamedShardings for a pytree, given a matching tree of logical-axis tuples and of shapes."""
   paths_shapes = jax.tree_util.tree_flatten_with_path(shape_tree)[0]
   logical_leaves = jax.tree_util.tree_leaves(logical_tree, is_leaf=lambda x: isinstance(x, tuple))
   if len(logical_leaves) != len(paths_shapes):
     raise ValueError("logical-axis tree and shape tree do not match")
-  out = [named_sharding(mesh, lg, s.shape, rules, jax.tree_util.keystr(path))
-         for lg, (path, s) in zip(logical_leaves, paths_shapes)]
+  out = [
+    named_sharding(mesh, lg, s.shape, rules, jax.tree_util.keystr(path))
+    for lg, (path, s) in zip(logical_leaves, paths_shapes)
+  ]
   return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(shape_tree), out)
 
 

@@ -26,10 +26,21 @@ import threading
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOKENIZER = os.path.join(os.path.dirname(REPO), "shared", "data", "tokenizer", "llama2", "tokenizer.model")
+TOKENIZER = os.path.join(
+  os.path.dirname(REPO), "shared", "data", "tokenizer", "llama2", "tokenizer.model"
+)
 # ~1.07B parameters: 20 layers of dim 2048, 16 heads, 8 KV heads (GQA as in 70B), ffn 5632.
-PARAMS = {"dim": 2048, "n_layers": 20, "n_heads": 16, "n_kv_heads": 8, "multiple_of": 256,
-          "ffn_dim_multiplier": None, "norm_eps": 1e-5, "vocab_size": -1, "rope_theta": 10000.0}
+PARAMS = {
+  "dim": 2048,
+  "n_layers": 20,
+  "n_heads": 16,
+  "n_kv_heads": 8,
+  "multiple_of": 256,
+  "ffn_dim_multiplier": None,
+  "norm_eps": 1e-5,
+  "vocab_size": -1,
+  "rope_theta": 10000.0,
+}
 VOCAB = 32000
 
 
@@ -39,20 +50,32 @@ def shapes(p: dict) -> dict[str, tuple[tuple[int, ...], int | None]]:
   hidden = int(2 * 4 * d / 3)
   ffn = p["multiple_of"] * math.ceil(hidden / p["multiple_of"])
   kv = p["n_kv_heads"] * hd
-  out = {"tok_embeddings.weight": ((VOCAB, d), 1), "norm.weight": ((d,), None), "output.weight": ((VOCAB, d), 0)}
+  out = {
+    "tok_embeddings.weight": ((VOCAB, d), 1),
+    "norm.weight": ((d,), None),
+    "output.weight": ((VOCAB, d), 0),
+  }
   for i in range(p["n_layers"]):
-    out.update({f"layers.{i}.attention.wq.weight": ((d, d), 0), f"layers.{i}.attention.wk.weight": ((kv, d), 0),
-                f"layers.{i}.attention.wv.weight": ((kv, d), 0), f"layers.{i}.attention.wo.weight": ((d, d), 1),
-                f"layers.{i}.feed_forward.w1.weight": ((ffn, d), 0),
-                f"layers.{i}.feed_forward.w3.weight": ((ffn, d), 0),
-                f"layers.{i}.feed_forward.w2.weight": ((d, ffn), 1),
-                f"layers.{i}.attention_norm.weight": ((d,), None), f"layers.{i}.ffn_norm.weight": ((d,), None)})
+    out.update(
+      {
+        f"layers.{i}.attention.wq.weight": ((d, d), 0),
+        f"layers.{i}.attention.wk.weight": ((kv, d), 0),
+        f"layers.{i}.attention.wv.weight": ((kv, d), 0),
+        f"layers.{i}.attention.wo.weight": ((d, d), 1),
+        f"layers.{i}.feed_forward.w1.weight": ((ffn, d), 0),
+        f"layers.{i}.feed_forward.w3.weight": ((ffn, d), 0),
+        f"layers.{i}.feed_forward.w2.weight": ((d, ffn), 1),
+        f"layers.{i}.attention_norm.weight": ((d,), None),
+        f"layers.{i}.ffn_norm.weight": ((d,), None),
+      }
+    )
   return out
 
 
 def write_meta(folder: str, mp: int = 2) -> int:
   """Random bf16 Meta shards, one rank at a time (so writing holds one shard in memory)."""
   import torch
+
   os.makedirs(folder, exist_ok=True)
   table = shapes(PARAMS)
   n = 0
@@ -90,7 +113,9 @@ def _status(pid: int) -> dict[str, int]:
 def run_measured(cmd: list[str]) -> dict:
   """Run ``cmd``; return its JSON summary plus sampled peaks of RSS / anonymous / file-backed RSS."""
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+  proc = subprocess.Popen(
+    cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO
+  )
   peaks = {"VmRSS": 0, "RssAnon": 0, "RssFile": 0}
   done = threading.Event()
 
@@ -111,12 +136,19 @@ def run_measured(cmd: list[str]) -> dict:
   if proc.returncode:
     raise SystemExit(f"{' '.join(cmd)} failed:\n{err[-4000:]}")
   summary = json.loads(out.strip().splitlines()[-1])
-  return {**summary, "wall_seconds": round(wall, 1), "sampled_peak_rss_bytes": peaks["VmRSS"],
-          "sampled_peak_anon_bytes": peaks["RssAnon"], "sampled_peak_file_bytes": peaks["RssFile"]}
+  return {
+    **summary,
+    "wall_seconds": round(wall, 1),
+    "sampled_peak_rss_bytes": peaks["VmRSS"],
+    "sampled_peak_anon_bytes": peaks["RssAnon"],
+    "sampled_peak_file_bytes": peaks["RssFile"],
+  }
 
 
 def main():
-  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   ap.add_argument("--workdir", default="/tmp/convert_bench")
   ap.add_argument("--keep", action="store_true", help="keep the synthetic checkpoint and outputs")
   ap.add_argument("--export_shard_gb", type=float, default=2.0, help="export's --max_shard_gb")
@@ -129,30 +161,56 @@ def main():
     shutil.rmtree(meta, ignore_errors=True)
     t0 = time.time()
     n = write_meta(meta)
-    print(f"wrote synthetic Meta checkpoint: {n:,} parameters in {time.time() - t0:.0f}s", flush=True)
+    print(
+      f"wrote synthetic Meta checkpoint: {n:,} parameters in {time.time() - t0:.0f}s", flush=True
+    )
   py = sys.executable
-  conv = run_measured([py, "-m", "astrollama_jax.convert", "--source_format=meta", f"--source={meta}",
-                       f"--output={w}/orbax"])
-  exp = run_measured([py, "-m", "astrollama_jax.export", f"--checkpoint={w}/orbax", f"--output={w}/hf",
-                      f"--max_shard_gb={args.export_shard_gb}"])
+  conv = run_measured(
+    [
+      py,
+      "-m",
+      "astrollama_jax.convert",
+      "--source_format=meta",
+      f"--source={meta}",
+      f"--output={w}/orbax",
+    ]
+  )
+  exp = run_measured(
+    [
+      py,
+      "-m",
+      "astrollama_jax.export",
+      f"--checkpoint={w}/orbax",
+      f"--output={w}/hf",
+      f"--max_shard_gb={args.export_shard_gb}",
+    ]
+  )
   d, ffn = PARAMS["dim"], 5632
   largest = PARAMS["n_layers"] * d * ffn * 2  # a stacked MLP matrix, bf16
   result = {
-      "parameters": conv["parameters"], "model_bytes": conv["bytes"], "largest_param_bytes": largest,
-      "meta_shard_bytes": sum(os.path.getsize(os.path.join(meta, f)) for f in os.listdir(meta)
-                              if f.endswith(".pth")),
-      "convert_seconds": conv["seconds"], "convert_wall_seconds": conv["wall_seconds"],
-      "convert_peak_rss_bytes": conv["peak_rss_bytes"],
-      "convert_peak_anon_bytes": conv["sampled_peak_anon_bytes"],
-      "convert_peak_file_bytes": conv["sampled_peak_file_bytes"],
-      "export_shard_gb": args.export_shard_gb, "export_seconds": exp["seconds"], "export_wall_seconds": exp["wall_seconds"],
-      "export_peak_rss_bytes": exp["peak_rss_bytes"],
-      "export_peak_anon_bytes": exp["sampled_peak_anon_bytes"],
-      "export_peak_file_bytes": exp["sampled_peak_file_bytes"],
+    "parameters": conv["parameters"],
+    "model_bytes": conv["bytes"],
+    "largest_param_bytes": largest,
+    "meta_shard_bytes": sum(
+      os.path.getsize(os.path.join(meta, f)) for f in os.listdir(meta) if f.endswith(".pth")
+    ),
+    "convert_seconds": conv["seconds"],
+    "convert_wall_seconds": conv["wall_seconds"],
+    "convert_peak_rss_bytes": conv["peak_rss_bytes"],
+    "convert_peak_anon_bytes": conv["sampled_peak_anon_bytes"],
+    "convert_peak_file_bytes": conv["sampled_peak_file_bytes"],
+    "export_shard_gb": args.export_shard_gb,
+    "export_seconds": exp["seconds"],
+    "export_wall_seconds": exp["wall_seconds"],
+    "export_peak_rss_bytes": exp["peak_rss_bytes"],
+    "export_peak_anon_bytes": exp["sampled_peak_anon_bytes"],
+    "export_peak_file_bytes": exp["sampled_peak_file_bytes"],
   }
   width = max(map(len, result))
   for k, v in result.items():
-    print(f"{k:<{width}}  {v / 1024**3:8.2f} GiB" if k.endswith("bytes") else f"{k:<{width}}  {v:,}")
+    print(
+      f"{k:<{width}}  {v / 1024**3:8.2f} GiB" if k.endswith("bytes") else f"{k:<{width}}  {v:,}"
+    )
   print(f"machine: {os.cpu_count()} CPU cores, python {sys.version.split()[0]}")
   print(json.dumps(result))
   if not args.keep:

@@ -42,9 +42,17 @@ def raw_sentencepiece(tok: Tokenizer, texts: list[str]) -> tuple[float, int]:
 
 
 def time_pipeline(data_dir: str, workers: int) -> dict:
-  ds = pipeline.make_lm_dataset(data_dir, "train", FLAGS.tokenizer, FLAGS.seq_len,
-                                FLAGS.batch_size, seed=0, process_index=0, process_count=1,
-                                worker_count=workers)
+  ds = pipeline.make_lm_dataset(
+    data_dir,
+    "train",
+    FLAGS.tokenizer,
+    FLAGS.seq_len,
+    FLAGS.batch_size,
+    seed=0,
+    process_index=0,
+    process_count=1,
+    worker_count=workers,
+  )
   it = iter(ds)
   next(it)  # warm-up: worker start, first reads
   real = slots = 0
@@ -55,8 +63,13 @@ def time_pipeline(data_dir: str, workers: int) -> dict:
   elapsed = time.perf_counter() - start
   if hasattr(it, "close"):
     it.close()
-  return {"workers": workers, "tokens_per_s": real / elapsed, "packing_efficiency": real / slots,
-          "tokens": real, "seconds": elapsed}
+  return {
+    "workers": workers,
+    "tokens_per_s": real / elapsed,
+    "packing_efficiency": real / slots,
+    "tokens": real,
+    "seconds": elapsed,
+  }
 
 
 def main(argv: list[str]) -> None:
@@ -70,22 +83,38 @@ def main(argv: list[str]) -> None:
       corpus.build(corpus.CorpusConfig(sources=[FLAGS.abstracts], progress=False), data_dir)
     sp_rate, sp_tokens = raw_sentencepiece(tok, texts)
     rows = [time_pipeline(data_dir, int(w)) for w in FLAGS.workers]
-  print(f"\nabstracts: {len(texts)} texts, {sp_tokens} tokens; seq_len {FLAGS.seq_len}, "
-        f"batch {FLAGS.batch_size}, {FLAGS.batches} batches timed; {os.cpu_count()} CPU cores")
+  print(
+    f"\nabstracts: {len(texts)} texts, {sp_tokens} tokens; seq_len {FLAGS.seq_len}, "
+    f"batch {FLAGS.batch_size}, {FLAGS.batches} batches timed; {os.cpu_count()} CPU cores"
+  )
   print(f"{'setting':28s} {'tokens/s':>12s} {'vs raw SP':>10s} {'packing':>8s}")
   print(f"{'raw SentencePiece encode':28s} {sp_rate:12,.0f} {1.0:10.2f} {'-':>8s}")
   for r in rows:
-    print(f"{'pipeline, ' + str(r['workers']) + ' workers':28s} {r['tokens_per_s']:12,.0f} "
-          f"{r['tokens_per_s'] / sp_rate:10.2f} {r['packing_efficiency']:8.1%}")
-  print(json.dumps({
-      "benchmark": "pipeline_throughput", "raw_sentencepiece_tokens_per_s": round(sp_rate),
-      "pipeline": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}
-                   for r in rows],
-      "seq_len": FLAGS.seq_len, "batch_size": FLAGS.batch_size, "cpu_count": os.cpu_count(),
-      "versions": {"python": platform.python_version(),
-                   **{p: importlib.metadata.version(p) for p in
-                      ("grain", "sentencepiece", "tensorflow-datasets", "array-record", "numpy")}},
-  }))
+    print(
+      f"{'pipeline, ' + str(r['workers']) + ' workers':28s} {r['tokens_per_s']:12,.0f} "
+      f"{r['tokens_per_s'] / sp_rate:10.2f} {r['packing_efficiency']:8.1%}"
+    )
+  print(
+    json.dumps(
+      {
+        "benchmark": "pipeline_throughput",
+        "raw_sentencepiece_tokens_per_s": round(sp_rate),
+        "pipeline": [
+          {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in rows
+        ],
+        "seq_len": FLAGS.seq_len,
+        "batch_size": FLAGS.batch_size,
+        "cpu_count": os.cpu_count(),
+        "versions": {
+          "python": platform.python_version(),
+          **{
+            p: importlib.metadata.version(p)
+            for p in ("grain", "sentencepiece", "tensorflow-datasets", "array-record", "numpy")
+          },
+        },
+      }
+    )
+  )
 
 
 if __name__ == "__main__":

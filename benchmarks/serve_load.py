@@ -36,8 +36,11 @@ flags.DEFINE_string("url", None, "A running server (else one is started here).")
 flags.DEFINE_string("model", None, "Model id on --url (default: the first of /v1/models).")
 flags.DEFINE_string("checkpoint", None, "Checkpoint the started server loads.")
 flags.DEFINE_string("preset", "tiny_gqa", "Without --checkpoint: a random model of this preset.")
-flags.DEFINE_string("tokenizer", "../shared/data/tokenizer/llama2/tokenizer.model",
-                    "tokenizer.model for a --preset model.")
+flags.DEFINE_string(
+  "tokenizer",
+  "../shared/data/tokenizer/llama2/tokenizer.model",
+  "tokenizer.model for a --preset model.",
+)
 flags.DEFINE_list("clients", ["1", "8", "32"], "Concurrent client counts, one run each.")
 flags.DEFINE_integer("requests", 64, "Requests per run (bounded).")
 flags.DEFINE_float("max_seconds", 120, "Time limit per run.")
@@ -45,9 +48,16 @@ flags.DEFINE_integer("max_tokens", 32, "Answer tokens per request.")
 flags.DEFINE_integer("max_batch", 8, "--max_batch of the started server.")
 flags.DEFINE_multi_string("server_flag", [], "Extra flag for the started server (repeatable).")
 
-QUESTIONS = ["What is a quasar?", "Why is the night sky dark?", "What is a blazar?",
-             "How old is the Universe?", "What is dark matter?", "Define a parsec.",
-             "What powers the Sun?", "What is redshift?"]
+QUESTIONS = [
+  "What is a quasar?",
+  "Why is the night sky dark?",
+  "What is a blazar?",
+  "How old is the Universe?",
+  "What is dark matter?",
+  "Define a parsec.",
+  "What powers the Sun?",
+  "What is redshift?",
+]
 
 
 def _free_port() -> int:
@@ -61,16 +71,22 @@ def _random_checkpoint(folder: str) -> str:
   from astrollama_jax import checkpoints
   from astrollama_jax.model import llama
   from astrollama_jax.model.config import get_config
+
   cfg = get_config(FLAGS.preset, compute_dtype="float32")
   params = llama.init_params(cfg, seed=0)
   return checkpoints.save_params(os.path.join(folder, FLAGS.preset), cfg, params, FLAGS.tokenizer)
 
 
 def _request(conn: http.client.HTTPConnection, model: str, question: str) -> tuple[int, int]:
-  body = {"model": model, "messages": [{"role": "user", "content": question}], "temperature": 0,
-          "max_tokens": FLAGS.max_tokens}
-  conn.request("POST", "/v1/chat/completions", json.dumps(body),
-               {"Content-Type": "application/json"})
+  body = {
+    "model": model,
+    "messages": [{"role": "user", "content": question}],
+    "temperature": 0,
+    "max_tokens": FLAGS.max_tokens,
+  }
+  conn.request(
+    "POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"}
+  )
   r = conn.getresponse()
   data = json.loads(r.read())
   return r.status, (data.get("usage") or {}).get("completion_tokens", 0)
@@ -120,11 +136,16 @@ def run_level(host: str, port: int, model: str, clients: int) -> dict:
     t.join()
   seconds = time.perf_counter() - start
   lat = np.asarray(latencies) if latencies else np.asarray([float("nan")])
-  return {"clients": clients, "requests": len(latencies), "statuses": statuses,
-          "seconds": round(seconds, 3), "requests_per_s": round(len(latencies) / seconds, 3),
-          "tokens_per_s": round(tokens[0] / seconds, 1),
-          "p50_s": round(float(np.percentile(lat, 50)), 4),
-          "p95_s": round(float(np.percentile(lat, 95)), 4)}
+  return {
+    "clients": clients,
+    "requests": len(latencies),
+    "statuses": statuses,
+    "seconds": round(seconds, 3),
+    "requests_per_s": round(len(latencies) / seconds, 3),
+    "tokens_per_s": round(tokens[0] / seconds, 1),
+    "p50_s": round(float(np.percentile(lat, 50)), 4),
+    "p95_s": round(float(np.percentile(lat, 95)), 4),
+  }
 
 
 def _versions() -> dict:
@@ -140,6 +161,7 @@ def _versions() -> dict:
 def main(argv) -> None:
   del argv
   from astrollama_jax import cli
+
   proc, tmp = None, None
   if FLAGS.url:
     url = urllib.parse.urlsplit(FLAGS.url)
@@ -148,11 +170,20 @@ def main(argv) -> None:
     tmp = tempfile.TemporaryDirectory()
     checkpoint = FLAGS.checkpoint or _random_checkpoint(tmp.name)
     host, port = "127.0.0.1", _free_port()
-    cmd = [sys.executable, "-m", "astrollama_jax.serve", f"--checkpoint={checkpoint}",
-           f"--port={port}", f"--max_batch={FLAGS.max_batch}", "--max_queue=256",
-           "--model_name=bench", *FLAGS.server_flag]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(
-        os.path.join(tmp.name, "server.log"), "wb"))
+    cmd = [
+      sys.executable,
+      "-m",
+      "astrollama_jax.serve",
+      f"--checkpoint={checkpoint}",
+      f"--port={port}",
+      f"--max_batch={FLAGS.max_batch}",
+      "--max_queue=256",
+      "--model_name=bench",
+      *FLAGS.server_flag,
+    ]
+    proc = subprocess.Popen(
+      cmd, stdout=subprocess.DEVNULL, stderr=open(os.path.join(tmp.name, "server.log"), "wb")
+    )
   try:
     model = FLAGS.model
     end = time.time() + 600
@@ -169,6 +200,7 @@ def main(argv) -> None:
           raise SystemExit("the server did not come up")
         time.sleep(1)
     import jax
+
     device = f"{jax.devices()[0].device_kind} x{jax.device_count()}" if proc else "remote"
     rows = []
     for clients in (int(c) for c in FLAGS.clients):
@@ -181,13 +213,32 @@ def main(argv) -> None:
       proc.wait(timeout=60)
     if tmp is not None:
       tmp.cleanup()
-  summary = {"benchmark": "serve_load", "model": FLAGS.checkpoint or f"random {FLAGS.preset}",
-             "device": device, "max_tokens": FLAGS.max_tokens, "max_batch": FLAGS.max_batch,
-             "requests_per_level": FLAGS.requests, "max_seconds": FLAGS.max_seconds,
-             **_versions(), "levels": rows}
-  cli.report("serve load", summary, rows,
-             ["clients", "requests", "seconds", "requests_per_s", "tokens_per_s", "p50_s", "p95_s",
-              "statuses"])
+  summary = {
+    "benchmark": "serve_load",
+    "model": FLAGS.checkpoint or f"random {FLAGS.preset}",
+    "device": device,
+    "max_tokens": FLAGS.max_tokens,
+    "max_batch": FLAGS.max_batch,
+    "requests_per_level": FLAGS.requests,
+    "max_seconds": FLAGS.max_seconds,
+    **_versions(),
+    "levels": rows,
+  }
+  cli.report(
+    "serve load",
+    summary,
+    rows,
+    [
+      "clients",
+      "requests",
+      "seconds",
+      "requests_per_s",
+      "tokens_per_s",
+      "p50_s",
+      "p95_s",
+      "statuses",
+    ],
+  )
 
 
 if __name__ == "__main__":

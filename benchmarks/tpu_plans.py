@@ -28,6 +28,7 @@ FLAGS = flags.FLAGS
 def main(argv):
   del argv
   from astrollama_jax import tpu_plan
+
   config = FLAGS.config
   for seq in FLAGS.seq_len or [config.data.seq_len]:
     for impl in FLAGS.attention or [config.model.attention_impl]:

@@ -13,8 +13,8 @@ import importlib.util
 import os
 
 SIZES = {
-    "7b": dict(mesh=(1, 1, 1), grad_accum_steps=8, learning_rate=2e-4),
-    "70b": dict(mesh=(1, 8, 1), grad_accum_steps=6, learning_rate=1e-4),
+  "7b": dict(mesh=(1, 1, 1), grad_accum_steps=8, learning_rate=2e-4),
+  "70b": dict(mesh=(1, 8, 1), grad_accum_steps=6, learning_rate=1e-4),
 }
 
 

@@ -14,8 +14,8 @@ from astrollama_jax.train.defaults import base_config
 # Meshes as planned by ``python -m astrollama_jax.aot`` (see docs/benchmarks.md): 8 GPUs for 7B
 # (~34 GB per device), 64 for 70B (~42 GB per device), both with full remat and a chunked loss.
 SIZES = {
-    "7b": dict(preset="llama2_7b", learning_rate=2e-5, mesh=(1, 8, 1)),
-    "70b": dict(preset="llama2_70b", learning_rate=3e-7, mesh=(1, 16, 4)),
+  "7b": dict(preset="llama2_7b", learning_rate=2e-5, mesh=(1, 8, 1)),
+  "70b": dict(preset="llama2_70b", learning_rate=3e-7, mesh=(1, 16, 4)),
 }
 
 
@@ -36,13 +36,13 @@ def get_config(size: str = "7b"):
   # count (exactly this many, sampled without replacement) or weight (x the file's size) or
   # neither (all of it). The recipe holds none out: add eval_sources to get an eval loss.
   c.data.sft.sources = [
-      dict(path="data/chat/astro_qa_abstracts.jsonl", format="sharegpt", count=10_356, weight=None),
-      dict(path="data/chat/lima_train.jsonl", format="lima", count=None, weight=None),
-      dict(path="data/chat/openorca.jsonl", format="openorca", count=10_000, weight=None),
-      dict(path="data/chat/ultrachat.jsonl", format="ultrachat", count=10_000, weight=None),
+    dict(path="data/chat/astro_qa_abstracts.jsonl", format="sharegpt", count=10_356, weight=None),
+    dict(path="data/chat/lima_train.jsonl", format="lima", count=None, weight=None),
+    dict(path="data/chat/openorca.jsonl", format="openorca", count=10_000, weight=None),
+    dict(path="data/chat/ultrachat.jsonl", format="ultrachat", count=10_000, weight=None),
   ]
 
   c.train.global_batch_size = 48  # packed rows of seq_len tokens
   c.schedule.learning_rate = s["learning_rate"]
-  c.loss.chunk_size = 512         # never materialise float32 logits for the whole 2048 x 32000
+  c.loss.chunk_size = 512  # never materialise float32 logits for the whole 2048 x 32000
   return c

@@ -22,8 +22,9 @@ def get_config():
 
   c.data.kind = "sft"
   c.data.seq_len = 256
-  c.data.sft.sources = [dict(path="data/demo_chat/astro_chat.jsonl", format="sharegpt", count=None,
-                             weight=None)]
+  c.data.sft.sources = [
+    dict(path="data/demo_chat/astro_chat.jsonl", format="sharegpt", count=None, weight=None)
+  ]
 
   c.train.global_batch_size = 4
   c.train.num_steps = 120

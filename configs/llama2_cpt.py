@@ -24,10 +24,22 @@ cuDNN flash attention (use ``--config.model.attention_impl=xla`` on TPU/CPU).
 from astrollama_jax.train.defaults import base_config
 
 SIZES = {
-    "7b": dict(preset="llama2_7b", mesh=(1, 8, 1), grad_accum_steps=4, eval_batches=50,
-               checkpoint_every=200, keep=3),
-    "70b": dict(preset="llama2_70b", mesh=(1, 32, 2), grad_accum_steps=5, eval_batches=20,
-                checkpoint_every=100, keep=2),
+  "7b": dict(
+    preset="llama2_7b",
+    mesh=(1, 8, 1),
+    grad_accum_steps=4,
+    eval_batches=50,
+    checkpoint_every=200,
+    keep=3,
+  ),
+  "70b": dict(
+    preset="llama2_70b",
+    mesh=(1, 32, 2),
+    grad_accum_steps=5,
+    eval_batches=20,
+    checkpoint_every=100,
+    keep=2,
+  ),
 }
 
 

@@ -7,8 +7,9 @@ import os
 import pathlib
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_force_host_platform_device_count=8").strip()
+os.environ["XLA_FLAGS"] = (
+  os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -40,6 +41,7 @@ def tokenizer_path(shared_data) -> str:
 def abstracts(shared_data) -> list[str]:
   """The first 64 real astro-ph abstracts."""
   import json
+
   out = []
   with open(shared_data / "arxiv-astro-ph" / "abstracts.jsonl") as f:
     for line in f:

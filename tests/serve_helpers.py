@@ -41,20 +41,45 @@ def load(folder):
 
 
 @contextlib.contextmanager
-def running(model, *, start: bool = True, generate_fn=generate, feedback=None, api_key=None,
-            max_queue: int = 64, max_batch: int = 8, max_body_bytes: int = 1 << 20):
+def running(
+  model,
+  *,
+  start: bool = True,
+  generate_fn=generate,
+  feedback=None,
+  api_key=None,
+  max_queue: int = 64,
+  max_batch: int = 8,
+  max_body_bytes: int = 1 << 20,
+):
   """(server, batcher): a server on a free loopback port, in this process, stopped afterwards."""
   loaded, tok, mesh = model
-  batcher = Batcher(loaded.cfg, loaded.params, tok, mesh=mesh, max_batch=max_batch,
-                    max_queue=max_queue, generate_fn=generate_fn)
+  batcher = Batcher(
+    loaded.cfg,
+    loaded.params,
+    tok,
+    mesh=mesh,
+    max_batch=max_batch,
+    max_queue=max_queue,
+    generate_fn=generate_fn,
+  )
   if start:
     batcher.start()
-  app = App(batcher, tok, model="tiny-chat", checkpoint="tiny-chat-checkpoint",
-            max_seq_len=loaded.cfg.max_seq_len, feedback=feedback, api_key=api_key,
-            max_body_bytes=max_body_bytes, default_max_tokens=NEW)
+  app = App(
+    batcher,
+    tok,
+    model="tiny-chat",
+    checkpoint="tiny-chat-checkpoint",
+    max_seq_len=loaded.cfg.max_seq_len,
+    feedback=feedback,
+    api_key=api_key,
+    max_body_bytes=max_body_bytes,
+    default_max_tokens=NEW,
+  )
   server = Server(app, "127.0.0.1", 0)
-  thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
-                            daemon=True)
+  thread = threading.Thread(
+    target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+  )
   thread.start()
   try:
     yield server, batcher
@@ -67,8 +92,14 @@ def running(model, *, start: bool = True, generate_fn=generate, feedback=None, a
 
 def client(server, **kw):
   import openai
-  return openai.OpenAI(base_url=server.url + "/v1", api_key=kw.pop("api_key", "unused"),
-                       max_retries=0, timeout=120, **kw)
+
+  return openai.OpenAI(
+    base_url=server.url + "/v1",
+    api_key=kw.pop("api_key", "unused"),
+    max_retries=0,
+    timeout=120,
+    **kw,
+  )
 
 
 def free_port() -> int:
@@ -77,18 +108,29 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def start_cli(*args: str, env_extra: dict[str, str] | None = None,
-              log_path=None) -> subprocess.Popen:
+def start_cli(
+  *args: str, env_extra: dict[str, str] | None = None, log_path=None
+) -> subprocess.Popen:
   """``python -m astrollama_jax.serve ARGS`` in the background (stderr to ``log_path``)."""
-  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5", **(env_extra or {}))
+  env = dict(
+    os.environ,
+    JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5",
+    **(env_extra or {}),
+  )
   log = open(log_path, "wb") if log_path else subprocess.DEVNULL
-  return subprocess.Popen([sys.executable, "-m", "astrollama_jax.serve", *args], cwd=REPO, env=env,
-                          stdout=subprocess.PIPE, stderr=log)
+  return subprocess.Popen(
+    [sys.executable, "-m", "astrollama_jax.serve", *args],
+    cwd=REPO,
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=log,
+  )
 
 
-def wait_ready(url: str, proc: subprocess.Popen, headers: dict[str, str] | None = None,
-               timeout: float = 240) -> None:
+def wait_ready(
+  url: str, proc: subprocess.Popen, headers: dict[str, str] | None = None, timeout: float = 240
+) -> None:
   """Poll ``url`` until it answers 200 (bounded), failing early if the process died."""
   end = time.time() + timeout
   while time.time() < end:
@@ -105,12 +147,18 @@ def wait_ready(url: str, proc: subprocess.Popen, headers: dict[str, str] | None 
   raise AssertionError(f"{url} not ready after {timeout} s")
 
 
-def post(url: str, body, headers: dict[str, str] | None = None, raw: bytes | None = None,
-         content_type: str = "application/json") -> tuple[int, dict]:
+def post(
+  url: str,
+  body,
+  headers: dict[str, str] | None = None,
+  raw: bytes | None = None,
+  content_type: str = "application/json",
+) -> tuple[int, dict]:
   """POST JSON (or ``raw`` bytes); (status, decoded JSON body) for any status."""
   data = raw if raw is not None else json.dumps(body).encode()
-  req = urllib.request.Request(url, data=data, method="POST",
-                               headers={"Content-Type": content_type, **(headers or {})})
+  req = urllib.request.Request(
+    url, data=data, method="POST", headers={"Content-Type": content_type, **(headers or {})}
+  )
   try:
     with urllib.request.urlopen(req, timeout=120) as r:
       return r.status, json.loads(r.read())

@@ -19,8 +19,15 @@ from astrollama_jax.train.loss import lm_loss_sums
 
 FUSED = ("splash", "flash_gpu")
 # head_dim 128 (as LLaMA-2), grouped queries (2 per KV head), real vocabulary.
-TINY_128 = LlamaConfig(dim=256, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=256, max_seq_len=512,
-                       compute_dtype="float32")
+TINY_128 = LlamaConfig(
+  dim=256,
+  n_layers=2,
+  n_heads=2,
+  n_kv_heads=1,
+  ffn_dim=256,
+  max_seq_len=512,
+  compute_dtype="float32",
+)
 
 
 def _segments(b, t, seed):
@@ -29,9 +36,9 @@ def _segments(b, t, seed):
   seg = np.zeros((b, t), np.int32)
   for row in range(b):
     cuts = np.sort(rng.choice(np.arange(1, t), 4, replace=False))
-    seg[row, cuts[0]:cuts[1]] = 1
-    seg[row, cuts[1]:cuts[2]] = 2
-    seg[row, cuts[2]:cuts[3]] = 3
+    seg[row, cuts[0] : cuts[1]] = 1
+    seg[row, cuts[1] : cuts[2]] = 2
+    seg[row, cuts[2] : cuts[3]] = 3
   seg[0, :] = np.where(np.arange(t) < t - 5, np.maximum(seg[0], 1), 0)  # one row nearly full
   return seg
 
@@ -110,8 +117,9 @@ def test_sharded_kernel_equals_xla_on_a_mesh():
   with jax.set_mesh(mesh):
     out, grads = _value_and_grads("splash", q, k, v, seg)
     idx = jnp.broadcast_to(jnp.arange(256, dtype=jnp.int32), seg.shape)
-    text = jax.jit(lambda *a: attn.attention(*a, idx, idx, seg, seg, "splash")).lower(
-        q, k, v).as_text()
+    text = (
+      jax.jit(lambda *a: attn.attention(*a, idx, idx, seg, seg, "splash")).lower(q, k, v).as_text()
+    )
   assert "shard_map" in text or "sdy.manual_computation" in text
   ref, ref_grads = _value_and_grads("xla", q, k, v, seg)
   real = np.asarray(seg) != 0
@@ -157,8 +165,12 @@ def _packed_batch(b, t, seed):
       positions[row, where] = np.arange(len(where))
   targets = np.roll(tokens, -1, axis=1)
   loss_mask = ((seg != 0) & (np.roll(seg, -1, axis=1) == seg)).astype(np.float32)
-  return {k: jnp.asarray(x) for k, x in dict(tokens=tokens, targets=targets, segment_ids=seg,
-                                               positions=positions, loss_mask=loss_mask).items()}
+  return {
+    k: jnp.asarray(x)
+    for k, x in dict(
+      tokens=tokens, targets=targets, segment_ids=seg, positions=positions, loss_mask=loss_mask
+    ).items()
+  }
 
 
 @pytest.mark.parametrize("impl", FUSED)
@@ -172,6 +184,7 @@ def test_train_step_gradients_equal_xla(impl):
     def loss(p):
       total, count = lm_loss_sums(c, p, batch)
       return total / count
+
     return jax.jit(jax.value_and_grad(loss))(params)
 
   loss_x, g_x = grads(cfg)
@@ -188,13 +201,24 @@ def test_perplexity_with_splash_equals_torch(tmp_path, capsys, tokenizer_path, a
   from test_eval_common import make_hf_folder, run_cli, torch_token_logprobs, write_jsonl
 
   from astrollama_jax.data.tokenizer import Tokenizer
+
   model = make_hf_folder(TINY_128, tmp_path / "hf", seed=3)
-  write_jsonl(tmp_path / "abstracts.jsonl", [{"id": f"a{i}", "abstract": a}
-                                             for i, a in enumerate(abstracts[:3])])
-  run_cli(capsys, "--task=perplexity", f"--checkpoint={tmp_path / 'hf'}",
-          f"--tokenizer={tokenizer_path}", f"--output={tmp_path / 'out'}",
-          f"--data={tmp_path / 'abstracts.jsonl'}", "--compute_dtype=float32", "--batch_size=2",
-          "--bootstrap=0", "--attention=splash")
+  write_jsonl(
+    tmp_path / "abstracts.jsonl",
+    [{"id": f"a{i}", "abstract": a} for i, a in enumerate(abstracts[:3])],
+  )
+  run_cli(
+    capsys,
+    "--task=perplexity",
+    f"--checkpoint={tmp_path / 'hf'}",
+    f"--tokenizer={tokenizer_path}",
+    f"--output={tmp_path / 'out'}",
+    f"--data={tmp_path / 'abstracts.jsonl'}",
+    "--compute_dtype=float32",
+    "--batch_size=2",
+    "--bootstrap=0",
+    "--attention=splash",
+  )
   tok = Tokenizer(tokenizer_path)
   want = [-torch_token_logprobs(model, tok.encode(a)).sum() for a in abstracts[:3]]
   items = [json.loads(line) for line in open(tmp_path / "out" / "perplexity_items.jsonl")]

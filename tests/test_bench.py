@@ -24,12 +24,25 @@ def _run_bench(*flag_args: str, tmp_path) -> tuple[dict, str, list[str]]:
   """Run ``python -m astrollama_jax.bench`` on one CPU device: (last JSON line, stdout,
   --output lines)."""
   out_file = tmp_path / "bench.jsonl"
-  env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1",
-             JAX_COMPILATION_CACHE_DIR=os.environ.get("ASTROLLAMA_JAX_CACHE", str(REPO / ".jax_cache")),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
-  cmd = [sys.executable, "-m", "astrollama_jax.bench", "--config=configs/bench.py:tiny",
-         "--config.mesh=(1,1,1)", "--steps=2", "--warmup=1", "--reference=torch",
-         f"--output={out_file}", *flag_args]
+  env = dict(
+    os.environ,
+    JAX_PLATFORMS="cpu",
+    HF_HUB_OFFLINE="1",
+    JAX_COMPILATION_CACHE_DIR=os.environ.get("ASTROLLAMA_JAX_CACHE", str(REPO / ".jax_cache")),
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5",
+  )
+  cmd = [
+    sys.executable,
+    "-m",
+    "astrollama_jax.bench",
+    "--config=configs/bench.py:tiny",
+    "--config.mesh=(1,1,1)",
+    "--steps=2",
+    "--warmup=1",
+    "--reference=torch",
+    f"--output={out_file}",
+    *flag_args,
+  ]
   proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
   assert proc.returncode == 0, proc.stderr[-3000:]
   last = proc.stdout.strip().splitlines()[-1]
@@ -37,17 +50,29 @@ def _run_bench(*flag_args: str, tmp_path) -> tuple[dict, str, list[str]]:
 
 
 def test_train_json_adds_up(tmp_path):
-  s, stdout, written = _run_bench("--task=train", "--config.data.seq_len=64",
-                                  "--config.train.global_batch_size=4",
-                                  "--config.train.grad_accum_steps=2", "--config.loss.chunk_size=32",
-                                  "--config.optimizer.moments_dtype=bfloat16",
-                                  "--config.model.remat_policy=dots", "--xla_flags=latency_hiding",
-                                  "--peak_tflops=2", tmp_path=tmp_path)
+  s, stdout, written = _run_bench(
+    "--task=train",
+    "--config.data.seq_len=64",
+    "--config.train.global_batch_size=4",
+    "--config.train.grad_accum_steps=2",
+    "--config.loss.chunk_size=32",
+    "--config.optimizer.moments_dtype=bfloat16",
+    "--config.model.remat_policy=dots",
+    "--xla_flags=latency_hiding",
+    "--peak_tflops=2",
+    tmp_path=tmp_path,
+  )
   assert json.loads(written[-1]) == s
   assert "jax / torch tokens/s" in stdout
   # The flags reached XLA (an unknown flag would have aborted the process) and the JSON says so.
   assert "--xla_gpu_enable_latency_hiding_scheduler=true" in s["xla_flags"]
-  assert (s["task"], s["batch"], s["seq"], s["micro_batches"], s["ce_chunk"]) == ("train", 4, 64, 2, 32)
+  assert (s["task"], s["batch"], s["seq"], s["micro_batches"], s["ce_chunk"]) == (
+    "train",
+    4,
+    64,
+    2,
+    32,
+  )
   assert s["bf16_moments"] and s["remat"] == "dots" and s["n_devices"] == 1
 
   cfg = get_config("tiny")
@@ -57,11 +82,14 @@ def test_train_json_adds_up(tmp_path):
     t = side["step_time_s"]
     assert side["step_time_min_s"] <= t <= side["step_time_max_s"]
     assert side["tokens_per_s"] == pytest.approx(256 / t, rel=1e-9)
-    assert side["tflops_per_device"] == pytest.approx(s["flops_per_step"] / t / n_dev / 1e12, rel=1e-9)
+    assert side["tflops_per_device"] == pytest.approx(
+      s["flops_per_step"] / t / n_dev / 1e12, rel=1e-9
+    )
     assert side["mfu"] == pytest.approx(side["tflops_per_device"] / 2.0, rel=1e-9)
     assert side["peak_memory_gb"] is None  # CPU keeps no allocator statistics
   assert s["speedup_vs_reference"] == pytest.approx(
-      s["tokens_per_s"] / s["reference"]["tokens_per_s"], rel=1e-9)
+    s["tokens_per_s"] / s["reference"]["tokens_per_s"], rel=1e-9
+  )
   # The step really trained: a random init starts at about ln(vocab).
   assert abs(s["final_loss"] - math.log(cfg.vocab_size)) < 0.5
   assert s["compiled_memory_gb"] > 0 and s["timed_steps"] == 2
@@ -70,19 +98,27 @@ def test_train_json_adds_up(tmp_path):
 
 
 def test_decode_json_adds_up(tmp_path):
-  s, stdout, _ = _run_bench("--task=decode", "--config.train.global_batch_size=2", "--prompt_len=12",
-                            "--new_tokens=6", tmp_path=tmp_path)
+  s, stdout, _ = _run_bench(
+    "--task=decode",
+    "--config.train.global_batch_size=2",
+    "--prompt_len=12",
+    "--new_tokens=6",
+    tmp_path=tmp_path,
+  )
   assert (s["task"], s["batch"], s["prompt_len"], s["new_tokens"]) == ("decode", 2, 12, 6)
   for side in (s, s["reference"]):
     assert side["tokens_per_s"] == pytest.approx(2 * 6 / side["time_s"], rel=1e-9)
     assert 0 < side["prefill_s"]
   assert s["speedup_vs_reference"] == pytest.approx(
-      s["tokens_per_s"] / s["reference"]["tokens_per_s"], rel=1e-9)
+    s["tokens_per_s"] / s["reference"]["tokens_per_s"], rel=1e-9
+  )
   assert "decode_tokens_per_s" in stdout
 
 
 def test_rates_and_decode_rates():
-  r = bench.rates(flops_per_step=8e12, tokens_per_step=4096, step_s=2.0, n_devices=2, peak_flops=4e12)
+  r = bench.rates(
+    flops_per_step=8e12, tokens_per_step=4096, step_s=2.0, n_devices=2, peak_flops=4e12
+  )
   assert r == pytest.approx({"tokens_per_s": 2048.0, "tflops_per_device": 2.0, "mfu": 0.5})
   assert bench.rates(8e12, 4096, 2.0, 2, None)["mfu"] is None
   d = bench.decode_rates(full_s=3.0, first_s=0.5, batch=4, new_tokens=11)
@@ -92,8 +128,9 @@ def test_rates_and_decode_rates():
 
 def test_synthetic_batch_is_a_pipeline_batch():
   b = bench.synthetic_batch(vocab=100, batch=3, seq=8, seed=0)
-  assert {k: v.shape for k, v in b.items()} == {k: (3, 8) for k in
-                                                ("tokens", "targets", "segment_ids", "positions", "loss_mask")}
+  assert {k: v.shape for k, v in b.items()} == {
+    k: (3, 8) for k in ("tokens", "targets", "segment_ids", "positions", "loss_mask")
+  }
   assert (b["tokens"][:, 1:] == b["targets"][:, :-1]).all()
   assert b["tokens"].min() >= 3 and b["tokens"].max() < 100
 
@@ -119,24 +156,26 @@ def test_out_of_memory_is_a_result_other_errors_raise():
 def test_reference_runs_before_jax_claims_the_device():
   """On a GPU, JAX's backend takes its memory when it starts: the torch side must not start it."""
   script = (
-      "import contextlib, io, json, sys\n"
-      "from absl import flags\n"
-      "from jax._src import xla_bridge\n"
-      "from astrollama_jax import bench\n"
-      "bench.define_flags()\n"
-      # config_flags reads its --config.* overrides from sys.argv
-      "sys.argv = ['bench', '--task=train', '--config=configs/bench.py:tiny',\n"
-      "            '--config.model.n_layers=1', '--config.data.seq_len=16',\n"
-      "            '--config.train.global_batch_size=1', '--steps=1', '--warmup=0',\n"
-      "            '--reference=torch_only']\n"
-      "flags.FLAGS(sys.argv)\n"
-      "with contextlib.redirect_stdout(io.StringIO()) as out:\n"
-      "  bench.main(['bench'])\n"
-      "s = json.loads(out.getvalue().splitlines()[-1])\n"
-      "print(json.dumps([xla_bridge.backends_are_initialized(), s['reference']['step_time_s'] > 0,\n"
-      "                  s.get('step_time_s')]))\n")
+    "import contextlib, io, json, sys\n"
+    "from absl import flags\n"
+    "from jax._src import xla_bridge\n"
+    "from astrollama_jax import bench\n"
+    "bench.define_flags()\n"
+    # config_flags reads its --config.* overrides from sys.argv
+    "sys.argv = ['bench', '--task=train', '--config=configs/bench.py:tiny',\n"
+    "            '--config.model.n_layers=1', '--config.data.seq_len=16',\n"
+    "            '--config.train.global_batch_size=1', '--steps=1', '--warmup=0',\n"
+    "            '--reference=torch_only']\n"
+    "flags.FLAGS(sys.argv)\n"
+    "with contextlib.redirect_stdout(io.StringIO()) as out:\n"
+    "  bench.main(['bench'])\n"
+    "s = json.loads(out.getvalue().splitlines()[-1])\n"
+    "print(json.dumps([xla_bridge.backends_are_initialized(), s['reference']['step_time_s'] > 0,\n"
+    "                  s.get('step_time_s')]))\n"
+  )
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True,
-                        text=True, timeout=120)
+  proc = subprocess.run(
+    [sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert json.loads(proc.stdout.strip().splitlines()[-1]) == [False, True, None]

@@ -22,7 +22,9 @@ MT_BENCH = SHARED / "chat" / "mt_bench_questions.jsonl"
 ABSTRACTS = SHARED / "arxiv-astro-ph" / "abstracts.jsonl"
 DEMO_CHAT = REPO / "data" / "demo_chat" / "astro_chat.jsonl"
 
-needs_tokenizer = pytest.mark.skipif(not TOKENIZER.exists(), reason="LLaMA-2 tokenizer not in shared data")
+needs_tokenizer = pytest.mark.skipif(
+  not TOKENIZER.exists(), reason="LLaMA-2 tokenizer not in shared data"
+)
 
 
 def _write_jsonl(path: Path, records) -> Path:
@@ -35,15 +37,31 @@ def _write_jsonl(path: Path, records) -> Path:
 
 
 def test_every_format_reads_into_the_same_conversation(tmp_path):
-  want = Conversation(turns=(("user", "Q1"), ("assistant", "A1"), ("user", "Q2"), ("assistant", "A2")),
-                      system="Be brief.")
+  want = Conversation(
+    turns=(("user", "Q1"), ("assistant", "A1"), ("user", "Q2"), ("assistant", "A2")),
+    system="Be brief.",
+  )
   records = [
-      {"id": "sg", "conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Q1"},
-                                     {"from": "gpt", "value": "A1"}, {"from": "user", "value": "Q2"},
-                                     {"from": "chatgpt", "value": "A2"}]},
-      {"id": "oa", "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Q1"},
-                                {"role": "assistant", "content": "A1"}, {"role": "user", "content": "Q2"},
-                                {"role": "assistant", "content": "A2"}]},
+    {
+      "id": "sg",
+      "conversations": [
+        {"from": "system", "value": "Be brief."},
+        {"from": "human", "value": "Q1"},
+        {"from": "gpt", "value": "A1"},
+        {"from": "user", "value": "Q2"},
+        {"from": "chatgpt", "value": "A2"},
+      ],
+    },
+    {
+      "id": "oa",
+      "messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Q1"},
+        {"role": "assistant", "content": "A1"},
+        {"role": "user", "content": "Q2"},
+        {"role": "assistant", "content": "A2"},
+      ],
+    },
   ]
   path = _write_jsonl(tmp_path / "mixed.jsonl", records)
   convs, report = chat_formats.load_conversations(path)
@@ -53,24 +71,34 @@ def test_every_format_reads_into_the_same_conversation(tmp_path):
 
   no_sys = dataclasses.replace(want, system=None)
   cases = {
-      "ultrachat": {"id": 7, "data": ["Q1", "A1", "Q2", "A2"]},
-      "lima": {"conversations": ["Q1", "A1", "Q2", "A2"]},
+    "ultrachat": {"id": 7, "data": ["Q1", "A1", "Q2", "A2"]},
+    "lima": {"conversations": ["Q1", "A1", "Q2", "A2"]},
   }
   for fmt, rec in cases.items():
     assert dataclasses.replace(chat_formats.parse_record(rec, fmt), id="") == no_sys
     assert chat_formats.detect_format(rec) == fmt
   assert chat_formats.parse_record(cases["ultrachat"]).id == "7"
-  orca = chat_formats.parse_record({"id": "o", "system_prompt": "Be brief.", "question": "Q1", "response": "A1"})
+  orca = chat_formats.parse_record(
+    {"id": "o", "system_prompt": "Be brief.", "question": "Q1", "response": "A1"}
+  )
   assert orca == Conversation((("user", "Q1"), ("assistant", "A1")), "Be brief.", "o")
-  orca_nosys = chat_formats.parse_record({"system_prompt": "", "question": "Q1", "response": "A1"}, "openorca")
+  orca_nosys = chat_formats.parse_record(
+    {"system_prompt": "", "question": "Q1", "response": "A1"}, "openorca"
+  )
   assert orca_nosys.system is None
 
 
 def test_lmflow_and_json_array_files(tmp_path):
-  lmflow = {"type": "conversation", "instances": [
-      {"system": "Be brief.", "messages": [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"}]},
+  lmflow = {
+    "type": "conversation",
+    "instances": [
+      {
+        "system": "Be brief.",
+        "messages": [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"}],
+      },
       {"system": "", "messages": [{"role": "user", "content": "Q1"}]},  # no reply: skipped
-  ]}
+    ],
+  }
   (tmp_path / "lm.json").write_text(json.dumps(lmflow))
   convs, report = chat_formats.load_conversations(tmp_path / "lm.json", "lmflow")
   assert report == {"ok": 1, "no assistant reply": 1}
@@ -95,28 +123,37 @@ def test_lmflow_and_json_array_files(tmp_path):
 def test_malformed_records_are_skipped_and_counted(tmp_path):
   sg = lambda *turns: {"conversations": [{"from": f, "value": v} for f, v in turns]}
   records = [
-      "{not json",
-      [1, 2],
-      {"text": "plain"},
-      sg(("human", "a"), ("human", "b")),
-      sg(("human", "a"), ("wizard", "b")),
-      sg(("human", "a"), ("gpt", "   ")),
-      sg(("human", "only a question")),
-      sg(("human", "a"), ("gpt", "b"), ("system", "late")),
-      sg(("human", "say </s> now"), ("gpt", "no")),
-      {"conversations": [{"from": "human"}]},
-      {"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "x"}]},
-      {"question": "q"  # no response -> unknown format
-      },
-      sg(("gpt", "Hello! Ask me anything."), ("human", "a"), ("gpt", "b"), ("human", "dangling")),
+    "{not json",
+    [1, 2],
+    {"text": "plain"},
+    sg(("human", "a"), ("human", "b")),
+    sg(("human", "a"), ("wizard", "b")),
+    sg(("human", "a"), ("gpt", "   ")),
+    sg(("human", "only a question")),
+    sg(("human", "a"), ("gpt", "b"), ("system", "late")),
+    sg(("human", "say </s> now"), ("gpt", "no")),
+    {"conversations": [{"from": "human"}]},
+    {"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "x"}]},
+    {
+      "question": "q"  # no response -> unknown format
+    },
+    sg(("gpt", "Hello! Ask me anything."), ("human", "a"), ("gpt", "b"), ("human", "dangling")),
   ]
   path = _write_jsonl(tmp_path / "bad.jsonl", records)
   convs, report = chat_formats.load_conversations(path)
   assert report == {
-      "invalid JSON line": 1, "record is not a JSON object": 1, "unknown format": 2,
-      "roles do not alternate": 1, "unknown role": 1, "empty turn": 1, "no assistant reply": 1,
-      "system turn after the start": 1, "special token text in a turn": 1, "turn lacks from/value": 1,
-      "turn text is not a string": 1, "ok": 1,
+    "invalid JSON line": 1,
+    "record is not a JSON object": 1,
+    "unknown format": 2,
+    "roles do not alternate": 1,
+    "unknown role": 1,
+    "empty turn": 1,
+    "no assistant reply": 1,
+    "system turn after the start": 1,
+    "special token text in a turn": 1,
+    "turn lacks from/value": 1,
+    "turn text is not a string": 1,
+    "ok": 1,
   }
   # The readable one lost its greeting (leading assistant) and its unanswered last question.
   assert convs[0].turns == (("user", "a"), ("assistant", "b"))
@@ -126,7 +163,9 @@ def test_malformed_records_are_skipped_and_counted(tmp_path):
   with pytest.raises(ValueError, match="unknown chat format"):
     chat_formats.parse_record({}, "alpaca")
   # For generation a final user turn is kept.
-  prompt = chat_formats.parse_record(sg(("human", "a"), ("gpt", "b"), ("human", "c")), require_reply=False)
+  prompt = chat_formats.parse_record(
+    sg(("human", "a"), ("gpt", "b"), ("human", "c")), require_reply=False
+  )
   assert prompt.turns[-1] == ("user", "c")
 
 
@@ -164,7 +203,11 @@ def hf_dir(tmp_path_factory):
   out = tmp_path_factory.mktemp("hf_tok")
   paths = chat_template.write_hf_tokenizer_files(out, TOKENIZER)
   assert sorted(os.path.basename(p) for p in paths) == [
-      "special_tokens_map.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json"]
+    "special_tokens_map.json",
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+  ]
   return out
 
 
@@ -205,7 +248,9 @@ def test_chat_ids_equal_apply_chat_template_on_sharegpt(tok, hf_tok):
     prompt = dataclasses.replace(conv, turns=conv.turns[:-1])
     prompt_ids = chat_template.build_prompt_ids(prompt, tok)
     assert prompt_ids == _hf_chat_ids(hf_tok, prompt)
-    assert ids[:len(prompt_ids)] == prompt_ids and mask[len(prompt_ids):] == [1] * (len(ids) - len(prompt_ids))
+    assert ids[: len(prompt_ids)] == prompt_ids and mask[len(prompt_ids) :] == [1] * (
+      len(ids) - len(prompt_ids)
+    )
 
 
 def test_chat_ids_equal_apply_chat_template_on_mt_bench(tok, hf_tok):
@@ -217,11 +262,15 @@ def test_chat_ids_equal_apply_chat_template_on_mt_bench(tok, hf_tok):
   assert any("\n    " in t for q in picked for t in q["turns"])
   for q in picked:
     reply = q.get("reference", ["Here you go:\n\n```python\ndef f(x):\n    return  x * 2\n```"])[0]
-    conv = Conversation(turns=(("user", q["turns"][0]), ("assistant", reply), ("user", q["turns"][1])),
-                        system="You are an expert. Think step by step." if q["question_id"] % 2 else None)
+    conv = Conversation(
+      turns=(("user", q["turns"][0]), ("assistant", reply), ("user", q["turns"][1])),
+      system="You are an expert. Think step by step." if q["question_id"] % 2 else None,
+    )
     assert chat_template.build_prompt_ids(conv, tok) == _hf_chat_ids(hf_tok, conv), q["question_id"]
     full = dataclasses.replace(conv, turns=conv.turns + (("assistant", "Done."),))
-    assert chat_template.encode_conversation(tok, full)[0] == _hf_chat_ids(hf_tok, full), q["question_id"]
+    assert chat_template.encode_conversation(tok, full)[0] == _hf_chat_ids(hf_tok, full), q[
+      "question_id"
+    ]
 
 
 def test_demo_chat_ids_equal_apply_chat_template(tok, hf_tok):
@@ -245,8 +294,18 @@ def test_tokenizer_json_alone_reproduces_sentencepiece(tok, hf_dir):
   """tokenizer.json is what non-transformers consumers (and transformers 4) load verbatim."""
   tokenizers = pytest.importorskip("tokenizers")
   backend = tokenizers.Tokenizer.from_file(str(hf_dir / "tokenizer.json"))
-  texts = ["  leading spaces", " one", "a  b", "x\n    y", "def f():\n        return 1\n", "tabs\t\tand  spaces   ",
-           "Ångström 10^{-3} ±σ", "日本語のテキスト", "1234567890", "[INST] x [/INST]"]
+  texts = [
+    "  leading spaces",
+    " one",
+    "a  b",
+    "x\n    y",
+    "def f():\n        return 1\n",
+    "tabs\t\tand  spaces   ",
+    "Ångström 10^{-3} ±σ",
+    "日本語のテキスト",
+    "1234567890",
+    "[INST] x [/INST]",
+  ]
   texts += [" " * n + "w" + " " * n for n in range(1, 20)]
   for text in texts:
     assert backend.encode(text).ids == tok.encode(text), repr(text)
@@ -264,7 +323,9 @@ def test_template_rejects_non_alternating_roles(hf_tok):
 
 @needs_tokenizer
 def test_loss_mask_exact_positions_single_exchange(tok):
-  ex = chat_template.encode_for_training(tok, Conversation((("user", "hi there"), ("assistant", "hello"))))
+  ex = chat_template.encode_for_training(
+    tok, Conversation((("user", "hi there"), ("assistant", "hello")))
+  )
   # <s> ▁[ INST ] ▁hi ▁there ▁[ / INST ] ▁hello ▁ </s>
   ids = [1, 518, 25580, 29962, 7251, 727, 518, 29914, 25580, 29962, 22172, 29871, 2]
   assert ex["tokens"].tolist() == ids[:-1] and ex["targets"].tolist() == ids[1:]
@@ -274,9 +335,15 @@ def test_loss_mask_exact_positions_single_exchange(tok):
 
 @needs_tokenizer
 def test_loss_mask_exact_positions_with_system_and_two_exchanges(tok):
-  conv = Conversation((("user", " What is a parsec? "), ("assistant", "About 3.26 light-years.\n"),
-                       ("user", "And an au?"), ("assistant", "The Earth-Sun distance.")),
-                      system="Be brief.")
+  conv = Conversation(
+    (
+      ("user", " What is a parsec? "),
+      ("assistant", "About 3.26 light-years.\n"),
+      ("user", "And an au?"),
+      ("assistant", "The Earth-Sun distance."),
+    ),
+    system="Be brief.",
+  )
   # strip() applies to the whole first message, system block included: the user's leading space stays
   p1 = tok.encode("[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\n What is a parsec? [/INST]")
   r1 = tok.encode("About 3.26 light-years. ", bos=False) + [tok.eos_id]
@@ -297,15 +364,27 @@ def test_loss_mask_exact_positions_with_system_and_two_exchanges(tok):
 
 @needs_tokenizer
 def test_truncation_drops_whole_trailing_exchanges(tok):
-  conv = Conversation((("user", "Q one"), ("assistant", "A one " * 5), ("user", "Q two"), ("assistant", "A two " * 50)))
-  first_ids, _ = chat_template.encode_conversation(tok, dataclasses.replace(conv, turns=conv.turns[:2]))
+  conv = Conversation(
+    (
+      ("user", "Q one"),
+      ("assistant", "A one " * 5),
+      ("user", "Q two"),
+      ("assistant", "A two " * 50),
+    )
+  )
+  first_ids, _ = chat_template.encode_conversation(
+    tok, dataclasses.replace(conv, turns=conv.turns[:2])
+  )
   full = chat_template.encode_for_training(tok, conv)
   n_full = len(full["tokens"])
   for seq_len in (len(first_ids) - 1, len(first_ids) + 5, n_full - 1):
     ex = chat_template.encode_for_training(tok, conv, seq_len=seq_len)
     assert ex["tokens"].tolist() == first_ids[:-1]  # second exchange dropped whole
     assert ex["loss_mask"][-1] == 1.0 and ex["targets"][-1] == tok.eos_id
-  assert chat_template.encode_for_training(tok, conv, seq_len=n_full)["tokens"].tolist() == full["tokens"].tolist()
+  assert (
+    chat_template.encode_for_training(tok, conv, seq_len=n_full)["tokens"].tolist()
+    == full["tokens"].tolist()
+  )
   with pytest.raises(ChatFormatError, match="first exchange too long"):
     chat_template.encode_for_training(tok, conv, seq_len=len(first_ids) - 2)
 
@@ -317,7 +396,10 @@ def test_build_prompt_ids_needs_a_final_user_turn(tok):
     chat_template.build_prompt_ids(conv, tok)
   ids = chat_template.build_prompt_ids(Conversation((("user", "Q"),)), tok)
   assert ids[0] == tok.bos_id and tok.decode(ids[-4:]).endswith("[/INST]")
-  assert chat_template.decode_reply(tok, tok.encode("Sure thing ", bos=False) + [tok.eos_id, 999]) == "Sure thing"
+  assert (
+    chat_template.decode_reply(tok, tok.encode("Sure thing ", bos=False) + [tok.eos_id, 999])
+    == "Sure thing"
+  )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,14 +407,20 @@ def test_build_prompt_ids_needs_a_final_user_turn(tok):
 
 
 def _numbered_source(path: Path, n: int, tag: str) -> Path:
-  return _write_jsonl(path, [{"id": f"{tag}{i}", "conversations": [f"q{tag}{i}", f"a{tag}{i}"]} for i in range(n)])
+  return _write_jsonl(
+    path, [{"id": f"{tag}{i}", "conversations": [f"q{tag}{i}", f"a{tag}{i}"]} for i in range(n)]
+  )
 
 
 def test_mix_sources_counts_weights_and_determinism(tmp_path):
   a = _numbered_source(tmp_path / "a.jsonl", 30, "a")
   b = _numbered_source(tmp_path / "b.jsonl", 10, "b")
   c = _numbered_source(tmp_path / "c.jsonl", 4, "c")
-  spec = [(str(a), "lima", 12, None), dict(path=str(b), format="auto", weight=0.5), chat.ChatSource(str(c))]
+  spec = [
+    (str(a), "lima", 12, None),
+    dict(path=str(b), format="auto", weight=0.5),
+    chat.ChatSource(str(c)),
+  ]
   report = {}
   mixed = chat.mix_sources(spec, seed=3, report=report)
   ids = [m.id for m in mixed]
@@ -348,7 +436,11 @@ def test_mix_sources_counts_weights_and_determinism(tmp_path):
   assert alone == {i for i in ids if i.startswith("a")}
   # Asking for more than there is repeats the source, each conversation at most twice here.
   over = [m.id for m in chat.mix_sources([(str(c), "auto", 7, None)], seed=0)]
-  assert len(over) == 7 and set(over) == {"c0", "c1", "c2", "c3"} and max(over.count(i) for i in over) == 2
+  assert (
+    len(over) == 7
+    and set(over) == {"c0", "c1", "c2", "c3"}
+    and max(over.count(i) for i in over) == 2
+  )
 
 
 def test_mix_sources_rejects_bad_specs(tmp_path):
@@ -368,17 +460,30 @@ def test_mix_sources_rejects_bad_specs(tmp_path):
 
 def test_sft_config_fields():
   import importlib.util
-  spec = importlib.util.spec_from_file_location("astro_chat_sft", REPO / "configs" / "astro_chat_sft.py")
+
+  spec = importlib.util.spec_from_file_location(
+    "astro_chat_sft", REPO / "configs" / "astro_chat_sft.py"
+  )
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   config = module.get_config()
-  assert config.data.kind == "sft" and config.data.seq_len == 2048 and config.model.preset == "llama2_7b"
+  assert (
+    config.data.kind == "sft" and config.data.seq_len == 2048 and config.model.preset == "llama2_7b"
+  )
   counts = [s["count"] for s in config.data.sft.sources]
   assert counts == [10_356, None, 10_000, 10_000]
-  assert [s["format"] for s in config.data.sft.sources] == ["sharegpt", "lima", "openorca", "ultrachat"]
+  assert [s["format"] for s in config.data.sft.sources] == [
+    "sharegpt",
+    "lima",
+    "openorca",
+    "ultrachat",
+  ]
   assert [chat.ChatSource.of(s).count for s in config.data.sft.sources] == counts
   assert config.train.global_batch_size == 48 and config.schedule.warmup_ratio == 0.03
-  assert config.schedule.learning_rate == 2e-5 and module.get_config("70b").schedule.learning_rate == 3e-7
+  assert (
+    config.schedule.learning_rate == 2e-5
+    and module.get_config("70b").schedule.learning_rate == 3e-7
+  )
   assert module.get_config("70b").model.preset == "llama2_70b"
 
 
@@ -393,13 +498,17 @@ def _segments(batch):
     seg = batch["segment_ids"][row]
     n = int(seg.max())
     used = seg > 0
-    assert seg[used].tolist() == sorted(seg[used].tolist()) and set(seg[used].tolist()) == set(range(1, n + 1))
+    assert seg[used].tolist() == sorted(seg[used].tolist()) and set(seg[used].tolist()) == set(
+      range(1, n + 1)
+    )
     assert (np.diff(used.astype(int)) <= 0).all()  # padding only at the end
     assert (batch["loss_mask"][row][~used] == 0).all()
     for s in range(1, n + 1):
       where = seg == s
       assert batch["positions"][row][where].tolist() == list(range(int(where.sum())))
-      out.append(tuple(tuple(batch[k][row][where].tolist()) for k in ("tokens", "targets", "loss_mask")))
+      out.append(
+        tuple(tuple(batch[k][row][where].tolist()) for k in ("tokens", "targets", "loss_mask"))
+      )
   return out
 
 
@@ -415,8 +524,9 @@ def test_sft_dataset_batches_shards_and_resumes(tok):
 
   seen = []
   for process in range(2):
-    ds = chat.make_sft_dataset(sources, TOKENIZER, seq_len, batch_size, seed=5, process_index=process,
-                               process_count=2)
+    ds = chat.make_sft_dataset(
+      sources, TOKENIZER, seq_len, batch_size, seed=5, process_index=process, process_count=2
+    )
     batches = list(ds)
     assert batches, "no batches"
     for batch in batches:
@@ -429,7 +539,9 @@ def test_sft_dataset_batches_shards_and_resumes(tok):
         seen.append((process, tokens))
   by_process = [{t for p, t in seen if p == q} for q in (0, 1)]
   assert by_process[0] and by_process[1] and not by_process[0] & by_process[1]
-  assert len(seen) == len(set(seen)) >= 0.7 * len(examples)  # each once; a partial last batch is dropped
+  assert (
+    len(seen) == len(set(seen)) >= 0.7 * len(examples)
+  )  # each once; a partial last batch is dropped
 
   # Iterator state: stop after two batches, restore in a fresh iterator, get the same rest.
   ds = chat.make_sft_dataset(sources, TOKENIZER, seq_len, batch_size, seed=5, num_epochs=None)
@@ -438,7 +550,9 @@ def test_sft_dataset_batches_shards_and_resumes(tok):
     next(it)
   state = it.get_state()
   expected = [next(it) for _ in range(3)]
-  it2 = iter(chat.make_sft_dataset(sources, TOKENIZER, seq_len, batch_size, seed=5, num_epochs=None))
+  it2 = iter(
+    chat.make_sft_dataset(sources, TOKENIZER, seq_len, batch_size, seed=5, num_epochs=None)
+  )
   it2.set_state(state)
   for want in expected:
     got = next(it2)

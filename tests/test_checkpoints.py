@@ -59,12 +59,17 @@ def test_restore_onto_meshes_gives_same_logits(converted, params, shape):
   mesh = sharding.make_mesh(shape)
   loaded = checkpoints.load_model(converted, mesh=mesh)
   want = llama.param_shardings(CFG, mesh)
-  for (path, arr), sh in zip(jax.tree_util.tree_flatten_with_path(loaded.params)[0], jax.tree.leaves(want)):
+  for (path, arr), sh in zip(
+    jax.tree_util.tree_flatten_with_path(loaded.params)[0], jax.tree.leaves(want)
+  ):
     assert arr.sharding.is_equivalent_to(sh, arr.ndim), jax.tree_util.keystr(path)
     # Each device holds only its slice: no full copy of a sharded parameter anywhere.
     for shard in arr.addressable_shards:
       assert shard.data.shape == sh.shard_shape(arr.shape)
-  assert loaded.params["layers"]["mlp"]["gate_proj"].addressable_shards[0].data.shape[1] == CFG.dim // shape[1]
+  assert (
+    loaded.params["layers"]["mlp"]["gate_proj"].addressable_shards[0].data.shape[1]
+    == CFG.dim // shape[1]
+  )
   np.testing.assert_allclose(_logits(CFG, loaded.params, mesh), ref, atol=1e-5, rtol=0)
 
 
@@ -72,8 +77,9 @@ def test_restore_casts_dtype(converted, params):
   loaded = checkpoints.load_model(converted, dtype="bfloat16")
   assert loaded.cfg.param_dtype == "bfloat16"
   assert {x.dtype for x in jax.tree.leaves(loaded.params)} == {jnp.dtype("bfloat16")}
-  np.testing.assert_array_equal(np.asarray(loaded.params["embed"]),
-                                params["embed"].astype(jnp.bfloat16))
+  np.testing.assert_array_equal(
+    np.asarray(loaded.params["embed"]), params["embed"].astype(jnp.bfloat16)
+  )
   with pytest.raises(ValueError, match="unknown dtype 'int7'"):
     checkpoints.load_model(converted, dtype="int7")
 
@@ -95,9 +101,14 @@ def _write_workdir(root, params, steps, tokenizer_path):
   for step in steps:
     p = jax.tree.map(lambda x: x + step, params)
     opt = {"mu": jax.tree.map(np.zeros_like, params), "count": np.int32(step)}
-    mgr.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(p),
-                                            opt_state=ocp.args.StandardSave(opt),
-                                            train_meta=ocp.args.JsonSave({"step": step})))
+    mgr.save(
+      step,
+      args=ocp.args.Composite(
+        params=ocp.args.StandardSave(p),
+        opt_state=ocp.args.StandardSave(opt),
+        train_meta=ocp.args.JsonSave({"step": step}),
+      ),
+    )
   mgr.wait_until_finished()
   mgr.close()
 
@@ -106,8 +117,10 @@ def test_workdir_latest_step_and_step_folder_read_params_only(params, tmp_path, 
   root = str(tmp_path / "workdir")
   _write_workdir(root, params, [10, 20], tokenizer_path)
   # An interrupted save of step 30 (Orbax's temporary name) must be ignored.
-  shutil.copytree(os.path.join(root, "checkpoints", "20"),
-                  os.path.join(root, "checkpoints", "30.orbax-checkpoint-tmp-1234"))
+  shutil.copytree(
+    os.path.join(root, "checkpoints", "20"),
+    os.path.join(root, "checkpoints", "30.orbax-checkpoint-tmp-1234"),
+  )
   # The optimizer state is never read: destroy it and loading still works.
   for step in ("10", "20"):
     shutil.rmtree(os.path.join(root, "checkpoints", step, "opt_state"))
@@ -124,6 +137,7 @@ def test_workdir_latest_step_and_step_folder_read_params_only(params, tmp_path, 
 
 def test_hf_folder_loads(tmp_path, params):
   from astrollama_jax.formats import hf
+
   hf.save_hf(CFG, params, str(tmp_path / "hf"))
   loaded = checkpoints.load_model(str(tmp_path / "hf"), mesh=sharding.make_mesh((1, 4, 2)))
   assert loaded.kind == "hf" and loaded.tokenizer_path is None
@@ -136,14 +150,18 @@ def test_config_that_does_not_fit_the_params_names_the_tensor(converted, tmp_pat
   cfg = json.load(open(os.path.join(bad, "model_config.json")))
   cfg["ffn_dim"] = 96
   json.dump(cfg, open(os.path.join(bad, "model_config.json"), "w"))
-  with pytest.raises(checkpoints.CheckpointError, match=r"\['layers'\]\['mlp'\]\['down_proj'\] has shape "
-                     r"\(2, 128, 64\) but the model config expects \(2, 96, 64\)"):
+  with pytest.raises(
+    checkpoints.CheckpointError,
+    match=r"\['layers'\]\['mlp'\]\['down_proj'\] has shape "
+    r"\(2, 128, 64\) but the model config expects \(2, 96, 64\)",
+  ):
     checkpoints.load_model(bad)
 
 
 def test_failed_save_leaves_nothing_that_looks_complete(params, tmp_path, monkeypatch):
   def boom(*a, **k):
     raise RuntimeError("disk full")
+
   monkeypatch.setattr(v1.partial, "save", boom)
   with pytest.raises(RuntimeError, match="disk full"):
     checkpoints.save_params(str(tmp_path / "out"), CFG, params)

@@ -12,7 +12,7 @@ from astrollama_jax import cli
 
 def test_every_console_script_names_a_real_module():
   setup_py = open(cli.__file__.replace("astrollama_jax/cli.py", "setup.py")).read()
-  names = re.search(r'for name in \((.*?)\)\s*\]', setup_py, re.S).group(1)
+  names = re.search(r"for name in \((.*?)\)\s*\]", setup_py, re.S).group(1)
   assert set(re.findall(r'"(\w+)"', names)) == set(cli.COMMANDS)
   for name, module in cli.COMMANDS.items():
     assert importlib.util.find_spec(module) is not None, module
@@ -35,14 +35,27 @@ def test_format_table_aligns_columns():
 
 def test_report_prints_a_table_then_one_json_line(capsys):
   import numpy as np
-  summary = cli.report("done", {"steps": np.int64(3), "loss": np.float32(0.5), "bad": float("nan"),
-                                "bytes": 2 ** 30, "mesh": (1, 8, 1)})
+
+  summary = cli.report(
+    "done",
+    {
+      "steps": np.int64(3),
+      "loss": np.float32(0.5),
+      "bad": float("nan"),
+      "bytes": 2**30,
+      "mesh": (1, 8, 1),
+    },
+  )
   lines = capsys.readouterr().out.strip().splitlines()
   assert lines[0] == "done"
   assert any(line.startswith("bytes") and "1.00 GiB" in line for line in lines)
   import json
-  assert json.loads(lines[-1]) == summary == {"steps": 3, "loss": 0.5, "bad": None,
-                                              "bytes": 2 ** 30, "mesh": [1, 8, 1]}
+
+  assert (
+    json.loads(lines[-1])
+    == summary
+    == {"steps": 3, "loss": 0.5, "bad": None, "bytes": 2**30, "mesh": [1, 8, 1]}
+  )
 
 
 @pytest.mark.parametrize("text", ["1,-1,1", "2,2,2", "-1,1,1"])
@@ -58,6 +71,7 @@ def test_mesh_shape_names_a_bad_value(text):
 
 def test_shared_flags_have_one_default_everywhere():
   from absl import flags
+
   a, b = flags.FlagValues(), flags.FlagValues()
   cli.define("mesh", "dtype", "compute_dtype", "attention", "checkpoint", flag_values=a)
   cli.define("mesh", "compute_dtype", "output", flag_values=b, defaults={"output": "out"})
@@ -73,21 +87,23 @@ def test_shared_flags_have_one_default_everywhere():
 def test_user_errors_are_one_line_and_bugs_keep_their_traceback(tmp_path):
   script = tmp_path / "command_under_test.py"
   script.write_text(
-      "import sys\n"
-      "from astrollama_jax import cli\n"
-      "def main(argv):\n"
-      "  kind = sys.argv[-1]\n"
-      "  if kind == 'user': cli.mesh_shape('1,x,1')\n"
-      "  if kind == 'missing': open('/nonexistent/file')\n"
-      "  if kind == 'bug': import json; json.loads('{')\n"
-      "if __name__ == '__main__':\n"
-      "  sys.argv, kind = sys.argv[:1], sys.argv[1]\n"
-      "  sys.argv.append(kind)\n"
-      "  cli.run(main)\n")
+    "import sys\n"
+    "from astrollama_jax import cli\n"
+    "def main(argv):\n"
+    "  kind = sys.argv[-1]\n"
+    "  if kind == 'user': cli.mesh_shape('1,x,1')\n"
+    "  if kind == 'missing': open('/nonexistent/file')\n"
+    "  if kind == 'bug': import json; json.loads('{')\n"
+    "if __name__ == '__main__':\n"
+    "  sys.argv, kind = sys.argv[:1], sys.argv[1]\n"
+    "  sys.argv.append(kind)\n"
+    "  cli.run(main)\n"
+  )
 
   def run(kind):
-    return subprocess.run([sys.executable, str(script), kind], capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run(
+      [sys.executable, str(script), kind], capture_output=True, text=True, timeout=120
+    )
 
   for kind, needle in (("user", "error: --mesh must be"), ("missing", "error: [Errno 2]")):
     proc = run(kind)
@@ -101,6 +117,7 @@ def test_load_model_computes_in_the_stored_dtype(tmp_path):
   """A float32 HF folder computes in float32 unless told otherwise; --dtype casts both."""
   from hf_reference import save_hf_model
   from astrollama_jax.model.config import get_config
+
   cfg = get_config("tiny")
   save_hf_model(cfg, tmp_path / "hf")
   (tmp_path / "hf" / "tokenizer.model").write_bytes(b"")  # only its presence is checked here

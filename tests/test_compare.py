@@ -19,19 +19,34 @@ def _result(out_dir, task, label, metrics):
 def runs(tmp_path):
   """base and cpt: a directory each with perplexity + mcq results; sft: one mcq file only."""
   for label, ppl, acc in (("base", 12.5, 0.25), ("cpt", 9.75, 0.375)):
-    _result(tmp_path / label, "perplexity", label,
-            {"ppl": ppl, "ppl_lo": ppl - 0.5, "ppl_hi": ppl + 0.5, "nll": 2.5})
-    _result(tmp_path / label, "mcq", label,
-            {"acc/letter": acc, "acc/letter/lo": acc - 0.125, "acc/letter/hi": acc + 0.125})
-  _result(tmp_path / "sft", "mcq", "sft", {"acc/letter": 0.5, "acc/letter/lo": 0.375,
-                                           "acc/letter/hi": 0.625})
+    _result(
+      tmp_path / label,
+      "perplexity",
+      label,
+      {"ppl": ppl, "ppl_lo": ppl - 0.5, "ppl_hi": ppl + 0.5, "nll": 2.5},
+    )
+    _result(
+      tmp_path / label,
+      "mcq",
+      label,
+      {"acc/letter": acc, "acc/letter/lo": acc - 0.125, "acc/letter/hi": acc + 0.125},
+    )
+  _result(
+    tmp_path / "sft",
+    "mcq",
+    "sft",
+    {"acc/letter": 0.5, "acc/letter/lo": 0.375, "acc/letter/hi": 0.625},
+  )
   return tmp_path
 
 
 def test_compare_writes_table_and_chart(runs, capsys):
   out = runs / "cmp" / "base_cpt_sft"
-  summary = run_cli(capsys, f"--compare={runs / 'base'},{runs / 'cpt'},"
-                            f"{runs / 'sft' / 'mcq.json'}", f"--compare_out={out}")
+  summary = run_cli(
+    capsys,
+    f"--compare={runs / 'base'},{runs / 'cpt'},{runs / 'sft' / 'mcq.json'}",
+    f"--compare_out={out}",
+  )
   assert summary["runs"] == ["base", "cpt", "sft"]
   md = (runs / "cmp" / "base_cpt_sft.md").read_text().splitlines()
   assert md[0] == "| metric | base | cpt | sft |"

@@ -15,8 +15,13 @@ from astrollama_jax.train import setup
 from astrollama_jax.train.defaults import base_config
 from test_train_cli import REPO, train_env
 
-CONFIGS = {"demo.py": [()], "demo_sft.py": [()], "llama2_cpt.py": [("7b",), ("70b",)],
-           "astro_chat_sft.py": [("7b",), ("70b",)], "bench.py": [("tiny",), ("llama2_70b",)]}
+CONFIGS = {
+  "demo.py": [()],
+  "demo_sft.py": [()],
+  "llama2_cpt.py": [("7b",), ("70b",)],
+  "astro_chat_sft.py": [("7b",), ("70b",)],
+  "bench.py": [("tiny",), ("llama2_70b",)],
+}
 
 
 def _module(name):
@@ -32,7 +37,8 @@ def test_model_section_is_every_llama_config_field():
   assert set(POLICY_FIELDS) == {"param_dtype", "compute_dtype", "remat_policy", "attention_impl"}
   assert all(model[k] is None for k in model if k not in POLICY_FIELDS + ("preset",))
   assert {k: model[k] for k in POLICY_FIELDS} == {
-      f.name: f.default for f in dataclasses.fields(LlamaConfig) if f.name in POLICY_FIELDS}
+    f.name: f.default for f in dataclasses.fields(LlamaConfig) if f.name in POLICY_FIELDS
+  }
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
@@ -74,20 +80,30 @@ def test_size_variants_are_arguments():
 def test_inputs_a_kind_needs_are_named(tmp_path):
   config = base_config()
   config.data.kind = "corpus"
-  with pytest.raises(ValueError,
-                     match=r"config.data.kind 'corpus' is not one of \('lm', 'sft', 'synthetic'\)"):
+  with pytest.raises(
+    ValueError, match=r"config.data.kind 'corpus' is not one of \('lm', 'sft', 'synthetic'\)"
+  ):
     setup.check_inputs(config, str(tmp_path))
   config.data.kind = "sft"
-  with pytest.raises(ValueError, match=r"'sft' run needs: pass --config.data.sft.sources .* and "
-                                       r"--config.data.tokenizer_path=FILE"):
+  with pytest.raises(
+    ValueError,
+    match=r"'sft' run needs: pass --config.data.sft.sources .* and "
+    r"--config.data.tokenizer_path=FILE",
+  ):
     setup.check_inputs(config, str(tmp_path))
   config.data.kind = "synthetic"
   setup.check_inputs(config, str(tmp_path))  # needs nothing
 
 
 def _train_error(*args):
-  out = subprocess.run([sys.executable, "-m", "astrollama_jax.train", *args], cwd=REPO,
-                       env=train_env(1), capture_output=True, text=True, timeout=120)
+  out = subprocess.run(
+    [sys.executable, "-m", "astrollama_jax.train", *args],
+    cwd=REPO,
+    env=train_env(1),
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
   return out.stderr.strip().splitlines()[-1]
 
@@ -103,6 +119,7 @@ def test_demo_config_alone_says_in_one_line_what_to_pass(tmp_path):
 
 def test_saved_config_json_reads_back(tmp_path):
   from astrollama_jax.model.config import get_config
+
   config = _module("demo_sft.py").get_config()
   config.init_checkpoint = ""
   setup.bootstrap_workdir(str(tmp_path), config, get_config("tiny"), None)

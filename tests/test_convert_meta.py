@@ -38,14 +38,23 @@ def write_meta_checkpoint(model, cfg, folder, mp: int, dtype=torch.float32, toke
   """Meta's download layout: params.json + consolidated.NN.pth, one file per model-parallel rank."""
   os.makedirs(folder, exist_ok=True)
   sd = {k: v.detach().to(dtype) for k, v in model.state_dict().items()}
-  full = {"tok_embeddings.weight": (sd["model.embed_tokens.weight"], 1),
-          "norm.weight": (sd["model.norm.weight"], None),
-          "output.weight": (sd["lm_head.weight"], 0)}
+  full = {
+    "tok_embeddings.weight": (sd["model.embed_tokens.weight"], 1),
+    "norm.weight": (sd["model.norm.weight"], None),
+    "output.weight": (sd["lm_head.weight"], 0),
+  }
   for i in range(cfg.n_layers):
     p, m = f"model.layers.{i}.", f"layers.{i}."
-    full.update({
-        m + "attention.wq.weight": (_meta_from_hf(sd[p + "self_attn.q_proj.weight"], cfg.n_heads), 0),
-        m + "attention.wk.weight": (_meta_from_hf(sd[p + "self_attn.k_proj.weight"], cfg.n_kv_heads), 0),
+    full.update(
+      {
+        m + "attention.wq.weight": (
+          _meta_from_hf(sd[p + "self_attn.q_proj.weight"], cfg.n_heads),
+          0,
+        ),
+        m + "attention.wk.weight": (
+          _meta_from_hf(sd[p + "self_attn.k_proj.weight"], cfg.n_kv_heads),
+          0,
+        ),
         m + "attention.wv.weight": (sd[p + "self_attn.v_proj.weight"], 0),
         m + "attention.wo.weight": (sd[p + "self_attn.o_proj.weight"], 1),
         m + "feed_forward.w1.weight": (sd[p + "mlp.gate_proj.weight"], 0),
@@ -53,15 +62,25 @@ def write_meta_checkpoint(model, cfg, folder, mp: int, dtype=torch.float32, toke
         m + "feed_forward.w2.weight": (sd[p + "mlp.down_proj.weight"], 1),
         m + "attention_norm.weight": (sd[p + "input_layernorm.weight"], None),
         m + "ffn_norm.weight": (sd[p + "post_attention_layernorm.weight"], None),
-    })
+      }
+    )
   for rank in range(mp):
-    shard = {name: (t if axis is None else t.chunk(mp, dim=axis)[rank]).clone()
-             for name, (t, axis) in full.items()}
+    shard = {
+      name: (t if axis is None else t.chunk(mp, dim=axis)[rank]).clone()
+      for name, (t, axis) in full.items()
+    }
     shard["rope.freqs"] = torch.ones(cfg.head_dim // 2, dtype=dtype)
     torch.save(shard, os.path.join(folder, f"consolidated.{rank:02d}.pth"))
   # multiple_of / ffn_dim_multiplier chosen so Meta's formula gives the tiny presets' ffn_dim.
-  params = {"dim": cfg.dim, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads, "multiple_of": 128,
-            "ffn_dim_multiplier": 0.75, "norm_eps": cfg.norm_eps, "vocab_size": -1}
+  params = {
+    "dim": cfg.dim,
+    "n_layers": cfg.n_layers,
+    "n_heads": cfg.n_heads,
+    "multiple_of": 128,
+    "ffn_dim_multiplier": 0.75,
+    "norm_eps": cfg.norm_eps,
+    "vocab_size": -1,
+  }
   if cfg.n_kv_heads != cfg.n_heads:
     params["n_kv_heads"] = cfg.n_kv_heads
   with open(os.path.join(folder, "params.json"), "w") as f:
@@ -99,7 +118,9 @@ def test_meta_logits_match_hf(converted, tokenizer_path, abstracts):
     assert getattr(loaded.cfg, field) == getattr(cfg, field), field
   assert loaded.cfg.param_dtype == "float32"
   ids = _ids(tokenizer_path, abstracts)
-  ours, _ = llama.apply(loaded.cfg.replace(compute_dtype="float32"), loaded.params, jnp.asarray(ids))
+  ours, _ = llama.apply(
+    loaded.cfg.replace(compute_dtype="float32"), loaded.params, jnp.asarray(ids)
+  )
   np.testing.assert_allclose(np.asarray(ours), hf_logits(model, ids), atol=1e-4, rtol=0)
 
 
@@ -120,26 +141,35 @@ def test_bfloat16_shards_convert_exactly(tmp_path, tokenizer_path):
     np.testing.assert_array_equal(x.view(np.uint16), y.view(np.uint16))
 
 
-@pytest.mark.parametrize("params_json,ffn", [
-    ({"dim": 4096, "multiple_of": 256}, 11008),                             # 7B
-    ({"dim": 5120, "multiple_of": 256}, 13824),                             # 13B
+@pytest.mark.parametrize(
+  "params_json,ffn",
+  [
+    ({"dim": 4096, "multiple_of": 256}, 11008),  # 7B
+    ({"dim": 5120, "multiple_of": 256}, 13824),  # 13B
     ({"dim": 8192, "multiple_of": 4096, "ffn_dim_multiplier": 1.3}, 28672),  # 70B
-])
+  ],
+)
 def test_ffn_dim_formula_matches_published_shapes(params_json, ffn):
-  assert meta.ffn_dim_from_params(params_json["dim"], params_json["multiple_of"],
-                                  params_json.get("ffn_dim_multiplier")) == ffn
+  assert (
+    meta.ffn_dim_from_params(
+      params_json["dim"], params_json["multiple_of"], params_json.get("ffn_dim_multiplier")
+    )
+    == ffn
+  )
 
 
 @pytest.fixture(scope="module")
 def meta8(tmp_path_factory, tokenizer_path):
   """A 70B-shaped tiny Meta checkpoint over 8 files, to break in the error tests (copied first)."""
   root = tmp_path_factory.mktemp("meta8")
-  return write_meta_checkpoint(make_hf_model(TINY_70B, seed=3), TINY_70B, str(root / "src"), 8,
-                               tokenizer_path=tokenizer_path)
+  return write_meta_checkpoint(
+    make_hf_model(TINY_70B, seed=3), TINY_70B, str(root / "src"), 8, tokenizer_path=tokenizer_path
+  )
 
 
 def _broken(meta8, tmp_path):
   import shutil
+
   dst = str(tmp_path / "broken")
   shutil.copytree(meta8, dst, symlinks=True)
   return dst
@@ -162,9 +192,13 @@ def test_missing_middle_shard_is_named(meta8, tmp_path):
 def test_missing_last_shard_names_file_tensor_and_shapes(meta8, tmp_path):
   src = _broken(meta8, tmp_path)
   os.remove(os.path.join(src, "consolidated.07.pth"))
-  _fails(src, tmp_path, r"tensor 'tok_embeddings\.weight': the 7 model-parallel shard\(s\) \['consolidated\.00\.pth'"
-                        r".* have shapes \[\(32000, 16\), .*merged on dim 1 that is \(32000, 112\), but "
-                        r"params\.json implies \(32000, 128\)")
+  _fails(
+    src,
+    tmp_path,
+    r"tensor 'tok_embeddings\.weight': the 7 model-parallel shard\(s\) \['consolidated\.00\.pth'"
+    r".* have shapes \[\(32000, 16\), .*merged on dim 1 that is \(32000, 112\), but "
+    r"params\.json implies \(32000, 128\)",
+  )
 
 
 def test_params_json_that_does_not_match_the_tensors(meta8, tmp_path):
@@ -172,8 +206,12 @@ def test_params_json_that_does_not_match_the_tensors(meta8, tmp_path):
   p = json.load(open(os.path.join(src, "params.json")))
   p["n_kv_heads"] = 4
   json.dump(p, open(os.path.join(src, "params.json"), "w"))
-  _fails(src, tmp_path, r"tensor 'layers\.0\.attention\.wk\.weight': .* have shapes \[\(8, 128\), .*"
-                        r"that is \(64, 128\), but params\.json implies \(32, 128\)")
+  _fails(
+    src,
+    tmp_path,
+    r"tensor 'layers\.0\.attention\.wk\.weight': .* have shapes \[\(8, 128\), .*"
+    r"that is \(64, 128\), but params\.json implies \(32, 128\)",
+  )
 
 
 def test_params_json_with_too_few_layers_is_refused(meta8, tmp_path):
@@ -181,8 +219,12 @@ def test_params_json_with_too_few_layers_is_refused(meta8, tmp_path):
   p = json.load(open(os.path.join(src, "params.json")))
   p["n_layers"] = 1
   json.dump(p, open(os.path.join(src, "params.json"), "w"))
-  _fails(src, tmp_path, r"consolidated\.00\.pth: tensor 'layers\.1\..*' belongs to layer 1 but params\.json "
-                        r"has n_layers=1")
+  _fails(
+    src,
+    tmp_path,
+    r"consolidated\.00\.pth: tensor 'layers\.1\..*' belongs to layer 1 but params\.json "
+    r"has n_layers=1",
+  )
 
 
 def test_truncated_shard_names_the_file(meta8, tmp_path):
@@ -190,7 +232,7 @@ def test_truncated_shard_names_the_file(meta8, tmp_path):
   fn = os.path.join(src, "consolidated.05.pth")
   data = open(fn, "rb").read()
   with open(fn, "wb") as f:
-    f.write(data[:len(data) // 2])
+    f.write(data[: len(data) // 2])
   _fails(src, tmp_path, r"cannot read Meta shard .*consolidated\.05\.pth")
 
 
@@ -222,26 +264,52 @@ def test_interrupted_conversion_leaves_no_complete_looking_folder(meta8, tmp_pat
 def test_convert_command_line(meta8, tmp_path):
   out = tmp_path / "cli"
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  proc = subprocess.run([sys.executable, "-m", "astrollama_jax.convert", "--source_format=meta",
-                         f"--source={meta8}", f"--output={out}", "--dtype=bfloat16"],
-                        capture_output=True, text=True, env=env, timeout=300)
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "astrollama_jax.convert",
+      "--source_format=meta",
+      f"--source={meta8}",
+      f"--output={out}",
+      "--dtype=bfloat16",
+    ],
+    capture_output=True,
+    text=True,
+    env=env,
+    timeout=300,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   summary = json.loads(proc.stdout.strip().splitlines()[-1])
   assert summary["tensors"] == 9 * TINY_70B.n_layers + 3 and summary["shards"] == 8
   assert summary["dtype"] == "bfloat16" and summary["peak_rss_bytes"] > 0
   assert summary["bytes"] == 2 * TINY_70B.num_params()
   assert "tensor" in proc.stderr  # the per-tensor progress bar
-  bad = subprocess.run([sys.executable, "-m", "astrollama_jax.convert", "--source_format=meta",
-                        f"--source={meta8}", f"--output={tmp_path / 'bad'}", "--dtype=int4"],
-                       capture_output=True, text=True, env=env, timeout=300)
+  bad = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "astrollama_jax.convert",
+      "--source_format=meta",
+      f"--source={meta8}",
+      f"--output={tmp_path / 'bad'}",
+      "--dtype=int4",
+    ],
+    capture_output=True,
+    text=True,
+    env=env,
+    timeout=300,
+  )
   assert bad.returncode != 0 and "unknown dtype 'int4'" in bad.stderr
 
 
 @pytest.mark.parametrize("shape", [(1, 8, 1), (1, 4, 2)], ids=["fsdp8", "fsdp4_tp2"])
-def test_converted_checkpoint_restores_onto_meshes(meta8, tmp_path, tokenizer_path, abstracts, shape,
-                                                   monkeypatch):
+def test_converted_checkpoint_restores_onto_meshes(
+  meta8, tmp_path, tokenizer_path, abstracts, shape, monkeypatch
+):
   """Small chunks, so every device reads only the chunks of its own shard."""
   from astrollama_jax import sharding
+
   monkeypatch.setattr(checkpoints, "CHUNK_BYTES", 64 * 1024)
   out = convert("meta", meta8, str(tmp_path / "out"), show_progress=False)["output"]
   meta_tree = checkpoints.stored_metadata(os.path.join(out, "params"))
@@ -252,7 +320,9 @@ def test_converted_checkpoint_restores_onto_meshes(meta8, tmp_path, tokenizer_pa
   ref, _ = llama.apply(cfg, checkpoints.load_model(out).params, jnp.asarray(ids))
   mesh = sharding.make_mesh(shape)
   loaded = checkpoints.load_model(out, mesh=mesh)
-  for arr, sh in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(llama.param_shardings(cfg, mesh))):
+  for arr, sh in zip(
+    jax.tree.leaves(loaded.params), jax.tree.leaves(llama.param_shardings(cfg, mesh))
+  ):
     assert arr.sharding.is_equivalent_to(sh, arr.ndim)
     assert all(s.data.shape == sh.shard_shape(arr.shape) for s in arr.addressable_shards)
   with jax.set_mesh(mesh):

@@ -12,8 +12,16 @@ import pytest
 from array_record.python.array_record_data_source import ArrayRecordDataSource
 
 from astrollama_jax.data import corpus
-from conftest_data import (DEMO_CORPUS, MINI_BODY, MINI_PAPER, REPO, abstracts_subset, write_gz,
-                           write_jsonl, write_tar_gz)
+from conftest_data import (
+  DEMO_CORPUS,
+  MINI_BODY,
+  MINI_PAPER,
+  REPO,
+  abstracts_subset,
+  write_gz,
+  write_jsonl,
+  write_tar_gz,
+)
 
 
 def _raw_records(ds_dir):
@@ -31,8 +39,7 @@ def _decode(rec):
 @pytest.fixture(scope="module")
 def demo_build(tmp_path_factory):
   out = tmp_path_factory.mktemp("demo_corpus_out")
-  config = corpus.CorpusConfig(sources=[str(DEMO_CORPUS)], validation_fraction=0.15,
-                               progress=False)
+  config = corpus.CorpusConfig(sources=[str(DEMO_CORPUS)], validation_fraction=0.15, progress=False)
   builder, report = corpus.build(config, out)
   return builder, report, out
 
@@ -51,7 +58,9 @@ def test_demo_corpus_records(demo_build):
   assert {r["section"] for r in train + val} == {"abstract", "introduction", "conclusion"}
   by_key = {(r["id"], r["section"]): r for r in train + val}
   aa = by_key[("demo.1003", "abstract")]
-  assert aa["title"] == "Dust trapping in a ringed protoplanetary disc" and aa["date"] == "2024-05-03"
+  assert (
+    aa["title"] == "Dust trapping in a ringed protoplanetary disc" and aa["date"] == "2024-05-03"
+  )
   assert aa["text"].startswith("Many protoplanetary discs") and "$10^{-4}$" in aa["text"]
   assert by_key[("demo.1004", "introduction")]["title"].startswith("A Simple Estimate")
   assert by_key[("demo.1002", "conclusion")]["text"].endswith("as stars spin down.")
@@ -89,24 +98,50 @@ def test_dedup_versions_categories_and_skips(tmp_path):
   write_gz(src / "2101.00002.gz", MINI_PAPER)  # not astro-ph per the metadata below
   (src / "2101.00003.tex").write_text("\\documentclass{x}\\begin{document}\\emph{\\end{document}")
   (src / "2101.00004.gz").write_bytes(b"\x1f\x8bjunk")
-  write_jsonl(src / "meta.jsonl", [  # public-snapshot style: categories as a string
-      {"id": "2101.00001", "title": "Old", "abstract": "Old abstract.",
-       "categories": "astro-ph.GA", "update_date": "2021-01-01"},
-      {"id": "2101.00001v3", "title": "New", "abstract": "New abstract.",
-       "categories": "astro-ph.GA hep-ph", "update_date": "2021-02-01"},
-      {"id": "2101.00002", "title": "Particles", "abstract": "Not astro.",
-       "categories": "hep-th", "update_date": "2021-01-01"},
-  ])
-  got = corpus.collect(corpus.CorpusConfig(sources=[str(src)], progress=False,
-                                           validation_fraction=0.0))
+  write_jsonl(
+    src / "meta.jsonl",
+    [  # public-snapshot style: categories as a string
+      {
+        "id": "2101.00001",
+        "title": "Old",
+        "abstract": "Old abstract.",
+        "categories": "astro-ph.GA",
+        "update_date": "2021-01-01",
+      },
+      {
+        "id": "2101.00001v3",
+        "title": "New",
+        "abstract": "New abstract.",
+        "categories": "astro-ph.GA hep-ph",
+        "update_date": "2021-02-01",
+      },
+      {
+        "id": "2101.00002",
+        "title": "Particles",
+        "abstract": "Not astro.",
+        "categories": "hep-th",
+        "update_date": "2021-01-01",
+      },
+    ],
+  )
+  got = corpus.collect(
+    corpus.CorpusConfig(sources=[str(src)], progress=False, validation_fraction=0.0)
+  )
   recs = {(r["id"], r["section"]): r for r in got.records["train"]}
-  assert set(recs) == {("2101.00001", "abstract"), ("2101.00001", "introduction"),
-                       ("2101.00001", "conclusion")}
+  assert set(recs) == {
+    ("2101.00001", "abstract"),
+    ("2101.00001", "introduction"),
+    ("2101.00001", "conclusion"),
+  }
   assert recs[("2101.00001", "abstract")]["text"] == "New abstract."  # JSONL beats LaTeX
   assert recs[("2101.00001", "introduction")]["title"] == "New"
   reasons = sorted((s["id"], s["reason"]) for s in got.skipped)
-  assert reasons == [("2101.00001", "older_version"), ("2101.00002", "category"),
-                     ("2101.00003", "unbalanced_braces"), ("2101.00004", "bad_archive")]
+  assert reasons == [
+    ("2101.00001", "older_version"),
+    ("2101.00002", "category"),
+    ("2101.00003", "unbalanced_braces"),
+    ("2101.00004", "bad_archive"),
+  ]
   assert got.report.papers_seen == 5 and got.report.papers_kept == 1
   assert got.report.jsonl_skipped == {"duplicate_id": 1, "category": 1}
   assert "skipped: unbalanced_braces" in got.report.table()
@@ -133,8 +168,15 @@ def test_prepare_cli_is_deterministic_with_workers(tmp_path):
   outs = []
   for run in ("a", "b"):
     out = tmp_path / run
-    cmd = [sys.executable, "-m", "astrollama_jax.prepare", f"--source={DEMO_CORPUS},{subset}",
-           f"--output={out}", "--workers=2", "--validation_fraction=0.1"]
+    cmd = [
+      sys.executable,
+      "-m",
+      "astrollama_jax.prepare",
+      f"--source={DEMO_CORPUS},{subset}",
+      f"--output={out}",
+      "--workers=2",
+      "--validation_fraction=0.1",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=170)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "LaTeX papers kept" in proc.stdout and "records train" in proc.stdout
@@ -142,7 +184,17 @@ def test_prepare_cli_is_deterministic_with_workers(tmp_path):
   assert outs[0] == outs[1]
   n = sum(len(v) for v in outs[0].values())
   assert n == 300 + 41 + 12
-  proc = subprocess.run([sys.executable, "-m", "astrollama_jax.prepare",
-                         f"--source={tmp_path}/missing.jsonl", f"--output={tmp_path}/c"],
-                        capture_output=True, text=True, cwd=REPO, timeout=60)
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "astrollama_jax.prepare",
+      f"--source={tmp_path}/missing.jsonl",
+      f"--output={tmp_path}/c",
+    ],
+    capture_output=True,
+    text=True,
+    cwd=REPO,
+    timeout=60,
+  )
   assert proc.returncode != 0 and "does not exist" in proc.stderr

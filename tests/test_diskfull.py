@@ -42,8 +42,11 @@ def _tiny_disk(monkeypatch, free=1000):
 
 def _tree(path):
   """Every file under ``path`` with a digest of its bytes."""
-  return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
-          for p in sorted(pathlib.Path(path).rglob("*")) if p.is_file()}
+  return {
+    str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+    for p in sorted(pathlib.Path(path).rglob("*"))
+    if p.is_file()
+  }
 
 
 @pytest.fixture(scope="module")
@@ -52,12 +55,22 @@ def params():
 
 
 def test_every_form_of_enospc_becomes_one_clear_error(tmp_path):
-  tensorstore_style = ValueError('RESOURCE_EXHAUSTED: Error writing local file "/x/0": No space left '
-                                 "on device [os_error_code='28']")
+  tensorstore_style = ValueError(
+    'RESOURCE_EXHAUSTED: Error writing local file "/x/0": No space left '
+    "on device [os_error_code='28']"
+  )
   chained = RuntimeError("save failed")
   chained.__cause__ = _enospc()
-  array_record_style = RuntimeError("write() failed: No space left on device; writing /x; at byte 0")
-  for e in (_enospc(), OSError(errno.EDQUOT, "quota"), tensorstore_style, array_record_style, chained):
+  array_record_style = RuntimeError(
+    "write() failed: No space left on device; writing /x; at byte 0"
+  )
+  for e in (
+    _enospc(),
+    OSError(errno.EDQUOT, "quota"),
+    tensorstore_style,
+    array_record_style,
+    chained,
+  ):
     assert diskspace.is_disk_full(e), e
   for e in (OSError(errno.EACCES, "denied"), ValueError("bad shape"), RuntimeError("disk full?")):
     assert not diskspace.is_disk_full(e), e
@@ -67,7 +80,9 @@ def test_every_form_of_enospc_becomes_one_clear_error(tmp_path):
     with diskspace.disk_full_errors(str(out), "the output folder"):
       raise tensorstore_style
   assert info.value.errno == errno.ENOSPC and info.value.path == str(out)
-  assert str(info.value).startswith(f"disk full: cannot write the output folder {out}: no space left")
+  assert str(info.value).startswith(
+    f"disk full: cannot write the output folder {out}: no space left"
+  )
   assert " free there" in str(info.value)
   with pytest.raises(PermissionError):  # anything else passes through untouched
     with diskspace.disk_full_errors(str(out), "the output folder"):
@@ -87,14 +102,19 @@ def test_export_disk_full_mid_write_removes_the_partial_folder(params, tmp_path,
   real_save_file = hf.save_file
   monkeypatch.setattr(hf, "save_file", save_file)
   out = tmp_path / "hf"
-  with pytest.raises(diskspace.DiskFullError, match=f"disk full: cannot write the output folder {out}: "
-                                                    r"no space left on the device \(.* free there\)"):
+  with pytest.raises(
+    diskspace.DiskFullError,
+    match=f"disk full: cannot write the output folder {out}: "
+    r"no space left on the device \(.* free there\)",
+  ):
     hf.save_hf(CFG, params, str(out), max_shard_bytes=200_000)
   assert len(calls) == 2
   assert os.listdir(tmp_path) == []  # neither the folder nor its temporary sibling
 
 
-def test_export_refuses_up_front_when_the_disk_is_too_small(params, tmp_path, monkeypatch, tokenizer_path):
+def test_export_refuses_up_front_when_the_disk_is_too_small(
+  params, tmp_path, monkeypatch, tokenizer_path
+):
   converted = checkpoints.save_params(str(tmp_path / "ckpt"), CFG, params, tokenizer_path)
 
   def never(*a, **k):
@@ -104,15 +124,19 @@ def test_export_refuses_up_front_when_the_disk_is_too_small(params, tmp_path, mo
   monkeypatch.setattr(hf, "save_file", never)
   _tiny_disk(monkeypatch)
   out = tmp_path / "hf"
-  with pytest.raises(diskspace.DiskFullError, match=f"disk full: the output folder {out} needs .* but "
-                                                    "only 1000 bytes is free there"):
+  with pytest.raises(
+    diskspace.DiskFullError,
+    match=f"disk full: the output folder {out} needs .* but only 1000 bytes is free there",
+  ):
     export(converted, str(out), show_progress=False)
   with pytest.raises(diskspace.DiskFullError, match="needs"):
     hf.save_hf(CFG, params, str(out))
   assert sorted(os.listdir(tmp_path)) == ["ckpt"]
 
 
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # Orbax's closed loop
+@pytest.mark.filterwarnings(
+  "ignore::pytest.PytestUnraisableExceptionWarning"
+)  # Orbax's closed loop
 def test_convert_disk_full_mid_write_and_up_front(params, tmp_path, monkeypatch, tokenizer_path):
   src = tmp_path / "src"
   hf.save_hf(CFG, params, str(src))
@@ -126,20 +150,26 @@ def test_convert_disk_full_mid_write_and_up_front(params, tmp_path, monkeypatch,
 
   monkeypatch.setattr(type_handlers.NumpyHandler, "_open_and_write", open_and_write)
   out = tmp_path / "out"
-  with pytest.raises(diskspace.DiskFullError, match=f"disk full: cannot write the output folder {out}: "):
+  with pytest.raises(
+    diskspace.DiskFullError, match=f"disk full: cannot write the output folder {out}: "
+  ):
     convert("hf", str(src), str(out), tokenizer=tokenizer_path, show_progress=False)
   assert len(calls) == 3
   assert sorted(os.listdir(tmp_path)) == ["src"]  # no DIR, no .out.partial
 
   calls.clear()
-  with pytest.raises(diskspace.DiskFullError, match=f"disk full: cannot write the output folder {out}: "):
+  with pytest.raises(
+    diskspace.DiskFullError, match=f"disk full: cannot write the output folder {out}: "
+  ):
     checkpoints.save_params(str(out), CFG, params, tokenizer_path)
   assert sorted(os.listdir(tmp_path)) == ["src"]
 
   monkeypatch.undo()
   _tiny_disk(monkeypatch)
-  with pytest.raises(diskspace.DiskFullError, match=f"disk full: the output folder {out} needs .* but "
-                                                    "only 1000 bytes is free"):
+  with pytest.raises(
+    diskspace.DiskFullError,
+    match=f"disk full: the output folder {out} needs .* but only 1000 bytes is free",
+  ):
     convert("hf", str(src), str(out), tokenizer=tokenizer_path, show_progress=False)
   with pytest.raises(diskspace.DiskFullError, match="but only 1000 bytes is free"):
     checkpoints.save_params(str(out), CFG, params, tokenizer_path)
@@ -148,12 +178,15 @@ def test_convert_disk_full_mid_write_and_up_front(params, tmp_path, monkeypatch,
 
 @pytest.mark.parametrize("where", ["records", "section_index"])
 def test_prepare_disk_full_keeps_the_previous_dataset(tmp_path, monkeypatch, where):
-  config = corpus.CorpusConfig(sources=[str(REPO / "data" / "demo_corpus")], validation_fraction=0.15,
-                               progress=False)
+  config = corpus.CorpusConfig(
+    sources=[str(REPO / "data" / "demo_corpus")], validation_fraction=0.15, progress=False
+  )
   out = tmp_path / "corpus"
   corpus.build(config, out)
   before = _tree(out)
-  assert any(k.endswith(corpus.MANIFEST) for k in before) and any(".array_record" in k for k in before)
+  assert any(k.endswith(corpus.MANIFEST) for k in before) and any(
+    ".array_record" in k for k in before
+  )
   if where == "records":
     from array_record.python import array_record_module  # what TFDS's ArrayRecord adapter calls
 
@@ -167,24 +200,35 @@ def test_prepare_disk_full_keeps_the_previous_dataset(tmp_path, monkeypatch, whe
 
     monkeypatch.setattr(array_record_module, "ArrayRecordWriter", FullWriter)
   else:
+
     def savez(*a, **k):
       raise _enospc()
+
     monkeypatch.setattr(corpus.np, "savez", savez)
-  with pytest.raises(diskspace.DiskFullError, match=f"disk full: cannot write the dataset under {out}: "
-                                                    r"no space left .*; the previous dataset there, if any, "
-                                                    "is unchanged"):
+  with pytest.raises(
+    diskspace.DiskFullError,
+    match=f"disk full: cannot write the dataset under {out}: "
+    r"no space left .*; the previous dataset there, if any, "
+    "is unchanged",
+  ):
     corpus.build(config, out)
-  assert _tree(out) == before  # same files, same bytes: nothing half-replaced, no temporary folder left
+  assert (
+    _tree(out) == before
+  )  # same files, same bytes: nothing half-replaced, no temporary folder left
 
 
 def test_a_run_refuses_to_start_without_room_for_one_checkpoint(tmp_path, monkeypatch):
   from astrollama_jax.train.checkpointing import Checkpointer
+
   ckpt = Checkpointer(str(tmp_path / "run"))
   try:
     _tiny_disk(monkeypatch)
-    with pytest.raises(diskspace.DiskFullError, match=f"disk full: a checkpoint of this run in "
-                                                      f"{tmp_path / 'run' / 'checkpoints'} needs 2.0 KiB but "
-                                                      "only 1000 bytes is free there; .* another --workdir"):
+    with pytest.raises(
+      diskspace.DiskFullError,
+      match=f"disk full: a checkpoint of this run in "
+      f"{tmp_path / 'run' / 'checkpoints'} needs 2.0 KiB but "
+      "only 1000 bytes is free there; .* another --workdir",
+    ):
       ckpt.check_free_space(2048)
     ckpt.check_free_space(1000)
   finally:
@@ -210,14 +254,24 @@ def test_train_checkpoint_on_a_full_disk_keeps_the_previous_one_and_resumes(tmp_
   workdir, log = tmp_path / "run", tmp_path / "run.log"
   run = [*SYNTHETIC, "--config.train.num_steps=9"]  # checkpoints at 3, 6, 9
   cmd = train_cmd(workdir, *run)
-  proc = subprocess.run([sys.executable, "-c", DRIVER, *cmd[3:]], cwd=REPO, capture_output=True, text=True,
-                        env={**train_env(1), "FAIL_CHECKPOINT_STEP": "6"}, timeout=240)
+  proc = subprocess.run(
+    [sys.executable, "-c", DRIVER, *cmd[3:]],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    env={**train_env(1), "FAIL_CHECKPOINT_STEP": "6"},
+    timeout=240,
+  )
   assert proc.returncode == 1, proc.stderr[-4000:]
   ckpt_dir = workdir / "checkpoints"
-  assert (f"error: disk full: cannot write checkpoint step 6 to {ckpt_dir / '6'}: no space left on the device"
-          in proc.stderr), proc.stderr[-4000:]
-  assert ("complete checkpoints kept: [3]; free some space and rerun the same command to resume from step 3"
-          in proc.stderr)
+  assert (
+    f"error: disk full: cannot write checkpoint step 6 to {ckpt_dir / '6'}: no space left on the device"
+    in proc.stderr
+  ), proc.stderr[-4000:]
+  assert (
+    "complete checkpoints kept: [3]; free some space and rerun the same command to resume from step 3"
+    in proc.stderr
+  )
   assert os.listdir(ckpt_dir) == ["3"]  # step 6's temporary folder is gone, step 3 is intact
   loaded = checkpoints.load_model(str(workdir), on_host=True)
   assert loaded.step == 3 and loaded.cfg.dim == 64

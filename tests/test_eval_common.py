@@ -27,6 +27,7 @@ def run_cli(capsys, *args: str) -> dict:
   The flags live in a private ``FlagValues``, so nothing is defined on absl's global set.
   """
   from astrollama_jax.eval import __main__ as cli
+
   fv = flags.FlagValues()
   cli.define_flags(fv)
   argv = fv(["eval", "--noprogress", *args])
@@ -47,7 +48,7 @@ def torch_token_logprobs(model, ids) -> np.ndarray:
 def torch_logprobs_given(model, context, target) -> np.ndarray:
   """log p(target | context), token by token, from one forward pass over context + target."""
   full = list(context) + list(target)
-  return torch_token_logprobs(model, full)[len(context) - 1:]
+  return torch_token_logprobs(model, full)[len(context) - 1 :]
 
 
 def write_jsonl(path, records):
@@ -63,8 +64,10 @@ import pytest  # noqa: E402
 from astrollama_jax.eval import common, scoring, stats  # noqa: E402
 
 
-@pytest.mark.parametrize("n,max_len,stride", [(2, 8, 4), (9, 8, 4), (10, 8, 4), (37, 8, 3),
-                                              (37, 8, 8), (37, 8, 1), (100, 16, 16)])
+@pytest.mark.parametrize(
+  "n,max_len,stride",
+  [(2, 8, 4), (9, 8, 4), (10, 8, 4), (37, 8, 3), (37, 8, 8), (37, 8, 1), (100, 16, 16)],
+)
 def test_windows_score_every_token_once_with_enough_context(n, max_len, stride):
   ids = list(range(100, 100 + n))
   reqs = scoring.window_requests(ids, max_len, stride)
@@ -74,7 +77,7 @@ def test_windows_score_every_token_once_with_enough_context(n, max_len, stride):
     assert len(r.context) + len(r.target) - 1 <= max_len  # fits one row of inputs
     # context and target are a contiguous slice of the document
     start = ids.index(r.context[0])
-    assert list(r.context) + list(r.target) == ids[start:start + len(r.context) + len(r.target)]
+    assert list(r.context) + list(r.target) == ids[start : start + len(r.context) + len(r.target)]
     if k > 0:
       assert len(r.context) >= max_len - stride + 1 and len(r.target) <= stride
 

@@ -13,10 +13,12 @@ from test_eval_common import make_hf_folder, run_cli, torch_logprobs_given, writ
 
 
 def test_sentence_boundaries_skip_abbreviations_and_decimals():
-  text = ("We observe M31 with HST. The rate is 3.5 per cent, as in Smith et al. 2020 and "
-          "Fig. 2 shows. Dust (e.g. PAHs) matters! Is J. Doe right? Yes.")
+  text = (
+    "We observe M31 with HST. The rate is 3.5 per cent, as in Smith et al. 2020 and "
+    "Fig. 2 shows. Dust (e.g. PAHs) matters! Is J. Doe right? Yes."
+  )
   cuts = completion.sentence_boundaries(text)
-  starts = [text[c:c + 6] for c in cuts]
+  starts = [text[c : c + 6] for c in cuts]
   assert starts == ["The ra", "Dust (", "Is J. ", "Yes."]
   prefix, rest = completion.split_text(text, 0.5)
   assert prefix.endswith("Fig. 2 shows.") and rest.startswith("Dust (e.g. PAHs)")
@@ -39,11 +41,19 @@ def test_completion_end_to_end_on_real_abstracts(tmp_path, capsys, tokenizer_pat
   write_jsonl(tmp_path / "abstracts.jsonl", records)
   model = make_hf_folder(TINY, tmp_path / "hf", seed=11)
   out = tmp_path / "out"
-  summary = run_cli(capsys, "--task=completion", f"--checkpoint={tmp_path / 'hf'}",
-                    f"--tokenizer={tokenizer_path}", f"--output={out}",
-                    f"--data={tmp_path / 'abstracts.jsonl'}", "--max_new_tokens=24",
-                    "--compute_dtype=float32", "--gen_batch_size=3", "--batch_size=2",
-                    "--bootstrap=100")
+  summary = run_cli(
+    capsys,
+    "--task=completion",
+    f"--checkpoint={tmp_path / 'hf'}",
+    f"--tokenizer={tokenizer_path}",
+    f"--output={out}",
+    f"--data={tmp_path / 'abstracts.jsonl'}",
+    "--max_new_tokens=24",
+    "--compute_dtype=float32",
+    "--gen_batch_size=3",
+    "--batch_size=2",
+    "--bootstrap=100",
+  )
   samples = [json.loads(l) for l in open(out / "completion_samples.jsonl")]
   assert [s["id"] for s in samples] == [r["id"] for r in records]
   tok = Tokenizer(tokenizer_path)
@@ -51,7 +61,7 @@ def test_completion_end_to_end_on_real_abstracts(tmp_path, capsys, tokenizer_pat
     text = r["abstract"]
     assert text.startswith(s["prefix"]) and s["prefix"][-1] in ".!?"
     assert 0.3 * len(text) < len(s["prefix"]) < 0.7 * len(text)
-    rest = text[len(s["prefix"]):].strip()
+    rest = text[len(s["prefix"]) :].strip()
     ref_ids = tok.encode(rest, bos=False)[:24]
     assert s["tokens"] == 24 and s["reference"] == tok.decode(ref_ids)
     assert s["generated_tokens"] == 24 or (s["finish"] == "eos" and s["generated_tokens"] < 24)

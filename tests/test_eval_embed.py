@@ -13,6 +13,7 @@ from test_eval_common import make_hf_folder, run_cli, write_jsonl
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tokenizer_path, shared_data):
   import json
+
   root = tmp_path_factory.mktemp("embed")
   model = make_hf_folder(TINY_GQA, root / "hf", seed=7)
   records = []
@@ -32,13 +33,20 @@ def _torch_embedding(model, ids):
   return out.hidden_states[-1][0, 1:].double().mean(0).numpy()
 
 
-def test_embeddings_equal_torch_and_query_finds_the_paper(setup, capsys, tokenizer_path,
-                                                          tmp_path):
+def test_embeddings_equal_torch_and_query_finds_the_paper(setup, capsys, tokenizer_path, tmp_path):
   root, model, records = setup
-  summary = run_cli(capsys, "--task=embed", f"--checkpoint={root / 'hf'}",
-                    f"--tokenizer={tokenizer_path}", f"--output={tmp_path}",
-                    f"--data={root / 'papers.jsonl'}", "--compute_dtype=float32",
-                    "--batch_size=2", "--neighbours=3", "--max_len=384")
+  summary = run_cli(
+    capsys,
+    "--task=embed",
+    f"--checkpoint={root / 'hf'}",
+    f"--tokenizer={tokenizer_path}",
+    f"--output={tmp_path}",
+    f"--data={root / 'papers.jsonl'}",
+    "--compute_dtype=float32",
+    "--batch_size=2",
+    "--neighbours=3",
+    "--max_len=384",
+  )
   ids, titles, emb = embed.load(str(tmp_path / "embeddings.npz"))
   assert ids == [r["id"] for r in records] and titles == [r["title"] for r in records]
   tok = Tokenizer(tokenizer_path)
@@ -51,10 +59,18 @@ def test_embeddings_equal_torch_and_query_finds_the_paper(setup, capsys, tokeniz
 
   # A query with one paper's abstract finds that paper first (cosine 1), from the saved file.
   q = records[4]["abstract"]
-  summary = run_cli(capsys, "--task=embed", f"--checkpoint={root / 'hf'}",
-                    f"--tokenizer={tokenizer_path}", f"--output={tmp_path / 'q'}",
-                    f"--embeddings={tmp_path / 'embeddings.npz'}", f"--query={q}",
-                    "--compute_dtype=float32", "--neighbours=3", "--max_len=384")
+  summary = run_cli(
+    capsys,
+    "--task=embed",
+    f"--checkpoint={root / 'hf'}",
+    f"--tokenizer={tokenizer_path}",
+    f"--output={tmp_path / 'q'}",
+    f"--embeddings={tmp_path / 'embeddings.npz'}",
+    f"--query={q}",
+    "--compute_dtype=float32",
+    "--neighbours=3",
+    "--max_len=384",
+  )
   rows = summary["rows"]
   assert [r["rank"] for r in rows] == [1, 2, 3]
   assert rows[0]["id"] == records[4]["id"] and rows[0]["cosine"] == pytest.approx(1.0, abs=1e-5)
@@ -66,8 +82,9 @@ def test_embeddings_equal_torch_and_query_finds_the_paper(setup, capsys, tokeniz
 def test_knn_category_agreement_on_known_clusters():
   rng = np.random.default_rng(0)
   centres = np.eye(4)[:2] * 10
-  emb = np.concatenate([centres[0] + rng.normal(size=(5, 4)) * 0.1,
-                        centres[1] + rng.normal(size=(5, 4)) * 0.1])
+  emb = np.concatenate(
+    [centres[0] + rng.normal(size=(5, 4)) * 0.1, centres[1] + rng.normal(size=(5, 4)) * 0.1]
+  )
   cats = ["GA"] * 5 + ["EP"] * 5
   agree, chance = embed.knn_category_agreement(emb, cats, k=3)
   assert agree == 1.0

@@ -13,24 +13,54 @@ from hf_reference import TINY
 from test_eval_common import make_hf_folder, run_cli, torch_logprobs_given, write_jsonl
 
 QUESTIONS = [
-    {"id": "q1", "question": "Which process powers main-sequence stars?",
-     "A": "Hydrogen fusion in the core", "B": "Gravitational contraction",
-     "C": "Chemical burning", "D": "Radioactive decay of iron", "answer": "A"},
-    {"id": "q2", "question": "What is the approximate age of the Universe?",
-     "A": "13.8 billion years", "B": "4.6 billion years", "C": "1 million years",
-     "D": "100 billion years", "answer": 0},
-    # A tie at the top for the summed log-likelihood: two identical one-token options against
-    # long ones (every extra token costs ~10 nats in a random model). Answer inside the tie.
-    {"id": "tie_hit", "question": "What fills most of the volume between galaxies?",
-     "A": "gas", "B": "gas", "C": "a dense population of primordial black holes and brown dwarfs",
-     "D": "cold molecular clouds forming new generations of massive stars", "answer": "B"},
-    # The same tie with the answer outside it: no credit for the summed log-likelihood.
-    {"id": "tie_miss", "question": "Which object is the densest?",
-     "A": "star", "B": "star", "C": "a neutron star with a mass of about 1.4 solar masses",
-     "D": "a white dwarf supported by electron degeneracy pressure", "answer": "C"},
-    {"id": "q5", "question": "Which band does ALMA observe in?",
-     "A": "Millimetre and submillimetre", "B": "X-ray", "C": "Gamma-ray", "D": "Ultraviolet",
-     "answer": "A"},
+  {
+    "id": "q1",
+    "question": "Which process powers main-sequence stars?",
+    "A": "Hydrogen fusion in the core",
+    "B": "Gravitational contraction",
+    "C": "Chemical burning",
+    "D": "Radioactive decay of iron",
+    "answer": "A",
+  },
+  {
+    "id": "q2",
+    "question": "What is the approximate age of the Universe?",
+    "A": "13.8 billion years",
+    "B": "4.6 billion years",
+    "C": "1 million years",
+    "D": "100 billion years",
+    "answer": 0,
+  },
+  # A tie at the top for the summed log-likelihood: two identical one-token options against
+  # long ones (every extra token costs ~10 nats in a random model). Answer inside the tie.
+  {
+    "id": "tie_hit",
+    "question": "What fills most of the volume between galaxies?",
+    "A": "gas",
+    "B": "gas",
+    "C": "a dense population of primordial black holes and brown dwarfs",
+    "D": "cold molecular clouds forming new generations of massive stars",
+    "answer": "B",
+  },
+  # The same tie with the answer outside it: no credit for the summed log-likelihood.
+  {
+    "id": "tie_miss",
+    "question": "Which object is the densest?",
+    "A": "star",
+    "B": "star",
+    "C": "a neutron star with a mass of about 1.4 solar masses",
+    "D": "a white dwarf supported by electron degeneracy pressure",
+    "answer": "C",
+  },
+  {
+    "id": "q5",
+    "question": "Which band does ALMA observe in?",
+    "A": "Millimetre and submillimetre",
+    "B": "X-ray",
+    "C": "Gamma-ray",
+    "D": "Ultraviolet",
+    "answer": "A",
+  },
 ]
 
 
@@ -40,13 +70,17 @@ def setup(tmp_path_factory, tokenizer_path):
   model = make_hf_folder(TINY, root / "hf", seed=5)
   write_jsonl(root / "astro.jsonl", QUESTIONS)
   with open(root / "astronomy_test.csv", "w", newline="") as f:
-    csv.writer(f).writerows([
+    csv.writer(f).writerows(
+      [
         ["What is a light year a unit of?", "Distance", "Time", "Brightness", "Mass", "A"],
         ["Which planet has the largest mass?", "Earth", "Jupiter", "Mars", "Venus", "B"],
-        ["The Sun is of spectral type", "O", "B", "G", "M", "C"]])
+        ["The Sun is of spectral type", "O", "B", "G", "M", "C"],
+      ]
+    )
   with open(root / "astronomy_dev.csv", "w", newline="") as f:
-    csv.writer(f).writerows([["Which is closest to the Sun?", "Mercury", "Venus", "Earth",
-                              "Mars", "A"]])
+    csv.writer(f).writerows(
+      [["Which is closest to the Sun?", "Mercury", "Venus", "Earth", "Mars", "A"]]
+    )
   return root, model, Tokenizer(tokenizer_path)
 
 
@@ -79,26 +113,37 @@ def _expected_credit(scores, answer):
 
 def test_mcq_scores_equal_torch_and_accuracy_counts_ties(setup, capsys, tmp_path):
   root, model, tok = setup
-  summary = run_cli(capsys, "--task=mcq", f"--checkpoint={root / 'hf'}",
-                    f"--tokenizer={tok.path}", f"--output={tmp_path}",
-                    f"--data={root / 'astro.jsonl'},{root / 'astronomy_test.csv'}",
-                    "--shots=1", f"--dev={root / 'astronomy_dev.csv'}",
-                    "--compute_dtype=float32", "--batch_size=2", "--max_len=256")
+  summary = run_cli(
+    capsys,
+    "--task=mcq",
+    f"--checkpoint={root / 'hf'}",
+    f"--tokenizer={tok.path}",
+    f"--output={tmp_path}",
+    f"--data={root / 'astro.jsonl'},{root / 'astronomy_test.csv'}",
+    "--shots=1",
+    f"--dev={root / 'astronomy_dev.csv'}",
+    "--compute_dtype=float32",
+    "--batch_size=2",
+    "--max_len=256",
+  )
   items = [json.loads(l) for l in open(tmp_path / "mcq_items.jsonl")]
   questions = mcq.read_questions(str(root / "astro.jsonl"))
   questions += mcq.read_questions(str(root / "astronomy_test.csv"))
   assert [q["subject"] for q in questions[-3:]] == ["astronomy"] * 3
   shot = mcq.read_questions(str(root / "astronomy_dev.csv"))[0]
   sums, means, letters = _reference(model, tok, questions, shot)
-  got = {m: np.array([it[m]["scores"] for it in items]) for m in ("loglik", "loglik_norm",
-                                                                  "letter")}
+  got = {
+    m: np.array([it[m]["scores"] for it in items]) for m in ("loglik", "loglik_norm", "letter")
+  }
   np.testing.assert_allclose(got["loglik"], sums, rtol=1e-4)
   np.testing.assert_allclose(got["loglik_norm"], means, rtol=1e-4)
   np.testing.assert_allclose(got["letter"], letters, rtol=1e-4)
   p = np.exp(letters) / np.exp(letters).sum(1, keepdims=True)
-  np.testing.assert_allclose([it["letter"]["prob_answer"] for it in items],
-                             p[np.arange(len(items)), [q["answer"] for q in questions]],
-                             rtol=1e-4)
+  np.testing.assert_allclose(
+    [it["letter"]["prob_answer"] for it in items],
+    p[np.arange(len(items)), [q["answer"] for q in questions]],
+    rtol=1e-4,
+  )
 
   # The planted ties are exact and at the top; credit 1/2 inside, 0 outside.
   by_id = {it["id"]: it for it in items}
@@ -112,17 +157,24 @@ def test_mcq_scores_equal_torch_and_accuracy_counts_ties(setup, capsys, tmp_path
     credit = [_expected_credit(list(r), a) for r, a in zip(ref, answers)]
     assert [it[method]["credit"] for it in items] == credit
     assert summary["metrics"][f"acc/{method}"] == pytest.approx(np.mean(credit))
-    assert summary["metrics"][f"acc/{method}/lo"] <= np.mean(credit) <= \
-        summary["metrics"][f"acc/{method}/hi"]
+    assert (
+      summary["metrics"][f"acc/{method}/lo"]
+      <= np.mean(credit)
+      <= summary["metrics"][f"acc/{method}/hi"]
+    )
   rows = {(r["data"], r["method"]) for r in summary["rows"]}
   assert ("total", "letter") in rows and ("astronomy_test", "loglik") in rows
 
 
 def test_accuracy_with_ties():
-  scores = np.array([[1.0, 2.0, 2.0, 0.0],   # tie B/C, answer B -> 1/2
-                     [1.0, 2.0, 2.0, 0.0],   # tie B/C, answer A -> 0
-                     [3.0, 3.0, 3.0, 3.0],   # all tied -> 1/4
-                     [0.0, -1.0, 5.0, 4.9]])  # clear C, answer C -> 1
+  scores = np.array(
+    [
+      [1.0, 2.0, 2.0, 0.0],  # tie B/C, answer B -> 1/2
+      [1.0, 2.0, 2.0, 0.0],  # tie B/C, answer A -> 0
+      [3.0, 3.0, 3.0, 3.0],  # all tied -> 1/4
+      [0.0, -1.0, 5.0, 4.9],
+    ]
+  )  # clear C, answer C -> 1
   credit = mcq.accuracy(scores, np.array([1, 0, 3, 2]))
   np.testing.assert_array_equal(credit, [0.5, 0.0, 0.25, 1.0])
 

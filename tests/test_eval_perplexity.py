@@ -15,11 +15,14 @@ def setup(tmp_path_factory, tokenizer_path, abstracts):
   root = tmp_path_factory.mktemp("ppl")
   model = make_hf_folder(TINY_GQA, root / "hf", seed=3)
   # Two corpora: one with "abstract" fields, one with "text" + sections.
-  write_jsonl(root / "abstracts.jsonl", [{"id": f"a{i}", "abstract": a}
-                                         for i, a in enumerate(abstracts[:5])])
+  write_jsonl(
+    root / "abstracts.jsonl", [{"id": f"a{i}", "abstract": a} for i, a in enumerate(abstracts[:5])]
+  )
   sections = ["abstract", "introduction", "conclusion", "introduction"]
-  write_jsonl(root / "papers.jsonl", [{"id": f"p{i}", "section": s, "text": abstracts[10 + i]}
-                                      for i, s in enumerate(sections)])
+  write_jsonl(
+    root / "papers.jsonl",
+    [{"id": f"p{i}", "section": s, "text": abstracts[10 + i]} for i, s in enumerate(sections)],
+  )
   return root, model, Tokenizer(tokenizer_path)
 
 
@@ -27,7 +30,7 @@ def _torch_windowed_nll(model, ids, max_len, stride):
   """Sliding windows the textbook way: window inputs ids[b:b+L], count only new predictions."""
   total, count, prev_end, begin = 0.0, 0, 1, 0
   while True:
-    inputs = ids[begin:begin + max_len + 1]
+    inputs = ids[begin : begin + max_len + 1]
     lp = torch_token_logprobs(model, inputs)  # predicts ids[begin+1 .. begin+len-1]
     pred_idx = np.arange(begin + 1, begin + len(inputs))
     keep = pred_idx >= prev_end
@@ -48,14 +51,22 @@ def _items(path):
   return [json.loads(l) for l in open(path)]
 
 
-def test_perplexity_equals_torch_per_corpus_section_and_total(setup, capsys, tokenizer_path,
-                                                              abstracts):
+def test_perplexity_equals_torch_per_corpus_section_and_total(
+  setup, capsys, tokenizer_path, abstracts
+):
   root, model, tok = setup
   out = root / "out"
-  summary = run_cli(capsys, "--task=perplexity", f"--checkpoint={root / 'hf'}",
-                    f"--tokenizer={tokenizer_path}", f"--output={out}",
-                    f"--data={root / 'abstracts.jsonl'},{root / 'papers.jsonl'}",
-                    "--compute_dtype=float32", "--batch_size=4", "--bootstrap=200")
+  summary = run_cli(
+    capsys,
+    "--task=perplexity",
+    f"--checkpoint={root / 'hf'}",
+    f"--tokenizer={tokenizer_path}",
+    f"--output={out}",
+    f"--data={root / 'abstracts.jsonl'},{root / 'papers.jsonl'}",
+    "--compute_dtype=float32",
+    "--batch_size=4",
+    "--bootstrap=200",
+  )
   ref_a = _reference(model, tok, abstracts[:5])
   ref_p = _reference(model, tok, abstracts[10:14])
   items = _items(out / "perplexity_items.jsonl")
@@ -72,11 +83,18 @@ def test_perplexity_equals_torch_per_corpus_section_and_total(setup, capsys, tok
   both = (np.concatenate([ref_a[0], ref_p[0]]), np.concatenate([ref_a[1], ref_p[1]]))
   assert m["ppl"] == pytest.approx(ppl(*both), rel=1e-4)
   intro = [1, 3]
-  assert m["ppl/papers/introduction"] == pytest.approx(ppl(ref_p[0][intro], ref_p[1][intro]),
-                                                       rel=1e-4)
+  assert m["ppl/papers/introduction"] == pytest.approx(
+    ppl(ref_p[0][intro], ref_p[1][intro]), rel=1e-4
+  )
   rows = {(r["corpus"], r["section"]): r for r in summary["rows"]}
-  assert set(rows) == {("abstracts", "all"), ("papers", "all"), ("papers", "abstract"),
-                       ("papers", "conclusion"), ("papers", "introduction"), ("total", "all")}
+  assert set(rows) == {
+    ("abstracts", "all"),
+    ("papers", "all"),
+    ("papers", "abstract"),
+    ("papers", "conclusion"),
+    ("papers", "introduction"),
+    ("total", "all"),
+  }
   total = rows[("total", "all")]
   assert total["ppl_lo"] < total["ppl"] < total["ppl_hi"]
   assert total["docs"] == 9 and total["tokens"] == int(both[1].sum())
@@ -86,12 +104,14 @@ def test_perplexity_equals_torch_per_corpus_section_and_total(setup, capsys, tok
 def test_sliding_window_equals_torch(setup, tokenizer_path, abstracts):
   """Documents several windows long; also sharded over a (data=2, fsdp=2, tensor=2) mesh."""
   from astrollama_jax.eval import common, perplexity
+
   root, model, tok = setup
   texts = abstracts[20:23]
   ids = tok.encode_batch(texts)
   assert min(len(i) for i in ids) > 3 * 48, "the documents must span several windows"
   m = common.load(str(root / "hf"), "2,2,2", compute_dtype="float32", tokenizer=tokenizer_path)
   from astrollama_jax.eval.scoring import Scorer
+
   scorer = Scorer(m.cfg, m.params, m.mesh, batch_size=3, max_len=48, progress=False)
   nll, cnt = perplexity.document_nll(scorer, ids, stride=20)
   ref_nll, ref_cnt = _reference(model, tok, texts, max_len=48, stride=20)
@@ -101,34 +121,55 @@ def test_sliding_window_equals_torch(setup, tokenizer_path, abstracts):
 
 def test_bad_data_file_is_named(setup, capsys, tokenizer_path, tmp_path):
   from astrollama_jax.eval.common import EvalDataError
+
   root, _, _ = setup
   bad = tmp_path / "bad.jsonl"
   bad.write_text('{"text": "ok"}\n{"body": "no text here"}\n')
   with pytest.raises(EvalDataError, match="bad.jsonl:2"):
-    run_cli(capsys, "--task=perplexity", f"--checkpoint={root / 'hf'}",
-            f"--tokenizer={tokenizer_path}", f"--output={tmp_path}", f"--data={bad}")
+    run_cli(
+      capsys,
+      "--task=perplexity",
+      f"--checkpoint={root / 'hf'}",
+      f"--tokenizer={tokenizer_path}",
+      f"--output={tmp_path}",
+      f"--data={bad}",
+    )
 
 
 def test_prepared_dataset_sections_and_contamination_drop(setup, capsys, tokenizer_path, tmp_path):
   """The validation split of a prepared ArrayRecord dataset, with planted contamination dropped."""
   import pathlib
   from astrollama_jax.data import corpus
+
   root, model, tok = setup
   demo = pathlib.Path(__file__).resolve().parents[1] / "data" / "demo_corpus"
-  corpus.build(corpus.CorpusConfig(sources=[str(demo)], validation_fraction=0.5, progress=False),
-               tmp_path / "ds")
+  corpus.build(
+    corpus.CorpusConfig(sources=[str(demo)], validation_fraction=0.5, progress=False),
+    tmp_path / "ds",
+  )
   source = corpus.read_split(tmp_path / "ds", "validation")
   recs = [{k: v.decode() for k, v in source[i].items()} for i in range(len(source))]
   sections = {r["section"] for r in recs}
   assert {"abstract", "introduction"} <= sections
   planted = [r for r in recs if r["section"] == "abstract"][:2]
-  write_jsonl(tmp_path / "train.jsonl",
-              [{"text": "Some other words. " + r["text"]} for r in planted])
-  summary = run_cli(capsys, "--task=perplexity", f"--checkpoint={root / 'hf'}",
-                    f"--tokenizer={tokenizer_path}", f"--output={tmp_path / 'out'}",
-                    f"--data={tmp_path / 'ds'}", "--compute_dtype=float32", "--batch_size=4",
-                    "--max_len=256", "--stride=128", f"--train_data={tmp_path / 'train.jsonl'}",
-                    "--drop_contaminated", "--bootstrap=50")
+  write_jsonl(
+    tmp_path / "train.jsonl", [{"text": "Some other words. " + r["text"]} for r in planted]
+  )
+  summary = run_cli(
+    capsys,
+    "--task=perplexity",
+    f"--checkpoint={root / 'hf'}",
+    f"--tokenizer={tokenizer_path}",
+    f"--output={tmp_path / 'out'}",
+    f"--data={tmp_path / 'ds'}",
+    "--compute_dtype=float32",
+    "--batch_size=4",
+    "--max_len=256",
+    "--stride=128",
+    f"--train_data={tmp_path / 'train.jsonl'}",
+    "--drop_contaminated",
+    "--bootstrap=50",
+  )
   assert summary["contamination"]["dropped"] == 2
   planted_ids = {p["id"] for p in planted}
   kept = [r for r in recs if r["id"] not in planted_ids or r["section"] != "abstract"]
@@ -144,20 +185,33 @@ def test_prepared_dataset_sections_and_contamination_drop(setup, capsys, tokeniz
   assert max(cnt) > 256, "some section must span several windows"
 
 
-def test_orbax_checkpoint_scores_like_the_hf_folder(setup, capsys, tokenizer_path, abstracts,
-                                                   tmp_path):
+def test_orbax_checkpoint_scores_like_the_hf_folder(
+  setup, capsys, tokenizer_path, abstracts, tmp_path
+):
   """A converted Orbax DIR (tokenizer taken from it) gives the HF folder's numbers; bf16 is close."""
   from astrollama_jax import checkpoints
   from astrollama_jax.formats import hf
+
   root, model, tok = setup
   cfg, params = hf.load_hf(str(root / "hf"))
   ckpt = checkpoints.save_params(str(tmp_path / "converted"), cfg, params, tokenizer_path)
-  args = ["--task=perplexity", f"--data={root / 'abstracts.jsonl'}", "--batch_size=4",
-          "--bootstrap=20"]
-  ours = run_cli(capsys, *args, f"--checkpoint={ckpt}", f"--output={tmp_path / 'o'}",
-                 "--compute_dtype=float32")
+  args = [
+    "--task=perplexity",
+    f"--data={root / 'abstracts.jsonl'}",
+    "--batch_size=4",
+    "--bootstrap=20",
+  ]
+  ours = run_cli(
+    capsys, *args, f"--checkpoint={ckpt}", f"--output={tmp_path / 'o'}", "--compute_dtype=float32"
+  )
   nll, cnt = _reference(model, tok, abstracts[:5])
   assert ours["metrics"]["ppl"] == pytest.approx(np.exp(nll.sum() / cnt.sum()), rel=1e-4)
-  bf16 = run_cli(capsys, *args, f"--checkpoint={ckpt}", f"--output={tmp_path / 'b'}",
-                 "--compute_dtype=bfloat16", "--dtype=bfloat16")
+  bf16 = run_cli(
+    capsys,
+    *args,
+    f"--checkpoint={ckpt}",
+    f"--output={tmp_path / 'b'}",
+    "--compute_dtype=bfloat16",
+    "--dtype=bfloat16",
+  )
   assert bf16["metrics"]["nll"] == pytest.approx(ours["metrics"]["nll"], rel=2e-3)

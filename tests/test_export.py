@@ -48,7 +48,9 @@ def test_meta_orbax_hf_orbax_is_bit_exact(chain):
   a = checkpoints.load_model(first, on_host=True)
   b = checkpoints.load_model(second, on_host=True)
   assert a.cfg == b.cfg
-  for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(a.params)[0], jax.tree.leaves(b.params)):
+  for (path, x), y in zip(
+    jax.tree_util.tree_flatten_with_path(a.params)[0], jax.tree.leaves(b.params)
+  ):
     assert x.dtype == y.dtype and x.shape == y.shape, jax.tree_util.keystr(path)
     np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
   # The exported tensors are exactly the original HF model's weights.
@@ -62,9 +64,13 @@ def test_meta_orbax_hf_orbax_is_bit_exact(chain):
       assert torch.equal(f.get_tensor(name), original[name]), name
 
 
-def test_exported_folder_loads_in_transformers_with_the_same_logits(chain, tokenizer_path, abstracts):
+def test_exported_folder_loads_in_transformers_with_the_same_logits(
+  chain, tokenizer_path, abstracts
+):
   model, first, exported, _ = chain
-  reloaded = transformers.LlamaForCausalLM.from_pretrained(exported["output"], local_files_only=True).eval()
+  reloaded = transformers.LlamaForCausalLM.from_pretrained(
+    exported["output"], local_files_only=True
+  ).eval()
   ids = _ids(tokenizer_path, abstracts)
   ref = hf_logits(model, ids)
   np.testing.assert_array_equal(hf_logits(reloaded, ids), ref)
@@ -96,10 +102,14 @@ def _workdir(root, params, tokenizer_path):
   shutil.copyfile(tokenizer_path, os.path.join(root, "tokenizer.model"))
   mgr = ocp.CheckpointManager(os.path.join(root, "checkpoints"))
   for step in (5, 9):
-    mgr.save(step, args=ocp.args.Composite(
+    mgr.save(
+      step,
+      args=ocp.args.Composite(
         params=ocp.args.StandardSave(jax.tree.map(lambda x: x * (1 + step / 100), params)),
         opt_state=ocp.args.StandardSave({"mu": params}),
-        train_meta=ocp.args.JsonSave({"step": step})))
+        train_meta=ocp.args.JsonSave({"step": step}),
+      ),
+    )
   mgr.wait_until_finished()
   mgr.close()
 
@@ -109,8 +119,12 @@ def test_export_from_a_training_step_takes_params_only(tmp_path, tokenizer_path,
   root = str(tmp_path / "workdir")
   _workdir(root, params, tokenizer_path)
   shutil.rmtree(os.path.join(root, "checkpoints", "9", "opt_state"))  # never read
-  summary = export(os.path.join(root, "checkpoints", "9"), str(tmp_path / "hf"), dtype="bfloat16",
-                   show_progress=False)
+  summary = export(
+    os.path.join(root, "checkpoints", "9"),
+    str(tmp_path / "hf"),
+    dtype="bfloat16",
+    show_progress=False,
+  )
   assert (summary["kind"], summary["step"], summary["dtype"]) == ("step", 9, "bfloat16")
   assert summary["bytes"] == 2 * CFG.num_params()
   hf_model = transformers.LlamaForCausalLM.from_pretrained(summary["output"], local_files_only=True)
@@ -141,9 +155,13 @@ def test_failed_export_leaves_no_folder(chain, tmp_path, monkeypatch):
 
 def test_export_command_line(chain, tmp_path):
   out = tmp_path / "cli"
-  proc = subprocess.run([sys.executable, "-m", "astrollama_jax.export", f"--checkpoint={chain[1]}",
-                         f"--output={out}"], capture_output=True, text=True,
-                        env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=300)
+  proc = subprocess.run(
+    [sys.executable, "-m", "astrollama_jax.export", f"--checkpoint={chain[1]}", f"--output={out}"],
+    capture_output=True,
+    text=True,
+    env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    timeout=300,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   summary = json.loads(proc.stdout.strip().splitlines()[-1])
   assert summary["tensors"] == 9 * CFG.n_layers + 3 and summary["parameters"] == CFG.num_params()

@@ -35,14 +35,26 @@ openai = pytest.importorskip("openai")
 
 # Questions and the answers an expert wrote in place of the (random) model's.
 CORRECTED = [
-    ("What is a quasar?", "A quasar is an active galactic nucleus powered by accretion onto a "
-     "supermassive black hole, bright enough to outshine its host galaxy."),
-    ("What is a parsec?", "A parsec is the distance at which one astronomical unit subtends one "
-     "arcsecond: about 3.26 light years or 3.09e16 metres."),
-    ("What is redshift?", "Redshift z is the fractional increase in wavelength of light, caused by "
-     "recession velocity or by the expansion of the Universe."),
-    ("What powers the Sun?", "The Sun is powered by hydrogen fusion into helium in its core, "
-     "mostly through the proton-proton chain."),
+  (
+    "What is a quasar?",
+    "A quasar is an active galactic nucleus powered by accretion onto a "
+    "supermassive black hole, bright enough to outshine its host galaxy.",
+  ),
+  (
+    "What is a parsec?",
+    "A parsec is the distance at which one astronomical unit subtends one "
+    "arcsecond: about 3.26 light years or 3.09e16 metres.",
+  ),
+  (
+    "What is redshift?",
+    "Redshift z is the fractional increase in wavelength of light, caused by "
+    "recession velocity or by the expansion of the Universe.",
+  ),
+  (
+    "What powers the Sun?",
+    "The Sun is powered by hydrogen fusion into helium in its core, "
+    "mostly through the proton-proton chain.",
+  ),
 ]
 
 
@@ -60,34 +72,56 @@ def model(folder):
 
 def messages(question, system=None):
   return ([{"role": "system", "content": system}] if system else []) + [
-      {"role": "user", "content": question}]
+    {"role": "user", "content": question}
+  ]
 
 
 def ask(c, question, system=None, **kw):
   msgs = messages(question, system)
-  return c.chat.completions.create(model="tiny-chat", messages=msgs,
-                                   **{"temperature": 0, "max_tokens": NEW, **kw})
+  return c.chat.completions.create(
+    model="tiny-chat", messages=msgs, **{"temperature": 0, "max_tokens": NEW, **kw}
+  )
 
 
 def rate(srv, completion_id, rating, correction=None, tags=(), headers=None):
-  return post(srv.url + "/v1/feedback", {"completion_id": completion_id, "rating": rating,
-                                         "correction": correction, "tags": list(tags)}, headers)
+  return post(
+    srv.url + "/v1/feedback",
+    {
+      "completion_id": completion_id,
+      "rating": rating,
+      "correction": correction,
+      "tags": list(tags),
+    },
+    headers,
+  )
 
 
 def test_a_rating_is_stored_before_the_answer_and_survives_kill_9(folder, tmp_path):
   db = tmp_path / "ratings.sqlite"
   port = free_port()
-  proc = start_cli(f"--checkpoint={folder}", f"--port={port}", "--compute_dtype=float32",
-                   f"--feedback_db={db}", "--model_name=tiny-chat", log_path=tmp_path / "log")
+  proc = start_cli(
+    f"--checkpoint={folder}",
+    f"--port={port}",
+    "--compute_dtype=float32",
+    f"--feedback_db={db}",
+    "--model_name=tiny-chat",
+    log_path=tmp_path / "log",
+  )
   try:
     wait_ready(f"http://127.0.0.1:{port}/health", proc)
     import openai as o
+
     c = o.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
     answer = ask(c, "What is a blazar?", system="Be brief.", temperature=0.8, top_p=0.9, seed=5)
-    status, row = post(f"http://127.0.0.1:{port}/v1/feedback",
-                       {"completion_id": answer.id, "rating": 2,
-                        "tags": ["Hallucination", "wrong units"],
-                        "correction": "A blazar is a quasar whose jet points at us."})
+    status, row = post(
+      f"http://127.0.0.1:{port}/v1/feedback",
+      {
+        "completion_id": answer.id,
+        "rating": 2,
+        "tags": ["Hallucination", "wrong units"],
+        "correction": "A blazar is a quasar whose jet points at us.",
+      },
+    )
     assert status == 200, row
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
@@ -99,8 +133,10 @@ def test_a_rating_is_stored_before_the_answer_and_survives_kill_9(folder, tmp_pa
   assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
   (stored,) = [dict(r) for r in con.execute("SELECT * FROM ratings")]
   assert stored["id"] == row["id"] and stored["completion_id"] == answer.id
-  assert json.loads(stored["messages"]) == [{"role": "system", "content": "Be brief."},
-                                            {"role": "user", "content": "What is a blazar?"}]
+  assert json.loads(stored["messages"]) == [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "What is a blazar?"},
+  ]
   assert stored["answer"] == answer.choices[0].message.content
   assert stored["correction"] == "A blazar is a quasar whose jet points at us."
   assert stored["rating"] == 2
@@ -117,18 +153,20 @@ def test_bad_ratings_are_refused_and_listed_ones_are_newest_first(model, tmp_pat
     c = client(srv)
     a, b = ask(c, "What is a quasar?"), ask(c, "What is a pulsar?")
     for body, status, word in [
-        ({"completion_id": "chatcmpl-nope", "rating": 3}, 404, "unknown completion_id"),
-        ({"completion_id": a.id, "rating": 0}, 400, "rating"),
-        ({"completion_id": a.id, "rating": "5"}, 400, "rating"),
-        ({"completion_id": a.id, "rating": True}, 400, "rating"),
-        ({"completion_id": a.id, "rating": 3, "tags": "x"}, 400, "tags"),
-        ({"completion_id": a.id, "rating": 3, "tags": [""]}, 400, "tag"),
-        ({"completion_id": a.id, "rating": 3, "correction": 7}, 400, "correction"),
-        ({"completion_id": a.id, "rating": 3, "stars": 3}, 400, "stars")]:
+      ({"completion_id": "chatcmpl-nope", "rating": 3}, 404, "unknown completion_id"),
+      ({"completion_id": a.id, "rating": 0}, 400, "rating"),
+      ({"completion_id": a.id, "rating": "5"}, 400, "rating"),
+      ({"completion_id": a.id, "rating": True}, 400, "rating"),
+      ({"completion_id": a.id, "rating": 3, "tags": "x"}, 400, "tags"),
+      ({"completion_id": a.id, "rating": 3, "tags": [""]}, 400, "tag"),
+      ({"completion_id": a.id, "rating": 3, "correction": 7}, 400, "correction"),
+      ({"completion_id": a.id, "rating": 3, "stars": 3}, 400, "stars"),
+    ]:
       got, payload = post(srv.url + "/v1/feedback", body)
       assert got == status and word in payload["error"]["message"], (body, payload)
     assert rate(srv, a.id, 4)[0] == 200 and rate(srv, b.id, 1, "A neutron star.")[0] == 200
     import urllib.request
+
     with urllib.request.urlopen(srv.url + "/v1/feedback?limit=5") as r:
       listed = json.loads(r.read())["data"]
     assert [x["completion_id"] for x in listed] == [b.id, a.id]
@@ -139,24 +177,46 @@ def test_bad_ratings_are_refused_and_listed_ones_are_newest_first(model, tmp_pat
     assert got == 404 and "--feedback_db" in payload["error"]["message"]
 
 
-def add(store, cid, question, answer, rating, correction=None, tags=(), created_at=None,
-        system=None):
-  return store.add(completion_id=cid, checkpoint="ckpt-a" if rating % 2 else "ckpt-b", model="m",
-                   messages=messages(question, system), answer=answer, rating=rating,
-                   correction=correction, tags=tags,
-                   sampling={"temperature": 0.0}, created_at=created_at)
+def add(
+  store, cid, question, answer, rating, correction=None, tags=(), created_at=None, system=None
+):
+  return store.add(
+    completion_id=cid,
+    checkpoint="ckpt-a" if rating % 2 else "ckpt-b",
+    model="m",
+    messages=messages(question, system),
+    answer=answer,
+    rating=rating,
+    correction=correction,
+    tags=tags,
+    sampling={"temperature": 0.0},
+    created_at=created_at,
+  )
 
 
 def feedback_cli(*args):
-  return subprocess.run([sys.executable, "-m", "astrollama_jax.feedback", *args], cwd=REPO,
-                        capture_output=True, text=True, timeout=120)
+  return subprocess.run(
+    [sys.executable, "-m", "astrollama_jax.feedback", *args],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
 
 
 def test_export_and_stats(tmp_path):
   store = FeedbackStore(tmp_path / "r.sqlite")
   add(store, "c0", "Old question?", "Old answer.", 5, created_at="2020-01-01T00:00:00.000+00:00")
-  add(store, "c1", "What is a quasar?", "A kind of star.", 2,
-      "An accreting supermassive black hole.", ["hallucination"], system="Be brief.")
+  add(
+    store,
+    "c1",
+    "What is a quasar?",
+    "A kind of star.",
+    2,
+    "An accreting supermassive black hole.",
+    ["hallucination"],
+    system="Be brief.",
+  )
   add(store, "c2", "What is a parsec?", "About 3.26 light years.", 5, tags=["good"])
   add(store, "c3", "What is a parsec?", "A unit of time.", 1, tags=["wrong units"])
   add(store, "c4", "What is redshift?", "Light stretched by expansion.", 3)
@@ -170,14 +230,19 @@ def test_export_and_stats(tmp_path):
   convs, report = load_conversations(out, "sharegpt")
   assert report == {"ok": 3}
   assert [(c.turns[-1][1], c.system) for c in convs] == [
-      ("An accreting supermassive black hole.", "Be brief."), ("About 3.26 light years.", None),
-      ("Light stretched by expansion.", None)]
+    ("An accreting supermassive black hole.", "Be brief."),
+    ("About 3.26 light years.", None),
+    ("Light stretched by expansion.", None),
+  ]
   pairs = [json.loads(line) for line in (tmp_path / "sft.pairs.jsonl").read_text().splitlines()]
   assert [(p["source"], p["chosen"][0]["content"], p["rejected"][0]["content"]) for p in pairs] == [
-      ("correction", "An accreting supermassive black hole.", "A kind of star."),
-      ("ratings", "About 3.26 light years.", "A unit of time.")]
-  assert pairs[0]["prompt"] == [{"role": "system", "content": "Be brief."},
-                                {"role": "user", "content": "What is a quasar?"}]
+    ("correction", "An accreting supermassive black hole.", "A kind of star."),
+    ("ratings", "About 3.26 light years.", "A unit of time."),
+  ]
+  assert pairs[0]["prompt"] == [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "What is a quasar?"},
+  ]
   # The SFT mixture reads the export as a weighted source.
   source = {"path": str(out), "format": "sharegpt", "count": None, "weight": 2.0}
   mixed = mix_sources([source], seed=0)
@@ -194,11 +259,13 @@ def test_export_and_stats(tmp_path):
   assert "ratings per tag" in proc.stdout and "hallucination" in proc.stdout
 
   db, to = f"--db={store.path}", f"--output={out}"
-  for args, word in [(["export", f"--db={tmp_path / 'none.sqlite'}", to], "does not exist"),
-                     (["export", db], "--output"),
-                     (["export", db, to, "--since=yesterday"], "--since"),
-                     (["export", db, to, "--min_rating=9"], "min_rating"),
-                     (["frobnicate", db], "export or stats")]:
+  for args, word in [
+    (["export", f"--db={tmp_path / 'none.sqlite'}", to], "does not exist"),
+    (["export", db], "--output"),
+    (["export", db, to, "--since=yesterday"], "--since"),
+    (["export", db, to, "--min_rating=9"], "min_rating"),
+    (["frobnicate", db], "export or stats"),
+  ]:
     proc = feedback_cli(*args)
     assert proc.returncode != 0 and word in proc.stderr, (args, proc.stderr[-1000:])
 
@@ -211,7 +278,8 @@ def run_sft_round(workdir, init_checkpoint, export_path, tokenizer_path, steps: 
   """
   config = workdir.parent / f"{workdir.name}_config.py"
   demo, src = str(REPO / "configs" / "demo_sft.py"), str(export_path)
-  config.write_text(textwrap.dedent(f"""
+  config.write_text(
+    textwrap.dedent(f"""
       import importlib.util
       spec = importlib.util.spec_from_file_location("demo_sft", {demo!r})
       demo_sft = importlib.util.module_from_spec(spec)
@@ -233,10 +301,14 @@ def run_sft_round(workdir, init_checkpoint, export_path, tokenizer_path, steps: 
         c.checkpoint.keep = 1
         c.eval.batch_size = 1
         return c
-      """))
+      """)
+  )
   log = workdir.parent / f"{workdir.name}.log"
-  proc = start([sys.executable, "-m", "astrollama_jax.train", f"--config={config}",
-                f"--workdir={workdir}"], 1, log)
+  proc = start(
+    [sys.executable, "-m", "astrollama_jax.train", f"--config={config}", f"--workdir={workdir}"],
+    1,
+    log,
+  )
   summary = finish(proc, log, timeout=400)
   return {"summary": summary, "eval": records(workdir, "eval")}
 
@@ -244,9 +316,20 @@ def run_sft_round(workdir, init_checkpoint, export_path, tokenizer_path, steps: 
 def test_a_feedback_round_lowers_the_loss_on_the_corrections(folder, tmp_path, tokenizer_path):
   # The served checkpoint is a converted one, which is also what the SFT round starts from.
   ckpt = tmp_path / "converted"
-  proc = subprocess.run([sys.executable, "-m", "astrollama_jax.convert", "--source_format=hf",
-                         f"--source={folder}", f"--output={ckpt}"], cwd=REPO, capture_output=True,
-                        text=True, timeout=300)
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "astrollama_jax.convert",
+      "--source_format=hf",
+      f"--source={folder}",
+      f"--output={ckpt}",
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert proc.returncode == 0, proc.stderr[-2000:]
   store = FeedbackStore(tmp_path / "ratings.sqlite")
   with running(load(ckpt), feedback=store) as (srv, _):

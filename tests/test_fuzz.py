@@ -19,20 +19,57 @@ FAST = settings(max_examples=150, deadline=2000, suppress_health_check=[HealthCh
 
 # Text with every kind of character, lone surrogates included.
 ANY_TEXT = st.text(st.characters(codec=None, exclude_categories=()), max_size=400)
-JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | ANY_TEXT,
-                    lambda inner: st.lists(inner, max_size=5)
-                    | st.dictionaries(ANY_TEXT, inner, max_size=5), max_leaves=30)
-LATEX_TOKENS = st.sampled_from([
-    "\\begin{document}", "\\end{document}", "\\begin{abstract}", "\\end{abstract}",
-    "\\section{Introduction}", "\\section{Conclusions}", "\\section*{Summary}", "\\input{x}",
-    "\\newcommand{\\a}{b}", "\\def\\x{\\x}", "{", "}", "[", "]", "$", "$$", "%", "\\\\", "\\",
-    "\\label{s}", "\\cite{a,b}", "\\footnote{", "\\begin{equation}", "\\end{equation}", "~", "&",
-    "\\title{T}", "\n\n", " text ", "é", "\ud800", "\x00"])
+JSON = st.recursive(
+  st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | ANY_TEXT,
+  lambda inner: st.lists(inner, max_size=5) | st.dictionaries(ANY_TEXT, inner, max_size=5),
+  max_leaves=30,
+)
+LATEX_TOKENS = st.sampled_from(
+  [
+    "\\begin{document}",
+    "\\end{document}",
+    "\\begin{abstract}",
+    "\\end{abstract}",
+    "\\section{Introduction}",
+    "\\section{Conclusions}",
+    "\\section*{Summary}",
+    "\\input{x}",
+    "\\newcommand{\\a}{b}",
+    "\\def\\x{\\x}",
+    "{",
+    "}",
+    "[",
+    "]",
+    "$",
+    "$$",
+    "%",
+    "\\\\",
+    "\\",
+    "\\label{s}",
+    "\\cite{a,b}",
+    "\\footnote{",
+    "\\begin{equation}",
+    "\\end{equation}",
+    "~",
+    "&",
+    "\\title{T}",
+    "\n\n",
+    " text ",
+    "é",
+    "\ud800",
+    "\x00",
+  ]
+)
 
 
 @FAST
-@given(st.one_of(ANY_TEXT, JSON.map(json.dumps),
-                 JSON.map(lambda d: "```json\n" + json.dumps({"dialogue": d}) + "\n```")))
+@given(
+  st.one_of(
+    ANY_TEXT,
+    JSON.map(json.dumps),
+    JSON.map(lambda d: "```json\n" + json.dumps({"dialogue": d}) + "\n```"),
+  )
+)
 def test_model_reply_content_parses_or_is_rejected(content):
   try:
     turns = make_qa.parse_dialogue(content)
@@ -75,10 +112,17 @@ def reply_server():
   server.httpd.server_close()
 
 
-@settings(max_examples=60, deadline=5000, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(status=st.sampled_from([200, 201, 204, 400, 401, 404, 429, 500, 502, 503]),
-       body=st.one_of(st.binary(max_size=2000), JSON.map(lambda j: json.dumps(j).encode()),
-                      st.integers(1, 3000).map(lambda n: b"[" * n + b"]" * n)))
+@settings(
+  max_examples=60, deadline=5000, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+  status=st.sampled_from([200, 201, 204, 400, 401, 404, 429, 500, 502, 503]),
+  body=st.one_of(
+    st.binary(max_size=2000),
+    JSON.map(lambda j: json.dumps(j).encode()),
+    st.integers(1, 3000).map(lambda n: b"[" * n + b"]" * n),
+  ),
+)
 def test_any_server_reply_is_a_result_or_a_counted_failure(reply_server, status, body):
   reply_server.reply = (status, body)
   try:
@@ -145,8 +189,9 @@ class _EchoSession:
 
 
 @FAST
-@given(st.lists(ANY_TEXT | st.sampled_from(["/reset", "/system x", "/help", "/bogus"]),
-                max_size=12))
+@given(
+  st.lists(ANY_TEXT | st.sampled_from(["/reset", "/system x", "/help", "/bogus"]), max_size=12)
+)
 def test_chat_repl_answers_every_line_without_crashing(lines):
   out, session = io.StringIO(), _EchoSession()
   run_repl(session, [line + "\n" for line in lines if "/quit" not in line], out, echo=True)

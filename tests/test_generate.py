@@ -34,22 +34,28 @@ def hf_greedy(model, prompts, n, eos_id):
   ids = np.zeros((len(prompts), width), np.int64)
   mask = np.zeros_like(ids)
   for i, p in enumerate(prompts):
-    ids[i, width - len(p):] = p
-    mask[i, width - len(p):] = 1
+    ids[i, width - len(p) :] = p
+    mask[i, width - len(p) :] = 1
   threads = torch.get_num_threads()
   torch.set_num_threads(1)  # a tiny model: threads only fight XLA's for the two cores
   try:
     with torch.no_grad():
-      out = model.generate(torch.as_tensor(ids), attention_mask=torch.as_tensor(mask), do_sample=False,
-                           max_new_tokens=n, pad_token_id=0, eos_token_id=eos_id)
+      out = model.generate(
+        torch.as_tensor(ids),
+        attention_mask=torch.as_tensor(mask),
+        do_sample=False,
+        max_new_tokens=n,
+        pad_token_id=0,
+        eos_token_id=eos_id,
+      )
   finally:
     torch.set_num_threads(threads)
   rows = out[:, width:].tolist()
-  return [r[:r.index(eos_id)] if eos_id in r else r for r in rows]
+  return [r[: r.index(eos_id)] if eos_id in r else r for r in rows]
 
 
 def cut_at(rows, eos_id):
-  return [r[:r.index(eos_id)] if eos_id in r else r for r in rows]
+  return [r[: r.index(eos_id)] if eos_id in r else r for r in rows]
 
 
 def test_greedy_matches_transformers_token_for_token(setup):
@@ -73,7 +79,9 @@ def test_eos_stops_a_row(setup):
 def test_top_k_1_and_tiny_top_p_equal_greedy(setup):
   cfg, params, _, _, prompts, greedy = setup
   assert generate(cfg, params, prompts, N, temperature=1.0, top_k=1, seed=3).tokens == greedy.tokens
-  assert generate(cfg, params, prompts, N, temperature=1.0, top_p=1e-6, seed=4).tokens == greedy.tokens
+  assert (
+    generate(cfg, params, prompts, N, temperature=1.0, top_p=1e-6, seed=4).tokens == greedy.tokens
+  )
 
 
 def test_sampling_is_seeded_and_chunking_does_not_change_it(setup):
@@ -93,7 +101,9 @@ def test_sample_logits_follows_the_filtered_distribution():
   probs = np.array([0.4, 0.3, 0.15, 0.1, 0.05])
   logits = jnp.log(jnp.asarray(probs))[None].repeat(2, axis=0)
   keys = jax.random.split(jax.random.key(0), 4000)
-  draw = jax.jit(jax.vmap(lambda key, t, k, p: sample_logits(logits, key, t, k, p), (0, None, None, None)))
+  draw = jax.jit(
+    jax.vmap(lambda key, t, k, p: sample_logits(logits, key, t, k, p), (0, None, None, None))
+  )
 
   def freq(t=1.0, k=0, p=1.0):
     ids = np.asarray(draw(keys, np.float32(t), np.int32(k), np.float32(p))).ravel()
@@ -103,7 +113,7 @@ def test_sample_logits_follows_the_filtered_distribution():
   np.testing.assert_allclose(freq(k=2), [0.4 / 0.7, 0.3 / 0.7, 0, 0, 0], atol=0.03)
   # Nucleus 0.75: the smallest set with mass >= 0.75 is the top three tokens.
   np.testing.assert_allclose(freq(p=0.75), np.r_[probs[:3] / 0.85, 0, 0], atol=0.03)
-  sharp = probs ** 2 / (probs ** 2).sum()  # temperature 0.5 squares the probabilities
+  sharp = probs**2 / (probs**2).sum()  # temperature 0.5 squares the probabilities
   np.testing.assert_allclose(freq(t=0.5), sharp, atol=0.03)
 
 
@@ -113,11 +123,18 @@ def test_stop_strings_truncate(setup):
   start = len(tok.decode(greedy.tokens[0][:8]))
   # offset 0: the stop string starts at a token boundary; 2: inside token 8.
   for chunk, offset in ((1, 0), (6, 0), (3, 2)):
-    stop = full[start + offset:start + offset + 5]
+    stop = full[start + offset : start + offset + 5]
     assert len(stop.strip()) > 2, f"pick a visible stop string, not {stop!r}"
-    res = generate(cfg, params, prompts, N, stop_strings=[stop, "never appears §§"], tokenizer=tok,
-                   chunk_size=chunk)
-    assert res.texts[0] == full[:full.find(stop)] and res.finish_reasons[0] == "stop"
+    res = generate(
+      cfg,
+      params,
+      prompts,
+      N,
+      stop_strings=[stop, "never appears §§"],
+      tokenizer=tok,
+      chunk_size=chunk,
+    )
+    assert res.texts[0] == full[: full.find(stop)] and res.finish_reasons[0] == "stop"
     kept = tok.decode(res.tokens[0])  # the ids stop short of the stop string
     assert res.texts[0].startswith(kept)
     if full.find(stop) == start + offset:
@@ -130,7 +147,9 @@ def test_stop_strings_truncate(setup):
 def test_sharded_generation_equals_single_device(setup):
   cfg, params, _, _, prompts, greedy = setup
   # Batch over 8 data shards (padded to 8 rows): greedy.
-  assert generate(cfg, params, prompts, N, mesh=sharding.make_mesh((8, 1, 1))).tokens == greedy.tokens
+  assert (
+    generate(cfg, params, prompts, N, mesh=sharding.make_mesh((8, 1, 1))).tokens == greedy.tokens
+  )
   # fsdp x tensor: weights, KV heads and the vocabulary split; sampling sorts and draws across
   # vocab shards, and equal samples need equal logits, so this checks the model as well.
   kw = dict(temperature=1.0, top_k=50, top_p=0.95, seed=7)

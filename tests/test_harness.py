@@ -43,8 +43,16 @@ def _mcq(abstracts, letters=True):
   out = []
   for i, a in enumerate(abstracts[:5]):
     w = a.split()
-    out.append({"question": " ".join(w[:10]) + "?", "A": w[10], "B": " ".join(w[11:13]),
-                "C": w[13], "D": w[14], "answer": "ABCD"[i % 4] if letters else i % 4})
+    out.append(
+      {
+        "question": " ".join(w[:10]) + "?",
+        "A": w[10],
+        "B": " ".join(w[11:13]),
+        "C": w[13],
+        "D": w[14],
+        "answer": "ABCD"[i % 4] if letters else i % 4,
+      }
+    )
   return out
 
 
@@ -56,7 +64,7 @@ def _greedy_docs(model, tok, abstracts):
     ids = tok(prompt, return_tensors="pt").input_ids
     with torch.no_grad():
       out = model.generate(ids, max_new_tokens=3, do_sample=False)
-    greedy = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    greedy = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
     docs.append({"prompt": prompt, "target": greedy if i % 2 == 0 else a.split()[8]})
   return docs
 
@@ -66,6 +74,7 @@ def setup(tmp_path_factory, tokenizer_path, abstracts):
   """Root folder with hf/ (model + tokenizer), astro_eval/ (the shipped tasks' data) and
   tasks/ (two more YAMLs)."""
   import transformers
+
   root = tmp_path_factory.mktemp("harness")
   model = make_hf_folder(TINY, root / "hf", seed=5)
   write_hf_tokenizer_files(root / "hf", tokenizer_path, TINY.max_seq_len)
@@ -74,50 +83,92 @@ def setup(tmp_path_factory, tokenizer_path, abstracts):
   data.mkdir()
   write_jsonl(data / "astro_mcq.jsonl", _mcq(abstracts))
   # "abstract" for some records and "text" for others: both fields the eval formats accept
-  write_jsonl(data / "astro_ph_abstracts.jsonl",
-              [{"abstract": a} if i % 2 else {"text": a} for i, a in enumerate(abstracts[5:10])])
+  write_jsonl(
+    data / "astro_ph_abstracts.jsonl",
+    [{"abstract": a} if i % 2 else {"text": a} for i, a in enumerate(abstracts[5:10])],
+  )
   write_jsonl(data / "greedy.jsonl", _greedy_docs(model, tok, abstracts))
-  write_jsonl(data / "complete.jsonl", [{"prompt": " ".join(a.split()[:12]), "target": a}
-                                        for a in abstracts[30:35]])
+  write_jsonl(
+    data / "complete.jsonl",
+    [{"prompt": " ".join(a.split()[:12]), "target": a} for a in abstracts[30:35]],
+  )
   tasks = root / "tasks"
   tasks.mkdir()
   common = {"dataset_path": "json", "test_split": "test", "doc_to_text": "{{ prompt }}"}
-  (tasks / "astro_greedy.yaml").write_text(yaml.safe_dump({
-      **common, "task": "astro_greedy", "output_type": "loglikelihood",
-      "dataset_kwargs": {"data_files": {"test": str(data / "greedy.jsonl")}},
-      "doc_to_target": "{{ target }}", "target_delimiter": "",
-      "metric_list": [{"metric": "acc"}, {"metric": "perplexity"}]}))
-  (tasks / "astro_complete.yaml").write_text(yaml.safe_dump({
-      **common, "task": "astro_complete", "output_type": "generate_until",
-      "dataset_kwargs": {"data_files": {"test": str(data / "complete.jsonl")}},
-      "doc_to_target": "{{ target }}",
-      "generation_kwargs": {"until": STOP, "max_gen_toks": 12, "do_sample": False},
-      "metric_list": [{"metric": "exact_match"}, {"metric": "chrf"}]}))
+  (tasks / "astro_greedy.yaml").write_text(
+    yaml.safe_dump(
+      {
+        **common,
+        "task": "astro_greedy",
+        "output_type": "loglikelihood",
+        "dataset_kwargs": {"data_files": {"test": str(data / "greedy.jsonl")}},
+        "doc_to_target": "{{ target }}",
+        "target_delimiter": "",
+        "metric_list": [{"metric": "acc"}, {"metric": "perplexity"}],
+      }
+    )
+  )
+  (tasks / "astro_complete.yaml").write_text(
+    yaml.safe_dump(
+      {
+        **common,
+        "task": "astro_complete",
+        "output_type": "generate_until",
+        "dataset_kwargs": {"data_files": {"test": str(data / "complete.jsonl")}},
+        "doc_to_target": "{{ target }}",
+        "generation_kwargs": {"until": STOP, "max_gen_toks": 12, "do_sample": False},
+        "metric_list": [{"metric": "exact_match"}, {"metric": "chrf"}],
+      }
+    )
+  )
   return root
 
 
 def _evaluate(model, model_args, root, tasks, **kw):
   from lm_eval import simple_evaluate
   from lm_eval.tasks import TaskManager
+
   # lm-eval's own tasks are not needed here (indexing them takes most of a minute)
-  manager = TaskManager(include_path=[harness_cli.TASKS_DIR, str(root / "tasks")],
-                        include_defaults=False)
-  return simple_evaluate(model=model, model_args=model_args, tasks=tasks, limit=LIMIT,
-                         task_manager=manager, log_samples=True, bootstrap_iters=0, **kw)
+  manager = TaskManager(
+    include_path=[harness_cli.TASKS_DIR, str(root / "tasks")], include_defaults=False
+  )
+  return simple_evaluate(
+    model=model,
+    model_args=model_args,
+    tasks=tasks,
+    limit=LIMIT,
+    task_manager=manager,
+    log_samples=True,
+    bootstrap_iters=0,
+    **kw,
+  )
 
 
 @pytest.fixture(scope="module")
 def both(setup):
   """lm-eval's results through hf and through astrollama, run from the data's folder."""
   from astrollama_jax.eval.harness import AstroLlamaLM
+
   torch.set_num_threads(1)
   cwd = os.getcwd()
   os.chdir(setup)
   try:
-    hf = _evaluate("hf", f"pretrained={setup / 'hf'},dtype=float32,max_length={MAX_LENGTH}",
-                   setup, SHIPPED + OURS_ONLY, device="cpu", batch_size=2)
-    lm = AstroLlamaLM(checkpoint=str(setup / "hf"), mesh="2,2,2", compute_dtype="float32",
-                      max_length=MAX_LENGTH, batch_size=4, progress=False)
+    hf = _evaluate(
+      "hf",
+      f"pretrained={setup / 'hf'},dtype=float32,max_length={MAX_LENGTH}",
+      setup,
+      SHIPPED + OURS_ONLY,
+      device="cpu",
+      batch_size=2,
+    )
+    lm = AstroLlamaLM(
+      checkpoint=str(setup / "hf"),
+      mesh="2,2,2",
+      compute_dtype="float32",
+      max_length=MAX_LENGTH,
+      batch_size=4,
+      progress=False,
+    )
     ours = _evaluate(lm, None, setup, SHIPPED + OURS_ONLY)
   finally:
     os.chdir(cwd)
@@ -143,8 +194,13 @@ def test_every_document_scores_like_the_hf_backend(both, task):
     if task == "astro_complete":
       assert fx == fy, (x["arguments"], fx, fy)
     else:
-      np.testing.assert_allclose(np.asarray(fy, float), np.asarray(fx, float), rtol=1e-5,
-                                 atol=1e-4, err_msg=f"{task} doc {x['doc_id']}")
+      np.testing.assert_allclose(
+        np.asarray(fy, float),
+        np.asarray(fx, float),
+        rtol=1e-5,
+        atol=1e-4,
+        err_msg=f"{task} doc {x['doc_id']}",
+      )
 
 
 @pytest.mark.parametrize("task", SHIPPED + OURS_ONLY)
@@ -165,8 +221,10 @@ def test_the_tasks_exercise_what_they_should(both):
   assert any(greedy) and not all(greedy)
   texts = [s["filtered_resps"][0] for s in ours["samples"]["astro_complete"]]
   assert any(texts) and not any(c in t for t in texts for c in STOP)
-  lengths = [len(s["doc"].get("text") or s["doc"].get("abstract")) for s in
-             ours["samples"]["astro_ph_abstracts"]]
+  lengths = [
+    len(s["doc"].get("text") or s["doc"].get("abstract"))
+    for s in ours["samples"]["astro_ph_abstracts"]
+  ]
   assert min(lengths) > 4 * MAX_LENGTH  # characters: every text spans more than one window
   assert ours["results"]["astro_ph_abstracts"]["word_perplexity,none"] > 1
 
@@ -179,15 +237,26 @@ def _run_cli(capsys, *args):
   return capsys.readouterr().out.strip().splitlines()
 
 
-def test_cli_prints_the_table_and_results_and_writes_files(setup, both, capsys, monkeypatch,
-                                                           tokenizer_path):
+def test_cli_prints_the_table_and_results_and_writes_files(
+  setup, both, capsys, monkeypatch, tokenizer_path
+):
   monkeypatch.chdir(setup)
   out = setup / "cli_out"
-  lines = _run_cli(capsys, f"--checkpoint={setup / 'hf'}", f"--tokenizer={tokenizer_path}",
-                   "--tasks=astro_mcq,astro_ph_abstracts,astro_complete",
-                   f"--include_path={setup / 'tasks'}", f"--limit={LIMIT}",
-                   f"--max_length={MAX_LENGTH}", "--compute_dtype=float32", "--mesh=2,2,2",
-                   "--batch_size=4", "--bootstrap_iters=0", f"--output={out}", "--label=tiny")
+  lines = _run_cli(
+    capsys,
+    f"--checkpoint={setup / 'hf'}",
+    f"--tokenizer={tokenizer_path}",
+    "--tasks=astro_mcq,astro_ph_abstracts,astro_complete",
+    f"--include_path={setup / 'tasks'}",
+    f"--limit={LIMIT}",
+    f"--max_length={MAX_LENGTH}",
+    "--compute_dtype=float32",
+    "--mesh=2,2,2",
+    "--batch_size=4",
+    "--bootstrap_iters=0",
+    f"--output={out}",
+    "--label=tiny",
+  )
   summary = json.loads(lines[-1])
   table = "\n".join(lines[:-1])
   assert "|astro_mcq" in table and "word_perplexity" in table and "Metric" in table
@@ -206,18 +275,22 @@ def test_cli_prints_the_table_and_results_and_writes_files(setup, both, capsys, 
   assert ours_file["label"] == "tiny" and ours_file["task"] == "harness"
   assert ours_file["metrics"]["astro_mcq/acc"] == summary["results"]["astro_mcq"]["acc,none"]
   assert "astro_mcq/sample_len" not in ours_file["metrics"]
-  (label, metrics), = compare.load_runs([str(out)])
+  ((label, metrics),) = compare.load_runs([str(out)])
   assert label == "tiny"
   assert metrics["astro_ph_abstracts/bits_per_byte"] == pytest.approx(
-      summary["results"]["astro_ph_abstracts"]["bits_per_byte,none"])
+    summary["results"]["astro_ph_abstracts"]["bits_per_byte,none"]
+  )
 
 
 def test_shipped_yamls_load_with_lm_evals_task_manager(tmp_path, monkeypatch, abstracts):
   from lm_eval.tasks import TaskManager
+
   (tmp_path / "astro_eval").mkdir()
   write_jsonl(tmp_path / "astro_eval" / "astro_mcq.jsonl", _mcq(abstracts, letters=False))
-  write_jsonl(tmp_path / "astro_eval" / "astro_ph_abstracts.jsonl",
-              [{"abstract": a, "text": None if i % 2 else a} for i, a in enumerate(abstracts[:5])])
+  write_jsonl(
+    tmp_path / "astro_eval" / "astro_ph_abstracts.jsonl",
+    [{"abstract": a, "text": None if i % 2 else a} for i, a in enumerate(abstracts[:5])],
+  )
   monkeypatch.chdir(tmp_path)
   manager = TaskManager(include_path=harness_cli.TASKS_DIR, include_defaults=False)
   assert set(SHIPPED) <= set(manager.all_subtasks) and "astro" in manager.all_tags
@@ -238,10 +311,21 @@ def test_shipped_yamls_load_with_lm_evals_task_manager(tmp_path, monkeypatch, ab
 def test_unknown_task_is_one_error_line(setup, tokenizer_path):
   repo = os.path.dirname(os.path.dirname(os.path.abspath(harness_cli.__file__)))
   env = {**os.environ, "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")])}
-  res = subprocess.run([sys.executable, "-m", "astrollama_jax.harness",
-                        f"--checkpoint={setup / 'hf'}", "--tasks=astro_mcq,no_such_task_xyz",
-                        f"--output={setup / 'bad_out'}"], capture_output=True, text=True,
-                       env=env, timeout=300, check=False)
+  res = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "astrollama_jax.harness",
+      f"--checkpoint={setup / 'hf'}",
+      "--tasks=astro_mcq,no_such_task_xyz",
+      f"--output={setup / 'bad_out'}",
+    ],
+    capture_output=True,
+    text=True,
+    env=env,
+    timeout=300,
+    check=False,
+  )
   assert res.returncode == 1, res.stderr[-2000:]
   errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
   assert errors == [errors[0]] and "no_such_task_xyz" in errors[0], res.stderr[-2000:]
@@ -254,19 +338,38 @@ def test_two_processes_give_the_single_process_results(setup, both, tmp_path, to
   writes the numbers one process computes; process 1 prints and writes nothing."""
   from test_multihost import _free_port
   from test_train_cli import train_env
+
   _, ours = both
   tasks = ["astro_mcq", "astro_greedy", "astro_ph_abstracts", "astro_complete"]
   port, out = _free_port(), tmp_path / "out"
   procs = []
   for i in range(2):
-    cmd = [sys.executable, "-m", "astrollama_jax.harness", f"--checkpoint={setup / 'hf'}",
-           f"--tokenizer={tokenizer_path}", f"--tasks={','.join(tasks)}",
-           f"--include_path={setup / 'tasks'}", f"--limit={LIMIT}", f"--max_length={MAX_LENGTH}",
-           "--compute_dtype=float32", "--mesh=2,2,2", "--batch_size=4", "--bootstrap_iters=0",
-           f"--output={out}", "--label=tiny", "--noprogress", "--num_processes=2",
-           f"--coordinator_address=127.0.0.1:{port}", f"--process_id={i}"]
-    procs.append(subprocess.Popen(cmd, cwd=setup, env=train_env(4), stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True))
+    cmd = [
+      sys.executable,
+      "-m",
+      "astrollama_jax.harness",
+      f"--checkpoint={setup / 'hf'}",
+      f"--tokenizer={tokenizer_path}",
+      f"--tasks={','.join(tasks)}",
+      f"--include_path={setup / 'tasks'}",
+      f"--limit={LIMIT}",
+      f"--max_length={MAX_LENGTH}",
+      "--compute_dtype=float32",
+      "--mesh=2,2,2",
+      "--batch_size=4",
+      "--bootstrap_iters=0",
+      f"--output={out}",
+      "--label=tiny",
+      "--noprogress",
+      "--num_processes=2",
+      f"--coordinator_address=127.0.0.1:{port}",
+      f"--process_id={i}",
+    ]
+    procs.append(
+      subprocess.Popen(
+        cmd, cwd=setup, env=train_env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+      )
+    )
   try:
     outputs = [p.communicate(timeout=600) for p in procs]
   finally:
@@ -291,9 +394,11 @@ def test_model_args_string_builds_the_registered_model(setup):
   from lm_eval.api.registry import get_model
 
   import astrollama_jax.eval.harness  # noqa: F401  (registers the model)
+
   lm = get_model("astrollama").create_from_arg_string(
-      f"checkpoint={setup / 'hf'},compute_dtype=float32,max_length=32",
-      {"batch_size": "auto", "device": "cpu", "max_batch_size": None})
+    f"checkpoint={setup / 'hf'},compute_dtype=float32,max_length=32",
+    {"batch_size": "auto", "device": "cpu", "max_batch_size": None},
+  )
   assert (lm.max_length, lm.batch_size, lm.cfg.compute_dtype) == (32, 8, "float32")
   context, continuation = lm._encode_pair("The Sun is a ", "star")
   assert context[0] == lm.prefix_token_id == 1 and lm.tok_decode(continuation) == "star"
@@ -303,6 +408,7 @@ def test_model_args_string_builds_the_registered_model(setup):
 
 def test_bad_include_path_and_limit_are_user_errors(tmp_path):
   from astrollama_jax import cli
+
   with pytest.raises(cli.UserError, match="not a folder"):
     harness_cli.task_manager([str(tmp_path / "nope")])
   with pytest.raises(cli.UserError, match="--limit"):

@@ -9,8 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from astrollama_jax.data import latex, latex_clean, latex_sections, sources
-from conftest_data import (LABELLED_LATEX, MINI_BODY, MINI_PAPER, need, write_gz,
-                                 write_tar_gz)
+from conftest_data import LABELLED_LATEX, MINI_BODY, MINI_PAPER, need, write_gz, write_tar_gz
 
 
 # ----------------------------------------------------------------------------- real papers
@@ -39,7 +38,8 @@ def _check_labelled(paper_dir):
     # the recorded span really is where the text lies in the raw source
     raw = paper_dir / got.spans[0].file
     first = latex_sections.strip_comments(
-        raw.read_text()[got.spans[0].start:got.spans[0].end]).split()
+      raw.read_text()[got.spans[0].start : got.spans[0].end]
+    ).split()
     if first[:8] != words[:8]:
       problems.append("span")
     row[name] = "ok" if not problems else "+".join(problems)
@@ -54,8 +54,10 @@ def test_labelled_papers_accuracy():
   print(f"\n{'paper':48s} {'abstract':10s} {'introduction':13s} {'conclusion':10s}")
   for p in papers:
     row = _check_labelled(p)
-    print(f"{p.name[:48]:48s} {row.get('abstract', '-'):10s} {row.get('introduction', '-'):13s} "
-          f"{row.get('conclusion', '-'):10s}")
+    print(
+      f"{p.name[:48]:48s} {row.get('abstract', '-'):10s} {row.get('introduction', '-'):13s} "
+      f"{row.get('conclusion', '-'):10s}"
+    )
     total += len(row)
     ok += sum(v == "ok" for v in row.values())
   print(f"sections right (start and end): {ok}/{total} = {ok / total:.1%}")
@@ -73,18 +75,21 @@ def bundles(tmp_path):
   (folder / "body.tex").write_text(MINI_BODY)
   single = MINI_PAPER.replace("\\input{body}", MINI_BODY)
   return {
-      "gz": write_gz(tmp_path / "2101.00001v2.gz", single),
-      "tar": write_tar_gz(tmp_path / "2101.00002.tar.gz",
-                          {"paper/ms.tex": MINI_PAPER, "paper/body.tex": MINI_BODY}),
-      "folder": folder,
-      "gz_tar": write_gz(tmp_path / "2101.00004.gz",
-                         _tar_bytes({"ms.tex": MINI_PAPER, "body.tex": MINI_BODY})),
+    "gz": write_gz(tmp_path / "2101.00001v2.gz", single),
+    "tar": write_tar_gz(
+      tmp_path / "2101.00002.tar.gz", {"paper/ms.tex": MINI_PAPER, "paper/body.tex": MINI_BODY}
+    ),
+    "folder": folder,
+    "gz_tar": write_gz(
+      tmp_path / "2101.00004.gz", _tar_bytes({"ms.tex": MINI_PAPER, "body.tex": MINI_BODY})
+    ),
   }
 
 
 def _tar_bytes(files):
   import io
   import tarfile
+
   buf = io.BytesIO()
   with tarfile.open(fileobj=buf, mode="w") as tar:
     for name, text in files.items():
@@ -120,12 +125,13 @@ def test_input_resolution_and_span_offsets(bundles):
   assert paper.main_file == "paper/ms.tex"
   (span,) = intro.spans
   assert span.file == "paper/ms.tex"
-  assert MINI_PAPER[span.start:span.end].startswith("Galaxies are")
-  assert MINI_PAPER[span.start:span.end].rstrip().endswith("Some are small.")
+  assert MINI_PAPER[span.start : span.end].startswith("Galaxies are")
+  assert MINI_PAPER[span.start : span.end].rstrip().endswith("Some are small.")
 
 
 def test_mnras_and_aa_abstracts_and_conclusion_choice():
-  files = {"a.tex": r"""\documentclass{aa}
+  files = {
+    "a.tex": r"""\documentclass{aa}
 \begin{document}
 \abstract
 % context
@@ -140,7 +146,8 @@ def test_mnras_and_aa_abstracts_and_conclusion_choice():
 \begin{acknowledgements} Thanks. \end{acknowledgements}
 \appendix
 \section{Summary of symbols} Not body.
-\end{document}"""}
+\end{document}"""
+  }
   paper = latex.extract_files(files)
   assert paper.sections["abstract"].text == "Context here.\n\nAims here."
   assert paper.sections["conclusion"].title == "Concluding remarks"
@@ -190,17 +197,28 @@ def test_bad_documents_are_skipped_with_a_reason(tmp_path):
   assert _skip_reason(tmp_path / "absent.tar.gz") == "missing"
   # a latin-1 file that says so is read
   (tmp_path / "lat.tex").write_bytes(
-      b"\\documentclass{x}\\usepackage[latin1]{inputenc}\\begin{document}"
-      b"\\begin{abstract}caf\xe9\\end{abstract}\\end{document}")
+    b"\\documentclass{x}\\usepackage[latin1]{inputenc}\\begin{document}"
+    b"\\begin{abstract}caf\xe9\\end{abstract}\\end{document}"
+  )
   assert latex.process_paper(tmp_path / "lat.tex").sections["abstract"].text == "café"
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("evil", [
-    "{" * 50000, "}" * 50000, "\\section{" * 20000, "%" * 100000, "\\input{a}" * 5000,
-    "$" * 30001, "\\begin{abstract}" * 10000, "\\section{Introduction}" + "\\\\" * 100000,
-    "\\section{Introduction}" + "\\label{" * 5000, "\\newcommand{\\a}{\\b\\b\\b\\b}" * 3,
-])
+@pytest.mark.parametrize(
+  "evil",
+  [
+    "{" * 50000,
+    "}" * 50000,
+    "\\section{" * 20000,
+    "%" * 100000,
+    "\\input{a}" * 5000,
+    "$" * 30001,
+    "\\begin{abstract}" * 10000,
+    "\\section{Introduction}" + "\\\\" * 100000,
+    "\\section{Introduction}" + "\\label{" * 5000,
+    "\\newcommand{\\a}{\\b\\b\\b\\b}" * 3,
+  ],
+)
 def test_pathological_inputs_finish(evil):
   files = {"m.tex": "\\documentclass{x}\\begin{document}" + evil + "\\end{document}"}
   try:
@@ -211,20 +229,60 @@ def test_pathological_inputs_finish(evil):
 
 def test_self_multiplying_macros_are_bounded():
   # fully expanded, \\ma would be 30**3 = 27000 x's
-  pre = "".join("\\newcommand{\\m%s}{%s}" % (c, ("\\m%s " % n) * 30)
-                for c, n in zip("abc", "bcd")) + "\\newcommand{\\md}{x}"
-  files = {"m.tex": "\\documentclass{x}" + pre + "\\begin{document}\\begin{abstract}\\ma"
-                    "\\end{abstract}\\end{document}"}
+  pre = (
+    "".join("\\newcommand{\\m%s}{%s}" % (c, ("\\m%s " % n) * 30) for c, n in zip("abc", "bcd"))
+    + "\\newcommand{\\md}{x}"
+  )
+  files = {
+    "m.tex": "\\documentclass{x}" + pre + "\\begin{document}\\begin{abstract}\\ma"
+    "\\end{abstract}\\end{document}"
+  }
   text = latex.extract_files(files).sections["abstract"].text
   assert 0 < text.count("x") <= latex_clean.MAX_EXPANSIONS
 
 
-_TOKENS = st.sampled_from([
-    "\\section{", "\\section*{Conclusions}", "\\begin{abstract}", "\\end{abstract}", "{", "}",
-    "$", "$$", "\\[", "\\]", "%", "\n", "\\\\", "\\input{", "\\begin{figure}", "\\end{figure}",
-    "\\textbf{", "\\cite{", "\\label{", "\\abstract", "\\appendix", "~", "--", "\\'", "\\\"",
-    "Introduction", "word ", "\\begin{itemize}", "\\item", "\\end{itemize}", "[", "]",
-    "\\newcommand{\\x}{", "\\x", "\\begin{equation}", "\\end{equation}", "\\(", "\\)"])
+_TOKENS = st.sampled_from(
+  [
+    "\\section{",
+    "\\section*{Conclusions}",
+    "\\begin{abstract}",
+    "\\end{abstract}",
+    "{",
+    "}",
+    "$",
+    "$$",
+    "\\[",
+    "\\]",
+    "%",
+    "\n",
+    "\\\\",
+    "\\input{",
+    "\\begin{figure}",
+    "\\end{figure}",
+    "\\textbf{",
+    "\\cite{",
+    "\\label{",
+    "\\abstract",
+    "\\appendix",
+    "~",
+    "--",
+    "\\'",
+    '\\"',
+    "Introduction",
+    "word ",
+    "\\begin{itemize}",
+    "\\item",
+    "\\end{itemize}",
+    "[",
+    "]",
+    "\\newcommand{\\x}{",
+    "\\x",
+    "\\begin{equation}",
+    "\\end{equation}",
+    "\\(",
+    "\\)",
+  ]
+)
 
 
 @pytest.mark.timeout(120)

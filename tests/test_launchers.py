@@ -46,8 +46,13 @@ def _tools(tmp_path) -> dict[str, str]:
     (bin_dir / name).write_text(text)
     (bin_dir / name).chmod(stat.S_IRWXU)
   (tmp_path / "run").mkdir()
-  return dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", PYTHON=str(bin_dir / "trainer"),
-              TMPDIR=str(tmp_path), REPO_DIR=str(REPO))
+  return dict(
+    os.environ,
+    PATH=f"{bin_dir}:{os.environ['PATH']}",
+    PYTHON=str(bin_dir / "trainer"),
+    TMPDIR=str(tmp_path),
+    REPO_DIR=str(REPO),
+  )
 
 
 def _events(tmp_path) -> list[str]:
@@ -58,22 +63,39 @@ def _events(tmp_path) -> list[str]:
 def test_multihost_exits_with_the_highest_status(tmp_path):
   env = _tools(tmp_path)
   env.update(HOSTS="a,b", FAKE_RC_1=str(exit_codes.HUNG))
-  out = subprocess.run(["bash", str(REPO / "launch/gpu_multihost.sh"), "configs/demo.py",
-                        str(tmp_path / "run"), "--config.seed=1"], cwd=tmp_path, env=env,
-                       capture_output=True, text=True, timeout=60)
+  out = subprocess.run(
+    [
+      "bash",
+      str(REPO / "launch/gpu_multihost.sh"),
+      "configs/demo.py",
+      str(tmp_path / "run"),
+      "--config.seed=1",
+    ],
+    cwd=tmp_path,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=60,
+  )
   assert out.returncode == exit_codes.HUNG, out.stderr
   started = sorted(e for e in _events(tmp_path) if e.startswith("started"))
   assert [e.split()[1] for e in started] == ["0", "1"]
-  assert all("--coordinator_address=a:12355 --num_processes=2" in e
-             and e.endswith("--config.seed=1") for e in started)
+  assert all(
+    "--coordinator_address=a:12355 --num_processes=2" in e and e.endswith("--config.seed=1")
+    for e in started
+  )
 
 
 def test_multihost_forwards_sigterm_to_the_trainers_and_exits_preempted(tmp_path):
   env = _tools(tmp_path)
   env.update(HOSTS="a,b", WAIT="60")
-  proc = subprocess.Popen(["bash", str(REPO / "launch/gpu_multihost.sh"), "configs/demo.py",
-                           str(tmp_path / "run")], cwd=tmp_path, env=env, stderr=subprocess.PIPE,
-                          text=True)
+  proc = subprocess.Popen(
+    ["bash", str(REPO / "launch/gpu_multihost.sh"), "configs/demo.py", str(tmp_path / "run")],
+    cwd=tmp_path,
+    env=env,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
   try:
     end = time.time() + 30
     while len(_events(tmp_path)) < 2:
@@ -90,10 +112,25 @@ def test_multihost_forwards_sigterm_to_the_trainers_and_exits_preempted(tmp_path
 
 def test_tpu_pod_exits_with_the_highest_worker_status(tmp_path):
   env = _tools(tmp_path)
-  for rcs, want in (((0, 0), 0), ((exit_codes.PREEMPTED, 0), exit_codes.PREEMPTED),
-                    ((exit_codes.PREEMPTED, exit_codes.HUNG), exit_codes.HUNG)):
+  for rcs, want in (
+    ((0, 0), 0),
+    ((exit_codes.PREEMPTED, 0), exit_codes.PREEMPTED),
+    ((exit_codes.PREEMPTED, exit_codes.HUNG), exit_codes.HUNG),
+  ):
     env.update(FAKE_RC_0=str(rcs[0]), FAKE_RC_1=str(rcs[1]), LOG=str(tmp_path / f"tpu{want}.log"))
-    out = subprocess.run(["bash", str(REPO / "launch/tpu_pod.sh"), "pod", "zone", "configs/demo.py",
-                          str(tmp_path / "run")], cwd=REPO, env=env, capture_output=True, text=True,
-                         timeout=60)
+    out = subprocess.run(
+      [
+        "bash",
+        str(REPO / "launch/tpu_pod.sh"),
+        "pod",
+        "zone",
+        "configs/demo.py",
+        str(tmp_path / "run"),
+      ],
+      cwd=REPO,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=60,
+    )
     assert out.returncode == want, (rcs, out.stdout, out.stderr)

@@ -25,8 +25,9 @@ TOKENS = jnp.asarray(np.random.default_rng(0).integers(0, 32000, (2, 12)), jnp.i
 def _perturbed(adapters, seed=1, scale=0.05):
   leaves, tree = jax.tree.flatten(adapters)
   keys = jax.random.split(jax.random.key(seed), len(leaves))
-  return jax.tree.unflatten(tree, [x + scale * jax.random.normal(k, x.shape)
-                                   for x, k in zip(leaves, keys)])
+  return jax.tree.unflatten(
+    tree, [x + scale * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
+  )
 
 
 def test_fresh_adapters_leave_the_model_unchanged_and_merging_matches_the_branch():
@@ -113,7 +114,8 @@ def test_only_adapters_have_optimizer_state_and_the_step_takes_less_memory():
   assert {s for s in opt_shapes if s} == adapter_shapes  # moments: adapter-shaped only
   assert [s for s in opt_shapes if s not in adapter_shapes] == [()] * 2  # two step counters
   assert jax.tree.structure(lo.state_shapes.params) == jax.tree.structure(
-      lora.adapter_shapes(lo.cfg, spec))
+    lora.adapter_shapes(lo.cfg, spec)
+  )
   assert {x.dtype for x in jax.tree.leaves(lo.state_shapes.frozen)} == {jnp.dtype("bfloat16")}
 
   # The compiled step's arguments are exactly the state (+ batch): f32 params and two moments
@@ -138,8 +140,12 @@ def test_a_step_trains_the_adapters_and_leaves_the_base_bit_for_bit():
     base = jax.device_get(state.frozen)
     before = jax.device_get(state.params)
     rng = np.random.default_rng(0)
-    batch = {k: jnp.asarray(rng.integers(1, 1000, (8, 32)), v) if k in ("tokens", "targets")
-             else jnp.ones((8, 32), v) for k, v in BATCH_SPEC.items()}
+    batch = {
+      k: jnp.asarray(rng.integers(1, 1000, (8, 32)), v)
+      if k in ("tokens", "targets")
+      else jnp.ones((8, 32), v)
+      for k, v in BATCH_SPEC.items()
+    }
     state, metrics = program.compiled(state, batch)
   assert int(metrics["skipped"]) == 0 and float(metrics["grad_norm"]) > 0
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.frozen), base)
@@ -204,10 +210,15 @@ def test_a_lora_workdir_names_its_base_and_refuses_a_changed_one(tmp_path, token
   config.lora.base_dtype = "float32"
   summary = loop.train(config, str(tmp_path / "run"))
   assert summary["final_step"] == 3 and summary["lora_params"] == lora.num_adapter_params(
-      cfg, lora.spec_from_config(config))
+    cfg, lora.spec_from_config(config)
+  )
   record = json.loads((tmp_path / "run" / lora_base.LORA_FILE).read_text())
-  assert record["base"] == {"kind": "converted", "path": base_dir, "step": None,
-                            "fingerprint": lora_base.fingerprint(base_dir)}
+  assert record["base"] == {
+    "kind": "converted",
+    "path": base_dir,
+    "step": None,
+    "fingerprint": lora_base.fingerprint(base_dir),
+  }
   assert record["lora"]["targets"] == list(ALL) and record["base_dtype"] == "float32"
   step = tmp_path / "run" / "checkpoints" / "3"
   meta = checkpoints.stored_metadata(str(step / "params"))
@@ -217,6 +228,7 @@ def test_a_lora_workdir_names_its_base_and_refuses_a_changed_one(tmp_path, token
   # A resumed run re-reads the base: a different model under that path is refused.
   other = get_config("tiny", vocab_size=1024)
   import shutil
+
   shutil.rmtree(base_dir)
   checkpoints.save_params(base_dir, other, llama.init_params(other, seed=6))
   config.train.num_steps = 4
@@ -226,12 +238,16 @@ def test_a_lora_workdir_names_its_base_and_refuses_a_changed_one(tmp_path, token
 
 # --- kill -9 and resume, a real subprocess ------------------------------------------------------
 
+
 def _adapters_and_opt(workdir, step):
   import orbax.checkpoint as ocp
+
   folder = os.path.join(workdir, "checkpoints", str(step))
   ckptr = ocp.StandardCheckpointer()
-  return (ckptr.restore(os.path.join(folder, "params")),
-          ckptr.restore(os.path.join(folder, "opt_state")))
+  return (
+    ckptr.restore(os.path.join(folder, "params")),
+    ckptr.restore(os.path.join(folder, "opt_state")),
+  )
 
 
 def test_kill9_and_resume_of_a_lora_run_is_bit_identical(tmp_path, tokenizer_path):
@@ -239,14 +255,22 @@ def test_kill9_and_resume_of_a_lora_run_is_bit_identical(tmp_path, tokenizer_pat
   from test_train_cli import records, train_cmd
 
   cfg = get_config("tiny", n_kv_heads=2)
-  base_dir = checkpoints.save_params(str(tmp_path / "base"), cfg, llama.init_params(cfg, seed=7),
-                                     tokenizer_path)
-  run = [*RUN, "--config.data.kind=synthetic", "--config.data.synthetic.num_rows=64",
-         f"--config.init_checkpoint={base_dir}", "--config.lora.rank=4",
-         "--config.lora.dropout=0.2", "--config.lora.targets=q,v,o,up",
-         "--config.train.grad_accum_steps=2"]
+  base_dir = checkpoints.save_params(
+    str(tmp_path / "base"), cfg, llama.init_params(cfg, seed=7), tokenizer_path
+  )
+  run = [
+    *RUN,
+    "--config.data.kind=synthetic",
+    "--config.data.synthetic.num_rows=64",
+    f"--config.init_checkpoint={base_dir}",
+    "--config.lora.rank=4",
+    "--config.lora.dropout=0.2",
+    "--config.lora.targets=q,v,o,up",
+    "--config.train.grad_accum_steps=2",
+  ]
   whole, broken, summary, killed_after = kill_and_resume(
-      tmp_path, lambda workdir: train_cmd(workdir, *run), STEPS - 2)
+    tmp_path, lambda workdir: train_cmd(workdir, *run), STEPS - 2
+  )
   assert EVERY <= summary["resumed_from"] <= killed_after and summary["final_step"] == STEPS
   losses = {r["step"]: r["loss"] for r in records(whole, "train")}
   assert all(losses[r["step"]] == r["loss"] for r in records(broken, "train"))
@@ -265,11 +289,13 @@ def test_a_lora_workdir_over_a_random_base_loads_merged(tmp_path):
   assert record["base"] == {"kind": "random", "seed": 0}
   loaded = checkpoints.load_model(str(tmp_path / "run"), on_host=True)
   assert loaded.step == 2 and loaded.cfg.param_dtype == "bfloat16"
-  base = jax.tree.map(lambda x: np.asarray(x.astype(jnp.bfloat16)),
-                      llama.init_params(loaded.cfg, seed=0))
+  base = jax.tree.map(
+    lambda x: np.asarray(x.astype(jnp.bfloat16)), llama.init_params(loaded.cfg, seed=0)
+  )
   adapters = lora_base.restore_adapters(str(tmp_path / "run" / "checkpoints" / "2" / "params"))
   want = lora.merge(base, adapters, record["spec"])
-  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
-               loaded.params, want)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), loaded.params, want
+  )
   assert np.any(loaded.params["layers"]["mlp"]["up_proj"] != base["layers"]["mlp"]["up_proj"])
   np.testing.assert_array_equal(loaded.params["lm_head"], base["lm_head"])

@@ -55,8 +55,9 @@ def lora_run(tmp_path_factory, tokenizer_path):
   c.lora.base_dtype = "bfloat16"
   workdir = root / "run"
   loop.train(c, str(workdir))
-  merged = export(str(workdir), str(root / "merged"), peft_adapter=str(root / "adapter"),
-                  show_progress=False)
+  merged = export(
+    str(workdir), str(root / "merged"), peft_adapter=str(root / "adapter"), show_progress=False
+  )
   return base, workdir, merged, root / "adapter"
 
 
@@ -76,6 +77,7 @@ def test_untargeted_weights_are_the_base_bit_for_bit_and_targeted_ones_moved(lor
 
 def test_peft_loads_the_adapter_and_matches_the_merged_folder(lora_run, tokenizer_path):
   import peft
+
   base, workdir, merged, adapter = lora_run
   config = json.loads((adapter / peft_io.ADAPTER_CONFIG).read_text())
   assert config["r"] == 4 and config["lora_alpha"] == 12.0 and config["peft_type"] == "LORA"
@@ -86,7 +88,8 @@ def test_peft_loads_the_adapter_and_matches_the_merged_folder(lora_run, tokenize
 
   ids = np.random.default_rng(0).integers(0, 32000, (2, 16))
   with_adapter = peft.PeftModel.from_pretrained(
-      transformers.LlamaForCausalLM.from_pretrained(str(base), dtype=torch.float32), str(adapter))
+    transformers.LlamaForCausalLM.from_pretrained(str(base), dtype=torch.float32), str(adapter)
+  )
   with_adapter.eval()
   full = transformers.LlamaForCausalLM.from_pretrained(merged["output"], dtype=torch.float32).eval()
   plain = transformers.LlamaForCausalLM.from_pretrained(str(base), dtype=torch.float32).eval()
@@ -98,6 +101,7 @@ def test_peft_loads_the_adapter_and_matches_the_merged_folder(lora_run, tokenize
   loaded = checkpoints.load_model(str(base), on_host=True)
   cfg = loaded.cfg.replace(compute_dtype="float32")
   from astrollama_jax import lora_base
+
   step = max(int(n) for n in os.listdir(workdir / "checkpoints") if n.isdigit())
   adapters = lora_base.restore_adapters(str(workdir / "checkpoints" / str(step) / "params"))
   spec = lora_base.read(str(workdir))["spec"]
@@ -133,20 +137,36 @@ def _generate(checkpoint, output):
   import sys
 
   from test_train_cli import REPO, train_env
-  out = subprocess.run([sys.executable, "-m", "astrollama_jax.generate",
-                        f"--checkpoint={checkpoint}",
-                        "--prompt=The Hubble constant", "--prompt=Dark matter halos",
-                        "--max_new_tokens=8", "--temperature=0", "--compute_dtype=float32",
-                        f"--output={output}"], cwd=REPO, env=train_env(1),
-                       capture_output=True, text=True, timeout=300)
+
+  out = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "astrollama_jax.generate",
+      f"--checkpoint={checkpoint}",
+      "--prompt=The Hubble constant",
+      "--prompt=Dark matter halos",
+      "--max_new_tokens=8",
+      "--temperature=0",
+      "--compute_dtype=float32",
+      f"--output={output}",
+    ],
+    cwd=REPO,
+    env=train_env(1),
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert out.returncode == 0, out.stderr[-3000:]
   assert json.loads(out.stdout.strip().splitlines()[-1])["generated_tokens"] > 0
   return [json.loads(line)["completion"] for line in open(output)]
 
 
-def test_generate_and_eval_on_a_lora_workdir_equal_the_merged_export(lora_run, tmp_path, capsys,
-                                                                    abstracts):
+def test_generate_and_eval_on_a_lora_workdir_equal_the_merged_export(
+  lora_run, tmp_path, capsys, abstracts
+):
   from test_eval_common import run_cli, write_jsonl
+
   base, workdir, merged, _ = lora_run
   got = _generate(workdir, tmp_path / "lora.jsonl")
   assert got == _generate(merged["output"], tmp_path / "merged.jsonl")
@@ -155,9 +175,19 @@ def test_generate_and_eval_on_a_lora_workdir_equal_the_merged_export(lora_run, t
   write_jsonl(data, [{"id": f"a{i}", "abstract": a} for i, a in enumerate(abstracts[:4])])
   results = []
   for name, checkpoint in (("lora", workdir), ("merged", merged["output"])):
-    results.append(run_cli(capsys, "--task=perplexity", f"--checkpoint={checkpoint}",
-                           f"--output={tmp_path / name}", f"--data={data}", "--bootstrap=20",
-                           "--compute_dtype=float32", "--batch_size=4", "--max_len=64"))
+    results.append(
+      run_cli(
+        capsys,
+        "--task=perplexity",
+        f"--checkpoint={checkpoint}",
+        f"--output={tmp_path / name}",
+        f"--data={data}",
+        "--bootstrap=20",
+        "--compute_dtype=float32",
+        "--batch_size=4",
+        "--max_len=64",
+      )
+    )
   lora_m, merged_m = results[0]["metrics"], results[1]["metrics"]
   assert lora_m.keys() == merged_m.keys()
   for key in lora_m:
@@ -165,18 +195,31 @@ def test_generate_and_eval_on_a_lora_workdir_equal_the_merged_export(lora_run, t
 
 
 def test_the_export_command_writes_both_folders_and_refuses_an_adapter_of_a_full_model(
-    lora_run, tmp_path):
+  lora_run, tmp_path
+):
   import subprocess
   import sys
 
   from test_train_cli import REPO, train_env
+
   base, workdir, merged, adapter = lora_run
 
   def run(checkpoint, name):
-    return subprocess.run([sys.executable, "-m", "astrollama_jax.export",
-                           f"--checkpoint={checkpoint}", f"--output={tmp_path / name}",
-                           f"--peft_adapter={tmp_path / (name + '_adapter')}"], cwd=REPO,
-                          env=train_env(1), capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+      [
+        sys.executable,
+        "-m",
+        "astrollama_jax.export",
+        f"--checkpoint={checkpoint}",
+        f"--output={tmp_path / name}",
+        f"--peft_adapter={tmp_path / (name + '_adapter')}",
+      ],
+      cwd=REPO,
+      env=train_env(1),
+      capture_output=True,
+      text=True,
+      timeout=300,
+    )
 
   out = run(workdir, "cli")
   assert out.returncode == 0, out.stderr[-3000:]

@@ -18,37 +18,57 @@ import pytest
 from astrollama_jax import make_qa
 from astrollama_jax.data.chat_formats import load_conversations
 
-GOOD_DIALOGUE = {"dialogue": [
+GOOD_DIALOGUE = {
+  "dialogue": [
     {"role": "user", "content": "What sets the size of a protoplanetary disc?"},
-    {"role": "assistant", "content": "Mostly the angular momentum of the infalling core and later viscous spreading."},
+    {
+      "role": "assistant",
+      "content": "Mostly the angular momentum of the infalling core and later viscous spreading.",
+    },
     {"role": "user", "content": "And what removes the gas in the end?"},
-    {"role": "assistant", "content": "Photoevaporation by the star's high-energy radiation, helped by winds."},
-]}
+    {
+      "role": "assistant",
+      "content": "Photoevaporation by the star's high-energy radiation, helped by winds.",
+    },
+  ]
+}
 
 # behavior -> list of replies per successive request; the last entry repeats.
 # A reply is ("json", content_string) | ("status", code, headers) | ("sleep", seconds)
 SCRIPTS = {
-    "good": [("json", json.dumps(GOOD_DIALOGUE))],
-    "fenced": [("json", "```json\n" + json.dumps(GOOD_DIALOGUE) + "\n```")],
-    "notjson": [("json", "Sure! Here is a lovely dialogue about discs: ...")],
-    "wrongshape": [("json", json.dumps({"dialogue": [{"role": "assistant", "content": "Hi"},
-                                                     {"role": "user", "content": "Hello"}]}))],
-    "emptyturn": [("json", json.dumps({"dialogue": [{"role": "user", "content": "Why?"},
-                                                    {"role": "assistant", "content": "  "}]}))],
-    "odd": [("json", json.dumps({"dialogue": GOOD_DIALOGUE["dialogue"][:3]}))],
-    "badbody": [("raw", b"<html>gateway</html>")],
-    "slow": [("sleep", 2.0)],
-    "ratelimited": [("status", 429, {"Retry-After": "7"}), ("json", json.dumps(GOOD_DIALOGUE))],
-    "flaky": [("status", 500, {}), ("status", 502, {}), ("json", json.dumps(GOOD_DIALOGUE))],
-    "down": [("status", 503, {})],
-    "forbidden": [("status", 403, {})],
-    # hostile servers
-    "redirect_away": [("redirect", "other")],
-    "redirect_here": [("redirect", "self"), ("json", json.dumps(GOOD_DIALOGUE))],
-    "drip": [("drip", 0.25)],
-    "huge": [("raw", b'{"pad": "' + b"x" * (3 * 1024**2) + b'"}')],
-    "deep_body": [("raw", b"[" * 200_000 + b"]" * 200_000)],
-    "deep_content": [("json", "[" * 200_000 + "]" * 200_000)],
+  "good": [("json", json.dumps(GOOD_DIALOGUE))],
+  "fenced": [("json", "```json\n" + json.dumps(GOOD_DIALOGUE) + "\n```")],
+  "notjson": [("json", "Sure! Here is a lovely dialogue about discs: ...")],
+  "wrongshape": [
+    (
+      "json",
+      json.dumps(
+        {"dialogue": [{"role": "assistant", "content": "Hi"}, {"role": "user", "content": "Hello"}]}
+      ),
+    )
+  ],
+  "emptyturn": [
+    (
+      "json",
+      json.dumps(
+        {"dialogue": [{"role": "user", "content": "Why?"}, {"role": "assistant", "content": "  "}]}
+      ),
+    )
+  ],
+  "odd": [("json", json.dumps({"dialogue": GOOD_DIALOGUE["dialogue"][:3]}))],
+  "badbody": [("raw", b"<html>gateway</html>")],
+  "slow": [("sleep", 2.0)],
+  "ratelimited": [("status", 429, {"Retry-After": "7"}), ("json", json.dumps(GOOD_DIALOGUE))],
+  "flaky": [("status", 500, {}), ("status", 502, {}), ("json", json.dumps(GOOD_DIALOGUE))],
+  "down": [("status", 503, {})],
+  "forbidden": [("status", 403, {})],
+  # hostile servers
+  "redirect_away": [("redirect", "other")],
+  "redirect_here": [("redirect", "self"), ("json", json.dumps(GOOD_DIALOGUE))],
+  "drip": [("drip", 0.25)],
+  "huge": [("raw", b'{"pad": "' + b"x" * (3 * 1024**2) + b'"}')],
+  "deep_body": [("raw", b"[" * 200_000 + b"]" * 200_000)],
+  "deep_content": [("json", "[" * 200_000 + "]" * 200_000)],
 }
 REDIRECT_TARGET: dict[str, str] = {}
 
@@ -67,7 +87,6 @@ class _Server:
     outer = self
 
     class Handler(http.server.BaseHTTPRequestHandler):
-
       def log_message(self, *args):
         pass
 
@@ -119,7 +138,9 @@ class _Server:
           if step[0] == "raw":
             payload = step[1]
           else:
-            payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": step[1]}}]}).encode()
+            payload = json.dumps(
+              {"choices": [{"message": {"role": "assistant", "content": step[1]}}]}
+            ).encode()
           self.send_response(200)
           self.send_header("Content-Type", "application/json")
           self.send_header("Content-Length", str(len(payload)))
@@ -159,14 +180,29 @@ def _write_abstracts(path: Path, behaviors: list[str]) -> list[str]:
     for i, b in enumerate(behaviors):
       pid = f"2501.{i:05d}"
       ids.append(pid)
-      f.write(json.dumps({"id": pid, "title": f"Paper {i}",
-                          "abstract": f"We study discs. PAPER:{pid} BEHAVIOR:{b} end."}) + "\n")
+      f.write(
+        json.dumps(
+          {
+            "id": pid,
+            "title": f"Paper {i}",
+            "abstract": f"We study discs. PAPER:{pid} BEHAVIOR:{b} end.",
+          }
+        )
+        + "\n"
+      )
   return ids
 
 
 def _settings(url: str, **kw) -> make_qa.Settings:
-  base = dict(endpoint=url, model="test-model", concurrency=4, max_retries=2, timeout=5.0,
-              backoff_base=0.001, backoff_max=10.0)
+  base = dict(
+    endpoint=url,
+    model="test-model",
+    concurrency=4,
+    max_retries=2,
+    timeout=5.0,
+    backoff_base=0.001,
+    backoff_max=10.0,
+  )
   base.update(kw)
   return make_qa.Settings(**base)
 
@@ -178,19 +214,29 @@ def _lines(path: Path) -> list[dict]:
 def test_chat_completions_url():
   assert make_qa.chat_completions_url("http://h:1") == "http://h:1/v1/chat/completions"
   assert make_qa.chat_completions_url("http://h:1/v1/") == "http://h:1/v1/chat/completions"
-  assert make_qa.chat_completions_url("http://h/x/chat/completions") == "http://h/x/chat/completions"
+  assert (
+    make_qa.chat_completions_url("http://h/x/chat/completions") == "http://h/x/chat/completions"
+  )
 
 
-@pytest.mark.parametrize("content,reason", [
+@pytest.mark.parametrize(
+  "content,reason",
+  [
     ("", "empty reply"),
     ("not json", "reply is not JSON"),
     ('{"dialog": []}', "reply has no dialogue list"),
     ('{"dialogue": [1, 2]}', "turn is not {role, content}"),
-    ('{"dialogue": [{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}]}', "empty turn"),
-    ('{"dialogue": [{"role": "user", "content": "q"}, {"role": "user", "content": "a"}]}',
-     "roles do not alternate from user"),
+    (
+      '{"dialogue": [{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}]}',
+      "empty turn",
+    ),
+    (
+      '{"dialogue": [{"role": "user", "content": "q"}, {"role": "user", "content": "a"}]}',
+      "roles do not alternate from user",
+    ),
     ('{"dialogue": [{"role": "user", "content": "q"}]}', "dialogue ends without an answer"),
-])
+  ],
+)
 def test_parse_dialogue_rejects(content, reason):
   with pytest.raises(make_qa.ReplyError) as e:
     make_qa.parse_dialogue(content)
@@ -212,8 +258,20 @@ def test_retry_after_parsing():
 
 
 def test_every_behaviour_and_resume(tmp_path):
-  behaviors = ["good", "fenced", "notjson", "wrongshape", "emptyturn", "odd", "badbody", "ratelimited",
-               "flaky", "down", "forbidden", "good"]
+  behaviors = [
+    "good",
+    "fenced",
+    "notjson",
+    "wrongshape",
+    "emptyturn",
+    "odd",
+    "badbody",
+    "ratelimited",
+    "flaky",
+    "down",
+    "forbidden",
+    "good",
+  ]
   abstracts = tmp_path / "abstracts.jsonl"
   ids = _write_abstracts(abstracts, behaviors)
   out = tmp_path / "out" / "qa.jsonl"
@@ -225,9 +283,15 @@ def test_every_behaviour_and_resume(tmp_path):
     assert server.auth == {None}
     assert summary["done"] == 5  # good x2, fenced, ratelimited, flaky
     assert summary["skipped_existing"] == 0
-    assert summary["failed"] == {"reply is not JSON": 1, "roles do not alternate from user": 1, "empty turn": 1,
-                                 "dialogue ends without an answer": 1, "response body is not JSON": 1,
-                                 "http 503": 1, "http 403": 1}
+    assert summary["failed"] == {
+      "reply is not JSON": 1,
+      "roles do not alternate from user": 1,
+      "empty turn": 1,
+      "dialogue ends without an answer": 1,
+      "response body is not JSON": 1,
+      "http 503": 1,
+      "http 403": 1,
+    }
     written = {r["id"] for r in _lines(out)}
     assert written == {i for i in ids if by_id[i] in ("good", "fenced", "ratelimited", "flaky")}
     # retries: max_retries=2 -> 3 attempts for transient errors, 1 for a 403 or a bad reply
@@ -260,8 +324,12 @@ def test_timeout_is_retried_then_fails(tmp_path):
   ids = _write_abstracts(abstracts, ["slow"])
   out = tmp_path / "qa.jsonl"
   with _Server() as server:
-    summary = make_qa.run(str(abstracts), str(out), _settings(server.url, timeout=0.2, max_retries=1),
-                          sleep=lambda s: None)
+    summary = make_qa.run(
+      str(abstracts),
+      str(out),
+      _settings(server.url, timeout=0.2, max_retries=1),
+      sleep=lambda s: None,
+    )
     assert server.hits[ids[0]] == 2
   assert summary["failed"] == {"timeout": 1} and summary["done"] == 0
   assert out.read_text() == ""
@@ -271,7 +339,9 @@ def test_concurrency_is_bounded(tmp_path):
   abstracts = tmp_path / "a.jsonl"
   _write_abstracts(abstracts, ["good"] * 12)
   with _Server(delay=0.05) as server:
-    summary = make_qa.run(str(abstracts), str(tmp_path / "qa.jsonl"), _settings(server.url, concurrency=3))
+    summary = make_qa.run(
+      str(abstracts), str(tmp_path / "qa.jsonl"), _settings(server.url, concurrency=3)
+    )
     assert summary["done"] == 12
     assert 1 <= server.peak <= 3
 
@@ -281,9 +351,13 @@ def test_bad_abstract_lines_are_counted(tmp_path):
   _write_abstracts(abstracts, ["good", "good"])
   with open(abstracts, "a") as f:
     f.write("{broken\n" + json.dumps({"id": "x", "title": "t"}) + "\n")
-    f.write(json.dumps({"id": "2501.00000", "title": "dup", "abstract": "PAPER:dup BEHAVIOR:good"}) + "\n")
+    f.write(
+      json.dumps({"id": "2501.00000", "title": "dup", "abstract": "PAPER:dup BEHAVIOR:good"}) + "\n"
+    )
   with _Server() as server:
-    summary = make_qa.run(str(abstracts), str(tmp_path / "qa.jsonl"), _settings(server.url), limit=4)
+    summary = make_qa.run(
+      str(abstracts), str(tmp_path / "qa.jsonl"), _settings(server.url), limit=4
+    )
   assert summary["done"] == 2 and summary["bad_input"] == {"bad abstract record": 2}
 
 
@@ -295,10 +369,25 @@ def test_cli(tmp_path):
   env["QA_TEST_KEY"] = "sekrit"
   with _Server() as server:
     proc = subprocess.run(
-        [sys.executable, "-m", "astrollama_jax.make_qa", f"--abstracts={abstracts}", f"--output={out}",
-         f"--endpoint={server.url}/v1", "--model=m", "--api_key_env=QA_TEST_KEY", "--limit=2",
-         "--concurrency=2", "--backoff_base=0.001"],
-        capture_output=True, text=True, env=env, timeout=60, check=False)
+      [
+        sys.executable,
+        "-m",
+        "astrollama_jax.make_qa",
+        f"--abstracts={abstracts}",
+        f"--output={out}",
+        f"--endpoint={server.url}/v1",
+        "--model=m",
+        "--api_key_env=QA_TEST_KEY",
+        "--limit=2",
+        "--concurrency=2",
+        "--backoff_base=0.001",
+      ],
+      capture_output=True,
+      text=True,
+      env=env,
+      timeout=60,
+      check=False,
+    )
     assert server.auth == {"Bearer sekrit"}
   assert proc.returncode == 0, proc.stderr
   summary = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -310,25 +399,44 @@ def test_hostile_servers_fail_one_abstract_each_and_keep_the_rest(tmp_path):
   """Cross-origin redirects are refused (the key never leaves the endpoint), the deadline bounds
   a dripping reply, a huge or deeply nested reply fails its abstract, and the good ones are kept."""
   abstracts = tmp_path / "a.jsonl"
-  kinds = ["good", "redirect_away", "redirect_here", "drip", "huge", "deep_body", "deep_content",
-           "good"]
+  kinds = [
+    "good",
+    "redirect_away",
+    "redirect_here",
+    "drip",
+    "huge",
+    "deep_body",
+    "deep_content",
+    "good",
+  ]
   ids = _write_abstracts(abstracts, kinds)
   out = tmp_path / "qa.jsonl"
   with _Server() as server, _Server() as other:
     REDIRECT_TARGET["other"] = other.url
     t0 = time.monotonic()
-    summary = make_qa.run(str(abstracts), str(out),
-                          _settings(server.url, api_key="sekrit", timeout=1.5, max_retries=0,
-                                    concurrency=8, max_reply_bytes=1024**2),
-                          sleep=lambda s: None)
+    summary = make_qa.run(
+      str(abstracts),
+      str(out),
+      _settings(
+        server.url,
+        api_key="sekrit",
+        timeout=1.5,
+        max_retries=0,
+        concurrency=8,
+        max_reply_bytes=1024**2,
+      ),
+      sleep=lambda s: None,
+    )
     elapsed = time.monotonic() - t0
     assert other.hits == {} and other.auth == set()  # nothing, let alone the key, reached it
   assert elapsed < 20
   port = other.url.rsplit(":", 1)[1]
-  assert summary["failed"] == {f"redirect to another origin refused (http://127.0.0.1:{port})": 1,
-                               "timeout": 1,
-                               f"reply larger than {1024**2} bytes": 1,
-                               "response body is nested too deeply": 1,
-                               "reply is nested too deeply": 1}
+  assert summary["failed"] == {
+    f"redirect to another origin refused (http://127.0.0.1:{port})": 1,
+    "timeout": 1,
+    f"reply larger than {1024**2} bytes": 1,
+    "response body is nested too deeply": 1,
+    "reply is nested too deeply": 1,
+  }
   assert summary["done"] == 3
   assert sorted(r["id"] for r in _lines(out)) == sorted([ids[0], ids[2], ids[7]])

@@ -29,7 +29,9 @@ def params():
 
 
 def _flat(tree):
-  return {tuple(str(k.key) for k in path): x for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  return {
+    tuple(str(k.key) for k in path): x for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+  }
 
 
 def _assert_same(got_pairs, want):
@@ -73,8 +75,11 @@ def test_the_stacking_loop_checks_what_a_reader_gives():
   def wrong_shape(entry, shape):
     yield np.zeros((3, 5), np.float32)
 
-  with pytest.raises(ConversionError, match=r"tensor 'model\.embed_tokens\.weight' has shape \(3, 5\) "
-                                            r"but the config expects \(32000, 64\)"):
+  with pytest.raises(
+    ConversionError,
+    match=r"tensor 'model\.embed_tokens\.weight' has shape \(3, 5\) "
+    r"but the config expects \(32000, 64\)",
+  ):
     next(mapping.stack_params(CFG, wrong_shape))
 
   def one_layer_only(entry, shape):
@@ -101,14 +106,18 @@ def _point_outside(folder, target):
 
 
 @pytest.mark.parametrize("where", ["parent", "absolute"])
-def test_an_index_pointing_outside_the_folder_is_refused(hf_folder, tmp_path, tokenizer_path, where):
+def test_an_index_pointing_outside_the_folder_is_refused(
+  hf_folder, tmp_path, tokenizer_path, where
+):
   outside = tmp_path / "outside.safetensors"  # exists: the refusal is not a missing-file error
   first = min(hf_folder.glob("*.safetensors"))
   outside.write_bytes(first.read_bytes())
   _point_outside(hf_folder, "../outside.safetensors" if where == "parent" else str(outside))
   match = r"weight_map entry 'model\.norm\.weight' points outside the folder"
   with pytest.raises(ConversionError, match=match):
-    convert("hf", str(hf_folder), str(tmp_path / "out"), tokenizer=tokenizer_path, show_progress=False)
+    convert(
+      "hf", str(hf_folder), str(tmp_path / "out"), tokenizer=tokenizer_path, show_progress=False
+    )
   assert not (tmp_path / "out").exists()
   with pytest.raises(ConversionError, match=match):
     checkpoints.load_model(str(hf_folder))
@@ -116,12 +125,25 @@ def test_an_index_pointing_outside_the_folder_is_refused(hf_folder, tmp_path, to
 
 def test_convert_command_reports_an_outside_index_in_one_line(hf_folder, tmp_path, tokenizer_path):
   _point_outside(hf_folder, "../../etc/x")
-  proc = subprocess.run([sys.executable, "-m", "astrollama_jax.convert", "--source_format=hf",
-                         f"--source={hf_folder}", f"--output={tmp_path / 'out'}",
-                         f"--tokenizer={tokenizer_path}"],
-                        capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"},
-                        timeout=300, check=False)
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "astrollama_jax.convert",
+      "--source_format=hf",
+      f"--source={hf_folder}",
+      f"--output={tmp_path / 'out'}",
+      f"--tokenizer={tokenizer_path}",
+    ],
+    capture_output=True,
+    text=True,
+    env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    timeout=300,
+    check=False,
+  )
   assert proc.returncode == 1, proc.stderr[-3000:]
   assert "Traceback" not in proc.stderr
   errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-  assert len(errors) == 1 and "points outside the folder ('../../etc/x')" in errors[0], proc.stderr[-3000:]
+  assert len(errors) == 1 and "points outside the folder ('../../etc/x')" in errors[0], proc.stderr[
+    -3000:
+  ]

@@ -26,13 +26,13 @@ def pair(request, tmp_path_factory):
 def _batch(tokenizer_path, texts, max_len=96):
   tok = Tokenizer(tokenizer_path)
   # Rows of different lengths, so a batch of several rows is padded on the right.
-  ids = [tok.encode(t)[:max_len - 9 * r] for r, t in enumerate(texts)]
+  ids = [tok.encode(t)[: max_len - 9 * r] for r, t in enumerate(texts)]
   n = max(len(i) for i in ids)
   arr = np.zeros((len(ids), n), np.int32)
   mask = np.zeros((len(ids), n), np.int32)
   for r, i in enumerate(ids):
-    arr[r, :len(i)] = i
-    mask[r, :len(i)] = 1
+    arr[r, : len(i)] = i
+    mask[r, : len(i)] = 1
   return arr, mask
 
 
@@ -68,8 +68,8 @@ def test_packed_segments_do_not_attend_across_documents(pair, tokenizer_path, ab
   pos = np.array([list(range(len(a))) + list(range(len(b)))], np.int32)
   ours, _ = llama.apply(cfg, params, jnp.asarray(row), jnp.asarray(pos), jnp.asarray(seg))
   ours = np.asarray(ours)[0]
-  np.testing.assert_allclose(ours[:len(a)], hf_logits(model, np.array([a]))[0], atol=1e-4, rtol=0)
-  np.testing.assert_allclose(ours[len(a):], hf_logits(model, np.array([b]))[0], atol=1e-4, rtol=0)
+  np.testing.assert_allclose(ours[: len(a)], hf_logits(model, np.array([a]))[0], atol=1e-4, rtol=0)
+  np.testing.assert_allclose(ours[len(a) :], hf_logits(model, np.array([b]))[0], atol=1e-4, rtol=0)
 
 
 def test_hf_round_trip_is_bit_exact(pair, tmp_path, tokenizer_path, abstracts):
@@ -78,6 +78,7 @@ def test_hf_round_trip_is_bit_exact(pair, tmp_path, tokenizer_path, abstracts):
   summary = hf.save_hf(cfg, params, str(out), max_shard_bytes=3 * 1024**2)
   assert summary["shards"] > 1, "the test wants a sharded export with an index"
   from safetensors.numpy import load_file
+
   original, exported = {}, {}
   for d, store in ((folder, original), (out, exported)):
     for f in sorted(d.glob("*.safetensors")):
@@ -87,6 +88,7 @@ def test_hf_round_trip_is_bit_exact(pair, tmp_path, tokenizer_path, abstracts):
     assert original[k].dtype == exported[k].dtype, k
     np.testing.assert_array_equal(original[k], exported[k], err_msg=k)
   import transformers
+
   reloaded = transformers.LlamaForCausalLM.from_pretrained(str(out)).float().eval()
   ids, _ = _batch(tokenizer_path, abstracts[2:3], max_len=48)
   np.testing.assert_array_equal(hf_logits(reloaded, ids), hf_logits(model, ids))
@@ -103,14 +105,16 @@ def test_kv_cache_decode_equals_full_forward(pair, tokenizer_path, abstracts):
   prefill, cache = step(params, ids[:, :10], pos[:, :10], cache)
   outs = [prefill]
   for t in range(10, 24):
-    lg, cache = step(params, ids[:, t:t + 1], pos[:, t:t + 1], cache)
+    lg, cache = step(params, ids[:, t : t + 1], pos[:, t : t + 1], cache)
     outs.append(lg)
   np.testing.assert_allclose(np.concatenate(outs, 1), np.asarray(full), atol=1e-5, rtol=0)
   assert int(cache["index"]) == 24
 
 
-@pytest.mark.parametrize("impl,remat", [("jax", "none"), ("xla", "full"), ("xla", "dots"),
-                                        ("xla", "qkv_out"), ("xla", "minimal")])
+@pytest.mark.parametrize(
+  "impl,remat",
+  [("jax", "none"), ("xla", "full"), ("xla", "dots"), ("xla", "qkv_out"), ("xla", "minimal")],
+)
 def test_attention_impls_and_remat_policies_agree(impl, remat):
   cfg = TINY_GQA
   params = llama.init_params(cfg, 3)
@@ -122,7 +126,8 @@ def test_attention_impls_and_remat_policies_agree(impl, remat):
 
   (l0, lg0), g0 = jax.value_and_grad(loss, has_aux=True)(params, cfg)
   (l1, lg1), g1 = jax.value_and_grad(loss, has_aux=True)(
-      params, cfg.replace(attention_impl=impl, remat_policy=remat))
+    params, cfg.replace(attention_impl=impl, remat_policy=remat)
+  )
   np.testing.assert_allclose(lg1, lg0, atol=1e-5)
   for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
     np.testing.assert_allclose(a, b, atol=1e-6)
@@ -155,8 +160,12 @@ def test_sharded_logits_equal_single_device(shape, tokenizer_path, abstracts):
   emb = sharded["embed"]
   assert emb.sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
   n_fsdp, n_tp = mesh.shape["fsdp"], mesh.shape["tensor"]
-  assert q.addressable_shards[0].data.shape == (cfg.n_layers, cfg.dim // n_fsdp,
-                                                 cfg.n_heads // n_tp, cfg.head_dim)
+  assert q.addressable_shards[0].data.shape == (
+    cfg.n_layers,
+    cfg.dim // n_fsdp,
+    cfg.n_heads // n_tp,
+    cfg.head_dim,
+  )
   batch_sh = sharding.batch_sharding(mesh)
   with jax.set_mesh(mesh):
     fwd = jax.jit(lambda p, t, s: llama.apply(cfg, p, t, segment_ids=s)[0])
@@ -174,8 +183,15 @@ def test_init_is_sharded_without_materialising():
 
 def test_presets_match_meta_shapes():
   from astrollama_jax.model.config import get_config
+
   c70 = get_config("llama2_70b")
-  assert (c70.n_heads, c70.n_kv_heads, c70.ffn_dim, c70.dim, c70.n_layers) == (64, 8, 28672, 8192, 80)
+  assert (c70.n_heads, c70.n_kv_heads, c70.ffn_dim, c70.dim, c70.n_layers) == (
+    64,
+    8,
+    28672,
+    8192,
+    80,
+  )
   assert abs(get_config("llama2_7b").num_params() - 6.74e9) < 0.01e9
   assert abs(c70.num_params() - 68.98e9) < 0.1e9
   abstract = llama.param_shapes(get_config("llama2_7b"))
@@ -185,6 +201,7 @@ def test_presets_match_meta_shapes():
 def test_bad_hf_input_names_tensor_and_shapes(pair, tmp_path):
   cfg, _, _, folder = pair
   from safetensors.numpy import load_file, save_file
+
   bad = tmp_path / "bad"
   bad.mkdir()
   tensors = {}
@@ -194,7 +211,9 @@ def test_bad_hf_input_names_tensor_and_shapes(pair, tmp_path):
   broken = dict(tensors)
   broken["model.layers.1.mlp.up_proj.weight"] = np.zeros((3, 5), np.float32)
   save_file(broken, str(bad / "model.safetensors"))
-  with pytest.raises(hf.ConversionError, match=r"model\.layers\.1\.mlp\.up_proj\.weight.*\(3, 5\).*\(128, 64\)"):
+  with pytest.raises(
+    hf.ConversionError, match=r"model\.layers\.1\.mlp\.up_proj\.weight.*\(3, 5\).*\(128, 64\)"
+  ):
     hf.load_hf(str(bad))
   del broken["model.layers.1.mlp.up_proj.weight"]
   save_file(broken, str(bad / "model.safetensors"))
@@ -202,14 +221,16 @@ def test_bad_hf_input_names_tensor_and_shapes(pair, tmp_path):
     hf.load_hf(str(bad))
   with pytest.raises(hf.ConversionError, match="n_layers"):
     hf.load_hf(str(folder), cfg=cfg.replace(n_layers=3))
-  (bad / "config.json").write_text(json.dumps({**json.loads((folder / "config.json").read_text()),
-                                               "model_type": "mistral"}))
+  (bad / "config.json").write_text(
+    json.dumps({**json.loads((folder / "config.json").read_text()), "model_type": "mistral"})
+  )
   with pytest.raises(ValueError, match="model_type"):
     hf.load_hf(str(bad))
 
 
 def test_abstract_shapes_inside_a_mesh_context():
   from astrollama_jax.model.config import get_config
+
   cfg = get_config("tiny", n_layers=3)  # a config not seen before, so nothing is cached
   with jax.set_mesh(sharding.make_mesh((1, 4, 2))):
     shapes = llama.param_shapes(cfg)

@@ -6,11 +6,23 @@ import numpy as np
 
 from test_train_cli import TINY_MODEL, finish, records, start, train_cmd
 
-RUN = [*TINY_MODEL, "--config.model.vocab_size=1024", "--config.mesh=(2,2,2)", "--config.data.kind=synthetic", "--config.data.synthetic.num_rows=64",
-       "--config.data.seq_len=32", "--config.train.global_batch_size=8", "--config.train.num_steps=3",
-       "--config.log.every=1", "--config.log.batch_hashes=True", "--config.eval.every=0",
-       "--config.eval.at_start=False", "--config.eval.batches=1",
-       "--config.schedule.learning_rate=1e-2", "--config.schedule.warmup_ratio=0.0"]
+RUN = [
+  *TINY_MODEL,
+  "--config.model.vocab_size=1024",
+  "--config.mesh=(2,2,2)",
+  "--config.data.kind=synthetic",
+  "--config.data.synthetic.num_rows=64",
+  "--config.data.seq_len=32",
+  "--config.train.global_batch_size=8",
+  "--config.train.num_steps=3",
+  "--config.log.every=1",
+  "--config.log.batch_hashes=True",
+  "--config.eval.every=0",
+  "--config.eval.at_start=False",
+  "--config.eval.batches=1",
+  "--config.schedule.learning_rate=1e-2",
+  "--config.schedule.warmup_ratio=0.0",
+]
 
 
 def _free_port() -> int:
@@ -23,11 +35,24 @@ def test_two_processes_match_one(tmp_path):
   one_dir, two_dir = tmp_path / "one", tmp_path / "two"
   port = _free_port()
   one = start(train_cmd(one_dir, *RUN), 8, tmp_path / "one.log")
-  procs = [start(train_cmd(two_dir, *RUN, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-                           f"--process_id={i}"), 4, tmp_path / f"two_{i}.log") for i in range(2)]
+  procs = [
+    start(
+      train_cmd(
+        two_dir,
+        *RUN,
+        f"--coordinator_address=127.0.0.1:{port}",
+        "--num_processes=2",
+        f"--process_id={i}",
+      ),
+      4,
+      tmp_path / f"two_{i}.log",
+    )
+    for i in range(2)
+  ]
   try:
-    summaries = [finish(p, tmp_path / f"two_{i}.log", timeout=300, summary=i == 0)
-                 for i, p in enumerate(procs)]
+    summaries = [
+      finish(p, tmp_path / f"two_{i}.log", timeout=300, summary=i == 0) for i, p in enumerate(procs)
+    ]
   finally:
     for p in procs:
       if p.poll() is None:
@@ -38,7 +63,9 @@ def test_two_processes_match_one(tmp_path):
   want, got = records(one_dir, "train"), records(two_dir, "train")
   assert [r["step"] for r in got] == [r["step"] for r in want] == [1, 2, 3]
   np.testing.assert_allclose([r["loss"] for r in got], [r["loss"] for r in want], rtol=1e-6)
-  np.testing.assert_allclose([r["grad_norm"] for r in got], [r["grad_norm"] for r in want], rtol=1e-5)
+  np.testing.assert_allclose(
+    [r["grad_norm"] for r in got], [r["grad_norm"] for r in want], rtol=1e-5
+  )
   assert got[-1]["loss"] < got[0]["loss"]
   np.testing.assert_allclose(summaries[0]["eval"]["loss"], single["eval"]["loss"], rtol=1e-6)
   # Process 0 fed the first half of each global batch; the single process fed all of it.

@@ -31,26 +31,68 @@ def installed(tmp_path_factory) -> pathlib.Path:
   environment's (a .pth file), so nothing is downloaded."""
   root = tmp_path_factory.mktemp("installed")
   # Built from a copy: building writes build/ and *.egg-info/ beside the sources.
-  tracked = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, check=True, capture_output=True,
-                           text=True).stdout.split("\0")
+  tracked = subprocess.run(
+    ["git", "ls-files", "-z"], cwd=REPO, check=True, capture_output=True, text=True
+  ).stdout.split("\0")
   source = root / "source"
   for name in filter(None, tracked):
     if (REPO / name).is_file():
       (source / name).parent.mkdir(parents=True, exist_ok=True)
       shutil.copy2(REPO / name, source / name)
-  subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                  str(source), "-w", str(root / "wheel")], check=True, capture_output=True,
-                 timeout=300)
+  subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "pip",
+      "wheel",
+      "-q",
+      "--no-deps",
+      "--no-build-isolation",
+      str(source),
+      "-w",
+      str(root / "wheel"),
+    ],
+    check=True,
+    capture_output=True,
+    timeout=300,
+  )
   venv = root / "venv"
-  subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
-  site = pathlib.Path(subprocess.run(
-      [str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
-      check=True, capture_output=True, text=True).stdout.strip())
+  subprocess.run(
+    [sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120
+  )
+  site = pathlib.Path(
+    subprocess.run(
+      [
+        str(venv / "bin" / "python"),
+        "-c",
+        "import sysconfig; print(sysconfig.get_path('purelib'))",
+      ],
+      check=True,
+      capture_output=True,
+      text=True,
+    ).stdout.strip()
+  )
   wheel = next((root / "wheel").glob("astrollama_jax-*.whl"))
   env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-  subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install",
-                  "-q", "--no-deps", "--no-index", "--force-reinstall", str(wheel)], check=True,
-                 capture_output=True, timeout=300, env=env)
+  subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "pip",
+      "--python",
+      str(venv / "bin" / "python"),
+      "install",
+      "-q",
+      "--no-deps",
+      "--no-index",
+      "--force-reinstall",
+      str(wheel),
+    ],
+    check=True,
+    capture_output=True,
+    timeout=300,
+    env=env,
+  )
   # Only now: before the install, pip would have taken the checkout's own editable install,
   # visible through this path, as already satisfying the wheel.
   (site / "dependencies.pth").write_text(sysconfig.get_path("purelib") + "\n")
@@ -62,17 +104,37 @@ def test_installed_demo_runs_from_another_folder(installed, tmp_path, tokenizer_
   elsewhere.mkdir()
   env = train_env(1)
   env.pop("PYTHONPATH", None)  # the installed package, never this checkout
-  where = subprocess.run([str(installed / "bin" / "python"), "-c",
-                          "import astrollama_jax, astrollama_jax.resources as r; "
-                          "print(astrollama_jax.__file__); print(r.path('configs', 'demo.py'))"],
-                         cwd=elsewhere, env=env, capture_output=True, text=True, check=True)
+  where = subprocess.run(
+    [
+      str(installed / "bin" / "python"),
+      "-c",
+      "import astrollama_jax, astrollama_jax.resources as r; "
+      "print(astrollama_jax.__file__); print(r.path('configs', 'demo.py'))",
+    ],
+    cwd=elsewhere,
+    env=env,
+    capture_output=True,
+    text=True,
+    check=True,
+  )
   module, config = where.stdout.split()
   assert module.startswith(str(installed)) and config.startswith(str(installed)), where.stdout
 
-  out = subprocess.run([str(installed / "bin" / "astrollama-demo"), f"--workdir={tmp_path / 'w'}",
-                        f"--tokenizer={tokenizer_path}", "--steps=6", "--sft_steps=4",
-                        "--question=What is a quasar?"], cwd=elsewhere, env=env,
-                       capture_output=True, text=True, timeout=600)
+  out = subprocess.run(
+    [
+      str(installed / "bin" / "astrollama-demo"),
+      f"--workdir={tmp_path / 'w'}",
+      f"--tokenizer={tokenizer_path}",
+      "--steps=6",
+      "--sft_steps=4",
+      "--question=What is a quasar?",
+    ],
+    cwd=elsewhere,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert out.returncode == 0, out.stderr[-3000:]
   summary = json.loads(out.stdout.strip().splitlines()[-1])
   # A random init predicts ~uniformly over the 32,000 pieces: loss ~ ln(32000) = 10.37.
@@ -95,9 +157,17 @@ def test_installed_demo_runs_from_another_folder(installed, tmp_path, tokenizer_
 
 def test_installed_package_ships_the_feedback_page(installed, tmp_path):
   env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-  code = ("from importlib import resources; "
-          "s = resources.files('astrollama_jax.serve') / 'static'; "
-          "print(sorted(p.name for p in s.iterdir()))")
-  out = subprocess.run([str(installed / "bin" / "python"), "-c", code], cwd=tmp_path, env=env,
-                       capture_output=True, text=True, check=True)
+  code = (
+    "from importlib import resources; "
+    "s = resources.files('astrollama_jax.serve') / 'static'; "
+    "print(sorted(p.name for p in s.iterdir()))"
+  )
+  out = subprocess.run(
+    [str(installed / "bin" / "python"), "-c", code],
+    cwd=tmp_path,
+    env=env,
+    capture_output=True,
+    text=True,
+    check=True,
+  )
   assert out.stdout.strip() == "['page.css', 'page.html', 'page.js']"

@@ -21,8 +21,9 @@ def data_dir(tmp_path_factory):
   need(TOKENIZER)
   tmp = tmp_path_factory.mktemp("lm_data")
   subset = abstracts_subset(tmp, 300)
-  config = corpus.CorpusConfig(sources=[str(DEMO_CORPUS), str(subset)], validation_fraction=0.1,
-                               progress=False)
+  config = corpus.CorpusConfig(
+    sources=[str(DEMO_CORPUS), str(subset)], validation_fraction=0.1, progress=False
+  )
   corpus.build(config, tmp / "out")
   return tmp / "out"
 
@@ -33,8 +34,15 @@ def tok():
 
 
 def _ds(data_dir, **kw):
-  args = dict(split="train", tokenizer_path=TOKENIZER, seq_len=256, batch_size=4, seed=0,
-              process_index=0, process_count=1)
+  args = dict(
+    split="train",
+    tokenizer_path=TOKENIZER,
+    seq_len=256,
+    batch_size=4,
+    seed=0,
+    process_index=0,
+    process_count=1,
+  )
   args.update(kw)
   return pipeline.make_lm_dataset(data_dir, **args)
 
@@ -91,9 +99,9 @@ def test_lm_example_shifts_by_one():
 
 def test_pack_splits_long_documents_and_keeps_sft_masks():
   examples = [
-      {"tokens": np.arange(10, 13), "targets": np.arange(11, 14), "loss_mask": [0, 1, 1]},
-      {"tokens": np.arange(20, 29), "targets": np.arange(21, 30), "loss_mask": [1] * 9},
-      {"tokens": np.arange(30, 32), "targets": np.arange(31, 33), "loss_mask": [0, 0]},
+    {"tokens": np.arange(10, 13), "targets": np.arange(11, 14), "loss_mask": [0, 1, 1]},
+    {"tokens": np.arange(20, 29), "targets": np.arange(21, 30), "loss_mask": [1] * 9},
+    {"tokens": np.arange(30, 32), "targets": np.arange(31, 33), "loss_mask": [0, 0]},
   ]
   ds = packing.pack_examples(grain.MapDataset.source(examples).to_iter_dataset(), 5)
   rows = list(ds)
@@ -106,18 +114,24 @@ def test_pack_splits_long_documents_and_keeps_sft_masks():
   np.testing.assert_array_equal(rows[2]["segment_ids"], [1, 1, 2, 2, 0])
   np.testing.assert_array_equal(rows[2]["loss_mask"], [1, 1, 0, 0, 0])
   np.testing.assert_array_equal(rows[2]["targets"][:4], [28, 29, 31, 32])
-  batch = next(iter(packing.pack_examples(grain.MapDataset.source(examples).to_iter_dataset(),
-                                          5).batch(2)))
+  batch = next(
+    iter(packing.pack_examples(grain.MapDataset.source(examples).to_iter_dataset(), 5).batch(2))
+  )
   assert batch["tokens"].shape == (2, 5)
 
 
 def test_first_fit_keeps_examples_whole():
-  examples = [{"tokens": np.arange(n), "targets": np.arange(n), "loss_mask": np.ones(n)}
-              for n in (3, 4, 2, 7)]
-  rows = list(packing.pack_examples(grain.MapDataset.source(examples).to_iter_dataset(), 5,
-                                    method="first_fit", num_packing_bins=2))
-  lengths = sorted(int(np.sum(r["segment_ids"] == s)) for r in rows
-                   for s in np.unique(r["segment_ids"]) if s > 0)
+  examples = [
+    {"tokens": np.arange(n), "targets": np.arange(n), "loss_mask": np.ones(n)} for n in (3, 4, 2, 7)
+  ]
+  rows = list(
+    packing.pack_examples(
+      grain.MapDataset.source(examples).to_iter_dataset(), 5, method="first_fit", num_packing_bins=2
+    )
+  )
+  lengths = sorted(
+    int(np.sum(r["segment_ids"] == s)) for r in rows for s in np.unique(r["segment_ids"]) if s > 0
+  )
   assert lengths == [2, 3, 4, 5]  # the 7 was truncated to 5, nothing split
 
 
@@ -152,9 +166,18 @@ def test_same_seed_same_batches_and_epochs_reshuffle(data_dir, tok):
 
 def test_sharding_is_disjoint_and_complete(data_dir, tok):
   def docs(index, count):
-    ds = _ds(data_dir, process_index=index, process_count=count, num_epochs=1, shuffle=False,
-             drop_remainder=False, seq_len=2048, batch_size=8)
+    ds = _ds(
+      data_dir,
+      process_index=index,
+      process_count=count,
+      num_epochs=1,
+      shuffle=False,
+      drop_remainder=False,
+      seq_len=2048,
+      batch_size=8,
+    )
     return collections.Counter(_docs(list(ds), tok.bos_id))
+
   whole = docs(0, 1)
   parts = [docs(i, 3) for i in range(3)]
   assert sum(parts, collections.Counter()) == whole
@@ -167,16 +190,20 @@ def test_sharding_is_disjoint_and_complete(data_dir, tok):
 
 def test_mixture_weights_sections(data_dir, tok):
   src = corpus.read_split(data_dir, "train")
-  intros = {tuple(tok.encode(r["text"].decode(), bos=True, eos=True)[:-1])
-            for r in src if r["section"] == b"introduction"}
+  intros = {
+    tuple(tok.encode(r["text"].decode(), bos=True, eos=True)[:-1])
+    for r in src
+    if r["section"] == b"introduction"
+  }
   assert intros
   ds = _ds(data_dir, mixture={"abstract": 0.5, "introduction": 0.5}, seq_len=2048, batch_size=4)
   it = iter(ds)
   docs = _docs([next(it) for _ in range(20)], tok.bos_id)[1:-1]  # ends may be partial
   frac = sum(d in intros for d in docs) / len(docs)
   assert 0.3 < frac < 0.7, frac
-  only = _docs([next(iter(_ds(data_dir, mixture={"introduction": 1}, seq_len=4096)))],
-               tok.bos_id)[:-1]
+  only = _docs([next(iter(_ds(data_dir, mixture={"introduction": 1}, seq_len=4096)))], tok.bos_id)[
+    :-1
+  ]
   assert only and all(d in intros for d in only)
   with pytest.raises(ValueError, match="unknown sections"):
     _ds(data_dir, mixture={"methods": 1.0})

@@ -13,20 +13,39 @@ import pytest
 from test_train_cli import REPO, TINY_MODEL, finish, records, start, train_cmd
 
 STEPS, EVERY = 9, 3
-RUN = [*TINY_MODEL, "--config.data.seq_len=64", "--config.train.global_batch_size=4",
-       f"--config.train.num_steps={STEPS}", f"--config.checkpoint.every={EVERY}",
-       "--config.checkpoint.keep=10", "--config.log.every=1",
-       "--config.log.batch_hashes=True", "--config.eval.every=0",
-       "--config.eval.at_start=False", "--config.eval.at_end=False",
-       "--config.loss.chunk_size=0"]
+RUN = [
+  *TINY_MODEL,
+  "--config.data.seq_len=64",
+  "--config.train.global_batch_size=4",
+  f"--config.train.num_steps={STEPS}",
+  f"--config.checkpoint.every={EVERY}",
+  "--config.checkpoint.keep=10",
+  "--config.log.every=1",
+  "--config.log.batch_hashes=True",
+  "--config.eval.every=0",
+  "--config.eval.at_start=False",
+  "--config.eval.at_end=False",
+  "--config.loss.chunk_size=0",
+]
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory, tokenizer_path):
   out = tmp_path_factory.mktemp("corpus")
-  subprocess.run([sys.executable, "-m", "astrollama_jax.prepare", "--source=data/demo_corpus",
-                  f"--output={out}", "--validation_fraction=0.15"], cwd=REPO, check=True,
-                 capture_output=True, timeout=120)
+  subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "astrollama_jax.prepare",
+      "--source=data/demo_corpus",
+      f"--output={out}",
+      "--validation_fraction=0.15",
+    ],
+    cwd=REPO,
+    check=True,
+    capture_output=True,
+    timeout=120,
+  )
   return [f"--config.data.lm.path={out}", f"--config.data.tokenizer_path={tokenizer_path}"]
 
 
@@ -44,9 +63,12 @@ def _wait_for(cond, proc, timeout=180.0):
 def _final(workdir):
   import orbax.checkpoint as ocp
   from astrollama_jax import checkpoints
+
   loaded = checkpoints.load_model(str(workdir))
   assert loaded.step == STEPS
-  opt = ocp.StandardCheckpointer().restore(os.path.join(workdir, "checkpoints", str(STEPS), "opt_state"))
+  opt = ocp.StandardCheckpointer().restore(
+    os.path.join(workdir, "checkpoints", str(STEPS), "opt_state")
+  )
   return loaded.params, opt
 
 
@@ -58,8 +80,13 @@ def kill_and_resume(tmp_path, cmd, last_kill_step):
   ref = start(cmd(whole), 1, tmp_path / "whole.log")
   victim = start(cmd(broken), 1, tmp_path / "broken.log")
   try:
-    _wait_for(lambda: (broken / "checkpoints" / str(EVERY)).is_dir()
-              and any(r["step"] >= kill_at for r in records(broken, "train")), victim)
+    _wait_for(
+      lambda: (
+        (broken / "checkpoints" / str(EVERY)).is_dir()
+        and any(r["step"] >= kill_at for r in records(broken, "train"))
+      ),
+      victim,
+    )
     os.kill(victim.pid, signal.SIGKILL)
     victim.wait(timeout=30)
   finally:
@@ -78,13 +105,19 @@ def assert_same_losses_and_end_state(whole, broken):
   assert all(losses[r["step"]] == r["loss"] for r in records(broken, "train"))
   (p_whole, o_whole), (p_broken, o_broken) = _final(whole), _final(broken)
   import jax
-  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), p_whole, p_broken)
-  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), o_whole, o_broken)
+
+  jax.tree.map(
+    lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), p_whole, p_broken
+  )
+  jax.tree.map(
+    lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), o_whole, o_broken
+  )
 
 
 def test_kill9_and_resume_is_bit_identical(tmp_path, corpus):
   whole, broken, summary, killed_after = kill_and_resume(
-      tmp_path, lambda workdir: train_cmd(workdir, *RUN, *corpus), STEPS - 2)
+    tmp_path, lambda workdir: train_cmd(workdir, *RUN, *corpus), STEPS - 2
+  )
   assert EVERY <= summary["resumed_from"] <= killed_after, summary
   assert summary["final_step"] == STEPS
 

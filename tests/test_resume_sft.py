@@ -9,19 +9,31 @@ from test_resume import EVERY, STEPS, assert_same_losses_and_end_state, kill_and
 from test_train_cli import TINY_MODEL, records, train_cmd
 
 # configs/demo_sft.py's shape (packed chat rows, chunked loss) with the tiny model, from a random init.
-RUN = [*TINY_MODEL, "--config.init_checkpoint=", "--config.data.seq_len=128",
-       "--config.train.global_batch_size=4", f"--config.train.num_steps={STEPS}",
-       f"--config.checkpoint.every={EVERY}", "--config.checkpoint.keep=10",
-       "--config.log.every=1", "--config.log.batch_hashes=True"]
+RUN = [
+  *TINY_MODEL,
+  "--config.init_checkpoint=",
+  "--config.data.seq_len=128",
+  "--config.train.global_batch_size=4",
+  f"--config.train.num_steps={STEPS}",
+  f"--config.checkpoint.every={EVERY}",
+  "--config.checkpoint.keep=10",
+  "--config.log.every=1",
+  "--config.log.batch_hashes=True",
+]
 
 
 def test_sft_kill9_and_resume_is_bit_identical(tmp_path, tokenizer_path):
   def cmd(workdir):
-    return train_cmd(workdir, *RUN, f"--config.data.tokenizer_path={tokenizer_path}",
-                     config="configs/demo_sft.py")
+    return train_cmd(
+      workdir, *RUN, f"--config.data.tokenizer_path={tokenizer_path}", config="configs/demo_sft.py"
+    )
 
-  whole, broken, summary, killed_after = kill_and_resume(tmp_path, cmd, STEPS - 3)  # leaves steps to kill in
-  assert EVERY <= summary["resumed_from"] <= killed_after and summary["final_step"] == STEPS, summary
+  whole, broken, summary, killed_after = kill_and_resume(
+    tmp_path, cmd, STEPS - 3
+  )  # leaves steps to kill in
+  assert EVERY <= summary["resumed_from"] <= killed_after and summary["final_step"] == STEPS, (
+    summary
+  )
 
   # The same packed chat batch at every step, including the steps done twice after the restart.
   want = {r["step"]: r["hash"] for r in records(whole, "batch")}

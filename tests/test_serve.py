@@ -30,9 +30,16 @@ from astrollama_jax.generate import generate
 openai = pytest.importorskip("openai")
 
 SYSTEM = "You are an astronomer. Answer briefly."
-QUESTIONS = ["What is a quasar?", "Why is the sky dark at night?", "What is a blazar?",
-             "How old is the Universe?", "What is dark matter?", "Define a parsec.",
-             "What powers the Sun?", "What is redshift?"]
+QUESTIONS = [
+  "What is a quasar?",
+  "Why is the sky dark at night?",
+  "What is a blazar?",
+  "How old is the Universe?",
+  "What is dark matter?",
+  "Define a parsec.",
+  "What powers the Sun?",
+  "What is redshift?",
+]
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +61,8 @@ def server(model):
 
 def messages(question, system=SYSTEM):
   return ([{"role": "system", "content": system}] if system else []) + [
-      {"role": "user", "content": question}]
+    {"role": "user", "content": question}
+  ]
 
 
 def chat(c, question, **kw):
@@ -65,16 +73,22 @@ def chat(c, question, **kw):
 def hf_chat_greedy(folder, msgs, n):
   """transformers' tokenizer (apply_chat_template) and greedy generate: (prompt ids, new ids)."""
   import transformers
+
   path, model = folder
   tok = transformers.AutoTokenizer.from_pretrained(str(path))
   ids = tok.apply_chat_template(msgs, tokenize=True)
   ids = list(ids["input_ids"] if not isinstance(ids, list) else ids)
   with torch.no_grad():
-    out = model.generate(torch.as_tensor([ids]),
-                         attention_mask=torch.ones(1, len(ids), dtype=torch.long), do_sample=False,
-                         max_new_tokens=n, pad_token_id=0, eos_token_id=2)
-  new = out[0, len(ids):].tolist()
-  return tok, ids, new[:new.index(2)] if 2 in new else new
+    out = model.generate(
+      torch.as_tensor([ids]),
+      attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+      do_sample=False,
+      max_new_tokens=n,
+      pad_token_id=0,
+      eos_token_id=2,
+    )
+  new = out[0, len(ids) :].tolist()
+  return tok, ids, new[: new.index(2)] if 2 in new else new
 
 
 def test_models_lists_the_one_model_with_its_context(server):
@@ -98,8 +112,9 @@ def test_streamed_deltas_join_to_the_whole_answer(server):
   c = client(server[0])
   whole = chat(c, QUESTIONS[0])
   chunks = list(chat(c, QUESTIONS[0], stream=True, stream_options={"include_usage": True}))
-  deltas = [ch.choices[0].delta.content for ch in chunks
-            if ch.choices and ch.choices[0].delta.content]
+  deltas = [
+    ch.choices[0].delta.content for ch in chunks if ch.choices and ch.choices[0].delta.content
+  ]
   assert len(deltas) > 1, "the answer should arrive in several pieces"
   assert "".join(deltas) == whole.choices[0].message.content
   assert chunks[0].choices[0].delta.role == "assistant"
@@ -120,8 +135,9 @@ def test_completions_endpoint_equals_generate_and_streams(server, model):
   assert got.usage.completion_tokens == ref.num_generated
   assert got.usage.prompt_tokens == sum(len(tok.encode(p)) for p in prompts)
   streamed = {}
-  for ch in c.completions.create(model="tiny-chat", prompt=prompts, temperature=0, max_tokens=NEW,
-                                 stream=True):
+  for ch in c.completions.create(
+    model="tiny-chat", prompt=prompts, temperature=0, max_tokens=NEW, stream=True
+  ):
     for choice in ch.choices:
       streamed[choice.index] = streamed.get(choice.index, "") + choice.text
   assert [streamed[0], streamed[1]] == ref.texts
@@ -130,14 +146,17 @@ def test_completions_endpoint_equals_generate_and_streams(server, model):
 def test_stop_strings_and_max_tokens_cut_the_answer(server, model):
   c = client(server[0])
   full = chat(c, QUESTIONS[3]).choices[0].message.content
-  stop = full[len(full) // 2:len(full) // 2 + 3]
+  stop = full[len(full) // 2 : len(full) // 2 + 3]
   cut = chat(c, QUESTIONS[3], stop=[stop, "never in the answer §"])
-  assert cut.choices[0].message.content == full[:full.index(stop)]
+  assert cut.choices[0].message.content == full[: full.index(stop)]
   assert cut.choices[0].finish_reason == "stop"
   assert 0 < cut.usage.completion_tokens < NEW
-  streamed = "".join(ch.choices[0].delta.content or ""
-                     for ch in chat(c, QUESTIONS[3], stop=stop, stream=True) if ch.choices)
-  assert streamed == full[:full.index(stop)]
+  streamed = "".join(
+    ch.choices[0].delta.content or ""
+    for ch in chat(c, QUESTIONS[3], stop=stop, stream=True)
+    if ch.choices
+  )
+  assert streamed == full[: full.index(stop)]
   short = chat(c, QUESTIONS[3], max_tokens=3)
   assert short.choices[0].finish_reason == "length" and short.usage.completion_tokens == 3
   assert full.startswith(short.choices[0].message.content)
@@ -179,12 +198,15 @@ def test_eight_concurrent_clients_get_their_answers_alone_in_one_call(model):
 
 def test_seeded_sampling_is_reproducible_and_seeds_differ(server):
   c = client(server[0])
-  a, b, other = (chat(c, QUESTIONS[1], temperature=1.0, top_p=0.95, seed=s)
-                 .choices[0].message.content for s in (7, 7, 8))
+  a, b, other = (
+    chat(c, QUESTIONS[1], temperature=1.0, top_p=0.95, seed=s).choices[0].message.content
+    for s in (7, 7, 8)
+  )
   assert a == b and a != other
 
 
 # --- errors ------------------------------------------------------------------------------------
+
 
 def raw_request(srv, method, path, body=b"", headers=None):
   conn = http.client.HTTPConnection("127.0.0.1", srv.server_address[1], timeout=60)
@@ -213,7 +235,9 @@ def req(msgs=HI, **fields) -> bytes:
   return json.dumps({"model": "tiny-chat", "messages": msgs, **fields}).encode()
 
 
-@pytest.mark.parametrize("body,status,words", [
+@pytest.mark.parametrize(
+  "body,status,words",
+  [
     (b"{not json", 400, ["not valid JSON"]),
     (b"[1, 2]", 400, ["JSON object"]),
     (json.dumps({"model": "tiny-chat"}).encode(), 400, ["messages"]),
@@ -224,14 +248,18 @@ def req(msgs=HI, **fields) -> bytes:
     (req(n=2), 400, ["n=1"]),
     (req(tools=[]), 400, ["tools"]),
     (req([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]), 400, ["alternate"]),
-    (req([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]), 400,
-     ["end with a user message"]),
+    (
+      req([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]),
+      400,
+      ["end with a user message"],
+    ),
     (req([{"role": "wizard", "content": "a"}]), 400, ["wizard"]),
     (req([{"role": "user", "content": 3}]), 400, ["content"]),
     (req([{"role": "user", "content": "\ud800"}]), 400, ["UTF-8"]),
     (req(stop=[""]), 400, ["stop"]),
     (req(stream="yes"), 400, ["stream"]),
-])
+  ],
+)
 def test_malformed_requests_get_a_4xx_with_an_openai_error(server, body, status, words):
   srv = server[0]
   got, payload, _ = raw_request(srv, "POST", "/v1/chat/completions", body, JSON)
@@ -242,8 +270,11 @@ def test_malformed_requests_get_a_4xx_with_an_openai_error(server, body, status,
 def test_too_long_requests_name_the_context_limit(server):
   c = client(server[0])
   long = "galaxy " * 600
-  for call in (lambda: chat(c, long), lambda: chat(c, "hi", max_tokens=600),
-               lambda: c.completions.create(model="tiny-chat", prompt=long, max_tokens=4)):
+  for call in (
+    lambda: chat(c, long),
+    lambda: chat(c, "hi", max_tokens=600),
+    lambda: c.completions.create(model="tiny-chat", prompt=long, max_tokens=4),
+  ):
     with pytest.raises(openai.BadRequestError) as e:
       call()
     assert "maximum context length is 512 tokens" in str(e.value)
@@ -254,14 +285,18 @@ def test_too_long_requests_name_the_context_limit(server):
 def test_http_level_errors_and_the_server_goes_on(server):
   srv = server[0]
   path = "/v1/chat/completions"
-  assert_error(*raw_request(srv, "POST", path, req(), {"Content-Type": "text/plain"})[:2], 415,
-               "application/json")
+  assert_error(
+    *raw_request(srv, "POST", path, req(), {"Content-Type": "text/plain"})[:2],
+    415,
+    "application/json",
+  )
   assert_error(*raw_request(srv, "POST", path, b"x" * (2 << 20), JSON)[:2], 413, "limit")
   assert_error(*raw_request(srv, "GET", "/v1/chat/completions")[:2], 405)
   assert_error(*raw_request(srv, "DELETE", "/v1/models")[:2], 405)
   assert_error(*raw_request(srv, "GET", "/v2/nothing")[:2], 404)
-  assert_error(*raw_request(srv, "GET", "/v1/models", headers={"Host": "evil.example:80"})[:2], 403,
-               "Host")
+  assert_error(
+    *raw_request(srv, "GET", "/v1/models", headers={"Host": "evil.example:80"})[:2], 403, "Host"
+  )
   status, _, headers = raw_request(srv, "GET", "/")
   assert status == 200 and "script-src 'self'" in headers["Content-Security-Policy"]
   assert chat(client(srv), "hi").choices[0].message.content
@@ -270,8 +305,12 @@ def test_http_level_errors_and_the_server_goes_on(server):
 def test_a_client_that_leaves_mid_stream_does_not_stop_the_server(server):
   srv = server[0]
   conn = http.client.HTTPConnection("127.0.0.1", srv.server_address[1], timeout=60)
-  body = {"model": "tiny-chat", "messages": messages(QUESTIONS[2]), "stream": True,
-          "max_tokens": NEW}
+  body = {
+    "model": "tiny-chat",
+    "messages": messages(QUESTIONS[2]),
+    "stream": True,
+    "max_tokens": NEW,
+  }
   conn.request("POST", "/v1/chat/completions", json.dumps(body), JSON)
   r = conn.getresponse()
   assert r.status == 200 and r.getheader("Content-Type").startswith("text/event-stream")
@@ -318,16 +357,25 @@ def test_the_api_key_guards_every_endpoint(model):
 
 def test_command_line_binds_loopback_and_answers_like_in_process(folder, model, tmp_path):
   import psutil
+
   port = free_port()
-  proc = start_cli(f"--checkpoint={folder[0]}", f"--port={port}", "--compute_dtype=float32",
-                   "--api_key_env=TEST_SERVE_KEY", f"--max_tokens={NEW}", log_path=tmp_path / "log",
-                   env_extra={"TEST_SERVE_KEY": "k"})
+  proc = start_cli(
+    f"--checkpoint={folder[0]}",
+    f"--port={port}",
+    "--compute_dtype=float32",
+    "--api_key_env=TEST_SERVE_KEY",
+    f"--max_tokens={NEW}",
+    log_path=tmp_path / "log",
+    env_extra={"TEST_SERVE_KEY": "k"},
+  )
   try:
     wait_ready(f"http://127.0.0.1:{port}/health", proc, {"Authorization": "Bearer k"})
-    listening = [c.laddr for c in psutil.Process(proc.pid).net_connections()
-                 if c.status == "LISTEN"]
+    listening = [
+      c.laddr for c in psutil.Process(proc.pid).net_connections() if c.status == "LISTEN"
+    ]
     assert [(a.ip, a.port) for a in listening] == [("127.0.0.1", port)]
     import openai as o
+
     c = o.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", max_retries=0)
     name = os.path.basename(str(folder[0]))
     got = c.chat.completions.create(model=name, messages=messages(QUESTIONS[0]), temperature=0)

@@ -19,14 +19,17 @@ from astrollama_jax.generate import GenerationResult
 
 CHROMIUM, DRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 if not (os.path.exists(CHROMIUM) and os.path.exists(DRIVER)):
-  pytest.skip(f"{CHROMIUM} or {DRIVER} not installed (apt-get install -y chromium chromium-driver)",
-              allow_module_level=True)
+  pytest.skip(
+    f"{CHROMIUM} or {DRIVER} not installed (apt-get install -y chromium chromium-driver)",
+    allow_module_level=True,
+  )
 webdriver = pytest.importorskip("selenium.webdriver")
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
-INJECTION = ('<script>window.pwned = 1</script><img src="x" onerror="window.pwned = 2"> '
-             '<b>bold</b> & "q"')
+INJECTION = (
+  '<script>window.pwned = 1</script><img src="x" onerror="window.pwned = 2"> <b>bold</b> & "q"'
+)
 
 
 @pytest.fixture(scope="module")
@@ -40,9 +43,18 @@ def model(tmp_path_factory, tokenizer_path):
 def browser(tmp_path_factory):
   options = webdriver.ChromeOptions()
   options.binary_location = CHROMIUM
-  for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-              "--disable-background-networking", "--disable-component-update", "--disable-sync",
-              "--window-size=1100,1000", f"--user-data-dir={tmp_path_factory.mktemp('chromium')}"):
+  for arg in (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--window-size=1100,1000",
+    f"--user-data-dir={tmp_path_factory.mktemp('chromium')}",
+  ):
     options.add_argument(arg)
   service = webdriver.ChromeService(executable_path=DRIVER)
   driver = webdriver.Chrome(service=service, options=options)
@@ -93,11 +105,15 @@ def test_chat_rate_with_a_correction_and_find_it_after_a_reload(model, browser, 
     text = box.find_element(By.CLASS_NAME, "text").get_attribute("textContent")
     assert text and updates >= 2, "the answer should arrive in several streamed pieces"
     import openai
+
     c = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0)
-    msgs = [{"role": "system", "content": "You are an astronomer."},
-            {"role": "user", "content": "What is a quasar?"}]
-    direct = c.chat.completions.create(model="tiny-chat", temperature=0, max_tokens=NEW, top_p=0.9,
-                                       messages=msgs)
+    msgs = [
+      {"role": "system", "content": "You are an astronomer."},
+      {"role": "user", "content": "What is a quasar?"},
+    ]
+    direct = c.chat.completions.create(
+      model="tiny-chat", temperature=0, max_tokens=NEW, top_p=0.9, messages=msgs
+    )
     assert text == direct.choices[0].message.content
 
     box.find_element(By.CSS_SELECTOR, ".stars button[data-score='2']").click()
@@ -110,8 +126,10 @@ def test_chat_rate_with_a_correction_and_find_it_after_a_reload(model, browser, 
     (row,) = store.rows()
     assert (row["rating"], row["correction"], row["answer"]) == (2, correction, text)
     assert row["tags"] == ["hallucination", "units", "needs source"]
-    assert row["messages"] == [{"role": "system", "content": "You are an astronomer."},
-                               {"role": "user", "content": "What is a quasar?"}]
+    assert row["messages"] == [
+      {"role": "system", "content": "You are an astronomer."},
+      {"role": "user", "content": "What is a quasar?"},
+    ]
     assert row["sampling"]["temperature"] == 0 and row["sampling"]["max_tokens"] == NEW
     shot = tmp_path / "page.png"
     browser.save_screenshot(str(shot))
@@ -127,16 +145,18 @@ def test_chat_rate_with_a_correction_and_find_it_after_a_reload(model, browser, 
     assert "hallucination, units, needs source" in listed
 
 
-def echo_last_user_message(cfg, params, prompts, max_new_tokens, *, tokenizer, stream=None,
-                           chunk_size=None, **_):
+def echo_last_user_message(
+  cfg, params, prompts, max_new_tokens, *, tokenizer, stream=None, chunk_size=None, **_
+):
   """A stand-in model with ``generate``'s signature that answers with the question it was asked."""
-  texts = [tokenizer.decode(p).rsplit("[INST]", 1)[-1].rsplit("[/INST]", 1)[0].strip()
-           for p in prompts]
+  texts = [
+    tokenizer.decode(p).rsplit("[INST]", 1)[-1].rsplit("[/INST]", 1)[0].strip() for p in prompts
+  ]
   ids = [tokenizer.encode(t, bos=False)[:max_new_tokens] for t in texts]
   step = chunk_size or 4
   for start in range(0, max(len(i) for i in ids), step):
     if stream is not None:
-      stream([i[start:start + step] for i in ids])
+      stream([i[start : start + step] for i in ids])
   return GenerationResult(ids, texts, ["eos"] * len(ids), [len(p) for p in prompts])
 
 

@@ -66,8 +66,9 @@ def slurm(tmp_path_factory):
   """SLURM_CONF of a running one-node cluster."""
   missing = [d for d in DAEMONS if shutil.which(d) is None and not os.path.exists(f"/usr/sbin/{d}")]
   if missing:
-    pytest.skip(f"Slurm is not installed (no {', '.join(missing)}; .ci/run installs slurm-wlm and "
-                "munge)")
+    pytest.skip(
+      f"Slurm is not installed (no {', '.join(missing)}; .ci/run installs slurm-wlm and munge)"
+    )
   if os.geteuid() != 0:
     pytest.skip("the one-machine Slurm cluster runs its daemons as root")
   root = tmp_path_factory.mktemp("slurm")
@@ -84,22 +85,35 @@ def slurm(tmp_path_factory):
   log = open(root / "daemons.log", "ab")
 
   def daemon(*cmd):
-    daemons.append(subprocess.Popen([_which(cmd[0]), *cmd[1:]], env=env, stdout=log,
-                                    stderr=subprocess.STDOUT))
+    daemons.append(
+      subprocess.Popen([_which(cmd[0]), *cmd[1:]], env=env, stdout=log, stderr=subprocess.STDOUT)
+    )
 
   try:
-    daemon("munged", "-F", "-f", f"--socket={root}/munge.socket", f"--key-file={key}",
-           f"--pid-file={root}/munged.pid", f"--seed-file={root}/munged.seed",
-           f"--log-file={root}/munged.log")
+    daemon(
+      "munged",
+      "-F",
+      "-f",
+      f"--socket={root}/munge.socket",
+      f"--key-file={key}",
+      f"--pid-file={root}/munged.pid",
+      f"--seed-file={root}/munged.seed",
+      f"--log-file={root}/munged.log",
+    )
     _until(lambda: (root / "munge.socket").exists(), 30, "munged did not start", root)
     daemon("slurmctld", "-D", "-i", "-f", str(conf))
     daemon("slurmd", "-D", "-f", str(conf))
-    _until(lambda: _sh(env, "sinfo", "-h", "-o", "%T").strip() == "idle", 60,
-           "the node did not come up idle", root)
+    _until(
+      lambda: _sh(env, "sinfo", "-h", "-o", "%T").strip() == "idle",
+      60,
+      "the node did not come up idle",
+      root,
+    )
     yield env
   finally:
-    subprocess.run([_which("scancel"), "--full", "--user=root"], env=env, capture_output=True,
-                   timeout=30)
+    subprocess.run(
+      [_which("scancel"), "--full", "--user=root"], env=env, capture_output=True, timeout=30
+    )
     for p in reversed(daemons):
       p.terminate()
     for p in reversed(daemons):
@@ -112,8 +126,9 @@ def slurm(tmp_path_factory):
 
 
 def _sh(env, *cmd) -> str:
-  out = subprocess.run([_which(cmd[0]), *cmd[1:]], env=env, capture_output=True, text=True,
-                       timeout=60)
+  out = subprocess.run(
+    [_which(cmd[0]), *cmd[1:]], env=env, capture_output=True, text=True, timeout=60
+  )
   return out.stdout if out.returncode == 0 else ""
 
 
@@ -121,8 +136,14 @@ def _until(cond, timeout: float, what: str, root=None) -> None:
   end = time.time() + timeout
   while not cond():
     if time.time() > end:
-      logs = "".join(f"\n--- {p.name}\n{p.read_text(errors='replace')[-3000:]}"
-                     for p in sorted(root.glob("*.log"))) if root else ""
+      logs = (
+        "".join(
+          f"\n--- {p.name}\n{p.read_text(errors='replace')[-3000:]}"
+          for p in sorted(root.glob("*.log"))
+        )
+        if root
+        else ""
+      )
       raise AssertionError(what + logs)
     time.sleep(0.2)
 
@@ -133,8 +154,13 @@ def _job(env, job: str) -> dict[str, str]:
 
 
 def _task(localid: int, tasks_per_node: str, **extra: str) -> dict[str, str]:
-  return {"SLURM_JOB_ID": "7", "SLURM_LOCALID": str(localid), "SLURM_NODEID": "1",
-          "SLURM_STEP_TASKS_PER_NODE": tasks_per_node, **extra}
+  return {
+    "SLURM_JOB_ID": "7",
+    "SLURM_LOCALID": str(localid),
+    "SLURM_NODEID": "1",
+    "SLURM_STEP_TASKS_PER_NODE": tasks_per_node,
+    **extra,
+  }
 
 
 def test_each_task_drives_its_share_of_the_node_gpus():
@@ -148,8 +174,9 @@ def test_each_task_drives_its_share_of_the_node_gpus():
   # SLURM bound GPUs to tasks (--gpus-per-task, --gpu-bind): each drives all it sees.
   bound = {"CUDA_VISIBLE_DEVICES": "3", "SLURM_GPUS_ON_NODE": "8"}
   assert slurm_local_device_ids(_task(3, "8", **bound)) == [0]
-  assert slurm_local_device_ids(_task(1, "2", CUDA_VISIBLE_DEVICES="0,1", SLURM_GPUS_ON_NODE="2",
-                                      SLURM_GPUS_PER_TASK="2")) == [0, 1]
+  assert slurm_local_device_ids(
+    _task(1, "2", CUDA_VISIBLE_DEVICES="0,1", SLURM_GPUS_ON_NODE="2", SLURM_GPUS_PER_TASK="2")
+  ) == [0, 1]
   # No GPUs (CPU mode), outside SLURM, or an explicit choice: JAX decides.
   assert slurm_local_device_ids(_task(1, "2")) is None
   assert slurm_local_device_ids({"CUDA_VISIBLE_DEVICES": "0,1"}) is None
@@ -165,35 +192,70 @@ def test_a_preempted_job_requeues_itself_and_resumes_to_the_end(slurm, tmp_path)
   workdir, log = tmp_path / "run", tmp_path / "job.log"
   env = dict(slurm, **{k: v for k, v in train_env(1).items() if k.startswith(("JAX", "XLA", "TF"))})
   env.update(ASTROLLAMA_SLURM_CPU="1", PYTHON=sys.executable, PYTHONPATH=str(REPO))
-  overrides = [*SYNTHETIC, f"--config.train.num_steps={STEPS}",
-               f"--config.checkpoint.every={EVERY}", "--config.checkpoint.keep=20"]
+  overrides = [
+    *SYNTHETIC,
+    f"--config.train.num_steps={STEPS}",
+    f"--config.checkpoint.every={EVERY}",
+    "--config.checkpoint.keep=20",
+  ]
   submit = subprocess.run(
-      [_which("sbatch"), "--parsable", "--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1",
-       "--gpus-per-node=0", "--time=15", f"--output={log}", "launch/slurm_gpu.sbatch",
-       "configs/demo.py", str(workdir), *overrides],
-      cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    [
+      _which("sbatch"),
+      "--parsable",
+      "--nodes=1",
+      "--ntasks-per-node=2",
+      "--cpus-per-task=1",
+      "--gpus-per-node=0",
+      "--time=15",
+      f"--output={log}",
+      "launch/slurm_gpu.sbatch",
+      "configs/demo.py",
+      str(workdir),
+      *overrides,
+    ],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=60,
+  )
   assert submit.returncode == 0, submit.stderr
   job = submit.stdout.strip().split(";")[0]
   text = lambda: log.read_text(errors="replace") if log.exists() else ""  # noqa: E731
 
   # After the first checkpoint, the signal SLURM sends before the time limit (or on preemption).
-  _until(lambda: (workdir / "checkpoints" / str(EVERY)).is_dir()
-         or _job(slurm, job).get("JobState") not in ("PENDING", "RUNNING"), 300,
-         f"no first checkpoint; job log:\n{text()[-4000:]}")
+  _until(
+    lambda: (
+      (workdir / "checkpoints" / str(EVERY)).is_dir()
+      or _job(slurm, job).get("JobState") not in ("PENDING", "RUNNING")
+    ),
+    300,
+    f"no first checkpoint; job log:\n{text()[-4000:]}",
+  )
   assert _job(slurm, job)["JobState"] == "RUNNING", text()[-4000:]
   signal = subprocess.run([_which("scancel"), "--signal=TERM", job], env=slurm, timeout=60)
   assert signal.returncode == 0
   # The tasks save and exit 75, the batch script requeues the job: it waits for its begin time.
-  _until(lambda: _job(slurm, job).get("Restarts") == "1"
-         and _job(slurm, job)["JobState"] == "PENDING", 240,
-         f"the job did not requeue itself; job log:\n{text()[-4000:]}")
+  _until(
+    lambda: _job(slurm, job).get("Restarts") == "1" and _job(slurm, job)["JobState"] == "PENDING",
+    240,
+    f"the job did not requeue itself; job log:\n{text()[-4000:]}",
+  )
   preempted_at = max(r["step"] for r in records(workdir, "train"))
   assert preempted_at < STEPS and (workdir / "checkpoints" / str(preempted_at)).is_dir()
-  subprocess.run([_which("scontrol"), "update", f"JobId={job}", "StartTime=now"], env=slurm,
-                 check=True, timeout=60)  # skip SLURM's requeue delay (BeginTime = now + 120 s)
-  _until(lambda: _job(slurm, job).get("JobState") not in ("PENDING", "RUNNING", "REQUEUED",
-                                                          "COMPLETING", None), 300,
-         f"the restarted job did not end; job log:\n{text()[-4000:]}")
+  subprocess.run(
+    [_which("scontrol"), "update", f"JobId={job}", "StartTime=now"],
+    env=slurm,
+    check=True,
+    timeout=60,
+  )  # skip SLURM's requeue delay (BeginTime = now + 120 s)
+  _until(
+    lambda: (
+      _job(slurm, job).get("JobState") not in ("PENDING", "RUNNING", "REQUEUED", "COMPLETING", None)
+    ),
+    300,
+    f"the restarted job did not end; job log:\n{text()[-4000:]}",
+  )
   info, out = _job(slurm, job), text()
   assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", (info, out[-4000:])
 

@@ -9,7 +9,9 @@ from astrollama_jax import tpu_plan
 from astrollama_jax.train.defaults import base_config
 
 
-@pytest.mark.parametrize("name,topology,chips,config,hbm_gib", [
+@pytest.mark.parametrize(
+  "name,topology,chips,config,hbm_gib",
+  [
     ("v5p-8", "v5:2x2x1", 4, "megacore", 95),
     ("v5p-128", "v5:4x4x4", 64, "megacore", 95),
     ("v4-8", "v4:2x2x1", 4, "megacore", 32),
@@ -20,11 +22,12 @@ from astrollama_jax.train.defaults import base_config
     ("v5e-8", "v5e:2x4", 8, "default", 16),
     ("v6e-256", "v6e:16x16", 256, "default", 32),
     ("2xv5p-8", "v5:2x2x1", 8, "megacore", 95),
-])
+  ],
+)
 def test_parse_topology(name, topology, chips, config, hbm_gib):
   topo = tpu_plan.parse_topology(name)
   assert (topo.topology_name, topo.chips, topo.chip_config_name) == (topology, chips, config)
-  assert topo.hbm_bytes == hbm_gib * 2 ** 30
+  assert topo.hbm_bytes == hbm_gib * 2**30
 
 
 @pytest.mark.parametrize("bad", ["v5p-7", "v3-8", "tpu", "v5e-12", "0xv5e-4"])
@@ -34,10 +37,12 @@ def test_parse_topology_rejects(bad):
 
 
 def test_kernel_calls_counts_fused_custom_calls_only():
-  text = ('%a = custom-call(%x), custom_call_target="tpu_custom_call"\n'
-          '%b = custom-call(%y), custom_call_target="tpu_custom_call"\n'
-          '%c = custom-call(%z), custom_call_target="Sharding"\n'
-          '%d = custom-call(%w), custom_call_target="__cudnn$fmhaSoftmax"\n')
+  text = (
+    '%a = custom-call(%x), custom_call_target="tpu_custom_call"\n'
+    '%b = custom-call(%y), custom_call_target="tpu_custom_call"\n'
+    '%c = custom-call(%z), custom_call_target="Sharding"\n'
+    '%d = custom-call(%w), custom_call_target="__cudnn$fmhaSoftmax"\n'
+  )
   assert tpu_plan.kernel_calls(text) == 3
   assert tpu_plan.kernel_calls("%c = add(%a, %b)") == 0
 
@@ -54,11 +59,14 @@ def _tiny_config(impl):
   return c
 
 
-@pytest.mark.skipif(not tpu_plan.libtpu_available(),
-                    reason="libtpu is not installed (pip install 'jax[tpu]'): no TPU compiler")
+@pytest.mark.skipif(
+  not tpu_plan.libtpu_available(),
+  reason="libtpu is not installed (pip install 'jax[tpu]'): no TPU compiler",
+)
 def test_tiny_train_step_plan_on_v5e_4():
-  plans = {impl: tpu_plan.train_step_plan(_tiny_config(impl), "v5e-4")
-           for impl in ("splash", "xla")}
+  plans = {
+    impl: tpu_plan.train_step_plan(_tiny_config(impl), "v5e-4") for impl in ("splash", "xla")
+  }
   for impl, plan in plans.items():
     assert plan["chips"] == 4 and plan["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
     assert plan["argument_bytes"] > 0 and plan["temp_bytes"] > 0 and plan["code_bytes"] > 0
@@ -69,8 +77,10 @@ def test_tiny_train_step_plan_on_v5e_4():
   assert plans["xla"]["kernel_calls"] == 0
 
 
-@pytest.mark.skipif(not tpu_plan.libtpu_available(),
-                    reason="libtpu is not installed (pip install 'jax[tpu]'): no TPU compiler")
+@pytest.mark.skipif(
+  not tpu_plan.libtpu_available(),
+  reason="libtpu is not installed (pip install 'jax[tpu]'): no TPU compiler",
+)
 def test_plan_over_the_chip_reports_not_fitting():
   """4096 rows of unchunked 32k-vocabulary logits cannot fit one 16 GiB v5e chip."""
   c = _tiny_config("xla")
@@ -81,8 +91,10 @@ def test_plan_over_the_chip_reports_not_fitting():
   assert "RESOURCE_EXHAUSTED" in plan["error"]
 
 
-@pytest.mark.skipif(not tpu_plan.libtpu_available(),
-                    reason="libtpu is not installed (pip install 'jax[tpu]'): no TPU compiler")
+@pytest.mark.skipif(
+  not tpu_plan.libtpu_available(),
+  reason="libtpu is not installed (pip install 'jax[tpu]'): no TPU compiler",
+)
 def test_aot_command_compiles_for_a_topology():
   """``aot --topology`` compiles the trainer's step with libtpu; the last line names the plan."""
   import json
@@ -90,11 +102,25 @@ def test_aot_command_compiles_for_a_topology():
   import sys
 
   from test_train_cli import REPO, train_env
-  args = ["--config=configs/demo.py", "--topology=v5e-4", "--config.model.attention_impl=auto",
-          "--config.model.dim=256", "--config.model.n_heads=2", "--config.model.n_kv_heads=1",
-          "--config.data.seq_len=256", "--config.train.global_batch_size=8"]
-  out = subprocess.run([sys.executable, "-m", "astrollama_jax.aot", *args], cwd=REPO,
-                       env=train_env(1), capture_output=True, text=True, timeout=600)
+
+  args = [
+    "--config=configs/demo.py",
+    "--topology=v5e-4",
+    "--config.model.attention_impl=auto",
+    "--config.model.dim=256",
+    "--config.model.n_heads=2",
+    "--config.model.n_kv_heads=1",
+    "--config.data.seq_len=256",
+    "--config.train.global_batch_size=8",
+  ]
+  out = subprocess.run(
+    [sys.executable, "-m", "astrollama_jax.aot", *args],
+    cwd=REPO,
+    env=train_env(1),
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert out.returncode == 0, out.stderr[-3000:]
   plan = json.loads(out.stdout.strip().splitlines()[-1])
   assert plan["target"] == "v5e-4" and plan["attention"] == "splash" and plan["fits"] is True

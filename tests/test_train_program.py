@@ -74,10 +74,12 @@ def test_train_aot_and_bench_compile_the_same_step(tmp_path, programs):
     assert _specs(other.shardings) == _specs(trained.shardings)
     assert _specs(other.compiled.input_shardings) == _specs(trained.compiled.input_shardings)
     assert {k: (v.shape, v.dtype, v.sharding.spec) for k, v in other.batch.items()} == {
-        k: (v.shape, v.dtype, v.sharding.spec) for k, v in trained.batch.items()}
+      k: (v.shape, v.dtype, v.sharding.spec) for k, v in trained.batch.items()
+    }
   # The abstract batch is the one batch format: its keys and dtypes, split over (data, fsdp).
   assert {k: np.dtype(v.dtype) for k, v in trained.batch.items()} == {
-      k: np.dtype(d) for k, d in BATCH_SPEC.items()}
+    k: np.dtype(d) for k, d in BATCH_SPEC.items()
+  }
   assert trained.batch["tokens"].sharding.spec == P(("data", "fsdp"), None)
   assert {k: v.dtype for k, v in batch.items()} == {k: np.dtype(d) for k, d in BATCH_SPEC.items()}
 
@@ -91,16 +93,19 @@ def _mlp_activation_spec(config):
 
 
 def test_custom_rules_shard_params_and_activations_alike():
-  default, custom = _config(), _config(mlp="fsdp,tensor", act_mlp="fsdp,tensor", batch="data",
-                                       embed="")
+  default, custom = (
+    _config(),
+    _config(mlp="fsdp,tensor", act_mlp="fsdp,tensor", batch="data", embed=""),
+  )
   mesh = sharding.make_mesh((2, 2, 2))
   before = program_lib.compile_train_step(default, mesh)
   after = program_lib.compile_train_step(custom, mesh)
 
   # Parameters: the MLP weights [layers, embed, mlp] follow the table they were built with.
   assert before.shardings.params["layers"]["mlp"]["gate_proj"].spec == P(None, "fsdp", "tensor")
-  assert after.shardings.params["layers"]["mlp"]["gate_proj"].spec == P(None, None,
-                                                                             ("fsdp", "tensor"))
+  assert after.shardings.params["layers"]["mlp"]["gate_proj"].spec == P(
+    None, None, ("fsdp", "tensor")
+  )
   # Activations: the same rules, inside the compiled step and in constrain().
   assert _mlp_activation_spec(default) == P(("data", "fsdp"), None, "tensor")
   assert _mlp_activation_spec(custom) == P("data", None, ("fsdp", "tensor"))
@@ -112,8 +117,9 @@ def test_custom_rules_shard_params_and_activations_alike():
 
 
 def test_bad_rules_are_named():
-  with pytest.raises(ValueError,
-                     match=r"config.sharding_rules.mlp = 'tenser': give distinct mesh axes"):
+  with pytest.raises(
+    ValueError, match=r"config.sharding_rules.mlp = 'tenser': give distinct mesh axes"
+  ):
     setup.sharding_rules(_config(mlp="tenser"))
   with pytest.raises(ValueError, match=r"config.sharding_rules.batch = 'data,data'"):
     setup.sharding_rules(_config(batch="data,data"))

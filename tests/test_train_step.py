@@ -8,7 +8,13 @@ import pytest
 from astrollama_jax import sharding
 from astrollama_jax.model import llama
 from astrollama_jax.model.config import get_config
-from astrollama_jax.train import data, loss as loss_lib, optimizer, state as state_lib, step as step_lib
+from astrollama_jax.train import (
+  data,
+  loss as loss_lib,
+  optimizer,
+  state as state_lib,
+  step as step_lib,
+)
 from astrollama_jax.train.defaults import base_config
 
 CFG = get_config("tiny_gqa", compute_dtype="float32")
@@ -38,8 +44,9 @@ def _run(mesh_shape, batches, grad_accum=1, loss_chunk=0, devices=None, **hp):
   _, shardings = state_lib.abstract_state(CFG, tx, mesh)
   with jax.set_mesh(mesh):
     st = state_lib.create_state(llama.init_params(CFG, seed=3, mesh=mesh), tx, shardings, seed=0)
-    train_step = step_lib.make_train_step(CFG, tx, schedule, shardings, mesh,
-                                          grad_accum=grad_accum, loss_chunk=loss_chunk)
+    train_step = step_lib.make_train_step(
+      CFG, tx, schedule, shardings, mesh, grad_accum=grad_accum, loss_chunk=loss_chunk
+    )
     params, metrics = [], []
     for b in batches:
       st, m = train_step(st, data.to_global(mesh, b))
@@ -66,12 +73,20 @@ def test_loss_matches_transformers(tmp_path):
   cfg, params = hf.load_hf(str(tmp_path))
   cfg = cfg.replace(compute_dtype="float32")
   ids = np.random.default_rng(0).integers(3, 32000, size=(2, 24)).astype(np.int32)
-  batch = {"tokens": ids[:, :-1], "targets": ids[:, 1:], "positions": np.tile(np.arange(23), (2, 1)),
-           "segment_ids": np.ones((2, 23), np.int32), "loss_mask": np.ones((2, 23), np.float32)}
-  total, count = loss_lib.lm_loss_sums(cfg, jax.tree.map(jnp.asarray, params),
-                                       jax.tree.map(jnp.asarray, batch))
+  batch = {
+    "tokens": ids[:, :-1],
+    "targets": ids[:, 1:],
+    "positions": np.tile(np.arange(23), (2, 1)),
+    "segment_ids": np.ones((2, 23), np.int32),
+    "loss_mask": np.ones((2, 23), np.float32),
+  }
+  total, count = loss_lib.lm_loss_sums(
+    cfg, jax.tree.map(jnp.asarray, params), jax.tree.map(jnp.asarray, batch)
+  )
   with torch.no_grad():
-    ref = model(torch.tensor(ids, dtype=torch.long), labels=torch.tensor(ids, dtype=torch.long)).loss
+    ref = model(
+      torch.tensor(ids, dtype=torch.long), labels=torch.tensor(ids, dtype=torch.long)
+    ).loss
   assert count == 46
   np.testing.assert_allclose(float(total / count), float(ref), rtol=1e-5)
 
@@ -82,7 +97,9 @@ def test_chunked_loss_equals_full_loss_and_gradient():
   full = jax.value_and_grad(lambda p: loss_lib.lm_loss_sums(CFG, p, b)[0])(params)
   chunked = jax.value_and_grad(lambda p: loss_lib.lm_loss_sums(CFG, p, b, chunk_size=8)[0])(params)
   np.testing.assert_allclose(full[0], chunked[0], rtol=1e-6)
-  jax.tree.map(lambda a, c: np.testing.assert_allclose(a, c, rtol=1e-4, atol=1e-6), full[1], chunked[1])
+  jax.tree.map(
+    lambda a, c: np.testing.assert_allclose(a, c, rtol=1e-4, atol=1e-6), full[1], chunked[1]
+  )
   with pytest.raises(ValueError, match="does not divide"):
     loss_lib.lm_loss_sums(CFG, params, b, chunk_size=5)
 
@@ -136,18 +153,25 @@ def test_nonfinite_step_is_skipped_and_counted(sharded_run):
 
 def test_bfloat16_moments_track_float32():
   params = {"w": jnp.linspace(-1, 1, 4096).reshape(64, 64), "norm": {"scale": jnp.ones((2, 64))}}
-  grads = jax.tree.map(lambda p: 0.01 * jnp.sin(jnp.arange(p.size, dtype=jnp.float32).reshape(p.shape)), params)
+  grads = jax.tree.map(
+    lambda p: 0.01 * jnp.sin(jnp.arange(p.size, dtype=jnp.float32).reshape(p.shape)), params
+  )
   results = {}
   for dtype in ("float32", "bfloat16"):
-    tx, _ = optimizer.make_optimizer(_hparams(moments_dtype=dtype, weight_decay=0.1), total_steps=10)
+    tx, _ = optimizer.make_optimizer(
+      _hparams(moments_dtype=dtype, weight_decay=0.1), total_steps=10
+    )
     opt = tx.init(params)
     for _ in range(3):
       updates, opt = jax.jit(tx.update)(grads, opt, params)
     floats = {x.dtype for x in jax.tree.leaves(opt) if jnp.issubdtype(x.dtype, jnp.floating)}
     assert floats == {jnp.dtype(dtype)}
     results[dtype] = updates
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-2, atol=1e-5),
-               results["float32"], results["bfloat16"])
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-2, atol=1e-5),
+    results["float32"],
+    results["bfloat16"],
+  )
 
 
 def test_weight_decay_spares_norm_scales():

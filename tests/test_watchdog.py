@@ -41,9 +41,17 @@ def test_fires_once_when_no_beat_comes_within_the_timeout():
 
 def test_a_stalled_data_source_dumps_every_stack_and_exits_hung(tmp_path):
   workdir, log = tmp_path / "run", tmp_path / "run.log"
-  proc = start(train_cmd(workdir, *SYNTHETIC, "--config.train.num_steps=50",
-                         "--config.data.synthetic.stall_after_steps=4", "--config.train.hang_timeout_s=5"),
-               1, log)
+  proc = start(
+    train_cmd(
+      workdir,
+      *SYNTHETIC,
+      "--config.train.num_steps=50",
+      "--config.data.synthetic.stall_after_steps=4",
+      "--config.train.hang_timeout_s=5",
+    ),
+    1,
+    log,
+  )
   try:
     rc = proc.wait(timeout=300)
   finally:
@@ -59,12 +67,22 @@ def test_a_stalled_data_source_dumps_every_stack_and_exits_hung(tmp_path):
   assert (workdir / "checkpoints" / "3").is_dir()  # what a requeued run resumes from
 
 
-RUN2 = [*TINY_MODEL, "--config.model.vocab_size=1024", "--config.mesh=(2,1,1)",
-        "--config.data.kind=synthetic", "--config.data.synthetic.num_rows=64", "--config.data.seq_len=32",
-        "--config.train.global_batch_size=4", "--config.train.num_steps=100000",
-        "--config.log.every=1", "--config.eval.every=0",
-        "--config.eval.at_start=False", "--config.eval.at_end=False",
-        "--config.checkpoint.every=0", "--config.train.hang_timeout_s=10"]
+RUN2 = [
+  *TINY_MODEL,
+  "--config.model.vocab_size=1024",
+  "--config.mesh=(2,1,1)",
+  "--config.data.kind=synthetic",
+  "--config.data.synthetic.num_rows=64",
+  "--config.data.seq_len=32",
+  "--config.train.global_batch_size=4",
+  "--config.train.num_steps=100000",
+  "--config.log.every=1",
+  "--config.eval.every=0",
+  "--config.eval.at_start=False",
+  "--config.eval.at_end=False",
+  "--config.checkpoint.every=0",
+  "--config.train.hang_timeout_s=10",
+]
 
 
 @pytest.mark.parametrize("victim", [1, 0])
@@ -72,8 +90,20 @@ def test_killing_one_process_ends_the_other_within_a_bounded_time(tmp_path, monk
   monkeypatch.setenv("ASTROLLAMA_HEARTBEAT_TIMEOUT_S", "20")  # the trainers' JAX heartbeat timeout
   port = _free_port()
   logs = [tmp_path / f"p{i}.log" for i in range(2)]
-  procs = [start(train_cmd(tmp_path / "run", *RUN2, f"--coordinator_address=127.0.0.1:{port}",
-                           "--num_processes=2", f"--process_id={i}"), 1, logs[i]) for i in range(2)]
+  procs = [
+    start(
+      train_cmd(
+        tmp_path / "run",
+        *RUN2,
+        f"--coordinator_address=127.0.0.1:{port}",
+        "--num_processes=2",
+        f"--process_id={i}",
+      ),
+      1,
+      logs[i],
+    )
+    for i in range(2)
+  ]
   try:
     end = time.time() + 300
     while not any(r["step"] >= 3 for r in records(tmp_path / "run", "train")):
@@ -84,8 +114,9 @@ def test_killing_one_process_ends_the_other_within_a_bounded_time(tmp_path, monk
     try:  # bounded by the JAX heartbeat timeout (20 s) or the watchdog (10 s), whichever acts
       rc = survivor.wait(timeout=150)
     except subprocess.TimeoutExpired:
-      raise AssertionError(f"the surviving process still runs; log:\n{_tail(logs[1 - victim])}") \
-          from None
+      raise AssertionError(
+        f"the surviving process still runs; log:\n{_tail(logs[1 - victim])}"
+      ) from None
   finally:
     for p in procs:
       if p.poll() is None:

@@ -16,16 +16,19 @@ from test_train_cli import REPO, SYNTHETIC, _tail, finish, records, start, train
 from astrollama_jax.train import exit_codes
 from astrollama_jax.train.workdir_lock import LOCK_FILE, WorkdirBusy, WorkdirLock
 
-HOLD = ("import sys, time\n"
-        "from astrollama_jax.train.workdir_lock import WorkdirLock\n"
-        "WorkdirLock(sys.argv[1]).acquire()\n"
-        "print('locked', flush=True)\n"
-        "time.sleep(600)\n")
+HOLD = (
+  "import sys, time\n"
+  "from astrollama_jax.train.workdir_lock import WorkdirLock\n"
+  "WorkdirLock(sys.argv[1]).acquire()\n"
+  "print('locked', flush=True)\n"
+  "time.sleep(600)\n"
+)
 
 
 def _holder(workdir) -> subprocess.Popen:
-  proc = subprocess.Popen([sys.executable, "-c", HOLD, str(workdir)], cwd=REPO,
-                          stdout=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(
+    [sys.executable, "-c", HOLD, str(workdir)], cwd=REPO, stdout=subprocess.PIPE, text=True
+  )
   assert proc.stdout.readline().strip() == "locked"
   return proc
 
@@ -93,8 +96,14 @@ def test_two_trainers_on_one_workdir_then_kill9_and_take_over(tmp_path):
     late = start(train_cmd(workdir, *run), 1, tmp_path / "late.log")  # while the first one trains
     procs.append(late)
     _refused(late, tmp_path / "late.log", first.pid)
-    _wait(lambda: (workdir / "checkpoints" / "3").is_dir()
-          and any(r["step"] >= 4 for r in records(workdir, "train")), first, tmp_path / "first.log")
+    _wait(
+      lambda: (
+        (workdir / "checkpoints" / "3").is_dir()
+        and any(r["step"] >= 4 for r in records(workdir, "train"))
+      ),
+      first,
+      tmp_path / "first.log",
+    )
     steps = [r["step"] for r in records(workdir, "train")]
     assert steps == list(range(1, len(steps) + 1)), "every step computed and logged exactly once"
 
@@ -102,13 +111,19 @@ def test_two_trainers_on_one_workdir_then_kill9_and_take_over(tmp_path):
     first.wait(timeout=30)
     killed_after = max(r["step"] for r in records(workdir, "train"))
     last = killed_after + 2
-    summary = finish(start(train_cmd(workdir, *SYNTHETIC, f"--config.train.num_steps={last}"), 1,
-                           tmp_path / "next.log"), tmp_path / "next.log")
+    summary = finish(
+      start(
+        train_cmd(workdir, *SYNTHETIC, f"--config.train.num_steps={last}"), 1, tmp_path / "next.log"
+      ),
+      tmp_path / "next.log",
+    )
   finally:
     for p in procs:
       if p.poll() is None:
         p.kill()
   assert 3 <= summary["resumed_from"] <= killed_after and summary["final_step"] == last
-  assert f"taking over the stale lock of a trainer that is gone (host {socket.gethostname()}, " \
-         f"pid {first.pid}," in _tail(tmp_path / "next.log", 200_000)
+  assert (
+    f"taking over the stale lock of a trainer that is gone (host {socket.gethostname()}, "
+    f"pid {first.pid}," in _tail(tmp_path / "next.log", 200_000)
+  )
   assert (workdir / LOCK_FILE).read_text() == ""

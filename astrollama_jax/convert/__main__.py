@@ -28,28 +28,48 @@ FLAGS = flags.FLAGS
 
 def define_flags() -> None:
   """Flags exist only when run as a command, so importing this module defines none."""
-  flags.DEFINE_enum("source_format", None, ["meta", "hf"], "Meta consolidated.*.pth folder or HF folder.")
+  flags.DEFINE_enum(
+    "source_format", None, ["meta", "hf"], "Meta consolidated.*.pth folder or HF folder."
+  )
   flags.DEFINE_string("source", None, "Folder with the source weights.")
   # Not cli's enum --dtype: check_dtype's message names the dtypes the same way everywhere.
-  flags.DEFINE_string("dtype", None, "Parameter dtype: float32, bfloat16 or float16 (default: as stored).")
-  cli.define("output", "tokenizer", help={
+  flags.DEFINE_string(
+    "dtype", None, "Parameter dtype: float32, bfloat16 or float16 (default: as stored)."
+  )
+  cli.define(
+    "output",
+    "tokenizer",
+    help={
       "output": "Converted DIR to create (must not exist or be empty).",
-      "tokenizer": "tokenizer.model (default: in --source or its parent folder)."})
+      "tokenizer": "tokenizer.model (default: in --source or its parent folder).",
+    },
+  )
 
 
 def find_tokenizer(source: str, explicit: str | None = None) -> str:
   """The SentencePiece model: given, in the source folder, or beside it (Meta's download layout)."""
-  candidates = [explicit] if explicit else [os.path.join(source, "tokenizer.model"),
-                                            os.path.join(os.path.dirname(os.path.abspath(source)),
-                                                         "tokenizer.model")]
+  candidates = (
+    [explicit]
+    if explicit
+    else [
+      os.path.join(source, "tokenizer.model"),
+      os.path.join(os.path.dirname(os.path.abspath(source)), "tokenizer.model"),
+    ]
+  )
   for c in candidates:
     if c and os.path.isfile(c):
       return c
   raise FileNotFoundError(f"tokenizer.model not found (looked at {candidates}); pass --tokenizer")
 
 
-def convert(source_format: str, source: str, output: str, dtype: str | None = None,
-            tokenizer: str | None = None, show_progress: bool = True) -> dict[str, Any]:
+def convert(
+  source_format: str,
+  source: str,
+  output: str,
+  dtype: str | None = None,
+  tokenizer: str | None = None,
+  show_progress: bool = True,
+) -> dict[str, Any]:
   """Convert ``source`` into the converted DIR ``output``; returns the summary dict."""
   t0 = time.monotonic()
   if jax.process_count() > 1:
@@ -70,12 +90,17 @@ def convert(source_format: str, source: str, output: str, dtype: str | None = No
   else:
     raise ValueError(f"unknown source_format {source_format!r}; use meta or hf")
   from astrollama_jax.data.tokenizer import Tokenizer
+
   Tokenizer(tok_path).check_vocab(cfg.vocab_size)
   # The size is known before the first tensor is read: refuse now rather than after hours.
-  diskspace.check_free_space(out, cfg.num_params() * np.dtype(cfg.param_dtype).itemsize, "the output folder")
+  diskspace.check_free_space(
+    out, cfg.num_params() * np.dtype(cfg.param_dtype).itemsize, "the output folder"
+  )
   logging.info("converting %s (%s) -> %s: %s", source, source_format, out, cfg)
 
-  bar = tqdm(total=mapping.num_tensors(cfg), unit="tensor", disable=not show_progress, desc="convert")
+  bar = tqdm(
+    total=mapping.num_tensors(cfg), unit="tensor", disable=not show_progress, desc="convert"
+  )
   n_source = 0
 
   def progress(name, arr):
@@ -86,12 +111,22 @@ def convert(source_format: str, source: str, output: str, dtype: str | None = No
 
   read = meta.iter_meta_params if source_format == "meta" else hf.iter_hf_params
   try:
-    counts = checkpoints.write_params(out, cfg, read(source, cfg, cfg.param_dtype, progress), tok_path)
+    counts = checkpoints.write_params(
+      out, cfg, read(source, cfg, cfg.param_dtype, progress), tok_path
+    )
   finally:
     bar.close()
-  return {"source_format": source_format, "source": os.path.abspath(source), "output": out,
-          "dtype": cfg.param_dtype, "tensors": n_source, **counts, **extra,
-          "seconds": round(time.monotonic() - t0, 2), "peak_rss_bytes": cli.peak_rss_bytes()}
+  return {
+    "source_format": source_format,
+    "source": os.path.abspath(source),
+    "output": out,
+    "dtype": cfg.param_dtype,
+    "tensors": n_source,
+    **counts,
+    **extra,
+    "seconds": round(time.monotonic() - t0, 2),
+    "peak_rss_bytes": cli.peak_rss_bytes(),
+  }
 
 
 def main(argv):

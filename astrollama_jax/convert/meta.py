@@ -35,18 +35,18 @@ from astrollama_jax.model.config import LlamaConfig
 
 # HF name -> (Meta name, merge axis across shards or None if replicated, q/k head count field).
 _META_NAMES: dict[str, tuple[str, int | None, str | None]] = {
-    "model.embed_tokens.weight": ("tok_embeddings.weight", 1, None),
-    "model.layers.{i}.self_attn.q_proj.weight": ("layers.{i}.attention.wq.weight", 0, "n_heads"),
-    "model.layers.{i}.self_attn.k_proj.weight": ("layers.{i}.attention.wk.weight", 0, "n_kv_heads"),
-    "model.layers.{i}.self_attn.v_proj.weight": ("layers.{i}.attention.wv.weight", 0, None),
-    "model.layers.{i}.self_attn.o_proj.weight": ("layers.{i}.attention.wo.weight", 1, None),
-    "model.layers.{i}.mlp.gate_proj.weight": ("layers.{i}.feed_forward.w1.weight", 0, None),
-    "model.layers.{i}.mlp.up_proj.weight": ("layers.{i}.feed_forward.w3.weight", 0, None),
-    "model.layers.{i}.mlp.down_proj.weight": ("layers.{i}.feed_forward.w2.weight", 1, None),
-    "model.layers.{i}.input_layernorm.weight": ("layers.{i}.attention_norm.weight", None, None),
-    "model.layers.{i}.post_attention_layernorm.weight": ("layers.{i}.ffn_norm.weight", None, None),
-    "model.norm.weight": ("norm.weight", None, None),
-    "lm_head.weight": ("output.weight", 0, None),
+  "model.embed_tokens.weight": ("tok_embeddings.weight", 1, None),
+  "model.layers.{i}.self_attn.q_proj.weight": ("layers.{i}.attention.wq.weight", 0, "n_heads"),
+  "model.layers.{i}.self_attn.k_proj.weight": ("layers.{i}.attention.wk.weight", 0, "n_kv_heads"),
+  "model.layers.{i}.self_attn.v_proj.weight": ("layers.{i}.attention.wv.weight", 0, None),
+  "model.layers.{i}.self_attn.o_proj.weight": ("layers.{i}.attention.wo.weight", 1, None),
+  "model.layers.{i}.mlp.gate_proj.weight": ("layers.{i}.feed_forward.w1.weight", 0, None),
+  "model.layers.{i}.mlp.up_proj.weight": ("layers.{i}.feed_forward.w3.weight", 0, None),
+  "model.layers.{i}.mlp.down_proj.weight": ("layers.{i}.feed_forward.w2.weight", 1, None),
+  "model.layers.{i}.input_layernorm.weight": ("layers.{i}.attention_norm.weight", None, None),
+  "model.layers.{i}.post_attention_layernorm.weight": ("layers.{i}.ffn_norm.weight", None, None),
+  "model.norm.weight": ("norm.weight", None, None),
+  "lm_head.weight": ("output.weight", 0, None),
 }
 _IGNORED = ("rope.freqs",)
 _SHARD_RE = re.compile(r"^consolidated\.(\d+)\.pth$")
@@ -56,12 +56,15 @@ def _torch():
   try:
     import torch
   except ImportError as e:  # torch is only needed for Meta's .pth files
-    raise ImportError("reading Meta's consolidated.*.pth files needs PyTorch; install the CPU wheel "
-                      "with `pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu`") from e
+    raise ImportError(
+      "reading Meta's consolidated.*.pth files needs PyTorch; install the CPU wheel "
+      "with `pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu`"
+    ) from e
   return torch
 
 
 # --- params.json -> LlamaConfig ------------------------------------------------------------------
+
 
 def ffn_dim_from_params(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
   """Meta's FeedForward hidden size: 2/3 of 4*dim, scaled, rounded up to ``multiple_of``."""
@@ -86,7 +89,9 @@ def read_params_json(folder: str) -> dict[str, Any]:
   return p
 
 
-def config_from_params(p: dict[str, Any], vocab_size: int | None = None, **overrides: Any) -> LlamaConfig:
+def config_from_params(
+  p: dict[str, Any], vocab_size: int | None = None, **overrides: Any
+) -> LlamaConfig:
   """LlamaConfig from ``params.json``; ``vocab_size`` fills in a ``-1`` there."""
   vocab = p.get("vocab_size", -1)
   if vocab is None or vocab <= 0:
@@ -94,21 +99,22 @@ def config_from_params(p: dict[str, Any], vocab_size: int | None = None, **overr
       raise ConversionError("params.json has no vocab_size and none was given")
     vocab = vocab_size
   kw = dict(
-      vocab_size=int(vocab),
-      dim=int(p["dim"]),
-      n_layers=int(p["n_layers"]),
-      n_heads=int(p["n_heads"]),
-      n_kv_heads=int(p.get("n_kv_heads") or p["n_heads"]),
-      ffn_dim=ffn_dim_from_params(int(p["dim"]), int(p["multiple_of"]), p.get("ffn_dim_multiplier")),
-      norm_eps=float(p["norm_eps"]),
-      rope_theta=float(p.get("rope_theta") or 10000.0),
-      max_seq_len=4096,
+    vocab_size=int(vocab),
+    dim=int(p["dim"]),
+    n_layers=int(p["n_layers"]),
+    n_heads=int(p["n_heads"]),
+    n_kv_heads=int(p.get("n_kv_heads") or p["n_heads"]),
+    ffn_dim=ffn_dim_from_params(int(p["dim"]), int(p["multiple_of"]), p.get("ffn_dim_multiplier")),
+    norm_eps=float(p["norm_eps"]),
+    rope_theta=float(p.get("rope_theta") or 10000.0),
+    max_seq_len=4096,
   )
   kw.update(overrides)
   return LlamaConfig(**kw)
 
 
 # --- shard files -------------------------------------------------------------------------------
+
 
 def shard_files(folder: str) -> list[str]:
   """``consolidated.00.pth`` ... in rank order; a gap in the numbering is a missing shard."""
@@ -121,8 +127,10 @@ def shard_files(folder: str) -> list[str]:
     raise FileNotFoundError(f"no consolidated.NN.pth files in {folder}")
   missing = [f"consolidated.{i:02d}.pth" for i in range(max(found) + 1) if i not in found]
   if missing:
-    raise ConversionError(f"{folder}: model-parallel shards {missing} are missing "
-                          f"(found {[os.path.basename(found[i]) for i in sorted(found)]})")
+    raise ConversionError(
+      f"{folder}: model-parallel shards {missing} are missing "
+      f"(found {[os.path.basename(found[i]) for i in sorted(found)]})"
+    )
   return [found[i] for i in sorted(found)]
 
 
@@ -136,8 +144,10 @@ def open_shards(files: list[str]) -> Iterator[list[dict[str, Any]]]:
       try:
         dicts.append(torch.load(fn, map_location="cpu", mmap=True, weights_only=True))
       except Exception as e:  # truncated zip, not a torch file, pickled code ...
-        raise ConversionError(f"cannot read Meta shard {fn} (truncated or not a torch checkpoint?): "
-                              f"{type(e).__name__}: {e}") from e
+        raise ConversionError(
+          f"cannot read Meta shard {fn} (truncated or not a torch checkpoint?): "
+          f"{type(e).__name__}: {e}"
+        ) from e
     yield dicts
   finally:
     dicts.clear()
@@ -150,6 +160,7 @@ def _to_numpy(t: Any, name: str, fn: str) -> np.ndarray:
     raise ConversionError(f"{fn}: entry {name!r} is a {type(t).__name__}, not a tensor")
   if t.dtype == torch.bfloat16:
     import ml_dtypes
+
     return t.contiguous().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
   if t.dtype not in (torch.float16, torch.float32):
     raise ConversionError(f"{fn}: tensor {name!r} has dtype {t.dtype}, expected a floating dtype")
@@ -194,29 +205,36 @@ def _interleaved_to_half_split(w: np.ndarray, n_heads: int) -> np.ndarray:
   return w.reshape(n_heads, hd // 2, 2, cols).transpose(0, 2, 1, 3).reshape(rows, cols)
 
 
-def _merge(parts: list[np.ndarray], axis: int | None, name: str, files: list[str],
-           expected: tuple[int, ...]) -> np.ndarray:
+def _merge(
+  parts: list[np.ndarray], axis: int | None, name: str, files: list[str], expected: tuple[int, ...]
+) -> np.ndarray:
   """Concatenate one tensor's model-parallel pieces, checking every shape against the config."""
   shapes = [tuple(p.shape) for p in parts]
   if axis is None:
     if any(s != tuple(expected) for s in shapes):
-      raise ConversionError(f"tensor {name!r} (replicated) has shapes {shapes} in "
-                            f"{[os.path.basename(f) for f in files]}; params.json implies {tuple(expected)}")
+      raise ConversionError(
+        f"tensor {name!r} (replicated) has shapes {shapes} in "
+        f"{[os.path.basename(f) for f in files]}; params.json implies {tuple(expected)}"
+      )
     return parts[0]
   merged = list(shapes[0])
   merged[axis] = sum(s[axis] for s in shapes)
   if len(set(shapes)) != 1 or tuple(merged) != tuple(expected):
     raise ConversionError(
-        f"tensor {name!r}: the {len(files)} model-parallel shard(s) {[os.path.basename(f) for f in files]} "
-        f"in {os.path.dirname(files[0])} have shapes {shapes}; merged on dim {axis} that is "
-        f"{tuple(merged)}, but params.json implies {tuple(expected)} (a missing shard, or a "
-        f"params.json that does not match the weights?)")
+      f"tensor {name!r}: the {len(files)} model-parallel shard(s) {[os.path.basename(f) for f in files]} "
+      f"in {os.path.dirname(files[0])} have shapes {shapes}; merged on dim {axis} that is "
+      f"{tuple(merged)}, but params.json implies {tuple(expected)} (a missing shard, or a "
+      f"params.json that does not match the weights?)"
+    )
   return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=axis)
 
 
-def iter_meta_params(folder: str, cfg: LlamaConfig, dtype: str | None = None,
-                     progress: Callable[[str, np.ndarray], None] | None = None,
-                     ) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
+def iter_meta_params(
+  folder: str,
+  cfg: LlamaConfig,
+  dtype: str | None = None,
+  progress: Callable[[str, np.ndarray], None] | None = None,
+) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
   """Yield (our path, stacked numpy array) one parameter at a time from Meta shards.
 
   ``progress(hf_name, merged)`` is called for every merged source tensor.
@@ -237,8 +255,9 @@ def iter_meta_params(folder: str, cfg: LlamaConfig, dtype: str | None = None,
         parts, sources = [], []
         for fn, d in zip(files, dicts):
           if name not in d:
-            raise ConversionError(f"{fn}: tensor {name!r} is missing (params.json has "
-                                  f"n_layers={cfg.n_layers})")
+            raise ConversionError(
+              f"{fn}: tensor {name!r} is missing (params.json has n_layers={cfg.n_layers})"
+            )
           sources.append(d[name])
           parts.append(_to_numpy(d[name], name, fn))
         w = _merge(parts, axis, name, files, expected)  # Meta's [out, in] == HF's
@@ -261,13 +280,18 @@ def _check_names(fn: str, state: dict[str, Any], cfg: LlamaConfig) -> None:
       continue
     m = re.fullmatch(r"layers\.(\d+)\..+", name)
     if m and int(m.group(1)) >= cfg.n_layers:
-      raise ConversionError(f"{fn}: tensor {name!r} belongs to layer {m.group(1)} but params.json has "
-                            f"n_layers={cfg.n_layers}")
-    if not any(re.fullmatch(re.escape(t).replace(r"\{i\}", r"\d+"), name)
-               for t, _, _ in _META_NAMES.values()):
+      raise ConversionError(
+        f"{fn}: tensor {name!r} belongs to layer {m.group(1)} but params.json has "
+        f"n_layers={cfg.n_layers}"
+      )
+    if not any(
+      re.fullmatch(re.escape(t).replace(r"\{i\}", r"\d+"), name) for t, _, _ in _META_NAMES.values()
+    ):
       unknown.append(name)
   if unknown:
-    logging.warning("%s: ignoring %d tensors that are not LLaMA-2's: %s", fn, len(unknown), sorted(unknown)[:5])
+    logging.warning(
+      "%s: ignoring %d tensors that are not LLaMA-2's: %s", fn, len(unknown), sorted(unknown)[:5]
+    )
 
 
 def read_meta_config(folder: str, dtype: str | None = None) -> LlamaConfig:

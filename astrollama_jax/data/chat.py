@@ -19,10 +19,14 @@ import numpy as np
 from absl import logging
 
 from astrollama_jax.data import packing
-from astrollama_jax.data.chat_formats import ChatFormatError, Conversation, FORMATS, load_conversations
+from astrollama_jax.data.chat_formats import (
+  ChatFormatError,
+  Conversation,
+  FORMATS,
+  load_conversations,
+)
 from astrollama_jax.data.chat_template import encode_for_training
 from astrollama_jax.data.tokenizer import Tokenizer
-
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,7 +43,9 @@ class ChatSource:
 
   def __post_init__(self):
     if self.format not in FORMATS:
-      raise ValueError(f"source {self.path}: unknown format {self.format!r}; expected one of {FORMATS}")
+      raise ValueError(
+        f"source {self.path}: unknown format {self.format!r}; expected one of {FORMATS}"
+      )
     if self.count is not None and self.weight is not None:
       raise ValueError(f"source {self.path}: give count or weight, not both")
     if self.count is not None and self.count < 0:
@@ -64,13 +70,16 @@ def _take(convs: list[Conversation], n: int, rng: np.random.Generator) -> list[C
   """n conversations without repeats while possible, then again from a fresh shuffle."""
   out: list[Conversation] = []
   while len(out) < n and convs:
-    order = rng.permutation(len(convs))[:n - len(out)]
+    order = rng.permutation(len(convs))[: n - len(out)]
     out += [convs[i] for i in order]
   return out
 
 
-def mix_sources(sources: Iterable[ChatSource | Mapping[str, Any] | Sequence[Any]], seed: int,
-                report: dict[str, dict[str, int]] | None = None) -> list[Conversation]:
+def mix_sources(
+  sources: Iterable[ChatSource | Mapping[str, Any] | Sequence[Any]],
+  seed: int,
+  report: dict[str, dict[str, int]] | None = None,
+) -> list[Conversation]:
   """Read, sample and shuffle the sources into one deterministic list of conversations.
 
   Each source samples with its own generator (seed, index), so changing one source's size does
@@ -118,12 +127,22 @@ class _EncodeForTraining:
       return None
 
 
-def make_sft_dataset(sources: Iterable[ChatSource | Mapping[str, Any] | Sequence[Any]],
-                     tokenizer_path: str | os.PathLike, seq_len: int, batch_size: int, seed: int = 0,
-                     process_index: int | None = None, process_count: int | None = None, *,
-                     num_epochs: int | None = 1, shuffle: bool = True, num_packing_bins: int = 16,
-                     worker_count: int = 0, worker_buffer_size: int = 2,
-                     drop_remainder: bool = True) -> grain.IterDataset:
+def make_sft_dataset(
+  sources: Iterable[ChatSource | Mapping[str, Any] | Sequence[Any]],
+  tokenizer_path: str | os.PathLike,
+  seq_len: int,
+  batch_size: int,
+  seed: int = 0,
+  process_index: int | None = None,
+  process_count: int | None = None,
+  *,
+  num_epochs: int | None = 1,
+  shuffle: bool = True,
+  num_packing_bins: int = 16,
+  worker_count: int = 0,
+  worker_buffer_size: int = 2,
+  drop_remainder: bool = True,
+) -> grain.IterDataset:
   """Batches of packed, loss-masked conversations for this process's share of the mixture.
 
   Args:
@@ -152,6 +171,7 @@ def make_sft_dataset(sources: Iterable[ChatSource | Mapping[str, Any] | Sequence
     raise ValueError(f"need seq_len >= 2 and batch_size >= 1, got {seq_len}, {batch_size}")
   if process_index is None or process_count is None:
     import jax  # pylint: disable=g-import-not-at-top  (only to find this host's shard)
+
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
   if not 0 <= process_index < process_count:
@@ -159,16 +179,22 @@ def make_sft_dataset(sources: Iterable[ChatSource | Mapping[str, Any] | Sequence
   conversations = mix_sources(sources, seed)
   ds = grain.MapDataset.source(conversations)[process_index::process_count]
   if len(ds) == 0:
-    raise ValueError(f"process {process_index} of {process_count} gets no conversations "
-                     f"({len(conversations)} in the mixture)")
+    raise ValueError(
+      f"process {process_index} of {process_count} gets no conversations "
+      f"({len(conversations)} in the mixture)"
+    )
   if shuffle:
     ds = ds.shuffle(seed=seed + 1)
   ds = ds.repeat(num_epochs).map(_EncodeForTraining(os.fspath(tokenizer_path), seq_len))
   ds = ds.filter(lambda ex: ex is not None)
-  it = packing.pack_examples(ds.to_iter_dataset(), seq_len, method="first_fit",
-                             num_packing_bins=num_packing_bins, seed=seed)
+  it = packing.pack_examples(
+    ds.to_iter_dataset(), seq_len, method="first_fit", num_packing_bins=num_packing_bins, seed=seed
+  )
   it = it.batch(batch_size, drop_remainder=drop_remainder)
   if worker_count > 0:
-    it = it.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=worker_count, per_worker_buffer_size=worker_buffer_size))
+    it = it.mp_prefetch(
+      grain.MultiprocessingOptions(
+        num_workers=worker_count, per_worker_buffer_size=worker_buffer_size
+      )
+    )
   return it

@@ -27,16 +27,20 @@ FORMATS = ("auto", "sharegpt", "openai", "ultrachat", "openorca", "lima", "lmflo
 
 # Role spellings seen in the wild, mapped onto our three roles.
 _ROLE_ALIASES = {
-    "human": USER, "user": USER,
-    "gpt": ASSISTANT, "chatgpt": ASSISTANT, "assistant": ASSISTANT, "bing": ASSISTANT,
-    "bard": ASSISTANT, "model": ASSISTANT,
-    "system": SYSTEM,
+  "human": USER,
+  "user": USER,
+  "gpt": ASSISTANT,
+  "chatgpt": ASSISTANT,
+  "assistant": ASSISTANT,
+  "bing": ASSISTANT,
+  "bard": ASSISTANT,
+  "model": ASSISTANT,
+  "system": SYSTEM,
 }
 
 # Literal special-token text inside a message would be read by HF as a real BOS/EOS when it
 # tokenizes the rendered template, so our ids and HF's could differ. Such records are skipped.
 _SPECIAL_STRINGS = ("<s>", "</s>")
-
 
 
 class ChatFormatError(ValueError):
@@ -63,7 +67,9 @@ class Conversation:
     for i, (role, text) in enumerate(self.turns):
       expected = USER if i % 2 == 0 else ASSISTANT
       if role != expected:
-        raise ChatFormatError("roles do not alternate", f"turn {i} is {role!r}, expected {expected!r}")
+        raise ChatFormatError(
+          "roles do not alternate", f"turn {i} is {role!r}, expected {expected!r}"
+        )
       if not isinstance(text, str):
         raise ChatFormatError("turn text is not a string", f"turn {i}")
 
@@ -71,7 +77,9 @@ class Conversation:
   def exchanges(self) -> list[tuple[str, str | None]]:
     """(user, assistant) pairs; the last assistant is None when the conversation ends on the user."""
     texts = [t for _, t in self.turns]
-    return [(texts[i], texts[i + 1] if i + 1 < len(texts) else None) for i in range(0, len(texts), 2)]
+    return [
+      (texts[i], texts[i + 1] if i + 1 < len(texts) else None) for i in range(0, len(texts), 2)
+    ]
 
   def to_messages(self) -> list[dict[str, str]]:
     """OpenAI-style message list (what ``transformers.apply_chat_template`` takes)."""
@@ -148,7 +156,10 @@ def _role_turns(record: dict, fmt: str) -> list[tuple[str, str]]:
         return _role_turns_openai(record)
       return _role_turns_alternating(record["data"])
     if fmt == "openorca":
-      turns = [(USER, _text(record["question"], "question")), (ASSISTANT, _text(record["response"], "response"))]
+      turns = [
+        (USER, _text(record["question"], "question")),
+        (ASSISTANT, _text(record["response"], "response")),
+      ]
       system = record.get("system_prompt")
       return ([(SYSTEM, _text(system, "system_prompt"))] if system else []) + turns
   except (KeyError, TypeError) as e:
@@ -216,15 +227,21 @@ def _records(path: str, report: collections.Counter) -> Iterator[tuple[int, Any]
       raise ValueError(f"{path}: not valid JSON ({e})") from None
   if isinstance(data, dict) and isinstance(data.get("instances"), list):  # LMFlow
     if data.get("type") != "conversation":
-      raise ValueError(f"{path}: LMFlow dataset of type {data.get('type')!r}, expected 'conversation'")
+      raise ValueError(
+        f"{path}: LMFlow dataset of type {data.get('type')!r}, expected 'conversation'"
+      )
     data = data["instances"]
   if not isinstance(data, list):
     raise ValueError(f"{path}: expected a JSON array of records or an LMFlow object")
   yield from enumerate(data)
 
 
-def read_conversations(path: str | os.PathLike, fmt: str = "auto", report: collections.Counter | None = None,
-                       require_reply: bool = True) -> Iterator[Conversation]:
+def read_conversations(
+  path: str | os.PathLike,
+  fmt: str = "auto",
+  report: collections.Counter | None = None,
+  require_reply: bool = True,
+) -> Iterator[Conversation]:
   """Yield the readable conversations of one file; skipped records land in ``report[reason]``."""
   path = os.fspath(path)
   report = collections.Counter() if report is None else report
@@ -242,8 +259,9 @@ def read_conversations(path: str | os.PathLike, fmt: str = "auto", report: colle
     yield conv if conv.id else dataclasses.replace(conv, id=f"{os.path.basename(path)}:{i}")
 
 
-def load_conversations(path: str | os.PathLike, fmt: str = "auto",
-                       require_reply: bool = True) -> tuple[list[Conversation], dict[str, int]]:
+def load_conversations(
+  path: str | os.PathLike, fmt: str = "auto", require_reply: bool = True
+) -> tuple[list[Conversation], dict[str, int]]:
   """All readable conversations of a file and the report {reason: count} ("ok" for kept ones)."""
   report: collections.Counter = collections.Counter()
   convs = list(read_conversations(path, fmt, report, require_reply))

@@ -52,10 +52,11 @@ SECTION_INDEX = "section_index.npz"
 @dataclasses.dataclass
 class CorpusConfig:
   """What to build from: see the module docstring for the rules."""
+
   sources: Sequence[str]
   categories: Sequence[str] = ("astro-ph*",)
   validation_fraction: float = 0.05
-  workers: int = 0                 # processes for LaTeX parsing; 0 = in this process
+  workers: int = 0  # processes for LaTeX parsing; 0 = in this process
   timeout_s: float = latex.DEFAULT_TIMEOUT_S
   max_bytes: int = sources.DEFAULT_MAX_BYTES
   progress: bool = True
@@ -64,6 +65,7 @@ class CorpusConfig:
 @dataclasses.dataclass
 class Report:
   """Retention: what was seen, kept and skipped (by reason)."""
+
   papers_seen: int = 0
   papers_kept: int = 0
   papers_skipped: dict[str, int] = dataclasses.field(default_factory=dict)
@@ -71,7 +73,7 @@ class Report:
   jsonl_records_seen: int = 0
   jsonl_records_kept: int = 0
   jsonl_skipped: dict[str, int] = dataclasses.field(default_factory=dict)
-  papers_without_metadata: int = 0   # kept: no JSONL record names their id
+  papers_without_metadata: int = 0  # kept: no JSONL record names their id
   latex_abstracts_replaced: int = 0  # a JSONL abstract of the same id was kept instead
   records: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)  # split->section->n
 
@@ -81,8 +83,10 @@ class Report:
 
   def table(self) -> str:
     """A human-readable summary (printed at the end of ``prepare``)."""
-    lines = [f"{'LaTeX papers seen':32s} {self.papers_seen:>9d}",
-             f"{'LaTeX papers kept':32s} {self.papers_kept:>9d}  ({self.retention:.1%})"]
+    lines = [
+      f"{'LaTeX papers seen':32s} {self.papers_seen:>9d}",
+      f"{'LaTeX papers kept':32s} {self.papers_kept:>9d}  ({self.retention:.1%})",
+    ]
     for name in SECTIONS:
       lines.append(f"{'  with ' + name:32s} {self.sections_found.get(name, 0):>9d}")
     for reason, n in sorted(self.papers_skipped.items()):
@@ -129,8 +133,10 @@ def discover(paths: Iterable[str | os.PathLike]) -> tuple[list[Path], list[Path]
     elif sources.is_bundle(p):
       bundles.append(p)
     elif top:
-      raise ValueError(f"source {p} is neither a .jsonl file, a LaTeX source (.gz, .tar.gz, "
-                       ".tgz, .tar, .tex) nor a folder")
+      raise ValueError(
+        f"source {p} is neither a .jsonl file, a LaTeX source (.gz, .tar.gz, "
+        ".tgz, .tar, .tex) nor a folder"
+      )
 
   for raw in paths:
     p = Path(raw)
@@ -170,10 +176,10 @@ def _parse_all(bundles: list[Path], config: CorpusConfig) -> list[latex.Paper | 
 
 @dataclasses.dataclass
 class Collected:
-  records: dict[str, list[dict]]   # split -> records sorted by (id, section)
+  records: dict[str, list[dict]]  # split -> records sorted by (id, section)
   report: Report
-  skipped: list[dict]              # every skipped paper: id, source, reason, detail
-  papers: list[dict]               # every kept paper: id, source, main file, section spans
+  skipped: list[dict]  # every skipped paper: id, source, reason, detail
+  papers: list[dict]  # every kept paper: id, source, main file, section spans
 
 
 def collect(config: CorpusConfig) -> Collected:
@@ -208,8 +214,9 @@ def collect(config: CorpusConfig) -> Collected:
     m = meta.get(r.id)
     if m is not None and m["categories"] and not category_ok(m["categories"], config.categories):
       skip_count["category"] += 1
-      skipped.append({"id": r.id, "source": r.source, "reason": "category",
-                      "detail": " ".join(m["categories"])})
+      skipped.append(
+        {"id": r.id, "source": r.source, "reason": "category", "detail": " ".join(m["categories"])}
+      )
       continue
     if m is None:
       report.papers_without_metadata += 1
@@ -217,8 +224,14 @@ def collect(config: CorpusConfig) -> Collected:
     if old is not None:
       loser = r if r.version <= old.version else old
       skip_count["older_version"] += 1
-      skipped.append({"id": loser.id, "source": loser.source, "reason": "older_version",
-                      "detail": f"v{loser.version}"})
+      skipped.append(
+        {
+          "id": loser.id,
+          "source": loser.source,
+          "reason": "older_version",
+          "detail": f"v{loser.version}",
+        }
+      )
       if r.version <= old.version:
         continue
     best[r.id] = r
@@ -230,8 +243,13 @@ def collect(config: CorpusConfig) -> Collected:
   for pid, p in best.items():
     m = meta.get(pid, {})
     for name, sec in p.sections.items():
-      records[(pid, name)] = {"id": pid, "title": m.get("title") or p.title,
-                              "date": m.get("date", ""), "section": name, "text": sec.text}
+      records[(pid, name)] = {
+        "id": pid,
+        "title": m.get("title") or p.title,
+        "date": m.get("date", ""),
+        "section": name,
+        "text": sec.text,
+      }
   for pid, m in meta.items():
     if m["categories"] and not category_ok(m["categories"], config.categories):
       jsonl_skip["category"] += 1
@@ -244,8 +262,13 @@ def collect(config: CorpusConfig) -> Collected:
       continue
     if (pid, "abstract") in records:
       report.latex_abstracts_replaced += 1
-    records[(pid, "abstract")] = {"id": pid, "title": m["title"], "date": m["date"],
-                                  "section": "abstract", "text": m["abstract"]}
+    records[(pid, "abstract")] = {
+      "id": pid,
+      "title": m["title"],
+      "date": m["date"],
+      "section": "abstract",
+      "text": m["abstract"],
+    }
     report.jsonl_records_kept += 1
   report.jsonl_skipped = {k: v for k, v in jsonl_skip.items() if v}
   report.papers_skipped = {k: v for k, v in report.papers_skipped.items() if v}
@@ -254,13 +277,22 @@ def collect(config: CorpusConfig) -> Collected:
   for key in sorted(records):
     rec = records[key]
     by_split[split_of(rec["id"], config.validation_fraction)].append(rec)
-  report.records = {s: dict(collections.Counter(r["section"] for r in recs))
-                    for s, recs in by_split.items()}
-  papers = [{"id": p.id, "source": p.source, "main_file": p.main_file,
-             "missing_inputs": p.missing_inputs,
-             "sections": {n: {"title": s.title, "spans": [dataclasses.asdict(x) for x in s.spans]}
-                          for n, s in p.sections.items()}}
-            for _, p in sorted(best.items())]
+  report.records = {
+    s: dict(collections.Counter(r["section"] for r in recs)) for s, recs in by_split.items()
+  }
+  papers = [
+    {
+      "id": p.id,
+      "source": p.source,
+      "main_file": p.main_file,
+      "missing_inputs": p.missing_inputs,
+      "sections": {
+        n: {"title": s.title, "spans": [dataclasses.asdict(x) for x in s.spans]}
+        for n, s in p.sections.items()
+      },
+    }
+    for _, p in sorted(best.items())
+  ]
   return Collected(by_split, report, skipped, papers)
 
 
@@ -288,24 +320,27 @@ class AstroCorpus(tfds.core.GeneratorBasedBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
-        builder=self,
-        description=__doc__,
-        features=tfds.features.FeaturesDict({
-            "id": tfds.features.Text(),
-            "title": tfds.features.Text(),
-            "date": tfds.features.Text(),
-            "section": tfds.features.Text(),
-            "text": tfds.features.Text(),
-        }),
-        supervised_keys=None,
+      builder=self,
+      description=__doc__,
+      features=tfds.features.FeaturesDict(
+        {
+          "id": tfds.features.Text(),
+          "title": tfds.features.Text(),
+          "date": tfds.features.Text(),
+          "section": tfds.features.Text(),
+          "text": tfds.features.Text(),
+        }
+      ),
+      supervised_keys=None,
     )
 
   def _split_generators(self, dl_manager):
     if self._corpus_config is None:
       raise ValueError("AstroCorpus needs corpus_config=CorpusConfig(sources=[...]) to build")
     self.collected = collect(self._corpus_config)
-    return {split: self._generate_examples(recs) for split, recs in self.collected.records.items()
-            if recs}
+    return {
+      split: self._generate_examples(recs) for split, recs in self.collected.records.items() if recs
+    }
 
   def _generate_examples(self, records):
     for rec in records:
@@ -359,12 +394,16 @@ def build(config: CorpusConfig, output_dir: str | os.PathLike) -> tuple[AstroCor
   if final.exists():
     final.rename(aside)
   try:
-    with diskspace.disk_full_errors(os.fspath(output_dir), "the dataset under",
-                                    "the previous dataset there, if any, is unchanged"):
+    with diskspace.disk_full_errors(
+      os.fspath(output_dir), "the dataset under", "the previous dataset there, if any, is unchanged"
+    ):
       builder = AstroCorpus(corpus_config=config, data_dir=os.fspath(output_dir))
       with _deterministic_protos():
-        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-            download_mode=tfds.download.GenerateMode.FORCE_REDOWNLOAD))
+        builder.download_and_prepare(
+          download_config=tfds.download.DownloadConfig(
+            download_mode=tfds.download.GenerateMode.FORCE_REDOWNLOAD
+          )
+        )
   except BaseException:
     if aside.exists() and not final.exists():
       aside.rename(final)
@@ -376,11 +415,14 @@ def build(config: CorpusConfig, output_dir: str | os.PathLike) -> tuple[AstroCor
 
 def _write_manifest(ds_dir: Path, config: CorpusConfig, collected: Collected) -> None:
   manifest = {
-      "config": {k: (list(v) if isinstance(v, (list, tuple)) else v)
-                 for k, v in dataclasses.asdict(config).items() if k != "progress"},
-      "report": dataclasses.asdict(collected.report) | {"retention": collected.report.retention},
-      "skipped": collected.skipped,
-      "papers": collected.papers,
+    "config": {
+      k: (list(v) if isinstance(v, (list, tuple)) else v)
+      for k, v in dataclasses.asdict(config).items()
+      if k != "progress"
+    },
+    "report": dataclasses.asdict(collected.report) | {"retention": collected.report.retention},
+    "skipped": collected.skipped,
+    "papers": collected.papers,
   }
   (ds_dir / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
 
@@ -431,4 +473,4 @@ def section_index(data_dir: str | os.PathLike, split: str) -> dict[str, np.ndarr
   path = d / SECTION_INDEX
   arrays = dict(np.load(path)) if path.exists() else compute_section_index(d)
   prefix = f"{split}/"
-  return {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+  return {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)}

@@ -25,22 +25,22 @@ DEFAULT_TIMEOUT_S = 30.0
 
 @dataclasses.dataclass
 class Section:
-  name: str           # abstract | introduction | conclusion
-  title: str          # the \section{...} argument as written ("" for the abstract)
-  spans: list[Span]   # where the raw LaTeX lies: (file, start, end) in the bundle's files
-  latex: str          # the raw body, comments removed and inputs inlined
-  text: str           # cleaned training text (see latex_clean for what happens to math)
+  name: str  # abstract | introduction | conclusion
+  title: str  # the \section{...} argument as written ("" for the abstract)
+  spans: list[Span]  # where the raw LaTeX lies: (file, start, end) in the bundle's files
+  latex: str  # the raw body, comments removed and inputs inlined
+  text: str  # cleaned training text (see latex_clean for what happens to math)
 
 
 @dataclasses.dataclass
 class Paper:
   id: str
   version: int
-  source: str                    # the path it came from
+  source: str  # the path it came from
   main_file: str
-  title: str                     # from \title{...}, cleaned ("" if none)
+  title: str  # from \title{...}, cleaned ("" if none)
   sections: dict[str, Section]
-  missing_inputs: list[str]      # \input targets that were not in the bundle
+  missing_inputs: list[str]  # \input targets that were not in the bundle
 
 
 @dataclasses.dataclass
@@ -61,19 +61,20 @@ def _latex_title(text: str, macros: dict[str, str]) -> str:
       j = latex_sections.match_brace(text, j, "[", "]")
     if j < len(text) and text[j] == "{":
       close = latex_sections.match_brace(text, j)
-      return " ".join(latex_clean.clean_latex(text[j + 1:close - 1], macros).split())
+      return " ".join(latex_clean.clean_latex(text[j + 1 : close - 1], macros).split())
     i = text.find("\\title", i + 1)
   return ""
 
 
-def extract_files(files: Mapping[str, str], paper_id: str = "", source: str = "",
-                  version: int = 0) -> Paper:
+def extract_files(
+  files: Mapping[str, str], paper_id: str = "", source: str = "", version: int = 0
+) -> Paper:
   """Sections of a paper given as ``{relative path: text}``."""
   main = latex_sections.find_main_file(files)
   doc, missing = latex_sections.flatten(files, main)
   latex_sections.check_balanced(doc.text)
   begin = doc.text.find("\\begin{document}")
-  macros = latex_clean.user_macros(doc.text[:max(begin, 0)])
+  macros = latex_clean.user_macros(doc.text[: max(begin, 0)])
   sections = {}
   for name, raw in latex_sections.find_sections(doc).items():
     text = latex_clean.clean_latex(raw.latex, macros)
@@ -102,8 +103,11 @@ class _Timeout(Exception):
 @contextlib.contextmanager
 def time_limit(seconds: float | None):
   """Raise ParseError('timeout') if the block runs longer than ``seconds`` (main thread only)."""
-  if not seconds or threading.current_thread() is not threading.main_thread() \
-      or not hasattr(signal, "setitimer"):
+  if (
+    not seconds
+    or threading.current_thread() is not threading.main_thread()
+    or not hasattr(signal, "setitimer")
+  ):
     yield
     return
 
@@ -121,8 +125,11 @@ def time_limit(seconds: float | None):
     signal.signal(signal.SIGALRM, old)
 
 
-def process_paper(path: str | os.PathLike, timeout_s: float | None = DEFAULT_TIMEOUT_S,
-                  max_bytes: int = sources.DEFAULT_MAX_BYTES) -> Paper | Skipped:
+def process_paper(
+  path: str | os.PathLike,
+  timeout_s: float | None = DEFAULT_TIMEOUT_S,
+  max_bytes: int = sources.DEFAULT_MAX_BYTES,
+) -> Paper | Skipped:
   """``extract_paper`` that never raises for a bad document: it returns ``Skipped``."""
   paper_id, _ = sources.paper_id_from_path(path)
   try:
@@ -138,5 +145,15 @@ def process_paper(path: str | os.PathLike, timeout_s: float | None = DEFAULT_TIM
     return Skipped(paper_id, str(path), "internal_error", f"{type(e).__name__}: {e}")
 
 
-__all__ = ["Paper", "Section", "Skipped", "Span", "ParseError", "SECTION_NAMES",
-           "extract_paper", "extract_files", "process_paper", "time_limit"]
+__all__ = [
+  "Paper",
+  "Section",
+  "Skipped",
+  "Span",
+  "ParseError",
+  "SECTION_NAMES",
+  "extract_paper",
+  "extract_files",
+  "process_paper",
+  "time_limit",
+]

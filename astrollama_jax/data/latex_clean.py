@@ -38,41 +38,140 @@ from astrollama_jax.data.latex_sections import ParseError, match_brace
 MAX_DEPTH = 100
 MAX_EXPANSIONS = 5000
 
-DROP_ENVS = frozenset("""figure figure* table table* deluxetable deluxetable* tabular tabular*
+DROP_ENVS = frozenset(
+  """figure figure* table table* deluxetable deluxetable* tabular tabular*
 tabularx longtable wrapfigure sidewaysfigure sidewaystable algorithm algorithmic lstlisting
 verbatim verbatim* minted comment thebibliography tikzpicture picture acknowledgments
-acknowledgements""".split())
-MATH_ENVS = frozenset("""equation equation* align align* eqnarray eqnarray* gather gather*
-multline multline* displaymath math flalign flalign* alignat alignat*""".split())
+acknowledgements""".split()
+)
+MATH_ENVS = frozenset(
+  """equation equation* align align* eqnarray eqnarray* gather gather*
+multline multline* displaymath math flalign flalign* alignat alignat*""".split()
+)
 # command -> number of brace arguments dropped with it (optional [..] args always dropped)
 DROP_CMDS = {
-    "label": 1, "ref": 1, "eqref": 1, "autoref": 1, "cref": 1, "Cref": 1, "pageref": 1,
-    "nameref": 1, "footnote": 1, "footnotetext": 1, "url": 1, "includegraphics": 1,
-    "vspace": 1, "hspace": 1, "vspace*": 1, "hspace*": 1, "addtocounter": 2, "setcounter": 2,
-    "bibliography": 1, "bibliographystyle": 1, "input": 1, "include": 1, "keywords": 1,
-    "software": 1, "facilities": 1, "facility": 1, "thanks": 1, "affiliation": 1, "email": 1,
-    "orcidlink": 1, "newcommand": 2, "renewcommand": 2, "def": 0, "caption": 1,
-    "secref": 1, "Secref": 1, "figref": 1, "Figref": 1, "tabref": 1, "appref": 1,
-    "uat": 2, "color": 1, "linewidth": 0, "textwidth": 0,
+  "label": 1,
+  "ref": 1,
+  "eqref": 1,
+  "autoref": 1,
+  "cref": 1,
+  "Cref": 1,
+  "pageref": 1,
+  "nameref": 1,
+  "footnote": 1,
+  "footnotetext": 1,
+  "url": 1,
+  "includegraphics": 1,
+  "vspace": 1,
+  "hspace": 1,
+  "vspace*": 1,
+  "hspace*": 1,
+  "addtocounter": 2,
+  "setcounter": 2,
+  "bibliography": 1,
+  "bibliographystyle": 1,
+  "input": 1,
+  "include": 1,
+  "keywords": 1,
+  "software": 1,
+  "facilities": 1,
+  "facility": 1,
+  "thanks": 1,
+  "affiliation": 1,
+  "email": 1,
+  "orcidlink": 1,
+  "newcommand": 2,
+  "renewcommand": 2,
+  "def": 0,
+  "caption": 1,
+  "secref": 1,
+  "Secref": 1,
+  "figref": 1,
+  "Figref": 1,
+  "tabref": 1,
+  "appref": 1,
+  "uat": 2,
+  "color": 1,
+  "linewidth": 0,
+  "textwidth": 0,
 }
-HEADINGS = frozenset("subsection subsection* subsubsection subsubsection* paragraph paragraph* "
-                     "subparagraph section section*".split())
+HEADINGS = frozenset(
+  "subsection subsection* subsubsection subsubsection* paragraph paragraph* "
+  "subparagraph section section*".split()
+)
 # keep the last argument: \href{url}{text} -> text
 UNWRAP_LAST = {"href": 2, "textcolor": 2, "colorbox": 2}
-SYMBOLS = {"&": "&", "%": "%", "$": "$", "#": "#", "_": "_", "{": "{", "}": "}", " ": " ",
-           ",": " ", ";": " ", ":": " ", "!": "", "\\": " ", "-": "", "/": "", "@": "",
-           "ldots": "...", "dots": "...", "ss": "ß", "ae": "æ", "oe": "œ", "o": "ø", "O": "Ø",
-           "aa": "å", "AA": "Å", "l": "ł", "L": "Ł", "i": "ı", "LaTeX": "LaTeX", "TeX": "TeX",
-           "textasciitilde": "~", "textbackslash": "\\", "S": "§", "P": "¶", "copyright": "©",
-           "textendash": "–", "textemdash": "—", "item": "\n- ", "par": "\n\n",
-           "newline": " ", "linebreak": " ", "quad": " ", "qquad": " ", "sim": "~",
-           "degr": "°", "deg": "°", "arcsec": "″", "arcmin": "′", "%": "%"}
-ACCENTS = {"'": "\u0301", "`": "\u0300", "^": "\u0302", '"': "\u0308", "~": "\u0303",
-           "=": "\u0304", ".": "\u0307", "u": "\u0306", "v": "\u030c", "H": "\u030b",
-           "c": "\u0327", "k": "\u0328", "r": "\u030a"}
+SYMBOLS = {
+  "&": "&",
+  "%": "%",
+  "$": "$",
+  "#": "#",
+  "_": "_",
+  "{": "{",
+  "}": "}",
+  " ": " ",
+  ",": " ",
+  ";": " ",
+  ":": " ",
+  "!": "",
+  "\\": " ",
+  "-": "",
+  "/": "",
+  "@": "",
+  "ldots": "...",
+  "dots": "...",
+  "ss": "ß",
+  "ae": "æ",
+  "oe": "œ",
+  "o": "ø",
+  "O": "Ø",
+  "aa": "å",
+  "AA": "Å",
+  "l": "ł",
+  "L": "Ł",
+  "i": "ı",
+  "LaTeX": "LaTeX",
+  "TeX": "TeX",
+  "textasciitilde": "~",
+  "textbackslash": "\\",
+  "S": "§",
+  "P": "¶",
+  "copyright": "©",
+  "textendash": "–",
+  "textemdash": "—",
+  "item": "\n- ",
+  "par": "\n\n",
+  "newline": " ",
+  "linebreak": " ",
+  "quad": " ",
+  "qquad": " ",
+  "sim": "~",
+  "degr": "°",
+  "deg": "°",
+  "arcsec": "″",
+  "arcmin": "′",
+  "%": "%",
+}
+ACCENTS = {
+  "'": "\u0301",
+  "`": "\u0300",
+  "^": "\u0302",
+  '"': "\u0308",
+  "~": "\u0303",
+  "=": "\u0304",
+  ".": "\u0307",
+  "u": "\u0306",
+  "v": "\u030c",
+  "H": "\u030b",
+  "c": "\u0327",
+  "k": "\u0328",
+  "r": "\u030a",
+}
 _NAME_RE = re.compile(r"[A-Za-z@]+\*?")
-_DEF_RE = re.compile(r"\\(?:newcommand|renewcommand|providecommand)\*?\s*\{?\\([A-Za-z@]+)\}?\s*(?=\{)"
-                     r"|\\def\s*\\([A-Za-z@]+)\s*(?=\{)")
+_DEF_RE = re.compile(
+  r"\\(?:newcommand|renewcommand|providecommand)\*?\s*\{?\\([A-Za-z@]+)\}?\s*(?=\{)"
+  r"|\\def\s*\\([A-Za-z@]+)\s*(?=\{)"
+)
 
 
 def user_macros(preamble: str) -> dict[str, str]:
@@ -83,7 +182,7 @@ def user_macros(preamble: str) -> dict[str, str]:
       close = match_brace(preamble, m.end())
     except ParseError:
       continue
-    body = preamble[m.end() + 1:close - 1]
+    body = preamble[m.end() + 1 : close - 1]
     if "#" not in body and len(body) < 500:
       out[m.group(1) or m.group(2)] = body
   return out
@@ -95,8 +194,9 @@ class _Cleaner:
     self.expansions = 0  # bounded so that self-multiplying macros cannot blow up
     self.out: list[str] = []
     names = sorted(macros, key=len, reverse=True)
-    self.math_macro_re = (re.compile(r"\\(%s)(?![A-Za-z@])" % "|".join(map(re.escape, names)))
-                          if names else None)
+    self.math_macro_re = (
+      re.compile(r"\\(%s)(?![A-Za-z@])" % "|".join(map(re.escape, names))) if names else None
+    )
 
   def _expand(self, name: str) -> str:
     self.expansions += 1
@@ -132,7 +232,7 @@ class _Cleaner:
         j = match_brace(text, k, "[", "]")
       elif k < len(text) and text[k] == "{":
         j = match_brace(text, k)
-        got.append(text[k + 1:j - 1])
+        got.append(text[k + 1 : j - 1])
       else:
         break
     return got, j
@@ -158,7 +258,7 @@ class _Cleaner:
       c = text[i]
       if c == "{":
         j = match_brace(text, i)
-        self.run(text[i + 1:j - 1], depth + 1)
+        self.run(text[i + 1 : j - 1], depth + 1)
         i = j
       elif c == "}":
         i += 1  # stray closing brace (the caller checked balance): drop it
@@ -173,7 +273,7 @@ class _Cleaner:
           if text[k - 1] != "\\":
             break
           j = k + 1
-        self.math(text[i + len(delim):k], display)
+        self.math(text[i + len(delim) : k], display)
         i = k + len(delim)
       elif c == "~":
         self.emit(" ")
@@ -208,7 +308,7 @@ class _Cleaner:
       k = text.find(close, i + 2)
       if k == -1:
         raise ParseError("unbalanced_math", f"\\{nxt} at {i} never closes")
-      self.math(text[i + 2:k], display=nxt == "[")
+      self.math(text[i + 2 : k], display=nxt == "[")
       return k + 2
     if nxt in ACCENTS and not (nxt.isalpha() and i + 2 < n and text[i + 2].isalpha()):
       j = i + 2
@@ -216,7 +316,7 @@ class _Cleaner:
         j += 1
       if j < n and text[j] == "{":
         k = match_brace(text, j)
-        base = text[j + 1:k - 1].replace("\\i", "i").replace("\\j", "j").strip() or " "
+        base = text[j + 1 : k - 1].replace("\\i", "i").replace("\\j", "j").strip() or " "
       elif j < n:
         k, base = j + 1, text[j]
       else:
@@ -300,7 +400,7 @@ class _Cleaner:
         level, pos = level + 1, b + len(open_tag)
       else:
         level, pos = level - 1, e + len(close_tag)
-    body = text[k:pos - len(close_tag)]
+    body = text[k : pos - len(close_tag)]
     if env in DROP_ENVS:
       return self._after_drop(text, pos)
     elif env in MATH_ENVS:

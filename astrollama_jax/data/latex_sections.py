@@ -36,6 +36,7 @@ class ParseError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class Span:
   """A half-open character range ``[start, end)`` of one source file."""
+
   file: str
   start: int
   end: int
@@ -44,10 +45,11 @@ class Span:
 @dataclasses.dataclass
 class RawSection:
   """A section as found: its title, the raw spans and the flat (comment-free) LaTeX."""
-  name: str            # "abstract" | "introduction" | "conclusion"
-  title: str           # the \section argument as written ("" for the abstract)
-  spans: list[Span]    # raw-source ranges, in reading order
-  latex: str           # the body with comments removed and inputs inlined
+
+  name: str  # "abstract" | "introduction" | "conclusion"
+  title: str  # the \section argument as written ("" for the abstract)
+  spans: list[Span]  # raw-source ranges, in reading order
+  latex: str  # the body with comments removed and inputs inlined
 
 
 # ----------------------------------------------------------------------------- scanning
@@ -137,7 +139,7 @@ class FlatDoc:
     pos = 0
     for p in pieces:
       self.offsets.append(pos)
-      parts.append(files[p.file][p.start:p.end])
+      parts.append(files[p.file][p.start : p.end])
       pos += p.end - p.start
     self.text = "".join(parts)
 
@@ -160,7 +162,9 @@ class FlatDoc:
     return out
 
 
-_INPUT_RE = re.compile(r"\\(?:input|include)(?![A-Za-z@])[ \t]*(?:\{([^{}\n]{1,300})\}|([A-Za-z0-9_./-]{1,300}))")
+_INPUT_RE = re.compile(
+  r"\\(?:input|include)(?![A-Za-z@])[ \t]*(?:\{([^{}\n]{1,300})\}|([A-Za-z0-9_./-]{1,300}))"
+)
 
 
 def _slice_pieces(pieces: list[Span], offsets: list[int], a: int, b: int) -> list[Span]:
@@ -182,8 +186,9 @@ def _resolve(name: str, including: str, main_dir: str, files: Mapping[str, str])
   return None
 
 
-def _flatten(file: str, files: Mapping[str, str], main_dir: str, stack: tuple[str, ...],
-             missing: list[str]) -> list[Span]:
+def _flatten(
+  file: str, files: Mapping[str, str], main_dir: str, stack: tuple[str, ...], missing: list[str]
+) -> list[Span]:
   text = files[file]
   pieces = [Span(file, a, b) for a, b in comment_free_ranges(text)]
   flat = FlatDoc(files, pieces)
@@ -231,24 +236,39 @@ def flatten(files: Mapping[str, str], main: str | None = None) -> tuple[FlatDoc,
 
 _SECTION_RE = re.compile(r"\\section(?![A-Za-z@])\*?[ \t\n]*(?=[\[{])")
 _END_RE = re.compile(
-    r"\\section(?![A-Za-z@])|\\appendix(?![A-Za-z@])|\\acknowledge?ments?(?![A-Za-z@])"
-    r"|\\bibliography|\\printbibliography|\\software(?![A-Za-z@])|\\facilities(?![A-Za-z@])"
-    r"|\\begin\{(?:acknowledge?ments?|thebibliography|appendix|appendices)\}"
-    r"|\\end\{document\}|\\paragraph\*?\{acknowledge?ments?",
-    re.IGNORECASE)
-_APPENDIX_RE = re.compile(r"\\appendix(?![A-Za-z@])|\\begin\{append(?:ix|ices)\}|\\bibliography\{"
-                          r"|\\begin\{thebibliography\}|\\printbibliography")
-_FLOATS = ("figure", "figure*", "table", "table*", "deluxetable", "deluxetable*", "wrapfigure",
-           "sidewaysfigure", "sidewaystable")
+  r"\\section(?![A-Za-z@])|\\appendix(?![A-Za-z@])|\\acknowledge?ments?(?![A-Za-z@])"
+  r"|\\bibliography|\\printbibliography|\\software(?![A-Za-z@])|\\facilities(?![A-Za-z@])"
+  r"|\\begin\{(?:acknowledge?ments?|thebibliography|appendix|appendices)\}"
+  r"|\\end\{document\}|\\paragraph\*?\{acknowledge?ments?",
+  re.IGNORECASE,
+)
+_APPENDIX_RE = re.compile(
+  r"\\appendix(?![A-Za-z@])|\\begin\{append(?:ix|ices)\}|\\bibliography\{"
+  r"|\\begin\{thebibliography\}|\\printbibliography"
+)
+_FLOATS = (
+  "figure",
+  "figure*",
+  "table",
+  "table*",
+  "deluxetable",
+  "deluxetable*",
+  "wrapfigure",
+  "sidewaysfigure",
+  "sidewaystable",
+)
 _LAYOUT_AT_START = re.compile(
-    r"\\(?:label|vspace\*?|hspace\*?|addtocounter|setcounter)\{[^{}]{0,200}\}(?:\{[^{}]{0,200}\})?"
-    r"|\\(?:clearpage|newpage|noindent|pagebreak|smallskip|medskip|bigskip|centering)(?![A-Za-z@])")
+  r"\\(?:label|vspace\*?|hspace\*?|addtocounter|setcounter)\{[^{}]{0,200}\}(?:\{[^{}]{0,200}\})?"
+  r"|\\(?:clearpage|newpage|noindent|pagebreak|smallskip|medskip|bigskip|centering)(?![A-Za-z@])"
+)
 _LAYOUT_AT_END = re.compile(
-    r"(?:\\(?:label|vspace\*?|hspace\*?|addtocounter|setcounter)\{[^{}]{0,200}\}(?:\{[^{}]{0,200}\})?"
-    r"|\\(?:clearpage|newpage|noindent|pagebreak|smallskip|medskip|bigskip|centering))\s*\Z")
+  r"(?:\\(?:label|vspace\*?|hspace\*?|addtocounter|setcounter)\{[^{}]{0,200}\}(?:\{[^{}]{0,200}\})?"
+  r"|\\(?:clearpage|newpage|noindent|pagebreak|smallskip|medskip|bigskip|centering))\s*\Z"
+)
 _INTRO_RE = re.compile(r"introduction|^\s*motivation", re.IGNORECASE)
-_CONCL_RE = re.compile(r"conclu|summary|discussion|outlook|closing remarks|final remarks",
-                       re.IGNORECASE)
+_CONCL_RE = re.compile(
+  r"conclu|summary|discussion|outlook|closing remarks|final remarks", re.IGNORECASE
+)
 
 
 def _skip_ws(text: str, i: int, end: int) -> int:
@@ -301,7 +321,7 @@ def _title_text(title: str) -> str:
 @dataclasses.dataclass
 class _Heading:
   title: str
-  start: int       # of the \section command
+  start: int  # of the \section command
   body_start: int
 
 
@@ -314,7 +334,7 @@ def _headings(text: str, a: int, b: int) -> list[_Heading]:
     if i >= b or text[i] != "{":
       continue
     close = match_brace(text, i)
-    title = text[i + 1:close - 1]
+    title = text[i + 1 : close - 1]
     body = close
     while True:  # a \label{...} directly after the heading belongs to it
       j = _skip_ws(text, body, b)
@@ -331,7 +351,9 @@ def _body_end(text: str, start: int, limit: int) -> int:
   return m.start() if m else limit
 
 
-def _section(doc: FlatDoc, name: str, title: str, pieces: list[tuple[int, int]]) -> RawSection | None:
+def _section(
+  doc: FlatDoc, name: str, title: str, pieces: list[tuple[int, int]]
+) -> RawSection | None:
   pieces = [_trim(doc.text, a, b) for a, b in pieces]
   pieces = [(a, b) for a, b in pieces if b > a]
   if not pieces:
@@ -354,7 +376,7 @@ def _abstract(doc: FlatDoc, start: int, end: int) -> RawSection | None:
       return _section(doc, "abstract", "", [(body, close if kw == -1 else kw)])
     for m in re.finditer(r"\\abstract(?![A-Za-z@])", text[a:b]):
       i = a + m.end()
-      before = text[max(a, a + m.start() - 12):a + m.start()]
+      before = text[max(a, a + m.start() - 12) : a + m.start()]
       if "def" in before or "command" in before or "let" in before:
         continue
       groups = []
@@ -387,7 +409,9 @@ def find_sections(doc: FlatDoc) -> dict[str, RawSection]:
   for name, head in (("introduction", intro), ("conclusion", concl)):
     if head is None or (name == "conclusion" and intro is not None and head is intro):
       continue
-    sec = _section(doc, name, head.title, [(head.body_start, _body_end(text, head.body_start, end))])
+    sec = _section(
+      doc, name, head.title, [(head.body_start, _body_end(text, head.body_start, end))]
+    )
     if sec:
       found[name] = sec
   return found

@@ -36,8 +36,11 @@ import numpy as np
 # The batch format (the table above): the one definition the packers, the train step's
 # abstract batch and the benchmark's synthetic batch all use.
 BATCH_SPEC: dict[str, type[np.generic]] = {
-    "tokens": np.int32, "targets": np.int32, "segment_ids": np.int32, "positions": np.int32,
-    "loss_mask": np.float32,
+  "tokens": np.int32,
+  "targets": np.int32,
+  "segment_ids": np.int32,
+  "positions": np.int32,
+  "loss_mask": np.float32,
 }
 BATCH_KEYS = tuple(BATCH_SPEC)
 FEATURES = ("tokens", "targets", "loss_mask")
@@ -53,28 +56,40 @@ def lm_example(seq: Sequence[int] | np.ndarray) -> dict[str, np.ndarray]:
   seq = np.asarray(seq, np.int32)
   if seq.ndim != 1 or seq.size < 2:
     raise ValueError(f"a document needs at least 2 tokens (BOS and EOS), got shape {seq.shape}")
-  return {"tokens": seq[:-1], "targets": seq[1:],
-          "loss_mask": np.ones(seq.size - 1, np.float32)}
+  return {"tokens": seq[:-1], "targets": seq[1:], "loss_mask": np.ones(seq.size - 1, np.float32)}
 
 
 def _check(example: dict) -> dict:
   n = len(example["tokens"])
   if len(example["targets"]) != n or len(example["loss_mask"]) != n:
-    raise ValueError("tokens, targets and loss_mask of an example must have the same length, "
-                     f"got {n}, {len(example['targets'])}, {len(example['loss_mask'])}")
+    raise ValueError(
+      "tokens, targets and loss_mask of an example must have the same length, "
+      f"got {n}, {len(example['targets'])}, {len(example['loss_mask'])}"
+    )
   return {k: np.asarray(example[k], BATCH_SPEC[k]) for k in FEATURES}
 
 
 def _to_row(packed: dict) -> dict[str, np.ndarray]:
   seg = np.asarray(packed["tokens_segment_ids"], BATCH_SPEC["segment_ids"])
-  return as_batch({"tokens": packed["tokens"], "targets": packed["targets"], "segment_ids": seg,
-                   "positions": packed["tokens_positions"],
-                   "loss_mask": np.asarray(packed["loss_mask"], np.float32) * (seg > 0)})
+  return as_batch(
+    {
+      "tokens": packed["tokens"],
+      "targets": packed["targets"],
+      "segment_ids": seg,
+      "positions": packed["tokens_positions"],
+      "loss_mask": np.asarray(packed["loss_mask"], np.float32) * (seg > 0),
+    }
+  )
 
 
-def pack_examples(examples: grain.IterDataset, seq_len: int, *,
-                  method: Literal["concat_then_split", "first_fit"] = "concat_then_split",
-                  num_packing_bins: int = 16, seed: int = 0) -> grain.IterDataset:
+def pack_examples(
+  examples: grain.IterDataset,
+  seq_len: int,
+  *,
+  method: Literal["concat_then_split", "first_fit"] = "concat_then_split",
+  num_packing_bins: int = 16,
+  seed: int = 0,
+) -> grain.IterDataset:
   """Pack an ``IterDataset`` of examples into rows of length ``seq_len``.
 
   Args:
@@ -102,8 +117,8 @@ def pack_examples(examples: grain.IterDataset, seq_len: int, *,
   elif method == "first_fit":
     ds = ds.map(lambda ex: {k: v[:seq_len] for k, v in ex.items()})
     packed = grain.experimental.FirstFitPackIterDataset(
-        ds, length_struct=lengths, num_packing_bins=num_packing_bins, seed=seed,
-        shuffle_bins=False)
+      ds, length_struct=lengths, num_packing_bins=num_packing_bins, seed=seed, shuffle_bins=False
+    )
   else:
     raise ValueError(f"unknown packing method {method!r}")
   return packed.map(_to_row)

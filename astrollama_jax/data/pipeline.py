@@ -101,8 +101,9 @@ class _Tokenize:
     return packing.lm_example(self.tokenizer.encode(text, bos=True, eos=True))
 
 
-def _normalise_mixture(mixture: Mapping[str, float] | None,
-                       index: Mapping[str, np.ndarray], split: str) -> dict[str, float] | None:
+def _normalise_mixture(
+  mixture: Mapping[str, float] | None, index: Mapping[str, np.ndarray], split: str
+) -> dict[str, float] | None:
   if mixture is None:
     return None
   unknown = sorted(set(mixture) - set(corpus.SECTIONS))
@@ -118,21 +119,21 @@ def _normalise_mixture(mixture: Mapping[str, float] | None,
 
 
 def make_lm_dataset(
-    data_dir: str | os.PathLike,
-    split: str,
-    tokenizer_path: str | os.PathLike,
-    seq_len: int,
-    batch_size: int,
-    seed: int = 0,
-    *,
-    process_index: int | None = None,
-    process_count: int | None = None,
-    mixture: Mapping[str, float] | None = None,
-    num_epochs: int | None = None,
-    shuffle: bool = True,
-    worker_count: int = 0,
-    worker_buffer_size: int = 2,
-    drop_remainder: bool = True,
+  data_dir: str | os.PathLike,
+  split: str,
+  tokenizer_path: str | os.PathLike,
+  seq_len: int,
+  batch_size: int,
+  seed: int = 0,
+  *,
+  process_index: int | None = None,
+  process_count: int | None = None,
+  mixture: Mapping[str, float] | None = None,
+  num_epochs: int | None = None,
+  shuffle: bool = True,
+  worker_count: int = 0,
+  worker_buffer_size: int = 2,
+  drop_remainder: bool = True,
 ) -> grain.IterDataset:
   """Batches of packed token rows for language-model training or evaluation.
 
@@ -177,8 +178,10 @@ def make_lm_dataset(
       indices = np.arange(len(source))
     shard = _Subset(source, np.asarray(indices)[process_index::process_count])
     if len(shard) == 0:
-      raise ValueError(f"process {process_index} of {process_count} gets no records of "
-                       f"split {split!r} under {data_dir}")
+      raise ValueError(
+        f"process {process_index} of {process_count} gets no records of "
+        f"split {split!r} under {data_dir}"
+      )
     epochs = _EpochShuffled(shard, seed * 1000003 + salt, num_epochs, shuffle)
     return grain.MapDataset.source(epochs).map(tokenize)
 
@@ -188,13 +191,18 @@ def make_lm_dataset(
     ds = component(None, 0)
   else:
     names = sorted(weights)
-    ds = grain.MapDataset.mix([component(index[n], 1 + corpus.SECTIONS.index(n)) for n in names],
-                              [weights[n] for n in names])
+    ds = grain.MapDataset.mix(
+      [component(index[n], 1 + corpus.SECTIONS.index(n)) for n in names],
+      [weights[n] for n in names],
+    )
   it = ds.to_iter_dataset()
   it = packing.pack_examples(it, seq_len).batch(batch_size, drop_remainder=drop_remainder)
   if worker_count > 0:
-    it = it.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=worker_count, per_worker_buffer_size=worker_buffer_size))
+    it = it.mp_prefetch(
+      grain.MultiprocessingOptions(
+        num_workers=worker_count, per_worker_buffer_size=worker_buffer_size
+      )
+    )
   return it
 
 

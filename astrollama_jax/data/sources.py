@@ -28,8 +28,13 @@ BUNDLE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".gz", ".tex")
 _VERSION_RE = re.compile(r"v\d+$")
 _OLD_ID_RE = re.compile(r"^([a-z-]+(?:\.[A-Z]{2})?)(\d{7})$")
 _INPUTENC_RE = re.compile(rb"\\usepackage\[([A-Za-z0-9,-]{1,40})\]\{inputenc\}")
-_LATIN = {b"latin1": "latin-1", b"latin9": "iso8859-15", b"ansinew": "cp1252", b"cp1252": "cp1252",
-          b"applemac": "mac_roman"}
+_LATIN = {
+  b"latin1": "latin-1",
+  b"latin9": "iso8859-15",
+  b"ansinew": "cp1252",
+  b"cp1252": "cp1252",
+  b"applemac": "mac_roman",
+}
 
 
 def paper_id_from_path(path: str | os.PathLike) -> tuple[str, int]:
@@ -41,12 +46,12 @@ def paper_id_from_path(path: str | os.PathLike) -> tuple[str, int]:
   name = Path(path).name
   for suf in BUNDLE_SUFFIXES:
     if name.endswith(suf):
-      name = name[:-len(suf)]
+      name = name[: -len(suf)]
       break
   version = 0
   m = _VERSION_RE.search(name)
-  if m and name[:m.start()]:
-    version, name = int(m.group()[1:]), name[:m.start()]
+  if m and name[: m.start()]:
+    version, name = int(m.group()[1:]), name[: m.start()]
   old = _OLD_ID_RE.match(name)
   if old:
     name = f"{old.group(1)}/{old.group(2)}"
@@ -55,15 +60,16 @@ def paper_id_from_path(path: str | os.PathLike) -> tuple[str, int]:
 
 def strip_version(arxiv_id: str) -> str:
   m = _VERSION_RE.search(arxiv_id)
-  return arxiv_id[:m.start()] if m and arxiv_id[:m.start()] else arxiv_id
+  return arxiv_id[: m.start()] if m and arxiv_id[: m.start()] else arxiv_id
 
 
 def is_bundle(path: Path) -> bool:
   """True for a file that looks like one paper's source, or a folder holding .tex files."""
   if path.is_dir():  # a paper folder has .tex files and no archives or JSONL beside them
     names = [p.name.lower() for p in path.iterdir() if p.is_file()]
-    return (any(n.endswith(TEX_SUFFIXES) for n in names)
-            and not any(n.endswith((".gz", ".tgz", ".tar", ".jsonl")) for n in names))
+    return any(n.endswith(TEX_SUFFIXES) for n in names) and not any(
+      n.endswith((".gz", ".tgz", ".tar", ".jsonl")) for n in names
+    )
   return path.name.lower().endswith(BUNDLE_SUFFIXES)
 
 
@@ -83,8 +89,10 @@ def decode_tex(data: bytes, name: str) -> str:
       for opt in m.group(1).split(b","):
         if opt in _LATIN:
           return data.decode(_LATIN[opt])
-    raise ParseError("encoding", f"{name} is not UTF-8 ({e.reason} at byte {e.start}) and "
-                     "declares no 8-bit inputenc") from None
+    raise ParseError(
+      "encoding",
+      f"{name} is not UTF-8 ({e.reason} at byte {e.start}) and declares no 8-bit inputenc",
+    ) from None
 
 
 def _read_tar(fileobj, max_bytes: int, label: str) -> dict[str, str]:
@@ -139,8 +147,11 @@ def read_bundle(path: str | os.PathLike, max_bytes: int = DEFAULT_MAX_BYTES) -> 
     if len(data) > 262 and data[257:262] == b"ustar":  # arXiv serves some tarballs as .gz
       files = _read_tar(io.BytesIO(data), max_bytes, label)
     else:
-      files = {path.name[:-3] + ("" if path.name[:-3].endswith(".tex") else ".tex"):
-               decode_tex(data, label)}
+      files = {
+        path.name[:-3] + ("" if path.name[:-3].endswith(".tex") else ".tex"): decode_tex(
+          data, label
+        )
+      }
   else:
     if path.stat().st_size > max_bytes:
       raise ParseError("too_large", f"{label} is larger than {max_bytes} bytes")
@@ -178,9 +189,9 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[dict]:
         cats = cats.split()
       date = rec.get("date") or rec.get("update_date") or ""
       yield {
-          "id": strip_version(str(rec["id"]).strip()),
-          "title": " ".join(str(rec.get("title") or "").split()),
-          "abstract": " ".join(str(rec.get("abstract") or "").split()),
-          "categories": [str(c) for c in cats],
-          "date": str(date)[:10],
+        "id": strip_version(str(rec["id"]).strip()),
+        "title": " ".join(str(rec.get("title") or "").split()),
+        "abstract": " ".join(str(rec.get("abstract") or "").split()),
+        "categories": [str(c) for c in cats],
+        "date": str(date)[:10],
       }

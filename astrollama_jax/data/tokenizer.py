@@ -49,7 +49,9 @@ class Tokenizer:
     ids = self._sp.encode(text)
     return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
 
-  def encode_batch(self, texts: Iterable[str], bos: bool = True, eos: bool = False) -> list[list[int]]:
+  def encode_batch(
+    self, texts: Iterable[str], bos: bool = True, eos: bool = False
+  ) -> list[list[int]]:
     out = self._sp.encode(list(texts))
     return [([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else []) for ids in out]
 
@@ -63,5 +65,6 @@ class Tokenizer:
     """Raise if the tokenizer cannot feed a model with ``model_vocab_size`` rows."""
     if self.vocab_size > model_vocab_size:
       raise ValueError(
-          f"tokenizer {self.path} has {self.vocab_size} pieces but the model's vocab is "
-          f"{model_vocab_size}: ids would index past the embedding table")
+        f"tokenizer {self.path} has {self.vocab_size} pieces but the model's vocab is "
+        f"{model_vocab_size}: ids would index past the embedding table"
+      )

@@ -25,70 +25,108 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   """The command's flags, on ``flag_values`` (tests use a private set; never on import)."""
   fv = {"flag_values": flag_values}
   flags.DEFINE_enum("task", None, TASKS, "What to evaluate.", **fv)
-  flags.DEFINE_list("compare", None,
-                    "Result files or output dirs to compare (instead of --task).", **fv)
-  cli.define("checkpoint", "tokenizer", "mesh", "dtype", "compute_dtype", "attention", "output",
-             flag_values=flag_values, defaults={"output": "eval_results"},
-             help={"output": "Folder for the results files (<output>/<task>.json)."})
-  flags.DEFINE_multi_string("data", None, "Evaluation data: JSONL / CSV files or a prepared "
-                            "dataset dir; repeatable and comma-separated (one corpus each).", **fv)
+  flags.DEFINE_list(
+    "compare", None, "Result files or output dirs to compare (instead of --task).", **fv
+  )
+  cli.define(
+    "checkpoint",
+    "tokenizer",
+    "mesh",
+    "dtype",
+    "compute_dtype",
+    "attention",
+    "output",
+    flag_values=flag_values,
+    defaults={"output": "eval_results"},
+    help={"output": "Folder for the results files (<output>/<task>.json)."},
+  )
+  flags.DEFINE_multi_string(
+    "data",
+    None,
+    "Evaluation data: JSONL / CSV files or a prepared "
+    "dataset dir; repeatable and comma-separated (one corpus each).",
+    **fv,
+  )
   flags.DEFINE_string("split", "validation", "Split to read from a prepared dataset dir.", **fv)
-  flags.DEFINE_string("label", None,
-                      "Name of this run in comparisons (default: checkpoint name).", **fv)
+  flags.DEFINE_string(
+    "label", None, "Name of this run in comparisons (default: checkpoint name).", **fv
+  )
   flags.DEFINE_integer("limit", 0, "Use at most this many items per data file (0 = all).", **fv)
   flags.DEFINE_integer("seed", 0, "Seed for bootstrap, sampling and few-shot choice.", **fv)
   flags.DEFINE_integer("bootstrap", 1000, "Bootstrap resamples for 95% intervals.", **fv)
   flags.DEFINE_bool("progress", True, "Show progress bars.", **fv)
   # model / execution
   flags.DEFINE_integer("batch_size", 8, "Rows of --max_len tokens per forward pass.", **fv)
-  flags.DEFINE_integer("max_len", 0,
-                       "Context length for scoring (0 = the model's max_seq_len).", **fv)
+  flags.DEFINE_integer(
+    "max_len", 0, "Context length for scoring (0 = the model's max_seq_len).", **fv
+  )
   # perplexity
-  flags.DEFINE_integer("stride", 0,
-                       "Sliding-window stride for long documents (0 = max_len // 2).", **fv)
+  flags.DEFINE_integer(
+    "stride", 0, "Sliding-window stride for long documents (0 = max_len // 2).", **fv
+  )
   # completion
-  flags.DEFINE_float("prefix_frac", 0.5, "Share of each text (by characters, cut at a sentence "
-                     "boundary) given as the prompt.", **fv)
+  flags.DEFINE_float(
+    "prefix_frac",
+    0.5,
+    "Share of each text (by characters, cut at a sentence boundary) given as the prompt.",
+    **fv,
+  )
   flags.DEFINE_integer("max_new_tokens", 512, "Cap on generated tokens per completion.", **fv)
   flags.DEFINE_float("temperature", 0.0, "Sampling temperature (0 = greedy).", **fv)
   flags.DEFINE_integer("top_k", 0, "Top-k sampling (0 = off).", **fv)
   flags.DEFINE_float("top_p", 1.0, "Nucleus sampling threshold.", **fv)
   flags.DEFINE_integer("gen_batch_size", 16, "Prompts generated together.", **fv)
-  flags.DEFINE_string("embedder", None, "Checkpoint for completion embeddings (default: the "
-                      "evaluated model itself).", **fv)
+  flags.DEFINE_string(
+    "embedder",
+    None,
+    "Checkpoint for completion embeddings (default: the evaluated model itself).",
+    **fv,
+  )
   # embed
   flags.DEFINE_string("query", None, "embed: print the papers nearest to this text.", **fv)
   flags.DEFINE_integer("neighbours", 5, "embed: how many nearest papers to show / use.", **fv)
-  flags.DEFINE_string("embeddings", None,
-                      "embed: reuse this embeddings .npz instead of recomputing.", **fv)
+  flags.DEFINE_string(
+    "embeddings", None, "embed: reuse this embeddings .npz instead of recomputing.", **fv
+  )
   # mcq
   flags.DEFINE_enum("method", "all", ["all", "loglik", "letter"], "mcq scoring method(s).", **fv)
   flags.DEFINE_integer("shots", 0, "mcq: few-shot examples in each prompt.", **fv)
-  flags.DEFINE_string("dev", None,
-                      "mcq: file of few-shot examples (default: other items of --data).", **fv)
+  flags.DEFINE_string(
+    "dev", None, "mcq: file of few-shot examples (default: other items of --data).", **fv
+  )
   flags.DEFINE_string("subject", None, "mcq: subject named in the prompt header.", **fv)
   # contamination
-  flags.DEFINE_multi_string("train_data", None, "Training corpora (JSONL or prepared dataset "
-                            "dir) for the contamination check; with a scoring task, items are "
-                            "checked.", **fv)
-  flags.DEFINE_string("train_split", "train",
-                      "Split of a prepared dataset used as training corpus.", **fv)
+  flags.DEFINE_multi_string(
+    "train_data",
+    None,
+    "Training corpora (JSONL or prepared dataset "
+    "dir) for the contamination check; with a scoring task, items are "
+    "checked.",
+    **fv,
+  )
+  flags.DEFINE_string(
+    "train_split", "train", "Split of a prepared dataset used as training corpus.", **fv
+  )
   flags.DEFINE_integer("ngram", 13, "Contamination n-gram length (words).", **fv)
-  flags.DEFINE_float("threshold", 0.5,
-                     "Flag items with more than this share of n-grams found.", **fv)
+  flags.DEFINE_float(
+    "threshold", 0.5, "Flag items with more than this share of n-grams found.", **fv
+  )
   flags.DEFINE_bool("drop_contaminated", False, "Score without the flagged items.", **fv)
   # compare
-  flags.DEFINE_string("compare_out", None, "Prefix of the comparison .md/.png "
-                      "(default: <output>/comparison).", **fv)
+  flags.DEFINE_string(
+    "compare_out", None, "Prefix of the comparison .md/.png (default: <output>/comparison).", **fv
+  )
 
 
 def _checker(F: flags.FlagValues):
   from astrollama_jax.eval import common, contamination
+
   specs = common.split_specs(F.train_data)
   if not specs:
     return None
-  return contamination.Checker(specs, F.ngram, F.threshold, F.train_split, F.drop_contaminated,
-                               F.progress)
+  return contamination.Checker(
+    specs, F.ngram, F.threshold, F.train_split, F.drop_contaminated, F.progress
+  )
 
 
 def main(argv, F: flags.FlagValues = flags.FLAGS):
@@ -98,6 +136,7 @@ def main(argv, F: flags.FlagValues = flags.FLAGS):
 
   if F.compare:
     from astrollama_jax.eval import compare
+
     compare.run(F.compare, F.compare_out or os.path.join(F.output, "comparison"))
     return
   if not F.task:
@@ -107,14 +146,16 @@ def main(argv, F: flags.FlagValues = flags.FLAGS):
 
   if F.task == "contamination":
     from astrollama_jax.eval import contamination, mcq
+
     checker = _checker(F)
     if checker is None or not data:
       raise app.UsageError("--task=contamination needs --data and --train_data")
     items = []
     for spec in data:
       is_mcq = spec.endswith(".csv") or mcq.looks_like_mcq(spec)
-      items += (mcq.read_questions(spec, F.limit) if is_mcq
-                else common.read_texts(spec, F.split, F.limit))
+      items += (
+        mcq.read_questions(spec, F.limit) if is_mcq else common.read_texts(spec, F.split, F.limit)
+      )
     contamination.run(items, checker, F.output, label, ",".join(data))
     return
 
@@ -128,31 +169,82 @@ def main(argv, F: flags.FlagValues = flags.FLAGS):
 
   cli.check_output_dir(F.output, empty=False)
   from astrollama_jax.data.tokenizer import Tokenizer
+
   model = common.load(F.checkpoint, F.mesh, F.dtype, F.compute_dtype, F.tokenizer, F.attention)
-  kw = dict(tokenizer=Tokenizer(model.tokenizer_path), output_dir=F.output, label=label,
-            batch_size=F.batch_size, max_len=F.max_len, progress=F.progress)
+  kw = dict(
+    tokenizer=Tokenizer(model.tokenizer_path),
+    output_dir=F.output,
+    label=label,
+    batch_size=F.batch_size,
+    max_len=F.max_len,
+    progress=F.progress,
+  )
 
   if F.task == "perplexity":
     from astrollama_jax.eval import perplexity
-    perplexity.run(model, data, stride=F.stride, limit=F.limit, split=F.split, n_boot=F.bootstrap,
-                   seed=F.seed, checker=_checker(F), **kw)
+
+    perplexity.run(
+      model,
+      data,
+      stride=F.stride,
+      limit=F.limit,
+      split=F.split,
+      n_boot=F.bootstrap,
+      seed=F.seed,
+      checker=_checker(F),
+      **kw,
+    )
   elif F.task == "mcq":
     from astrollama_jax.eval import mcq
-    mcq.run(model, data, method=F.method, shots=F.shots, dev=F.dev, subject=F.subject,
-            limit=F.limit, seed=F.seed, checker=_checker(F), **kw)
+
+    mcq.run(
+      model,
+      data,
+      method=F.method,
+      shots=F.shots,
+      dev=F.dev,
+      subject=F.subject,
+      limit=F.limit,
+      seed=F.seed,
+      checker=_checker(F),
+      **kw,
+    )
   elif F.task == "embed":
     from astrollama_jax.eval import embed
-    embed.run(model, data, query=F.query, neighbours=F.neighbours, embeddings_file=F.embeddings,
-              limit=F.limit, split=F.split, **kw)
+
+    embed.run(
+      model,
+      data,
+      query=F.query,
+      neighbours=F.neighbours,
+      embeddings_file=F.embeddings,
+      limit=F.limit,
+      split=F.split,
+      **kw,
+    )
   elif F.task == "completion":
     from astrollama_jax.eval import completion
+
     embedder = None
     if F.embedder:
       embedder = common.load(F.embedder, F.mesh, F.dtype, F.compute_dtype, F.tokenizer, F.attention)
-    completion.run(model, data, embedder=embedder, prefix_frac=F.prefix_frac,
-                   max_new_tokens=F.max_new_tokens, temperature=F.temperature, top_k=F.top_k,
-                   top_p=F.top_p, gen_batch_size=F.gen_batch_size, limit=F.limit, split=F.split,
-                   n_boot=F.bootstrap, seed=F.seed, checker=_checker(F), **kw)
+    completion.run(
+      model,
+      data,
+      embedder=embedder,
+      prefix_frac=F.prefix_frac,
+      max_new_tokens=F.max_new_tokens,
+      temperature=F.temperature,
+      top_k=F.top_k,
+      top_p=F.top_p,
+      gen_batch_size=F.gen_batch_size,
+      limit=F.limit,
+      split=F.split,
+      n_boot=F.bootstrap,
+      seed=F.seed,
+      checker=_checker(F),
+      **kw,
+    )
   logging.info("results in %s", F.output)
 
 

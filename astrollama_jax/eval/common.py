@@ -31,6 +31,7 @@ class EvalDataError(ValueError):
 @dataclasses.dataclass
 class Model:
   """A model ready to score: config (with the requested compute dtype), params on the mesh."""
+
   cfg: LlamaConfig
   params: Any
   mesh: Any
@@ -38,17 +39,29 @@ class Model:
   checkpoint: str
 
 
-def load(checkpoint: str, mesh_shape: str = cli.DEFAULT_MESH, dtype: str | None = None,
-         compute_dtype: str | None = None, tokenizer: str | None = None,
-         attention: str | None = None) -> Model:
+def load(
+  checkpoint: str,
+  mesh_shape: str = cli.DEFAULT_MESH,
+  dtype: str | None = None,
+  compute_dtype: str | None = None,
+  tokenizer: str | None = None,
+  attention: str | None = None,
+) -> Model:
   """Load any checkpoint kind onto a mesh, with the shared flags' meaning (``cli.load_model``)."""
   mesh = cli.make_mesh(mesh_shape)
-  loaded = cli.load_model(checkpoint, mesh, dtype=dtype, compute_dtype=compute_dtype,
-                          attention=attention, tokenizer=tokenizer)
+  loaded = cli.load_model(
+    checkpoint,
+    mesh,
+    dtype=dtype,
+    compute_dtype=compute_dtype,
+    attention=attention,
+    tokenizer=tokenizer,
+  )
   return Model(loaded.cfg, loaded.params, mesh, loaded.tokenizer_path, checkpoint)
 
 
 # --- evaluation records ---------------------------------------------------------------------
+
 
 def split_specs(specs: Sequence[str] | str | None) -> list[str]:
   """``--data`` may be repeated and/or comma-separated."""
@@ -63,7 +76,7 @@ def corpus_name(path: str) -> str:
   base = os.path.basename(os.path.normpath(path))
   for ext in (".jsonl", ".json", ".csv"):
     if base.endswith(ext):
-      return base[:-len(ext)]
+      return base[: -len(ext)]
   return base
 
 
@@ -105,11 +118,18 @@ def read_texts(path: str, split: str = "validation", limit: int = 0) -> list[dic
   out = []
   if os.path.isdir(path):
     from astrollama_jax.data import corpus
+
     source = corpus.read_split(path, split)
     for i in range(len(source)):
       rec = {k: _decode(v) for k, v in source[i].items()}
-      out.append({"id": rec.get("id") or f"{i}", "text": rec["text"],
-                  "section": rec.get("section") or None, "title": rec.get("title")})
+      out.append(
+        {
+          "id": rec.get("id") or f"{i}",
+          "text": rec["text"],
+          "section": rec.get("section") or None,
+          "title": rec.get("title"),
+        }
+      )
       if limit and len(out) >= limit:
         break
     return out
@@ -117,9 +137,15 @@ def read_texts(path: str, split: str = "validation", limit: int = 0) -> list[dic
     field = next((f for f in TEXT_FIELDS if isinstance(rec.get(f), str)), None)
     if field is None:
       raise EvalDataError(f"{path}:{n}: no text field (expected one of {TEXT_FIELDS})")
-    out.append({"id": str(rec.get("id", f"{corpus_name(path)}:{n}")), "text": rec[field],
-                "section": rec.get("section"), "title": rec.get("title"),
-                "categories": rec.get("categories")})
+    out.append(
+      {
+        "id": str(rec.get("id", f"{corpus_name(path)}:{n}")),
+        "text": rec[field],
+        "section": rec.get("section"),
+        "title": rec.get("title"),
+        "categories": rec.get("categories"),
+      }
+    )
     if limit and len(out) >= limit:
       break
   return out
@@ -135,6 +161,7 @@ def read_csv_rows(path: str) -> Iterator[tuple[int, list[str]]]:
 
 
 # --- results ---------------------------------------------------------------------------------
+
 
 def is_writer() -> bool:
   """Only the first process writes files and prints (every process computes the same results)."""
@@ -153,14 +180,30 @@ def write_jsonl(path: str, records: Sequence[dict]) -> None:
   os.replace(tmp, path)
 
 
-def finish(task: str, output_dir: str, label: str, checkpoint: str, metrics: dict,
-           rows: Sequence[dict], files: dict | None = None, extra: dict | None = None,
-           columns: Sequence[str] | None = None) -> dict:
+def finish(
+  task: str,
+  output_dir: str,
+  label: str,
+  checkpoint: str,
+  metrics: dict,
+  rows: Sequence[dict],
+  files: dict | None = None,
+  extra: dict | None = None,
+  columns: Sequence[str] | None = None,
+) -> dict:
   """Write ``<output>/<task>.json``, print the table and the one JSON summary line."""
   result_path = os.path.join(output_dir, f"{task}.json")
-  summary = cli.jsonable({"task": task, "label": label, "checkpoint": checkpoint,
-                       "metrics": metrics, "rows": list(rows),
-                       "files": {"result": result_path, **(files or {})}, **(extra or {})})
+  summary = cli.jsonable(
+    {
+      "task": task,
+      "label": label,
+      "checkpoint": checkpoint,
+      "metrics": metrics,
+      "rows": list(rows),
+      "files": {"result": result_path, **(files or {})},
+      **(extra or {}),
+    }
+  )
   if not is_writer():
     return summary
   os.makedirs(output_dir, exist_ok=True)
@@ -174,4 +217,3 @@ def finish(task: str, output_dir: str, label: str, checkpoint: str, metrics: dic
 
 def default_label(checkpoint: str) -> str:
   return os.path.basename(os.path.normpath(checkpoint)) if checkpoint else "model"
-

@@ -59,8 +59,9 @@ def load_runs(specs: Sequence[str]) -> list[tuple[str, dict[str, float]]]:
     seen.add(label)
     metrics: dict[str, float] = {}
     for res in results:
-      metrics.update({k: v for k, v in res["metrics"].items() if isinstance(v, (int, float))
-                      or v is None})
+      metrics.update(
+        {k: v for k, v in res["metrics"].items() if isinstance(v, (int, float)) or v is None}
+      )
     runs.append((label, metrics))
   return runs
 
@@ -90,8 +91,10 @@ def _fmt(v) -> str:
 
 
 def markdown(runs: Sequence[tuple[str, dict]], names: Sequence[str]) -> str:
-  lines = ["| metric | " + " | ".join(label for label, _ in runs) + " |",
-           "|---|" + "---:|" * len(runs)]
+  lines = [
+    "| metric | " + " | ".join(label for label, _ in runs) + " |",
+    "|---|" + "---:|" * len(runs),
+  ]
   for name in names:
     cells = []
     for _, m in runs:
@@ -105,6 +108,7 @@ def markdown(runs: Sequence[tuple[str, dict]], names: Sequence[str]) -> str:
 def chart(runs: Sequence[tuple[str, dict]], names: Sequence[str], path: str) -> None:
   """One bar panel per metric, one bar per run, 95% intervals as error bars."""
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
@@ -124,12 +128,14 @@ def chart(runs: Sequence[tuple[str, dict]], names: Sequence[str], path: str) -> 
       errs[0].append(max(0.0, v - ci[0]))
       errs[1].append(max(0.0, ci[1] - v))
     has_ci = any(e > 0 for side in errs for e in side)
-    ax.bar(xs, ys, yerr=errs if has_ci else None, capsize=4,
-           color=[colors[i % len(colors)] for i in xs])
-    ax.set_xticks(range(len(runs)), [label for label, _ in runs], rotation=20, ha="right",
-                  fontsize=8)
+    ax.bar(
+      xs, ys, yerr=errs if has_ci else None, capsize=4, color=[colors[i % len(colors)] for i in xs]
+    )
+    ax.set_xticks(
+      range(len(runs)), [label for label, _ in runs], rotation=20, ha="right", fontsize=8
+    )
     ax.set_title(name, fontsize=9)
-  for ax in list(axes.flat)[len(names):]:
+  for ax in list(axes.flat)[len(names) :]:
     ax.axis("off")
   fig.tight_layout()
   tmp = path + ".tmp.png"
@@ -154,7 +160,11 @@ def run(specs: Sequence[str], out_prefix: str) -> dict:
   os.replace(md_path + ".tmp", md_path)
   chart(runs, names, png_path)
   rows = [{"metric": n, **{label: m.get(n) for label, m in runs}} for n in names]
-  summary = {"task": "compare", "runs": [label for label, _ in runs], "inputs": specs,
-             "metrics": {label: {n: m.get(n) for n in names} for label, m in runs},
-             "files": {"markdown": md_path, "chart": png_path}}
+  summary = {
+    "task": "compare",
+    "runs": [label for label, _ in runs],
+    "inputs": specs,
+    "metrics": {label: {n: m.get(n) for n in names} for label, m in runs},
+    "files": {"markdown": md_path, "chart": png_path},
+  }
   return cli.report("compare", summary, rows)

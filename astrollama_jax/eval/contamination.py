@@ -32,8 +32,11 @@ def words(text: str) -> list[str]:
 def ngram_hashes(text: str, n: int) -> np.ndarray:
   """Hashes of the word n-grams of ``text`` (empty when it has fewer than n words)."""
   w = words(text)
-  return np.fromiter((hash(tuple(w[i:i + n])) for i in range(len(w) - n + 1)), np.int64,
-                     count=max(0, len(w) - n + 1))
+  return np.fromiter(
+    (hash(tuple(w[i : i + n])) for i in range(len(w) - n + 1)),
+    np.int64,
+    count=max(0, len(w) - n + 1),
+  )
 
 
 def _strings(x: Any) -> Iterator[str]:
@@ -53,6 +56,7 @@ def iter_corpus(spec: str, split: str = "train") -> Iterator[str]:
   e.g. chat turns) or a prepared ArrayRecord dataset directory (its ``split``)."""
   if os.path.isdir(spec):
     from astrollama_jax.data import corpus
+
     source = corpus.read_split(spec, split)
     for i in range(len(source)):
       text = source[i]["text"]
@@ -69,6 +73,7 @@ def iter_corpus(spec: str, split: str = "train") -> Iterator[str]:
 @dataclasses.dataclass
 class Report:
   """Per item: share of n-grams found in the corpus, number of n-grams, flagged."""
+
   shares: np.ndarray
   ngrams: np.ndarray
   flagged: np.ndarray
@@ -76,16 +81,27 @@ class Report:
   n: int
 
   def summary(self) -> dict[str, Any]:
-    return {"items": len(self.shares), "flagged": int(self.flagged.sum()),
-            "mean_share": float(self.shares.mean()) if len(self.shares) else float("nan"),
-            "threshold": self.threshold, "ngram": self.n}
+    return {
+      "items": len(self.shares),
+      "flagged": int(self.flagged.sum()),
+      "mean_share": float(self.shares.mean()) if len(self.shares) else float("nan"),
+      "threshold": self.threshold,
+      "ngram": self.n,
+    }
 
 
 class Checker:
   """Contamination of a list of item texts against one or more training corpora."""
 
-  def __init__(self, train_specs: Sequence[str], n: int = 13, threshold: float = 0.5,
-               split: str = "train", drop: bool = False, progress: bool = True):
+  def __init__(
+    self,
+    train_specs: Sequence[str],
+    n: int = 13,
+    threshold: float = 0.5,
+    split: str = "train",
+    drop: bool = False,
+    progress: bool = True,
+  ):
     if n < 1:
       raise ValueError(f"n-gram length must be >= 1, got {n}")
     if not 0.0 <= threshold <= 1.0:
@@ -124,8 +140,9 @@ class Checker:
     found: set[int] = set()
     if not wanted:
       return found
-    for doc in tqdm(documents, desc="contamination scan", unit="doc", disable=not self.progress,
-                    leave=False):
+    for doc in tqdm(
+      documents, desc="contamination scan", unit="doc", disable=not self.progress, leave=False
+    ):
       found.update(wanted.intersection(ngram_hashes(doc, self.n).tolist()))
       if len(found) == len(wanted):
         break
@@ -140,21 +157,45 @@ def item_text(item: dict) -> str:
   return "\n".join(p for p in parts if p)
 
 
-def run(items: Sequence[dict], checker: Checker, output_dir: str, label: str,
-        data_name: str = "") -> dict:
+def run(
+  items: Sequence[dict], checker: Checker, output_dir: str, label: str, data_name: str = ""
+) -> dict:
   """The ``contamination`` task: a per-item report file and a summary."""
   report = checker.check([item_text(it) for it in items])
-  records = [{"id": it.get("id", str(i)), "share": float(s), "ngrams": int(c), "flagged": bool(f)}
-             for i, (it, s, c, f) in enumerate(zip(items, report.shares, report.ngrams,
-                                                     report.flagged))]
+  records = [
+    {"id": it.get("id", str(i)), "share": float(s), "ngrams": int(c), "flagged": bool(f)}
+    for i, (it, s, c, f) in enumerate(zip(items, report.shares, report.ngrams, report.flagged))
+  ]
   path = os.path.join(output_dir, "contamination_items.jsonl")
   common.write_jsonl(path, records)
   s = report.summary()
-  rows = [{"data": data_name, "items": s["items"], "flagged": s["flagged"],
-           "mean_share": s["mean_share"], "threshold": s["threshold"], "ngram": s["ngram"]}]
-  rows += [{"data": f"  {r['id']}", "items": 1, "flagged": 1, "mean_share": r["share"]}
-           for r in records if r["flagged"]][:20]
-  metrics = {"contamination/flagged": s["flagged"], "contamination/mean_share": s["mean_share"],
-             "contamination/flagged_share": s["flagged"] / max(1, s["items"])}
-  return common.finish("contamination", output_dir, label, "", metrics, rows,
-                       files={"items": path}, extra={"train_data": checker.train_specs, **s})
+  rows = [
+    {
+      "data": data_name,
+      "items": s["items"],
+      "flagged": s["flagged"],
+      "mean_share": s["mean_share"],
+      "threshold": s["threshold"],
+      "ngram": s["ngram"],
+    }
+  ]
+  rows += [
+    {"data": f"  {r['id']}", "items": 1, "flagged": 1, "mean_share": r["share"]}
+    for r in records
+    if r["flagged"]
+  ][:20]
+  metrics = {
+    "contamination/flagged": s["flagged"],
+    "contamination/mean_share": s["mean_share"],
+    "contamination/flagged_share": s["flagged"] / max(1, s["items"]),
+  }
+  return common.finish(
+    "contamination",
+    output_dir,
+    label,
+    "",
+    metrics,
+    rows,
+    files={"items": path},
+    extra={"train_data": checker.train_specs, **s},
+  )

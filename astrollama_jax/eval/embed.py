@@ -22,10 +22,11 @@ from astrollama_jax.eval import common
 from astrollama_jax.eval.scoring import Scorer
 
 
-def embed_texts(scorer: Scorer, tokenizer: Tokenizer, texts: Sequence[str],
-                desc: str = "embedding") -> np.ndarray:
+def embed_texts(
+  scorer: Scorer, tokenizer: Tokenizer, texts: Sequence[str], desc: str = "embedding"
+) -> np.ndarray:
   """[N, dim] float32 embeddings (mean final hidden state over the tokens after BOS)."""
-  ids = [t[:scorer.max_len] for t in tokenizer.encode_batch(texts, bos=True)]
+  ids = [t[: scorer.max_len] for t in tokenizer.encode_batch(texts, bos=True)]
   for i, t in enumerate(ids):
     if len(t) < 2:
       raise common.EvalDataError(f"text {i} is empty: nothing after BOS to embed")
@@ -49,8 +50,9 @@ def nearest(embeddings: np.ndarray, query: np.ndarray, k: int) -> tuple[np.ndarr
   return order, sims[order]
 
 
-def knn_category_agreement(embeddings: np.ndarray, categories: Sequence[str],
-                           k: int) -> tuple[float, float]:
+def knn_category_agreement(
+  embeddings: np.ndarray, categories: Sequence[str], k: int
+) -> tuple[float, float]:
   """(share of k nearest neighbours with the same category, the same share by chance)."""
   n = len(categories)
   if n <= k:
@@ -71,8 +73,12 @@ def save(path: str, ids: Sequence[str], titles: Sequence[str], embeddings: np.nd
     return
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = path + ".tmp.npz"
-  np.savez(tmp, ids=np.asarray(ids, dtype=str), titles=np.asarray(titles, dtype=str),
-           embeddings=np.asarray(embeddings, np.float32))
+  np.savez(
+    tmp,
+    ids=np.asarray(ids, dtype=str),
+    titles=np.asarray(titles, dtype=str),
+    embeddings=np.asarray(embeddings, np.float32),
+  )
   os.replace(tmp, path)
 
 
@@ -81,21 +87,40 @@ def load(path: str) -> tuple[list[str], list[str], np.ndarray]:
     return f["ids"].tolist(), f["titles"].tolist(), f["embeddings"]
 
 
-def run(model: common.Model, data: Sequence[str], *, tokenizer: Tokenizer, output_dir: str,
-        label: str, query: str | None = None, neighbours: int = 5,
-        embeddings_file: str | None = None, batch_size: int = 8, max_len: int = 0,
-        limit: int = 0, split: str = "validation", progress: bool = True) -> dict:
+def run(
+  model: common.Model,
+  data: Sequence[str],
+  *,
+  tokenizer: Tokenizer,
+  output_dir: str,
+  label: str,
+  query: str | None = None,
+  neighbours: int = 5,
+  embeddings_file: str | None = None,
+  batch_size: int = 8,
+  max_len: int = 0,
+  limit: int = 0,
+  split: str = "validation",
+  progress: bool = True,
+) -> dict:
   """The ``embed`` task: embed ``data`` (or reuse ``embeddings_file``), then answer ``query``."""
-  scorer = Scorer(model.cfg, model.params, model.mesh, batch_size=batch_size,
-                  max_len=max_len or None, progress=progress)
+  scorer = Scorer(
+    model.cfg,
+    model.params,
+    model.mesh,
+    batch_size=batch_size,
+    max_len=max_len or None,
+    progress=progress,
+  )
   tokenizer.check_vocab(model.cfg.vocab_size)
   path = embeddings_file or os.path.join(output_dir, "embeddings.npz")
   metrics: dict[str, float] = {}
   if embeddings_file and os.path.exists(embeddings_file):
     ids, titles, emb = load(embeddings_file)
     if emb.shape[1] != model.cfg.dim:
-      raise common.EvalDataError(f"{embeddings_file} holds {emb.shape[1]}-d embeddings but the "
-                                 f"model's are {model.cfg.dim}-d")
+      raise common.EvalDataError(
+        f"{embeddings_file} holds {emb.shape[1]}-d embeddings but the model's are {model.cfg.dim}-d"
+      )
   else:
     records = [r for spec in data for r in common.read_texts(spec, split=split, limit=limit)]
     if not records:
@@ -119,11 +144,26 @@ def run(model: common.Model, data: Sequence[str], *, tokenizer: Tokenizer, outpu
   if query:
     q = embed_texts(scorer, tokenizer, [query], desc="query")[0]
     idx, sims = nearest(emb, q, neighbours)
-    rows = [{"rank": r + 1, "id": ids[i], "cosine": float(s), "title": titles[i]}
-            for r, (i, s) in enumerate(zip(idx, sims))]
+    rows = [
+      {"rank": r + 1, "id": ids[i], "cosine": float(s), "title": titles[i]}
+      for r, (i, s) in enumerate(zip(idx, sims))
+    ]
     extra["query"] = query
   else:
-    rows = [{"papers": len(ids), "dim": int(emb.shape[1]),
-             **{k.split("/", 1)[1]: v for k, v in metrics.items() if k != "embed/count"}}]
-  return common.finish("embed", output_dir, label, model.checkpoint, metrics, rows,
-                       files={"embeddings": path}, extra=extra)
+    rows = [
+      {
+        "papers": len(ids),
+        "dim": int(emb.shape[1]),
+        **{k.split("/", 1)[1]: v for k, v in metrics.items() if k != "embed/count"},
+      }
+    ]
+  return common.finish(
+    "embed",
+    output_dir,
+    label,
+    model.checkpoint,
+    metrics,
+    rows,
+    files={"embeddings": path},
+    extra=extra,
+  )

@@ -73,13 +73,24 @@ class AstroLlamaLM(TemplateLM):
   may be given as ``model`` instead of a checkpoint.
   """
 
-  def __init__(self, checkpoint: str | None = None, *, model: common.Model | None = None,
-               pretrained: str | None = None, tokenizer: str | None = None,
-               mesh: str = cli.DEFAULT_MESH, dtype: str | None = None,
-               compute_dtype: str | None = None, attention: str | None = None,
-               batch_size: int | str | None = DEFAULT_BATCH_SIZE, max_length: int | None = None,
-               max_gen_toks: int = DEFAULT_MAX_GEN_TOKS, progress: bool = True,
-               device: str | None = None, max_batch_size: int | None = None) -> None:
+  def __init__(
+    self,
+    checkpoint: str | None = None,
+    *,
+    model: common.Model | None = None,
+    pretrained: str | None = None,
+    tokenizer: str | None = None,
+    mesh: str = cli.DEFAULT_MESH,
+    dtype: str | None = None,
+    compute_dtype: str | None = None,
+    attention: str | None = None,
+    batch_size: int | str | None = DEFAULT_BATCH_SIZE,
+    max_length: int | None = None,
+    max_gen_toks: int = DEFAULT_MAX_GEN_TOKS,
+    progress: bool = True,
+    device: str | None = None,
+    max_batch_size: int | None = None,
+  ) -> None:
     super().__init__()
     del device, max_batch_size  # lm-eval's; the mesh places the model and the batch size is ours
     if model is None:
@@ -94,24 +105,33 @@ class AstroLlamaLM(TemplateLM):
     self._batch_size = max(1, _int_or_default(batch_size, DEFAULT_BATCH_SIZE, "batch_size"))
     self._max_length = int(max_length or self.cfg.max_seq_len)
     if not 1 < self._max_length <= self.cfg.max_seq_len:
-      raise ValueError(f"max_length must be in [2, {self.cfg.max_seq_len}] (the model's context), "
-                       f"got {self._max_length}")
+      raise ValueError(
+        f"max_length must be in [2, {self.cfg.max_seq_len}] (the model's context), "
+        f"got {self._max_length}"
+      )
     self._max_gen_toks = int(max_gen_toks)
     self.progress = bool(progress)
-    self.scorer = Scorer(self.cfg, model.params, model.mesh, batch_size=self._batch_size,
-                         max_len=self._max_length, progress=self.progress)
+    self.scorer = Scorer(
+      self.cfg,
+      model.params,
+      model.mesh,
+      batch_size=self._batch_size,
+      max_len=self._max_length,
+      progress=self.progress,
+    )
 
   @classmethod
-  def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None
-                          ) -> AstroLlamaLM:
+  def create_from_arg_obj(
+    cls, arg_dict: dict, additional_config: dict | None = None
+  ) -> AstroLlamaLM:
     extra = {k: v for k, v in (additional_config or {}).items() if v is not None}
     return cls(**{**arg_dict, **extra})
 
   @classmethod
-  def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None
-                             ) -> AstroLlamaLM:
-    return cls.create_from_arg_obj(lm_utils.simple_parse_args_string(arg_string),
-                                   additional_config)
+  def create_from_arg_string(
+    cls, arg_string: str, additional_config: dict | None = None
+  ) -> AstroLlamaLM:
+    return cls.create_from_arg_obj(lm_utils.simple_parse_args_string(arg_string), additional_config)
 
   # --- what lm-eval reads -------------------------------------------------------------------
 
@@ -140,11 +160,20 @@ class AstroLlamaLM(TemplateLM):
     return str(self.sp.path)
 
   def get_model_info(self) -> dict:
-    return {"model_num_parameters": self.cfg.num_params(), "model_dtype": self.cfg.param_dtype,
-            "compute_dtype": self.cfg.compute_dtype, "checkpoint": self.model.checkpoint}
+    return {
+      "model_num_parameters": self.cfg.num_params(),
+      "model_dtype": self.cfg.param_dtype,
+      "compute_dtype": self.cfg.compute_dtype,
+      "checkpoint": self.model.checkpoint,
+    }
 
-  def tok_encode(self, string: str, add_special_tokens: bool | None = None,
-                 left_truncate_len: int | None = None, **kwargs) -> list[int]:
+  def tok_encode(
+    self,
+    string: str,
+    add_special_tokens: bool | None = None,
+    left_truncate_len: int | None = None,
+    **kwargs,
+  ) -> list[int]:
     """SentencePiece ids; BOS unless ``add_special_tokens`` is False (hf's LLaMA default)."""
     ids = self.sp.encode(string, bos=add_special_tokens is not False)
     return ids[-left_truncate_len:] if left_truncate_len else ids
@@ -154,9 +183,12 @@ class AstroLlamaLM(TemplateLM):
 
   # --- scoring ------------------------------------------------------------------------------
 
-  def _loglikelihood_tokens(self, requests: Sequence[tuple[Any, list[int], list[int]]],
-                            disable_tqdm: bool = False, greedy: bool = True
-                            ) -> list[tuple[float, bool]]:
+  def _loglikelihood_tokens(
+    self,
+    requests: Sequence[tuple[Any, list[int], list[int]]],
+    disable_tqdm: bool = False,
+    greedy: bool = True,
+  ) -> list[tuple[float, bool]]:
     """(sum log p(continuation | context), is_greedy) per (strings, context ids, continuation
     ids); identical pairs are scored once."""
     unique: dict[tuple[tuple[int, ...], tuple[int, ...]], int] = {}
@@ -165,10 +197,12 @@ class AstroLlamaLM(TemplateLM):
       if not context or not continuation:
         raise ValueError(f"empty context or continuation for {strings!r}")
       if len(continuation) > self.max_length:
-        raise ValueError(f"a continuation of {len(continuation)} tokens is longer than "
-                         f"max_length {self.max_length}")
-      whole = (list(context) + list(continuation))[-(self.max_length + 1):]
-      key = (tuple(whole[:-len(continuation)]), tuple(continuation))
+        raise ValueError(
+          f"a continuation of {len(continuation)} tokens is longer than "
+          f"max_length {self.max_length}"
+        )
+      whole = (list(context) + list(continuation))[-(self.max_length + 1) :]
+      key = (tuple(whole[: -len(continuation)]), tuple(continuation))
       slots.append(unique.setdefault(key, len(unique)))
     reqs = [Request(list(c), list(t)) for c, t in unique]
     logprobs, _ = self.scorer.logprobs(reqs, desc="loglikelihood")
@@ -187,32 +221,40 @@ class AstroLlamaLM(TemplateLM):
   def _is_greedy(self, reqs: Sequence[Request], logprobs: Sequence[Any]) -> list[bool]:
     """Whether greedy decoding from each context reproduces its target (lm-eval's is_greedy)."""
     from astrollama_jax.generate import generate
+
     out = [bool((lp > _SURELY_GREEDY).all()) for lp in logprobs]
-    todo = sorted((i for i in range(len(reqs)) if not out[i]),
-                  key=lambda i: (len(reqs[i].target), len(reqs[i].context)))
+    todo = sorted(
+      (i for i in range(len(reqs)) if not out[i]),
+      key=lambda i: (len(reqs[i].target), len(reqs[i].context)),
+    )
     while todo:
       n = len(reqs[todo[0]].target)
-      group = [i for i in todo[:self.batch_size] if len(reqs[i].target) == n]
-      todo = todo[len(group):]
+      group = [i for i in todo[: self.batch_size] if len(reqs[i].target) == n]
+      todo = todo[len(group) :]
       # generate needs room for the last target token as an input too: at the context limit,
       # decode from one token less of context.
       room = self.cfg.max_seq_len - n
       prompts = [list(reqs[i].context)[-room:] for i in group]
-      res = generate(self.cfg, self.model.params, prompts, n, eos_id=self.sp.eos_id,
-                     mesh=self.model.mesh)
+      res = generate(
+        self.cfg, self.model.params, prompts, n, eos_id=self.sp.eos_id, mesh=self.model.mesh
+      )
       for i, tokens in zip(group, res.tokens):
         out[i] = list(tokens) == list(reqs[i].target)
     return out
 
-  def loglikelihood_rolling(self, requests: Sequence[Any], disable_tqdm: bool = False
-                            ) -> list[float]:
+  def loglikelihood_rolling(
+    self, requests: Sequence[Any], disable_tqdm: bool = False
+  ) -> list[float]:
     """Total log p of each text, every token scored once in lm-eval's rolling windows."""
     windows, owners = [], []
     for i, req in enumerate(requests):
       (text,) = req.args
       pairs = lm_utils.get_rolling_token_windows(
-          token_list=self.tok_encode(text), prefix_token=self.prefix_token_id,
-          max_seq_len=self.max_length, context_len=1)
+        token_list=self.tok_encode(text),
+        prefix_token=self.prefix_token_id,
+        max_seq_len=self.max_length,
+        context_len=1,
+      )
       for context, target in map(lm_utils.make_disjoint_window, pairs):
         windows.append((None, context, target))
         owners.append(i)
@@ -226,6 +268,7 @@ class AstroLlamaLM(TemplateLM):
   def generate_until(self, requests: Sequence[Any], disable_tqdm: bool = False) -> list[str]:
     """Generations cut at the first stop sequence, requests grouped by their settings."""
     from astrollama_jax.generate import generate
+
     groups: dict[str, list[int]] = {}
     for i, req in enumerate(requests):
       groups.setdefault(json.dumps(req.args[1], sort_keys=True, default=str), []).append(i)
@@ -233,14 +276,25 @@ class AstroLlamaLM(TemplateLM):
     for idxs in groups.values():
       setting = self._generation_setting(requests[idxs[0]].args[1])
       until, max_new = setting.pop("until"), setting.pop("max_new_tokens")
-      prompts = {i: self.tok_encode(requests[i].args[0],
-                                    left_truncate_len=self.max_length - max_new) for i in idxs}
+      prompts = {
+        i: self.tok_encode(requests[i].args[0], left_truncate_len=self.max_length - max_new)
+        for i in idxs
+      }
       order = sorted(idxs, key=lambda i: -len(prompts[i]))
       for start in range(0, len(order), self.batch_size):
-        batch = order[start:start + self.batch_size]
-        res = generate(self.cfg, self.model.params, [prompts[i] for i in batch], max_new,
-                       eos_id=self.sp.eos_id, stop_strings=until, tokenizer=self.sp,
-                       mesh=self.model.mesh, seed=setting["seed"] + start, **setting["sampling"])
+        batch = order[start : start + self.batch_size]
+        res = generate(
+          self.cfg,
+          self.model.params,
+          [prompts[i] for i in batch],
+          max_new,
+          eos_id=self.sp.eos_id,
+          stop_strings=until,
+          tokenizer=self.sp,
+          mesh=self.model.mesh,
+          seed=setting["seed"] + start,
+          **setting["sampling"],
+        )
         for i, text in zip(batch, res.texts):
           out[i] = postprocess_generated_text(text, until, None)
           self.cache_hook.add_partial("generate_until", requests[i].args[:2], out[i])
@@ -258,9 +312,11 @@ class AstroLlamaLM(TemplateLM):
       raise ValueError(f"max_gen_toks {max_new} must be in [1, max_length={self.max_length})")
     do_sample = bool(kwargs.pop("do_sample", False))
     temperature = float(kwargs.pop("temperature", 0.0) or 0.0)
-    sampling = {"temperature": temperature if do_sample else 0.0,
-                "top_k": int(kwargs.pop("top_k", 0) or 0),
-                "top_p": float(kwargs.pop("top_p", 1.0) or 1.0)}
+    sampling = {
+      "temperature": temperature if do_sample else 0.0,
+      "top_k": int(kwargs.pop("top_k", 0) or 0),
+      "top_p": float(kwargs.pop("top_p", 1.0) or 1.0),
+    }
     seed = int(kwargs.pop("seed", 0) or 0)
     if kwargs:
       logging.warning("generation settings not used by astrollama: %s", sorted(kwargs))

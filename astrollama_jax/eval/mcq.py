@@ -30,27 +30,33 @@ from astrollama_jax.eval import common, stats
 from astrollama_jax.eval.scoring import Request, Scorer
 
 LETTERS = "ABCDEFGHIJ"
-METHODS = {"loglik": ("loglik", "loglik_norm"), "letter": ("letter",),
-           "all": ("loglik", "loglik_norm", "letter")}
+METHODS = {
+  "loglik": ("loglik", "loglik_norm"),
+  "letter": ("letter",),
+  "all": ("loglik", "loglik_norm", "letter"),
+}
 COLUMNS = ("data", "method", "questions", "correct", "acc", "acc_lo", "acc_hi")
 
 
 # --- reading -------------------------------------------------------------------------------------
+
 
 def _answer_index(value, n_options: int, where: str) -> int:
   if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < n_options:
     return value
   if isinstance(value, str) and value.strip().upper() in LETTERS[:n_options] and value.strip():
     return LETTERS.index(value.strip().upper())
-  raise common.EvalDataError(f"{where}: answer {value!r} is not one of "
-                             f"{', '.join(LETTERS[:n_options])} (or an index below {n_options})")
+  raise common.EvalDataError(
+    f"{where}: answer {value!r} is not one of "
+    f"{', '.join(LETTERS[:n_options])} (or an index below {n_options})"
+  )
 
 
 def subject_from_path(path: str) -> str:
   name = common.corpus_name(path)
   for suffix in ("_test", "_dev", "_val", "_validation"):
     if name.endswith(suffix):
-      name = name[:-len(suffix)]
+      name = name[: -len(suffix)]
   return name.replace("_", " ")
 
 
@@ -72,11 +78,19 @@ def read_questions(path: str, limit: int = 0) -> list[dict]:
       if n == 1 and [c.strip().lower() for c in row[:1]] == ["question"]:
         continue  # a header row
       if len(row) < 4:
-        raise common.EvalDataError(f"{path}:{n}: expected question, >= 2 options and the answer; "
-                                   f"got {len(row)} columns")
+        raise common.EvalDataError(
+          f"{path}:{n}: expected question, >= 2 options and the answer; got {len(row)} columns"
+        )
       options = row[1:-1]
-      out.append(_question(f"{common.corpus_name(path)}:{n}", subject, row[0], options,
-                           _answer_index(row[-1], len(options), f"{path}:{n}")))
+      out.append(
+        _question(
+          f"{common.corpus_name(path)}:{n}",
+          subject,
+          row[0],
+          options,
+          _answer_index(row[-1], len(options), f"{path}:{n}"),
+        )
+      )
       if limit and len(out) >= limit:
         break
     return out
@@ -85,27 +99,40 @@ def read_questions(path: str, limit: int = 0) -> list[dict]:
     if not isinstance(rec.get("question"), str):
       raise common.EvalDataError(f"{where}: no 'question' string")
     letters = [c for c in LETTERS if c in rec]
-    if len(letters) < 2 or letters != list(LETTERS[:len(letters)]):
-      raise common.EvalDataError(f"{where}: options must be fields A, B, ... in order; found "
-                                 f"{letters or 'none'}")
+    if len(letters) < 2 or letters != list(LETTERS[: len(letters)]):
+      raise common.EvalDataError(
+        f"{where}: options must be fields A, B, ... in order; found {letters or 'none'}"
+      )
     options = [str(rec[c]) for c in letters]
     if "answer" not in rec:
       raise common.EvalDataError(f"{where}: no 'answer' field")
-    out.append(_question(str(rec.get("id", f"{common.corpus_name(path)}:{n}")),
-                         rec.get("subject") or "", rec["question"], options,
-                         _answer_index(rec["answer"], len(options), where)))
+    out.append(
+      _question(
+        str(rec.get("id", f"{common.corpus_name(path)}:{n}")),
+        rec.get("subject") or "",
+        rec["question"],
+        options,
+        _answer_index(rec["answer"], len(options), where),
+      )
+    )
     if limit and len(out) >= limit:
       break
   return out
 
 
 def _question(qid: str, subject: str, question: str, options: list[str], answer: int) -> dict:
-  return {"id": qid, "subject": subject, "question": question.strip(),
-          "options": [o.strip() for o in options], "answer": answer,
-          **{LETTERS[i]: o for i, o in enumerate(options)}}
+  return {
+    "id": qid,
+    "subject": subject,
+    "question": question.strip(),
+    "options": [o.strip() for o in options],
+    "answer": answer,
+    **{LETTERS[i]: o for i, o in enumerate(options)},
+  }
 
 
 # --- prompts -------------------------------------------------------------------------------------
+
 
 def header(subject: str) -> str:
   about = f" about {subject}" if subject else ""
@@ -128,8 +155,9 @@ def build_prompt(q: dict, shots: Sequence[dict], block) -> str:
   return header(q["subject"]) + "".join(block(e, True) for e in shots) + block(q, False)
 
 
-def choose_shots(questions: Sequence[dict], dev: Sequence[dict] | None, shots: int,
-                 seed: int) -> list[list[dict]]:
+def choose_shots(
+  questions: Sequence[dict], dev: Sequence[dict] | None, shots: int, seed: int
+) -> list[list[dict]]:
   """Few-shot examples per question: the first ``shots`` of ``dev`` (as MMLU does), else
   ``shots`` other questions of the same set drawn with ``seed``."""
   if shots <= 0:
@@ -153,10 +181,11 @@ def _fit(context: list[int], target: list[int], max_len: int) -> list[int]:
   room = max_len + 1 - len(target)
   if room < 2:
     raise ValueError(f"an option of {len(target)} tokens does not fit max_len {max_len}")
-  return context if len(context) <= room else context[:1] + context[len(context) - room + 1:]
+  return context if len(context) <= room else context[:1] + context[len(context) - room + 1 :]
 
 
 # --- scoring -------------------------------------------------------------------------------------
+
 
 def accuracy(scores: np.ndarray, answers: np.ndarray) -> np.ndarray:
   """Credit per question: 1/k when the answer is among the k options sharing the top score."""
@@ -176,9 +205,13 @@ def letter_ids(tokenizer: Tokenizer, n: int) -> list[int]:
   return ids
 
 
-def score_questions(scorer: Scorer, tokenizer: Tokenizer, questions: Sequence[dict],
-                    shots: Sequence[Sequence[dict]], methods: Sequence[str]
-                    ) -> dict[str, np.ndarray]:
+def score_questions(
+  scorer: Scorer,
+  tokenizer: Tokenizer,
+  questions: Sequence[dict],
+  shots: Sequence[Sequence[dict]],
+  methods: Sequence[str],
+) -> dict[str, np.ndarray]:
   """Per method, a [questions, options] score array (and ``letter_prob``: renormalised p)."""
   n_opt = {len(q["options"]) for q in questions}
   if len(n_opt) != 1:
@@ -219,14 +252,34 @@ def score_questions(scorer: Scorer, tokenizer: Tokenizer, questions: Sequence[di
   return out
 
 
-def run(model: common.Model, data: Sequence[str], *, tokenizer: Tokenizer, output_dir: str,
-        label: str, method: str = "all", shots: int = 0, dev: str | None = None,
-        subject: str | None = None, batch_size: int = 8, max_len: int = 0, limit: int = 0,
-        seed: int = 0, checker=None, progress: bool = True) -> dict:
+def run(
+  model: common.Model,
+  data: Sequence[str],
+  *,
+  tokenizer: Tokenizer,
+  output_dir: str,
+  label: str,
+  method: str = "all",
+  shots: int = 0,
+  dev: str | None = None,
+  subject: str | None = None,
+  batch_size: int = 8,
+  max_len: int = 0,
+  limit: int = 0,
+  seed: int = 0,
+  checker=None,
+  progress: bool = True,
+) -> dict:
   """The ``mcq`` task over one or more question files."""
   methods = METHODS[method]
-  scorer = Scorer(model.cfg, model.params, model.mesh, batch_size=batch_size,
-                  max_len=max_len or None, progress=progress)
+  scorer = Scorer(
+    model.cfg,
+    model.params,
+    model.mesh,
+    batch_size=batch_size,
+    max_len=max_len or None,
+    progress=progress,
+  )
   tokenizer.check_vocab(model.cfg.vocab_size)
   dev_qs = read_questions(dev) if dev else None
   rows, items, metrics = [], [], {}
@@ -241,6 +294,7 @@ def run(model: common.Model, data: Sequence[str], *, tokenizer: Tokenizer, outpu
     flags = [None] * len(questions)
     if checker is not None:
       from astrollama_jax.eval.contamination import item_text
+
       report = checker.check([item_text(q) for q in questions])
       flags = list(zip(report.shares.tolist(), report.flagged.tolist()))
       if checker.drop:
@@ -250,8 +304,9 @@ def run(model: common.Model, data: Sequence[str], *, tokenizer: Tokenizer, outpu
         flags = [f for f, k in zip(flags, keep) if k]
     if not questions:
       raise common.EvalDataError(f"{spec}: no questions to score")
-    scores = score_questions(scorer, tokenizer, questions,
-                             choose_shots(questions, dev_qs, shots, seed), methods)
+    scores = score_questions(
+      scorer, tokenizer, questions, choose_shots(questions, dev_qs, shots, seed), methods
+    )
     answers = np.array([q["answer"] for q in questions])
     credit = {m: accuracy(scores[m], answers) for m in methods}
     for m in methods:
@@ -259,12 +314,21 @@ def run(model: common.Model, data: Sequence[str], *, tokenizer: Tokenizer, outpu
       rows.append(_row(name, m, credit[m]))
       metrics[f"acc/{m}/{name}"] = rows[-1]["acc"]
     for i, q in enumerate(questions):
-      rec = {"data": name, "id": q["id"], "subject": q["subject"], "question": q["question"],
-             "options": q["options"], "answer": LETTERS[q["answer"]]}
+      rec = {
+        "data": name,
+        "id": q["id"],
+        "subject": q["subject"],
+        "question": q["question"],
+        "options": q["options"],
+        "answer": LETTERS[q["answer"]],
+      }
       for m in methods:
         s = scores[m][i]
-        rec[m] = {"scores": s.tolist(), "pred": LETTERS[int(np.argmax(s))],
-                  "credit": float(credit[m][i])}
+        rec[m] = {
+          "scores": s.tolist(),
+          "pred": LETTERS[int(np.argmax(s))],
+          "credit": float(credit[m][i]),
+        }
       if "letter" in methods:
         rec["letter"]["prob_answer"] = float(scores["letter_prob"][i, q["answer"]])
         p_answer.append(rec["letter"]["prob_answer"])
@@ -282,16 +346,34 @@ def run(model: common.Model, data: Sequence[str], *, tokenizer: Tokenizer, outpu
     metrics["p_answer/letter"] = float(np.mean(p_answer))
   items_path = os.path.join(output_dir, "mcq_items.jsonl")
   common.write_jsonl(items_path, items)
-  extra = {"shots": shots, "methods": list(methods), "data": list(data),
-           "questions": len(items)}
+  extra = {"shots": shots, "methods": list(methods), "data": list(data), "questions": len(items)}
   if checker is not None:
-    extra["contamination"] = {"threshold": checker.threshold, "dropped": dropped,
-                              "drop": checker.drop}
-  return common.finish("mcq", output_dir, label, model.checkpoint, metrics, rows,
-                       files={"items": items_path}, extra=extra, columns=COLUMNS)
+    extra["contamination"] = {
+      "threshold": checker.threshold,
+      "dropped": dropped,
+      "drop": checker.drop,
+    }
+  return common.finish(
+    "mcq",
+    output_dir,
+    label,
+    model.checkpoint,
+    metrics,
+    rows,
+    files={"items": items_path},
+    extra=extra,
+    columns=COLUMNS,
+  )
 
 
 def _row(name: str, method: str, credit: np.ndarray) -> dict:
   lo, hi = stats.wilson_interval(credit.sum(), len(credit))
-  return {"data": name, "method": method, "questions": len(credit),
-          "correct": float(credit.sum()), "acc": float(credit.mean()), "acc_lo": lo, "acc_hi": hi}
+  return {
+    "data": name,
+    "method": method,
+    "questions": len(credit),
+    "correct": float(credit.sum()),
+    "acc": float(credit.mean()),
+    "acc_lo": lo,
+    "acc_hi": hi,
+  }

@@ -22,8 +22,9 @@ from astrollama_jax.eval.scoring import Scorer, window_requests
 COLUMNS = ("corpus", "section", "docs", "tokens", "nll", "ppl", "ppl_lo", "ppl_hi")
 
 
-def document_nll(scorer: Scorer, token_lists: Sequence[Sequence[int]], stride: int,
-                 desc: str = "perplexity") -> tuple[np.ndarray, np.ndarray]:
+def document_nll(
+  scorer: Scorer, token_lists: Sequence[Sequence[int]], stride: int, desc: str = "perplexity"
+) -> tuple[np.ndarray, np.ndarray]:
   """(summed NLL, number of scored tokens) per document, windows of ``scorer.max_len``."""
   requests, owner = [], []
   for d, ids in enumerate(token_lists):
@@ -43,21 +44,48 @@ def _row(corpus: str, section: str, nll: np.ndarray, count: np.ndarray, n_boot: 
   total_tok = int(count.sum())
   mean = float(nll.sum() / total_tok) if total_tok else float("nan")
   lo, hi = stats.perplexity_ci(nll, count, n_boot, seed)
-  return {"corpus": corpus, "section": section, "docs": len(nll), "tokens": total_tok,
-          "nll": mean, "ppl": float(np.exp(mean)), "ppl_lo": lo, "ppl_hi": hi}
+  return {
+    "corpus": corpus,
+    "section": section,
+    "docs": len(nll),
+    "tokens": total_tok,
+    "nll": mean,
+    "ppl": float(np.exp(mean)),
+    "ppl_lo": lo,
+    "ppl_hi": hi,
+  }
 
 
 def _add_metrics(metrics: dict, key: str, row: dict) -> None:
   metrics.update({key: row["ppl"], f"{key}_lo": row["ppl_lo"], f"{key}_hi": row["ppl_hi"]})
 
 
-def run(model: common.Model, data: Sequence[str], *, tokenizer: Tokenizer, output_dir: str,
-        label: str, stride: int = 0, batch_size: int = 8, max_len: int = 0, limit: int = 0,
-        split: str = "validation", n_boot: int = 1000, seed: int = 0, checker=None,
-        progress: bool = True) -> dict:
+def run(
+  model: common.Model,
+  data: Sequence[str],
+  *,
+  tokenizer: Tokenizer,
+  output_dir: str,
+  label: str,
+  stride: int = 0,
+  batch_size: int = 8,
+  max_len: int = 0,
+  limit: int = 0,
+  split: str = "validation",
+  n_boot: int = 1000,
+  seed: int = 0,
+  checker=None,
+  progress: bool = True,
+) -> dict:
   """The ``perplexity`` task over one or more corpora (JSONL files or prepared datasets)."""
-  scorer = Scorer(model.cfg, model.params, model.mesh, batch_size=batch_size,
-                  max_len=max_len or None, progress=progress)
+  scorer = Scorer(
+    model.cfg,
+    model.params,
+    model.mesh,
+    batch_size=batch_size,
+    max_len=max_len or None,
+    progress=progress,
+  )
   stride = stride or max(1, scorer.max_len // 2)
   tokenizer.check_vocab(model.cfg.vocab_size)
   rows, items, all_nll, all_cnt = [], [], [], []
@@ -85,21 +113,47 @@ def run(model: common.Model, data: Sequence[str], *, tokenizer: Tokenizer, outpu
       rows.append(_row(name, section, nll[idx], cnt[idx], n_boot, seed))
       _add_metrics(metrics, f"ppl/{name}/{section}", rows[-1])
     for d, n, c in zip(docs, nll, cnt):
-      items.append({"corpus": name, "id": d["id"], "section": d.get("section"), "tokens": int(c),
-                    "nll_sum": float(n), "ppl": float(np.exp(n / max(c, 1))),
-                    **({"contamination": d["contamination"]} if "contamination" in d else {})})
+      items.append(
+        {
+          "corpus": name,
+          "id": d["id"],
+          "section": d.get("section"),
+          "tokens": int(c),
+          "nll_sum": float(n),
+          "ppl": float(np.exp(n / max(c, 1))),
+          **({"contamination": d["contamination"]} if "contamination" in d else {}),
+        }
+      )
   nll, cnt = np.concatenate(all_nll), np.concatenate(all_cnt)
   total = _row("total", "all", nll, cnt, n_boot, seed)
   if len(data) > 1:
     rows.append(total)
-  metrics.update({"ppl": total["ppl"], "nll": total["nll"], "ppl_lo": total["ppl_lo"],
-                  "ppl_hi": total["ppl_hi"]})
+  metrics.update(
+    {"ppl": total["ppl"], "nll": total["nll"], "ppl_lo": total["ppl_lo"], "ppl_hi": total["ppl_hi"]}
+  )
   items_path = os.path.join(output_dir, "perplexity_items.jsonl")
   common.write_jsonl(items_path, items)
-  extra = {"max_len": scorer.max_len, "stride": stride, "data": list(data),
-           "tokens": int(cnt.sum()), "docs": len(nll)}
+  extra = {
+    "max_len": scorer.max_len,
+    "stride": stride,
+    "data": list(data),
+    "tokens": int(cnt.sum()),
+    "docs": len(nll),
+  }
   if checker is not None:
-    extra["contamination"] = {"threshold": checker.threshold, "dropped": excluded,
-                              "drop": checker.drop}
-  return common.finish("perplexity", output_dir, label, model.checkpoint, metrics, rows,
-                       files={"items": items_path}, extra=extra, columns=COLUMNS)
+    extra["contamination"] = {
+      "threshold": checker.threshold,
+      "dropped": excluded,
+      "drop": checker.drop,
+    }
+  return common.finish(
+    "perplexity",
+    output_dir,
+    label,
+    model.checkpoint,
+    metrics,
+    rows,
+    files={"items": items_path},
+    extra=extra,
+    columns=COLUMNS,
+  )

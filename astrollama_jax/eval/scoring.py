@@ -37,6 +37,7 @@ from astrollama_jax.model.config import LlamaConfig
 @dataclasses.dataclass(frozen=True)
 class Request:
   """Score ``target`` given ``context`` (token ids; the context starts with BOS)."""
+
   context: Sequence[int]
   target: Sequence[int]
 
@@ -44,6 +45,7 @@ class Request:
 @dataclasses.dataclass
 class _Item:
   """One packed sequence: model inputs, next-token targets, and the positions to read out."""
+
   inputs: np.ndarray
   targets: np.ndarray
   start: int  # read positions start..len(inputs)-1
@@ -113,9 +115,16 @@ class Scorer:
   to a multiple of the mesh's batch-parallel size. Call ``logprobs`` or ``embeddings``.
   """
 
-  def __init__(self, cfg: LlamaConfig, params: Any, mesh: Mesh | None = None,
-               batch_size: int = 8, max_len: int | None = None, max_segments: int = 64,
-               progress: bool = True):
+  def __init__(
+    self,
+    cfg: LlamaConfig,
+    params: Any,
+    mesh: Mesh | None = None,
+    batch_size: int = 8,
+    max_len: int | None = None,
+    max_segments: int = 64,
+    progress: bool = True,
+  ):
     self.cfg, self.params, self.mesh = cfg, params, mesh
     self.max_len = int(max_len or cfg.max_seq_len)
     if self.max_len > cfg.max_seq_len:
@@ -132,8 +141,12 @@ class Scorer:
 
   # --- public --------------------------------------------------------------------------------
 
-  def logprobs(self, requests: Sequence[Request], candidates: Sequence[int] | None = None,
-               desc: str = "scoring") -> tuple[list[np.ndarray], list[np.ndarray] | None]:
+  def logprobs(
+    self,
+    requests: Sequence[Request],
+    candidates: Sequence[int] | None = None,
+    desc: str = "scoring",
+  ) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
     """Per-token log p of each request's target (float64 arrays, one per request).
 
     With ``candidates`` (a few token ids, e.g. answer letters), also returns for each request
@@ -157,8 +170,9 @@ class Scorer:
     self._run(items, lambda b: self._logprob_fn(self.params, *b, cand), collect, desc)
     return lp_out, cand_out
 
-  def embeddings(self, token_lists: Sequence[Sequence[int]], skip_first: int = 1,
-                 desc: str = "embedding") -> np.ndarray:
+  def embeddings(
+    self, token_lists: Sequence[Sequence[int]], skip_first: int = 1, desc: str = "embedding"
+  ) -> np.ndarray:
     """Mean final-normed hidden state over each sequence's tokens after the first ``skip_first``.
 
     AstroLLaMA's embedding: the average of the last layer's hidden states over the tokens
@@ -168,8 +182,9 @@ class Scorer:
     for i, ids in enumerate(token_lists):
       ids = np.asarray(ids, np.int32)
       if len(ids) <= skip_first:
-        raise ValueError(f"sequence {i} has {len(ids)} tokens; nothing after the first "
-                         f"{skip_first} to average")
+        raise ValueError(
+          f"sequence {i} has {len(ids)} tokens; nothing after the first {skip_first} to average"
+        )
       items.append(_Item(ids, np.zeros_like(ids), skip_first))
     out = np.zeros((len(items), self.cfg.dim), np.float32)
 
@@ -187,11 +202,12 @@ class Scorer:
     if not items:
       return
     rows = pack([len(it.inputs) for it in items], self.max_len, self.max_segments)
-    batches = [rows[i:i + self.batch_size] for i in range(0, len(rows), self.batch_size)]
+    batches = [rows[i : i + self.batch_size] for i in range(0, len(rows), self.batch_size)]
     pending = None
     with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
-      for batch_rows in tqdm(batches, desc=desc, unit="batch", disable=not self.progress,
-                             leave=False):
+      for batch_rows in tqdm(
+        batches, desc=desc, unit="batch", disable=not self.progress, leave=False
+      ):
         arrays, placed = self._assemble(items, batch_rows)
         result = step(tuple(self._put(a) for a in arrays))  # dispatched asynchronously
         if pending is not None:
@@ -212,11 +228,11 @@ class Scorer:
       for s, idx in enumerate(row):
         it = items[idx]
         m = len(it.inputs)
-        tokens[r, off:off + m] = it.inputs
-        targets[r, off:off + m] = it.targets
-        segs[r, off:off + m] = s + 1
-        pos[r, off:off + m] = np.arange(m)
-        mask[r, off + it.start:off + m] = 1.0
+        tokens[r, off : off + m] = it.inputs
+        targets[r, off : off + m] = it.targets
+        segs[r, off : off + m] = s + 1
+        pos[r, off : off + m] = np.arange(m)
+        mask[r, off + it.start : off + m] = 1.0
         row_placed.append((idx, off))
         off += m
       placed.append(row_placed)
@@ -231,20 +247,23 @@ class Scorer:
   def _fetch(self, tree):
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
+
       tree = multihost_utils.process_allgather(tree, tiled=True)
     return jax.tree.map(np.asarray, tree)
 
 
-def _logprob_step(cfg: LlamaConfig, params, tokens, targets, segment_ids, positions, mask,
-                  candidates=None):
+def _logprob_step(
+  cfg: LlamaConfig, params, tokens, targets, segment_ids, positions, mask, candidates=None
+):
   """log p(targets) per position ([B, T], 0 where mask is 0), and candidates' log p [B, T, C].
 
   Picking logits by one-hot products (not gathers) keeps the vocabulary axis sharded: the
   reduction over it becomes one small all-reduce instead of replicating [B, T, V] logits.
   """
   h, _ = llama.apply(cfg, params, tokens, positions, segment_ids, return_hidden=True)
-  logits = jnp.einsum("btd,dv->btv", h, params["lm_head"].astype(h.dtype),
-                      preferred_element_type=jnp.float32)
+  logits = jnp.einsum(
+    "btd,dv->btv", h, params["lm_head"].astype(h.dtype), preferred_element_type=jnp.float32
+  )
   logits = sharding.constrain(logits, ("batch", "seq", "act_vocab"))
   lse = jax.nn.logsumexp(logits, axis=-1)
   picked = jnp.sum(logits * jax.nn.one_hot(targets, cfg.vocab_size, dtype=logits.dtype), -1)
@@ -256,8 +275,9 @@ def _logprob_step(cfg: LlamaConfig, params, tokens, targets, segment_ids, positi
   return tgt, cand * mask[..., None]
 
 
-def _mean_hidden_step(cfg: LlamaConfig, max_segments: int, params, tokens, targets, segment_ids,
-                      positions, mask):
+def _mean_hidden_step(
+  cfg: LlamaConfig, max_segments: int, params, tokens, targets, segment_ids, positions, mask
+):
   """Per packed segment, the mean final hidden state over masked positions: [B, S, D]."""
   del targets
   h, _ = llama.apply(cfg, params, tokens, positions, segment_ids, return_hidden=True)

@@ -16,8 +16,14 @@ import numpy as np
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
 
 
-def bootstrap_ci(stat: Callable[[np.ndarray], np.ndarray], n: int, n_boot: int = 1000,
-                 seed: int = 0, level: float = 0.95, chunk: int = 100) -> tuple[float, float]:
+def bootstrap_ci(
+  stat: Callable[[np.ndarray], np.ndarray],
+  n: int,
+  n_boot: int = 1000,
+  seed: int = 0,
+  level: float = 0.95,
+  chunk: int = 100,
+) -> tuple[float, float]:
   """Percentile bootstrap interval of ``stat`` over ``n`` items.
 
   ``stat`` takes an int array of resampled item indices of shape [k, n] and returns the
@@ -37,8 +43,9 @@ def bootstrap_ci(stat: Callable[[np.ndarray], np.ndarray], n: int, n_boot: int =
   return float(lo), float(hi)
 
 
-def perplexity_ci(nll_sums: np.ndarray, token_counts: np.ndarray, n_boot: int = 1000,
-                  seed: int = 0) -> tuple[float, float]:
+def perplexity_ci(
+  nll_sums: np.ndarray, token_counts: np.ndarray, n_boot: int = 1000, seed: int = 0
+) -> tuple[float, float]:
   """95% bootstrap interval of the token-weighted perplexity exp(sum nll / sum tokens)."""
   nll = np.asarray(nll_sums, np.float64)
   tok = np.asarray(token_counts, np.float64)

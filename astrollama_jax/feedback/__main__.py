@@ -25,12 +25,20 @@ def define_flags() -> None:
   """The command's flags (defined when run, never on import)."""
   flags.DEFINE_string("db", None, "The SQLite ratings file the server wrote (--feedback_db).")
   cli.define("output", help={"output": "export: the ShareGPT JSONL of the conversations."})
-  flags.DEFINE_string("pairs", None, "export: the preference pairs JSONL (default: beside "
-                      "--output, named *.pairs.jsonl).")
-  flags.DEFINE_integer("min_rating", 4, "export: uncorrected answers rated at least this are kept "
-                       "as SFT data (corrected ones always are).")
-  flags.DEFINE_string("since", None,
-                      "Only ratings made at or after this ISO date or date-time (UTC).")
+  flags.DEFINE_string(
+    "pairs",
+    None,
+    "export: the preference pairs JSONL (default: beside --output, named *.pairs.jsonl).",
+  )
+  flags.DEFINE_integer(
+    "min_rating",
+    4,
+    "export: uncorrected answers rated at least this are kept "
+    "as SFT data (corrected ones always are).",
+  )
+  flags.DEFINE_string(
+    "since", None, "Only ratings made at or after this ISO date or date-time (UTC)."
+  )
   flags.mark_flag_as_required("db")
 
 
@@ -44,6 +52,7 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError(f"give one action: {' or '.join(ACTIONS)}")
   from astrollama_jax.feedback import export
   from astrollama_jax.feedback.store import open_existing
+
   F = flags.FLAGS
   since = export.parse_since(F.since)  # a bad date fails before the file is opened
   store = open_existing(F.db)
@@ -63,10 +72,17 @@ def main(argv: Sequence[str]) -> None:
     print("ratings per tag")
     print(cli.format_table(tags))
     print()
-    cli.report("ratings per checkpoint", {"db": F.db, "ratings": len(rows), "since": since,
-                                          "per_tag": {r["tag"]: r for r in tags},
-                                          "per_checkpoint": {r["checkpoint"]: r for r in ckpts}},
-               ckpts)
+    cli.report(
+      "ratings per checkpoint",
+      {
+        "db": F.db,
+        "ratings": len(rows),
+        "since": since,
+        "per_tag": {r["tag"]: r for r in tags},
+        "per_checkpoint": {r["checkpoint"]: r for r in ckpts},
+      },
+      ckpts,
+    )
   finally:
     store.close()
 

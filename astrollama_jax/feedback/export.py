@@ -37,8 +37,9 @@ def parse_since(text: str | None) -> str | None:
   try:
     when = datetime.datetime.fromisoformat(text)
   except ValueError:
-    raise ValueError(f"--since {text!r} is not an ISO date or date-time (e.g. 2024-05-01 or "
-                     f"2024-05-01T12:00)") from None
+    raise ValueError(
+      f"--since {text!r} is not an ISO date or date-time (e.g. 2024-05-01 or 2024-05-01T12:00)"
+    ) from None
   if when.tzinfo is None:
     when = when.replace(tzinfo=datetime.timezone.utc)
   return when.astimezone(datetime.timezone.utc).isoformat(timespec="milliseconds")
@@ -57,23 +58,32 @@ def conversation(row: dict[str, Any], answer: str) -> Conversation:
 
 
 def sft_conversations(rows: Iterable[dict[str, Any]], min_rating: int) -> list[Conversation]:
-  return [conversation(r, final_answer(r)) for r in rows
-          if r["correction"] or r["rating"] >= min_rating]
+  return [
+    conversation(r, final_answer(r)) for r in rows if r["correction"] or r["rating"] >= min_rating
+  ]
 
 
-def _pair(row_chosen: dict, chosen: str, rating_chosen: int | None, row_rejected: dict,
-          source: str) -> dict[str, Any]:
-  return {"id": f"rating-{row_chosen['id']}-vs-{row_rejected['id']}",
-          "prompt": row_chosen["messages"],
-          "chosen": [{"role": "assistant", "content": chosen}],
-          "rejected": [{"role": "assistant", "content": row_rejected["answer"]}],
-          "chosen_rating": rating_chosen, "rejected_rating": row_rejected["rating"],
-          "source": source, "checkpoint": row_rejected["checkpoint"]}
+def _pair(
+  row_chosen: dict, chosen: str, rating_chosen: int | None, row_rejected: dict, source: str
+) -> dict[str, Any]:
+  return {
+    "id": f"rating-{row_chosen['id']}-vs-{row_rejected['id']}",
+    "prompt": row_chosen["messages"],
+    "chosen": [{"role": "assistant", "content": chosen}],
+    "rejected": [{"role": "assistant", "content": row_rejected["answer"]}],
+    "chosen_rating": rating_chosen,
+    "rejected_rating": row_rejected["rating"],
+    "source": source,
+    "checkpoint": row_rejected["checkpoint"],
+  }
 
 
 def preference_pairs(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-  pairs = [_pair(r, r["correction"], None, r, "correction") for r in rows
-           if r["correction"] and r["correction"].strip() != r["answer"].strip()]
+  pairs = [
+    _pair(r, r["correction"], None, r, "correction")
+    for r in rows
+    if r["correction"] and r["correction"].strip() != r["answer"].strip()
+  ]
   by_prompt: dict[str, list[dict]] = collections.defaultdict(list)
   for r in rows:
     if not r["correction"]:
@@ -93,8 +103,13 @@ def _write_atomically(path: str, write) -> None:
   os.replace(tmp, path)
 
 
-def export(store: FeedbackStore, output: str, pairs_output: str, min_rating: int = 4,
-           since: str | None = None) -> dict[str, Any]:
+def export(
+  store: FeedbackStore,
+  output: str,
+  pairs_output: str,
+  min_rating: int = 4,
+  since: str | None = None,
+) -> dict[str, Any]:
   """Write both files; return what went into them."""
   if not 1 <= min_rating <= 5:
     raise ValueError(f"--min_rating must be 1 to 5, got {min_rating}")
@@ -110,20 +125,28 @@ def export(store: FeedbackStore, output: str, pairs_output: str, min_rating: int
       f.writelines(json.dumps(pair, ensure_ascii=False) + "\n" for pair in pairs)
 
   _write_atomically(pairs_output, write_pairs)
-  return {"ratings": len(rows), "conversations": len(convs),
-          "corrected": sum(1 for r in rows if r["correction"]),
-          "kept_as_rated": sum(1 for r in rows
-                               if not r["correction"] and r["rating"] >= min_rating),
-          "pairs": len(pairs), "output": output, "pairs_output": pairs_output,
-          "min_rating": min_rating, "since": parse_since(since)}
+  return {
+    "ratings": len(rows),
+    "conversations": len(convs),
+    "corrected": sum(1 for r in rows if r["correction"]),
+    "kept_as_rated": sum(1 for r in rows if not r["correction"] and r["rating"] >= min_rating),
+    "pairs": len(pairs),
+    "output": output,
+    "pairs_output": pairs_output,
+    "min_rating": min_rating,
+    "since": parse_since(since),
+  }
 
 
 def _summarise(rows: Iterable[dict[str, Any]]) -> dict[str, Any]:
   rows = list(rows)
   counts = collections.Counter(r["rating"] for r in rows)
-  return {"ratings": len(rows), "mean_rating": round(sum(r["rating"] for r in rows) / len(rows), 3),
-          "corrected": sum(1 for r in rows if r["correction"]),
-          **{f"r{k}": counts.get(k, 0) for k in range(1, 6)}}
+  return {
+    "ratings": len(rows),
+    "mean_rating": round(sum(r["rating"] for r in rows) / len(rows), 3),
+    "corrected": sum(1 for r in rows if r["correction"]),
+    **{f"r{k}": counts.get(k, 0) for k in range(1, 6)},
+  }
 
 
 def stats(rows: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:

@@ -49,8 +49,9 @@ def normalise_tags(tags: Sequence[Any]) -> list[str]:
   out: list[str] = []
   for tag in tags:
     if not isinstance(tag, str) or not tag.strip() or len(tag.strip()) > MAX_TAG_CHARS:
-      raise ValueError(f"a tag must be a non-empty string of at most {MAX_TAG_CHARS} characters, "
-                       f"got {tag!r}")
+      raise ValueError(
+        f"a tag must be a non-empty string of at most {MAX_TAG_CHARS} characters, got {tag!r}"
+      )
     tag = " ".join(tag.strip().lower().split())
     if tag not in out:
       out.append(tag)
@@ -67,8 +68,7 @@ class FeedbackStore:
     parent = os.path.dirname(os.path.abspath(self.path))
     os.makedirs(parent, exist_ok=True)
     self._lock = threading.Lock()
-    self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None,
-                               timeout=30)
+    self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
     self._db.row_factory = sqlite3.Row
     mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
     if mode.lower() != "wal":
@@ -76,8 +76,9 @@ class FeedbackStore:
     self._db.execute("PRAGMA synchronous=FULL")
     version = self._db.execute("PRAGMA user_version").fetchone()[0]
     if version not in (0, SCHEMA_VERSION):
-      raise ValueError(f"{self.path}: ratings schema version {version}, this code reads "
-                       f"{SCHEMA_VERSION}")
+      raise ValueError(
+        f"{self.path}: ratings schema version {version}, this code reads {SCHEMA_VERSION}"
+      )
     self._db.executescript(_SCHEMA)
     self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
@@ -85,22 +86,44 @@ class FeedbackStore:
     with self._lock:
       self._db.close()
 
-  def add(self, *, completion_id: str, checkpoint: str, model: str, messages: list[dict[str, str]],
-          answer: str, rating: int, correction: str | None, tags: Sequence[str],
-          sampling: dict[str, Any], comment: str | None = None,
-          created_at: str | None = None) -> dict[str, Any]:
+  def add(
+    self,
+    *,
+    completion_id: str,
+    checkpoint: str,
+    model: str,
+    messages: list[dict[str, str]],
+    answer: str,
+    rating: int,
+    correction: str | None,
+    tags: Sequence[str],
+    sampling: dict[str, Any],
+    comment: str | None = None,
+    created_at: str | None = None,
+  ) -> dict[str, Any]:
     """Insert one rating (committed when this returns) and return it as stored."""
     if isinstance(rating, bool) or not isinstance(rating, int) or not 1 <= rating <= 5:
       raise ValueError(f"rating must be an integer from 1 to 5, got {rating!r}")
     correction = correction if correction and correction.strip() else None
-    row = (created_at or utc_now(), completion_id, checkpoint, model,
-           json.dumps(messages, ensure_ascii=False), answer, rating, correction,
-           json.dumps(normalise_tags(tags), ensure_ascii=False),
-           json.dumps(sampling, ensure_ascii=False), comment or None)
+    row = (
+      created_at or utc_now(),
+      completion_id,
+      checkpoint,
+      model,
+      json.dumps(messages, ensure_ascii=False),
+      answer,
+      rating,
+      correction,
+      json.dumps(normalise_tags(tags), ensure_ascii=False),
+      json.dumps(sampling, ensure_ascii=False),
+      comment or None,
+    )
     with self._lock:
       cur = self._db.execute(
-          "INSERT INTO ratings (created_at, completion_id, checkpoint, model, messages, answer, "
-          "rating, correction, tags, sampling, comment) VALUES (?,?,?,?,?,?,?,?,?,?,?)", row)
+        "INSERT INTO ratings (created_at, completion_id, checkpoint, model, messages, answer, "
+        "rating, correction, tags, sampling, comment) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+        row,
+      )
       rid = cur.lastrowid
     return self.get(rid)
 
@@ -111,8 +134,13 @@ class FeedbackStore:
       raise KeyError(rid)
     return _as_dict(row)
 
-  def rows(self, since: str | None = None, latest_per_answer: bool = False,
-           limit: int | None = None, newest_first: bool = False) -> list[dict[str, Any]]:
+  def rows(
+    self,
+    since: str | None = None,
+    latest_per_answer: bool = False,
+    limit: int | None = None,
+    newest_first: bool = False,
+  ) -> list[dict[str, Any]]:
     """Ratings in time order (``since``: created at or after that ISO time).
 
     ``latest_per_answer`` keeps only the newest rating of each answer: an expert who changes
@@ -123,7 +151,8 @@ class FeedbackStore:
       sql, args = sql + " WHERE created_at >= ?", [since]
     if latest_per_answer:
       sql += (" AND" if since else " WHERE") + (
-          " id IN (SELECT MAX(id) FROM ratings GROUP BY completion_id)")
+        " id IN (SELECT MAX(id) FROM ratings GROUP BY completion_id)"
+      )
     sql += " ORDER BY id" + (" DESC" if newest_first else "")
     if limit is not None:
       sql, args = sql + " LIMIT ?", args + [int(limit)]

@@ -32,6 +32,7 @@ INDEX_FILE = "model.safetensors.index.json"
 
 # --- reading -----------------------------------------------------------------------------------
 
+
 def read_hf_config(folder: str) -> LlamaConfig:
   path = os.path.join(folder, "config.json")
   if not os.path.isfile(path):
@@ -52,9 +53,13 @@ def weight_files(folder: str) -> dict[str, str]:
       weight_map = json.load(f)["weight_map"]
     for name, fn in weight_map.items():
       if os.path.isabs(fn) or os.path.normpath(fn).split(os.sep)[0] == os.pardir:
-        raise ConversionError(f"{index}: weight_map entry {name!r} points outside the folder "
-                              f"({fn!r}); shard files must be inside {folder}")
-    missing = sorted({fn for fn in weight_map.values() if not os.path.isfile(os.path.join(folder, fn))})
+        raise ConversionError(
+          f"{index}: weight_map entry {name!r} points outside the folder "
+          f"({fn!r}); shard files must be inside {folder}"
+        )
+    missing = sorted(
+      {fn for fn in weight_map.values() if not os.path.isfile(os.path.join(folder, fn))}
+    )
     if missing:
       raise FileNotFoundError(f"{index} names shard files that are missing: {missing}")
     return {k: os.path.join(folder, v) for k, v in weight_map.items()}
@@ -97,9 +102,12 @@ def stored_dtype(folder: str) -> str:
   return str(TensorReader(folder).get("model.embed_tokens.weight").dtype)
 
 
-def iter_hf_params(folder: str, cfg: LlamaConfig, dtype: str | None = None,
-                   progress: Callable[[str, np.ndarray], None] | None = None,
-                   ) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
+def iter_hf_params(
+  folder: str,
+  cfg: LlamaConfig,
+  dtype: str | None = None,
+  progress: Callable[[str, np.ndarray], None] | None = None,
+) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
   """Yield (our path, stacked numpy array) one parameter at a time, checking every shape."""
   reader = TensorReader(folder)
   used: set[str] = set()
@@ -117,8 +125,9 @@ def iter_hf_params(folder: str, cfg: LlamaConfig, dtype: str | None = None,
     logging.warning("ignored %d tensors not in LLaMA-2: %s", len(extra), extra[:5])
 
 
-def load_hf(folder: str, dtype: str | None = None, cfg: LlamaConfig | None = None
-            ) -> tuple[LlamaConfig, Params]:
+def load_hf(
+  folder: str, dtype: str | None = None, cfg: LlamaConfig | None = None
+) -> tuple[LlamaConfig, Params]:
   """Read an HF Llama folder into (config, numpy params). ``dtype`` casts on the way."""
   hf_cfg = read_hf_config(folder)
   if cfg is None:
@@ -126,8 +135,10 @@ def load_hf(folder: str, dtype: str | None = None, cfg: LlamaConfig | None = Non
   else:
     for field in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim"):
       if getattr(cfg, field) != getattr(hf_cfg, field):
-        raise ConversionError(f"config mismatch: {field} is {getattr(hf_cfg, field)} in "
-                              f"{folder}/config.json but {getattr(cfg, field)} in the model config")
+        raise ConversionError(
+          f"config mismatch: {field} is {getattr(hf_cfg, field)} in "
+          f"{folder}/config.json but {getattr(cfg, field)} in the model config"
+        )
   params: Params = {}
   for path, arr in iter_hf_params(folder, cfg, dtype):
     mapping.set_path(params, path, arr)
@@ -136,9 +147,16 @@ def load_hf(folder: str, dtype: str | None = None, cfg: LlamaConfig | None = Non
 
 # --- writing -----------------------------------------------------------------------------------
 
-def save_hf(cfg: LlamaConfig, params: Params, folder: str, dtype: str | None = None,
-            max_shard_bytes: int = 2 * 1024**3, extra_files: Callable[[str], None] | None = None,
-            progress: Callable[[str, np.ndarray], None] | None = None) -> dict[str, Any]:
+
+def save_hf(
+  cfg: LlamaConfig,
+  params: Params,
+  folder: str,
+  dtype: str | None = None,
+  max_shard_bytes: int = 2 * 1024**3,
+  extra_files: Callable[[str], None] | None = None,
+  progress: Callable[[str, np.ndarray], None] | None = None,
+) -> dict[str, Any]:
   """Write an HF folder (config.json, generation_config.json, sharded safetensors + index).
 
   The folder appears atomically (``diskspace.atomic_directory``). A disk too small for the
@@ -147,8 +165,11 @@ def save_hf(cfg: LlamaConfig, params: Params, folder: str, dtype: str | None = N
   files before the folder appears.
   """
   folder = os.path.abspath(folder)
-  diskspace.check_free_space(folder, sum(x.size * np.dtype(dtype or x.dtype).itemsize
-                                         for x in jax.tree.leaves(params)), "the output folder")
+  diskspace.check_free_space(
+    folder,
+    sum(x.size * np.dtype(dtype or x.dtype).itemsize for x in jax.tree.leaves(params)),
+    "the output folder",
+  )
   t0 = time.time()
   with diskspace.atomic_directory(folder) as tmp:
     shard: dict[str, np.ndarray] = {}
@@ -157,8 +178,11 @@ def save_hf(cfg: LlamaConfig, params: Params, folder: str, dtype: str | None = N
 
     def flush():
       nonlocal shard
-      save_file(shard, os.path.join(tmp, f"model-{len(files) + 1:05d}.safetensors"),
-                metadata={"format": "pt"})
+      save_file(
+        shard,
+        os.path.join(tmp, f"model-{len(files) + 1:05d}.safetensors"),
+        metadata={"format": "pt"},
+      )
       files.append(list(shard))
       shard = {}
 
@@ -178,18 +202,36 @@ def save_hf(cfg: LlamaConfig, params: Params, folder: str, dtype: str | None = N
       final = f"model-{j + 1:05d}-of-{len(files):05d}.safetensors"
       os.rename(os.path.join(tmp, f"model-{j + 1:05d}.safetensors"), os.path.join(tmp, final))
       weight_map.update({k: final for k in names})
-    _write_json(tmp, INDEX_FILE, {"metadata": {"total_size": total_bytes},
-                                  "weight_map": dict(sorted(weight_map.items()))})
+    _write_json(
+      tmp,
+      INDEX_FILE,
+      {"metadata": {"total_size": total_bytes}, "weight_map": dict(sorted(weight_map.items()))},
+    )
     hf_cfg = cfg.to_hf_config()
     hf_cfg["torch_dtype"] = str(np.dtype(dtype)) if dtype else cfg.param_dtype
     _write_json(tmp, "config.json", hf_cfg)
-    _write_json(tmp, "generation_config.json", {
-        "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "do_sample": True,
-        "temperature": 0.6, "top_p": 0.9, "max_length": cfg.max_seq_len})
+    _write_json(
+      tmp,
+      "generation_config.json",
+      {
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 0,
+        "do_sample": True,
+        "temperature": 0.6,
+        "top_p": 0.9,
+        "max_length": cfg.max_seq_len,
+      },
+    )
     if extra_files:
       extra_files(tmp)
-  return {"tensors": n_tensors, "parameters": total_params, "bytes": total_bytes,
-          "shards": len(files), "seconds": time.time() - t0}
+  return {
+    "tensors": n_tensors,
+    "parameters": total_params,
+    "bytes": total_bytes,
+    "shards": len(files),
+    "seconds": time.time() - t0,
+  }
 
 
 def _write_json(folder: str, name: str, value: Any) -> None:

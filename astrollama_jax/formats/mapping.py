@@ -62,20 +62,25 @@ def table(cfg: LlamaConfig) -> list[Tensor]:
 
   layer = "model.layers.{i}."
   return [
-      Tensor(("embed",), "model.embed_tokens.weight", same, same),
-      Tensor(("layers", "attn", "q_proj"), layer + "self_attn.q_proj.weight", *heads(h)),
-      Tensor(("layers", "attn", "k_proj"), layer + "self_attn.k_proj.weight", *heads(kh)),
-      Tensor(("layers", "attn", "v_proj"), layer + "self_attn.v_proj.weight", *heads(kh)),
-      Tensor(("layers", "attn", "o_proj"), layer + "self_attn.o_proj.weight",
-             lambda w: w.T.reshape(h, hd, d), lambda w: w.reshape(h * hd, d).T),
-      Tensor(("layers", "mlp", "gate_proj"), layer + "mlp.gate_proj.weight", T, T),
-      Tensor(("layers", "mlp", "up_proj"), layer + "mlp.up_proj.weight", T, T),
-      Tensor(("layers", "mlp", "down_proj"), layer + "mlp.down_proj.weight", T, T),
-      Tensor(("layers", "input_norm", "scale"), layer + "input_layernorm.weight", same, same),
-      Tensor(("layers", "post_attn_norm", "scale"), layer + "post_attention_layernorm.weight",
-             same, same),
-      Tensor(("norm", "scale"), "model.norm.weight", same, same),
-      Tensor(("lm_head",), "lm_head.weight", T, T),
+    Tensor(("embed",), "model.embed_tokens.weight", same, same),
+    Tensor(("layers", "attn", "q_proj"), layer + "self_attn.q_proj.weight", *heads(h)),
+    Tensor(("layers", "attn", "k_proj"), layer + "self_attn.k_proj.weight", *heads(kh)),
+    Tensor(("layers", "attn", "v_proj"), layer + "self_attn.v_proj.weight", *heads(kh)),
+    Tensor(
+      ("layers", "attn", "o_proj"),
+      layer + "self_attn.o_proj.weight",
+      lambda w: w.T.reshape(h, hd, d),
+      lambda w: w.reshape(h * hd, d).T,
+    ),
+    Tensor(("layers", "mlp", "gate_proj"), layer + "mlp.gate_proj.weight", T, T),
+    Tensor(("layers", "mlp", "up_proj"), layer + "mlp.up_proj.weight", T, T),
+    Tensor(("layers", "mlp", "down_proj"), layer + "mlp.down_proj.weight", T, T),
+    Tensor(("layers", "input_norm", "scale"), layer + "input_layernorm.weight", same, same),
+    Tensor(
+      ("layers", "post_attn_norm", "scale"), layer + "post_attention_layernorm.weight", same, same
+    ),
+    Tensor(("norm", "scale"), "model.norm.weight", same, same),
+    Tensor(("lm_head",), "lm_head.weight", T, T),
   ]
 
 
@@ -104,9 +109,12 @@ def set_path(tree: Params, path: Path, value: Any) -> None:
 Read = Callable[[Tensor, tuple[int, ...]], Iterable[np.ndarray]]
 
 
-def stack_params(cfg: LlamaConfig, read: Read, dtype: str | None = None,
-                 progress: Callable[[str, np.ndarray], None] | None = None,
-                 ) -> Iterator[tuple[Path, np.ndarray]]:
+def stack_params(
+  cfg: LlamaConfig,
+  read: Read,
+  dtype: str | None = None,
+  progress: Callable[[str, np.ndarray], None] | None = None,
+) -> Iterator[tuple[Path, np.ndarray]]:
   """Yield (our path, stacked numpy array) one parameter at a time, checking every shape.
 
   Host memory holds one stacked parameter plus what ``read`` keeps of its source. ``dtype``
@@ -116,13 +124,16 @@ def stack_params(cfg: LlamaConfig, read: Read, dtype: str | None = None,
   out_dtype = np.dtype(dtype) if dtype else None
   for entry in table(cfg):
     target = get_path(shapes, entry.path).shape
-    expected = tuple(entry.to_hf(np.empty(target[1:] if entry.per_layer else target, np.int8)).shape)
+    expected = tuple(
+      entry.to_hf(np.empty(target[1:] if entry.per_layer else target, np.int8)).shape
+    )
     names = entry.hf_names(cfg.n_layers)
     stacked, i = None, -1
     for i, w in enumerate(read(entry, expected)):  # run to the end: the reader's cleanup follows
       if tuple(w.shape) != expected:
-        raise ConversionError(f"tensor {names[i]!r} has shape {tuple(w.shape)} but the config "
-                              f"expects {expected}")
+        raise ConversionError(
+          f"tensor {names[i]!r} has shape {tuple(w.shape)} but the config expects {expected}"
+        )
       if progress:
         progress(names[i], w)
       if stacked is None:
@@ -130,15 +141,19 @@ def stack_params(cfg: LlamaConfig, read: Read, dtype: str | None = None,
       stacked[i if entry.per_layer else ...] = entry.from_hf(w)  # a copy: no view into a file
       del w
     if i + 1 != len(names):
-      raise ConversionError(f"{entry.hf_name}: the source gave {i + 1} tensors, expected {len(names)}")
+      raise ConversionError(
+        f"{entry.hf_name}: the source gave {i + 1} tensors, expected {len(names)}"
+      )
     yield entry.path, stacked
     del stacked
 
 
 # --- our parameters -> HF tensors ----------------------------------------------------------------
 
-def hf_tensors(cfg: LlamaConfig, params: Params, dtype: str | None = None
-               ) -> Iterator[tuple[str, np.ndarray]]:
+
+def hf_tensors(
+  cfg: LlamaConfig, params: Params, dtype: str | None = None
+) -> Iterator[tuple[str, np.ndarray]]:
   """Yield (HF name, numpy array) for every tensor, in HF's order, one at a time."""
   out_dtype = np.dtype(dtype) if dtype else None
 

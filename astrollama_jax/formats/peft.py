@@ -43,12 +43,25 @@ def peft_tensors(spec: LoraSpec, adapters: dict[str, Any]) -> dict[str, np.ndarr
 
 def adapter_config(spec: LoraSpec, base_model: str) -> dict[str, Any]:
   return {
-      "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
-      "r": spec.rank, "lora_alpha": spec.alpha, "lora_dropout": spec.dropout,
-      "target_modules": module_names(spec), "bias": "none", "fan_in_fan_out": False,
-      "inference_mode": True, "init_lora_weights": True, "use_rslora": False, "use_dora": False,
-      "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
-      "rank_pattern": {}, "alpha_pattern": {}, "revision": None,
+    "peft_type": "LORA",
+    "task_type": "CAUSAL_LM",
+    "base_model_name_or_path": base_model,
+    "r": spec.rank,
+    "lora_alpha": spec.alpha,
+    "lora_dropout": spec.dropout,
+    "target_modules": module_names(spec),
+    "bias": "none",
+    "fan_in_fan_out": False,
+    "inference_mode": True,
+    "init_lora_weights": True,
+    "use_rslora": False,
+    "use_dora": False,
+    "modules_to_save": None,
+    "layers_to_transform": None,
+    "layers_pattern": None,
+    "rank_pattern": {},
+    "alpha_pattern": {},
+    "revision": None,
   }
 
 
@@ -56,6 +69,7 @@ def save_adapter(folder: str, spec: LoraSpec, adapters: dict[str, Any], base_mod
   """Write ``folder`` (``adapter_config.json``, ``adapter_model.safetensors``); returns the
   number of tensors. The caller makes the folder appear atomically."""
   from safetensors.numpy import save_file
+
   tensors = peft_tensors(spec, adapters)
   save_file(tensors, os.path.join(folder, ADAPTER_WEIGHTS), metadata={"format": "pt"})
   with open(os.path.join(folder, ADAPTER_CONFIG), "w") as f:

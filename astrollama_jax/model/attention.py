@@ -58,12 +58,13 @@ def dot_attention(q, k, v, mask, impl: str) -> jax.Array:
   """Grouped-query attention. q [B,T,H,D], k/v [B,S,K,D], mask [B,T,S] -> [B,T,H,D]."""
   if impl in ("jax", "cudnn"):
     return jax.nn.dot_product_attention(
-        q, k, v, mask=mask[:, None], implementation=None if impl == "jax" else "cudnn")
+      q, k, v, mask=mask[:, None], implementation=None if impl == "jax" else "cudnn"
+    )
   b, t, h, d = q.shape
   kh = k.shape[2]
   qg = q.reshape(b, t, kh, h // kh, d)
   scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
-  scores = scores * (d ** -0.5)
+  scores = scores * (d**-0.5)
   scores = jnp.where(mask[:, None, None], scores, _NEG_INF)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
   out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
@@ -98,8 +99,9 @@ def attention(q, k, v, q_idx, k_idx, q_seg, k_seg, impl: str, *, cached: bool = 
   if impl not in FUSED_IMPLS:
     return dot_attention(q, k, v, attention_mask(q_idx, k_idx, q_seg, k_seg), impl)
   if q.shape[1] != k.shape[1]:
-    raise ValueError(f"{impl} attention needs self-attention shapes, got T={q.shape[1]}, "
-                     f"S={k.shape[1]}")
+    raise ValueError(
+      f"{impl} attention needs self-attention shapes, got T={q.shape[1]}, S={k.shape[1]}"
+    )
   kernel = splash_attention if impl == "splash" else flash_gpu_attention
   return kernel(q, k, v, q_seg)
 
@@ -138,8 +140,12 @@ def _fused(local_fn, q, k, v, seg):
     out = local_fn(q, k, v, seg)
   else:
     qkv_spec, seg_spec = specs
-    out = jax.shard_map(local_fn, in_specs=(qkv_spec, qkv_spec, qkv_spec, seg_spec),
-                        out_specs=qkv_spec, check_vma=False)(q, k, v, seg)
+    out = jax.shard_map(
+      local_fn,
+      in_specs=(qkv_spec, qkv_spec, qkv_spec, seg_spec),
+      out_specs=qkv_spec,
+      check_vma=False,
+    )(q, k, v, seg)
   return out[:, :t]
 
 
@@ -152,18 +158,28 @@ def _splash_kernel(heads: int, seq: int, interpret: bool):
   # Built per trace, not cached: the kernel holds its block-sparsity tables as arrays, which a
   # cache would leak from one trace into the next.
   from jax.experimental.pallas.ops.tpu import splash_attention as sa
+
   blk = _block(seq)
-  sizes = sa.BlockSizes(block_q=blk, block_kv=blk, block_kv_compute=blk, block_q_dkv=blk,
-                        block_kv_dkv=blk, block_kv_dkv_compute=blk, block_q_dq=blk,
-                        block_kv_dq=blk)
+  sizes = sa.BlockSizes(
+    block_q=blk,
+    block_kv=blk,
+    block_kv_compute=blk,
+    block_q_dkv=blk,
+    block_kv_dkv=blk,
+    block_kv_dkv_compute=blk,
+    block_q_dq=blk,
+    block_kv_dq=blk,
+  )
   mask = sa.MultiHeadMask([sa.CausalMask((seq, seq))] * heads)
-  return sa.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
-                            interpret=interpret)
+  return sa.make_splash_mha(
+    mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret
+  )
 
 
 def splash_attention(q, k, v, seg, *, interpret: bool | None = None) -> jax.Array:
   """Causal, segment-masked GQA by the Pallas TPU splash kernel. q [B,T,H,D], k/v [B,T,K,D]."""
   from jax.experimental.pallas.ops.tpu.splash_attention import SegmentIds
+
   if interpret is None:
     interpret = target_platform() != "tpu"
   scale = q.shape[-1] ** -0.5
@@ -174,7 +190,8 @@ def splash_attention(q, k, v, seg, *, interpret: bool | None = None) -> jax.Arra
     qs = (jnp.swapaxes(q, 1, 2).astype(jnp.float32) * scale).astype(q.dtype)
     ks, vs = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
     out = jax.vmap(lambda a, b, c, s: kernel(a, b, c, segment_ids=SegmentIds(s, s)))(
-        qs, ks, vs, seg)
+      qs, ks, vs, seg
+    )
     return jnp.swapaxes(out, 1, 2).astype(q.dtype)
 
   return _fused(local, q, k, v, seg)
@@ -183,6 +200,7 @@ def splash_attention(q, k, v, seg, *, interpret: bool | None = None) -> jax.Arra
 def flash_gpu_attention(q, k, v, seg, *, interpret: bool | None = None) -> jax.Array:
   """Causal, segment-masked attention by the Pallas GPU flash kernel. q [B,T,H,D], k/v [B,T,K,D]."""
   from jax.experimental.pallas.ops.gpu import attention as gpu_attention
+
   if interpret is None:
     interpret = target_platform() != "gpu"
   scale = q.shape[-1] ** -0.5

@@ -54,7 +54,9 @@ class LlamaConfig:
       raise ValueError(f"attention_impl {self.attention_impl!r} not in {ATTENTION_IMPLS}")
     for name in ("param_dtype", "compute_dtype"):
       if getattr(self, name) not in ("float32", "bfloat16", "float16"):
-        raise ValueError(f"{name} must be float32, bfloat16 or float16, got {getattr(self, name)!r}")
+        raise ValueError(
+          f"{name} must be float32, bfloat16 or float16, got {getattr(self, name)!r}"
+        )
 
   @property
   def head_dim(self) -> int:
@@ -94,29 +96,29 @@ class LlamaConfig:
   # --- Hugging Face config.json ------------------------------------------------------------
   def to_hf_config(self) -> dict[str, Any]:
     return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "vocab_size": self.vocab_size,
-        "hidden_size": self.dim,
-        "intermediate_size": self.ffn_dim,
-        "num_hidden_layers": self.n_layers,
-        "num_attention_heads": self.n_heads,
-        "num_key_value_heads": self.n_kv_heads,
-        "head_dim": self.head_dim,
-        "hidden_act": "silu",
-        "max_position_embeddings": self.max_seq_len,
-        "rms_norm_eps": self.norm_eps,
-        "rope_theta": self.rope_theta,
-        "rope_scaling": None,
-        "attention_bias": False,
-        "mlp_bias": False,
-        "tie_word_embeddings": False,
-        "initializer_range": self.initializer_range,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-        "pad_token_id": None,
-        "pretraining_tp": 1,
-        "torch_dtype": self.param_dtype,
+      "architectures": ["LlamaForCausalLM"],
+      "model_type": "llama",
+      "vocab_size": self.vocab_size,
+      "hidden_size": self.dim,
+      "intermediate_size": self.ffn_dim,
+      "num_hidden_layers": self.n_layers,
+      "num_attention_heads": self.n_heads,
+      "num_key_value_heads": self.n_kv_heads,
+      "head_dim": self.head_dim,
+      "hidden_act": "silu",
+      "max_position_embeddings": self.max_seq_len,
+      "rms_norm_eps": self.norm_eps,
+      "rope_theta": self.rope_theta,
+      "rope_scaling": None,
+      "attention_bias": False,
+      "mlp_bias": False,
+      "tie_word_embeddings": False,
+      "initializer_range": self.initializer_range,
+      "bos_token_id": 1,
+      "eos_token_id": 2,
+      "pad_token_id": None,
+      "pretraining_tp": 1,
+      "torch_dtype": self.param_dtype,
     }
 
   @classmethod
@@ -136,15 +138,15 @@ class LlamaConfig:
     if head_dim * n_heads != hf["hidden_size"]:
       raise ValueError(f"head_dim {head_dim} x heads {n_heads} != hidden_size {hf['hidden_size']}")
     kw = dict(
-        vocab_size=hf["vocab_size"],
-        dim=hf["hidden_size"],
-        n_layers=hf["num_hidden_layers"],
-        n_heads=n_heads,
-        n_kv_heads=hf.get("num_key_value_heads") or n_heads,
-        ffn_dim=hf["intermediate_size"],
-        norm_eps=hf.get("rms_norm_eps", 1e-5),
-        rope_theta=float(rope_theta),
-        max_seq_len=hf.get("max_position_embeddings", 4096),
+      vocab_size=hf["vocab_size"],
+      dim=hf["hidden_size"],
+      n_layers=hf["num_hidden_layers"],
+      n_heads=n_heads,
+      n_kv_heads=hf.get("num_key_value_heads") or n_heads,
+      ffn_dim=hf["intermediate_size"],
+      norm_eps=hf.get("rms_norm_eps", 1e-5),
+      rope_theta=float(rope_theta),
+      max_seq_len=hf.get("max_position_embeddings", 4096),
     )
     kw.update(overrides)
     return cls(**kw)
@@ -154,16 +156,18 @@ class LlamaConfig:
 POLICY_FIELDS = tuple(f.name for f in dataclasses.fields(LlamaConfig) if f.metadata.get("policy"))
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "llama2_7b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, ffn_dim=11008),
-    "llama2_13b": dict(dim=5120, n_layers=40, n_heads=40, n_kv_heads=40, ffn_dim=13824),
-    "llama2_70b": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim=28672),
-    # Tiny presets: real vocabulary (so the real tokenizer works), shapes divisible by 4 so
-    # every test mesh up to tensor=4 shards them evenly.
-    "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=4, ffn_dim=128, max_seq_len=512),
-    "tiny_gqa": dict(dim=64, n_layers=2, n_heads=8, n_kv_heads=4, ffn_dim=128, max_seq_len=512),
-    "tiny_70b_shape": dict(dim=128, n_layers=2, n_heads=16, n_kv_heads=8, ffn_dim=256, max_seq_len=512),
-    # What the demo trains on two CPU cores in about two minutes (configs/demo.py).
-    "demo": dict(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=384, max_seq_len=512),
+  "llama2_7b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, ffn_dim=11008),
+  "llama2_13b": dict(dim=5120, n_layers=40, n_heads=40, n_kv_heads=40, ffn_dim=13824),
+  "llama2_70b": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim=28672),
+  # Tiny presets: real vocabulary (so the real tokenizer works), shapes divisible by 4 so
+  # every test mesh up to tensor=4 shards them evenly.
+  "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=4, ffn_dim=128, max_seq_len=512),
+  "tiny_gqa": dict(dim=64, n_layers=2, n_heads=8, n_kv_heads=4, ffn_dim=128, max_seq_len=512),
+  "tiny_70b_shape": dict(
+    dim=128, n_layers=2, n_heads=16, n_kv_heads=8, ffn_dim=256, max_seq_len=512
+  ),
+  # What the demo trains on two CPU cores in about two minutes (configs/demo.py).
+  "demo": dict(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=384, max_seq_len=512),
 }
 
 

@@ -66,8 +66,9 @@ class Attention(nnx.Module):
     self.v_proj = param(rngs, (d, kh, hd), ("embed", "kv_heads", "head_dim"), cfg.pdtype, std)
     self.o_proj = param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), cfg.pdtype, std)
 
-  def __call__(self, x, cos, sin, q_idx, q_seg, cache: dict[str, Any] | None,
-               lora: LayerLora | None = None):
+  def __call__(
+    self, x, cos, sin, q_idx, q_seg, cache: dict[str, Any] | None, lora: LayerLora | None = None
+  ):
     cfg, dt = self.cfg, x.dtype
     q = project(x, self.q_proj[...], "attn", "q_proj", "btd,dhk->bthk", lora)
     k = project(x, self.k_proj[...], "attn", "k_proj", "btd,dhk->bthk", lora)
@@ -89,8 +90,9 @@ class Attention(nnx.Module):
       k_idx = jnp.broadcast_to(jnp.arange(k_all.shape[1], dtype=jnp.int32), k_seg.shape)
       new_cache = {"k": k_all, "v": v_all}
       k_all, v_all = k_all.astype(dt), v_all.astype(dt)
-    out = attention(q, k_all, v_all, q_idx, k_idx, q_seg, k_seg, cfg.attention_impl,
-                    cached=cache is not None)
+    out = attention(
+      q, k_all, v_all, q_idx, k_idx, q_seg, k_seg, cfg.attention_impl, cached=cache is not None
+    )
     out = checkpoint_name(out, "attn_out")
     y = project(out, self.o_proj[...], "attn", "o_proj", "bthk,hkd->btd", lora)
     return y, new_cache

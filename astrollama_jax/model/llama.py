@@ -27,12 +27,12 @@ from astrollama_jax.model.layers import DecoderLayer, RMSNorm, param, rope_cos_s
 Params = dict[str, Any]
 
 _POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "qkv_out": jax.checkpoint_policies.save_only_these_names("q", "k", "v", "attn_out"),
-    "minimal": jax.checkpoint_policies.save_only_these_names("attn_out", "mlp_hidden"),
+  "none": None,
+  "full": jax.checkpoint_policies.nothing_saveable,
+  "dots": jax.checkpoint_policies.checkpoint_dots,
+  "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  "qkv_out": jax.checkpoint_policies.save_only_these_names("q", "k", "v", "attn_out"),
+  "minimal": jax.checkpoint_policies.save_only_these_names("attn_out", "mlp_hidden"),
 }
 
 
@@ -53,9 +53,15 @@ class Llama(nnx.Module):
     self.norm = RMSNorm(cfg)
     self.lm_head = param(rngs, (cfg.dim, cfg.vocab_size), ("embed", "vocab"), cfg.pdtype, std)
 
-  def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
-               segment_ids: jax.Array | None = None, cache: dict[str, Any] | None = None,
-               return_hidden: bool = False, lora: lora_lib.Adapted | None = None):
+  def __call__(
+    self,
+    tokens: jax.Array,
+    positions: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    cache: dict[str, Any] | None = None,
+    return_hidden: bool = False,
+    lora: lora_lib.Adapted | None = None,
+  ):
     cfg = self.cfg
     b, t = tokens.shape
     if positions is None:
@@ -102,6 +108,7 @@ class Llama(nnx.Module):
 
 # --- functional API over plain parameter dicts -------------------------------------------------
 
+
 @functools.lru_cache(maxsize=32)
 def _abstract(cfg: LlamaConfig):
   # Shapes only: outside any mesh context, or Flax would read the logical names as mesh axes.
@@ -120,8 +127,11 @@ def param_shapes(cfg: LlamaConfig) -> Params:
 def logical_axes(cfg: LlamaConfig) -> Params:
   """Logical axis names (tuples) for every parameter, same tree as ``param_shapes``."""
   _, state = _abstract(cfg)
-  names = jax.tree.map(lambda v: _LogicalAxes(v.get_metadata().get("out_sharding") or ()), state,
-                       is_leaf=lambda x: isinstance(x, nnx.Variable))
+  names = jax.tree.map(
+    lambda v: _LogicalAxes(v.get_metadata().get("out_sharding") or ()),
+    state,
+    is_leaf=lambda x: isinstance(x, nnx.Variable),
+  )
   return jax.tree.map(tuple, nnx.to_pure_dict(names), is_leaf=lambda x: isinstance(x, _LogicalAxes))
 
 
@@ -129,7 +139,9 @@ class _LogicalAxes(tuple):
   """A tuple that pytrees treat as one leaf."""
 
 
-jax.tree_util.register_pytree_node(_LogicalAxes, lambda x: ((), tuple(x)), lambda aux, _: _LogicalAxes(aux))
+jax.tree_util.register_pytree_node(
+  _LogicalAxes, lambda x: ((), tuple(x)), lambda aux, _: _LogicalAxes(aux)
+)
 
 
 def param_shardings(cfg: LlamaConfig, mesh: Mesh, rules: sharding.Rules | None = None) -> Params:
@@ -142,6 +154,7 @@ def init_params(cfg: LlamaConfig, seed: int = 0, mesh: Mesh | None = None) -> Pa
   Each device materialises only its own shards, so a 7B or 70B model never sits whole on
   one host.
   """
+
   def init():
     return nnx.to_pure_dict(nnx.state(Llama(cfg, rngs=nnx.Rngs(seed)), nnx.Param))
 
@@ -157,9 +170,15 @@ def bind(cfg: LlamaConfig, params: Params) -> Llama:
   return nnx.merge(graphdef, state)
 
 
-def apply(cfg: LlamaConfig, params: Params | lora_lib.Adapted, tokens: jax.Array,
-          positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
-          cache: dict[str, Any] | None = None, return_hidden: bool = False):
+def apply(
+  cfg: LlamaConfig,
+  params: Params | lora_lib.Adapted,
+  tokens: jax.Array,
+  positions: jax.Array | None = None,
+  segment_ids: jax.Array | None = None,
+  cache: dict[str, Any] | None = None,
+  return_hidden: bool = False,
+):
   """Forward pass over plain parameters, or a frozen base with LoRA adapters (``Adapted``):
   (logits [B,T,V] or hidden [B,T,D], new cache)."""
   if isinstance(params, lora_lib.Adapted):
@@ -175,10 +194,10 @@ def base_params(params: Params | lora_lib.Adapted) -> Params:
 # --- KV cache --------------------------------------------------------------------------------
 
 CACHE_LOGICAL = {
-    "k": ("layers", "batch", "cache_seq", "act_kv_heads", None),
-    "v": ("layers", "batch", "cache_seq", "act_kv_heads", None),
-    "segment_ids": ("batch", "cache_seq"),
-    "index": (),
+  "k": ("layers", "batch", "cache_seq", "act_kv_heads", None),
+  "v": ("layers", "batch", "cache_seq", "act_kv_heads", None),
+  "segment_ids": ("batch", "cache_seq"),
+  "index": (),
 }
 
 
@@ -187,10 +206,10 @@ def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype=None) -> dict[s
   dtype = dtype or cfg.dtype
   shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim)
   return {
-      "k": jnp.zeros(shape, dtype),
-      "v": jnp.zeros(shape, dtype),
-      "segment_ids": jnp.zeros((batch, max_len), jnp.int32),
-      "index": jnp.zeros((), jnp.int32),
+    "k": jnp.zeros(shape, dtype),
+    "v": jnp.zeros(shape, dtype),
+    "segment_ids": jnp.zeros((batch, max_len), jnp.int32),
+    "index": jnp.zeros((), jnp.int32),
   }
 
 

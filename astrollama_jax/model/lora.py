@@ -29,13 +29,13 @@ from astrollama_jax.model.config import LlamaConfig
 
 # target name -> (module, weight, the layer's einsum "x,W->y")
 TARGETS: dict[str, tuple[str, str, str]] = {
-    "q": ("attn", "q_proj", "btd,dhk->bthk"),
-    "k": ("attn", "k_proj", "btd,dhk->bthk"),
-    "v": ("attn", "v_proj", "btd,dhk->bthk"),
-    "o": ("attn", "o_proj", "bthk,hkd->btd"),
-    "gate": ("mlp", "gate_proj", "btd,df->btf"),
-    "up": ("mlp", "up_proj", "btd,df->btf"),
-    "down": ("mlp", "down_proj", "btf,fd->btd"),
+  "q": ("attn", "q_proj", "btd,dhk->bthk"),
+  "k": ("attn", "k_proj", "btd,dhk->bthk"),
+  "v": ("attn", "v_proj", "btd,dhk->bthk"),
+  "o": ("attn", "o_proj", "bthk,hkd->btd"),
+  "gate": ("mlp", "gate_proj", "btd,df->btf"),
+  "up": ("mlp", "up_proj", "btd,df->btf"),
+  "down": ("mlp", "down_proj", "btf,fd->btd"),
 }
 A, B = "lora_a", "lora_b"
 _INDEX = {(m, w): i for i, (m, w, _) in enumerate(TARGETS.values())}
@@ -64,13 +64,21 @@ class LoraSpec:
     return self.alpha / self.rank
 
   def to_dict(self) -> dict[str, Any]:
-    return {"rank": self.rank, "alpha": self.alpha, "dropout": self.dropout,
-            "targets": list(self.targets)}
+    return {
+      "rank": self.rank,
+      "alpha": self.alpha,
+      "dropout": self.dropout,
+      "targets": list(self.targets),
+    }
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> LoraSpec:
-    return cls(rank=int(d["rank"]), alpha=float(d["alpha"]), dropout=float(d.get("dropout", 0.0)),
-               targets=tuple(d["targets"]))
+    return cls(
+      rank=int(d["rank"]),
+      alpha=float(d["alpha"]),
+      dropout=float(d.get("dropout", 0.0)),
+      targets=tuple(d["targets"]),
+    )
 
 
 def parse_targets(text: Any) -> tuple[str, ...]:
@@ -85,8 +93,12 @@ def spec_from_config(config: Any) -> LoraSpec | None:
   section = config.get("lora") if hasattr(config, "get") else None
   if section is None or not section.rank:
     return None
-  return LoraSpec(rank=int(section.rank), alpha=float(section.alpha),
-                  dropout=float(section.dropout), targets=parse_targets(section.targets))
+  return LoraSpec(
+    rank=int(section.rank),
+    alpha=float(section.alpha),
+    dropout=float(section.dropout),
+    targets=parse_targets(section.targets),
+  )
 
 
 def _split_eq(eq: str) -> tuple[str, str, str]:
@@ -110,6 +122,7 @@ def _in_out(target: str) -> tuple[int, int]:
 def adapter_logical_axes(cfg: LlamaConfig, spec: LoraSpec) -> dict[str, Any]:
   """Logical axes: A = (layers, in axes..., lora_rank), B = (layers, lora_rank, out axes...)."""
   from astrollama_jax.model import llama
+
   base = llama.logical_axes(cfg)
   out: dict[str, Any] = {}
   for t in spec.targets:
@@ -117,14 +130,16 @@ def adapter_logical_axes(cfg: LlamaConfig, spec: LoraSpec) -> dict[str, Any]:
     layers, *names = _base_entry(base, t)
     n_in, _ = _in_out(t)
     out.setdefault("layers", {}).setdefault(module, {})[weight] = {
-        A: (layers, *names[:n_in], "lora_rank"), B: (layers, "lora_rank", *names[n_in:])}
+      A: (layers, *names[:n_in], "lora_rank"),
+      B: (layers, "lora_rank", *names[n_in:]),
+    }
   return out
 
 
-def adapter_shapes(cfg: LlamaConfig, spec: LoraSpec,
-                   dtype: Any = jnp.float32) -> dict[str, Any]:
+def adapter_shapes(cfg: LlamaConfig, spec: LoraSpec, dtype: Any = jnp.float32) -> dict[str, Any]:
   """``jax.ShapeDtypeStruct`` of every adapter factor, same tree as ``adapter_logical_axes``."""
   from astrollama_jax.model import llama
+
   base = llama.param_shapes(cfg)
   out: dict[str, Any] = {}
   for t in spec.targets:
@@ -132,8 +147,9 @@ def adapter_shapes(cfg: LlamaConfig, spec: LoraSpec,
     layers, *dims = _base_entry(base, t).shape
     n_in, _ = _in_out(t)
     out.setdefault("layers", {}).setdefault(module, {})[weight] = {
-        A: jax.ShapeDtypeStruct((layers, *dims[:n_in], spec.rank), dtype),
-        B: jax.ShapeDtypeStruct((layers, spec.rank, *dims[n_in:]), dtype)}
+      A: jax.ShapeDtypeStruct((layers, *dims[:n_in], spec.rank), dtype),
+      B: jax.ShapeDtypeStruct((layers, spec.rank, *dims[n_in:]), dtype),
+    }
   return out
 
 
@@ -148,13 +164,15 @@ def init_adapters(cfg: LlamaConfig, spec: LoraSpec, seed: int) -> dict[str, Any]
     a_shape = entry[A].shape
     bound = 1.0 / math.sqrt(math.prod(a_shape[1:-1]))
     out.setdefault("layers", {}).setdefault(module, {})[weight] = {
-        A: jax.random.uniform(jax.random.fold_in(key, i), a_shape, jnp.float32, -bound, bound),
-        B: jnp.zeros(entry[B].shape, jnp.float32)}
+      A: jax.random.uniform(jax.random.fold_in(key, i), a_shape, jnp.float32, -bound, bound),
+      B: jnp.zeros(entry[B].shape, jnp.float32),
+    }
   return out
 
 
 def adapter_shardings(cfg: LlamaConfig, spec: LoraSpec, mesh: Any) -> dict[str, Any]:
   from astrollama_jax import sharding
+
   return sharding.tree_shardings(mesh, adapter_logical_axes(cfg, spec), adapter_shapes(cfg, spec))
 
 
@@ -163,8 +181,9 @@ def delta(target: str, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
   _, ins, outs = _split_eq(TARGETS[target][2])
   lead = "l" if a.ndim == len(ins) + 2 else ""
   eq = f"{lead}{ins}r,{lead}r{outs}->{lead}{ins}{outs}"
-  return scale * jnp.einsum(eq, a.astype(jnp.float32), b.astype(jnp.float32),
-                            precision=jax.lax.Precision.HIGHEST)
+  return scale * jnp.einsum(
+    eq, a.astype(jnp.float32), b.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST
+  )
 
 
 def merge(params: dict[str, Any], adapters: dict[str, Any], spec: LoraSpec) -> dict[str, Any]:
@@ -209,8 +228,9 @@ class LayerLora:
       return y
     xs, ins, outs = _split_eq(eq)
     if self.rng is not None and self.spec.dropout > 0:
-      key = jax.random.fold_in(jax.random.wrap_key_data(self.rng, impl="threefry2x32"),
-                               _INDEX[(module, weight)])
+      key = jax.random.fold_in(
+        jax.random.wrap_key_data(self.rng, impl="threefry2x32"), _INDEX[(module, weight)]
+      )
       keep = jax.random.bernoulli(key, 1.0 - self.spec.dropout, x.shape)
       x = jnp.where(keep, x / (1.0 - self.spec.dropout), 0).astype(x.dtype)
     batch = xs[: len(xs) - len(ins)]
@@ -219,8 +239,9 @@ class LayerLora:
     return y + (self.spec.scale * low).astype(y.dtype)
 
 
-def project(x: jax.Array, w: jax.Array, module: str, weight: str, eq: str,
-            lora: LayerLora | None) -> jax.Array:
+def project(
+  x: jax.Array, w: jax.Array, module: str, weight: str, eq: str, lora: LayerLora | None
+) -> jax.Array:
   """A projection of the layer, with the adapter's branch when ``lora`` targets it."""
   if lora is None:
     return jnp.einsum(eq, x, w.astype(x.dtype))

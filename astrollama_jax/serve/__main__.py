@@ -23,24 +23,40 @@ from astrollama_jax import cli
 
 def define_flags() -> None:
   """The command's flags (defined when run, never on import)."""
-  flags.DEFINE_string("host", "127.0.0.1",
-                      "Address to bind (the default answers this machine only).")
+  flags.DEFINE_string(
+    "host", "127.0.0.1", "Address to bind (the default answers this machine only)."
+  )
   flags.DEFINE_integer("port", 8000, "TCP port (0: any free port, logged at start).")
-  flags.DEFINE_string("api_key_env", None,
-                      "Name of an environment variable holding an API key; every endpoint then "
-                      "wants 'Authorization: Bearer KEY' (the page asks for it).")
-  flags.DEFINE_string("feedback_db", None, "SQLite file for the page's ratings (created if absent; "
-                      "without it the page chats but cannot save ratings).")
-  flags.DEFINE_string("model_name", None,
-                      "Model id in the API (default: the checkpoint's folder name).")
+  flags.DEFINE_string(
+    "api_key_env",
+    None,
+    "Name of an environment variable holding an API key; every endpoint then "
+    "wants 'Authorization: Bearer KEY' (the page asks for it).",
+  )
+  flags.DEFINE_string(
+    "feedback_db",
+    None,
+    "SQLite file for the page's ratings (created if absent; "
+    "without it the page chats but cannot save ratings).",
+  )
+  flags.DEFINE_string(
+    "model_name", None, "Model id in the API (default: the checkpoint's folder name)."
+  )
   flags.DEFINE_integer("max_batch", 8, "Requests decoded together in one call.")
   flags.DEFINE_integer("max_queue", 64, "Prompts that may wait; more are answered 429.")
   flags.DEFINE_integer("max_tokens", 256, "Default max_tokens of a request that gives none.")
   flags.DEFINE_integer("max_body_bytes", 1 << 20, "Largest request body accepted (413 beyond).")
   flags.DEFINE_integer("stream_chunk", 4, "Decode steps between streamed updates.")
   flags.DEFINE_float("batch_window_ms", 5.0, "How long a new call waits for more requests to join.")
-  cli.define("checkpoint", "tokenizer", "mesh", "dtype", "compute_dtype", "attention",
-             required=["checkpoint"])
+  cli.define(
+    "checkpoint",
+    "tokenizer",
+    "mesh",
+    "dtype",
+    "compute_dtype",
+    "attention",
+    required=["checkpoint"],
+  )
 
 
 def main(argv: Sequence[str]) -> None:
@@ -61,20 +77,43 @@ def main(argv: Sequence[str]) -> None:
 
   store = FeedbackStore(F.feedback_db) if F.feedback_db else None
   mesh = cli.make_mesh(F.mesh)
-  loaded = cli.load_model(F.checkpoint, mesh, dtype=F.dtype, compute_dtype=F.compute_dtype,
-                          attention=F.attention, tokenizer=F.tokenizer)
+  loaded = cli.load_model(
+    F.checkpoint,
+    mesh,
+    dtype=F.dtype,
+    compute_dtype=F.compute_dtype,
+    attention=F.attention,
+    tokenizer=F.tokenizer,
+  )
   tokenizer = Tokenizer(loaded.tokenizer_path)
   tokenizer.check_vocab(loaded.cfg.vocab_size)
   if F.max_tokens >= loaded.cfg.max_seq_len:
-    raise cli.UserError(f"--max_tokens={F.max_tokens} leaves no room for a prompt in the "
-                        f"context of {loaded.cfg.max_seq_len}")
-  batcher = Batcher(loaded.cfg, loaded.params, tokenizer, mesh=mesh, max_batch=F.max_batch,
-                    max_queue=F.max_queue, chunk_size=F.stream_chunk,
-                    window_s=F.batch_window_ms / 1000).start()
+    raise cli.UserError(
+      f"--max_tokens={F.max_tokens} leaves no room for a prompt in the "
+      f"context of {loaded.cfg.max_seq_len}"
+    )
+  batcher = Batcher(
+    loaded.cfg,
+    loaded.params,
+    tokenizer,
+    mesh=mesh,
+    max_batch=F.max_batch,
+    max_queue=F.max_queue,
+    chunk_size=F.stream_chunk,
+    window_s=F.batch_window_ms / 1000,
+  ).start()
   name = F.model_name or os.path.basename(os.path.normpath(F.checkpoint))
-  app = App(batcher, tokenizer, model=name, checkpoint=os.path.abspath(F.checkpoint),
-            max_seq_len=loaded.cfg.max_seq_len, feedback=store, api_key=api_key,
-            max_body_bytes=F.max_body_bytes, default_max_tokens=F.max_tokens)
+  app = App(
+    batcher,
+    tokenizer,
+    model=name,
+    checkpoint=os.path.abspath(F.checkpoint),
+    max_seq_len=loaded.cfg.max_seq_len,
+    feedback=store,
+    api_key=api_key,
+    max_body_bytes=F.max_body_bytes,
+    default_max_tokens=F.max_tokens,
+  )
   try:
     server = Server(app, F.host, F.port)
   except OSError as e:
@@ -86,8 +125,9 @@ def main(argv: Sequence[str]) -> None:
 
   signal.signal(signal.SIGTERM, stop)
   signal.signal(signal.SIGINT, stop)
-  logging.warning("serving %s on %s (page: %s/, API: %s/v1)", name, server.url, server.url,
-                  server.url)
+  logging.warning(
+    "serving %s on %s (page: %s/, API: %s/v1)", name, server.url, server.url, server.url
+  )
   try:
     server.serve_forever(poll_interval=0.2)
   finally:
@@ -95,8 +135,13 @@ def main(argv: Sequence[str]) -> None:
     batcher.close()
     if store is not None:
       store.close()
-  summary = {"model": name, "url": server.url, "responses": dict(app.counts),
-             "feedback_db": F.feedback_db, **batcher.stats}
+  summary = {
+    "model": name,
+    "url": server.url,
+    "responses": dict(app.counts),
+    "feedback_db": F.feedback_db,
+    **batcher.stats,
+  }
   cli.report("serve", summary)
 
 

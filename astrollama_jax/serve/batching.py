@@ -141,7 +141,7 @@ class _Row:
   def _tokens_before(self, cut: int) -> int:
     """How many ids the text before a stop string takes: the usage count of a cut answer."""
     n = 0
-    while n < len(self.ids) and len(self.tokenizer.decode(self.ids[:n + 1])) <= cut:
+    while n < len(self.ids) and len(self.tokenizer.decode(self.ids[: n + 1])) <= cut:
       n += 1
     return n
 
@@ -163,9 +163,19 @@ class _Row:
 class Batcher:
   """The queue and the worker thread; ``submit`` from any thread."""
 
-  def __init__(self, cfg: LlamaConfig, params: Any, tokenizer: Tokenizer, *, mesh: Any = None,
-               max_batch: int = 8, max_queue: int = 64, chunk_size: int = 4,
-               window_s: float = 0.005, generate_fn: Callable[..., Any] = generate):
+  def __init__(
+    self,
+    cfg: LlamaConfig,
+    params: Any,
+    tokenizer: Tokenizer,
+    *,
+    mesh: Any = None,
+    max_batch: int = 8,
+    max_queue: int = 64,
+    chunk_size: int = 4,
+    window_s: float = 0.005,
+    generate_fn: Callable[..., Any] = generate,
+  ):
     """``generate_fn`` has ``generate.generate``'s signature (tests may pass another model)."""
     if max_batch < 1 or max_queue < 1 or chunk_size < 1:
       raise ValueError("max_batch, max_queue and chunk_size must be >= 1")
@@ -272,14 +282,26 @@ class Batcher:
     self.stats["jobs"] += len(jobs)
     self.stats["padding_rows"] += self.width - len(jobs)
     try:
-      res = self.generate_fn(self.cfg, self.params, prompts, max_new, temperature=s.temperature,
-                             top_k=s.top_k, top_p=s.top_p, seed=seed,
-                             eos_id=self.tokenizer.eos_id, tokenizer=self.tokenizer,
-                             mesh=self.mesh, stream=stream, chunk_size=self.chunk_size)
+      res = self.generate_fn(
+        self.cfg,
+        self.params,
+        prompts,
+        max_new,
+        temperature=s.temperature,
+        top_k=s.top_k,
+        top_p=s.top_p,
+        seed=seed,
+        eos_id=self.tokenizer.eos_id,
+        tokenizer=self.tokenizer,
+        mesh=self.mesh,
+        stream=stream,
+        chunk_size=self.chunk_size,
+      )
       for row, ids, reason in zip(rows, res.tokens, res.finish_reasons):
         if not row.finished:  # ended with the call: EOS, or the group's max_tokens (its own)
-          row.finish(self.tokenizer.decode(row.ids), len(row.ids),
-                     "stop" if reason == "eos" else "length")
+          row.finish(
+            self.tokenizer.decode(row.ids), len(row.ids), "stop" if reason == "eos" else "length"
+          )
     except _AllDone:
       pass
     except Exception as e:  # noqa: BLE001 - one bad call fails its own jobs, not the server

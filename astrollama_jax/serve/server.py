@@ -41,11 +41,15 @@ from astrollama_jax.serve import openai_api
 from astrollama_jax.serve.batching import Batcher, Job, QueueFull
 from astrollama_jax.serve.openai_api import ApiError
 
-STATIC = {"/": ("page.html", "text/html; charset=utf-8"),
-          "/static/page.js": ("page.js", "text/javascript; charset=utf-8"),
-          "/static/page.css": ("page.css", "text/css; charset=utf-8")}
-CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
-       "img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+STATIC = {
+  "/": ("page.html", "text/html; charset=utf-8"),
+  "/static/page.js": ("page.js", "text/javascript; charset=utf-8"),
+  "/static/page.css": ("page.css", "text/css; charset=utf-8"),
+}
+CSP = (
+  "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+  "img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
 DISCARD_LIMIT = 16 << 20  # an oversized body is read and dropped up to this size, then refused
 REMEMBERED_ANSWERS = 2000  # chat answers kept for rating (the newest)
 
@@ -53,10 +57,19 @@ REMEMBERED_ANSWERS = 2000  # chat answers kept for rating (the newest)
 class App:
   """What the handlers share: the batcher, the model's identity, the limits, the ratings."""
 
-  def __init__(self, batcher: Batcher, tokenizer: Tokenizer, *, model: str, checkpoint: str,
-               max_seq_len: int, feedback: FeedbackStore | None = None,
-               api_key: str | None = None, max_body_bytes: int = 1 << 20,
-               default_max_tokens: int = 256):
+  def __init__(
+    self,
+    batcher: Batcher,
+    tokenizer: Tokenizer,
+    *,
+    model: str,
+    checkpoint: str,
+    max_seq_len: int,
+    feedback: FeedbackStore | None = None,
+    api_key: str | None = None,
+    max_body_bytes: int = 1 << 20,
+    default_max_tokens: int = 256,
+  ):
     self.batcher, self.tokenizer = batcher, tokenizer
     self.model, self.checkpoint, self.max_seq_len = model, checkpoint, max_seq_len
     self.feedback, self.api_key = feedback, api_key
@@ -101,8 +114,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
   # --- writing ---
 
-  def _headers(self, status: int, ctype: str, length: int | None,
-               extra: dict[str, str] | None = None) -> None:
+  def _headers(
+    self, status: int, ctype: str, length: int | None, extra: dict[str, str] | None = None
+  ) -> None:
     self.send_response(status)
     self.send_header("Content-Type", ctype)
     if length is not None:
@@ -145,9 +159,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
       return
     allowed = {f"{h}:{port}" for h in ("127.0.0.1", "localhost", "[::1]")}
     if self.headers.get("Host", "") not in allowed:
-      raise ApiError(403, f"Host {self.headers.get('Host')!r} is not this server's address "
-                          f"(a loopback server answers only to {sorted(allowed)})",
-                     type="permission_error")
+      raise ApiError(
+        403,
+        f"Host {self.headers.get('Host')!r} is not this server's address "
+        f"(a loopback server answers only to {sorted(allowed)})",
+        type="permission_error",
+      )
 
   def _check_key(self) -> None:
     key = self.app.api_key
@@ -156,8 +173,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
     given = self.headers.get("Authorization", "")
     token = given[7:].strip() if given[:7].lower() == "bearer " else ""
     if not hmac.compare_digest(token.encode(), key.encode()):
-      raise ApiError(401, "Missing or incorrect API key: send 'Authorization: Bearer KEY'",
-                     code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+      raise ApiError(
+        401,
+        "Missing or incorrect API key: send 'Authorization: Bearer KEY'",
+        code="invalid_api_key",
+        headers={"WWW-Authenticate": "Bearer"},
+      )
 
   def _body(self) -> Any:
     if self.headers.get("Transfer-Encoding"):
@@ -170,8 +191,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
       raise ApiError(411, "a POST needs a Content-Length header") from None
     if length < 0 or length > self.app.max_body_bytes:
       self._discard(length)
-      raise ApiError(413, f"request body of {length} bytes; the limit is "
-                          f"{self.app.max_body_bytes} bytes", code="request_too_large")
+      raise ApiError(
+        413,
+        f"request body of {length} bytes; the limit is {self.app.max_body_bytes} bytes",
+        code="request_too_large",
+      )
     raw = self.rfile.read(length)
     ctype = self.headers.get("Content-Type", "").split(";")[0].strip().lower()
     if ctype != "application/json":
@@ -191,11 +215,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self._send(200, data, ctype, {"X-Frame-Options": "DENY"})
         return
       self._check_key()
-      routes = {("GET", "/v1/models"): self._models, ("GET", "/health"): self._health,
-                ("GET", "/v1/feedback"): self._list_feedback,
-                ("POST", "/v1/chat/completions"): lambda: self._complete("chat"),
-                ("POST", "/v1/completions"): lambda: self._complete("completion"),
-                ("POST", "/v1/feedback"): self._rate}
+      routes = {
+        ("GET", "/v1/models"): self._models,
+        ("GET", "/health"): self._health,
+        ("GET", "/v1/feedback"): self._list_feedback,
+        ("POST", "/v1/chat/completions"): lambda: self._complete("chat"),
+        ("POST", "/v1/completions"): lambda: self._complete("completion"),
+        ("POST", "/v1/feedback"): self._rate,
+      }
       fn = routes.get(("GET" if method == "HEAD" else method, path))
       if fn is None:
         self._drain()
@@ -248,9 +275,21 @@ class Handler(http.server.BaseHTTPRequestHandler):
   # --- endpoints ---
 
   def _models(self) -> None:
-    self._json(200, {"object": "list", "data": [
-        {"id": self.app.model, "object": "model", "created": 0, "owned_by": "astrollama-jax",
-         "context_length": self.app.max_seq_len}]})
+    self._json(
+      200,
+      {
+        "object": "list",
+        "data": [
+          {
+            "id": self.app.model,
+            "object": "model",
+            "created": 0,
+            "owned_by": "astrollama-jax",
+            "context_length": self.app.max_seq_len,
+          }
+        ],
+      },
+    )
 
   def _health(self) -> None:
     self._json(200, {"status": "ok", "queued": self.app.batcher.pending()})
@@ -258,14 +297,25 @@ class Handler(http.server.BaseHTTPRequestHandler):
   def _complete(self, kind: str) -> None:
     body = self._body()
     app = self.app
-    req = openai_api.parse(kind, body, model=app.model, tokenizer=app.tokenizer,
-                           max_seq_len=app.max_seq_len, default_max_tokens=app.default_max_tokens)
+    req = openai_api.parse(
+      kind,
+      body,
+      model=app.model,
+      tokenizer=app.tokenizer,
+      max_seq_len=app.max_seq_len,
+      default_max_tokens=app.default_max_tokens,
+    )
     jobs = [Job(p, req.sampling) for p in req.prompts]
     try:
       app.batcher.submit(jobs)
     except QueueFull as e:
-      raise ApiError(429, f"The server is busy ({e}); retry later", type="rate_limit_error",
-                     code="rate_limit_exceeded", headers={"Retry-After": "1"}) from None
+      raise ApiError(
+        429,
+        f"The server is busy ({e}); retry later",
+        type="rate_limit_error",
+        code="rate_limit_exceeded",
+        headers={"Retry-After": "1"},
+      ) from None
     except RuntimeError as e:
       raise ApiError(503, str(e), type="server_error") from None
     rid, created = openai_api.new_id(kind), openai_api.now()
@@ -282,17 +332,26 @@ class Handler(http.server.BaseHTTPRequestHandler):
       for job in jobs:
         job.cancel()  # a no-op for finished jobs; frees the rows of a client that went away
     if kind == "chat" and results:
-      app.remember(rid, {"messages": req.messages, "answer": results[0].text,
-                         "sampling": req.sampling.as_dict()})
+      app.remember(
+        rid,
+        {"messages": req.messages, "answer": results[0].text, "sampling": req.sampling.as_dict()},
+      )
 
   def _stream(self, req, jobs: list[Job], rid: str, created: int):
     """Server-sent events, as chunked HTTP; returns the results (None if the client left)."""
-    self._headers(200, "text/event-stream; charset=utf-8", None,
-                  {"Transfer-Encoding": "chunked", "X-Accel-Buffering": "no"})
+    self._headers(
+      200,
+      "text/event-stream; charset=utf-8",
+      None,
+      {"Transfer-Encoding": "chunked", "X-Accel-Buffering": "no"},
+    )
 
     def send(obj: Any) -> None:
-      data = (obj if isinstance(obj, bytes) else
-              f"data: {json.dumps(obj, ensure_ascii=False)}\n\n".encode())
+      data = (
+        obj
+        if isinstance(obj, bytes)
+        else f"data: {json.dumps(obj, ensure_ascii=False)}\n\n".encode()
+      )
       self.wfile.write(b"%X\r\n%s\r\n" % (len(data), data))
       self.wfile.flush()
 
@@ -314,8 +373,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         send(openai_api.chunk(req, rid, created, i, finish_reason=value.finish_reason))
         break
     if req.include_usage:
-      send(openai_api.chunk(req, rid, created, None,
-                            usage_counts=openai_api.usage(req, results)))
+      send(openai_api.chunk(req, rid, created, None, usage_counts=openai_api.usage(req, results)))
     send(b"data: [DONE]\n\n")
     self.wfile.write(b"0\r\n\r\n")
     self.wfile.flush()
@@ -323,8 +381,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
   def _store(self) -> FeedbackStore:
     if self.app.feedback is None:
-      raise ApiError(404, "ratings are off: start the server with --feedback_db=PATH",
-                     code="feedback_off")
+      raise ApiError(
+        404, "ratings are off: start the server with --feedback_db=PATH", code="feedback_off"
+      )
     return self.app.feedback
 
   def _rate(self) -> None:
@@ -337,9 +396,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
       raise openai_api.bad(f"unknown field(s): {', '.join(sorted(set(body) - allowed))}")
     record = self.app.recall(str(body.get("completion_id")))
     if record is None:
-      raise ApiError(404, f"unknown completion_id {body.get('completion_id')!r}: only answers "
-                          f"given by this server run (its last {REMEMBERED_ANSWERS}) can be rated",
-                     param="completion_id", code="unknown_completion")
+      raise ApiError(
+        404,
+        f"unknown completion_id {body.get('completion_id')!r}: only answers "
+        f"given by this server run (its last {REMEMBERED_ANSWERS}) can be rated",
+        param="completion_id",
+        code="unknown_completion",
+      )
     for name in ("correction", "comment"):
       if body.get(name) is not None and not isinstance(body[name], str):
         raise openai_api.bad(f"'{name}' must be a string", name)
@@ -347,10 +410,18 @@ class Handler(http.server.BaseHTTPRequestHandler):
     if not isinstance(tags, list):
       raise openai_api.bad("'tags' must be a list of strings", "tags")
     try:
-      row = store.add(completion_id=body["completion_id"], checkpoint=self.app.checkpoint,
-                      model=self.app.model, messages=record["messages"], answer=record["answer"],
-                      rating=body.get("rating"), correction=body.get("correction"), tags=tags,
-                      sampling=record["sampling"], comment=body.get("comment"))
+      row = store.add(
+        completion_id=body["completion_id"],
+        checkpoint=self.app.checkpoint,
+        model=self.app.model,
+        messages=record["messages"],
+        answer=record["answer"],
+        rating=body.get("rating"),
+        correction=body.get("correction"),
+        tags=tags,
+        sampling=record["sampling"],
+        comment=body.get("comment"),
+      )
     except ValueError as e:
       raise openai_api.bad(str(e), "rating" if "rating" in str(e) else "tags") from None
     self._json(200, {"object": "feedback.rating", **row})

@@ -21,12 +21,17 @@ from absl import flags, logging
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "A configs/*.py file (ml_collections get_config).",
-                                lock_config=True)
+config_flags.DEFINE_config_file(
+  "config", None, "A configs/*.py file (ml_collections get_config).", lock_config=True
+)
 flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, TensorBoard.")
-flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
-                  "jax.distributed.initialize: auto = when the flags below or SLURM/OpenMPI/TPU-pod "
-                  "variables say there are several processes.")
+flags.DEFINE_enum(
+  "distributed",
+  "auto",
+  ["auto", "on", "off"],
+  "jax.distributed.initialize: auto = when the flags below or SLURM/OpenMPI/TPU-pod "
+  "variables say there are several processes.",
+)
 flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 (plain multi-host GPU).")
 flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
 flags.DEFINE_integer("process_id", None, "This process's id (with --coordinator_address).")
@@ -35,18 +40,25 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv: list[str]) -> None:
   from astrollama_jax import cli
+
   cli.no_extra_args(argv)
   from astrollama_jax.train import distributed
   from astrollama_jax.train.metrics import quiet_library_logs
+
   quiet_library_logs()
-  distributed.initialize(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes,
-                         FLAGS.process_id)
+  distributed.initialize(
+    FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
+  )
   import jax
   from astrollama_jax import diskspace
   from astrollama_jax.train import loop
+
   try:
-    with diskspace.disk_full_errors(FLAGS.workdir, "the run's files under"):  # checkpoints name their step
+    with diskspace.disk_full_errors(
+      FLAGS.workdir, "the run's files under"
+    ):  # checkpoints name their step
       from astrollama_jax.train import watchdog, workdir_lock
+
       with workdir_lock.held(FLAGS.workdir), watchdog.watching(FLAGS.config.train.hang_timeout_s):
         summary = loop.train(FLAGS.config, FLAGS.workdir)
   except loop.NonFiniteError as e:
@@ -55,9 +67,11 @@ def main(argv: list[str]) -> None:
   if jax.process_index() == 0:
     cli.report(f"train: {FLAGS.workdir}", summary)
   from astrollama_jax.train import exit_codes
+
   sys.exit(exit_codes.for_summary(summary))
 
 
 if __name__ == "__main__":
   from astrollama_jax import cli as _cli
+
   _cli.run(main)

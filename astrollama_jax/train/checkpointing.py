@@ -65,6 +65,7 @@ def _all_agree(ok: bool) -> bool:
   if jax.process_count() == 1:
     return ok
   from jax.experimental import multihost_utils
+
   return bool(np.all(multihost_utils.process_allgather(np.asarray(ok, np.int32))))
 
 
@@ -81,8 +82,11 @@ class Checkpointer:
     self.workdir = os.path.abspath(workdir)
     self.directory = os.path.join(self.workdir, CHECKPOINTS_DIR)
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
-        cleanup_tmp_directories=True)
+      max_to_keep=keep,
+      enable_async_checkpointing=async_save,
+      create=True,
+      cleanup_tmp_directories=True,
+    )
     self.manager = ocp.CheckpointManager(self.directory, options=options)
     self._saving: int | None = None  # the step of the latest save started
 
@@ -95,8 +99,12 @@ class Checkpointer:
     """
     free = diskspace.free_bytes(self.directory)
     if not _all_agree(free is None or free >= nbytes):
-      raise diskspace.not_enough_space(self.directory, nbytes, "a checkpoint of this run in",
-                                       hint="free some space or choose another --workdir")
+      raise diskspace.not_enough_space(
+        self.directory,
+        nbytes,
+        "a checkpoint of this run in",
+        hint="free some space or choose another --workdir",
+      )
 
   def all_steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
@@ -106,14 +114,23 @@ class Checkpointer:
     self.wait()  # a failure of the previous (background) save surfaces here, under its own step
     if step in self.manager.all_steps():
       return False
-    meta = dict(meta, step=step, rng=[int(v) for v in np.asarray(jax.device_get(state.rng))],
-                nonfinite_total=int(state.nonfinite_total), nonfinite_run=int(state.nonfinite_run),
-                process_count=jax.process_count(), saved_at=time.time())
-    args = ocp.args.Composite(**{
+    meta = dict(
+      meta,
+      step=step,
+      rng=[int(v) for v in np.asarray(jax.device_get(state.rng))],
+      nonfinite_total=int(state.nonfinite_total),
+      nonfinite_run=int(state.nonfinite_run),
+      process_count=jax.process_count(),
+      saved_at=time.time(),
+    )
+    args = ocp.args.Composite(
+      **{
         PARAMS_DIR: ocp.args.StandardSave(state.params),
         "opt_state": ocp.args.StandardSave(state.opt_state),
         "train_meta": ocp.args.JsonSave(meta),
-        "data_iter": grain.checkpoint.CheckpointSave(_IteratorState(data_iter))})
+        "data_iter": grain.checkpoint.CheckpointSave(_IteratorState(data_iter)),
+      }
+    )
     self._saving = step
     with self._disk_full_errors():
       return self.manager.save(step, args=args, force=True)
@@ -132,11 +149,17 @@ class Checkpointer:
           shutil.rmtree(tmp, ignore_errors=True)
       kept = sorted(int(n) for n in os.listdir(self.directory) if n.isdigit())
       raise diskspace.disk_full_error(
-          os.path.join(self.directory, str(step)), f"checkpoint step {step} to",
-          f"complete checkpoints kept: {kept}; free some space and rerun the same command to resume "
-          f"from step {kept[-1]}" if kept else "no complete checkpoint yet") from e
+        os.path.join(self.directory, str(step)),
+        f"checkpoint step {step} to",
+        f"complete checkpoints kept: {kept}; free some space and rerun the same command to resume "
+        f"from step {kept[-1]}"
+        if kept
+        else "no complete checkpoint yet",
+      ) from e
 
-  def restore_latest(self, target: TrainState, data_iter: Any) -> tuple[TrainState, dict[str, Any]] | None:
+  def restore_latest(
+    self, target: TrainState, data_iter: Any
+  ) -> tuple[TrainState, dict[str, Any]] | None:
     """The newest step that restores cleanly, or None if there is none.
 
     ``target`` is a TrainState of ``jax.ShapeDtypeStruct``s carrying shardings: arrays come back
@@ -144,11 +167,19 @@ class Checkpointer:
     """
     for step in reversed(self.all_steps()):
       try:
-        restored = self.manager.restore(step, args=ocp.args.Composite(**{
-            PARAMS_DIR: ocp.args.StandardRestore(target.params),
-            "opt_state": ocp.args.StandardRestore(target.opt_state),
-            "train_meta": ocp.args.JsonRestore(),
-            "data_iter": grain.checkpoint.CheckpointRestore(_IteratorState(data_iter, capture=False))}))
+        restored = self.manager.restore(
+          step,
+          args=ocp.args.Composite(
+            **{
+              PARAMS_DIR: ocp.args.StandardRestore(target.params),
+              "opt_state": ocp.args.StandardRestore(target.opt_state),
+              "train_meta": ocp.args.JsonRestore(),
+              "data_iter": grain.checkpoint.CheckpointRestore(
+                _IteratorState(data_iter, capture=False)
+              ),
+            }
+          ),
+        )
         meta = dict(restored["train_meta"])
         if meta.get("step") != step:
           raise ValueError(f"train_meta says step {meta.get('step')}")
@@ -156,16 +187,27 @@ class Checkpointer:
       except Exception as e:  # anything unreadable: report it, fall back to the previous step
         ok, error = False, e
       if not _all_agree(ok):
-        logging.error("checkpoint %s/%d cannot be restored (%s: %s); moving it to %s and trying the "
-                      "previous one", self.directory, step, type(error).__name__, error, CORRUPT_DIR)
+        logging.error(
+          "checkpoint %s/%d cannot be restored (%s: %s); moving it to %s and trying the "
+          "previous one",
+          self.directory,
+          step,
+          type(error).__name__,
+          error,
+          CORRUPT_DIR,
+        )
         self._quarantine(step)
         continue
       state = TrainState(
-          step=_replicated(np.int32(step), target.step.sharding),
-          params=restored[PARAMS_DIR], opt_state=restored["opt_state"],
-          rng=_replicated(np.asarray(meta["rng"], np.uint32), target.rng.sharding),
-          nonfinite_total=_replicated(np.int32(meta["nonfinite_total"]), target.nonfinite_total.sharding),
-          nonfinite_run=_replicated(np.int32(meta["nonfinite_run"]), target.nonfinite_run.sharding))
+        step=_replicated(np.int32(step), target.step.sharding),
+        params=restored[PARAMS_DIR],
+        opt_state=restored["opt_state"],
+        rng=_replicated(np.asarray(meta["rng"], np.uint32), target.rng.sharding),
+        nonfinite_total=_replicated(
+          np.int32(meta["nonfinite_total"]), target.nonfinite_total.sharding
+        ),
+        nonfinite_run=_replicated(np.int32(meta["nonfinite_run"]), target.nonfinite_run.sharding),
+      )
       logging.info("resumed from %s/%d", self.directory, step)
       return state, meta
     return None
@@ -179,6 +221,7 @@ class Checkpointer:
         shutil.move(src, dst)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
+
       multihost_utils.sync_global_devices(f"quarantine {step}")
     self.manager.reload()
 

@@ -37,8 +37,14 @@ def local_batch_size(global_batch: int) -> int:
   return global_batch // n
 
 
-def make_dataset(config: Any, split: str, *, batch_size: int | None = None,
-                 num_epochs: int | None = None, shuffle: bool | None = None) -> grain.IterDataset:
+def make_dataset(
+  config: Any,
+  split: str,
+  *,
+  batch_size: int | None = None,
+  num_epochs: int | None = None,
+  shuffle: bool | None = None,
+) -> grain.IterDataset:
   """This process's batches of ``split`` ('train' or 'validation') for ``config.data``.
 
   ``batch_size`` is the global batch (default ``config.train.global_batch_size``);
@@ -50,22 +56,41 @@ def make_dataset(config: Any, split: str, *, batch_size: int | None = None,
   global_batch = batch_size or config.train.global_batch_size
   local = local_batch_size(global_batch)
   shuffle = d.shuffle if shuffle is None else shuffle
-  common = dict(seq_len=d.seq_len, batch_size=local, seed=d.seed, process_index=jax.process_index(),
-                process_count=jax.process_count(), num_epochs=num_epochs, shuffle=shuffle)
+  common = dict(
+    seq_len=d.seq_len,
+    batch_size=local,
+    seed=d.seed,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+    num_epochs=num_epochs,
+    shuffle=shuffle,
+  )
   if d.kind == "lm":
     from astrollama_jax.data import pipeline
-    return pipeline.make_lm_dataset(d.lm.path, split=split, tokenizer_path=d.tokenizer_path,
-                                    mixture=dict(d.lm.mixture) or None,
-                                    worker_count=d.lm.worker_count, **common)
+
+    return pipeline.make_lm_dataset(
+      d.lm.path,
+      split=split,
+      tokenizer_path=d.tokenizer_path,
+      mixture=dict(d.lm.mixture) or None,
+      worker_count=d.lm.worker_count,
+      **common,
+    )
   if d.kind == "sft":
     from astrollama_jax.data import chat
+
     sources = d.sft.sources if split == "train" else d.sft.eval_sources
     if not sources:
       raise ValueError("config.data.sft.eval_sources is empty: no SFT validation data")
     return chat.make_sft_dataset(list(sources), d.tokenizer_path, **common)
-  return synthetic_dataset(d.seq_len, global_batch, seed=d.seed + (split != "train"),
-                           num_rows=d.synthetic.num_rows, num_epochs=num_epochs,
-                           stall_after=d.synthetic.stall_after_steps if split == "train" else 0)
+  return synthetic_dataset(
+    d.seq_len,
+    global_batch,
+    seed=d.seed + (split != "train"),
+    num_rows=d.synthetic.num_rows,
+    num_epochs=num_epochs,
+    stall_after=d.synthetic.stall_after_steps if split == "train" else 0,
+  )
 
 
 def has_split(config: Any, split: str) -> bool:
@@ -77,6 +102,7 @@ def has_split(config: Any, split: str) -> bool:
 
 # --- synthetic data ------------------------------------------------------------------------------
 
+
 def synthetic_row(seed: int, row: int, seq_len: int, vocab: int = 1000) -> dict[str, np.ndarray]:
   """One packed row: 1-3 arithmetic token progressions (learnable), then maybe some padding."""
   rng = np.random.default_rng([seed, row])
@@ -84,8 +110,13 @@ def synthetic_row(seed: int, row: int, seq_len: int, vocab: int = 1000) -> dict[
   segs = np.zeros(seq_len + 1, np.int32)
   pos = np.zeros(seq_len + 1, np.int32)
   fill = seq_len + 1 - int(rng.integers(0, seq_len // 4 + 1))
-  cuts = np.sort(rng.choice(np.arange(2, fill - 1), size=min(int(rng.integers(0, 3)), fill - 3),
-                            replace=False)) if fill > 4 else np.array([], np.int64)
+  cuts = (
+    np.sort(
+      rng.choice(np.arange(2, fill - 1), size=min(int(rng.integers(0, 3)), fill - 3), replace=False)
+    )
+    if fill > 4
+    else np.array([], np.int64)
+  )
   bounds = [0, *cuts.tolist(), fill]
   for s, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
     start, stride = int(rng.integers(3, vocab)), int(rng.integers(1, 8))
@@ -94,8 +125,15 @@ def synthetic_row(seed: int, row: int, seq_len: int, vocab: int = 1000) -> dict[
     segs[a:b] = s + 1
     pos[a:b] = np.arange(b - a)
   same_doc = (segs[:-1] == segs[1:]) & (segs[:-1] != 0)
-  return as_batch({"tokens": tokens[:-1], "targets": np.where(same_doc, tokens[1:], 0),
-                   "segment_ids": segs[:-1], "positions": pos[:-1], "loss_mask": same_doc})
+  return as_batch(
+    {
+      "tokens": tokens[:-1],
+      "targets": np.where(same_doc, tokens[1:], 0),
+      "segment_ids": segs[:-1],
+      "positions": pos[:-1],
+      "loss_mask": same_doc,
+    }
+  )
 
 
 class _SyntheticRows:
@@ -103,7 +141,12 @@ class _SyntheticRows:
 
   def __init__(self, seed: int, seq_len: int, global_batch: int, local: int, offset: int):
     self.seed, self.seq_len, self.global_batch, self.local, self.offset = (
-        seed, seq_len, global_batch, local, offset)
+      seed,
+      seq_len,
+      global_batch,
+      local,
+      offset,
+    )
 
   def __call__(self, i: int) -> dict[str, np.ndarray]:
     row = (i // self.local) * self.global_batch + self.offset + i % self.local
@@ -122,8 +165,15 @@ class _StallAfter:
     return batch
 
 
-def synthetic_dataset(seq_len: int, global_batch: int, *, seed: int = 0, num_rows: int = 4096,
-                      num_epochs: int | None = None, stall_after: int = 0) -> grain.IterDataset:
+def synthetic_dataset(
+  seq_len: int,
+  global_batch: int,
+  *,
+  seed: int = 0,
+  num_rows: int = 4096,
+  num_epochs: int | None = None,
+  stall_after: int = 0,
+) -> grain.IterDataset:
   """``num_rows`` synthetic rows per epoch, batched; this process gets rows of its devices.
 
   ``stall_after`` > 0 makes batch ``stall_after`` (0-based, over all epochs) block forever, to
@@ -134,7 +184,9 @@ def synthetic_dataset(seq_len: int, global_batch: int, *, seed: int = 0, num_row
   if steps < 1:
     raise ValueError(f"num_rows {num_rows} is less than one global batch of {global_batch}")
   offset = jax.process_index() * local  # devices are ordered process-major (checked in to_global)
-  ds = grain.MapDataset.range(steps * local).map(_SyntheticRows(seed, seq_len, global_batch, local, offset))
+  ds = grain.MapDataset.range(steps * local).map(
+    _SyntheticRows(seed, seq_len, global_batch, local, offset)
+  )
   ds = ds.repeat(num_epochs) if num_epochs != 1 else ds
   ds = ds.batch(local, drop_remainder=True)
   if stall_after > 0:
@@ -143,6 +195,7 @@ def synthetic_dataset(seq_len: int, global_batch: int, *, seed: int = 0, num_row
 
 
 # --- host batches -> global arrays ---------------------------------------------------------------
+
 
 def to_global(mesh: Mesh, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
   """Assemble every process's rows into global [global_batch, seq] arrays on ``mesh``.
@@ -165,13 +218,19 @@ def to_global(mesh: Mesh, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
 
 def _check_process_rows(sharding, global_shape, local_rows: int) -> None:
   """This process's devices must hold one contiguous block of rows, the p-th one."""
-  rows = sorted({(idx[0].start or 0, idx[0].stop or global_shape[0])
-                 for idx in sharding.addressable_devices_indices_map(global_shape).values()})
+  rows = sorted(
+    {
+      (idx[0].start or 0, idx[0].stop or global_shape[0])
+      for idx in sharding.addressable_devices_indices_map(global_shape).values()
+    }
+  )
   start, stop = rows[0][0], rows[-1][1]
   want = jax.process_index() * local_rows
   if (start, stop) != (want, want + local_rows):
-    raise ValueError(f"process {jax.process_index()} holds batch rows [{start}, {stop}) but feeds "
-                     f"rows [{want}, {want + local_rows}): the mesh is not ordered process-major")
+    raise ValueError(
+      f"process {jax.process_index()} holds batch rows [{start}, {stop}) but feeds "
+      f"rows [{want}, {want + local_rows}): the mesh is not ordered process-major"
+    )
 
 
 def batch_hash(local: dict[str, np.ndarray]) -> str:

@@ -59,44 +59,61 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = model_section()
 
   c.data = _section(
-      kind="lm", seq_len=2048, seed=0, shuffle=True,
-      tokenizer_path="",                # lm and sft: SentencePiece tokenizer.model
-      lm=_section(path="",              # the --output of `python -m astrollama_jax.prepare`
-                  mixture={},           # section weights, e.g. {"abstract": 0.5, ...}; {} = all
-                  worker_count=0),      # Grain worker processes
-      # sources: list of {path, format, count, weight}; eval_sources: validation conversations.
-      sft=_section(sources=[], eval_sources=[]),
-      synthetic=_section(num_rows=4096,    # rows per epoch
-                         stall_after_steps=0))  # > 0: hangs after this many batches (tests)
+    kind="lm",
+    seq_len=2048,
+    seed=0,
+    shuffle=True,
+    tokenizer_path="",  # lm and sft: SentencePiece tokenizer.model
+    lm=_section(
+      path="",  # the --output of `python -m astrollama_jax.prepare`
+      mixture={},  # section weights, e.g. {"abstract": 0.5, ...}; {} = all
+      worker_count=0,
+    ),  # Grain worker processes
+    # sources: list of {path, format, count, weight}; eval_sources: validation conversations.
+    sft=_section(sources=[], eval_sources=[]),
+    synthetic=_section(
+      num_rows=4096,  # rows per epoch
+      stall_after_steps=0,
+    ),
+  )  # > 0: hangs after this many batches (tests)
 
   c.train = _section(
-      global_batch_size=160,            # sequences per optimizer step, over all processes
-      num_steps=0,                      # > 0: exactly this many steps; 0: num_epochs epochs
-      num_epochs=1,
-      grad_accum_steps=1,               # micro-batches per step (global batch / this = micro batch)
-      max_consecutive_nonfinite=20,     # stop after this many skipped steps in a row
-      hang_timeout_s=0.0)               # > 0: no step/eval/checkpoint progress this long -> exit 76
+    global_batch_size=160,  # sequences per optimizer step, over all processes
+    num_steps=0,  # > 0: exactly this many steps; 0: num_epochs epochs
+    num_epochs=1,
+    grad_accum_steps=1,  # micro-batches per step (global batch / this = micro batch)
+    max_consecutive_nonfinite=20,  # stop after this many skipped steps in a row
+    hang_timeout_s=0.0,
+  )  # > 0: no step/eval/checkpoint progress this long -> exit 76
   c.optimizer = _section(
-      weight_decay=0.0,                 # HF Trainer default, as in the reference recipe
-      adam_b1=0.9, adam_b2=0.95, adam_eps=1e-8,
-      grad_clip_norm=1.0,
-      moments_dtype="float32")          # or bfloat16 (Adam mu and nu)
+    weight_decay=0.0,  # HF Trainer default, as in the reference recipe
+    adam_b1=0.9,
+    adam_b2=0.95,
+    adam_eps=1e-8,
+    grad_clip_norm=1.0,
+    moments_dtype="float32",
+  )  # or bfloat16 (Adam mu and nu)
   c.schedule = _section(
-      learning_rate=2e-5,               # the peak
-      kind="cosine",                    # cosine | constant
-      warmup_ratio=0.03,
-      end_lr_ratio=0.0)
-  c.loss = _section(chunk_size=0)       # > 0: LM head + cross-entropy in sequence chunks
+    learning_rate=2e-5,  # the peak
+    kind="cosine",  # cosine | constant
+    warmup_ratio=0.03,
+    end_lr_ratio=0.0,
+  )
+  c.loss = _section(chunk_size=0)  # > 0: LM head + cross-entropy in sequence chunks
   c.eval = _section(
-      every=500,                        # 0: only at the start and the end
-      batches=0,                        # 0: the whole validation split
-      batch_size=0,                     # 0: global_batch_size / grad_accum_steps
-      at_start=True, at_end=True)
+    every=500,  # 0: only at the start and the end
+    batches=0,  # 0: the whole validation split
+    batch_size=0,  # 0: global_batch_size / grad_accum_steps
+    at_start=True,
+    at_end=True,
+  )
   c.checkpoint = _section(every=500, keep=3, async_save=True)
-  c.lora = _section(rank=0,             # 0: full fine-tuning; > 0: adapters of this rank
-                    alpha=16.0, dropout=0.0,
-                    targets="q,v",      # comma-separated, of q, k, v, o, gate, up, down
-                    base_dtype="bfloat16")
-  c.log = _section(every=10,
-                   batch_hashes=False)  # write every step's batch digest to metrics.jsonl
+  c.lora = _section(
+    rank=0,  # 0: full fine-tuning; > 0: adapters of this rank
+    alpha=16.0,
+    dropout=0.0,
+    targets="q,v",  # comma-separated, of q, k, v, o, gate, up, down
+    base_dtype="bfloat16",
+  )
+  c.log = _section(every=10, batch_hashes=False)  # write every step's batch digest to metrics.jsonl
   return c

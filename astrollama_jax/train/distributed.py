@@ -77,14 +77,20 @@ def slurm_local_device_ids(env: Mapping[str, str]) -> list[int] | None:
   if tasks <= 1 or seen < on_node or "SLURM_GPUS_PER_TASK" in env:
     return list(range(seen))
   if seen % tasks:
-    raise ValueError(f"{seen} GPUs on this node cannot be split evenly over its {tasks} Slurm "
-                     "tasks; use one task per node or per GPU")
+    raise ValueError(
+      f"{seen} GPUs on this node cannot be split evenly over its {tasks} Slurm "
+      "tasks; use one task per node or per GPU"
+    )
   share, local = seen // tasks, int(env.get("SLURM_LOCALID", "0"))
   return list(range(local * share, (local + 1) * share))
 
 
-def initialize(mode: str = "auto", coordinator_address: str | None = None,
-               num_processes: int | None = None, process_id: int | None = None) -> None:
+def initialize(
+  mode: str = "auto",
+  coordinator_address: str | None = None,
+  num_processes: int | None = None,
+  process_id: int | None = None,
+) -> None:
   """``mode``: 'on' always initialises, 'off' never, 'auto' when flags or a cluster say so."""
   if mode not in ("auto", "on", "off"):
     raise ValueError(f"distributed mode {mode!r} is not auto, on or off")
@@ -97,10 +103,19 @@ def initialize(mode: str = "auto", coordinator_address: str | None = None,
   if cluster_env() == "slurm" and not explicit:
     options["local_device_ids"] = slurm_local_device_ids(os.environ)
   if explicit:
-    jax.distributed.initialize(coordinator_address=coordinator_address,
-                               num_processes=num_processes, process_id=process_id, **options)
+    jax.distributed.initialize(
+      coordinator_address=coordinator_address,
+      num_processes=num_processes,
+      process_id=process_id,
+      **options,
+    )
   else:
     jax.distributed.initialize(**options)  # TPU pod / SLURM / OpenMPI auto-detection
-  logging.info("process %d of %d (%s); %d local of %d devices", jax.process_index(),
-               jax.process_count(), cluster_env() or "flags", jax.local_device_count(),
-               jax.device_count())
+  logging.info(
+    "process %d of %d (%s); %d local of %d devices",
+    jax.process_index(),
+    jax.process_count(),
+    cluster_env() or "flags",
+    jax.local_device_count(),
+    jax.device_count(),
+  )

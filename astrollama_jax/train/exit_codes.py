@@ -26,7 +26,7 @@ FINISHED = 0
 USER_ERROR = 1
 NONFINITE = 3
 WORKDIR_BUSY = 73  # EX_CANTCREAT
-PREEMPTED = 75     # EX_TEMPFAIL
+PREEMPTED = 75  # EX_TEMPFAIL
 HUNG = 76
 
 # Statuses after which rerunning the same command continues the run.

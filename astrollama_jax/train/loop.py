@@ -80,6 +80,7 @@ def _any_done(done: bool) -> bool:
   if jax.process_count() == 1:
     return done
   from jax.experimental import multihost_utils
+
   return bool(np.any(multihost_utils.process_allgather(np.asarray(done, np.int32))))
 
 
@@ -98,14 +99,19 @@ def _lora_record(config: Any, workdir: str, program: program_lib.TrainProgram) -
     return None
   record = lora_base.read(workdir) if setup.has_checkpoints(workdir) else None
   if record is None:
-    record = {"spec": program.lora, "base_dtype": program.base_dtype,
-              "base": lora_base.base_record(config.init_checkpoint, config.seed)}
+    record = {
+      "spec": program.lora,
+      "base_dtype": program.base_dtype,
+      "base": lora_base.base_record(config.init_checkpoint, config.seed),
+    }
     if jax.process_index() == 0:
       lora_base.write(workdir, program.lora, program.base_dtype, record["base"])
   elif (record["spec"], record["base_dtype"]) != (program.lora, program.base_dtype):
-    raise ValueError(f"{workdir} holds adapters {record['spec']} over a {record['base_dtype']} "
-                     f"base, the config asks for {program.lora} over {program.base_dtype}; "
-                     "use a fresh --workdir")
+    raise ValueError(
+      f"{workdir} holds adapters {record['spec']} over a {record['base_dtype']} "
+      f"base, the config asks for {program.lora} over {program.base_dtype}; "
+      "use a fresh --workdir"
+    )
   return record
 
 
@@ -136,15 +142,23 @@ def _train(config: Any, workdir: str, mesh: Any, started: float) -> dict[str, An
   if tok_path and not config.data.tokenizer_path:
     config.data.tokenizer_path = tok_path
   setup.bootstrap_workdir(workdir, config, cfg, tok_path)
-  logging.info("model %s (%.1fM params) from %s on mesh %s", cfg, cfg.num_params() / 1e6, cfg_source,
-               dict(mesh.shape))
+  logging.info(
+    "model %s (%.1fM params) from %s on mesh %s",
+    cfg,
+    cfg.num_params() / 1e6,
+    cfg_source,
+    dict(mesh.shape),
+  )
   steps = setup.total_steps(config)
   program = program_lib.compile_train_step(config, mesh, cfg=cfg, total_steps=steps)
   mem = program.compiled.memory_analysis()
   if mem is not None:
-    logging.info("train step per-device memory: args %.2f GB, temp %.2f GB, out %.2f GB",
-                 mem.argument_size_in_bytes / 1e9, mem.temp_size_in_bytes / 1e9,
-                 mem.output_size_in_bytes / 1e9)
+    logging.info(
+      "train step per-device memory: args %.2f GB, temp %.2f GB, out %.2f GB",
+      mem.argument_size_in_bytes / 1e9,
+      mem.temp_size_in_bytes / 1e9,
+      mem.output_size_in_bytes / 1e9,
+    )
   lora_record = _lora_record(config, workdir, program)
   ckpt = Checkpointer(workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
   ckpt.check_free_space(program.state_bytes())
@@ -167,8 +181,9 @@ def _train(config: Any, workdir: str, mesh: Any, started: float) -> dict[str, An
     jax.block_until_ready(state)
     summary["state_s"] = round(time.time() - t0, 2)  # restore or initialise
     summary["compile_s"] = program.compile_s
-    eval_step = step_lib.make_eval_step(cfg, program.model_params(program.shardings), mesh,
-                                        loss_chunk=config.loss.chunk_size)
+    eval_step = step_lib.make_eval_step(
+      cfg, program.model_params(program.shardings), mesh, loss_chunk=config.loss.chunk_size
+    )
     logger = MetricsLogger(workdir, steps, start)
     preempt = _Preemption(ckpt)
     try:
@@ -177,8 +192,23 @@ def _train(config: Any, workdir: str, mesh: Any, started: float) -> dict[str, An
         if summary["eval_start"]:
           logger.write(0, "eval", summary["eval_start"])
       meta = {"eval_start": summary.get("eval_start")}
-      summary.update(_run_steps(config, program, state, train_iter, ckpt, logger,
-                                preempt, eval_step, mesh, start, steps, step_flops, meta))
+      summary.update(
+        _run_steps(
+          config,
+          program,
+          state,
+          train_iter,
+          ckpt,
+          logger,
+          preempt,
+          eval_step,
+          mesh,
+          start,
+          steps,
+          step_flops,
+          meta,
+        )
+      )
     finally:
       preempt.close()
       logger.close()
@@ -187,8 +217,21 @@ def _train(config: Any, workdir: str, mesh: Any, started: float) -> dict[str, An
   return summary
 
 
-def _run_steps(config, program, state, train_iter, ckpt, logger, preempt, eval_step, mesh, start,
-               steps, step_flops, meta) -> dict[str, Any]:
+def _run_steps(
+  config,
+  program,
+  state,
+  train_iter,
+  ckpt,
+  logger,
+  preempt,
+  eval_step,
+  mesh,
+  start,
+  steps,
+  step_flops,
+  meta,
+) -> dict[str, Any]:
   t, log, ev_cfg, ck = config.train, config.log, config.eval, config.checkpoint
   n_dev, kind = jax.device_count(), jax.devices()[0].device_kind
   tokens_per_step = t.global_batch_size * config.data.seq_len
@@ -212,19 +255,27 @@ def _run_steps(config, program, state, train_iter, ckpt, logger, preempt, eval_s
       now = time.time()
       dt = (now - mark) / max(step - mark_step, 1)
       m = {k: float(fetched[-1][k]) for k in ("loss", "grad_norm", "lr")}
-      m.update(skipped=int(sum(f["skipped"] for f in fetched)), step_time_s=dt,
-               tokens_per_s=tokens_per_step / dt, loss_tokens=float(fetched[-1]["tokens"]))
+      m.update(
+        skipped=int(sum(f["skipped"] for f in fetched)),
+        step_time_s=dt,
+        tokens_per_s=tokens_per_step / dt,
+        loss_tokens=float(fetched[-1]["tokens"]),
+      )
       util = flops.mfu(step_flops, dt, n_dev, kind)
       if util is not None:
         m["mfu"] = util
       logger.write(step, "train", m)
       logger.advance(step - mark_step, {"loss": m["loss"], "lr": m["lr"]})
-      out.update(train_loss=m["loss"], step_time_s=dt, tokens_per_s=m["tokens_per_s"], mfu=m.get("mfu"))
+      out.update(
+        train_loss=m["loss"], step_time_s=dt, tokens_per_s=m["tokens_per_s"], mfu=m.get("mfu")
+      )
       pending, mark, mark_step = [], now, step
       run = int(jax.device_get(state.nonfinite_run))
       if run >= t.max_consecutive_nonfinite:
-        raise NonFiniteError(f"{run} consecutive steps with a non-finite loss or gradient up to step "
-                             f"{step}; stopping (latest checkpoint: {ckpt.all_steps()[-1:]})")
+        raise NonFiniteError(
+          f"{run} consecutive steps with a non-finite loss or gradient up to step "
+          f"{step}; stopping (latest checkpoint: {ckpt.all_steps()[-1:]})"
+        )
     if ev_cfg.every and step % ev_cfg.every == 0 and not last:
       ev = evaluate(config, eval_step, program.model_params(state), mesh)
       if ev:

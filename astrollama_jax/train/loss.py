@@ -24,7 +24,9 @@ from astrollama_jax.model import llama
 from astrollama_jax.model.config import LlamaConfig
 
 
-def token_nll_sums(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array]:
+def token_nll_sums(
+  logits: jax.Array, targets: jax.Array, weights: jax.Array
+) -> tuple[jax.Array, jax.Array]:
   """(sum of weighted negative log-likelihoods, sum of weights); logits [..., V] in float32."""
   logits = logits.astype(jnp.float32)
   log_z = jax.nn.logsumexp(logits, axis=-1)
@@ -32,8 +34,9 @@ def token_nll_sums(logits: jax.Array, targets: jax.Array, weights: jax.Array) ->
   return jnp.sum((log_z - picked) * weights), jnp.sum(weights)
 
 
-def head_nll_sums(hidden: jax.Array, lm_head: jax.Array, targets: jax.Array, weights: jax.Array,
-                  chunk_size: int = 0) -> tuple[jax.Array, jax.Array]:
+def head_nll_sums(
+  hidden: jax.Array, lm_head: jax.Array, targets: jax.Array, weights: jax.Array, chunk_size: int = 0
+) -> tuple[jax.Array, jax.Array]:
   """NLL sums of the LM head over final hidden states [B, T, D], optionally in sequence chunks.
 
   Logits are accumulated in float32 whatever the compute dtype. With ``chunk_size`` (a divisor
@@ -56,8 +59,9 @@ def head_nll_sums(hidden: jax.Array, lm_head: jax.Array, targets: jax.Array, wei
   def split(x):  # [B, T, ...] -> [n, B, chunk, ...]
     return jnp.moveaxis(x.reshape(b, n, chunk_size, *x.shape[2:]), 1, 0)
 
-  sums, weight_sums = jax.lax.map(lambda xs: jax.checkpoint(piece)(*xs),
-                                  (split(hidden), split(targets), split(weights)))
+  sums, weight_sums = jax.lax.map(
+    lambda xs: jax.checkpoint(piece)(*xs), (split(hidden), split(targets), split(weights))
+  )
   return jnp.sum(sums), jnp.sum(weight_sums)
 
 
@@ -66,11 +70,14 @@ def loss_weights(batch: Mapping[str, jax.Array]) -> jax.Array:
   return batch["loss_mask"].astype(jnp.float32) * (batch["segment_ids"] != 0)
 
 
-def lm_loss_sums(cfg: LlamaConfig, params: Any, batch: Mapping[str, jax.Array],
-                 chunk_size: int = 0) -> tuple[jax.Array, jax.Array]:
+def lm_loss_sums(
+  cfg: LlamaConfig, params: Any, batch: Mapping[str, jax.Array], chunk_size: int = 0
+) -> tuple[jax.Array, jax.Array]:
   """(NLL sum, token count) of a packed batch {tokens, targets, segment_ids, positions, loss_mask};
   ``params`` may be a frozen base with adapters (``lora.Adapted``)."""
-  hidden, _ = llama.apply(cfg, params, batch["tokens"], batch["positions"], batch["segment_ids"],
-                          return_hidden=True)
-  return head_nll_sums(hidden, llama.base_params(params)["lm_head"], batch["targets"],
-                       loss_weights(batch), chunk_size)
+  hidden, _ = llama.apply(
+    cfg, params, batch["tokens"], batch["positions"], batch["segment_ids"], return_hidden=True
+  )
+  return head_nll_sums(
+    hidden, llama.base_params(params)["lm_head"], batch["targets"], loss_weights(batch), chunk_size
+  )

@@ -30,13 +30,20 @@ def _plain(v: Any) -> Any:
 class MetricsLogger:
   """TensorBoard + JSONL + tqdm, active on process 0 only."""
 
-  def __init__(self, workdir: str, total_steps: int, start_step: int = 0,
-               enabled: bool | None = None, progress: bool = True):
+  def __init__(
+    self,
+    workdir: str,
+    total_steps: int,
+    start_step: int = 0,
+    enabled: bool | None = None,
+    progress: bool = True,
+  ):
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self._tb = self._jsonl = self._bar = None
     if not self.enabled:
       return
     from tensorboardX import SummaryWriter
+
     self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
     path = os.path.join(workdir, "metrics.jsonl")
     torn = os.path.exists(path) and os.path.getsize(path) and not _ends_with_newline(path)
@@ -44,15 +51,23 @@ class MetricsLogger:
     if torn:  # a killed run left half a line: end it so the next record stays readable
       self._jsonl.write("\n")
     if progress:
-      self._bar = tqdm.tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
-                            desc="train", mininterval=1.0)
+      self._bar = tqdm.tqdm(
+        total=total_steps,
+        initial=start_step,
+        unit="step",
+        dynamic_ncols=True,
+        desc="train",
+        mininterval=1.0,
+      )
 
   def write(self, step: int, kind: str, values: dict[str, Any]) -> None:
     """One JSONL line; numeric values also go to TensorBoard as ``kind/name``."""
     if not self.enabled:
       return
     values = {k: _plain(v) for k, v in values.items()}
-    self._jsonl.write(json.dumps({"step": step, "kind": kind, "time": round(time.time(), 3), **values}) + "\n")
+    self._jsonl.write(
+      json.dumps({"step": step, "kind": kind, "time": round(time.time(), 3), **values}) + "\n"
+    )
     if kind in ("train", "eval"):
       for name, v in values.items():
         if isinstance(v, (int, float)) and not isinstance(v, bool):

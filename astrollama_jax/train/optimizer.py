@@ -36,11 +36,16 @@ def make_schedule(schedule: Any, total_steps: int) -> optax.Schedule:
     base = optax.cosine_decay_schedule(lr, decay_steps=total_steps, alpha=s.end_lr_ratio)
   elif s.kind == "cosine":
     base = optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=lr, warmup_steps=warmup,
-        decay_steps=max(total_steps, warmup + 1), end_value=lr * s.end_lr_ratio)
+      init_value=0.0,
+      peak_value=lr,
+      warmup_steps=warmup,
+      decay_steps=max(total_steps, warmup + 1),
+      end_value=lr * s.end_lr_ratio,
+    )
   elif s.kind == "constant":
-    base = optax.join_schedules([optax.linear_schedule(0.0, lr, max(warmup, 1)),
-                                 optax.constant_schedule(lr)], [warmup])
+    base = optax.join_schedules(
+      [optax.linear_schedule(0.0, lr, max(warmup, 1)), optax.constant_schedule(lr)], [warmup]
+    )
   else:
     raise ValueError(f"schedule.kind {s.kind!r} is not 'cosine' or 'constant'")
   return lambda count: base(count + 1)
@@ -49,7 +54,8 @@ def make_schedule(schedule: Any, total_steps: int) -> optax.Schedule:
 def _decay_mask(params: Any) -> Any:
   """Weight decay on matrices only: not on RMSNorm scales (stacked norms are 2-D, so by name)."""
   return jax.tree_util.tree_map_with_path(
-      lambda path, _: not any("norm" in str(getattr(k, "key", "")) for k in path), params)
+    lambda path, _: not any("norm" in str(getattr(k, "key", "")) for k in path), params
+  )
 
 
 def keep_state_in(inner: optax.GradientTransformation, dtype: Any) -> optax.GradientTransformation:
@@ -58,7 +64,8 @@ def keep_state_in(inner: optax.GradientTransformation, dtype: Any) -> optax.Grad
 
   def cast(tree, to):
     return jax.tree.map(
-        lambda x: x.astype(to) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+      lambda x: x.astype(to) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree
+    )
 
   def init(params):
     return cast(inner.init(params), dtype)
@@ -70,14 +77,21 @@ def keep_state_in(inner: optax.GradientTransformation, dtype: Any) -> optax.Grad
   return optax.GradientTransformation(init, update)
 
 
-def make_optimizer(config: Any,
-                   total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make_optimizer(
+  config: Any, total_steps: int
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """(transformation, schedule) for ``config.optimizer`` and ``config.schedule`` over
   ``total_steps``."""
   o = config.optimizer
   schedule = make_schedule(config.schedule, total_steps)
-  adamw = optax.adamw(schedule, b1=o.adam_b1, b2=o.adam_b2, eps=o.adam_eps,
-                      weight_decay=o.weight_decay, mask=_decay_mask)
+  adamw = optax.adamw(
+    schedule,
+    b1=o.adam_b1,
+    b2=o.adam_b2,
+    eps=o.adam_eps,
+    weight_decay=o.weight_decay,
+    mask=_decay_mask,
+  )
   if o.moments_dtype != "float32":
     adamw = keep_state_in(adamw, o.moments_dtype)
   chain = [adamw]

@@ -32,14 +32,14 @@ class TrainProgram:
   rules: sharding.Rules
   tx: optax.GradientTransformation
   schedule: optax.Schedule
-  state_shapes: state_lib.TrainState      # ShapeDtypeStructs
-  shardings: state_lib.TrainState         # NamedShardings
+  state_shapes: state_lib.TrainState  # ShapeDtypeStructs
+  shardings: state_lib.TrainState  # NamedShardings
   batch: dict[str, jax.ShapeDtypeStruct]  # with their shardings
   lowered: Any
   compiled: Any
   compile_s: float
-  lora: lora_lib.LoraSpec | None = None   # adapters trained over a frozen base (config.lora)
-  base_dtype: str | None = None           # the frozen base's dtype (with lora)
+  lora: lora_lib.LoraSpec | None = None  # adapters trained over a frozen base (config.lora)
+  base_dtype: str | None = None  # the frozen base's dtype (with lora)
 
   @property
   def abstract_state(self) -> state_lib.TrainState:
@@ -66,8 +66,14 @@ class TrainProgram:
       return state_lib.create_state(params, self.tx, self.shardings, seed=seed, lora=lora)
 
 
-def compile_train_step(config: Any, mesh: Mesh, *, cfg: LlamaConfig | None = None,
-                       total_steps: int = 1, compile: bool = True) -> TrainProgram:
+def compile_train_step(
+  config: Any,
+  mesh: Mesh,
+  *,
+  cfg: LlamaConfig | None = None,
+  total_steps: int = 1,
+  compile: bool = True,
+) -> TrainProgram:
   """Build and compile ``config``'s train step on ``mesh`` (only lower it: ``compile=False``,
   for a caller that compiles it itself, e.g. for a TPU slice that may not hold it).
 
@@ -84,13 +90,31 @@ def compile_train_step(config: Any, mesh: Mesh, *, cfg: LlamaConfig | None = Non
     tx, schedule = optimizer.make_optimizer(config, total_steps)
     shapes, shardings = state_lib.abstract_state(cfg, tx, mesh, lora, base_dtype)
     batch = step_lib.abstract_batch(t.global_batch_size, config.data.seq_len, mesh)
-    train_step = step_lib.make_train_step(cfg, tx, schedule, shardings, mesh,
-                                          grad_accum=t.grad_accum_steps,
-                                          loss_chunk=config.loss.chunk_size, lora=lora)
+    train_step = step_lib.make_train_step(
+      cfg,
+      tx,
+      schedule,
+      shardings,
+      mesh,
+      grad_accum=t.grad_accum_steps,
+      loss_chunk=config.loss.chunk_size,
+      lora=lora,
+    )
     t0 = time.time()
     lowered = train_step.lower(state_lib.with_shardings(shapes, shardings), batch)
     compiled = lowered.compile() if compile else None
-  return TrainProgram(cfg=cfg, mesh=mesh, rules=rules, tx=tx, schedule=schedule,
-                      state_shapes=shapes, shardings=shardings, batch=batch, lowered=lowered,
-                      compiled=compiled, compile_s=round(time.time() - t0, 2), lora=lora,
-                      base_dtype=base_dtype)
+  return TrainProgram(
+    cfg=cfg,
+    mesh=mesh,
+    rules=rules,
+    tx=tx,
+    schedule=schedule,
+    state_shapes=shapes,
+    shardings=shardings,
+    batch=batch,
+    lowered=lowered,
+    compiled=compiled,
+    compile_s=round(time.time() - t0, 2),
+    lora=lora,
+    base_dtype=base_dtype,
+  )

@@ -22,8 +22,11 @@ from astrollama_jax.train.defaults import DATA_KINDS
 
 
 def arch_overrides(config: Any) -> dict[str, Any]:
-  return {k: v for k, v in config.model.items() if k != "preset" and k not in POLICY_FIELDS
-          and v is not None}
+  return {
+    k: v
+    for k, v in config.model.items()
+    if k != "preset" and k not in POLICY_FIELDS and v is not None
+  }
 
 
 def policy(config: Any) -> dict[str, Any]:
@@ -54,21 +57,30 @@ def check_inputs(config: Any, workdir: str) -> None:
   if kind == "sft" and not config.data.sft.sources:
     missing.append("--config.data.sft.sources (chat files: list of {path, format, count, weight})")
   # (an init_checkpoint still to be named may bring its own tokenizer)
-  if (kind in ("lm", "sft") and not config.data.tokenizer_path
-      and config.init_checkpoint is not None and tokenizer_path(config, workdir) is None):
+  if (
+    kind in ("lm", "sft")
+    and not config.data.tokenizer_path
+    and config.init_checkpoint is not None
+    and tokenizer_path(config, workdir) is None
+  ):
     missing.append("--config.data.tokenizer_path=FILE (the SentencePiece tokenizer.model)")
   if missing:
-    raise ValueError(f"the config leaves out what a {kind!r} run needs: pass "
-                     + " and ".join(missing))
+    raise ValueError(
+      f"the config leaves out what a {kind!r} run needs: pass " + " and ".join(missing)
+    )
 
 
 def _with_overrides(cfg: LlamaConfig, config: Any, source: str) -> LlamaConfig:
   """``cfg`` (from a checkpoint) with the run's policy; architecture overrides must agree."""
-  clash = {k: (getattr(cfg, k), v) for k, v in arch_overrides(config).items() if getattr(cfg, k) != v}
+  clash = {
+    k: (getattr(cfg, k), v) for k, v in arch_overrides(config).items() if getattr(cfg, k) != v
+  }
   clash.pop("max_seq_len", None)  # a positional limit, not a weight shape: the run's value wins
   if clash:
-    raise ValueError(f"config.model overrides {sorted(clash)} contradict {source}: "
-                     + ", ".join(f"{k}: checkpoint {a} vs config {b}" for k, (a, b) in clash.items()))
+    raise ValueError(
+      f"config.model overrides {sorted(clash)} contradict {source}: "
+      + ", ".join(f"{k}: checkpoint {a} vs config {b}" for k, (a, b) in clash.items())
+    )
   extra = {k: v for k, v in arch_overrides(config).items() if k == "max_seq_len"}
   return cfg.replace(**policy(config), **extra)
 
@@ -88,6 +100,7 @@ def model_config(config: Any, workdir: str) -> tuple[LlamaConfig, str]:
     kind, root, _, _ = checkpoints.locate(config.init_checkpoint)
     if kind == "hf":
       from astrollama_jax.formats import hf
+
       cfg = hf.read_hf_config(root)
     else:
       cfg = checkpoints.read_model_config(root)
@@ -99,7 +112,9 @@ def tokenizer_path(config: Any, workdir: str) -> str | None:
   """The data's tokenizer, else the workdir's copy, else the init checkpoint's."""
   candidates = [config.data.tokenizer_path, os.path.join(workdir, checkpoints.TOKENIZER_FILE)]
   if config.init_checkpoint:
-    candidates.append(os.path.join(checkpoints.locate(config.init_checkpoint)[1], checkpoints.TOKENIZER_FILE))
+    candidates.append(
+      os.path.join(checkpoints.locate(config.init_checkpoint)[1], checkpoints.TOKENIZER_FILE)
+    )
   for path in candidates:
     if path and os.path.isfile(path):
       return path
@@ -111,18 +126,22 @@ def tokenizer_path(config: Any, workdir: str) -> str | None:
 def check_compatible(cfg: LlamaConfig, config: Any, tok_path: str | None) -> None:
   """Fail early, naming the setting, on combinations that cannot train."""
   if config.data.seq_len > cfg.max_seq_len:
-    raise ValueError(f"config.data.seq_len {config.data.seq_len} exceeds the model's max_seq_len "
-                     f"{cfg.max_seq_len}")
+    raise ValueError(
+      f"config.data.seq_len {config.data.seq_len} exceeds the model's max_seq_len {cfg.max_seq_len}"
+    )
   t, chunk = config.train, config.loss.chunk_size
   if t.global_batch_size % t.grad_accum_steps:
-    raise ValueError(f"train.global_batch_size {t.global_batch_size} is not divisible by "
-                     f"train.grad_accum_steps {t.grad_accum_steps}")
+    raise ValueError(
+      f"train.global_batch_size {t.global_batch_size} is not divisible by "
+      f"train.grad_accum_steps {t.grad_accum_steps}"
+    )
   if chunk and config.data.seq_len % chunk:
     raise ValueError(f"loss.chunk_size {chunk} does not divide data.seq_len {config.data.seq_len}")
   if config.data.kind in ("lm", "sft"):
     if not tok_path:
       raise ValueError("no tokenizer: set config.data.tokenizer_path")
     from astrollama_jax.data.tokenizer import Tokenizer
+
     Tokenizer(tok_path).check_vocab(cfg.vocab_size)
 
 
@@ -132,14 +151,18 @@ def check_batch_layout(config: Any, mesh_shape: dict[str, int]) -> None:
   shards = mesh_shape["data"] * mesh_shape["fsdp"]
   t = config.train
   micro = t.global_batch_size // t.grad_accum_steps
-  batches = {"train.global_batch_size": t.global_batch_size,
-             "micro-batch (global_batch_size / grad_accum_steps)": micro,
-             "eval.batch_size": config.eval.batch_size or micro}
+  batches = {
+    "train.global_batch_size": t.global_batch_size,
+    "micro-batch (global_batch_size / grad_accum_steps)": micro,
+    "eval.batch_size": config.eval.batch_size or micro,
+  }
   for name, rows in batches.items():
     if rows % shards:
-      raise ValueError(f"{name} = {rows} rows cannot be split over the {shards} batch shards "
-                       f"(data x fsdp) of mesh {dict(mesh_shape)}; choose a batch, "
-                       "train.grad_accum_steps or config.mesh that divide")
+      raise ValueError(
+        f"{name} = {rows} rows cannot be split over the {shards} batch shards "
+        f"(data x fsdp) of mesh {dict(mesh_shape)}; choose a batch, "
+        "train.grad_accum_steps or config.mesh that divide"
+      )
 
 
 def bootstrap_workdir(workdir: str, config: Any, cfg: LlamaConfig, tok_path: str | None) -> None:
@@ -149,17 +172,24 @@ def bootstrap_workdir(workdir: str, config: Any, cfg: LlamaConfig, tok_path: str
   saved = os.path.join(workdir, checkpoints.CONFIG_FILE)
   if has_checkpoints(workdir) and os.path.isfile(saved):
     old = checkpoints.read_model_config(workdir)
-    diff = [k for k, v in cfg.to_dict().items() if k not in POLICY_FIELDS + ("max_seq_len",)
-            and getattr(old, k) != v]
+    diff = [
+      k
+      for k, v in cfg.to_dict().items()
+      if k not in POLICY_FIELDS + ("max_seq_len",) and getattr(old, k) != v
+    ]
     if diff:
-      raise ValueError(f"{workdir} holds checkpoints of another model ({saved} differs in {diff}); "
-                       "use a fresh --workdir")
+      raise ValueError(
+        f"{workdir} holds checkpoints of another model ({saved} differs in {diff}); "
+        "use a fresh --workdir"
+      )
   if jax.process_index() == 0:
     same_tok = tok_path and os.path.abspath(tok_path) == os.path.abspath(
-        os.path.join(workdir, checkpoints.TOKENIZER_FILE))
+      os.path.join(workdir, checkpoints.TOKENIZER_FILE)
+    )
     checkpoints.write_side_files(workdir, cfg, None if same_tok else tok_path)
-    diskspace.write_atomic(os.path.join(workdir, "config.json"),
-                           config.to_json_best_effort(indent=2, sort_keys=True))
+    diskspace.write_atomic(
+      os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2, sort_keys=True)
+    )
 
 
 def total_steps(config: Any) -> int:
@@ -174,9 +204,12 @@ def total_steps(config: Any) -> int:
     per_epoch = data.count_batches(iter(data.make_dataset(config, "train", num_epochs=1)))
     if jax.process_count() > 1:  # every process must run the same number of steps
       from jax.experimental import multihost_utils
+
       per_epoch = int(np.min(multihost_utils.process_allgather(np.asarray(per_epoch))))
   steps = int(per_epoch * t.num_epochs)
   if steps < 1:
-    raise ValueError(f"the training split yields no full batch of {t.global_batch_size} x "
-                     f"{config.data.seq_len} tokens; lower train.global_batch_size or data.seq_len")
+    raise ValueError(
+      f"the training split yields no full batch of {t.global_batch_size} x "
+      f"{config.data.seq_len} tokens; lower train.global_batch_size or data.seq_len"
+    )
   return steps

@@ -28,20 +28,22 @@ from astrollama_jax.model.config import LlamaConfig
 class TrainState:
   """Everything a step reads and writes. ``rng`` is raw key data (uint32[2]) so it saves as JSON."""
 
-  step: jax.Array              # int32 scalar: optimizer steps taken (applied or skipped)
-  params: Any                  # plain nested dict, float32 master weights
+  step: jax.Array  # int32 scalar: optimizer steps taken (applied or skipped)
+  params: Any  # plain nested dict, float32 master weights
   opt_state: Any
-  rng: jax.Array               # uint32[2]
-  nonfinite_total: jax.Array   # int32 scalar: steps skipped for a non-finite loss or gradient
-  nonfinite_run: jax.Array     # int32 scalar: of those, how many in a row up to now
-  frozen: Any = None           # LoRA: the base parameters (not trained, not checkpointed)
+  rng: jax.Array  # uint32[2]
+  nonfinite_total: jax.Array  # int32 scalar: steps skipped for a non-finite loss or gradient
+  nonfinite_run: jax.Array  # int32 scalar: of those, how many in a row up to now
+  frozen: Any = None  # LoRA: the base parameters (not trained, not checkpointed)
 
 
 def _keys(path) -> tuple[str, ...]:
   return tuple(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
 
 
-def opt_state_shardings(opt_shapes: Any, param_shapes: Any, param_shardings: Any, mesh: Mesh) -> Any:
+def opt_state_shardings(
+  opt_shapes: Any, param_shapes: Any, param_shardings: Any, mesh: Mesh
+) -> Any:
   """Shard optimizer leaves like the parameter they mirror (matched by dict path and shape).
 
   Matching by the trailing dict keys works for any optax chain (moments live under the same
@@ -64,9 +66,13 @@ def opt_state_shardings(opt_shapes: Any, param_shapes: Any, param_shardings: Any
   return jax.tree_util.tree_map_with_path(pick, opt_shapes)
 
 
-def abstract_state(cfg: LlamaConfig, tx: optax.GradientTransformation, mesh: Mesh,
-                   lora: lora_lib.LoraSpec | None = None,
-                   base_dtype: str | None = None) -> tuple[Any, Any]:
+def abstract_state(
+  cfg: LlamaConfig,
+  tx: optax.GradientTransformation,
+  mesh: Mesh,
+  lora: lora_lib.LoraSpec | None = None,
+  base_dtype: str | None = None,
+) -> tuple[Any, Any]:
   """(TrainState of ShapeDtypeStructs, TrainState of NamedShardings): nothing is allocated.
 
   With ``lora`` the trained ``params`` are its adapters and ``frozen`` the base model, held in
@@ -83,14 +89,25 @@ def abstract_state(cfg: LlamaConfig, tx: optax.GradientTransformation, mesh: Mes
     frozen_shard = llama.param_shardings(cfg, mesh)
   opt = jax.eval_shape(tx.init, params)
   scalar = jax.ShapeDtypeStruct((), jnp.int32)
-  shapes = TrainState(step=scalar, params=params, opt_state=opt,
-                      rng=jax.ShapeDtypeStruct((2,), jnp.uint32),
-                      nonfinite_total=scalar, nonfinite_run=scalar, frozen=frozen)
+  shapes = TrainState(
+    step=scalar,
+    params=params,
+    opt_state=opt,
+    rng=jax.ShapeDtypeStruct((2,), jnp.uint32),
+    nonfinite_total=scalar,
+    nonfinite_run=scalar,
+    frozen=frozen,
+  )
   replicated = NamedSharding(mesh, P())
-  shardings = TrainState(step=replicated, params=p_shard,
-                         opt_state=opt_state_shardings(opt, params, p_shard, mesh),
-                         rng=replicated, nonfinite_total=replicated, nonfinite_run=replicated,
-                         frozen=frozen_shard)
+  shardings = TrainState(
+    step=replicated,
+    params=p_shard,
+    opt_state=opt_state_shardings(opt, params, p_shard, mesh),
+    rng=replicated,
+    nonfinite_total=replicated,
+    nonfinite_run=replicated,
+    frozen=frozen_shard,
+  )
   return shapes, shardings
 
 
@@ -104,12 +121,18 @@ def model_params(state: TrainState, lora: lora_lib.LoraSpec | None) -> Any:
 
 def with_shardings(shapes: Any, shardings: Any) -> Any:
   """ShapeDtypeStructs that also carry their target sharding (for AOT lowering and restore)."""
-  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+  return jax.tree.map(
+    lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings
+  )
 
 
-def create_state(params: Any, tx: optax.GradientTransformation, shardings: TrainState,
-                 seed: int, lora: tuple[LlamaConfig, lora_lib.LoraSpec, str] | None = None
-                 ) -> TrainState:
+def create_state(
+  params: Any,
+  tx: optax.GradientTransformation,
+  shardings: TrainState,
+  seed: int,
+  lora: tuple[LlamaConfig, lora_lib.LoraSpec, str] | None = None,
+) -> TrainState:
   """A fresh state around ``params`` (already on the mesh, or a function making them, which
   then runs inside the same compiled program): optimizer initialised in place.
 
@@ -125,10 +148,15 @@ def create_state(params: Any, tx: optax.GradientTransformation, shardings: Train
       cfg, spec, base_dtype = lora
       frozen = jax.tree.map(lambda x: x.astype(base_dtype), params)
       params = lora_lib.init_adapters(cfg, spec, seed)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      rng=jax.random.key_data(jax.random.key(seed, impl="threefry2x32")),
-                      nonfinite_total=jnp.zeros((), jnp.int32),
-                      nonfinite_run=jnp.zeros((), jnp.int32), frozen=frozen)
+    return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      opt_state=tx.init(params),
+      rng=jax.random.key_data(jax.random.key(seed, impl="threefry2x32")),
+      nonfinite_total=jnp.zeros((), jnp.int32),
+      nonfinite_run=jnp.zeros((), jnp.int32),
+      frozen=frozen,
+    )
 
   if callable(params):
     return jax.jit(lambda: make(params), out_shardings=shardings)()

@@ -35,8 +35,10 @@ def batch_shardings(mesh: Mesh) -> dict[str, NamedSharding]:
 def abstract_batch(rows: int, seq_len: int, mesh: Mesh) -> dict[str, jax.ShapeDtypeStruct]:
   """The step's batch argument as shapes (``packing.BATCH_SPEC``) with their shardings."""
   shardings = batch_shardings(mesh)
-  return {k: jax.ShapeDtypeStruct((rows, seq_len), dtype, sharding=shardings[k])
-          for k, dtype in BATCH_SPEC.items()}
+  return {
+    k: jax.ShapeDtypeStruct((rows, seq_len), dtype, sharding=shardings[k])
+    for k, dtype in BATCH_SPEC.items()
+  }
 
 
 def split_microbatches(batch: Batch, k: int) -> dict[str, jax.Array]:
@@ -55,10 +57,17 @@ def split_microbatches(batch: Batch, k: int) -> dict[str, jax.Array]:
   return out
 
 
-def make_train_step(cfg: LlamaConfig, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    state_shardings: TrainState, mesh: Mesh, *, grad_accum: int = 1,
-                    loss_chunk: int = 0, lora: lora_lib.LoraSpec | None = None
-                    ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+def make_train_step(
+  cfg: LlamaConfig,
+  tx: optax.GradientTransformation,
+  schedule: optax.Schedule,
+  state_shardings: TrainState,
+  mesh: Mesh,
+  *,
+  grad_accum: int = 1,
+  loss_chunk: int = 0,
+  lora: lora_lib.LoraSpec | None = None,
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
   """``step(state, batch) -> (state, metrics)``, jitted with the state donated; traced with the
   sharding rules in force now (those ``state_shardings`` were computed with).
 
@@ -122,29 +131,44 @@ def make_train_step(cfg: LlamaConfig, tx: optax.GradientTransformation, schedule
     params, opt_state = jax.lax.cond(finite, apply, skip, None)
     applied = state.step - state.nonfinite_total  # updates applied before this one
     new_state = state.replace(
-        step=state.step + 1, params=params, opt_state=opt_state,
-        rng=jax.random.key_data(jax.random.fold_in(
-            jax.random.wrap_key_data(state.rng, impl="threefry2x32"), state.step)),
-        nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32),
-        nonfinite_run=jnp.where(finite, 0, state.nonfinite_run + 1))
-    metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(applied),
-               "tokens": weight, "skipped": (~finite).astype(jnp.int32)}
+      step=state.step + 1,
+      params=params,
+      opt_state=opt_state,
+      rng=jax.random.key_data(
+        jax.random.fold_in(jax.random.wrap_key_data(state.rng, impl="threefry2x32"), state.step)
+      ),
+      nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32),
+      nonfinite_run=jnp.where(finite, 0, state.nonfinite_run + 1),
+    )
+    metrics = {
+      "loss": loss,
+      "grad_norm": grad_norm,
+      "lr": schedule(applied),
+      "tokens": weight,
+      "skipped": (~finite).astype(jnp.int32),
+    }
     return new_state, metrics
 
   replicated = NamedSharding(mesh, P())
-  return jax.jit(sharding.keeping_rules(step),
-                 in_shardings=(state_shardings, batch_shardings(mesh)),
-                 out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+  return jax.jit(
+    sharding.keeping_rules(step),
+    in_shardings=(state_shardings, batch_shardings(mesh)),
+    out_shardings=(state_shardings, replicated),
+    donate_argnums=(0,),
+  )
 
 
-def make_eval_step(cfg: LlamaConfig, param_shardings: Any, mesh: Mesh, *,
-                   loss_chunk: int = 0) -> Callable[[Any, Batch], tuple[jax.Array, jax.Array]]:
+def make_eval_step(
+  cfg: LlamaConfig, param_shardings: Any, mesh: Mesh, *, loss_chunk: int = 0
+) -> Callable[[Any, Batch], tuple[jax.Array, jax.Array]]:
   """``eval_step(params, batch) -> (NLL sum, token count)``; sum over batches, then divide."""
   replicated = NamedSharding(mesh, P())
 
   def eval_step(params, batch):
     return lm_loss_sums(cfg, params, batch, loss_chunk)
 
-  return jax.jit(sharding.keeping_rules(eval_step),
-                 in_shardings=(param_shardings, batch_shardings(mesh)),
-                 out_shardings=(replicated, replicated))
+  return jax.jit(
+    sharding.keeping_rules(eval_step),
+    in_shardings=(param_shardings, batch_shardings(mesh)),
+    out_shardings=(replicated, replicated),
+  )

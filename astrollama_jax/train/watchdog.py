@@ -32,8 +32,12 @@ from astrollama_jax.train import exit_codes
 class Watchdog:
   """Calls ``on_hang(message)`` once when ``beat`` has not been called for ``timeout_s``."""
 
-  def __init__(self, timeout_s: float, on_hang: Callable[[str], None] | None = None,
-               clock: Callable[[], float] = time.monotonic):
+  def __init__(
+    self,
+    timeout_s: float,
+    on_hang: Callable[[str], None] | None = None,
+    clock: Callable[[], float] = time.monotonic,
+  ):
     if timeout_s <= 0:
       raise ValueError(f"hang timeout {timeout_s} must be positive (0 turns the watchdog off)")
     self.timeout_s, self.on_hang, self.clock = timeout_s, on_hang or dump_and_exit, clock
@@ -55,8 +59,9 @@ class Watchdog:
       idle = self.clock() - self._last
       if idle > self.timeout_s:
         self.fired = True
-        self.on_hang(f"no progress for {idle:.0f} s since {self._what} (hang timeout "
-                     f"{self.timeout_s:g} s)")
+        self.on_hang(
+          f"no progress for {idle:.0f} s since {self._what} (hang timeout {self.timeout_s:g} s)"
+        )
     return self.fired
 
   def start(self) -> Watchdog:
@@ -78,8 +83,9 @@ class Watchdog:
 
 def dump_and_exit(message: str) -> None:
   """Log ``message`` and every thread's stack, then end the process with ``exit_codes.HUNG``."""
-  logging.error("%s: dumping every thread's stack and exiting with status %d", message,
-                exit_codes.HUNG)
+  logging.error(
+    "%s: dumping every thread's stack and exiting with status %d", message, exit_codes.HUNG
+  )
   sys.stderr.flush()
   faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
   sys.stderr.flush()
@@ -103,8 +109,9 @@ def watching(timeout_s: float) -> Iterator[Watchdog | None]:
     yield None
     return
   dog = _current = Watchdog(float(timeout_s)).start()
-  logging.info("hang watchdog: %g s without a step, evaluation batch or checkpoint ends the run",
-               timeout_s)
+  logging.info(
+    "hang watchdog: %g s without a step, evaluation batch or checkpoint ends the run", timeout_s
+  )
   try:
     yield dog
   finally:

@@ -37,8 +37,10 @@ class WorkdirBusy(RuntimeError):
 
   def __init__(self, workdir: str, holder: dict[str, Any] | None):
     self.workdir, self.holder = workdir, holder
-    super().__init__(f"{workdir} is in use by another trainer ({describe(holder)}); stop it or "
-                     "use another --workdir")
+    super().__init__(
+      f"{workdir} is in use by another trainer ({describe(holder)}); stop it or "
+      "use another --workdir"
+    )
 
 
 def describe(holder: dict[str, Any] | None) -> str:
@@ -51,9 +53,13 @@ def describe(holder: dict[str, Any] | None) -> str:
 
 def _record() -> dict[str, Any]:
   now = time.time()
-  return {"host": socket.gethostname(), "pid": os.getpid(),
-          "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)), "started_unix": now,
-          "slurm_job": os.environ.get("SLURM_JOB_ID")}
+  return {
+    "host": socket.gethostname(),
+    "pid": os.getpid(),
+    "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)),
+    "started_unix": now,
+    "slurm_job": os.environ.get("SLURM_JOB_ID"),
+  }
 
 
 def _read(fd: int, tries: int = 20) -> dict[str, Any] | None:
@@ -108,12 +114,18 @@ class WorkdirLock:
       if holder and _alive_here(holder):
         os.close(fd)
         raise WorkdirBusy(self.workdir, holder) from None
-      logging.warning("%s: this filesystem cannot flock (%s); the holder record alone guards the "
-                      "workdir", self.path, e)
+      logging.warning(
+        "%s: this filesystem cannot flock (%s); the holder record alone guards the workdir",
+        self.path,
+        e,
+      )
     self.stale = _read(fd, tries=1)
     if self.stale:
-      logging.warning("%s: taking over the stale lock of a trainer that is gone (%s)", self.path,
-                      describe(self.stale))
+      logging.warning(
+        "%s: taking over the stale lock of a trainer that is gone (%s)",
+        self.path,
+        describe(self.stale),
+      )
     data = json.dumps(_record()).encode()
     os.ftruncate(fd, 0)
     os.pwrite(fd, data, 0)
@@ -134,10 +146,12 @@ class WorkdirLock:
 
 def _all_agree(ok: bool) -> bool:
   import jax
+
   if jax.process_count() == 1:
     return ok
   from jax.experimental import multihost_utils
   import numpy as np
+
   return bool(np.all(multihost_utils.process_allgather(np.asarray(ok, np.int32))))
 
 
@@ -146,6 +160,7 @@ def held(workdir: str) -> Iterator[WorkdirLock | None]:
   """Hold ``workdir``'s lock for the block (process 0); a busy workdir ends every process with
   ``exit_codes.WORKDIR_BUSY`` and one ``error:`` line naming the holder."""
   import jax
+
   lock, error = None, None
   if jax.process_index() == 0:
     try:
