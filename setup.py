@@ -80,6 +80,7 @@ setup(
       # The server's tests: the official client, and selenium driving Debian's Chromium.
       "openai>=3.57,<4",
       "selenium>=4.51,<5",
+      "peft==0.21.2",  # LoRA adapter export is checked against peft's loader
     ],
   },
 )

@@ -87,6 +87,11 @@ def memory_plan(config: Any) -> dict[str, Any]:
   moments = config.optimizer.moments_dtype
   n_params = cfg.num_params()
   moment_bytes = 2 if moments == "bfloat16" else 4
+  trained = sum(x.size for x in jax.tree.leaves(program.state_shapes.params))
+  # The base rides along frozen (LoRA): its bytes, no moments.
+  frozen_bytes = sum(
+    x.size * x.dtype.itemsize for x in jax.tree.leaves(program.state_shapes.frozen)
+  )
   per_device = {
     "arguments_gb": mem.argument_size_in_bytes / GB,
     "outputs_gb": mem.output_size_in_bytes / GB,
@@ -114,8 +119,12 @@ def memory_plan(config: Any) -> dict[str, Any]:
     "compute_dtype": cfg.compute_dtype,
     "moments_dtype": moments,
     "loss_chunk": config.loss.chunk_size,
-    # What the state alone must take if evenly sharded: f32 master weights + two moments.
-    "state_gb_analytic": n_params * (4 + 2 * moment_bytes) / devices / GB,
+    "lora": program.lora.to_dict() if program.lora else None,
+    "base_dtype": program.base_dtype,
+    "trained_params": trained,
+    # What the state alone must take if evenly sharded: f32 master weights (of the trained
+    # params: all, or the adapters) + two moments, + a LoRA run's frozen base.
+    "state_gb_analytic": (trained * (4 + 2 * moment_bytes) + frozen_bytes) / devices / GB,
     **{k: round(v, 3) for k, v in per_device.items()},
     "compile_s": round(program.compile_s, 1),
   }
@@ -182,6 +191,15 @@ def main(argv: list[str]) -> None:
       "batch",
       f"{result['global_batch']} x {result['seq_len']} (micro-batch "
       f"{result['micro_batch']}, accumulation {result['grad_accum']})",
+    ),
+    (
+      "trained params",
+      f"{result['trained_params']:,}"
+      + (
+        f" (LoRA rank {result['lora']['rank']}, base {result['base_dtype']})"
+        if result["lora"]
+        else ""
+      ),
     ),
     ("remat / attention", f"{result['remat']} / {result['attention']}"),
     ("compute / moments dtype", f"{result['compute_dtype']} / {result['moments_dtype']}"),

@@ -8,6 +8,9 @@ Four kinds of path hold a model, and ``load_model`` accepts all of them:
   (``train.checkpointing`` writes the steps; the latest finalized one is taken);
 * one step folder ``WORKDIR/checkpoints/<step>``.
 
+A LoRA workdir (``lora.json``, see ``lora_base``) holds adapters only: loading it re-reads the
+base it names and merges the adapters in.
+
 Parameters are written and read with one Orbax API, ``orbax.checkpoint.experimental.v1``. The
 writer (``write_params``) adds one parameter at a time to the checkpoint (Orbax's partial saves)
 and drops it: a 70B model is ~130 GiB in bfloat16, and host memory stays at about twice the
@@ -325,7 +328,7 @@ def restore_params(
   stored = stored_metadata(params_dir)
   check_params(cfg, stored, params_dir)
   if on_host:
-    target = jax.tree.map(lambda m: _HostArray(tuple(m.shape), np.dtype(dtype or m.dtype)), stored)
+    return restore_on_host(params_dir, dtype, stored)
   else:
     if mesh is not None:
       shardings = llama.param_shardings(cfg, mesh)
@@ -337,6 +340,17 @@ def restore_params(
       stored,
       shardings,
     )
+  root, item = _orbax_item(params_dir)
+  return v1.load(root, target, **item)
+
+
+def restore_on_host(
+  params_dir: str, dtype: str | None = None, stored: Params | None = None
+) -> Params:
+  """Every stored leaf as a numpy array (cast to ``dtype``), whatever the tree: a model's
+  parameters, or a LoRA step's adapters."""
+  stored = stored_metadata(params_dir) if stored is None else stored
+  target = jax.tree.map(lambda m: _HostArray(tuple(m.shape), np.dtype(dtype or m.dtype)), stored)
   root, item = _orbax_item(params_dir)
   return v1.load(root, target, **item)
 
@@ -366,9 +380,15 @@ def load_model(
       )
       params = _device_put_leaf_by_leaf(host, shardings)
   else:
+    from astrollama_jax import lora_base
+
     cfg = read_model_config(root)
-    params = restore_params(params_dir, cfg, mesh, dtype, on_host)
-    cfg = cfg.replace(param_dtype=str(np.dtype(params["embed"].dtype)))
+    record = lora_base.read(root) if kind in ("workdir", "step") else None
+    if record is not None:  # adapters: merged into their (re-read) base
+      cfg, params = lora_base.load_merged(record, root, params_dir, cfg, mesh, dtype, on_host)
+    else:
+      params = restore_params(params_dir, cfg, mesh, dtype, on_host)
+      cfg = cfg.replace(param_dtype=str(np.dtype(params["embed"].dtype)))
   if on_host:
     _release_memory()  # what reading left in glibc's arenas: export needs the room next
   return LoadedModel(cfg, params, tokenizer, kind, step)

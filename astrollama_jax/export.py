@@ -25,8 +25,8 @@ from absl import app, flags, logging
 import numpy as np
 from tqdm import tqdm
 
-from astrollama_jax import checkpoints, cli, diskspace
-from astrollama_jax.formats import hf, mapping
+from astrollama_jax import checkpoints, cli, diskspace, lora_base
+from astrollama_jax.formats import hf, mapping, peft
 
 FLAGS = flags.FLAGS
 
@@ -47,6 +47,12 @@ def define_flags() -> None:
     "dtype", None, "float32, bfloat16 or float16 (default: the checkpoint's dtype)."
   )
   flags.DEFINE_float("max_shard_gb", 2.0, "Largest safetensors file, GiB.")
+  flags.DEFINE_string(
+    "peft_adapter",
+    None,
+    "LoRA workdir: also write its adapters to this folder "
+    "as a peft adapter (adapter_config.json, adapter_model.safetensors).",
+  )
 
 
 def export(
@@ -56,8 +62,13 @@ def export(
   tokenizer: str | None = None,
   max_shard_bytes: int = 2 * 1024**3,
   show_progress: bool = True,
+  peft_adapter: str | None = None,
 ) -> dict[str, Any]:
-  """Write the HF folder ``output`` from ``checkpoint``; returns the summary dict."""
+  """Write the HF folder ``output`` from ``checkpoint``; returns the summary dict.
+
+  A LoRA workdir exports merged (its base with ``W + (alpha / rank) * A @ B``); with
+  ``peft_adapter`` its adapters are also written there as a peft adapter folder.
+  """
   from astrollama_jax.data.chat_template import write_hf_tokenizer_files
   from astrollama_jax.data.tokenizer import Tokenizer
 
@@ -66,7 +77,12 @@ def export(
   out = os.path.abspath(output)
   if os.path.exists(out) and os.listdir(out):  # fail before the (long) restore
     raise FileExistsError(f"output {out} exists and is not empty; choose another or remove it")
-  kind, root, _, step = checkpoints.locate(checkpoint)
+  kind, root, params_dir, step = checkpoints.locate(checkpoint)
+  record = lora_base.read(root) if kind in ("workdir", "step") else None
+  if peft_adapter and record is None:
+    raise ValueError(
+      f"--peft_adapter: {checkpoint} is not a LoRA workdir (no {lora_base.LORA_FILE})"
+    )
   if kind != "hf":  # the size follows from the config (its param_dtype is the stored one): refuse
     stored = checkpoints.read_model_config(root)  # before the (long) restore; save_hf checks again
     diskspace.check_free_space(
@@ -106,7 +122,15 @@ def export(
     )
   finally:
     bar.close()
+  adapter = None
+  if peft_adapter:
+    with diskspace.atomic_directory(peft_adapter) as tmp:
+      peft.save_adapter(
+        tmp, record["spec"], lora_base.restore_adapters(params_dir), record["base"].get("path", "")
+      )
+    adapter = os.path.abspath(peft_adapter)
   return {
+    "peft_adapter": adapter,
     "checkpoint": os.path.abspath(checkpoint),
     "kind": kind,
     "step": step,
@@ -127,7 +151,12 @@ def main(argv):
     if not getattr(FLAGS, name):
       raise app.UsageError(f"--{name} is required")
   summary = export(
-    FLAGS.checkpoint, FLAGS.output, FLAGS.dtype, FLAGS.tokenizer, int(FLAGS.max_shard_gb * 1024**3)
+    FLAGS.checkpoint,
+    FLAGS.output,
+    FLAGS.dtype,
+    FLAGS.tokenizer,
+    int(FLAGS.max_shard_gb * 1024**3),
+    peft_adapter=FLAGS.peft_adapter,
   )
   cli.report(f"exported {summary['checkpoint']} -> {summary['output']}", summary)
 

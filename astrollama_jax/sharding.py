@@ -37,6 +37,7 @@ RULES: tuple[tuple[str, Any], ...] = (
   ("mlp", "tensor"),
   ("layers", None),
   ("norm", None),
+  ("lora_rank", None),  # LoRA adapters' low-rank axis (tiny: replicated)
   # activations
   ("batch", ("data", "fsdp")),
   ("seq", None),

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from astrollama_jax.model.attention import attention
 from astrollama_jax.model.config import LlamaConfig
+from astrollama_jax.model.lora import LayerLora, project
 from astrollama_jax.sharding import constrain
 
 
@@ -65,11 +66,13 @@ class Attention(nnx.Module):
     self.v_proj = param(rngs, (d, kh, hd), ("embed", "kv_heads", "head_dim"), cfg.pdtype, std)
     self.o_proj = param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), cfg.pdtype, std)
 
-  def __call__(self, x, cos, sin, q_idx, q_seg, cache: dict[str, Any] | None):
+  def __call__(
+    self, x, cos, sin, q_idx, q_seg, cache: dict[str, Any] | None, lora: LayerLora | None = None
+  ):
     cfg, dt = self.cfg, x.dtype
-    q = jnp.einsum("btd,dhk->bthk", x, self.q_proj[...].astype(dt))
-    k = jnp.einsum("btd,dhk->bthk", x, self.k_proj[...].astype(dt))
-    v = jnp.einsum("btd,dhk->bthk", x, self.v_proj[...].astype(dt))
+    q = project(x, self.q_proj[...], "attn", "q_proj", "btd,dhk->bthk", lora)
+    k = project(x, self.k_proj[...], "attn", "k_proj", "btd,dhk->bthk", lora)
+    v = project(x, self.v_proj[...], "attn", "v_proj", "btd,dhk->bthk", lora)
     q = constrain(q, ("batch", "seq", "act_heads", None))
     k = constrain(k, ("batch", "seq", "act_kv_heads", None))
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -91,7 +94,7 @@ class Attention(nnx.Module):
       q, k_all, v_all, q_idx, k_idx, q_seg, k_seg, cfg.attention_impl, cached=cache is not None
     )
     out = checkpoint_name(out, "attn_out")
-    y = jnp.einsum("bthk,hkd->btd", out, self.o_proj[...].astype(dt))
+    y = project(out, self.o_proj[...], "attn", "o_proj", "bthk,hkd->btd", lora)
     return y, new_cache
 
 
@@ -102,13 +105,12 @@ class MLP(nnx.Module):
     self.up_proj = param(rngs, (d, f), ("embed", "mlp"), cfg.pdtype, std)
     self.down_proj = param(rngs, (f, d), ("mlp", "embed"), cfg.pdtype, std)
 
-  def __call__(self, x):
-    dt = x.dtype
-    gate = jnp.einsum("btd,df->btf", x, self.gate_proj[...].astype(dt))
-    up = jnp.einsum("btd,df->btf", x, self.up_proj[...].astype(dt))
+  def __call__(self, x, lora: LayerLora | None = None):
+    gate = project(x, self.gate_proj[...], "mlp", "gate_proj", "btd,df->btf", lora)
+    up = project(x, self.up_proj[...], "mlp", "up_proj", "btd,df->btf", lora)
     h = constrain(jax.nn.silu(gate) * up, ("batch", "seq", "act_mlp"))
     h = checkpoint_name(h, "mlp_hidden")
-    return jnp.einsum("btf,fd->btd", h, self.down_proj[...].astype(dt))
+    return project(h, self.down_proj[...], "mlp", "down_proj", "btf,fd->btd", lora)
 
 
 class DecoderLayer(nnx.Module):
@@ -118,8 +120,8 @@ class DecoderLayer(nnx.Module):
     self.post_attn_norm = RMSNorm(cfg)
     self.mlp = MLP(cfg, rngs=rngs)
 
-  def __call__(self, x, cos, sin, q_idx, q_seg, cache=None):
-    h, new_cache = self.attn(self.input_norm(x), cos, sin, q_idx, q_seg, cache)
+  def __call__(self, x, cos, sin, q_idx, q_seg, cache=None, lora: LayerLora | None = None):
+    h, new_cache = self.attn(self.input_norm(x), cos, sin, q_idx, q_seg, cache, lora)
     x = x + h
-    x = x + self.mlp(self.post_attn_norm(x))
+    x = x + self.mlp(self.post_attn_norm(x), lora)
     return constrain(x, ("batch", "seq", "act_embed")), new_cache

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from astrollama_jax import sharding
+from astrollama_jax.model import lora as lora_lib
 from astrollama_jax.model.config import LlamaConfig
 from astrollama_jax.model.layers import DecoderLayer, RMSNorm, param, rope_cos_sin
 
@@ -59,6 +60,7 @@ class Llama(nnx.Module):
     segment_ids: jax.Array | None = None,
     cache: dict[str, Any] | None = None,
     return_hidden: bool = False,
+    lora: lora_lib.Adapted | None = None,
   ):
     cfg = self.cfg
     b, t = tokens.shape
@@ -76,17 +78,22 @@ class Llama(nnx.Module):
     graphdef, layer_state = nnx.split(self.layers)
 
     def body(carry, xs):
-      layer_params, layer_cache = xs
+      layer_params, layer_cache, layer_lora = xs
       layer = nnx.merge(graphdef, layer_params)
       if layer_cache is not None:
         layer_cache = {**layer_cache, "index": start, "segment_ids": cache["segment_ids"]}
-      y, new_cache = layer(carry, cos, sin, q_idx, segment_ids, layer_cache)
+      if layer_lora is not None:
+        layer_lora = lora_lib.LayerLora(layer_lora[0], lora.spec, layer_lora[1])
+      y, new_cache = layer(carry, cos, sin, q_idx, segment_ids, layer_cache, layer_lora)
       return y, new_cache
 
     if cfg.remat_policy != "none":
       body = jax.checkpoint(body, policy=_POLICIES[cfg.remat_policy], prevent_cse=False)
     layer_caches = None if cache is None else {"k": cache["k"], "v": cache["v"]}
-    x, new_kv = jax.lax.scan(body, x, (layer_state, layer_caches))
+    layer_loras = None
+    if lora is not None:  # adapters are stacked on the same leading layers axis
+      layer_loras = (lora.adapters["layers"], lora_lib.layer_keys(lora.rng, cfg.n_layers))
+    x, new_kv = jax.lax.scan(body, x, (layer_state, layer_caches, layer_loras))
     x = self.norm(x)
 
     new_cache = None
@@ -165,15 +172,23 @@ def bind(cfg: LlamaConfig, params: Params) -> Llama:
 
 def apply(
   cfg: LlamaConfig,
-  params: Params,
+  params: Params | lora_lib.Adapted,
   tokens: jax.Array,
   positions: jax.Array | None = None,
   segment_ids: jax.Array | None = None,
   cache: dict[str, Any] | None = None,
   return_hidden: bool = False,
 ):
-  """Forward pass over plain parameters: (logits [B,T,V] or hidden [B,T,D], new cache)."""
+  """Forward pass over plain parameters, or a frozen base with LoRA adapters (``Adapted``):
+  (logits [B,T,V] or hidden [B,T,D], new cache)."""
+  if isinstance(params, lora_lib.Adapted):
+    return bind(cfg, params.base)(tokens, positions, segment_ids, cache, return_hidden, params)
   return bind(cfg, params)(tokens, positions, segment_ids, cache, return_hidden)
+
+
+def base_params(params: Params | lora_lib.Adapted) -> Params:
+  """The plain parameters (the frozen base of an ``Adapted``)."""
+  return params.base if isinstance(params, lora_lib.Adapted) else params
 
 
 # --- KV cache --------------------------------------------------------------------------------

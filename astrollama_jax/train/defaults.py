@@ -18,7 +18,11 @@ One section per concern:
 * ``train``: how long and how big (steps or epochs, global batch, micro-batches), and when to
   give up on non-finite steps;
 * ``optimizer`` (AdamW, clipping, moments dtype), ``schedule`` (peak learning rate and shape),
-  ``loss``, ``eval``, ``checkpoint``, ``log``.
+  ``loss``, ``eval``, ``checkpoint``, ``log``;
+* ``lora``: ``rank`` > 0 trains low-rank adapters over the frozen ``init_checkpoint`` (CPT and
+  SFT alike; ``model/lora.py``): ``alpha`` (scaling alpha / rank, as peft), ``dropout`` (on the
+  adapters' input, training only), ``targets`` (comma-separated, of q, k, v, o, gate, up, down),
+  ``base_dtype`` (the frozen weights' dtype; bfloat16 halves their memory).
 """
 
 from __future__ import annotations
@@ -106,5 +110,12 @@ def base_config() -> ml_collections.ConfigDict:
     at_end=True,
   )
   c.checkpoint = _section(every=500, keep=3, async_save=True)
+  c.lora = _section(
+    rank=0,  # 0: full fine-tuning; > 0: adapters of this rank
+    alpha=16.0,
+    dropout=0.0,
+    targets="q,v",  # comma-separated, of q, k, v, o, gate, up, down
+    base_dtype="bfloat16",
+  )
   c.log = _section(every=10, batch_hashes=False)  # write every step's batch digest to metrics.jsonl
   return c

@@ -19,7 +19,8 @@ from absl import logging
 import jax
 import numpy as np
 
-from astrollama_jax import checkpoints, flops, sharding
+from astrollama_jax import checkpoints, flops, lora_base, sharding
+from astrollama_jax.model import llama
 from astrollama_jax.train import data, setup, watchdog
 from astrollama_jax.train import program as program_lib
 from astrollama_jax.train import step as step_lib
@@ -86,12 +87,43 @@ def _any_done(done: bool) -> bool:
 
 def _init_state(config: Any, program: program_lib.TrainProgram) -> Any:
   if config.init_checkpoint:
-    loaded = checkpoints.load_model(
-      config.init_checkpoint, mesh=program.mesh, dtype=program.cfg.param_dtype
-    )
+    dtype = program.base_dtype if program.lora is not None else program.cfg.param_dtype
+    loaded = checkpoints.load_model(config.init_checkpoint, mesh=program.mesh, dtype=dtype)
     logging.info("initialised from %s (%s)", config.init_checkpoint, loaded.kind)
     return program.init_state(config.seed, loaded.params)
   return program.init_state(config.seed)
+
+
+def _lora_record(config: Any, workdir: str, program: program_lib.TrainProgram) -> dict | None:
+  """LoRA: the workdir's record of its base (written on the first run, checked on a resume)."""
+  if program.lora is None:
+    return None
+  record = lora_base.read(workdir) if setup.has_checkpoints(workdir) else None
+  if record is None:
+    record = {
+      "spec": program.lora,
+      "base_dtype": program.base_dtype,
+      "base": lora_base.base_record(config.init_checkpoint, config.seed),
+    }
+    if jax.process_index() == 0:
+      lora_base.write(workdir, program.lora, program.base_dtype, record["base"])
+  elif (record["spec"], record["base_dtype"]) != (program.lora, program.base_dtype):
+    raise ValueError(
+      f"{workdir} holds adapters {record['spec']} over a {record['base_dtype']} "
+      f"base, the config asks for {program.lora} over {program.base_dtype}; "
+      "use a fresh --workdir"
+    )
+  return record
+
+
+def _frozen_base(record: dict, workdir: str, program: program_lib.TrainProgram) -> Any:
+  """A resumed LoRA run's base, re-read from where its record says (or rebuilt from its seed)."""
+  path = lora_base.check_base(record, workdir)
+  if path is not None:
+    return checkpoints.load_model(path, mesh=program.mesh, dtype=program.base_dtype).params
+  cfg, seed, dtype = program.cfg, record["base"]["seed"], program.base_dtype
+  make = lambda: jax.tree.map(lambda x: x.astype(dtype), llama.init_params(cfg, seed=seed))  # noqa: E731
+  return jax.jit(make, out_shardings=program.shardings.frozen)()
 
 
 def train(config: Any, workdir: str) -> dict[str, Any]:
@@ -128,16 +160,21 @@ def _train(config: Any, workdir: str, mesh: Any, started: float) -> dict[str, An
       mem.temp_size_in_bytes / 1e9,
       mem.output_size_in_bytes / 1e9,
     )
+  lora_record = _lora_record(config, workdir, program)
   ckpt = Checkpointer(workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
   ckpt.check_free_space(program.state_bytes())
   train_iter = iter(data.make_dataset(config, "train", num_epochs=None))
   step_flops = flops.training_flops(cfg, config.train.global_batch_size, config.data.seq_len).total
   summary: dict[str, Any] = {"workdir": workdir, "total_steps": steps, "params": cfg.num_params()}
+  if program.lora is not None:
+    summary["lora_params"] = sum(x.size for x in jax.tree.leaves(program.state_shapes.params))
   with jax.set_mesh(mesh):
     t0 = time.time()
     restored = ckpt.restore_latest(program.abstract_state, train_iter)
     if restored is not None:
       state, meta = restored
+      if lora_record is not None:
+        state = state.replace(frozen=_frozen_base(lora_record, workdir, program))
       start = meta["step"]
       summary.update(resumed_from=start, eval_start=meta.get("eval_start"))
     else:
@@ -146,20 +183,20 @@ def _train(config: Any, workdir: str, mesh: Any, started: float) -> dict[str, An
     summary["state_s"] = round(time.time() - t0, 2)  # restore or initialise
     summary["compile_s"] = program.compile_s
     eval_step = step_lib.make_eval_step(
-      cfg, program.shardings.params, mesh, loss_chunk=config.loss.chunk_size
+      cfg, program.model_params(program.shardings), mesh, loss_chunk=config.loss.chunk_size
     )
     logger = MetricsLogger(workdir, steps, start)
     preempt = _Preemption(ckpt)
     try:
       if start == 0 and config.eval.at_start:
-        summary["eval_start"] = evaluate(config, eval_step, state.params, mesh)
+        summary["eval_start"] = evaluate(config, eval_step, program.model_params(state), mesh)
         if summary["eval_start"]:
           logger.write(0, "eval", summary["eval_start"])
       meta = {"eval_start": summary.get("eval_start")}
       summary.update(
         _run_steps(
           config,
-          program.compiled,
+          program,
           state,
           train_iter,
           ckpt,
@@ -183,7 +220,7 @@ def _train(config: Any, workdir: str, mesh: Any, started: float) -> dict[str, An
 
 def _run_steps(
   config,
-  compiled,
+  program,
   state,
   train_iter,
   ckpt,
@@ -210,7 +247,7 @@ def _run_steps(
       raise RuntimeError(f"the training data ran out at step {step} of {steps}")
     if log.batch_hashes:
       logger.write(step + 1, "batch", {"hash": data.batch_hash(local)})
-    state, metrics = compiled(state, data.to_global(mesh, local))
+    state, metrics = program.compiled(state, data.to_global(mesh, local))
     pending.append(metrics)
     step += 1
     last = step == steps
@@ -241,7 +278,7 @@ def _run_steps(
           f"{step}; stopping (latest checkpoint: {ckpt.all_steps()[-1:]})"
         )
     if ev_cfg.every and step % ev_cfg.every == 0 and not last:
-      ev = evaluate(config, eval_step, state.params, mesh)
+      ev = evaluate(config, eval_step, program.model_params(state), mesh)
       if ev:
         logger.write(step, "eval", ev)
     if preempt.reached(step):
@@ -255,7 +292,7 @@ def _run_steps(
   out["final_step"] = step
   out["nonfinite_total"] = int(jax.device_get(state.nonfinite_total))
   if not out["preempted"] and ev_cfg.at_end:
-    out["eval"] = evaluate(config, eval_step, state.params, mesh)
+    out["eval"] = evaluate(config, eval_step, program.model_params(state), mesh)
     if out["eval"]:
       logger.write(step, "eval", out["eval"])
   return out

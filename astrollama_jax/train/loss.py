@@ -74,8 +74,11 @@ def loss_weights(batch: Mapping[str, jax.Array]) -> jax.Array:
 def lm_loss_sums(
   cfg: LlamaConfig, params: Any, batch: Mapping[str, jax.Array], chunk_size: int = 0
 ) -> tuple[jax.Array, jax.Array]:
-  """(NLL sum, token count) of a packed batch (tokens, targets, segment_ids, positions, mask)."""
+  """(NLL sum, token count) of a packed batch (tokens, targets, segment_ids, positions, mask);
+  ``params`` may be a frozen base with adapters (``lora.Adapted``)."""
   hidden, _ = llama.apply(
     cfg, params, batch["tokens"], batch["positions"], batch["segment_ids"], return_hidden=True
   )
-  return head_nll_sums(hidden, params["lm_head"], batch["targets"], loss_weights(batch), chunk_size)
+  return head_nll_sums(
+    hidden, llama.base_params(params)["lm_head"], batch["targets"], loss_weights(batch), chunk_size
+  )

@@ -19,6 +19,7 @@ import optax
 
 from astrollama_jax import sharding
 from astrollama_jax.model import llama
+from astrollama_jax.model import lora as lora_lib
 from astrollama_jax.model.config import LlamaConfig
 from astrollama_jax.train import optimizer, setup
 from astrollama_jax.train import state as state_lib
@@ -40,6 +41,8 @@ class TrainProgram:
   lowered: Any
   compiled: Any
   compile_s: float
+  lora: lora_lib.LoraSpec | None = None  # adapters trained over a frozen base (config.lora)
+  base_dtype: str | None = None  # the frozen base's dtype (with lora)
 
   @property
   def abstract_state(self) -> state_lib.TrainState:
@@ -47,18 +50,23 @@ class TrainProgram:
     return state_lib.with_shardings(self.state_shapes, self.shardings)
 
   def state_bytes(self) -> int:
-    """Bytes of parameters and optimizer state over the whole mesh."""
+    """Bytes of what a checkpoint holds (parameters or adapters, optimizer state), whole mesh."""
     leaves = jax.tree.leaves((self.state_shapes.params, self.state_shapes.opt_state))
     return sum(x.size * x.dtype.itemsize for x in leaves)
 
+  def model_params(self, state: state_lib.TrainState) -> Any:
+    """What eval runs on: the params, or the frozen base with the adapters."""
+    return state_lib.model_params(state, self.lora)
+
   def init_state(self, seed: int, params: Any = None) -> state_lib.TrainState:
-    """A fresh state around ``params``, or around a random init made inside one compiled
-    program (each device makes only its own shards)."""
+    """A fresh state around ``params`` (with LoRA: the base), or around a random init made
+    inside one compiled program (each device makes only its own shards)."""
     if params is None:
       cfg = self.cfg
       params = lambda: llama.init_params(cfg, seed=seed)  # noqa: E731
+    lora = None if self.lora is None else (self.cfg, self.lora, self.base_dtype)
     with sharding.use_rules(self.rules), jax.set_mesh(self.mesh):
-      return state_lib.create_state(params, self.tx, self.shardings, seed=seed)
+      return state_lib.create_state(params, self.tx, self.shardings, seed=seed, lora=lora)
 
 
 def compile_train_step(
@@ -79,9 +87,11 @@ def compile_train_step(
   """
   cfg = cfg or setup.preset_model_config(config)
   t = config.train
+  lora = lora_lib.spec_from_config(config)
+  base_dtype = config.lora.base_dtype if lora is not None else None
   with sharding.use_rules(setup.sharding_rules(config)) as rules, jax.set_mesh(mesh):
     tx, schedule = optimizer.make_optimizer(config, total_steps)
-    shapes, shardings = state_lib.abstract_state(cfg, tx, mesh)
+    shapes, shardings = state_lib.abstract_state(cfg, tx, mesh, lora, base_dtype)
     batch = step_lib.abstract_batch(t.global_batch_size, config.data.seq_len, mesh)
     train_step = step_lib.make_train_step(
       cfg,
@@ -91,6 +101,7 @@ def compile_train_step(
       mesh,
       grad_accum=t.grad_accum_steps,
       loss_chunk=config.loss.chunk_size,
+      lora=lora,
     )
     t0 = time.time()
     lowered = train_step.lower(state_lib.with_shardings(shapes, shardings), batch)
@@ -107,4 +118,6 @@ def compile_train_step(
     lowered=lowered,
     compiled=compiled,
     compile_s=round(time.time() - t0, 2),
+    lora=lora,
+    base_dtype=base_dtype,
   )

@@ -4,6 +4,10 @@ The state is one pytree so that the train step can take it with explicit shardin
 it whole. Parameters are float32 master weights sharded by their logical axes; every optimizer
 leaf that mirrors a parameter (Adam's moments) gets that parameter's sharding, everything else
 (counters) is replicated.
+
+With LoRA (``config.lora.rank > 0``) ``params`` are the adapters only, so gradients and
+optimizer state exist for them alone; the base model rides along in ``frozen`` (in
+``lora.base_dtype``, never updated, never saved: a LoRA checkpoint names its base instead).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from jax.sharding import PartitionSpec as P
 import optax
 
 from astrollama_jax.model import llama
+from astrollama_jax.model import lora as lora_lib
 from astrollama_jax.model.config import LlamaConfig
 
 
@@ -31,6 +36,7 @@ class TrainState:
   rng: jax.Array  # uint32[2]
   nonfinite_total: jax.Array  # int32 scalar: steps skipped for a non-finite loss or gradient
   nonfinite_run: jax.Array  # int32 scalar: of those, how many in a row up to now
+  frozen: Any = None  # LoRA: the base parameters (not trained, not checkpointed)
 
 
 def _keys(path) -> tuple[str, ...]:
@@ -63,11 +69,26 @@ def opt_state_shardings(
 
 
 def abstract_state(
-  cfg: LlamaConfig, tx: optax.GradientTransformation, mesh: Mesh
+  cfg: LlamaConfig,
+  tx: optax.GradientTransformation,
+  mesh: Mesh,
+  lora: lora_lib.LoraSpec | None = None,
+  base_dtype: str | None = None,
 ) -> tuple[Any, Any]:
-  """(TrainState of ShapeDtypeStructs, TrainState of NamedShardings): nothing is allocated."""
-  params = llama.param_shapes(cfg)
-  p_shard = llama.param_shardings(cfg, mesh)
+  """(TrainState of ShapeDtypeStructs, TrainState of NamedShardings): nothing is allocated.
+
+  With ``lora`` the trained ``params`` are its adapters and ``frozen`` the base model, held in
+  ``base_dtype`` (default: ``cfg.param_dtype``).
+  """
+  frozen = frozen_shard = None
+  if lora is None:
+    params, p_shard = llama.param_shapes(cfg), llama.param_shardings(cfg, mesh)
+  else:
+    params = lora_lib.adapter_shapes(cfg, lora)
+    p_shard = lora_lib.adapter_shardings(cfg, lora, mesh)
+    dtype = jnp.dtype(base_dtype or cfg.param_dtype)
+    frozen = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), llama.param_shapes(cfg))
+    frozen_shard = llama.param_shardings(cfg, mesh)
   opt = jax.eval_shape(tx.init, params)
   scalar = jax.ShapeDtypeStruct((), jnp.int32)
   shapes = TrainState(
@@ -77,6 +98,7 @@ def abstract_state(
     rng=jax.ShapeDtypeStruct((2,), jnp.uint32),
     nonfinite_total=scalar,
     nonfinite_run=scalar,
+    frozen=frozen,
   )
   replicated = NamedSharding(mesh, P())
   shardings = TrainState(
@@ -86,8 +108,17 @@ def abstract_state(
     rng=replicated,
     nonfinite_total=replicated,
     nonfinite_run=replicated,
+    frozen=frozen_shard,
   )
   return shapes, shardings
+
+
+def model_params(state: TrainState, lora: lora_lib.LoraSpec | None) -> Any:
+  """What the model runs on: ``params``, or the frozen base with the adapters (no dropout).
+  Works on a state of arrays and on a state of shardings alike."""
+  if lora is None:
+    return state.params
+  return lora_lib.Adapted(base=state.frozen, adapters=state.params, spec=lora)
 
 
 def with_shardings(shapes: Any, shardings: Any) -> Any:
@@ -98,14 +129,27 @@ def with_shardings(shapes: Any, shardings: Any) -> Any:
 
 
 def create_state(
-  params: Any, tx: optax.GradientTransformation, shardings: TrainState, seed: int
+  params: Any,
+  tx: optax.GradientTransformation,
+  shardings: TrainState,
+  seed: int,
+  lora: tuple[LlamaConfig, lora_lib.LoraSpec, str] | None = None,
 ) -> TrainState:
   """A fresh state around ``params`` (already on the mesh, or a function making them, which
-  then runs inside the same compiled program): optimizer initialised in place."""
+  then runs inside the same compiled program): optimizer initialised in place.
+
+  With ``lora`` = (model config, spec, base dtype), ``params`` is the base: it becomes ``frozen``
+  (cast to the base dtype) and fresh adapters (from ``seed``) are what is trained.
+  """
 
   def make(params):
     if callable(params):
       params = params()
+    frozen = None
+    if lora is not None:
+      cfg, spec, base_dtype = lora
+      frozen = jax.tree.map(lambda x: x.astype(base_dtype), params)
+      params = lora_lib.init_adapters(cfg, spec, seed)
     return TrainState(
       step=jnp.zeros((), jnp.int32),
       params=params,
@@ -113,8 +157,10 @@ def create_state(
       rng=jax.random.key_data(jax.random.key(seed, impl="threefry2x32")),
       nonfinite_total=jnp.zeros((), jnp.int32),
       nonfinite_run=jnp.zeros((), jnp.int32),
+      frozen=frozen,
     )
 
   if callable(params):
     return jax.jit(lambda: make(params), out_shardings=shardings)()
-  return jax.jit(make, in_shardings=(shardings.params,), out_shardings=shardings)(params)
+  in_shardings = shardings.params if lora is None else shardings.frozen
+  return jax.jit(make, in_shardings=(in_shardings,), out_shardings=shardings)(params)

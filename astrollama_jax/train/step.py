@@ -21,6 +21,7 @@ import optax
 
 from astrollama_jax import sharding
 from astrollama_jax.data.packing import BATCH_KEYS, BATCH_SPEC
+from astrollama_jax.model import lora as lora_lib
 from astrollama_jax.model.config import LlamaConfig
 from astrollama_jax.train.loss import lm_loss_sums
 from astrollama_jax.train.state import TrainState
@@ -67,9 +68,14 @@ def make_train_step(
   *,
   grad_accum: int = 1,
   loss_chunk: int = 0,
+  lora: lora_lib.LoraSpec | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
   """``step(state, batch) -> (state, metrics)``, jitted with the state donated; traced with the
   sharding rules in force now (those ``state_shardings`` were computed with).
+
+  With ``lora`` the gradient is taken with respect to the adapters (``state.params``) only; the
+  base (``state.frozen``) passes through unchanged, and adapter dropout draws its masks from
+  the step's RNG (and the micro-batch index), so a resumed run repeats them exactly.
 
   Metrics (replicated scalars): loss (mean NLL per counted token), grad_norm (before clipping),
   lr (the rate this update used), tokens (counted tokens), skipped (1 if not applied).
@@ -78,19 +84,26 @@ def make_train_step(
     raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
   param_shardings = state_shardings.params
 
-  def loss_fn(params, batch):
+  def loss_fn(params, batch, frozen, rng):
+    if lora is not None:
+      params = lora_lib.Adapted(base=frozen, adapters=params, spec=lora, rng=rng)
     return lm_loss_sums(cfg, params, batch, loss_chunk)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-  def sums_and_grads(params, batch):
+  def micro_rng(rng, i):
+    key = jax.random.fold_in(jax.random.wrap_key_data(rng, impl="threefry2x32"), i)
+    return jax.random.key_data(key)
+
+  def sums_and_grads(params, batch, frozen, rng):
     if grad_accum == 1:
-      (loss_sum, weight), grads = grad_fn(params, batch)
+      (loss_sum, weight), grads = grad_fn(params, batch, frozen, micro_rng(rng, 0))
       return loss_sum, weight, grads
 
-    def body(carry, micro):
+    def body(carry, xs):
       g_acc, l_acc, w_acc = carry
-      (loss_sum, weight), grads = grad_fn(params, micro)
+      i, micro = xs
+      (loss_sum, weight), grads = grad_fn(params, micro, frozen, micro_rng(rng, i))
       g_acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), g_acc, grads)
       g_acc = jax.lax.with_sharding_constraint(g_acc, param_shardings)
       return (g_acc, l_acc + loss_sum, w_acc + weight), None
@@ -98,11 +111,12 @@ def make_train_step(
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
     zeros = jax.lax.with_sharding_constraint(zeros, param_shardings)
     init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
-    (grads, loss_sum, weight), _ = jax.lax.scan(body, init, split_microbatches(batch, grad_accum))
+    xs = (jnp.arange(grad_accum), split_microbatches(batch, grad_accum))
+    (grads, loss_sum, weight), _ = jax.lax.scan(body, init, xs)
     return loss_sum, weight, grads
 
   def step(state: TrainState, batch: Batch):
-    loss_sum, weight, grads = sums_and_grads(state.params, batch)
+    loss_sum, weight, grads = sums_and_grads(state.params, batch, state.frozen, state.rng)
     denom = jnp.maximum(weight, 1.0)
     loss = loss_sum / denom
     grads = jax.tree.map(lambda g: (g / denom).astype(jnp.float32), grads)
