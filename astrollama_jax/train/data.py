@@ -17,6 +17,7 @@ iterator with
 from __future__ import annotations
 
 import hashlib
+import os
 from typing import Any, Iterator
 
 import grain
@@ -64,6 +65,27 @@ def make_dataset(config: Any, split: str, *, batch_size: int | None = None,
     return chat.make_sft_dataset(list(sources), d.tokenizer_path, **common)
   return synthetic_dataset(d.seq_len, global_batch, seed=d.seed + (split != "train"),
                            num_rows=d.synthetic.num_rows, num_epochs=num_epochs)
+
+
+# Keys of ``config.data`` that do not change which records a training step reads.
+_NOT_IDENTITY = ("tokenizer_path", "lm.worker_count", "sft.eval_sources")
+
+
+def run_identity(config: Any) -> dict[str, Any]:
+  """What a resumed run must share with the one that saved: the data source, order and batch.
+
+  The shared ``data.*`` keys and those of the active kind's section (``data.lm.path`` made
+  absolute), plus the global batch size. The checkpoint keeps them; a restore that finds
+  another value stops, naming the key.
+  """
+  d = config.data.to_dict()
+  out: dict[str, Any] = {"train.global_batch_size": int(config.train.global_batch_size)}
+  items = [(k, v) for k, v in d.items() if not isinstance(v, dict)]
+  items += [(f"{d['kind']}.{k}", v) for k, v in d.get(d["kind"], {}).items()]
+  for name, value in items:
+    if name not in _NOT_IDENTITY:
+      out[f"data.{name}"] = os.path.abspath(value) if name == "lm.path" and value else value
+  return out
 
 
 def has_split(config: Any, split: str) -> bool:

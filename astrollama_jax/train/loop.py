@@ -115,7 +115,8 @@ def _train(config: Any, workdir: str, mesh: Any, started: float) -> dict[str, An
     logging.info("train step per-device memory: args %.2f GB, temp %.2f GB, out %.2f GB",
                  mem.argument_size_in_bytes / 1e9, mem.temp_size_in_bytes / 1e9,
                  mem.output_size_in_bytes / 1e9)
-  ckpt = Checkpointer(workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
+  ckpt = Checkpointer(workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save,
+                      identity=data.run_identity(config))
   ckpt.check_free_space(program.state_bytes())
   train_iter = iter(data.make_dataset(config, "train", num_epochs=None))
   step_flops = flops.training_flops(cfg, config.train.global_batch_size, config.data.seq_len).total
