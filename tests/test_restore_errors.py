@@ -11,10 +11,10 @@ import os
 import pathlib
 
 import pytest
+from test_train_cli import SYNTHETIC, _tail, records, start, train_cmd
 
 from astrollama_jax.train import checkpointing, loop
 from astrollama_jax.train.defaults import base_config
-from test_train_cli import SYNTHETIC, _tail, records, start, train_cmd
 
 
 def _config(steps: int, **changes):
@@ -110,8 +110,9 @@ def test_another_optimizer_layout_stops_before_touching_anything(run6):
   config = _config(8)
   config.optimizer.moments_dtype = "bfloat16"
   with pytest.raises(checkpointing.IncompatibleCheckpointError,
-                     match=r"checkpoints/6 does not fit this run: the optimizer state layout differs: "
-                           r".*mu.* is float32\[.*\] in the checkpoint, bfloat16\[.*\] in this run"):
+                     match=r"checkpoints/6 does not fit this run: the optimizer state layout "
+                           r"differs: .*mu.* is float32\[.*\] in the checkpoint, bfloat16\[.*\] "
+                           r"in this run"):
     loop.train(config, str(run6))
   assert sorted(str(p) for p in run6.rglob("*") if "metrics" not in p.name) == [
       p for p in before if "metrics" not in os.path.basename(p)]
@@ -140,7 +141,8 @@ def test_truncated_bytes_fall_back_and_all_corrupt_never_starts_from_zero(run6):
   assert [p.name.split("-")[0] for p in (run6 / "checkpoints_corrupt").iterdir()] == ["6"]
   for step in _steps(run6):
     _truncate(run6 / "checkpoints" / str(step))
-  with pytest.raises(checkpointing.NoUsableCheckpointError, match="no checkpoint in .* could be restored"):
+  with pytest.raises(checkpointing.NoUsableCheckpointError,
+                     match="no checkpoint in .* could be restored"):
     loop.train(_config(9), str(run6))
   assert max(r["step"] for r in records(run6, "train")) == 7  # nothing ran from step 0
 

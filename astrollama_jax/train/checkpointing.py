@@ -37,11 +37,11 @@ import shutil
 import time
 from typing import Any
 
+from absl import logging
 import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from absl import logging
 
 from astrollama_jax import checkpoints, diskspace
 from astrollama_jax.checkpoints import CHECKPOINTS_DIR, PARAMS_DIR
@@ -279,9 +279,9 @@ class Checkpointer:
       return state, meta
     if quarantined:
       raise NoUsableCheckpointError(
-          f"no checkpoint in {self.directory} could be restored: {'; '.join(quarantined)}; all were "
-          f"moved to {os.path.join(self.workdir, CORRUPT_DIR)}. Rerun to start again from step 0, or "
-          "move a step back to investigate")
+          f"no checkpoint in {self.directory} could be restored: {'; '.join(quarantined)}; all "
+          f"were moved to {os.path.join(self.workdir, CORRUPT_DIR)}. Rerun to start again from "
+          "step 0, or move a step back to investigate")
     return None
 
   def _restore_with_retries(self, step: int, target: TrainState, data_iter: Any) -> tuple[int, Any]:
@@ -294,7 +294,8 @@ class Checkpointer:
         raise IncompatibleCheckpointError(
             f"checkpoint {self.directory}/{step} does not fit this run: "
             f"{result if isinstance(result, str) else 'another process found a difference'}; "
-            "resume with the settings it was saved with, or use a fresh --workdir (nothing was changed)")
+            "resume with the settings it was saved with, or use a fresh --workdir "
+            "(nothing was changed)")
       if code != TRANSIENT:
         return code, result
       logging.warning("checkpoint %s/%d: transient read error (%s), attempt %d of %d; retrying in "
@@ -340,7 +341,8 @@ class Checkpointer:
       stored = checkpoints.stored_metadata(os.path.join(step_dir, item))
       diff = tree_difference(stored, want)
       if diff:
-        what = "the model's parameters differ" if item == PARAMS_DIR else "the optimizer state layout differs"
+        what = ("the model's parameters differ" if item == PARAMS_DIR else
+                "the optimizer state layout differs")
         return f"{what}: {diff}"
     return None
 
