@@ -2,14 +2,20 @@
 
 ``WORKDIR/checkpoints/<step>/`` holds the items ``params`` and ``opt_state`` (StandardSave, each
 process writing its own shards; ``checkpoints`` owns the names and reads ``params`` back for every
-other command), ``train_meta`` (JSON: step, rng, skip counters, ...) and
-``data_iter`` (one Grain iterator state file per process). Saves are asynchronous: the device
+other command), ``train_meta`` (JSON: step, rng, skip counters, process count, the run's
+``identity``) and ``data_iter`` (one Grain iterator state file per process). Saves are asynchronous: the device
 arrays are copied to host before ``save`` returns, the files are written in the background and
 a step only becomes visible once finalised, so a crash mid-save leaves no half checkpoint that
 looks complete.
 
-At start-up the newest step is restored, and a failure is classified before anything is moved
-(every process agrees on the class, the most serious one wins):
+At start-up the newest step is restored onto this run's mesh: parameters and optimizer state
+are resharded by Orbax (any mesh, device or process count that can hold them). The data
+position carries over to another process count when it is global, i.e. every saving process
+had the same iterator state (synthetic data: the number of global batches read); the
+per-process packing state of lm and sft data resumes only on the same process count.
+
+A failure is classified before anything is moved (every process agrees on the class, the most
+serious one wins):
 
 * incompatible (another model, optimizer layout, data source or batch, or a process count the
   data position cannot follow): ``IncompatibleCheckpointError`` before any array is read, one
@@ -50,6 +56,7 @@ from astrollama_jax.train.state import TrainState
 
 CORRUPT_DIR = "checkpoints_corrupt"
 OPT_STATE_DIR = "opt_state"
+DATA_ITER_DIR = "data_iter"
 
 # Failure classes of a restore, in rising order of seriousness (processes agree on the maximum).
 OK, CORRUPT, TRANSIENT, INCOMPATIBLE = 0, 1, 2, 3
@@ -198,6 +205,7 @@ class Checkpointer:
         cleanup_tmp_directories=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options)
     self._saving: int | None = None  # the step of the latest save started
+    self._carried_position: str | None = None  # a data position saved by another process count
 
   def check_free_space(self, nbytes: int) -> None:
     """Refuse to start when the disk cannot hold one more checkpoint of ``nbytes``.
@@ -226,7 +234,7 @@ class Checkpointer:
         PARAMS_DIR: ocp.args.StandardSave(state.params),
         OPT_STATE_DIR: ocp.args.StandardSave(state.opt_state),
         "train_meta": ocp.args.JsonSave(meta),
-        "data_iter": grain.checkpoint.CheckpointSave(_IteratorState(data_iter))})
+        DATA_ITER_DIR: grain.checkpoint.CheckpointSave(_IteratorState(data_iter))})
     self._saving = step
     with self._disk_full_errors():
       return self.manager.save(step, args=args, force=True)
@@ -332,10 +340,16 @@ class Checkpointer:
       for key in sorted(set(saved_run) & set(self.identity)):  # a key added later is no difference
         if saved_run[key] != self.identity[key]:
           return f"{key} is {saved_run[key]!r} in the checkpoint, {self.identity[key]!r} now"
+    self._carried_position = None
     saved_procs = meta.get("process_count", jax.process_count())
     if saved_procs != jax.process_count():
-      return (f"it was saved by {saved_procs} processes and this run has {jax.process_count()}: "
-              "the per-process data position cannot be carried over")
+      position = self._global_position(step, saved_procs)
+      if position is None:
+        return (f"it was saved by {saved_procs} processes and this run has "
+                f"{jax.process_count()}, and its data position is per process "
+                f"(data.kind {self.identity.get('data.kind')!r}): it can only resume on "
+                f"{saved_procs} processes")
+      self._carried_position = position
     step_dir = os.path.join(self.directory, str(step))
     for item, want in ((PARAMS_DIR, target.params), (OPT_STATE_DIR, target.opt_state)):
       stored = checkpoints.stored_metadata(os.path.join(step_dir, item))
@@ -346,12 +360,34 @@ class Checkpointer:
         return f"{what}: {diff}"
     return None
 
+  def _global_position(self, step: int, saved_procs: int) -> str | None:
+    """The saved iterator state if every saving process had the same one, else None.
+
+    A position that does not depend on the process (synthetic data: the number of global
+    batches read) carries over to any process count; per-process packing (lm, sft) does not.
+    """
+    folder = os.path.join(self.directory, str(step), DATA_ITER_DIR)
+    states = set()
+    for i in range(saved_procs):
+      with open(os.path.join(folder, f"process_{i}-of-{saved_procs}.json")) as f:
+        states.add(f.read())
+    return states.pop() if len(states) == 1 else None
+
   def _restore_items(self, step: int, target: TrainState, data_iter: Any) -> dict[str, Any]:
-    return self.manager.restore(step, args=ocp.args.Composite(**{
-        PARAMS_DIR: ocp.args.StandardRestore(target.params),
-        OPT_STATE_DIR: ocp.args.StandardRestore(target.opt_state),
-        "train_meta": ocp.args.JsonRestore(),
-        "data_iter": grain.checkpoint.CheckpointRestore(_IteratorState(data_iter, capture=False))}))
+    """Every item of ``step`` onto ``target``'s shardings (Orbax reshards to this mesh), and the
+    data position into ``data_iter``: Grain's own file for this process, or the carried one."""
+    items = {PARAMS_DIR: ocp.args.StandardRestore(target.params),
+             OPT_STATE_DIR: ocp.args.StandardRestore(target.opt_state),
+             "train_meta": ocp.args.JsonRestore()}
+    if self._carried_position is None:
+      items[DATA_ITER_DIR] = grain.checkpoint.CheckpointRestore(
+          _IteratorState(data_iter, capture=False))
+    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    if self._carried_position is not None:
+      _IteratorState(data_iter, capture=False).set_state(self._carried_position.encode())
+      logging.info("data position of %s/%d carried over to %d processes", self.directory, step,
+                   jax.process_count())
+    return restored
 
   def _quarantine(self, step: int) -> None:
     if jax.process_index() == 0:
