@@ -353,14 +353,16 @@ def _open_array(root: str, name: str, dtype: np.dtype, context: Any) -> Any:
     try:
       store = ts.open({"driver": driver, "kvstore": kvstore}, open=True, read=True,
                       context=context).result()
-      return ts.cast(store, ts.dtype(np.dtype(dtype).name)) if store.dtype.numpy_dtype != dtype else store
+      if store.dtype.numpy_dtype == dtype:
+        return store
+      return ts.cast(store, ts.dtype(np.dtype(dtype).name))
     except ValueError as e:  # not this zarr version
       error = e
   raise CheckpointError(f"cannot open parameter {name} under {root}: {error}")
 
 
 def open_params(params_dir: str, cfg: LlamaConfig, dtype: str | None = None) -> Params:
-  """The params tree of ``params_dir`` as ``StoredArray`` leaves (nothing read yet), cast to ``dtype``.
+  """The params of ``params_dir`` as ``StoredArray`` leaves (nothing read yet), cast to ``dtype``.
 
   Shapes are checked against ``cfg`` from the metadata first, as ``restore_params`` does.
   """
@@ -374,7 +376,8 @@ def open_params(params_dir: str, cfg: LlamaConfig, dtype: str | None = None) -> 
   for path, m in jax.tree_util.tree_flatten_with_path(stored)[0]:
     keys = _keys(path)
     want = np.dtype(dtype or m.dtype)
-    arr = StoredArray(_open_array(os.path.abspath(root), ".".join(keys), want, context), m.shape, want)
+    store = _open_array(os.path.abspath(root), ".".join(keys), want, context)
+    arr = StoredArray(store, m.shape, want)
     if tuple(arr._store.shape) != tuple(m.shape):
       raise CheckpointError(f"{params_dir}: parameter {'/'.join(keys)} is stored with shape "
                             f"{tuple(arr._store.shape)} but its metadata says {tuple(m.shape)}")

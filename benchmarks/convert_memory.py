@@ -145,7 +145,8 @@ def run_measured(cmd: list[str]) -> dict:
           "sampled_peak_anon_bytes": peaks["RssAnon"], "sampled_peak_file_bytes": peaks["RssFile"]}
 
 
-def convert_and_export(w: str, params: dict, dtype: str | None, shard_gb: float) -> tuple[dict, dict]:
+def convert_and_export(w: str, params: dict, dtype: str | None, shard_gb: float
+                       ) -> tuple[dict, dict]:
   """Write (once) a synthetic Meta checkpoint under ``w``, convert it, export it; both measured."""
   for sub in ("orbax", "hf"):
     shutil.rmtree(os.path.join(w, sub), ignore_errors=True)
@@ -182,7 +183,8 @@ def main():
       "parameters": conv["parameters"], "model_bytes": conv["bytes"], "largest_param_bytes": largest,
       "largest_hf_tensor_bytes": VOCAB * d * itemsize,  # embed / lm_head
       "meta_shard_bytes": sum(os.path.getsize(os.path.join(w, "model", "meta", f))
-                              for f in os.listdir(os.path.join(w, "model", "meta")) if f.endswith(".pth")),
+                              for f in os.listdir(os.path.join(w, "model", "meta"))
+                              if f.endswith(".pth")),
       "convert_seconds": conv["seconds"], "convert_wall_seconds": conv["wall_seconds"],
       "convert_peak_rss_bytes": conv["sampled_peak_rss_bytes"],
       "convert_peak_anon_bytes": conv["sampled_peak_anon_bytes"],
@@ -194,11 +196,13 @@ def main():
       "export_peak_file_bytes": exp["sampled_peak_file_bytes"],
   }
   if args.baseline:
-    tconv, texp = convert_and_export(os.path.join(w, "tiny"), TINY, args.dtype, args.export_shard_gb)
-    result.update(tiny_model_bytes=tconv["bytes"], tiny_convert_peak_rss_bytes=tconv["sampled_peak_rss_bytes"],
-                  tiny_export_peak_rss_bytes=texp["sampled_peak_rss_bytes"],
-                  export_above_tiny_bytes=exp["sampled_peak_rss_bytes"] - texp["sampled_peak_rss_bytes"],
-                  convert_above_tiny_bytes=conv["sampled_peak_rss_bytes"] - tconv["sampled_peak_rss_bytes"])
+    tconv, texp = convert_and_export(os.path.join(w, "tiny"), TINY, args.dtype,
+                                     args.export_shard_gb)
+    peak = "sampled_peak_rss_bytes"
+    result.update(tiny_model_bytes=tconv["bytes"], tiny_convert_peak_rss_bytes=tconv[peak],
+                  tiny_export_peak_rss_bytes=texp[peak],
+                  export_above_tiny_bytes=exp[peak] - texp[peak],
+                  convert_above_tiny_bytes=conv[peak] - tconv[peak])
   width = max(map(len, result))
   for k, v in result.items():
     print(f"{k:<{width}}  {v / 1024**3:8.2f} GiB" if k.endswith("bytes") else f"{k:<{width}}  {v:,}")

@@ -65,7 +65,7 @@ def test_resume_on_other_process_counts_meshes_and_devices(tmp_path):
     assert second["resumed_from"] == 3 and second["final_step"] == STEPS, name
     assert not (workdir / "checkpoints_corrupt").exists(), name
     got = _losses(workdir)
-    assert sorted(got) == list(range(1, STEPS + 1)), name  # every step once: none skipped or repeated
+    assert sorted(got) == list(range(1, STEPS + 1)), name  # each step once: none skipped/repeated
     np.testing.assert_allclose([got[s] for s in range(1, STEPS + 1)],
                                [want_loss[s] for s in range(1, STEPS + 1)], rtol=2e-5, err_msg=name)
     if after[0] == 1:  # one process logs the whole batch: the very rows of the uninterrupted run

@@ -175,3 +175,17 @@ def test_the_command_exits_non_zero_with_one_line_for_another_optimizer(tmp_path
                          "--config.optimizer.moments_dtype=bfloat16"), 1, tmp_path / "2.log")
   assert "optimizer state layout differs" in _second_run(proc, tmp_path / "2.log")
   assert _steps(workdir) == [3] and not (workdir / "checkpoints_corrupt").exists()
+
+
+def test_a_per_process_data_position_cannot_move_to_another_process_count(tmp_path):
+  ckpt = checkpointing.Checkpointer(str(tmp_path), async_save=False)
+  try:
+    folder = tmp_path / "checkpoints" / "4" / checkpointing.DATA_ITER_DIR
+    folder.mkdir(parents=True)
+    for i, state in enumerate(['{"next_index": 4}', '{"next_index": 4}']):
+      (folder / f"process_{i}-of-2.json").write_text(state)
+    assert ckpt._global_position(4, 2) == '{"next_index": 4}'  # synthetic: the same everywhere
+    (folder / "process_1-of-2.json").write_text('{"next_index": 4, "packer": [7]}')
+    assert ckpt._global_position(4, 2) is None  # lm/sft packing: each process its own
+  finally:
+    ckpt.close()
