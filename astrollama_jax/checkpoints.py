@@ -10,6 +10,7 @@ Four kinds of path hold a model, and ``load_model`` accepts all of them:
 
 A LoRA workdir (``lora.json``, see ``lora_base``) holds adapters only: loading it re-reads the
 base it names and merges the adapters in.
+``open_model`` leaves the parameters on disk and reads them slice by slice (export's memory bound).
 
 Parameters are written and read with one Orbax API, ``orbax.checkpoint.experimental.v1``. The
 writer (``write_params``) adds one parameter at a time to the checkpoint (Orbax's partial saves)
@@ -308,9 +309,15 @@ def stored_metadata(params_dir: str) -> Params:
   """Shape/dtype (and chunk) metadata of every stored parameter; reads no array data."""
   try:
     root, item = _orbax_item(params_dir)
-    return v1.metadata(root, **item).metadata
+    tree = v1.metadata(root, **item).metadata
   except Exception as e:  # an interrupted write, or not an Orbax checkpoint at all
     raise CheckpointError(f"{params_dir} is not a complete Orbax checkpoint: {e}") from e
+  # Orbax answers unreadable metadata with a warning and an empty or placeholder tree
+  if not any(hasattr(x, "shape") for x in jax.tree.leaves(tree)):
+    raise CheckpointError(
+      f"{params_dir} is not a complete Orbax checkpoint: its metadata names no array"
+    )
+  return tree
 
 
 def restore_params(
@@ -353,6 +360,96 @@ def restore_on_host(
   target = jax.tree.map(lambda m: _HostArray(tuple(m.shape), np.dtype(dtype or m.dtype)), stored)
   root, item = _orbax_item(params_dir)
   return v1.load(root, target, **item)
+
+
+class StoredArray:
+  """One stored parameter, read only when asked: ``x[i]`` reads layer ``i`` alone.
+
+  Export walks the model one HF tensor at a time; reading each through tensorstore as it is
+  needed keeps host memory at about one tensor instead of the whole model. Reads go through
+  tensorstore's cast driver, as Orbax's own restore does, so a cast gives the same bits.
+  """
+
+  def __init__(self, store: Any, shape: tuple[int, ...], dtype: np.dtype):
+    self._store, self.shape, self.dtype = store, tuple(shape), np.dtype(dtype)
+
+  @property
+  def size(self) -> int:
+    return int(np.prod(self.shape, dtype=np.int64))
+
+  @property
+  def ndim(self) -> int:
+    return len(self.shape)
+
+  def __getitem__(self, index: Any) -> np.ndarray:
+    return np.asarray(self._store[index].read().result())
+
+  def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+    x = np.asarray(self._store.read().result())
+    return x if dtype is None else x.astype(dtype)
+
+
+def _open_array(root: str, name: str, dtype: np.dtype, context: Any) -> Any:
+  """A tensorstore handle on the stored array ``name`` under ``root``, cast to ``dtype``."""
+  import tensorstore as ts
+
+  if os.path.isfile(os.path.join(root, "manifest.ocdbt")):
+    kvstore = {"driver": "ocdbt", "base": f"file://{root}/", "path": f"{name}/"}
+  else:
+    kvstore = {"driver": "file", "path": os.path.join(root, name) + "/"}
+  error = None
+  for driver in ("zarr3", "zarr"):
+    try:
+      store = ts.open(
+        {"driver": driver, "kvstore": kvstore}, open=True, read=True, context=context
+      ).result()
+      if store.dtype.numpy_dtype == dtype:
+        return store
+      return ts.cast(store, ts.dtype(np.dtype(dtype).name))
+    except ValueError as e:  # not this zarr version
+      error = e
+  raise CheckpointError(f"cannot open parameter {name} under {root}: {error}")
+
+
+def open_params(params_dir: str, cfg: LlamaConfig, dtype: str | None = None) -> Params:
+  """The params of ``params_dir`` as ``StoredArray`` leaves (nothing read yet), cast to ``dtype``.
+
+  Shapes are checked against ``cfg`` from the metadata first, as ``restore_params`` does.
+  """
+  import tensorstore as ts
+
+  stored = stored_metadata(params_dir)
+  check_params(cfg, stored, params_dir)
+  state = os.path.join(params_dir, "state")  # the writer's layout; training steps are flat
+  root = state if os.path.isfile(os.path.join(state, "_METADATA")) else params_dir
+  context = ts.Context({"cache_pool": {"total_bytes_limit": 0}})
+  out: Params = {}
+  for path, m in jax.tree_util.tree_flatten_with_path(stored)[0]:
+    keys = _keys(path)
+    want = np.dtype(dtype or m.dtype)
+    store = _open_array(os.path.abspath(root), ".".join(keys), want, context)
+    arr = StoredArray(store, m.shape, want)
+    if tuple(arr._store.shape) != tuple(m.shape):
+      raise CheckpointError(
+        f"{params_dir}: parameter {'/'.join(keys)} is stored with shape "
+        f"{tuple(arr._store.shape)} but its metadata says {tuple(m.shape)}"
+      )
+    mapping.set_path(out, keys, arr)
+  return out
+
+
+def open_model(path: str, dtype: str | None = None) -> LoadedModel:
+  """``load_model(path, dtype=dtype, on_host=True)``, but an Orbax checkpoint's parameters stay on
+  disk as ``StoredArray``s, read slice by slice by whoever walks them (export)."""
+  dtype = check_dtype(dtype)
+  kind, root, params_dir, step = locate(path)
+  if kind == "hf":
+    return load_model(path, dtype=dtype, on_host=True)
+  tokenizer = os.path.join(root, TOKENIZER_FILE)
+  cfg = read_model_config(root)
+  params = open_params(params_dir, cfg, dtype)
+  cfg = cfg.replace(param_dtype=str(params["embed"].dtype))
+  return LoadedModel(cfg, params, tokenizer if os.path.isfile(tokenizer) else None, kind, step)
 
 
 def load_model(

@@ -11,8 +11,11 @@ index, ``config.json``, ``generation_config.json`` and the tokenizer files (``to
 ``special_tokens_map.json``), so ``AutoTokenizer`` and ``LlamaForCausalLM.from_pretrained`` load
 it offline. The folder appears atomically (``formats.hf.save_hf``).
 
-Memory: the parameters are restored to host memory as numpy (no accelerator needed), once;
-HF tensors are then transposed one at a time and flushed every ``--max_shard_gb``.
+Memory: nothing is restored up front (no accelerator needed). Each HF tensor is read from the
+Orbax checkpoint alone (one layer of a stacked parameter, ``checkpoints.open_model``), cast,
+transposed and written into its planned safetensors shard (``formats.hf.save_hf``), then
+dropped, so host memory is bounded by a few copies of the largest tensor, not by the model
+or ``--max_shard_gb``; see docs/benchmarks.md. An HF folder as input is still read whole.
 """
 
 from __future__ import annotations
@@ -88,7 +91,7 @@ def export(
     diskspace.check_free_space(
       out, stored.num_params() * np.dtype(dtype or stored.param_dtype).itemsize, "the output folder"
     )
-  loaded = checkpoints.load_model(checkpoint, dtype=dtype, on_host=True)
+  loaded = checkpoints.open_model(checkpoint, dtype=dtype)
   cfg = loaded.cfg
   tok_path = tokenizer or loaded.tokenizer_path
   if not tok_path:

@@ -1,6 +1,7 @@
 """Peak memory and time of Meta -> Orbax conversion (and Orbax -> HF export) on a ~1B model.
 
-  /work/venv/bin/python benchmarks/convert_memory.py [--workdir=/tmp/convert_bench] [--keep]
+  python benchmarks/convert_memory.py [--workdir=/tmp/convert_bench] [--keep]
+  python benchmarks/convert_memory.py --n_layers=8 --dtype=float32 --baseline   # export, ~2 GiB f32
 
 Writes a synthetic bf16 Meta checkpoint (params.json + consolidated.00.pth, consolidated.01.pth:
 2 model-parallel shards, GQA like 70B, ~1.07B parameters) with random weights, then runs the real
@@ -9,8 +10,11 @@ commands in child processes, sampling their /proc status every 50 ms:
   python -m astrollama_jax.convert --source_format=meta --source=W/meta --output=W/orbax
   python -m astrollama_jax.export --checkpoint=W/orbax --output=W/hf
 
-and prints peak RSS (anonymous and file-backed separately), seconds, the model size and the
-largest stacked parameter, which together give the memory bound for bigger models.
+and prints peak RSS (anonymous and file-backed separately, summed over the command's process
+tree), seconds, the model size and the largest stacked parameter, which together give the memory
+bound for bigger models. ``--dtype`` is convert's output dtype (what export then reads);
+``--baseline`` also converts and exports a tiny model (1 layer of width 64, same vocabulary) the
+same way, whose peak is the fixed cost (Python, JAX, Orbax, tensorstore) to subtract.
 """
 
 from __future__ import annotations
@@ -72,12 +76,16 @@ def shapes(p: dict) -> dict[str, tuple[tuple[int, ...], int | None]]:
   return out
 
 
-def write_meta(folder: str, mp: int = 2) -> int:
+TINY = dict(PARAMS, dim=64, n_layers=1, n_heads=4, n_kv_heads=2)
+
+
+def write_meta(folder: str, mp: int = 2, params: dict | None = None) -> int:
   """Random bf16 Meta shards, one rank at a time (so writing holds one shard in memory)."""
   import torch
 
+  params = params or PARAMS
   os.makedirs(folder, exist_ok=True)
-  table = shapes(PARAMS)
+  table = shapes(params)
   n = 0
   for rank in range(mp):
     gen = torch.Generator().manual_seed(rank)
@@ -88,11 +96,11 @@ def write_meta(folder: str, mp: int = 2) -> int:
         local[axis] //= mp
       shard[name] = (torch.randn(local, generator=gen) * 0.02).to(torch.bfloat16)
       n += math.prod(local) if (axis is not None or rank == 0) else 0
-    shard["rope.freqs"] = torch.ones(PARAMS["dim"] // PARAMS["n_heads"] // 2)
+    shard["rope.freqs"] = torch.ones(params["dim"] // params["n_heads"] // 2)
     torch.save(shard, os.path.join(folder, f"consolidated.{rank:02d}.pth"))
     del shard
   with open(os.path.join(folder, "params.json"), "w") as f:
-    json.dump(PARAMS, f)
+    json.dump(params, f)
   shutil.copyfile(TOKENIZER, os.path.join(folder, "tokenizer.model"))
   return n
 
@@ -103,15 +111,34 @@ def _status(pid: int) -> dict[str, int]:
     with open(f"/proc/{pid}/status") as f:
       for line in f:
         key, _, rest = line.partition(":")
-        if key in ("VmRSS", "RssAnon", "RssFile", "VmHWM"):
+        if key in ("VmRSS", "RssAnon", "RssFile"):
           out[key] = int(rest.split()[0]) * 1024
   except OSError:
     pass
   return out
 
 
+def _tree(pid: int) -> list[int]:
+  """``pid`` and all its descendants (from /proc/<pid>/task/*/children)."""
+  out, todo = [], [pid]
+  while todo:
+    p = todo.pop()
+    out.append(p)
+    try:
+      for task in os.listdir(f"/proc/{p}/task"):
+        with open(f"/proc/{p}/task/{task}/children") as f:
+          todo.extend(int(c) for c in f.read().split())
+    except OSError:
+      pass
+  return out
+
+
 def run_measured(cmd: list[str]) -> dict:
-  """Run ``cmd``; its JSON summary plus sampled peaks of RSS / anonymous / file-backed RSS."""
+  """Run ``cmd``; its JSON summary plus sampled peaks of RSS / anonymous / file-backed RSS.
+
+  RSS is sampled from /proc every 50 ms and summed over the process tree: the child's own
+  getrusage peak would include this (parent) process's, which it inherits at fork.
+  """
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   proc = subprocess.Popen(
     cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO
@@ -121,9 +148,12 @@ def run_measured(cmd: list[str]) -> dict:
 
   def sample():
     while not done.is_set():
-      for k, v in _status(proc.pid).items():
-        if k in peaks:
-          peaks[k] = max(peaks[k], v)
+      total = {k: 0 for k in peaks}
+      for pid in _tree(proc.pid):
+        for k, v in _status(pid).items():
+          total[k] += v
+      for k in peaks:
+        peaks[k] = max(peaks[k], total[k])
       time.sleep(0.05)
 
   t = threading.Thread(target=sample, daemon=True)
@@ -145,22 +175,17 @@ def run_measured(cmd: list[str]) -> dict:
   }
 
 
-def main():
-  ap = argparse.ArgumentParser(
-    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-  )
-  ap.add_argument("--workdir", default="/tmp/convert_bench")
-  ap.add_argument("--keep", action="store_true", help="keep the synthetic checkpoint and outputs")
-  ap.add_argument("--export_shard_gb", type=float, default=2.0, help="export's --max_shard_gb")
-  args = ap.parse_args()
-  w = args.workdir
+def convert_and_export(
+  w: str, params: dict, dtype: str | None, shard_gb: float
+) -> tuple[dict, dict]:
+  """Write (once) a synthetic Meta checkpoint under ``w``, convert it, export it; both measured."""
   for sub in ("orbax", "hf"):
     shutil.rmtree(os.path.join(w, sub), ignore_errors=True)
   meta = os.path.join(w, "meta")
   if not os.path.isfile(os.path.join(meta, "consolidated.01.pth")):
     shutil.rmtree(meta, ignore_errors=True)
     t0 = time.time()
-    n = write_meta(meta)
+    n = write_meta(meta, params=params)
     print(
       f"wrote synthetic Meta checkpoint: {n:,} parameters in {time.time() - t0:.0f}s", flush=True
     )
@@ -173,6 +198,7 @@ def main():
       "--source_format=meta",
       f"--source={meta}",
       f"--output={w}/orbax",
+      *([f"--dtype={dtype}"] if dtype else []),
     ]
   )
   exp = run_measured(
@@ -182,30 +208,63 @@ def main():
       "astrollama_jax.export",
       f"--checkpoint={w}/orbax",
       f"--output={w}/hf",
-      f"--max_shard_gb={args.export_shard_gb}",
+      f"--max_shard_gb={shard_gb}",
     ]
   )
-  d, ffn = PARAMS["dim"], 5632
-  largest = PARAMS["n_layers"] * d * ffn * 2  # a stacked MLP matrix, bf16
+  return conv, exp
+
+
+def main():
+  ap = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
+  ap.add_argument("--workdir", default="/tmp/convert_bench")
+  ap.add_argument("--keep", action="store_true", help="keep the synthetic checkpoint and outputs")
+  ap.add_argument("--export_shard_gb", type=float, default=2.0, help="export's --max_shard_gb")
+  ap.add_argument("--n_layers", type=int, default=PARAMS["n_layers"], help="layers of the model")
+  ap.add_argument("--dtype", default=None, help="convert's --dtype (default: bf16 as stored)")
+  ap.add_argument("--baseline", action="store_true", help="also measure a tiny model the same way")
+  args = ap.parse_args()
+  w = args.workdir
+  params = dict(PARAMS, n_layers=args.n_layers)
+  conv, exp = convert_and_export(os.path.join(w, "model"), params, args.dtype, args.export_shard_gb)
+  d, ffn = params["dim"], 5632
+  itemsize = 4 if args.dtype == "float32" else 2
+  largest = params["n_layers"] * d * ffn * itemsize  # a stacked MLP matrix
   result = {
     "parameters": conv["parameters"],
     "model_bytes": conv["bytes"],
     "largest_param_bytes": largest,
+    "largest_hf_tensor_bytes": VOCAB * d * itemsize,  # embed / lm_head
     "meta_shard_bytes": sum(
-      os.path.getsize(os.path.join(meta, f)) for f in os.listdir(meta) if f.endswith(".pth")
+      os.path.getsize(os.path.join(w, "model", "meta", f))
+      for f in os.listdir(os.path.join(w, "model", "meta"))
+      if f.endswith(".pth")
     ),
     "convert_seconds": conv["seconds"],
     "convert_wall_seconds": conv["wall_seconds"],
-    "convert_peak_rss_bytes": conv["peak_rss_bytes"],
+    "convert_peak_rss_bytes": conv["sampled_peak_rss_bytes"],
     "convert_peak_anon_bytes": conv["sampled_peak_anon_bytes"],
     "convert_peak_file_bytes": conv["sampled_peak_file_bytes"],
     "export_shard_gb": args.export_shard_gb,
     "export_seconds": exp["seconds"],
     "export_wall_seconds": exp["wall_seconds"],
-    "export_peak_rss_bytes": exp["peak_rss_bytes"],
+    "export_peak_rss_bytes": exp["sampled_peak_rss_bytes"],
     "export_peak_anon_bytes": exp["sampled_peak_anon_bytes"],
     "export_peak_file_bytes": exp["sampled_peak_file_bytes"],
   }
+  if args.baseline:
+    tconv, texp = convert_and_export(
+      os.path.join(w, "tiny"), TINY, args.dtype, args.export_shard_gb
+    )
+    peak = "sampled_peak_rss_bytes"
+    result.update(
+      tiny_model_bytes=tconv["bytes"],
+      tiny_convert_peak_rss_bytes=tconv[peak],
+      tiny_export_peak_rss_bytes=texp[peak],
+      export_above_tiny_bytes=exp[peak] - texp[peak],
+      convert_above_tiny_bytes=conv[peak] - tconv[peak],
+    )
   width = max(map(len, result))
   for k, v in result.items():
     print(

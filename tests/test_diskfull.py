@@ -1,7 +1,7 @@
 """A full disk (ENOSPC) in every writing command: a clear error naming the output and the free
 space, no partial output that looks complete, nothing already done lost.
 
-ENOSPC is simulated at the lowest write each path uses (safetensors' ``save_file``, Orbax's
+ENOSPC is simulated at the lowest write each path uses (a safetensors shard's writer, Orbax's
 tensorstore writes, the ArrayRecord writer); free space is faked through ``shutil.disk_usage``.
 """
 
@@ -92,15 +92,15 @@ def test_every_form_of_enospc_becomes_one_clear_error(tmp_path):
 def test_export_disk_full_mid_write_removes_the_partial_folder(params, tmp_path, monkeypatch):
   calls = []
 
-  def save_file(tensors, filename, metadata=None):
-    calls.append(filename)
-    if len(calls) == 2:  # the second shard: half written, then the disk is full
-      pathlib.Path(filename).write_bytes(b"\0" * 100)
-      raise _enospc()
-    real_save_file(tensors, filename, metadata=metadata)
+  class ShardWriter(hf._ShardWriter):  # each shard file is opened by one writer
+    def __init__(self, filename, specs):
+      calls.append(filename)
+      if len(calls) == 2:  # the second shard: half written, then the disk is full
+        pathlib.Path(filename).write_bytes(b"\0" * 100)
+        raise _enospc()
+      super().__init__(filename, specs)
 
-  real_save_file = hf.save_file
-  monkeypatch.setattr(hf, "save_file", save_file)
+  monkeypatch.setattr(hf, "_ShardWriter", ShardWriter)
   out = tmp_path / "hf"
   with pytest.raises(
     diskspace.DiskFullError,
@@ -121,7 +121,8 @@ def test_export_refuses_up_front_when_the_disk_is_too_small(
     raise AssertionError("nothing may be restored or written")
 
   monkeypatch.setattr(checkpoints, "load_model", never)
-  monkeypatch.setattr(hf, "save_file", never)
+  monkeypatch.setattr(checkpoints, "open_model", never)
+  monkeypatch.setattr(hf, "_ShardWriter", never)
   _tiny_disk(monkeypatch)
   out = tmp_path / "hf"
   with pytest.raises(

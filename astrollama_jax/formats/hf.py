@@ -2,9 +2,9 @@
 
 Reading memory-maps the safetensors files and stacks one parameter at a time
 (``mapping.stack_params``), so host memory holds at most the model once plus one tensor.
-Writing transposes one tensor at a time into shards of at most ``max_shard_bytes``, inside
-``diskspace.atomic_directory``, so an interrupted export never leaves a folder that looks
-complete.
+Writing plans the shards (at most ``max_shard_bytes`` each) from the shapes, then transposes
+one tensor at a time straight into its file, inside ``diskspace.atomic_directory``, so an
+interrupted export never leaves a folder that looks complete.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from absl import logging
 import jax
 import numpy as np
 from safetensors import safe_open
-from safetensors.numpy import save_file
 
 from astrollama_jax import diskspace
 from astrollama_jax.formats import mapping
@@ -147,6 +146,89 @@ def load_hf(
 
 # --- writing -----------------------------------------------------------------------------------
 
+# safetensors' names of the dtypes a checkpoint can hold
+_ST_DTYPES = {
+  "float32": "F32",
+  "float16": "F16",
+  "bfloat16": "BF16",
+  "float64": "F64",
+  "int64": "I64",
+  "int32": "I32",
+  "int16": "I16",
+  "int8": "I8",
+  "uint8": "U8",
+  "bool": "BOOL",
+}
+Spec = tuple[str, tuple[int, ...], np.dtype]
+
+
+def safetensors_header(
+  specs: list[Spec], metadata: dict[str, str] | None = None
+) -> tuple[bytes, dict[str, int]]:
+  """The bytes before the data of a safetensors file holding ``specs``, and each tensor's offset
+  into the data, exactly as ``safetensors.numpy.save_file`` lays them out.
+
+  That is: tensors sorted by dtype size (largest first), then name; a compact JSON header with
+  ``__metadata__`` first, padded with spaces to a multiple of 8 bytes, after its 8-byte length.
+  Knowing it before any tensor is read lets a file be written one tensor at a time.
+  """
+  order = sorted(specs, key=lambda sp: (-np.dtype(sp[2]).itemsize, sp[0]))
+  header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
+  offsets, pos = {}, 0
+  for name, shape, dtype in order:
+    nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    header[name] = {
+      "dtype": _ST_DTYPES[np.dtype(dtype).name],
+      "shape": list(shape),
+      "data_offsets": [pos, pos + nbytes],
+    }
+    offsets[name], pos = pos, pos + nbytes
+  text = json.dumps(header, separators=(",", ":")).encode()
+  text += b" " * (-len(text) % 8)
+  return len(text).to_bytes(8, "little") + text, offsets
+
+
+class _ShardWriter:
+  """One safetensors file written tensor by tensor, in any order, at offsets known up front."""
+
+  def __init__(self, path: str, specs: list[Spec]):
+    head, offsets = safetensors_header(specs, {"format": "pt"})
+    self._f = open(path, "wb")  # noqa: SIM115  (closed by put, when the last tensor is in)
+    self._f.write(head)
+    self._start, self._offsets = len(head), offsets
+    self._left = {name: (tuple(shape), np.dtype(dtype)) for name, shape, dtype in specs}
+
+  def put(self, name: str, arr: np.ndarray) -> bool:
+    """Write one tensor; True once the file is complete (and closed)."""
+    want = self._left.pop(name)
+    if (arr.shape, arr.dtype) != want:
+      raise ConversionError(
+        f"tensor {name} is {arr.dtype}{list(arr.shape)}, planned as {want[1]}{list(want[0])}"
+      )
+    self._f.seek(self._start + self._offsets[name])
+    self._f.write(np.ascontiguousarray(arr).reshape(-1).view(np.uint8).data)
+    if not self._left:
+      self._f.close()
+    return not self._left
+
+  def abort(self) -> None:
+    self._f.close()
+
+
+def plan_shards(specs: list[Spec], max_shard_bytes: int) -> list[list[Spec]]:
+  """Consecutive tensors grouped into files of at most ``max_shard_bytes`` (one tensor may be
+  bigger on its own): the same grouping whether tensors are buffered or streamed."""
+  shards: list[list[Spec]] = [[]]
+  size = 0
+  for spec in specs:
+    nbytes = int(np.prod(spec[1], dtype=np.int64)) * np.dtype(spec[2]).itemsize
+    if shards[-1] and size + nbytes > max_shard_bytes:
+      shards.append([])
+      size = 0
+    shards[-1].append(spec)
+    size += nbytes
+  return [s for s in shards if s]
+
 
 def save_hf(
   cfg: LlamaConfig,
@@ -159,10 +241,13 @@ def save_hf(
 ) -> dict[str, Any]:
   """Write an HF folder (config.json, generation_config.json, sharded safetensors + index).
 
-  The folder appears atomically (``diskspace.atomic_directory``). A disk too small for the
-  tensors is refused up front; one that fills up anyway (other writers) gives a
-  ``diskspace.DiskFullError`` naming ``folder``. ``extra_files(tmpdir)`` may add tokenizer
-  files before the folder appears.
+  Every shard's layout is planned from the shapes before any tensor is read, so each tensor is
+  written into its file as soon as it is made and dropped: host memory holds about one tensor
+  (twice: read and transposed), whatever the shard size, and with ``checkpoints.open_model``'s
+  lazy parameters not the model either. The folder appears atomically
+  (``diskspace.atomic_directory``). A disk too small for the tensors is refused up front; one
+  that fills up anyway (other writers) gives a ``diskspace.DiskFullError`` naming ``folder``.
+  ``extra_files(tmpdir)`` may add tokenizer files before the folder appears.
   """
   folder = os.path.abspath(folder)
   diskspace.check_free_space(
@@ -171,37 +256,28 @@ def save_hf(
     "the output folder",
   )
   t0 = time.time()
+  shards = plan_shards(list(mapping.hf_shapes(cfg, params, dtype)), max_shard_bytes)
+  names = [f"model-{j + 1:05d}-of-{len(shards):05d}.safetensors" for j in range(len(shards))]
+  file_of = {spec[0]: j for j, shard in enumerate(shards) for spec in shard}
   with diskspace.atomic_directory(folder) as tmp:
-    shard: dict[str, np.ndarray] = {}
-    files: list[list[str]] = []  # the tensor names of every shard written
     total_bytes = total_params = n_tensors = 0
-
-    def flush():
-      nonlocal shard
-      save_file(
-        shard,
-        os.path.join(tmp, f"model-{len(files) + 1:05d}.safetensors"),
-        metadata={"format": "pt"},
-      )
-      files.append(list(shard))
-      shard = {}
-
-    for name, arr in mapping.hf_tensors(cfg, params, dtype):
-      if shard and sum(a.nbytes for a in shard.values()) + arr.nbytes > max_shard_bytes:
-        flush()
-      shard[name] = arr
-      total_bytes += arr.nbytes
-      total_params += arr.size
-      n_tensors += 1
-      if progress:
-        progress(name, arr)
-    if shard:
-      flush()
-    weight_map = {}
-    for j, names in enumerate(files):
-      final = f"model-{j + 1:05d}-of-{len(files):05d}.safetensors"
-      os.rename(os.path.join(tmp, f"model-{j + 1:05d}.safetensors"), os.path.join(tmp, final))
-      weight_map.update({k: final for k in names})
+    writer, current = None, -1
+    try:
+      for name, arr in mapping.hf_tensors(cfg, params, dtype):
+        if file_of[name] != current:
+          current = file_of[name]
+          writer = _ShardWriter(os.path.join(tmp, names[current]), shards[current])
+        writer.put(name, arr)
+        total_bytes += arr.nbytes
+        total_params += arr.size
+        n_tensors += 1
+        if progress:
+          progress(name, arr)
+        del arr
+    finally:
+      if writer is not None:
+        writer.abort()
+    weight_map = {spec[0]: names[j] for j, shard in enumerate(shards) for spec in shard}
     _write_json(
       tmp,
       INDEX_FILE,
@@ -229,7 +305,7 @@ def save_hf(
     "tensors": n_tensors,
     "parameters": total_params,
     "bytes": total_bytes,
-    "shards": len(files),
+    "shards": len(shards),
     "seconds": time.time() - t0,
   }
 

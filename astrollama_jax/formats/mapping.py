@@ -151,22 +151,41 @@ def stack_params(
 # --- our parameters -> HF tensors ----------------------------------------------------------------
 
 
-def hf_tensors(
-  cfg: LlamaConfig, params: Params, dtype: str | None = None
-) -> Iterator[tuple[str, np.ndarray]]:
-  """Yield (HF name, numpy array) for every tensor, in HF's order, one at a time."""
-  out_dtype = np.dtype(dtype) if dtype else None
-
-  def fetch(x):
-    x = np.asarray(x)  # gathers a sharded jax.Array
-    return x if out_dtype is None else x.astype(out_dtype)
-
+def hf_order(cfg: LlamaConfig) -> Iterator[tuple[str, Tensor, int | None]]:
+  """(HF name, table entry, layer or None) of every HF tensor, in HF's order (layer by layer)."""
   entries = table(cfg)
   layered = [t for t in entries if t.per_layer]
   embed, *tail = [t for t in entries if not t.per_layer]
-  yield embed.hf_name, np.ascontiguousarray(embed.to_hf(fetch(get_path(params, embed.path))))
+  yield embed.hf_name, embed, None
   for i in range(cfg.n_layers):
     for t in layered:
-      yield t.hf_name.format(i=i), np.ascontiguousarray(t.to_hf(fetch(get_path(params, t.path)[i])))
+      yield t.hf_name.format(i=i), t, i
   for t in tail:
-    yield t.hf_name, np.ascontiguousarray(t.to_hf(fetch(get_path(params, t.path))))
+    yield t.hf_name, t, None
+
+
+def hf_shapes(
+  cfg: LlamaConfig, params: Params, dtype: str | None = None
+) -> Iterator[tuple[str, tuple[int, ...], np.dtype]]:
+  """(HF name, shape, dtype) of every tensor ``hf_tensors`` yields, without reading any."""
+  for name, t, i in hf_order(cfg):
+    x = get_path(params, t.path)
+    shape = tuple(x.shape) if i is None else tuple(x.shape[1:])
+    # an untouched int8 buffer: the transforms are views, so no page of it is ever written
+    yield name, tuple(t.to_hf(np.empty(shape, np.int8)).shape), np.dtype(dtype or x.dtype)
+
+
+def hf_tensors(
+  cfg: LlamaConfig, params: Params, dtype: str | None = None
+) -> Iterator[tuple[str, np.ndarray]]:
+  """Yield (HF name, numpy array) for every tensor, in HF's order, one at a time.
+
+  Only the layer needed is taken of a stacked parameter (``x[i]``), so a lazily read one
+  (``checkpoints.StoredArray``) is read one HF tensor at a time.
+  """
+  out_dtype = np.dtype(dtype) if dtype else None
+  for name, t, i in hf_order(cfg):
+    x = get_path(params, t.path)
+    x = np.asarray(x if i is None else x[i])  # gathers a sharded jax.Array
+    x = x if out_dtype is None else x.astype(out_dtype)
+    yield name, np.ascontiguousarray(t.to_hf(x))

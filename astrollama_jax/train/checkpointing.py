@@ -2,12 +2,29 @@
 
 ``WORKDIR/checkpoints/<step>/`` holds the items ``params`` and ``opt_state`` (StandardSave, each
 process writing its own shards; ``checkpoints`` owns the names and reads ``params`` back for every
-other command), ``train_meta`` (JSON: step, rng, skip counters, ...) and
-``data_iter`` (one Grain iterator state file per process). Saves are asynchronous: the device
-arrays are copied to host before ``save`` returns, the files are written in the background and
-a step only becomes visible once finalised, so a crash mid-save leaves no half checkpoint that
-looks complete. At start-up the newest step that restores cleanly wins; a corrupt one is reported,
-moved to ``WORKDIR/checkpoints_corrupt/`` and the previous step is tried.
+other command), ``train_meta`` (JSON: step, rng, skip counters, process count, the run's
+``identity``) and ``data_iter`` (one Grain iterator state file per process). Saves are
+asynchronous: the device arrays are copied to host before ``save`` returns, the files are
+written in the background and a step only becomes visible once finalised, so a crash mid-save
+leaves no half checkpoint that looks complete.
+
+At start-up the newest step is restored onto this run's mesh: parameters and optimizer state
+are resharded by Orbax (any mesh, device or process count that can hold them). The data
+position carries over to another process count when it is global, i.e. every saving process
+had the same iterator state (synthetic data: the number of global batches read); the
+per-process packing state of lm and sft data resumes only on the same process count.
+
+A failure is classified before anything is moved (every process agrees on the class, the most
+serious one wins):
+
+* incompatible (another model, optimizer layout, data source or batch, or a process count the
+  data position cannot follow): ``IncompatibleCheckpointError`` before any array is read, one
+  line naming what differs; nothing in the workdir is touched;
+* transient (I/O errors, permission denied, timeouts): retried with exponential backoff, then
+  ``TransientRestoreError``; the checkpoint stays where it is, for a rerun;
+* corrupt or incomplete bytes (anything else): reported, moved to ``WORKDIR/checkpoints_corrupt/``
+  and the previous step is tried. If every step was corrupt the run stops
+  (``NoUsableCheckpointError``) instead of silently starting again from step 0.
 
 A full disk during a save stops the run with ``diskspace.DiskFullError`` naming the step folder
 and the free space. The failed step was never finalised, so it is not a checkpoint; its temporary
@@ -18,6 +35,7 @@ finalised), so the rerun resumes from the last complete one.
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import json
 import os
@@ -31,11 +49,124 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from astrollama_jax import diskspace
+from astrollama_jax import checkpoints, diskspace
 from astrollama_jax.checkpoints import CHECKPOINTS_DIR, PARAMS_DIR
+from astrollama_jax.cli import UserError
 from astrollama_jax.train.state import TrainState
 
 CORRUPT_DIR = "checkpoints_corrupt"
+OPT_STATE_DIR = "opt_state"
+DATA_ITER_DIR = "data_iter"
+
+# Failure classes of a restore, in rising order of seriousness (processes agree on the maximum).
+OK, CORRUPT, TRANSIENT, INCOMPATIBLE = 0, 1, 2, 3
+_TRANSIENT_ERRNOS = frozenset(
+  {
+    errno.EIO,
+    errno.EAGAIN,
+    errno.EBUSY,
+    errno.EINTR,
+    errno.ETIMEDOUT,
+    errno.ESTALE,
+    errno.EACCES,
+    errno.EPERM,
+    errno.ENOLCK,
+    errno.ENETDOWN,
+    errno.ENETUNREACH,
+    errno.ENETRESET,
+    errno.ECONNABORTED,
+    errno.ECONNRESET,
+    errno.ECONNREFUSED,
+    errno.EHOSTDOWN,
+    errno.EHOSTUNREACH,
+    errno.EREMOTEIO,
+  }
+)
+# How tensorstore (whose errors reach us as ValueError text) words the same conditions.
+_TRANSIENT_TEXT = (
+  "UNAVAILABLE",
+  "DEADLINE_EXCEEDED",
+  "PERMISSION_DENIED",
+  "Permission denied",
+  "Input/output error",
+  "Resource temporarily unavailable",
+  "Stale file handle",
+  "Connection reset",
+  "timed out",
+)
+
+
+RETRIES, RETRY_DELAY_S = 4, 2.0  # defaults of a transient read error's retries (2 + 4 + 8 + 16 s)
+
+
+class RestoreError(UserError):
+  """The workdir's checkpoints cannot be resumed from now; the message says why, in one line."""
+
+
+class IncompatibleCheckpointError(RestoreError):
+  """A checkpoint of another run layout: resuming it would be wrong, so nothing is touched."""
+
+
+class TransientRestoreError(RestoreError):
+  """Reading a checkpoint kept failing with I/O errors; it stays in place for a rerun."""
+
+
+class NoUsableCheckpointError(RestoreError):
+  """Every checkpoint of the workdir was corrupt (all quarantined): no silent start from step 0."""
+
+
+def is_transient(error: BaseException) -> bool:
+  """Whether ``error`` (or what caused it) is an I/O condition that may pass on a retry.
+
+  A missing file is not: inside a finalised step it means incomplete bytes.
+  """
+  seen: set[int] = set()
+  e: BaseException | None = error
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, (TimeoutError, ConnectionError)):
+      return True
+    if isinstance(e, OSError) and e.errno in _TRANSIENT_ERRNOS:
+      return True
+    if not isinstance(e, FileNotFoundError) and any(t in str(e) for t in _TRANSIENT_TEXT):
+      return True
+    e = e.__cause__ or e.__context__
+  return False
+
+
+def _path_key(path: tuple[Any, ...]) -> str:
+  """A tree path as ``a/b/0``, the same for a live pytree and for Orbax's metadata of it."""
+  parts = []
+  for k in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(k, attr):
+        parts.append(str(getattr(k, attr)))
+        break
+    else:
+      parts.append(str(k))
+  return "/".join(parts)
+
+
+def _leaves(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
+  return {
+    _path_key(p): (tuple(x.shape), str(np.dtype(x.dtype)))
+    for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+    if hasattr(x, "shape")
+  }
+
+
+def tree_difference(stored: Any, target: Any) -> str | None:
+  """The first difference of shapes/dtypes/leaves between a stored tree and this run's, or None."""
+  a, b = _leaves(stored), _leaves(target)
+  for key in sorted(set(a) | set(b)):
+    if key not in b:
+      return f"{key} is in the checkpoint, not in this run"
+    if key not in a:
+      return f"{key} is in this run, not in the checkpoint"
+    if a[key] != b[key]:
+      (sa, da), (sb, db) = a[key], b[key]
+      return f"{key} is {da}{list(sa)} in the checkpoint, {db}{list(sb)} in this run"
+  return None
 
 
 class _IteratorState:
@@ -69,6 +200,15 @@ def _all_agree(ok: bool) -> bool:
   return bool(np.all(multihost_utils.process_allgather(np.asarray(ok, np.int32))))
 
 
+def _worst(code: int) -> int:
+  """The most serious failure class over all processes."""
+  if jax.process_count() == 1:
+    return code
+  from jax.experimental import multihost_utils
+
+  return int(np.max(multihost_utils.process_allgather(np.asarray(code, np.int32))))
+
+
 def _replicated(value: Any, sharding: Any) -> jax.Array:
   """A small host value as a global array with the given replicated sharding (any processes)."""
   x = np.asarray(value)
@@ -78,7 +218,22 @@ def _replicated(value: Any, sharding: Any) -> jax.Array:
 class Checkpointer:
   """An Orbax ``CheckpointManager`` over ``WORKDIR/checkpoints`` keeping ``keep`` steps."""
 
-  def __init__(self, workdir: str, keep: int = 3, async_save: bool = True):
+  def __init__(
+    self,
+    workdir: str,
+    keep: int = 3,
+    async_save: bool = True,
+    identity: dict[str, Any] | None = None,
+    retries: int | None = None,
+    retry_delay_s: float | None = None,
+  ):
+    """``identity``: what a resumed run must share with the saving one (data source, batch...);
+    saved in ``train_meta`` and compared on restore. A transient read error is retried
+    ``retries`` times (default ``RETRIES``), waiting ``retry_delay_s`` (``RETRY_DELAY_S``) and
+    doubling."""
+    self.identity = json.loads(json.dumps(identity or {}))  # as it reads back from train_meta
+    self.retries = RETRIES if retries is None else retries
+    self.retry_delay_s = RETRY_DELAY_S if retry_delay_s is None else retry_delay_s
     self.workdir = os.path.abspath(workdir)
     self.directory = os.path.join(self.workdir, CHECKPOINTS_DIR)
     options = ocp.CheckpointManagerOptions(
@@ -89,6 +244,7 @@ class Checkpointer:
     )
     self.manager = ocp.CheckpointManager(self.directory, options=options)
     self._saving: int | None = None  # the step of the latest save started
+    self._carried_position: str | None = None  # a data position saved by another process count
 
   def check_free_space(self, nbytes: int) -> None:
     """Refuse to start when the disk cannot hold one more checkpoint of ``nbytes``.
@@ -122,13 +278,14 @@ class Checkpointer:
       nonfinite_run=int(state.nonfinite_run),
       process_count=jax.process_count(),
       saved_at=time.time(),
+      run=self.identity,
     )
     args = ocp.args.Composite(
       **{
         PARAMS_DIR: ocp.args.StandardSave(state.params),
-        "opt_state": ocp.args.StandardSave(state.opt_state),
+        OPT_STATE_DIR: ocp.args.StandardSave(state.opt_state),
         "train_meta": ocp.args.JsonSave(meta),
-        "data_iter": grain.checkpoint.CheckpointSave(_IteratorState(data_iter)),
+        DATA_ITER_DIR: grain.checkpoint.CheckpointSave(_IteratorState(data_iter)),
       }
     )
     self._saving = step
@@ -160,33 +317,18 @@ class Checkpointer:
   def restore_latest(
     self, target: TrainState, data_iter: Any
   ) -> tuple[TrainState, dict[str, Any]] | None:
-    """The newest step that restores cleanly, or None if there is none.
+    """The newest step that restores, or None if the workdir has no checkpoint.
 
     ``target`` is a TrainState of ``jax.ShapeDtypeStruct``s carrying shardings: arrays come back
-    straight onto the mesh. ``data_iter`` is set to the saved position.
+    straight onto the mesh. ``data_iter`` is set to the saved position. Failures are classified
+    as the module docstring says; only corrupt steps are moved away.
     """
-    for step in reversed(self.all_steps()):
-      try:
-        restored = self.manager.restore(
-          step,
-          args=ocp.args.Composite(
-            **{
-              PARAMS_DIR: ocp.args.StandardRestore(target.params),
-              "opt_state": ocp.args.StandardRestore(target.opt_state),
-              "train_meta": ocp.args.JsonRestore(),
-              "data_iter": grain.checkpoint.CheckpointRestore(
-                _IteratorState(data_iter, capture=False)
-              ),
-            }
-          ),
-        )
-        meta = dict(restored["train_meta"])
-        if meta.get("step") != step:
-          raise ValueError(f"train_meta says step {meta.get('step')}")
-        ok, error = True, None
-      except Exception as e:  # noqa: BLE001 - anything unreadable: report it, fall back
-        ok, error = False, e
-      if not _all_agree(ok):
+    steps = self.all_steps()
+    quarantined: list[str] = []
+    for step in reversed(steps):
+      code, result = self._restore_with_retries(step, target, data_iter)
+      if code == CORRUPT:
+        error = result
         logging.error(
           "checkpoint %s/%d cannot be restored (%s: %s); moving it to %s and trying the "
           "previous one",
@@ -196,12 +338,18 @@ class Checkpointer:
           error,
           CORRUPT_DIR,
         )
+        quarantined.append(
+          f"{step} ({type(error).__name__}: {str(error).splitlines()[0][:200]})"
+          if error is not None
+          else str(step)
+        )
         self._quarantine(step)
         continue
+      restored, meta = result
       state = TrainState(
         step=_replicated(np.int32(step), target.step.sharding),
         params=restored[PARAMS_DIR],
-        opt_state=restored["opt_state"],
+        opt_state=restored[OPT_STATE_DIR],
         rng=_replicated(np.asarray(meta["rng"], np.uint32), target.rng.sharding),
         nonfinite_total=_replicated(
           np.int32(meta["nonfinite_total"]), target.nonfinite_total.sharding
@@ -210,7 +358,134 @@ class Checkpointer:
       )
       logging.info("resumed from %s/%d", self.directory, step)
       return state, meta
+    if quarantined:
+      raise NoUsableCheckpointError(
+        f"no checkpoint in {self.directory} could be restored: {'; '.join(quarantined)}; all "
+        f"were moved to {os.path.join(self.workdir, CORRUPT_DIR)}. Rerun to start again from "
+        "step 0, or move a step back to investigate"
+      )
     return None
+
+  def _restore_with_retries(self, step: int, target: TrainState, data_iter: Any) -> tuple[int, Any]:
+    """(OK, (restored, meta)) or (CORRUPT, error); raises for the classes that stop the run."""
+    delay = self.retry_delay_s
+    for attempt in range(self.retries + 1):
+      code, result = self._try_restore(step, target, data_iter)
+      code = _worst(code)
+      if code == INCOMPATIBLE:
+        raise IncompatibleCheckpointError(
+          f"checkpoint {self.directory}/{step} does not fit this run: "
+          f"{result if isinstance(result, str) else 'another process found a difference'}; "
+          "resume with the settings it was saved with, or use a fresh --workdir "
+          "(nothing was changed)"
+        )
+      if code != TRANSIENT:
+        return code, result
+      logging.warning(
+        "checkpoint %s/%d: transient read error (%s), attempt %d of %d; retrying in %.1f s",
+        self.directory,
+        step,
+        result,
+        attempt + 1,
+        self.retries + 1,
+        delay,
+      )
+      if attempt < self.retries:
+        time.sleep(delay)
+        delay *= 2
+    raise TransientRestoreError(
+      f"checkpoint {self.directory}/{step} could not be read after {self.retries + 1} attempts "
+      f"(last error: {result}); it was left in place: check the storage and rerun"
+    )
+
+  def _try_restore(self, step: int, target: TrainState, data_iter: Any) -> tuple[int, Any]:
+    """One attempt, on this process: a failure class and the restored items, or what failed."""
+    try:
+      difference = self._incompatibility(step, target)
+      if difference:
+        return INCOMPATIBLE, difference
+      restored = self._restore_items(step, target, data_iter)
+      meta = dict(restored["train_meta"])
+      if meta.get("step") != step:
+        raise ValueError(f"train_meta says step {meta.get('step')}")
+      return OK, (restored, meta)
+    except Exception as e:  # noqa: BLE001 - classified: nothing is moved for what a retry may cure
+      if is_transient(e):
+        return TRANSIENT, f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+      return CORRUPT, e
+
+  def _incompatibility(self, step: int, target: TrainState) -> str | None:
+    """What differs between step ``step`` and this run, from metadata alone (no array is read)."""
+    meta = dict(
+      self.manager.restore(step, args=ocp.args.Composite(train_meta=ocp.args.JsonRestore()))[
+        "train_meta"
+      ]
+    )
+    saved_run = meta.get("run")
+    if saved_run is not None:
+      for key in sorted(set(saved_run) & set(self.identity)):  # a key added later is no difference
+        if saved_run[key] != self.identity[key]:
+          return f"{key} is {saved_run[key]!r} in the checkpoint, {self.identity[key]!r} now"
+    self._carried_position = None
+    saved_procs = meta.get("process_count", jax.process_count())
+    if saved_procs != jax.process_count():
+      position = self._global_position(step, saved_procs)
+      if position is None:
+        return (
+          f"it was saved by {saved_procs} processes and this run has "
+          f"{jax.process_count()}, and its data position is per process "
+          f"(data.kind {self.identity.get('data.kind')!r}): it can only resume on "
+          f"{saved_procs} processes"
+        )
+      self._carried_position = position
+    step_dir = os.path.join(self.directory, str(step))
+    for item, want in ((PARAMS_DIR, target.params), (OPT_STATE_DIR, target.opt_state)):
+      stored = checkpoints.stored_metadata(os.path.join(step_dir, item))
+      diff = tree_difference(stored, want)
+      if diff:
+        what = (
+          "the model's parameters differ"
+          if item == PARAMS_DIR
+          else "the optimizer state layout differs"
+        )
+        return f"{what}: {diff}"
+    return None
+
+  def _global_position(self, step: int, saved_procs: int) -> str | None:
+    """The saved iterator state if every saving process had the same one, else None.
+
+    A position that does not depend on the process (synthetic data: the number of global
+    batches read) carries over to any process count; per-process packing (lm, sft) does not.
+    """
+    folder = os.path.join(self.directory, str(step), DATA_ITER_DIR)
+    states = set()
+    for i in range(saved_procs):
+      with open(os.path.join(folder, f"process_{i}-of-{saved_procs}.json")) as f:
+        states.add(f.read())
+    return states.pop() if len(states) == 1 else None
+
+  def _restore_items(self, step: int, target: TrainState, data_iter: Any) -> dict[str, Any]:
+    """Every item of ``step`` onto ``target``'s shardings (Orbax reshards to this mesh), and the
+    data position into ``data_iter``: Grain's own file for this process, or the carried one."""
+    items = {
+      PARAMS_DIR: ocp.args.StandardRestore(target.params),
+      OPT_STATE_DIR: ocp.args.StandardRestore(target.opt_state),
+      "train_meta": ocp.args.JsonRestore(),
+    }
+    if self._carried_position is None:
+      items[DATA_ITER_DIR] = grain.checkpoint.CheckpointRestore(
+        _IteratorState(data_iter, capture=False)
+      )
+    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    if self._carried_position is not None:
+      _IteratorState(data_iter, capture=False).set_state(self._carried_position.encode())
+      logging.info(
+        "data position of %s/%d carried over to %d processes",
+        self.directory,
+        step,
+        jax.process_count(),
+      )
+    return restored
 
   def _quarantine(self, step: int) -> None:
     if jax.process_index() == 0:

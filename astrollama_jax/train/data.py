@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 import hashlib
+import os
 import time
 from typing import Any
 
@@ -97,6 +98,27 @@ def make_dataset(
     num_epochs=num_epochs,
     stall_after=d.synthetic.stall_after_steps if split == "train" else 0,
   )
+
+
+# Keys of ``config.data`` that do not change which records a training step reads.
+_NOT_IDENTITY = ("tokenizer_path", "lm.worker_count", "sft.eval_sources")
+
+
+def run_identity(config: Any) -> dict[str, Any]:
+  """What a resumed run must share with the one that saved: the data source, order and batch.
+
+  The shared ``data.*`` keys and those of the active kind's section (``data.lm.path`` made
+  absolute), plus the global batch size. The checkpoint keeps them; a restore that finds
+  another value stops, naming the key.
+  """
+  d = config.data.to_dict()
+  out: dict[str, Any] = {"train.global_batch_size": int(config.train.global_batch_size)}
+  items = [(k, v) for k, v in d.items() if not isinstance(v, dict)]
+  items += [(f"{d['kind']}.{k}", v) for k, v in d.get(d["kind"], {}).items()]
+  for name, value in items:
+    if name not in _NOT_IDENTITY:
+      out[f"data.{name}"] = os.path.abspath(value) if name == "lm.path" and value else value
+  return out
 
 
 def has_split(config: Any, split: str) -> bool:

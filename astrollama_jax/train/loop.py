@@ -161,7 +161,12 @@ def _train(config: Any, workdir: str, mesh: Any, started: float) -> dict[str, An
       mem.output_size_in_bytes / 1e9,
     )
   lora_record = _lora_record(config, workdir, program)
-  ckpt = Checkpointer(workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
+  ckpt = Checkpointer(
+    workdir,
+    keep=config.checkpoint.keep,
+    async_save=config.checkpoint.async_save,
+    identity=data.run_identity(config),
+  )
   ckpt.check_free_space(program.state_bytes())
   train_iter = iter(data.make_dataset(config, "train", num_epochs=None))
   step_flops = flops.training_flops(cfg, config.train.global_batch_size, config.data.seq_len).total
