@@ -1,4 +1,4 @@
-"""The TFDS corpus builder, its manifest, and the prepare entry point (issue 4)."""
+"""The TFDS corpus builder, its manifest, and the prepare entry point."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""LaTeX ingestion, section extraction and cleaning (issue 4)."""
+"""LaTeX ingestion, section extraction and cleaning."""
 
 from __future__ import annotations
 

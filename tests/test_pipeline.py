@@ -1,4 +1,4 @@
-"""Packing and the Grain LM pipeline: batch contract, sharding, mixing, state (issue 4)."""
+"""Packing and the Grain LM pipeline: batch contract, sharding, mixing, state."""
 
 from __future__ import annotations
 

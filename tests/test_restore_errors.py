@@ -1,6 +1,6 @@
 """A failed restore is classified: corrupt bytes fall back, incompatible runs and I/O errors stop.
 
-The runs are in-process (a tiny model on synthetic data over this session's 8 CPU devices), so
+The runs are in-process (a tiny model on synthetic data over the test process's 8 CPU devices), so
 that a transient error can be injected into the restore itself.
 """
 
