@@ -317,8 +317,10 @@ def _cell(key: str, value: Any) -> str:
 
 
 def _numeric(text: str) -> bool:
+  """A cell that is a number (or a byte count with its GiB), right-aligned in tables."""
+  head = text.split(" (", 1)[0] if text.endswith(" GiB)") else text
   try:
-    float(text.split(" ")[0].replace(",", ""))
+    float(head.replace(",", ""))
     return True
   except ValueError:
     return False

@@ -111,7 +111,7 @@ def main(argv: list[str]) -> None:
   logging.info("dataset written to %s", builder.data_dir)
   rows = report.rows() + [("dataset", str(builder.data_dir))]
   cli.report(
-    "prepare: retention", summary(report, str(builder.data_dir)), rows=rows, header=("", "")
+    "prepare: retention", summary(report, str(builder.data_dir)), rows=rows, columns=("", "count")
   )
 
 
