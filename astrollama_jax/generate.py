@@ -427,12 +427,7 @@ class _Rows:
 def define_flags(temperature: float = 0.0, top_p: float = 1.0, max_new_tokens: int = 256) -> None:
   """Flags shared by ``generate`` and ``chat`` (called from ``__main__`` only, never on import)."""
   cli.define(
-    "checkpoint",
-    "tokenizer",
-    "mesh",
-    "dtype",
-    "compute_dtype",
-    "attention",
+    *cli.MODEL_FLAGS,
     required=["checkpoint"],
   )
   flags.DEFINE_integer("max_new_tokens", max_new_tokens, "Most tokens to generate per answer.")

@@ -29,12 +29,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     "compare", None, "Result files or output dirs to compare (instead of --task).", **fv
   )
   cli.define(
-    "checkpoint",
-    "tokenizer",
-    "mesh",
-    "dtype",
-    "compute_dtype",
-    "attention",
+    *cli.MODEL_FLAGS,
     "output",
     flag_values=flag_values,
     defaults={"output": "eval_results"},

@@ -213,5 +213,56 @@ def finish(
   return summary
 
 
+def finish_items(
+  task: str,
+  output_dir: str,
+  label: str,
+  model: Model,
+  metrics: dict,
+  rows: Sequence[dict],
+  items: Sequence[dict],
+  extra: dict,
+  columns: Sequence[str],
+  checker: Any = None,
+  dropped: int = 0,
+) -> dict:
+  """``finish`` for a task that scores items: also writes them to ``<output>/<task>_items.jsonl``
+  and says in the summary how many items the contamination ``checker`` dropped."""
+  items_path = os.path.join(output_dir, f"{task}_items.jsonl")
+  write_jsonl(items_path, items)
+  if checker is not None:
+    extra = {
+      **extra,
+      "contamination": {"threshold": checker.threshold, "dropped": dropped, "drop": checker.drop},
+    }
+  return finish(
+    task,
+    output_dir,
+    label,
+    model.checkpoint,
+    metrics,
+    rows,
+    files={"items": items_path},
+    extra=extra,
+    columns=columns,
+  )
+
+
+def make_scorer(model: Model, tokenizer: Any, batch_size: int, max_len: int, progress: bool):
+  """The ``Scorer`` a task runs ``model`` with (``max_len`` 0: the model's context), once
+  ``tokenizer`` is known to fit the model's vocabulary."""
+  from astrollama_jax.eval.scoring import Scorer
+
+  tokenizer.check_vocab(model.cfg.vocab_size)
+  return Scorer(
+    model.cfg,
+    model.params,
+    model.mesh,
+    batch_size=batch_size,
+    max_len=max_len or None,
+    progress=progress,
+  )
+
+
 def default_label(checkpoint: str) -> str:
   return os.path.basename(os.path.normpath(checkpoint)) if checkpoint else "model"

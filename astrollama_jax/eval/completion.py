@@ -119,15 +119,7 @@ def run(
 
   if not 0.0 < prefix_frac < 1.0:
     raise ValueError(f"prefix_frac must be in (0, 1), got {prefix_frac}")
-  tokenizer.check_vocab(model.cfg.vocab_size)
-  scorer = Scorer(
-    model.cfg,
-    model.params,
-    model.mesh,
-    batch_size=batch_size,
-    max_len=max_len or None,
-    progress=progress,
-  )
+  scorer = common.make_scorer(model, tokenizer, batch_size, max_len, progress)
   emb_model = embedder or model
   emb_tok = Tokenizer(emb_model.tokenizer_path) if embedder else tokenizer
   emb_scorer = (

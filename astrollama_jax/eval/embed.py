@@ -104,15 +104,7 @@ def run(
   progress: bool = True,
 ) -> dict:
   """The ``embed`` task: embed ``data`` (or reuse ``embeddings_file``), then answer ``query``."""
-  scorer = Scorer(
-    model.cfg,
-    model.params,
-    model.mesh,
-    batch_size=batch_size,
-    max_len=max_len or None,
-    progress=progress,
-  )
-  tokenizer.check_vocab(model.cfg.vocab_size)
+  scorer = common.make_scorer(model, tokenizer, batch_size, max_len, progress)
   path = embeddings_file or os.path.join(output_dir, "embeddings.npz")
   metrics: dict[str, float] = {}
   if embeddings_file and os.path.exists(embeddings_file):

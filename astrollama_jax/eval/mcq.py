@@ -272,15 +272,7 @@ def run(
 ) -> dict:
   """The ``mcq`` task over one or more question files."""
   methods = METHODS[method]
-  scorer = Scorer(
-    model.cfg,
-    model.params,
-    model.mesh,
-    batch_size=batch_size,
-    max_len=max_len or None,
-    progress=progress,
-  )
-  tokenizer.check_vocab(model.cfg.vocab_size)
+  scorer = common.make_scorer(model, tokenizer, batch_size, max_len, progress)
   dev_qs = read_questions(dev) if dev else None
   rows, items, metrics = [], [], {}
   credits_all: dict[str, list[np.ndarray]] = {m: [] for m in methods}
@@ -344,25 +336,9 @@ def run(
     metrics.update({f"acc/{m}": float(total.mean()), f"acc/{m}/lo": lo, f"acc/{m}/hi": hi})
   if p_answer:
     metrics["p_answer/letter"] = float(np.mean(p_answer))
-  items_path = os.path.join(output_dir, "mcq_items.jsonl")
-  common.write_jsonl(items_path, items)
   extra = {"shots": shots, "methods": list(methods), "data": list(data), "questions": len(items)}
-  if checker is not None:
-    extra["contamination"] = {
-      "threshold": checker.threshold,
-      "dropped": dropped,
-      "drop": checker.drop,
-    }
-  return common.finish(
-    "mcq",
-    output_dir,
-    label,
-    model.checkpoint,
-    metrics,
-    rows,
-    files={"items": items_path},
-    extra=extra,
-    columns=COLUMNS,
+  return common.finish_items(
+    "mcq", output_dir, label, model, metrics, rows, items, extra, COLUMNS, checker, dropped
   )
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import collections
 from collections.abc import Sequence
-import os
 
 import numpy as np
 
@@ -78,16 +77,8 @@ def run(
   progress: bool = True,
 ) -> dict:
   """The ``perplexity`` task over one or more corpora (JSONL files or prepared datasets)."""
-  scorer = Scorer(
-    model.cfg,
-    model.params,
-    model.mesh,
-    batch_size=batch_size,
-    max_len=max_len or None,
-    progress=progress,
-  )
+  scorer = common.make_scorer(model, tokenizer, batch_size, max_len, progress)
   stride = stride or max(1, scorer.max_len // 2)
-  tokenizer.check_vocab(model.cfg.vocab_size)
   rows, items, all_nll, all_cnt = [], [], [], []
   metrics: dict[str, float] = {}
   excluded = 0
@@ -131,8 +122,6 @@ def run(
   metrics.update(
     {"ppl": total["ppl"], "nll": total["nll"], "ppl_lo": total["ppl_lo"], "ppl_hi": total["ppl_hi"]}
   )
-  items_path = os.path.join(output_dir, "perplexity_items.jsonl")
-  common.write_jsonl(items_path, items)
   extra = {
     "max_len": scorer.max_len,
     "stride": stride,
@@ -140,20 +129,6 @@ def run(
     "tokens": int(cnt.sum()),
     "docs": len(nll),
   }
-  if checker is not None:
-    extra["contamination"] = {
-      "threshold": checker.threshold,
-      "dropped": excluded,
-      "drop": checker.drop,
-    }
-  return common.finish(
-    "perplexity",
-    output_dir,
-    label,
-    model.checkpoint,
-    metrics,
-    rows,
-    files={"items": items_path},
-    extra=extra,
-    columns=COLUMNS,
+  return common.finish_items(
+    "perplexity", output_dir, label, model, metrics, rows, items, extra, COLUMNS, checker, excluded
   )
