@@ -459,19 +459,13 @@ def load_from_flags(
 
 def _read_prompts_file(path: str) -> list[dict[str, Any]]:
   """All records of a JSONL file, each with a string ``prompt``; errors name the line."""
+  from astrollama_jax.eval.common import read_jsonl
+
   records = []
-  with open(path, encoding="utf-8") as f:
-    for lineno, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        rec = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from None
-      if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
-        raise ValueError(f"{path}:{lineno}: expected an object with a string field 'prompt'")
-      cli.check_text(json.dumps(rec, ensure_ascii=False), f"{path}:{lineno}")
-      records.append(rec)
+  for lineno, rec in read_jsonl(path):
+    if not isinstance(rec.get("prompt"), str):
+      raise ValueError(f"{path}:{lineno}: expected an object with a string field 'prompt'")
+    records.append(rec)
   if not records:
     raise ValueError(f"{path}: no prompts")
   return records
