@@ -185,12 +185,20 @@ def finish(
   checkpoint: str,
   metrics: dict,
   rows: Sequence[dict],
-  files: dict | None = None,
+  items: Sequence[dict] | None = None,
   extra: dict | None = None,
   columns: Sequence[str] | None = None,
+  *,
+  files: dict | None = None,
+  kind: str = "items",
 ) -> dict:
-  """Write ``<output>/<task>.json``, print the table and the one JSON summary line."""
+  """Write ``<output>/<task>.json``, print the table and the one JSON summary line; with
+  ``items``, also a record per item in ``<output>/<task>_<kind>.jsonl``."""
   result_path = os.path.join(output_dir, f"{task}.json")
+  files = dict(files or {})
+  if items is not None:
+    files[kind] = os.path.join(output_dir, f"{task}_{kind}.jsonl")
+    write_jsonl(files[kind], items)
   summary = cli.jsonable(
     {
       "task": task,
@@ -198,7 +206,7 @@ def finish(
       "checkpoint": checkpoint,
       "metrics": metrics,
       "rows": list(rows),
-      "files": {"result": result_path, **(files or {})},
+      "files": {"result": result_path, **files},
       **(extra or {}),
     }
   )
@@ -213,39 +221,13 @@ def finish(
   return summary
 
 
-def finish_items(
-  task: str,
-  output_dir: str,
-  label: str,
-  model: Model,
-  metrics: dict,
-  rows: Sequence[dict],
-  items: Sequence[dict],
-  extra: dict,
-  columns: Sequence[str],
-  checker: Any = None,
-  dropped: int = 0,
-) -> dict:
-  """``finish`` for a task that scores items: also writes them to ``<output>/<task>_items.jsonl``
-  and says in the summary how many items the contamination ``checker`` dropped."""
-  items_path = os.path.join(output_dir, f"{task}_items.jsonl")
-  write_jsonl(items_path, items)
-  if checker is not None:
-    extra = {
-      **extra,
-      "contamination": {"threshold": checker.threshold, "dropped": dropped, "drop": checker.drop},
-    }
-  return finish(
-    task,
-    output_dir,
-    label,
-    model.checkpoint,
-    metrics,
-    rows,
-    files={"items": items_path},
-    extra=extra,
-    columns=columns,
-  )
+def contamination_note(checker: Any, dropped: int) -> dict:
+  """The summary's note of how many items the contamination ``checker`` (if any) dropped."""
+  if checker is None:
+    return {}
+  return {
+    "contamination": {"threshold": checker.threshold, "dropped": dropped, "drop": checker.drop}
+  }
 
 
 def make_scorer(model: Model, tokenizer: Any, batch_size: int, max_len: int, progress: bool):

@@ -18,7 +18,6 @@ Every sample (prompt, reference, generation, both scores) goes to ``completion_s
 from __future__ import annotations
 
 from collections.abc import Sequence
-import os
 import re
 
 from absl import logging
@@ -250,7 +249,6 @@ def run(
     "completion/ppl_lo": total["ppl_lo"],
     "completion/ppl_hi": total["ppl_hi"],
   }
-  path = os.path.join(output_dir, "completion_samples.jsonl")
   keys = (
     "data",
     "id",
@@ -267,7 +265,7 @@ def run(
     "finish",
     "contamination",
   )
-  common.write_jsonl(path, [{k: s[k] for k in keys if k in s} for s in samples])
+  records = [{k: s[k] for k in keys if k in s} for s in samples]
   extra = {
     "samples": len(samples),
     "skipped": skipped,
@@ -287,9 +285,10 @@ def run(
     model.checkpoint,
     metrics,
     rows,
-    files={"samples": path},
-    extra=extra,
-    columns=COLUMNS,
+    records,
+    extra,
+    COLUMNS,
+    kind="samples",
   )
 
 

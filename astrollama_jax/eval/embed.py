@@ -156,6 +156,6 @@ def run(
     model.checkpoint,
     metrics,
     rows,
-    files={"embeddings": path},
     extra=extra,
+    files={"embeddings": path},
   )

@@ -337,8 +337,9 @@ def run(
   if p_answer:
     metrics["p_answer/letter"] = float(np.mean(p_answer))
   extra = {"shots": shots, "methods": list(methods), "data": list(data), "questions": len(items)}
-  return common.finish_items(
-    "mcq", output_dir, label, model, metrics, rows, items, extra, COLUMNS, checker, dropped
+  extra.update(common.contamination_note(checker, dropped))
+  return common.finish(
+    "mcq", output_dir, label, model.checkpoint, metrics, rows, items, extra, COLUMNS
   )
 
 

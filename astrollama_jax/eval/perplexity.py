@@ -129,6 +129,7 @@ def run(
     "tokens": int(cnt.sum()),
     "docs": len(nll),
   }
-  return common.finish_items(
-    "perplexity", output_dir, label, model, metrics, rows, items, extra, COLUMNS, checker, excluded
+  extra.update(common.contamination_note(checker, excluded))
+  return common.finish(
+    "perplexity", output_dir, label, model.checkpoint, metrics, rows, items, extra, COLUMNS
   )
