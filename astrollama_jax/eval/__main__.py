@@ -184,8 +184,10 @@ def main(argv, F: flags.FlagValues = flags.FLAGS):
   if F.task != "embed":  # the scoring tasks may leave out what the training data holds
     args["checker"] = _checker(F)
   task = importlib.import_module(f"astrollama_jax.eval.{F.task}")
-  args.update({name: getattr(F, name) for name in ("batch_size", "max_len", "limit", "progress")})
-  task.run(model, data, tokenizer=tokenizer, output_dir=F.output, label=label, **args)
+  setup = common.TaskSetup(
+    model, tokenizer, F.output, label, F.batch_size, F.max_len, F.limit, F.progress
+  )
+  task.run(setup, data, **args)
   logging.info("results in %s", F.output)
 
 

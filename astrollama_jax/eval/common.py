@@ -230,20 +230,40 @@ def contamination_note(checker: Any, dropped: int) -> dict:
   }
 
 
-def make_scorer(model: Model, tokenizer: Any, batch_size: int, max_len: int, progress: bool):
-  """The ``Scorer`` a task runs ``model`` with (``max_len`` 0: the model's context), once
-  ``tokenizer`` is known to fit the model's vocabulary."""
-  from astrollama_jax.eval.scoring import Scorer
+@dataclasses.dataclass(frozen=True)
+class TaskSetup:
+  """What every task runs with: the model, where and under which name it reports, and how much
+  data it reads and scores at once."""
 
-  tokenizer.check_vocab(model.cfg.vocab_size)
-  return Scorer(
-    model.cfg,
-    model.params,
-    model.mesh,
-    batch_size=batch_size,
-    max_len=max_len or None,
-    progress=progress,
-  )
+  model: Model
+  tokenizer: Any
+  output_dir: str
+  label: str
+  batch_size: int = 8
+  max_len: int = 0  # 0: the model's context
+  limit: int = 0  # items per data file (0: all)
+  progress: bool = True
+
+  def scorer(self):
+    """The task's ``Scorer``, once the tokenizer is known to fit the model's vocabulary."""
+    from astrollama_jax.eval.scoring import Scorer
+
+    m = self.model
+    self.tokenizer.check_vocab(m.cfg.vocab_size)
+    return Scorer(
+      m.cfg,
+      m.params,
+      m.mesh,
+      batch_size=self.batch_size,
+      max_len=self.max_len or None,
+      progress=self.progress,
+    )
+
+  def finish(self, task: str, metrics: dict, rows: Sequence[dict], *args: Any, **kwargs: Any):
+    """``finish`` with this setup's output folder, label and checkpoint."""
+    return finish(
+      task, self.output_dir, self.label, self.model.checkpoint, metrics, rows, *args, **kwargs
+    )
 
 
 def default_label(checkpoint: str) -> str:

@@ -253,26 +253,20 @@ def score_questions(
 
 
 def run(
-  model: common.Model,
+  setup: common.TaskSetup,
   data: Sequence[str],
   *,
-  tokenizer: Tokenizer,
-  output_dir: str,
-  label: str,
   method: str = "all",
   shots: int = 0,
   dev: str | None = None,
   subject: str | None = None,
-  batch_size: int = 8,
-  max_len: int = 0,
-  limit: int = 0,
   seed: int = 0,
   checker=None,
-  progress: bool = True,
 ) -> dict:
   """The ``mcq`` task over one or more question files."""
+  tokenizer, limit = setup.tokenizer, setup.limit
   methods = METHODS[method]
-  scorer = common.make_scorer(model, tokenizer, batch_size, max_len, progress)
+  scorer = setup.scorer()
   dev_qs = read_questions(dev) if dev else None
   rows, items, metrics = [], [], {}
   credits_all: dict[str, list[np.ndarray]] = {m: [] for m in methods}
@@ -338,9 +332,7 @@ def run(
     metrics["p_answer/letter"] = float(np.mean(p_answer))
   extra = {"shots": shots, "methods": list(methods), "data": list(data), "questions": len(items)}
   extra.update(common.contamination_note(checker, dropped))
-  return common.finish(
-    "mcq", output_dir, label, model.checkpoint, metrics, rows, items, extra, COLUMNS
-  )
+  return setup.finish("mcq", metrics, rows, items, extra, COLUMNS)
 
 
 def _row(name: str, method: str, credit: np.ndarray) -> dict:

@@ -14,7 +14,6 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from astrollama_jax.data.tokenizer import Tokenizer
 from astrollama_jax.eval import common, stats
 from astrollama_jax.eval.scoring import Scorer, window_requests
 
@@ -60,24 +59,18 @@ def _add_metrics(metrics: dict, key: str, row: dict) -> None:
 
 
 def run(
-  model: common.Model,
+  setup: common.TaskSetup,
   data: Sequence[str],
   *,
-  tokenizer: Tokenizer,
-  output_dir: str,
-  label: str,
   stride: int = 0,
-  batch_size: int = 8,
-  max_len: int = 0,
-  limit: int = 0,
   split: str = "validation",
   n_boot: int = 1000,
   seed: int = 0,
   checker=None,
-  progress: bool = True,
 ) -> dict:
   """The ``perplexity`` task over one or more corpora (JSONL files or prepared datasets)."""
-  scorer = common.make_scorer(model, tokenizer, batch_size, max_len, progress)
+  tokenizer, limit = setup.tokenizer, setup.limit
+  scorer = setup.scorer()
   stride = stride or max(1, scorer.max_len // 2)
   rows, items, all_nll, all_cnt = [], [], [], []
   metrics: dict[str, float] = {}
@@ -130,6 +123,4 @@ def run(
     "docs": len(nll),
   }
   extra.update(common.contamination_note(checker, excluded))
-  return common.finish(
-    "perplexity", output_dir, label, model.checkpoint, metrics, rows, items, extra, COLUMNS
-  )
+  return setup.finish("perplexity", metrics, rows, items, extra, COLUMNS)
