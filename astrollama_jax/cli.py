@@ -46,6 +46,8 @@ COMMANDS = {
 
 DTYPES = ("float32", "bfloat16", "float16")
 DEFAULT_MESH = "1,-1,1"
+# The flags every command that loads a model for inference takes: ``cli.define(*MODEL_FLAGS)``.
+MODEL_FLAGS = ("checkpoint", "tokenizer", "mesh", "dtype", "compute_dtype", "attention")
 
 
 class UserError(Exception):

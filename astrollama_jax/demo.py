@@ -158,25 +158,14 @@ def run(
     timings[name] = round(time.time() - t0, 1)
     return out
 
-  stage("prepare", prepare, corpus_src, os.path.join(workdir, "corpus"))
-  cpt = stage(
-    "pretrain",
-    pretrain,
-    os.path.join(workdir, "corpus"),
-    tokenizer,
-    os.path.join(workdir, "cpt"),
-    steps,
-  )
-  sft = stage(
-    "finetune",
-    finetune,
-    os.path.join(workdir, "cpt"),
-    tokenizer,
-    os.path.join(workdir, "sft"),
-    sft_steps,
-  )
-  stage("export", export, os.path.join(workdir, "sft"), os.path.join(workdir, "hf"))
-  reply = stage("chat", answer, os.path.join(workdir, "hf"), question)
+  def at(name):  # the stages' folders, all in the workdir
+    return os.path.join(workdir, name)
+
+  stage("prepare", prepare, corpus_src, at("corpus"))
+  cpt = stage("pretrain", pretrain, at("corpus"), tokenizer, at("cpt"), steps)
+  sft = stage("finetune", finetune, at("cpt"), tokenizer, at("sft"), sft_steps)
+  stage("export", export, at("sft"), at("hf"))
+  reply = stage("chat", answer, at("hf"), question)
   before, after = cpt.get("eval_start") or {}, cpt.get("eval") or {}
   return {
     "val_ppl_before": before.get("perplexity"),
@@ -190,9 +179,9 @@ def run(
     "question": question,
     "answer": reply,
     "loss_fell": bool(before and after and after["loss"] < before["loss"]),
-    "hf_folder": os.path.join(workdir, "hf"),
-    "cpt_workdir": os.path.join(workdir, "cpt"),
-    "sft_workdir": os.path.join(workdir, "sft"),
+    "hf_folder": at("hf"),
+    "cpt_workdir": at("cpt"),
+    "sft_workdir": at("sft"),
     "seconds": timings,
     "total_s": round(sum(timings.values()), 1),
   }

@@ -427,12 +427,7 @@ class _Rows:
 def define_flags(temperature: float = 0.0, top_p: float = 1.0, max_new_tokens: int = 256) -> None:
   """Flags shared by ``generate`` and ``chat`` (called from ``__main__`` only, never on import)."""
   cli.define(
-    "checkpoint",
-    "tokenizer",
-    "mesh",
-    "dtype",
-    "compute_dtype",
-    "attention",
+    *cli.MODEL_FLAGS,
     required=["checkpoint"],
   )
   flags.DEFINE_integer("max_new_tokens", max_new_tokens, "Most tokens to generate per answer.")
@@ -464,19 +459,13 @@ def load_from_flags(
 
 def _read_prompts_file(path: str) -> list[dict[str, Any]]:
   """All records of a JSONL file, each with a string ``prompt``; errors name the line."""
+  from astrollama_jax.eval.common import read_jsonl
+
   records = []
-  with open(path, encoding="utf-8") as f:
-    for lineno, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        rec = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from None
-      if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
-        raise ValueError(f"{path}:{lineno}: expected an object with a string field 'prompt'")
-      cli.check_text(json.dumps(rec, ensure_ascii=False), f"{path}:{lineno}")
-      records.append(rec)
+  for lineno, rec in read_jsonl(path):
+    if not isinstance(rec.get("prompt"), str):
+      raise ValueError(f"{path}:{lineno}: expected an object with a string field 'prompt'")
+    records.append(rec)
   if not records:
     raise ValueError(f"{path}: no prompts")
   return records

@@ -37,12 +37,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   """The command's flags (called from ``__main__`` only, never on import)."""
   fv = {"flag_values": flag_values}
   cli.define(
-    "checkpoint",
-    "tokenizer",
-    "mesh",
-    "dtype",
-    "compute_dtype",
-    "attention",
+    *cli.MODEL_FLAGS,
     "output",
     required=["checkpoint", "output"],
     flag_values=flag_values,

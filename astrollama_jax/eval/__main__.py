@@ -12,6 +12,7 @@ Every task prints a table and one JSON line, and writes ``<output>/<task>.json``
 
 from __future__ import annotations
 
+import importlib
 import os
 
 from absl import app, flags, logging
@@ -29,12 +30,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     "compare", None, "Result files or output dirs to compare (instead of --task).", **fv
   )
   cli.define(
-    "checkpoint",
-    "tokenizer",
-    "mesh",
-    "dtype",
-    "compute_dtype",
-    "attention",
+    *cli.MODEL_FLAGS,
     "output",
     flag_values=flag_values,
     defaults={"output": "eval_results"},
@@ -171,80 +167,27 @@ def main(argv, F: flags.FlagValues = flags.FLAGS):
   from astrollama_jax.data.tokenizer import Tokenizer
 
   model = common.load(F.checkpoint, F.mesh, F.dtype, F.compute_dtype, F.tokenizer, F.attention)
-  kw = dict(
-    tokenizer=Tokenizer(model.tokenizer_path),
-    output_dir=F.output,
-    label=label,
-    batch_size=F.batch_size,
-    max_len=F.max_len,
-    progress=F.progress,
-  )
-
+  tokenizer = Tokenizer(model.tokenizer_path)
   if F.task == "perplexity":
-    from astrollama_jax.eval import perplexity
-
-    perplexity.run(
-      model,
-      data,
-      stride=F.stride,
-      limit=F.limit,
-      split=F.split,
-      n_boot=F.bootstrap,
-      seed=F.seed,
-      checker=_checker(F),
-      **kw,
-    )
+    args = dict(stride=F.stride, split=F.split, n_boot=F.bootstrap, seed=F.seed)
   elif F.task == "mcq":
-    from astrollama_jax.eval import mcq
-
-    mcq.run(
-      model,
-      data,
-      method=F.method,
-      shots=F.shots,
-      dev=F.dev,
-      subject=F.subject,
-      limit=F.limit,
-      seed=F.seed,
-      checker=_checker(F),
-      **kw,
-    )
+    args = dict(method=F.method, shots=F.shots, dev=F.dev, subject=F.subject, seed=F.seed)
   elif F.task == "embed":
-    from astrollama_jax.eval import embed
-
-    embed.run(
-      model,
-      data,
-      query=F.query,
-      neighbours=F.neighbours,
-      embeddings_file=F.embeddings,
-      limit=F.limit,
-      split=F.split,
-      **kw,
-    )
-  elif F.task == "completion":
-    from astrollama_jax.eval import completion
-
+    args = dict(query=F.query, neighbours=F.neighbours, embeddings_file=F.embeddings, split=F.split)
+  else:
     embedder = None
     if F.embedder:
       embedder = common.load(F.embedder, F.mesh, F.dtype, F.compute_dtype, F.tokenizer, F.attention)
-    completion.run(
-      model,
-      data,
-      embedder=embedder,
-      prefix_frac=F.prefix_frac,
-      max_new_tokens=F.max_new_tokens,
-      temperature=F.temperature,
-      top_k=F.top_k,
-      top_p=F.top_p,
-      gen_batch_size=F.gen_batch_size,
-      limit=F.limit,
-      split=F.split,
-      n_boot=F.bootstrap,
-      seed=F.seed,
-      checker=_checker(F),
-      **kw,
-    )
+    sampling = ("prefix_frac", "max_new_tokens", "temperature", "top_k", "top_p", "gen_batch_size")
+    args = {name: getattr(F, name) for name in sampling}
+    args.update(embedder=embedder, split=F.split, n_boot=F.bootstrap, seed=F.seed)
+  if F.task != "embed":  # the scoring tasks may leave out what the training data holds
+    args["checker"] = _checker(F)
+  task = importlib.import_module(f"astrollama_jax.eval.{F.task}")
+  setup = common.TaskSetup(
+    model, tokenizer, F.output, label, F.batch_size, F.max_len, F.limit, F.progress
+  )
+  task.run(setup, data, **args)
   logging.info("results in %s", F.output)
 
 

@@ -185,12 +185,20 @@ def finish(
   checkpoint: str,
   metrics: dict,
   rows: Sequence[dict],
-  files: dict | None = None,
+  items: Sequence[dict] | None = None,
   extra: dict | None = None,
   columns: Sequence[str] | None = None,
+  *,
+  files: dict | None = None,
+  kind: str = "items",
 ) -> dict:
-  """Write ``<output>/<task>.json``, print the table and the one JSON summary line."""
+  """Write ``<output>/<task>.json``, print the table and the one JSON summary line; with
+  ``items``, also a record per item in ``<output>/<task>_<kind>.jsonl``."""
   result_path = os.path.join(output_dir, f"{task}.json")
+  files = dict(files or {})
+  if items is not None:
+    files[kind] = os.path.join(output_dir, f"{task}_{kind}.jsonl")
+    write_jsonl(files[kind], items)
   summary = cli.jsonable(
     {
       "task": task,
@@ -198,7 +206,7 @@ def finish(
       "checkpoint": checkpoint,
       "metrics": metrics,
       "rows": list(rows),
-      "files": {"result": result_path, **(files or {})},
+      "files": {"result": result_path, **files},
       **(extra or {}),
     }
   )
@@ -211,6 +219,51 @@ def finish(
   os.replace(tmp, result_path)
   cli.report(f"{task}: {label}", summary, rows or [], columns)
   return summary
+
+
+def contamination_note(checker: Any, dropped: int) -> dict:
+  """The summary's note of how many items the contamination ``checker`` (if any) dropped."""
+  if checker is None:
+    return {}
+  return {
+    "contamination": {"threshold": checker.threshold, "dropped": dropped, "drop": checker.drop}
+  }
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSetup:
+  """What every task runs with: the model, where and under which name it reports, and how much
+  data it reads and scores at once."""
+
+  model: Model
+  tokenizer: Any
+  output_dir: str
+  label: str
+  batch_size: int = 8
+  max_len: int = 0  # 0: the model's context
+  limit: int = 0  # items per data file (0: all)
+  progress: bool = True
+
+  def scorer(self):
+    """The task's ``Scorer``, once the tokenizer is known to fit the model's vocabulary."""
+    from astrollama_jax.eval.scoring import Scorer
+
+    m = self.model
+    self.tokenizer.check_vocab(m.cfg.vocab_size)
+    return Scorer(
+      m.cfg,
+      m.params,
+      m.mesh,
+      batch_size=self.batch_size,
+      max_len=self.max_len or None,
+      progress=self.progress,
+    )
+
+  def finish(self, task: str, metrics: dict, rows: Sequence[dict], *args: Any, **kwargs: Any):
+    """``finish`` with this setup's output folder, label and checkpoint."""
+    return finish(
+      task, self.output_dir, self.label, self.model.checkpoint, metrics, rows, *args, **kwargs
+    )
 
 
 def default_label(checkpoint: str) -> str:

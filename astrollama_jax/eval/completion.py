@@ -18,7 +18,6 @@ Every sample (prompt, reference, generation, both scores) goes to ``completion_s
 from __future__ import annotations
 
 from collections.abc import Sequence
-import os
 import re
 
 from absl import logging
@@ -92,12 +91,9 @@ def split_text(text: str, frac: float) -> tuple[str, str] | None:
 
 
 def run(
-  model: common.Model,
+  setup: common.TaskSetup,
   data: Sequence[str],
   *,
-  tokenizer: Tokenizer,
-  output_dir: str,
-  label: str,
   embedder: common.Model | None = None,
   prefix_frac: float = 0.5,
   max_new_tokens: int = 512,
@@ -105,29 +101,20 @@ def run(
   top_k: int = 0,
   top_p: float = 1.0,
   gen_batch_size: int = 16,
-  batch_size: int = 8,
-  max_len: int = 0,
-  limit: int = 0,
   split: str = "validation",
   n_boot: int = 1000,
   seed: int = 0,
   checker=None,
-  progress: bool = True,
 ) -> dict:
   """The ``completion`` task over one or more JSONL files / prepared datasets."""
   from astrollama_jax.generate import generate
 
+  model, tokenizer, limit = setup.model, setup.tokenizer, setup.limit
+  batch_size, progress = setup.batch_size, setup.progress
+
   if not 0.0 < prefix_frac < 1.0:
     raise ValueError(f"prefix_frac must be in (0, 1), got {prefix_frac}")
-  tokenizer.check_vocab(model.cfg.vocab_size)
-  scorer = Scorer(
-    model.cfg,
-    model.params,
-    model.mesh,
-    batch_size=batch_size,
-    max_len=max_len or None,
-    progress=progress,
-  )
+  scorer = setup.scorer()
   emb_model = embedder or model
   emb_tok = Tokenizer(emb_model.tokenizer_path) if embedder else tokenizer
   emb_scorer = (
@@ -258,7 +245,6 @@ def run(
     "completion/ppl_lo": total["ppl_lo"],
     "completion/ppl_hi": total["ppl_hi"],
   }
-  path = os.path.join(output_dir, "completion_samples.jsonl")
   keys = (
     "data",
     "id",
@@ -275,7 +261,7 @@ def run(
     "finish",
     "contamination",
   )
-  common.write_jsonl(path, [{k: s[k] for k in keys if k in s} for s in samples])
+  records = [{k: s[k] for k in keys if k in s} for s in samples]
   extra = {
     "samples": len(samples),
     "skipped": skipped,
@@ -288,16 +274,14 @@ def run(
     "data": list(data),
     "empty_generations": len(samples) - len(nonempty),
   }
-  return common.finish(
+  return setup.finish(
     "completion",
-    output_dir,
-    label,
-    model.checkpoint,
     metrics,
     rows,
-    files={"samples": path},
-    extra=extra,
-    columns=COLUMNS,
+    records,
+    extra,
+    COLUMNS,
+    kind="samples",
   )
 
 

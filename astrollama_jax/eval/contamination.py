@@ -167,8 +167,6 @@ def run(
     {"id": it.get("id", str(i)), "share": float(s), "ngrams": int(c), "flagged": bool(f)}
     for i, (it, s, c, f) in enumerate(zip(items, report.shares, report.ngrams, report.flagged))
   ]
-  path = os.path.join(output_dir, "contamination_items.jsonl")
-  common.write_jsonl(path, records)
   s = report.summary()
   rows = [
     {
@@ -190,13 +188,5 @@ def run(
     "contamination/mean_share": s["mean_share"],
     "contamination/flagged_share": s["flagged"] / max(1, s["items"]),
   }
-  return common.finish(
-    "contamination",
-    output_dir,
-    label,
-    "",
-    metrics,
-    rows,
-    files={"items": path},
-    extra={"train_data": checker.train_specs, **s},
-  )
+  extra = {"train_data": checker.train_specs, **s}
+  return common.finish("contamination", output_dir, label, "", metrics, rows, records, extra)

@@ -88,32 +88,18 @@ def load(path: str) -> tuple[list[str], list[str], np.ndarray]:
 
 
 def run(
-  model: common.Model,
+  setup: common.TaskSetup,
   data: Sequence[str],
   *,
-  tokenizer: Tokenizer,
-  output_dir: str,
-  label: str,
   query: str | None = None,
   neighbours: int = 5,
   embeddings_file: str | None = None,
-  batch_size: int = 8,
-  max_len: int = 0,
-  limit: int = 0,
   split: str = "validation",
-  progress: bool = True,
 ) -> dict:
   """The ``embed`` task: embed ``data`` (or reuse ``embeddings_file``), then answer ``query``."""
-  scorer = Scorer(
-    model.cfg,
-    model.params,
-    model.mesh,
-    batch_size=batch_size,
-    max_len=max_len or None,
-    progress=progress,
-  )
-  tokenizer.check_vocab(model.cfg.vocab_size)
-  path = embeddings_file or os.path.join(output_dir, "embeddings.npz")
+  model, tokenizer, limit = setup.model, setup.tokenizer, setup.limit
+  scorer = setup.scorer()
+  path = embeddings_file or os.path.join(setup.output_dir, "embeddings.npz")
   metrics: dict[str, float] = {}
   if embeddings_file and os.path.exists(embeddings_file):
     ids, titles, emb = load(embeddings_file)
@@ -157,13 +143,10 @@ def run(
         **{k.split("/", 1)[1]: v for k, v in metrics.items() if k != "embed/count"},
       }
     ]
-  return common.finish(
+  return setup.finish(
     "embed",
-    output_dir,
-    label,
-    model.checkpoint,
     metrics,
     rows,
-    files={"embeddings": path},
     extra=extra,
+    files={"embeddings": path},
   )

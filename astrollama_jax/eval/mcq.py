@@ -253,34 +253,20 @@ def score_questions(
 
 
 def run(
-  model: common.Model,
+  setup: common.TaskSetup,
   data: Sequence[str],
   *,
-  tokenizer: Tokenizer,
-  output_dir: str,
-  label: str,
   method: str = "all",
   shots: int = 0,
   dev: str | None = None,
   subject: str | None = None,
-  batch_size: int = 8,
-  max_len: int = 0,
-  limit: int = 0,
   seed: int = 0,
   checker=None,
-  progress: bool = True,
 ) -> dict:
   """The ``mcq`` task over one or more question files."""
+  tokenizer, limit = setup.tokenizer, setup.limit
   methods = METHODS[method]
-  scorer = Scorer(
-    model.cfg,
-    model.params,
-    model.mesh,
-    batch_size=batch_size,
-    max_len=max_len or None,
-    progress=progress,
-  )
-  tokenizer.check_vocab(model.cfg.vocab_size)
+  scorer = setup.scorer()
   dev_qs = read_questions(dev) if dev else None
   rows, items, metrics = [], [], {}
   credits_all: dict[str, list[np.ndarray]] = {m: [] for m in methods}
@@ -344,26 +330,9 @@ def run(
     metrics.update({f"acc/{m}": float(total.mean()), f"acc/{m}/lo": lo, f"acc/{m}/hi": hi})
   if p_answer:
     metrics["p_answer/letter"] = float(np.mean(p_answer))
-  items_path = os.path.join(output_dir, "mcq_items.jsonl")
-  common.write_jsonl(items_path, items)
   extra = {"shots": shots, "methods": list(methods), "data": list(data), "questions": len(items)}
-  if checker is not None:
-    extra["contamination"] = {
-      "threshold": checker.threshold,
-      "dropped": dropped,
-      "drop": checker.drop,
-    }
-  return common.finish(
-    "mcq",
-    output_dir,
-    label,
-    model.checkpoint,
-    metrics,
-    rows,
-    files={"items": items_path},
-    extra=extra,
-    columns=COLUMNS,
-  )
+  extra.update(common.contamination_note(checker, dropped))
+  return setup.finish("mcq", metrics, rows, items, extra, COLUMNS)
 
 
 def _row(name: str, method: str, credit: np.ndarray) -> dict:

@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import collections
 from collections.abc import Sequence
-import os
 
 import numpy as np
 
-from astrollama_jax.data.tokenizer import Tokenizer
 from astrollama_jax.eval import common, stats
 from astrollama_jax.eval.scoring import Scorer, window_requests
 
@@ -61,33 +59,19 @@ def _add_metrics(metrics: dict, key: str, row: dict) -> None:
 
 
 def run(
-  model: common.Model,
+  setup: common.TaskSetup,
   data: Sequence[str],
   *,
-  tokenizer: Tokenizer,
-  output_dir: str,
-  label: str,
   stride: int = 0,
-  batch_size: int = 8,
-  max_len: int = 0,
-  limit: int = 0,
   split: str = "validation",
   n_boot: int = 1000,
   seed: int = 0,
   checker=None,
-  progress: bool = True,
 ) -> dict:
   """The ``perplexity`` task over one or more corpora (JSONL files or prepared datasets)."""
-  scorer = Scorer(
-    model.cfg,
-    model.params,
-    model.mesh,
-    batch_size=batch_size,
-    max_len=max_len or None,
-    progress=progress,
-  )
+  tokenizer, limit = setup.tokenizer, setup.limit
+  scorer = setup.scorer()
   stride = stride or max(1, scorer.max_len // 2)
-  tokenizer.check_vocab(model.cfg.vocab_size)
   rows, items, all_nll, all_cnt = [], [], [], []
   metrics: dict[str, float] = {}
   excluded = 0
@@ -131,8 +115,6 @@ def run(
   metrics.update(
     {"ppl": total["ppl"], "nll": total["nll"], "ppl_lo": total["ppl_lo"], "ppl_hi": total["ppl_hi"]}
   )
-  items_path = os.path.join(output_dir, "perplexity_items.jsonl")
-  common.write_jsonl(items_path, items)
   extra = {
     "max_len": scorer.max_len,
     "stride": stride,
@@ -140,20 +122,5 @@ def run(
     "tokens": int(cnt.sum()),
     "docs": len(nll),
   }
-  if checker is not None:
-    extra["contamination"] = {
-      "threshold": checker.threshold,
-      "dropped": excluded,
-      "drop": checker.drop,
-    }
-  return common.finish(
-    "perplexity",
-    output_dir,
-    label,
-    model.checkpoint,
-    metrics,
-    rows,
-    files={"items": items_path},
-    extra=extra,
-    columns=COLUMNS,
-  )
+  extra.update(common.contamination_note(checker, excluded))
+  return setup.finish("perplexity", metrics, rows, items, extra, COLUMNS)

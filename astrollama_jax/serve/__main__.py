@@ -49,12 +49,7 @@ def define_flags() -> None:
   flags.DEFINE_integer("stream_chunk", 4, "Decode steps between streamed updates.")
   flags.DEFINE_float("batch_window_ms", 5.0, "How long a new call waits for more requests to join.")
   cli.define(
-    "checkpoint",
-    "tokenizer",
-    "mesh",
-    "dtype",
-    "compute_dtype",
-    "attention",
+    *cli.MODEL_FLAGS,
     required=["checkpoint"],
   )
 
@@ -70,31 +65,20 @@ def main(argv: Sequence[str]) -> None:
   for name in ("max_batch", "max_queue", "max_tokens", "max_body_bytes", "stream_chunk"):
     if getattr(F, name) < 1:
       raise cli.UserError(f"--{name} must be >= 1, got {getattr(F, name)}")
-  from astrollama_jax.data.tokenizer import Tokenizer
   from astrollama_jax.feedback.store import FeedbackStore
+  from astrollama_jax.generate import load_from_flags
   from astrollama_jax.serve.batching import Batcher
   from astrollama_jax.serve.server import App, Server
 
   store = FeedbackStore(F.feedback_db) if F.feedback_db else None
-  mesh = cli.make_mesh(F.mesh)
-  loaded = cli.load_model(
-    F.checkpoint,
-    mesh,
-    dtype=F.dtype,
-    compute_dtype=F.compute_dtype,
-    attention=F.attention,
-    tokenizer=F.tokenizer,
-  )
-  tokenizer = Tokenizer(loaded.tokenizer_path)
-  tokenizer.check_vocab(loaded.cfg.vocab_size)
-  if F.max_tokens >= loaded.cfg.max_seq_len:
+  cfg, params, tokenizer, mesh = load_from_flags(F)
+  if F.max_tokens >= cfg.max_seq_len:
     raise cli.UserError(
-      f"--max_tokens={F.max_tokens} leaves no room for a prompt in the "
-      f"context of {loaded.cfg.max_seq_len}"
+      f"--max_tokens={F.max_tokens} leaves no room for a prompt in the context of {cfg.max_seq_len}"
     )
   batcher = Batcher(
-    loaded.cfg,
-    loaded.params,
+    cfg,
+    params,
     tokenizer,
     mesh=mesh,
     max_batch=F.max_batch,
@@ -108,7 +92,7 @@ def main(argv: Sequence[str]) -> None:
     tokenizer,
     model=name,
     checkpoint=os.path.abspath(F.checkpoint),
-    max_seq_len=loaded.cfg.max_seq_len,
+    max_seq_len=cfg.max_seq_len,
     feedback=store,
     api_key=api_key,
     max_body_bytes=F.max_body_bytes,

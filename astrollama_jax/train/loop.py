@@ -10,6 +10,7 @@ return with ``preempted: true``.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import signal
 import time
@@ -198,23 +199,8 @@ def _train(config: Any, workdir: str, mesh: Any, started: float) -> dict[str, An
         if summary["eval_start"]:
           logger.write(0, "eval", summary["eval_start"])
       meta = {"eval_start": summary.get("eval_start")}
-      summary.update(
-        _run_steps(
-          config,
-          program,
-          state,
-          train_iter,
-          ckpt,
-          logger,
-          preempt,
-          eval_step,
-          mesh,
-          start,
-          steps,
-          step_flops,
-          meta,
-        )
-      )
+      loop = _Run(config, program, ckpt, logger, preempt, eval_step, mesh, steps, step_flops)
+      summary.update(_run_steps(loop, state, train_iter, start, meta))
     finally:
       preempt.close()
       logger.close()
@@ -223,39 +209,40 @@ def _train(config: Any, workdir: str, mesh: Any, started: float) -> dict[str, An
   return summary
 
 
-def _run_steps(
-  config,
-  program,
-  state,
-  train_iter,
-  ckpt,
-  logger,
-  preempt,
-  eval_step,
-  mesh,
-  start,
-  steps,
-  step_flops,
-  meta,
-) -> dict[str, Any]:
-  t, log, ev_cfg, ck = config.train, config.log, config.eval, config.checkpoint
+@dataclasses.dataclass(frozen=True)
+class _Run:
+  """What the step loop works with, fixed for the whole run (``train`` sets it up)."""
+
+  config: Any
+  program: Any
+  ckpt: Any
+  logger: Any
+  preempt: Any
+  eval_step: Any
+  mesh: Any
+  steps: int
+  step_flops: float
+
+
+def _run_steps(loop: _Run, state, train_iter, start, meta) -> dict[str, Any]:
+  t, log, ev_cfg, ck = loop.config.train, loop.config.log, loop.config.eval, loop.config.checkpoint
   n_dev, kind = jax.device_count(), jax.devices()[0].device_kind
-  tokens_per_step = t.global_batch_size * config.data.seq_len
+  tokens_per_step = t.global_batch_size * loop.config.data.seq_len
   pending: list[Any] = []
   out: dict[str, Any] = {"preempted": False}
   mark, mark_step = time.time(), start
   step = start
-  while step < steps:
+  while step < loop.steps:
     watchdog.beat(f"step {step}")
     local = next(train_iter, None)
     if local is None:
-      raise RuntimeError(f"the training data ran out at step {step} of {steps}")
+      raise RuntimeError(f"the training data ran out at step {step} of {loop.steps}")
     if log.batch_hashes:
-      logger.write(step + 1, "batch", {"hash": data.batch_hash(local)})
-    state, metrics = program.compiled(state, data.to_global(mesh, local))
+      loop.logger.write(step + 1, "batch", {"hash": data.batch_hash(local)})
+    state, metrics = loop.program.compiled(state, data.to_global(loop.mesh, local))
     pending.append(metrics)
     step += 1
-    last = step == steps
+    last = step == loop.steps
     if step % log.every == 0 or last:
       fetched = jax.device_get(pending)
       now = time.time()
@@ -267,11 +254,11 @@ def _run_steps(
         tokens_per_s=tokens_per_step / dt,
         loss_tokens=float(fetched[-1]["tokens"]),
       )
-      util = flops.mfu(step_flops, dt, n_dev, kind)
+      util = flops.mfu(loop.step_flops, dt, n_dev, kind)
       if util is not None:
         m["mfu"] = util
-      logger.write(step, "train", m)
-      logger.advance(step - mark_step, {"loss": m["loss"], "lr": m["lr"]})
+      loop.logger.write(step, "train", m)
+      loop.logger.advance(step - mark_step, {"loss": m["loss"], "lr": m["lr"]})
       out.update(
         train_loss=m["loss"], step_time_s=dt, tokens_per_s=m["tokens_per_s"], mfu=m.get("mfu")
       )
@@ -280,24 +267,24 @@ def _run_steps(
       if run >= t.max_consecutive_nonfinite:
         raise NonFiniteError(
           f"{run} consecutive steps with a non-finite loss or gradient up to step "
-          f"{step}; stopping (latest checkpoint: {ckpt.all_steps()[-1:]})"
+          f"{step}; stopping (latest checkpoint: {loop.ckpt.all_steps()[-1:]})"
         )
     if ev_cfg.every and step % ev_cfg.every == 0 and not last:
-      ev = evaluate(config, eval_step, program.model_params(state), mesh)
+      ev = evaluate(loop.config, loop.eval_step, loop.program.model_params(state), loop.mesh)
       if ev:
-        logger.write(step, "eval", ev)
-    if preempt.reached(step):
-      ckpt.save(step, state, train_iter, meta)
-      logger.write(step, "event", {"event": "preempted"})
+        loop.logger.write(step, "eval", ev)
+    if loop.preempt.reached(step):
+      loop.ckpt.save(step, state, train_iter, meta)
+      loop.logger.write(step, "event", {"event": "preempted"})
       logging.warning("preempted: checkpoint of step %d saved; exiting", step)
       out["preempted"] = True
       break
     if (ck.every and step % ck.every == 0) or last:
-      ckpt.save(step, state, train_iter, meta)
+      loop.ckpt.save(step, state, train_iter, meta)
   out["final_step"] = step
   out["nonfinite_total"] = int(jax.device_get(state.nonfinite_total))
   if not out["preempted"] and ev_cfg.at_end:
-    out["eval"] = evaluate(config, eval_step, program.model_params(state), mesh)
+    out["eval"] = evaluate(loop.config, loop.eval_step, loop.program.model_params(state), loop.mesh)
     if out["eval"]:
-      logger.write(step, "eval", out["eval"])
+      loop.logger.write(step, "eval", out["eval"])
   return out
