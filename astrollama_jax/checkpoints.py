@@ -440,10 +440,13 @@ def open_params(params_dir: str, cfg: LlamaConfig, dtype: str | None = None) -> 
 
 def open_model(path: str, dtype: str | None = None) -> LoadedModel:
   """``load_model(path, dtype=dtype, on_host=True)``, but an Orbax checkpoint's parameters stay on
-  disk as ``StoredArray``s, read slice by slice by whoever walks them (export)."""
+  disk as ``StoredArray``s, read slice by slice by whoever walks them (export). An HF folder, and
+  a LoRA workdir (its adapters merged into the base in memory), are loaded whole instead."""
+  from astrollama_jax import lora_base
+
   dtype = check_dtype(dtype)
   kind, root, params_dir, step = locate(path)
-  if kind == "hf":
+  if kind == "hf" or (kind in ("workdir", "step") and lora_base.read(root) is not None):
     return load_model(path, dtype=dtype, on_host=True)
   tokenizer = os.path.join(root, TOKENIZER_FILE)
   cfg = read_model_config(root)

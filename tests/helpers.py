@@ -201,6 +201,21 @@ SYNTHETIC = [
 # --- kill -9 and resume -------------------------------------------------------------------
 
 STEPS, EVERY = 9, 3
+# A tiny LM run that checkpoints every EVERY steps and logs every batch's digest.
+RESUME_RUN = [
+  *TINY_MODEL,
+  "--config.data.seq_len=64",
+  "--config.train.global_batch_size=4",
+  f"--config.train.num_steps={STEPS}",
+  f"--config.checkpoint.every={EVERY}",
+  "--config.checkpoint.keep=10",
+  "--config.log.every=1",
+  "--config.log.batch_hashes=True",
+  "--config.eval.every=0",
+  "--config.eval.at_start=False",
+  "--config.eval.at_end=False",
+  "--config.loss.chunk_size=0",
+]
 
 
 def wait_for(cond, proc, timeout=180.0):

@@ -149,7 +149,10 @@ def test_prepared_dataset_sections_and_contamination_drop(setup, capsys, tokeniz
     tmp_path / "ds",
   )
   source = corpus.read_split(tmp_path / "ds", "validation")
-  recs = [{k: v.decode() for k, v in source[i].items()} for i in range(len(source))]
+  recs = [
+    {k: v.decode() if isinstance(v, bytes) else v for k, v in source[i].items()}
+    for i in range(len(source))
+  ]
   sections = {r["section"] for r in recs}
   assert {"abstract", "introduction"} <= sections
   planted = [r for r in recs if r["section"] == "abstract"][:2]

@@ -141,7 +141,7 @@ def test_latex_extraction_returns_a_paper_or_a_skip_reason(tmp_path_factory, tex
   folder = tmp_path_factory.mktemp("paper")
   tex = folder / "main.tex"
   tex.write_text(text, encoding="utf-8", errors="surrogatepass")
-  before = set(tmp_path_factory.getbasetemp().rglob("*"))
+  before = set(folder.parent.glob("paper*/**/*"))
   tracemalloc.start()
   try:
     result = latex.process_paper(str(tex), timeout_s=1.5)
@@ -149,7 +149,7 @@ def test_latex_extraction_returns_a_paper_or_a_skip_reason(tmp_path_factory, tex
   finally:
     tracemalloc.stop()
   assert peak < 64 * 1024**2
-  assert set(tmp_path_factory.getbasetemp().rglob("*")) == before  # nothing written
+  assert set(folder.parent.glob("paper*/**/*")) == before  # nothing written
   if isinstance(result, latex.Skipped):
     assert result.reason and result.reason != "internal_error", result
   else:

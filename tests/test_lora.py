@@ -251,14 +251,14 @@ def _adapters_and_opt(workdir, step):
 
 
 def test_kill9_and_resume_of_a_lora_run_is_bit_identical(tmp_path, tokenizer_path):
-  from helpers import EVERY, RUN, STEPS, kill_and_resume, records, train_cmd
+  from helpers import EVERY, RESUME_RUN, STEPS, kill_and_resume, records, train_cmd
 
   cfg = get_config("tiny", n_kv_heads=2)
   base_dir = checkpoints.save_params(
     str(tmp_path / "base"), cfg, llama.init_params(cfg, seed=7), tokenizer_path
   )
   run = [
-    *RUN,
+    *RESUME_RUN,
     "--config.data.kind=synthetic",
     "--config.data.synthetic.num_rows=64",
     f"--config.init_checkpoint={base_dir}",

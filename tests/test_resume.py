@@ -6,29 +6,14 @@ import sys
 from helpers import (
   EVERY,
   REPO,
+  RESUME_RUN,
   STEPS,
-  TINY_MODEL,
   assert_same_losses_and_end_state,
   kill_and_resume,
   records,
   train_cmd,
 )
 import pytest
-
-RUN = [
-  *TINY_MODEL,
-  "--config.data.seq_len=64",
-  "--config.train.global_batch_size=4",
-  f"--config.train.num_steps={STEPS}",
-  f"--config.checkpoint.every={EVERY}",
-  "--config.checkpoint.keep=10",
-  "--config.log.every=1",
-  "--config.log.batch_hashes=True",
-  "--config.eval.every=0",
-  "--config.eval.at_start=False",
-  "--config.eval.at_end=False",
-  "--config.loss.chunk_size=0",
-]
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +38,7 @@ def corpus(tmp_path_factory, tokenizer_path):
 
 def test_kill9_and_resume_is_bit_identical(tmp_path, corpus):
   whole, broken, summary, killed_after = kill_and_resume(
-    tmp_path, lambda workdir: train_cmd(workdir, *RUN, *corpus), STEPS - 2
+    tmp_path, lambda workdir: train_cmd(workdir, *RESUME_RUN, *corpus), STEPS - 2
   )
   assert EVERY <= summary["resumed_from"] <= killed_after, summary
   assert summary["final_step"] == STEPS
