@@ -277,7 +277,8 @@ def is_user_error(error: BaseException) -> bool:
 def fail(error: BaseException | str) -> None:
   """Exit the command with one ``error: ...`` line (status 1)."""
   message = str(error).strip() or type(error).__name__
-  logging.error("%s", message)
+  if logging.get_log_file_name():  # logs kept in a file (--log_dir) get it too; stderr only once
+    logging.error("%s", message)
   raise SystemExit(f"error: {message}")
 
 
