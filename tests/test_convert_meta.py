@@ -267,3 +267,19 @@ def test_converted_checkpoint_restores_onto_meshes(
   with jax.set_mesh(mesh):
     got = jax.jit(lambda p, t: llama.apply(cfg, p, t)[0])(loaded.params, jnp.asarray(ids))
   np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+  "key,value", [("dim", 0), ("n_layers", -1), ("n_heads", "4"), ("n_kv_heads", 0), ("norm_eps", -1)]
+)
+def test_params_json_with_a_non_positive_size_is_refused_before_any_shard_is_read(
+  meta8, tmp_path, key, value
+):
+  src = _broken(meta8, tmp_path)
+  p = json.load(open(os.path.join(src, "params.json")))
+  p[key] = value
+  json.dump(p, open(os.path.join(src, "params.json"), "w"))
+  for name in os.listdir(src):  # no shard is opened: removing them changes nothing
+    if name.endswith(".pth"):
+      os.remove(os.path.join(src, name))
+  _fails(src, tmp_path, rf"params\.json: sizes must be positive numbers: {key}={value!r}")

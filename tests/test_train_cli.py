@@ -85,6 +85,57 @@ def test_config_errors_name_the_setting(tmp_path):
     setup.model_config(config, str(tmp_path))
 
 
+def test_a_negative_step_count_and_a_corpus_without_validation_stop_before_compiling(tmp_path):
+  import subprocess
+  import sys
+
+  from helpers import REPO, TOKENIZER
+
+  corpus = tmp_path / "corpus"
+  subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "astrollama_jax.prepare",
+      "--source=data/demo_corpus/abstracts.jsonl",
+      f"--output={corpus}",
+      "--validation_fraction=0",
+    ],
+    cwd=REPO,
+    check=True,
+    capture_output=True,
+  )
+  base = [
+    f"--config.data.lm.path={corpus}",
+    f"--config.data.tokenizer_path={TOKENIZER}",
+    "--config.train.num_steps=2",
+  ]
+  cases = [
+    (["--config.train.num_steps=-3"], "train.num_steps=-3, train.num_epochs=1: give a positive"),
+    (
+      ["--config.train.num_steps=0", "--config.train.num_epochs=0"],
+      "train.num_steps=0, train.num_epochs=0",
+    ),
+    ([], "has no validation records (prepare it with --validation_fraction > 0"),
+  ]
+  for i, (extra, message) in enumerate(cases):
+    workdir = tmp_path / f"run{i}"
+    log = tmp_path / f"run{i}.log"
+    proc = start(train_cmd(workdir, *base, *extra), 1, log)
+    rc = proc.wait(timeout=120)
+    text = tail(log)
+    errors = [line for line in text.splitlines() if line.startswith("error:")]
+    assert rc == 1 and len(errors) == 1 and message in errors[0], text
+    assert "per-device memory" not in text and "Traceback" not in text, text  # before compiling
+    assert not workdir.exists(), "a refused run leaves no workdir"
+  # With evaluation off the same corpus trains.
+  off = ["--config.eval.every=0", "--config.eval.at_start=False", "--config.eval.at_end=False"]
+  summary = finish(
+    start(train_cmd(tmp_path / "ok", *base, *off), 1, tmp_path / "ok.log"), tmp_path / "ok.log"
+  )
+  assert summary["final_step"] == 2
+
+
 def test_too_many_nonfinite_steps_in_a_row_stop_the_run(tmp_path):
   # A NaN learning rate makes the first update NaN; every later loss is NaN and skipped.
   workdir, log = tmp_path / "nan", tmp_path / "nan.log"

@@ -87,7 +87,19 @@ def read_params_json(folder: str) -> dict[str, Any]:
   missing = [k for k in ("dim", "n_layers", "n_heads", "multiple_of", "norm_eps") if k not in p]
   if missing:
     raise ConversionError(f"{path} lacks {missing}")
+  sizes = [k for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of") if k in p]
+  bad = [f"{k}={p[k]!r}" for k in sizes if not _positive_int(p[k], none_ok=k == "n_kv_heads")]
+  if not isinstance(p["norm_eps"], (int, float)) or not p["norm_eps"] > 0:
+    bad.append(f"norm_eps={p['norm_eps']!r}")
+  if bad:
+    raise ConversionError(f"{path}: sizes must be positive numbers: {', '.join(bad)}")
   return p
+
+
+def _positive_int(v: Any, none_ok: bool = False) -> bool:
+  if v is None:
+    return none_ok
+  return isinstance(v, int) and not isinstance(v, bool) and v > 0
 
 
 def config_from_params(

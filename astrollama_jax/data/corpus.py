@@ -1160,6 +1160,12 @@ def dataset_dir(data_dir: str | os.PathLike) -> Path:
   return found[-1]
 
 
+def split_sizes(data_dir: str | os.PathLike) -> dict[str, int]:
+  """``{split: records}`` of the corpus under ``data_dir`` (from its metadata; nothing is read)."""
+  builder = tfds.builder_from_directory(os.fspath(dataset_dir(data_dir)))
+  return {name: int(info.num_examples) for name, info in builder.info.splits.items()}
+
+
 def read_split(data_dir: str | os.PathLike, split: str):
   """A random-access source of decoded records (dicts of bytes) for one split."""
   builder = tfds.builder_from_directory(os.fspath(dataset_dir(data_dir)))

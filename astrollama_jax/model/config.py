@@ -12,6 +12,7 @@ import json
 from typing import Any
 
 import jax.numpy as jnp
+import numpy as np
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "qkv_out", "minimal")
 # See model/attention.py for what each one is and what "auto" picks per platform.
@@ -44,6 +45,15 @@ class LlamaConfig:
   initializer_range: float = 0.02
 
   def __post_init__(self):
+    sizes = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len")
+    bad = [f"{k}={getattr(self, k)!r}" for k in sizes if not _positive_int(getattr(self, k))]
+    bad += [
+      f"{k}={getattr(self, k)!r}"
+      for k in ("norm_eps", "rope_theta")
+      if not (isinstance(getattr(self, k), (int, float)) and getattr(self, k) > 0)
+    ]
+    if bad:
+      raise ValueError(f"model sizes must be positive: {', '.join(bad)}")
     if self.dim % self.n_heads:
       raise ValueError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
     if self.n_heads % self.n_kv_heads:
@@ -176,3 +186,7 @@ def get_config(preset: str, **overrides: Any) -> LlamaConfig:
   if preset not in PRESETS:
     raise ValueError(f"unknown model preset {preset!r}; choose from {sorted(PRESETS)}")
   return LlamaConfig(**{**PRESETS[preset], **overrides})
+
+
+def _positive_int(v: Any) -> bool:
+  return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0

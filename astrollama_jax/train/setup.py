@@ -68,6 +68,32 @@ def check_inputs(config: Any, workdir: str) -> None:
     raise ValueError(
       f"the config leaves out what a {kind!r} run needs: pass " + " and ".join(missing)
     )
+  t = config.train
+  if t.num_steps < 0 or (t.num_steps == 0 and t.num_epochs <= 0):
+    raise ValueError(
+      f"train.num_steps={t.num_steps}, train.num_epochs={t.num_epochs}: give a positive "
+      "train.num_steps, or train.num_steps=0 and a positive train.num_epochs"
+    )
+  _check_validation_split(config)
+
+
+def _check_validation_split(config: Any) -> None:
+  """Evaluation on an lm corpus that has no validation records: say so now, not after compiling."""
+  e = config.eval
+  if config.data.kind != "lm" or not (e.every > 0 or e.at_start or e.at_end):
+    return
+  from astrollama_jax.data import corpus
+
+  try:
+    sizes = corpus.split_sizes(config.data.lm.path)
+  except FileNotFoundError:
+    return  # the data reader names a missing corpus itself
+  if not sizes.get("validation"):
+    raise ValueError(
+      f"evaluation is on (eval.every={e.every}, eval.at_start={e.at_start}, "
+      f"eval.at_end={e.at_end}) but the corpus {config.data.lm.path} has no validation records "
+      "(prepare it with --validation_fraction > 0, or turn evaluation off)"
+    )
 
 
 def _with_overrides(cfg: LlamaConfig, config: Any, source: str) -> LlamaConfig:
