@@ -223,21 +223,21 @@ def check_output_file(path: str) -> None:
     raise UserError(f"--output {path} is not writable")
 
 
-def check_output_dir(path: str, empty: bool = True) -> None:
+def check_output_dir(path: str, empty: bool = True, flag: str = "--output") -> None:
   """Fail before any work if ``path`` cannot be created or written as a folder (or, with
-  ``empty``, already holds files)."""
+  ``empty``, already holds files); ``flag`` names it in the message."""
   path = os.path.abspath(path)
   if os.path.exists(path) and not os.path.isdir(path):
-    raise UserError(f"--output {path} is a file; give a folder")
+    raise UserError(f"{flag} {path} is a file; give a folder")
   existing = path
   while not os.path.exists(existing):
     existing = os.path.dirname(existing)
   if not os.path.isdir(existing):
-    raise UserError(f"--output {path}: {existing} is a file, not a folder")
+    raise UserError(f"{flag} {path}: {existing} is a file, not a folder")
   if not os.access(existing, os.W_OK):
-    raise UserError(f"--output {path} is not writable")
+    raise UserError(f"{flag} {path} is not writable")
   if empty and os.path.isdir(path) and os.listdir(path):
-    raise UserError(f"--output {path} is not empty")
+    raise UserError(f"{flag} {path} is not empty")
 
 
 # --- errors ----------------------------------------------------------------------------------

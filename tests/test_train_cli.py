@@ -128,6 +128,16 @@ def test_a_negative_step_count_and_a_corpus_without_validation_stop_before_compi
     assert rc == 1 and len(errors) == 1 and message in errors[0], text
     assert "per-device memory" not in text and "Traceback" not in text, text  # before compiling
     assert not workdir.exists(), "a refused run leaves no workdir"
+  (tmp_path / "a_file").write_text("kept")
+  for workdir, message in (
+    (tmp_path / "a_file", "is a file; give a folder"),
+    (tmp_path / "a_file" / "run", "is a file, not a folder"),
+  ):
+    proc = start(train_cmd(workdir, *base), 1, tmp_path / "file.log")
+    assert proc.wait(timeout=120) == 1
+    errors = [line for line in tail(tmp_path / "file.log").splitlines() if "error:" in line]
+    assert errors and f"--workdir {workdir}" in errors[-1] and message in errors[-1], errors
+  assert (tmp_path / "a_file").read_text() == "kept"
   # With evaluation off the same corpus trains.
   off = ["--config.eval.every=0", "--config.eval.at_start=False", "--config.eval.at_end=False"]
   summary = finish(

@@ -54,6 +54,7 @@ def main(argv: list[str]) -> None:
   from astrollama_jax import diskspace
   from astrollama_jax.train import loop
 
+  cli.check_output_dir(FLAGS.workdir, empty=False, flag="--workdir")
   try:
     with diskspace.disk_full_errors(
       FLAGS.workdir, "the run's files under"
