@@ -208,3 +208,62 @@ def _encodable(text):
     return True
   except UnicodeEncodeError:
     return False
+
+
+# Metadata records: the project's abstracts format and arXiv's snapshot, with every field of any
+# JSON type, plus lines that are not JSON, not UTF-8, or nested deeper than Python recurses.
+META_VALUE = JSON | st.sampled_from(["2401.00001", "astro-ph.GA astro-ph.CO", "2024-06-01", ""])
+VERSIONS = st.lists(
+  st.dictionaries(st.sampled_from(["version", "created"]), META_VALUE, max_size=2) | META_VALUE,
+  max_size=3,
+)
+META_RECORD = st.fixed_dictionaries(
+  {},
+  optional={
+    "id": META_VALUE,
+    "title": META_VALUE,
+    "abstract": META_VALUE,
+    "categories": META_VALUE | st.lists(META_VALUE, max_size=3),
+    "date": META_VALUE,
+    "update_date": META_VALUE,
+    "versions": VERSIONS | META_VALUE,
+    "license": META_VALUE,
+    "comments": META_VALUE,
+  },
+)
+META_LINE = (
+  META_RECORD.map(lambda r: json.dumps(r).encode())
+  | META_RECORD.map(lambda r: json.dumps(r, ensure_ascii=False).encode("utf-8", "surrogatepass"))
+  | st.binary(max_size=200).filter(lambda b: b"\n" not in b and b"\r" not in b)
+  | st.sampled_from([b"[" * 5000 + b"]" * 5000, b'{"id": ' + b"[" * 5000])
+)
+
+
+@FAST
+@given(st.lists(META_LINE, min_size=1, max_size=8))
+def test_metadata_records_are_kept_skipped_or_name_their_line(tmp_path_factory, lines):
+  import collections
+
+  from astrollama_jax.data import corpus
+
+  folder = tmp_path_factory.mktemp("meta")
+  path = folder / "meta.jsonl"
+  path.write_bytes(b"\n".join(lines) + b"\n")
+  skipped, report = collections.Counter(), corpus.Report()
+  config = corpus.CorpusConfig(sources=[str(path)], since="2000-01-01", progress=False)
+  tracemalloc.start()
+  try:
+    index = corpus.MetaIndex([path], config, set(), report, skipped)
+    texts = dict(index.abstracts(set(index.by_id)))
+  except ValueError as e:  # the one documented failure: a line that is not a record, named
+    assert str(e).startswith(f"{path}:"), e
+    return
+  finally:
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+  assert peak < 64 << 20, f"{peak / 2**20:.0f} MiB for {sum(map(len, lines))} bytes of input"
+  assert report.jsonl_records_seen + skipped["bad_unicode"] <= len(lines)
+  for pid, meta in index.by_id.items():
+    assert isinstance(pid, str) and isinstance(meta.version, int) and isinstance(meta.date, str)
+    (pid + meta.title + meta.date + meta.license + texts[pid]).encode("utf-8")  # all encodable
+  assert sorted(p.name for p in folder.iterdir()) == ["meta.jsonl"]  # nothing written beside it

@@ -348,10 +348,31 @@ def _first_version_date(versions) -> str:
     return ""
 
 
+_TEXT_FIELDS = ("title", "abstract", "date", "update_date", "license", "comments")
+
+
+def field_problem(rec: dict) -> str | None:
+  """What makes ``rec`` not a metadata record (a field of the wrong JSON type), or None."""
+  if not isinstance(rec.get("id"), str) or not rec["id"].strip():
+    return "id"
+  for key in _TEXT_FIELDS:
+    if rec.get(key) is not None and not isinstance(rec[key], str):
+      return key
+  cats = rec.get("categories")
+  if cats is not None and not (
+    isinstance(cats, str) or (isinstance(cats, list) and all(isinstance(c, str) for c in cats))
+  ):
+    return "categories"
+  versions = rec.get("versions")
+  if versions is not None and not isinstance(versions, list):
+    return "versions"
+  return None
+
+
 def normalise_record(rec: dict) -> dict:
-  """One metadata/abstract record as id, version, title, abstract, categories (list), date
-  (first submission when ``versions`` says, else ``date``/``update_date``), updated, license,
-  withdrawn."""
+  """One metadata/abstract record (``field_problem`` None) as id, version, title, abstract,
+  categories (list), date (first submission when ``versions`` says, else
+  ``date``/``update_date``), updated, license, withdrawn."""
   cats = rec.get("categories") or []
   if isinstance(cats, str):
     cats = cats.split()
@@ -386,7 +407,8 @@ def read_jsonl(
   metadata snapshot (``categories`` a space separated string, ``versions``, ``license``,
   ``update_date``). A line that is not JSON or has no ``id`` raises ValueError naming the
   line; a record whose text cannot be UTF-8 (a lone surrogate such as ``"\\ud800"``, bytes
-  that are not UTF-8) is skipped and counted in ``skipped["bad_unicode"]``.
+  that are not UTF-8) is skipped and counted in ``skipped["bad_unicode"]``, one with a field of
+  the wrong JSON type (a numeric id, a list as title) in ``skipped["bad_field_<name>"]``.
   """
   path = Path(path)
   with open(path, encoding="utf-8", errors="surrogateescape") as f:
@@ -398,8 +420,14 @@ def read_jsonl(
         rec = json.loads(line)
       except json.JSONDecodeError as e:
         raise ValueError(f"{path}:{lineno}: not JSON ({e.msg})") from None
+      except RecursionError:
+        raise ValueError(f"{path}:{lineno}: JSON nested too deeply to be a record") from None
       if not isinstance(rec, dict) or "id" not in rec:
         raise ValueError(f"{path}:{lineno}: a record needs an 'id' field")
+      if field_problem(rec):
+        if skipped is not None:
+          skipped[f"bad_field_{field_problem(rec)}"] += 1
+        continue
       out = normalise_record(rec)
       try:
         json.dumps(out, ensure_ascii=False).encode("utf-8")
