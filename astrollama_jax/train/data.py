@@ -31,7 +31,7 @@ import jax
 from jax.sharding import Mesh
 import numpy as np
 
-from astrollama_jax.data.packing import BATCH_KEYS, as_batch
+from astrollama_jax.data.packing import BATCH_KEYS, BATCH_SPEC, as_batch
 from astrollama_jax.train.defaults import DATA_KINDS
 from astrollama_jax.train.step import batch_shardings
 
@@ -55,11 +55,13 @@ def make_dataset(
   batch_size: int | None = None,
   num_epochs: int | None = None,
   shuffle: bool | None = None,
+  drop_remainder: bool = True,
 ) -> grain.IterDataset:
   """This process's batches of ``split`` ('train' or 'validation') for ``config.data``.
 
   ``batch_size`` is the global batch (default ``config.train.global_batch_size``);
-  ``num_epochs=None`` repeats forever. lm and sft training data is read in ``data_shards``
+  ``num_epochs=None`` repeats forever; ``drop_remainder=False`` keeps a last partial batch of
+  lm and sft data (``pad_rows`` fills it up). lm and sft training data is read in ``data_shards``
   virtual shards (``data/shards.py``), so the global batches, and a checkpoint's data position,
   do not depend on the process count. The validation split (read whole, never resumed) keeps
   one shard per process: fewer, longer streams, less lost to their ragged ends.
@@ -80,6 +82,8 @@ def make_dataset(
     num_epochs=num_epochs,
     shuffle=shuffle,
   )
+  if d.kind != "synthetic":
+    common["drop_remainder"] = drop_remainder
   if d.kind == "lm":
     from astrollama_jax.data import pipeline
 
@@ -333,6 +337,18 @@ def _check_process_rows(sharding, global_shape, local_rows: int) -> None:
       f"process {jax.process_index()} holds batch rows [{start}, {stop}) but feeds "
       f"rows [{want}, {want + local_rows}): the mesh is not ordered process-major"
     )
+
+
+def pad_rows(local: dict[str, np.ndarray] | None, rows: int, seq_len: int) -> dict[str, np.ndarray]:
+  """``local`` with empty rows (padding: no loss, segment 0) appended up to ``rows``; all empty
+  for None (a process whose data ran out while others' did not)."""
+  have = 0 if local is None else len(local[BATCH_KEYS[0]])
+  if have == rows:
+    return local
+  empty = {k: np.zeros((rows - have, seq_len), dtype) for k, dtype in BATCH_SPEC.items()}
+  if local is None:
+    return empty
+  return {k: np.concatenate([np.asarray(local[k], BATCH_SPEC[k]), empty[k]]) for k in BATCH_KEYS}
 
 
 def batch_hash(local: dict[str, np.ndarray]) -> str:
