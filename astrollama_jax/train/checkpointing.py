@@ -3,10 +3,10 @@
 ``WORKDIR/checkpoints/<step>/`` holds the items ``params`` and ``opt_state`` (StandardSave, each
 process writing its own shards; ``checkpoints`` owns the names and reads ``params`` back for every
 other command), ``train_meta`` (JSON: step, rng, skip counters, process count, the run's
-``identity``) and ``data_iter`` (one Grain iterator state file per process). Saves are
-asynchronous: the device arrays are copied to host before ``save`` returns, the files are
-written in the background and a step only becomes visible once finalised, so a crash mid-save
-leaves no half checkpoint that looks complete.
+``identity``) and ``data_iter`` (one Grain iterator state file per process, holding the states
+of the data shards it reads). Saves are asynchronous: the device arrays are copied to host
+before ``save`` returns, the files are written in the background and a step only becomes
+visible once finalised, so a crash mid-save leaves no half checkpoint that looks complete.
 
 At start-up the newest step is restored onto this run's mesh: parameters and optimizer state
 are resharded by Orbax (any mesh, device or process count that can hold them). The data

@@ -63,8 +63,8 @@ def make_dataset(
   ``num_epochs=None`` repeats forever; ``drop_remainder=False`` keeps a last partial batch of
   lm and sft data (``pad_rows`` fills it up). lm and sft training data is read in ``data_shards``
   virtual shards (``data/shards.py``), so the global batches, and a checkpoint's data position,
-  do not depend on the process count. The validation split (read whole, never resumed) keeps
-  one shard per process: fewer, longer streams, less lost to their ragged ends.
+  do not depend on the process count. The validation split (read whole, never resumed, see
+  ``loop.evaluate``) keeps one shard per process.
   """
   d = config.data
   if d.kind not in DATA_KINDS:
