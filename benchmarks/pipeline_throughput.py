@@ -82,7 +82,7 @@ def time_pipeline(data_dir: str, workers: int, shards: int) -> dict:
 def main(argv: list[str]) -> None:
   del argv
   tok = Tokenizer(FLAGS.tokenizer)
-  texts = [r["abstract"] for r in sources.read_jsonl(FLAGS.abstracts)]
+  texts = [r["abstract"] for _, r in sources.read_jsonl(FLAGS.abstracts)]
   with tempfile.TemporaryDirectory() as tmp:
     data_dir = FLAGS.data_dir
     if data_dir is None:
