@@ -314,3 +314,15 @@ def test_data_shards_must_divide_the_batch_and_be_shared_by_the_processes():
     shards.check_layout(8, 2, 4)
   with pytest.raises(ValueError, match="per process"):  # a per-process packing state, no shards
     shards.regather([{"next_index": 4}, {"next_index": 4, "packer": [7]}], range(0))
+
+
+def test_a_position_saved_before_data_shards_resumes_on_one_shard_per_process(data_dir):
+  """A checkpoint of a run without shards holds the bare packer state of each process: with one
+  shard per process (``data.shards`` = its process count) it is that shard's state."""
+  it = iter(_ds(data_dir, seq_len=64))
+  next(it)
+  bare = json.loads(json.dumps(it.get_state()))["shards"]["0"]
+  want = [next(it) for _ in range(2)]
+  it2 = iter(_ds(data_dir, seq_len=64))
+  it2.set_state(bare)
+  _assert_same([next(it2) for _ in range(2)], want)
