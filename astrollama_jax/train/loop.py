@@ -73,11 +73,12 @@ def evaluate(config: Any, eval_step: Any, params: Any, mesh: Any) -> dict[str, f
   )
   rows = data.local_batch_size(batch)
   total = count = 0.0
-  n = 0
+  n, done = 0, False
   while not e.batches or n < e.batches:
     watchdog.beat(f"evaluation batch {n}")
-    local = next(it, None)
-    if _all_done(local is None):  # every process must run the same number of eval steps
+    local = None if done else next(it, None)
+    done = local is None
+    if _all_done(done):  # every process must run the same number of eval steps
       break
     local = data.pad_rows(local, rows, config.data.seq_len)
     s, c = eval_step(params, data.to_global(mesh, local))
