@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from astrollama_jax.data import chat, chat_formats, chat_template
+from astrollama_jax.data import chat, chat_formats, chat_template, shards
 from astrollama_jax.data.chat_formats import ChatFormatError, Conversation
 from astrollama_jax.data.tokenizer import Tokenizer
 
@@ -559,3 +559,48 @@ def test_sft_dataset_batches_shards_and_resumes(tok):
     got = next(it2)
     for k in want:
       np.testing.assert_array_equal(got[k], want[k])
+
+
+@needs_tokenizer
+def test_sft_data_shards_resume_on_another_process_count():
+  """Over 4 data shards, 2 processes and 1 read the same global batches, and a position saved by
+  2 processes regathers onto 1 (and 1 onto 4): the rest is the uninterrupted run's."""
+  sources = [(str(DEMO_CHAT), "sharegpt", None, None)]
+
+  def its(processes: int) -> list:
+    return [
+      iter(
+        chat.make_sft_dataset(
+          sources,
+          TOKENIZER,
+          192,
+          4 // processes,
+          seed=5,
+          process_index=p,
+          process_count=processes,
+          shards=4,
+          num_epochs=None,
+        )
+      )
+      for p in range(processes)
+    ]
+
+  def batches(iterators: list, n: int) -> list[dict]:
+    out = []
+    for _ in range(n):
+      parts = [next(it) for it in iterators]
+      out.append({k: np.concatenate([b[k] for b in parts]) for k in parts[0]})
+    return out
+
+  want = batches(its(1), 4)
+  for before, after in ((2, 1), (1, 4)):
+    first = its(before)
+    got = batches(first, 2)
+    states = [json.loads(json.dumps(it.get_state())) for it in first]
+    second = its(after)
+    for p, it in enumerate(second):
+      it.set_state(shards.regather(states, shards.owned(p, after, 4)))
+    got += batches(second, 2)
+    for g, w in zip(got, want, strict=True):
+      for k in w:
+        np.testing.assert_array_equal(g[k], w[k])

@@ -1,13 +1,18 @@
-"""A checkpoint resumes on another process count, mesh and device count (synthetic data).
+"""A checkpoint resumes on another process count, mesh and device count, for every data kind.
 
-Parameters and optimizer state reshard on restore; the data position of the synthetic kind is
-global (the number of global batches read), so it carries over to any process count, and the
-resumed steps read exactly the rows and reach the losses of an uninterrupted run. A per-process
-position (lm, sft) stops the run with one line instead (``test_restore_errors``).
+Parameters and optimizer state reshard on restore. The data position of the synthetic kind is
+global (the number of global batches read); lm and sft data keep one position per virtual data
+shard, which the processes of the new count regather. Either way the resumed steps read exactly
+the global batches (the logged hash covers the rows of every process, in order) and reach the
+losses of an uninterrupted run: no record skipped, none repeated.
 """
 
-from helpers import TINY_MODEL, finish, free_port, records, start, train_cmd
+import subprocess
+import sys
+
+from helpers import REPO, TINY_MODEL, TOKENIZER, finish, free_port, need, records, start, train_cmd
 import numpy as np
+import pytest
 
 RUN = [
   *TINY_MODEL,
@@ -31,11 +36,21 @@ RUN = [
 STEPS = 6
 
 
-def _run(tmp_path, workdir, name: str, steps: int, processes: int, devices: int, mesh: str) -> dict:
-  args = [*RUN, f"--config.train.num_steps={steps}", f"--config.mesh={mesh}"]
+def _run(
+  tmp_path,
+  workdir,
+  name: str,
+  steps: int,
+  processes: int,
+  devices: int,
+  mesh: str,
+  run=RUN,
+  config: str = "configs/demo.py",
+) -> dict:
+  args = [*run, f"--config.train.num_steps={steps}", f"--config.mesh={mesh}"]
   if processes == 1:
     return finish(
-      start(train_cmd(workdir, *args), devices, tmp_path / f"{name}.log"),
+      start(train_cmd(workdir, *args, config=config), devices, tmp_path / f"{name}.log"),
       tmp_path / f"{name}.log",
       timeout=300,
     )
@@ -48,6 +63,7 @@ def _run(tmp_path, workdir, name: str, steps: int, processes: int, devices: int,
         f"--coordinator_address=127.0.0.1:{port}",
         f"--num_processes={processes}",
         f"--process_id={i}",
+        config=config,
       ),
       devices // processes,
       tmp_path / f"{name}_{i}.log",
@@ -74,32 +90,107 @@ def _hashes(workdir) -> dict[int, str]:
   return {r["step"]: r["hash"] for r in records(workdir, "batch")}
 
 
-def test_resume_on_other_process_counts_meshes_and_devices(tmp_path):
-  whole = tmp_path / "whole"
-  _run(tmp_path, whole, "whole", STEPS, 1, 8, "(1,8,1)")
-  want_loss, want_hash = _losses(whole), _hashes(whole)
-  assert sorted(want_loss) == list(range(1, STEPS + 1))
+CASES = {
+  "2x4_to_1x8": ((2, 8, "(2,2,2)"), (1, 8, "(1,8,1)")),
+  "1x8_to_2x4": ((1, 8, "(1,8,1)"), (2, 8, "(2,2,2)")),
+  "8_to_4_devices": ((1, 8, "(1,8,1)"), (1, 4, "(1,4,1)")),
+}
 
-  cases = {
-    "2x4_to_1x8": ((2, 8, "(2,2,2)"), (1, 8, "(1,8,1)")),
-    "1x8_to_2x4": ((1, 8, "(1,8,1)"), (2, 8, "(2,2,2)")),
-    "8_to_4_devices": ((1, 8, "(1,8,1)"), (1, 4, "(1,4,1)")),
-  }
-  for name, (before, after) in cases.items():
-    workdir = tmp_path / name
-    first = _run(tmp_path, workdir, f"{name}_a", 3, *before)
-    assert first["final_step"] == 3
-    second = _run(tmp_path, workdir, f"{name}_b", STEPS, *after)
-    assert second["resumed_from"] == 3 and second["final_step"] == STEPS, name
-    assert not (workdir / "checkpoints_corrupt").exists(), name
-    got = _losses(workdir)
-    assert sorted(got) == list(range(1, STEPS + 1)), name  # each step once: none skipped/repeated
-    np.testing.assert_allclose(
-      [got[s] for s in range(1, STEPS + 1)],
-      [want_loss[s] for s in range(1, STEPS + 1)],
-      rtol=2e-5,
-      err_msg=name,
-    )
-    if after[0] == 1:  # one process logs the whole batch: the very rows of the uninterrupted run
-      hashes = _hashes(workdir)
-      assert [hashes[s] for s in range(4, STEPS + 1)] == [want_hash[s] for s in range(4, STEPS + 1)]
+
+def _uninterrupted(tmp_path, run=RUN, config="configs/demo.py") -> tuple[dict, dict]:
+  """(losses, batch hashes) by step of one run of STEPS steps on 1 process x 8 devices."""
+  whole = tmp_path / "whole"
+  _run(tmp_path, whole, "whole", STEPS, 1, 8, "(1,8,1)", run, config)
+  want_loss, want_hash = _losses(whole), _hashes(whole)
+  assert sorted(want_loss) == sorted(want_hash) == list(range(1, STEPS + 1))
+  assert len(set(want_hash.values())) == STEPS  # every step read other records
+  return want_loss, want_hash
+
+
+def _check_case(tmp_path, name, want, run=RUN, config="configs/demo.py") -> None:
+  """3 steps on one layout, 3 more on another: the global batches and losses of ``want``."""
+  want_loss, want_hash = want
+  before, after = CASES[name]
+  workdir = tmp_path / name
+  first = _run(tmp_path, workdir, f"{name}_a", 3, *before, run, config)
+  assert first["final_step"] == 3
+  second = _run(tmp_path, workdir, f"{name}_b", STEPS, *after, run, config)
+  assert second["resumed_from"] == 3 and second["final_step"] == STEPS, name
+  assert not (workdir / "checkpoints_corrupt").exists(), name
+  got = _losses(workdir)
+  assert sorted(got) == list(range(1, STEPS + 1)), name  # each step once: none skipped/repeated
+  np.testing.assert_allclose(
+    [got[s] for s in range(1, STEPS + 1)],
+    [want_loss[s] for s in range(1, STEPS + 1)],
+    rtol=2e-5,
+    err_msg=name,
+  )
+  hashes = _hashes(workdir)  # of the global batch, whatever the process count
+  assert [hashes[s] for s in range(1, STEPS + 1)] == [want_hash[s] for s in range(1, STEPS + 1)]
+
+
+def test_resume_on_other_process_counts_meshes_and_devices(tmp_path):
+  want = _uninterrupted(tmp_path)
+  for name in CASES:
+    _check_case(tmp_path, name, want)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+  need(TOKENIZER)
+  out = tmp_path_factory.mktemp("corpus")
+  subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "astrollama_jax.prepare",
+      "--source=data/demo_corpus",
+      f"--output={out}",
+      "--validation_fraction=0.15",
+    ],
+    cwd=REPO,
+    check=True,
+    capture_output=True,
+    timeout=120,
+  )
+  return out
+
+
+def _data_run(*data: str) -> list[str]:
+  """RUN on real data: the demo's shape, default data.shards (one per row of the batch)."""
+  synthetic = ("--config.model.vocab_size", "--config.data.kind", "--config.data.s")
+  return [a for a in RUN if not a.startswith(synthetic)] + [
+    f"--config.data.tokenizer_path={TOKENIZER}",
+    "--config.init_checkpoint=",
+    *data,
+  ]
+
+
+def _lm_run(corpus) -> list[str]:
+  return _data_run(
+    "--config.data.kind=lm", f"--config.data.lm.path={corpus}", "--config.data.seq_len=64"
+  )
+
+
+SFT_RUN = _data_run("--config.data.seq_len=128")
+
+
+@pytest.fixture(scope="module")
+def lm_whole(tmp_path_factory, corpus):
+  return _uninterrupted(tmp_path_factory.mktemp("lm"), _lm_run(corpus))
+
+
+@pytest.fixture(scope="module")
+def sft_whole(tmp_path_factory):
+  need(TOKENIZER)
+  return _uninterrupted(tmp_path_factory.mktemp("sft"), SFT_RUN, "configs/demo_sft.py")
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_lm_data_resumes_on_other_process_counts(tmp_path, corpus, lm_whole, case):
+  _check_case(tmp_path, case, lm_whole, _lm_run(corpus))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_sft_data_resumes_on_other_process_counts(tmp_path, sft_whole, case):
+  _check_case(tmp_path, case, sft_whole, SFT_RUN, "configs/demo_sft.py")

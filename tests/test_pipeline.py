@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import json
 
 from absl import flags
 import grain
@@ -10,7 +11,7 @@ from helpers import DEMO_CORPUS, TOKENIZER, abstracts_subset, need
 import numpy as np
 import pytest
 
-from astrollama_jax.data import corpus, packing, pipeline
+from astrollama_jax.data import corpus, packing, pipeline, shards
 from astrollama_jax.data.tokenizer import Tokenizer
 
 flags.FLAGS.mark_as_parsed()  # Grain worker processes read absl flags
@@ -233,3 +234,95 @@ def test_state_restore_gives_the_uninterrupted_batches(data_dir):
 @pytest.mark.timeout(180)
 def test_state_restore_with_workers(data_dir):
   _check_restore(_ds(data_dir, worker_count=1), skip=2, take=2)
+
+
+def _global_batches(data_dir, processes: int, n: int, **kw) -> tuple[list[dict], list]:
+  """The first ``n`` global batches of 8 rows read by ``processes`` processes over 8 data shards
+  (each process's rows in process order), and every process's iterator."""
+  its = [
+    iter(_ds(data_dir, batch_size=8 // processes, process_index=p, process_count=processes, **kw))
+    for p in range(processes)
+  ]
+  return [_concat([next(it) for it in its]) for _ in range(n)], its
+
+
+def _concat(batches: list[dict]) -> dict:
+  return {k: np.concatenate([b[k] for b in batches]) for k in packing.BATCH_KEYS}
+
+
+def _assert_same(got: list[dict], want: list[dict]) -> None:
+  assert len(got) == len(want)
+  for g, w in zip(got, want):
+    for k in packing.BATCH_KEYS:
+      np.testing.assert_array_equal(g[k], w[k])
+
+
+def test_data_shards_give_the_same_global_batches_on_any_process_count(data_dir):
+  want, _ = _global_batches(data_dir, 1, 4, shards=8, seq_len=64)
+  assert len({b["tokens"].tobytes() for b in want}) == 4
+  for processes in (2, 4, 8):
+    _assert_same(_global_batches(data_dir, processes, 4, shards=8, seq_len=64)[0], want)
+  # one shard per process (no data.shards) is another order: the layout is the shards'
+  other, _ = _global_batches(data_dir, 2, 4, seq_len=64)
+  assert other[0]["tokens"].tobytes() != want[0]["tokens"].tobytes()
+
+
+def _resume_elsewhere(data_dir, before: int, after: int, n: int = 8, **kw) -> None:
+  """Read 2 global batches on ``before`` processes over ``n`` shards, regather their states onto
+  ``after`` processes: the next 2 global batches are those of an uninterrupted run."""
+  want, _ = _global_batches(data_dir, 1, 4, shards=n, seq_len=64, **kw)
+  got, its = _global_batches(data_dir, before, 2, shards=n, seq_len=64, **kw)
+  states = [json.loads(json.dumps(it.get_state())) for it in its]
+  resumed = []
+  for p in range(after):
+    it = iter(
+      _ds(
+        data_dir,
+        batch_size=8 // after,
+        process_index=p,
+        process_count=after,
+        shards=n,
+        seq_len=64,
+        **kw,
+      )
+    )
+    it.set_state(shards.regather(states, shards.owned(p, after, n)))
+    resumed.append(it)
+  got += [_concat([next(it) for it in resumed]) for _ in range(2)]
+  _assert_same(got, want)
+  for it in its + resumed:
+    if hasattr(it, "close"):
+      it.close()
+
+
+def test_a_data_position_regathers_onto_another_process_count(data_dir):
+  for before, after in ((2, 1), (1, 4), (4, 2)):
+    _resume_elsewhere(data_dir, before, after)
+  _resume_elsewhere(data_dir, 2, 1, n=2, mixture={"abstract": 0.8, "introduction": 0.2})
+
+
+@pytest.mark.timeout(180)
+def test_a_data_position_with_workers_regathers_onto_another_process_count(data_dir):
+  _resume_elsewhere(data_dir, 2, 1, worker_count=1)
+
+
+def test_data_shards_must_divide_the_batch_and_be_shared_by_the_processes():
+  shards.check_layout(8, 8, 2)
+  with pytest.raises(ValueError, match="does not divide the global batch"):
+    shards.check_layout(8, 3, 1)
+  with pytest.raises(ValueError, match="4 processes cannot share data.shards 2"):
+    shards.check_layout(8, 2, 4)
+  with pytest.raises(ValueError, match="per process"):  # a per-process packing state, no shards
+    shards.regather([{"next_index": 4}, {"next_index": 4, "packer": [7]}], range(0))
+
+
+def test_a_position_saved_before_data_shards_resumes_on_one_shard_per_process(data_dir):
+  """A checkpoint of a run without shards holds the bare packer state of each process: with one
+  shard per process (``data.shards`` = its process count) it is that shard's state."""
+  it = iter(_ds(data_dir, seq_len=64))
+  next(it)
+  bare = json.loads(json.dumps(it.get_state()))["shards"]["0"]
+  want = [next(it) for _ in range(2)]
+  it2 = iter(_ds(data_dir, seq_len=64))
+  it2.set_state(bare)
+  _assert_same([next(it2) for _ in range(2)], want)

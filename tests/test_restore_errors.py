@@ -7,6 +7,7 @@ that a transient error can be injected into the restore itself.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import pathlib
 
@@ -213,5 +214,21 @@ def test_a_per_process_data_position_cannot_move_to_another_process_count(tmp_pa
     assert ckpt._global_position(4, 2) == '{"next_index": 4}'  # synthetic: the same everywhere
     (folder / "process_1-of-2.json").write_text('{"next_index": 4, "packer": [7]}')
     assert ckpt._global_position(4, 2) is None  # lm/sft packing: each process its own
+  finally:
+    ckpt.close()
+
+
+def test_a_position_kept_per_data_shard_regathers_onto_another_process_count(tmp_path):
+  ckpt = checkpointing.Checkpointer(str(tmp_path), async_save=False)
+  try:
+    folder = tmp_path / "checkpoints" / "4" / checkpointing.DATA_ITER_DIR
+    folder.mkdir(parents=True)
+    saved = [{"shards": {"0": {"i": 0}, "1": {"i": 1}}}, {"shards": {"2": {"i": 2}, "3": {"i": 3}}}]
+    for i, state in enumerate(saved):
+      (folder / f"process_{i}-of-2.json").write_text(json.dumps(state))
+    merged = {"shards": {str(j): {"i": j} for j in range(4)}}  # this test is 1 process
+    assert json.loads(ckpt._global_position(4, 2)) == merged
+    (folder / "process_1-of-2.json").write_text(json.dumps({"shards": {"3": {"i": 3}}}))
+    assert ckpt._global_position(4, 2) is None  # shard 2 is in no file: nothing to resume from
   finally:
     ckpt.close()

@@ -74,8 +74,14 @@ def test_config_errors_name_the_setting(tmp_path):
     setup.check_batch_layout(config, {"data": 1, "fsdp": 32, "tensor": 1})
   setup.check_batch_layout(config, {"data": 2, "fsdp": 8, "tensor": 4})
 
-  # A workdir with checkpoints of another architecture is refused, not overwritten.
+  # lm and sft data shards must split the global batch (and the processes, test_pipeline).
   config.train.global_batch_size, config.train.grad_accum_steps = 8, 1
+  config.data.kind, config.data.shards = "lm", 3
+  with pytest.raises(ValueError, match="data.shards 3 does not divide the global batch of 8 rows"):
+    setup.check_compatible(get_config("tiny"), config, None)
+  config.data.kind, config.data.shards = "synthetic", 0
+
+  # A workdir with checkpoints of another architecture is refused, not overwritten.
   setup.bootstrap_workdir(str(tmp_path), config, get_config("tiny"), None)
   (tmp_path / "checkpoints" / "5").mkdir(parents=True)
   with pytest.raises(ValueError, match=r"holds checkpoints of another model .* \['dim', 'ffn_dim'"):

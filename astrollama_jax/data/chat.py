@@ -20,6 +20,7 @@ import grain
 import numpy as np
 
 from astrollama_jax.data import packing
+from astrollama_jax.data import shards as shards_lib
 from astrollama_jax.data.chat_formats import (
   FORMATS,
   ChatFormatError,
@@ -137,6 +138,7 @@ def make_sft_dataset(
   process_index: int | None = None,
   process_count: int | None = None,
   *,
+  shards: int | None = None,
   num_epochs: int | None = 1,
   shuffle: bool = True,
   num_packing_bins: int = 16,
@@ -153,9 +155,13 @@ def make_sft_dataset(
       (whole); one whose first exchange does not fit is skipped (logged).
     batch_size: rows per batch on this host (global batch / process_count).
     seed: mixture sampling, shuffling and packing seed; the same seed gives the same batches.
-    process_index, process_count: this host's shard, default ``jax.process_index()`` /
-      ``jax.process_count()``. Every host builds the same mixture and takes every
-      ``process_count``-th conversation from ``process_index``: disjoint, together complete.
+    process_index, process_count: this host's place, default ``jax.process_index()`` /
+      ``jax.process_count()``.
+    shards: data shards over all hosts (``shards.py``; a multiple of ``process_count`` that
+      divides the global batch), default one per host. Every host builds the same mixture;
+      shard ``j`` of ``S`` takes every ``S``-th conversation from ``j`` (disjoint, together
+      complete) and shuffles, packs and batches them on its own; a host reads its
+      ``S / process_count`` shards side by side, so the global batches depend on ``S`` only.
     num_epochs: passes over the mixture (reshuffled each); ``None`` repeats for ever.
     shuffle: shuffle the conversations of each epoch (the mixture itself is always shuffled).
     num_packing_bins: rows filled at once by first-fit packing (more = less padding).
@@ -166,36 +172,36 @@ def make_sft_dataset(
     ``grain.IterDataset`` of dicts ``tokens``, ``targets``, ``segment_ids``, ``positions``
     (int32) and ``loss_mask`` (float32), each ``[batch_size, seq_len]``, exactly as the corpus
     pipeline; conversations are packed whole (first fit), never split across rows. Its
-    iterator has ``get_state()``/``set_state()`` for checkpointing.
+    iterator has ``get_state()``/``set_state()`` for checkpointing (one state per shard).
   """
   if seq_len < 2 or batch_size < 1:
     raise ValueError(f"need seq_len >= 2 and batch_size >= 1, got {seq_len}, {batch_size}")
-  if process_index is None or process_count is None:
-    import jax  # pylint: disable=g-import-not-at-top  (only to find this host's shard)
-
-    process_index = jax.process_index() if process_index is None else process_index
-    process_count = jax.process_count() if process_count is None else process_count
-  if not 0 <= process_index < process_count:
-    raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+  mine, rows, count = shards_lib.local_layout(batch_size, process_index, process_count, shards)
+  read = shards_lib.read_options(len(mine))
   conversations = mix_sources(sources, seed)
-  ds = grain.MapDataset.source(conversations)[process_index::process_count]
-  if len(ds) == 0:
-    raise ValueError(
-      f"process {process_index} of {process_count} gets no conversations "
-      f"({len(conversations)} in the mixture)"
-    )
-  if shuffle:
-    ds = ds.shuffle(seed=seed + 1)
-  ds = ds.repeat(num_epochs).map(_EncodeForTraining(os.fspath(tokenizer_path), seq_len))
-  ds = ds.filter(lambda ex: ex is not None)
-  it = packing.pack_examples(
-    ds.to_iter_dataset(), seq_len, method="first_fit", num_packing_bins=num_packing_bins, seed=seed
-  )
-  it = it.batch(batch_size, drop_remainder=drop_remainder)
-  if worker_count > 0:
-    it = it.mp_prefetch(
-      grain.MultiprocessingOptions(
-        num_workers=worker_count, per_worker_buffer_size=worker_buffer_size
+  encode = _EncodeForTraining(os.fspath(tokenizer_path), seq_len)
+
+  def shard(j: int) -> grain.IterDataset:
+    ds = grain.MapDataset.source(conversations)[j::count]
+    if len(ds) == 0:
+      raise ValueError(
+        f"data shard {j} of {count} gets no conversations ({len(conversations)} in the mixture)"
+        + (": lower data.shards" if count > 1 else "")
       )
+    if shuffle:
+      ds = ds.shuffle(seed=seed + 1)
+    ds = ds.repeat(num_epochs).map(encode).filter(_is_example)
+    it = packing.pack_examples(
+      ds.to_iter_dataset(read),
+      seq_len,
+      method="first_fit",
+      num_packing_bins=num_packing_bins,
+      seed=seed,
     )
-  return it
+    return it.batch(rows, drop_remainder=drop_remainder)
+
+  return shards_lib.sharded(shard, mine, worker_count, worker_buffer_size)
+
+
+def _is_example(example: dict[str, np.ndarray] | None) -> bool:
+  return example is not None

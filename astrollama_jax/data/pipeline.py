@@ -9,14 +9,16 @@
 Order of operations, and why:
   source (TFDS ArrayRecord data source, random access)
   -> per section (for mixing): the record indices of that section (``section_index.npz``)
-  -> shard by JAX process: ``ds[process_index::process_count]``, so hosts read disjoint
-     records that together cover the split
+  -> per data shard ``j`` of ``S`` (``shards.py``): records ``ds[j::S]``; shards are fixed for
+     the run, independent of the process count, disjoint and together the whole split
   -> repeat(num_epochs) with a seeded shuffle per epoch (``_EpochShuffled``)
   -> tokenize (SentencePiece; ``[BOS] + ids + [EOS]``) into next-token examples
   -> mix sections by weight (``MapDataset.mix``; still random access, so cheap to checkpoint)
-  -> to_iter_dataset -> pack (``packing.pack_examples``) -> batch -> ``mp_prefetch`` workers
+  -> to_iter_dataset -> pack (``packing.pack_examples``) -> batch of global_batch / S rows
+  -> this process's shards side by side (``shards.ShardedBatches``) -> ``mp_prefetch`` workers
 Everything before packing is index-based; packing and batching are Grain iterators with
-checkpointable state, and ``mp_prefetch`` checkpoints its workers' states too.
+checkpointable state (one per shard, so a checkpoint resumes on another process count), and
+``mp_prefetch`` checkpoints its workers' states too.
 """
 
 from __future__ import annotations
@@ -26,10 +28,10 @@ import os
 import sys
 
 import grain
-import jax
 import numpy as np
 
 from astrollama_jax.data import corpus, packing
+from astrollama_jax.data import shards as shards_lib
 from astrollama_jax.data.tokenizer import Tokenizer
 
 
@@ -128,6 +130,7 @@ def make_lm_dataset(
   *,
   process_index: int | None = None,
   process_count: int | None = None,
+  shards: int | None = None,
   mixture: Mapping[str, float] | None = None,
   num_epochs: int | None = None,
   shuffle: bool = True,
@@ -144,8 +147,12 @@ def make_lm_dataset(
     seq_len: row length; rows hold [BOS] doc [EOS] [BOS] doc ... split at ``seq_len``.
     batch_size: rows per batch *on this host* (global batch / process_count).
     seed: shuffle seed; the same seed gives the same batches.
-    process_index, process_count: this host's shard; default ``jax.process_index()`` /
-      ``jax.process_count()``. Hosts read disjoint records that together cover the split.
+    process_index, process_count: this host's place; default ``jax.process_index()`` /
+      ``jax.process_count()``.
+    shards: data shards over all hosts (``shards.py``; a multiple of ``process_count`` that
+      divides the global batch); this host reads its ``shards / process_count`` of them, each
+      packed and batched on its own. ``None``: one shard per host. The global batches depend
+      on ``shards``, not on the process count.
     mixture: e.g. ``{"abstract": 0.5, "introduction": 0.25, "conclusion": 0.25}``: sample
       sections with these weights (each section repeats independently). ``None``: all
       records as one stream.
@@ -162,48 +169,40 @@ def make_lm_dataset(
   Returns:
     ``grain.IterDataset`` of dicts ``tokens``, ``targets``, ``segment_ids``, ``positions``
     (int32) and ``loss_mask`` (float32), each ``[batch_size, seq_len]``. Its iterator has
-    ``get_state()``/``set_state()`` for checkpointing.
+    ``get_state()``/``set_state()`` for checkpointing (``{"shards": {j: state}}``).
   """
-  if process_index is None:
-    process_index = jax.process_index()
-  if process_count is None:
-    process_count = jax.process_count()
-  if not 0 <= process_index < process_count:
-    raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+  mine, rows, count = shards_lib.local_layout(batch_size, process_index, process_count, shards)
+  read = shards_lib.read_options(len(mine))
   source = corpus.read_split(data_dir, split)
   tokenize = _Tokenize(Tokenizer(tokenizer_path))
-
-  def component(indices: np.ndarray | None, salt: int) -> grain.MapDataset:
-    if indices is None:
-      indices = np.arange(len(source))
-    shard = _Subset(source, np.asarray(indices)[process_index::process_count])
-    if len(shard) == 0:
-      raise ValueError(
-        f"process {process_index} of {process_count} gets no records of "
-        f"split {split!r} under {data_dir}"
-      )
-    epochs = _EpochShuffled(shard, seed * 1000003 + salt, num_epochs, shuffle)
-    return grain.MapDataset.source(epochs).map(tokenize)
-
   index = corpus.section_index(data_dir, split) if mixture is not None else {}
   weights = _normalise_mixture(mixture, index, split)
-  if weights is None:
-    ds = component(None, 0)
-  else:
-    names = sorted(weights)
-    ds = grain.MapDataset.mix(
-      [component(index[n], 1 + corpus.SECTIONS.index(n)) for n in names],
-      [weights[n] for n in names],
-    )
-  it = ds.to_iter_dataset()
-  it = packing.pack_examples(it, seq_len).batch(batch_size, drop_remainder=drop_remainder)
-  if worker_count > 0:
-    it = it.mp_prefetch(
-      grain.MultiprocessingOptions(
-        num_workers=worker_count, per_worker_buffer_size=worker_buffer_size
+
+  def shard(j: int) -> grain.IterDataset:
+    def component(indices: np.ndarray | None, salt: int) -> grain.MapDataset:
+      if indices is None:
+        indices = np.arange(len(source))
+      records = _Subset(source, np.asarray(indices)[j::count])
+      if len(records) == 0:
+        raise ValueError(
+          f"data shard {j} of {count} gets no records of split {split!r} under {data_dir}"
+          + (": lower data.shards" if count > 1 else "")
+        )
+      epochs = _EpochShuffled(records, seed * 1000003 + salt, num_epochs, shuffle)
+      return grain.MapDataset.source(epochs).map(tokenize)
+
+    if weights is None:
+      ds = component(None, 0)
+    else:
+      names = sorted(weights)
+      ds = grain.MapDataset.mix(
+        [component(index[n], 1 + corpus.SECTIONS.index(n)) for n in names],
+        [weights[n] for n in names],
       )
-    )
-  return it
+    it = packing.pack_examples(ds.to_iter_dataset(read), seq_len)
+    return it.batch(rows, drop_remainder=drop_remainder)
+
+  return shards_lib.sharded(shard, mine, worker_count, worker_buffer_size)
 
 
 def count_tokens(batch: Mapping[str, np.ndarray]) -> tuple[int, int]:

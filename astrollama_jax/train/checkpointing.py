@@ -3,23 +3,26 @@
 ``WORKDIR/checkpoints/<step>/`` holds the items ``params`` and ``opt_state`` (StandardSave, each
 process writing its own shards; ``checkpoints`` owns the names and reads ``params`` back for every
 other command), ``train_meta`` (JSON: step, rng, skip counters, process count, the run's
-``identity``) and ``data_iter`` (one Grain iterator state file per process). Saves are
-asynchronous: the device arrays are copied to host before ``save`` returns, the files are
-written in the background and a step only becomes visible once finalised, so a crash mid-save
-leaves no half checkpoint that looks complete.
+``identity``) and ``data_iter`` (one Grain iterator state file per process, holding the states
+of the data shards it reads). Saves are asynchronous: the device arrays are copied to host
+before ``save`` returns, the files are written in the background and a step only becomes
+visible once finalised, so a crash mid-save leaves no half checkpoint that looks complete.
 
 At start-up the newest step is restored onto this run's mesh: parameters and optimizer state
 are resharded by Orbax (any mesh, device or process count that can hold them). The data
-position carries over to another process count when it is global, i.e. every saving process
-had the same iterator state (synthetic data: the number of global batches read); the
-per-process packing state of lm and sft data resumes only on the same process count.
+position carries over to another process count: synthetic data's is global (every saving
+process had the same state, the number of global batches read); lm and sft data keep one
+state per virtual data shard (``data/shards.py``, fixed for the run by ``data.shards``), and a
+process of the new count gathers the states of the shards it owns from the saved files. A
+checkpoint saved before data shards existed keeps a per-process state: it resumes only on its
+own process count.
 
 A failure is classified before anything is moved (every process agrees on the class, the most
 serious one wins):
 
-* incompatible (another model, optimizer layout, data source or batch, or a process count the
-  data position cannot follow): ``IncompatibleCheckpointError`` before any array is read, one
-  line naming what differs; nothing in the workdir is touched;
+* incompatible (another model, optimizer layout, data source, shards or batch, or a process
+  count the data position cannot follow): ``IncompatibleCheckpointError`` before any array is
+  read, one line naming what differs; nothing in the workdir is touched;
 * transient (I/O errors, permission denied, timeouts): retried with exponential backoff, then
   ``TransientRestoreError``; the checkpoint stays where it is, for a rerun;
 * corrupt or incomplete bytes (anything else): reported, moved to ``WORKDIR/checkpoints_corrupt/``
@@ -52,6 +55,7 @@ import orbax.checkpoint as ocp
 from astrollama_jax import checkpoints, diskspace
 from astrollama_jax.checkpoints import CHECKPOINTS_DIR, PARAMS_DIR
 from astrollama_jax.cli import UserError
+from astrollama_jax.data.shards import owned, regather, shard_ids
 from astrollama_jax.train.state import TrainState
 
 CORRUPT_DIR = "checkpoints_corrupt"
@@ -428,7 +432,14 @@ class Checkpointer:
           return f"{key} is {saved_run[key]!r} in the checkpoint, {self.identity[key]!r} now"
     self._carried_position = None
     saved_procs = meta.get("process_count", jax.process_count())
-    if saved_procs != jax.process_count():
+    shards = self.identity.get("data.shards")
+    if shards is not None and (saved_run is None or "data.shards" not in saved_run):
+      if (shards, jax.process_count()) != (saved_procs, saved_procs):
+        return (
+          f"its data position is per process (saved before data.shards): it resumes only on "
+          f"{saved_procs} processes with --config.data.shards={saved_procs}"
+        )
+    elif saved_procs != jax.process_count():
       position = self._global_position(step, saved_procs)
       if position is None:
         return (
@@ -452,17 +463,31 @@ class Checkpointer:
     return None
 
   def _global_position(self, step: int, saved_procs: int) -> str | None:
-    """The saved iterator state if every saving process had the same one, else None.
+    """This process's iterator state re-derived from those ``saved_procs`` processes saved, or
+    None if it depends on the process count.
 
-    A position that does not depend on the process (synthetic data: the number of global
-    batches read) carries over to any process count; per-process packing (lm, sft) does not.
+    A position every saving process shared (synthetic data: the number of global batches read)
+    carries over as it is; one kept per data shard (lm, sft: ``data/shards.py``) is regathered
+    for the shards this process owns now. A per-process packing state without shards cannot.
     """
     folder = os.path.join(self.directory, str(step), DATA_ITER_DIR)
-    states = set()
+    states = []
     for i in range(saved_procs):
       with open(os.path.join(folder, f"process_{i}-of-{saved_procs}.json")) as f:
-        states.add(f.read())
-    return states.pop() if len(states) == 1 else None
+        states.append(json.loads(f.read()))
+    held = shard_ids(states[0])
+    if held:
+      held = set().union(*(shard_ids(s) for s in states))
+      if held != set(range(len(held))) or len(held) % jax.process_count():
+        return None
+      mine = owned(jax.process_index(), jax.process_count(), len(held))
+    else:
+      mine = range(0)
+    try:
+      return json.dumps(regather(states, mine))
+    except ValueError as e:
+      logging.warning("data position of %s/%d cannot be carried over: %s", folder, step, e)
+      return None
 
   def _restore_items(self, step: int, target: TrainState, data_iter: Any) -> dict[str, Any]:
     """Every item of ``step`` onto ``target``'s shardings (Orbax reshards to this mesh), and the

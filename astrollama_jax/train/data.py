@@ -10,8 +10,12 @@
 Every kind reads ``config.data`` (shared keys) and its own sub-section ``config.data.<kind>``,
 and yields per-process numpy batches (``packing.BATCH_SPEC``: tokens, targets, segment_ids,
 positions int32, loss_mask float32) of shape [global_batch / processes, seq_len] from an
-iterator with
-``get_state()``/``set_state()``; ``to_global`` assembles them into sharded ``jax.Array``s.
+iterator with ``get_state()``/``set_state()``; ``to_global`` assembles them into sharded
+``jax.Array``s. lm and sft training data is split into ``config.data.shards`` virtual shards
+(``data/shards.py``; 0: one per row of the global batch), fixed for the run: process ``p`` of
+``P`` reads shards ``[p S/P, (p+1) S/P)`` and feeds their batches in shard order, so the global
+batch of every step, and the data position a checkpoint keeps per shard, are the same for any
+process count that divides ``S``.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import jax
 from jax.sharding import Mesh
 import numpy as np
 
-from astrollama_jax.data.packing import BATCH_KEYS, as_batch
+from astrollama_jax.data.packing import BATCH_KEYS, BATCH_SPEC, as_batch
 from astrollama_jax.train.defaults import DATA_KINDS
 from astrollama_jax.train.step import batch_shardings
 
@@ -39,6 +43,11 @@ def local_batch_size(global_batch: int) -> int:
   return global_batch // n
 
 
+def data_shards(config: Any, batch_size: int | None = None) -> int:
+  """The run's number of data shards (``config.data.shards``; 0: one per row of the batch)."""
+  return int(config.data.shards) or int(batch_size or config.train.global_batch_size)
+
+
 def make_dataset(
   config: Any,
   split: str,
@@ -46,11 +55,16 @@ def make_dataset(
   batch_size: int | None = None,
   num_epochs: int | None = None,
   shuffle: bool | None = None,
+  drop_remainder: bool = True,
 ) -> grain.IterDataset:
   """This process's batches of ``split`` ('train' or 'validation') for ``config.data``.
 
   ``batch_size`` is the global batch (default ``config.train.global_batch_size``);
-  ``num_epochs=None`` repeats forever.
+  ``num_epochs=None`` repeats forever; ``drop_remainder=False`` keeps a last partial batch of
+  lm and sft data (``pad_rows`` fills it up). lm and sft training data is read in ``data_shards``
+  virtual shards (``data/shards.py``), so the global batches, and a checkpoint's data position,
+  do not depend on the process count. The validation split (read whole, never resumed, see
+  ``loop.evaluate``) keeps one shard per process.
   """
   d = config.data
   if d.kind not in DATA_KINDS:
@@ -64,9 +78,12 @@ def make_dataset(
     seed=d.seed,
     process_index=jax.process_index(),
     process_count=jax.process_count(),
+    shards=data_shards(config, global_batch) if split == "train" else jax.process_count(),
     num_epochs=num_epochs,
     shuffle=shuffle,
   )
+  if d.kind != "synthetic":
+    common["drop_remainder"] = drop_remainder
   if d.kind == "lm":
     from astrollama_jax.data import pipeline
 
@@ -108,12 +125,14 @@ def run_identity(config: Any) -> dict[str, Any]:
   """What a resumed run must share with the one that saved: the data source, order and batch.
 
   The shared ``data.*`` keys and those of the active kind's section (``data.lm.path`` made
-  absolute), plus the global batch size. The checkpoint keeps them; a restore that finds
-  another value stops, naming the key.
+  absolute, ``data.shards`` resolved), plus the global batch size. The checkpoint keeps them;
+  a restore that finds another value stops, naming the key.
   """
   d = config.data.to_dict()
   out: dict[str, Any] = {"train.global_batch_size": int(config.train.global_batch_size)}
-  items = [(k, v) for k, v in d.items() if not isinstance(v, dict)]
+  items = [(k, v) for k, v in d.items() if not isinstance(v, dict) and k != "shards"]
+  if d["kind"] != "synthetic":  # synthetic rows are a function of the global row: no shards
+    out["data.shards"] = data_shards(config)
   items += [(f"{d['kind']}.{k}", v) for k, v in d.get(d["kind"], {}).items()]
   for name, value in items:
     if name not in _NOT_IDENTITY:
@@ -142,6 +161,7 @@ def make_components_dataset(
   seed: int = 0,
   process_index: int | None = None,
   process_count: int | None = None,
+  shards: int | None = None,
   num_epochs: int | None = None,
   shuffle: bool = True,
   worker_count: int = 0,
@@ -149,36 +169,41 @@ def make_components_dataset(
 ) -> grain.IterDataset:
   """Packed LM batches that mix record sets by weight, each named as
   ``corpus.component_indices`` reads it: ``{"since:2024-06-01": 0.7, "abstract": 0.3}`` trains
-  on "everything since June 2024" for 70% of the documents. Batches as ``make_lm_dataset``'s."""
+  on "everything since June 2024" for 70% of the documents. Batches (and ``shards``) as
+  ``make_lm_dataset``'s."""
   from astrollama_jax.data import corpus, packing, pipeline
+  from astrollama_jax.data import shards as shards_lib
   from astrollama_jax.data.tokenizer import Tokenizer
 
-  pi = jax.process_index() if process_index is None else process_index
-  pc = jax.process_count() if process_count is None else process_count
+  mine, rows, count = shards_lib.local_layout(batch_size, process_index, process_count, shards)
+  read = shards_lib.read_options(len(mine))
   source = corpus.read_split(data_dir, split)
   tokenize = pipeline._Tokenize(Tokenizer(tokenizer_path))
-  parts, weights = [], []
-  for salt, (spec, weight) in enumerate(sorted(dict(components).items()), 1):
-    if weight <= 0:
-      continue
-    mine = corpus.component_indices(data_dir, split, spec)[pi::pc]
-    if not len(mine):
-      raise ValueError(
-        f"mixture component {spec!r} has no records of split {split!r} for "
-        f"process {pi} of {pc} under {data_dir}"
-      )
-    subset = pipeline._Subset(source, mine)
-    order = pipeline._EpochShuffled(subset, seed * 1000003 + 97 * salt, num_epochs, shuffle)
-    parts.append(grain.MapDataset.source(order).map(tokenize))
-    weights.append(float(weight))
-  if not parts:
+  named = enumerate(sorted(dict(components).items()), 1)
+  specs = [(salt, spec, float(w)) for salt, (spec, w) in named if w > 0]
+  if not specs:
     raise ValueError(f"mixture {dict(components)} has no positive weight")
-  ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights)
-  rows = packing.pack_examples(ds.to_iter_dataset(), seq_len)
-  it = rows.batch(batch_size, drop_remainder=drop_remainder)
-  if worker_count > 0:
-    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
-  return it
+  indices = {spec: corpus.component_indices(data_dir, split, spec) for _, spec, _ in specs}
+
+  def shard(j: int) -> grain.IterDataset:
+    parts = []
+    for salt, spec, _ in specs:
+      records = indices[spec][j::count]
+      if not len(records):
+        raise ValueError(
+          f"mixture component {spec!r} has no records of split {split!r} for "
+          f"data shard {j} of {count} under {data_dir}"
+          + (": lower data.shards" if count > 1 else "")
+        )
+      subset = pipeline._Subset(source, records)
+      order = pipeline._EpochShuffled(subset, seed * 1000003 + 97 * salt, num_epochs, shuffle)
+      parts.append(grain.MapDataset.source(order).map(tokenize))
+    weights = [w for _, _, w in specs]
+    ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights)
+    it = packing.pack_examples(ds.to_iter_dataset(read), seq_len)
+    return it.batch(rows, drop_remainder=drop_remainder)
+
+  return shards_lib.sharded(shard, mine, worker_count)
 
 
 # --- synthetic data ------------------------------------------------------------------------------
@@ -314,12 +339,37 @@ def _check_process_rows(sharding, global_shape, local_rows: int) -> None:
     )
 
 
+def pad_rows(local: dict[str, np.ndarray] | None, rows: int, seq_len: int) -> dict[str, np.ndarray]:
+  """``local`` with empty rows (padding: no loss, segment 0) appended up to ``rows``; all empty
+  for None (a process whose data ran out while others' did not)."""
+  have = 0 if local is None else len(local[BATCH_KEYS[0]])
+  if have == rows:
+    return local
+  empty = {k: np.zeros((rows - have, seq_len), dtype) for k, dtype in BATCH_SPEC.items()}
+  if local is None:
+    return empty
+  return {k: np.concatenate([np.asarray(local[k], BATCH_SPEC[k]), empty[k]]) for k in BATCH_KEYS}
+
+
 def batch_hash(local: dict[str, np.ndarray]) -> str:
-  """A short digest of a host batch, logged per step to prove which data a step consumed."""
+  """A short digest of the global batch, logged per step to prove which data a step consumed.
+
+  A digest of every row's digest in global row order (rows gathered from every process), so a
+  step's hash is the same whatever the process count that fed it.
+  """
+  rows = np.stack([_row_digest(local, i) for i in range(len(local[BATCH_KEYS[0]]))])
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    rows = np.asarray(multihost_utils.process_allgather(rows)).reshape(-1, rows.shape[-1])
+  return hashlib.blake2b(rows.tobytes(), digest_size=8).hexdigest()
+
+
+def _row_digest(local: dict[str, np.ndarray], i: int) -> np.ndarray:
   h = hashlib.blake2b(digest_size=8)
   for k in BATCH_KEYS:
-    h.update(np.ascontiguousarray(local[k]).tobytes())
-  return h.hexdigest()
+    h.update(np.ascontiguousarray(local[k][i]).tobytes())
+  return np.frombuffer(h.digest(), np.uint8)
 
 
 def count_batches(it: Iterator[Any], limit: int | None = None) -> int:

@@ -64,6 +64,9 @@ def base_config() -> ml_collections.ConfigDict:
     seed=0,
     shuffle=True,
     tokenizer_path="",  # lm and sft: SentencePiece tokenizer.model
+    # lm and sft: virtual data shards, fixed for the run (0: one per row of the global batch);
+    # a checkpoint resumes on any process count that divides them
+    shards=0,
     lm=_section(
       path="",  # the --output of `python -m astrollama_jax.prepare`
       # weights of record sets: sections {"abstract": 0.5, ...}, or with date bounds

@@ -56,34 +56,46 @@ class _Preemption:
 
 
 def evaluate(config: Any, eval_step: Any, params: Any, mesh: Any) -> dict[str, float] | None:
-  """Mean NLL and perplexity over the validation split (or its first ``eval.batches``)."""
+  """Mean NLL and perplexity over the validation split (or its first ``eval.batches``).
+
+  Every validation record is read exactly once: the last, partial batch of a process is padded
+  with empty rows (no loss), and a process whose records ran out feeds empty batches until every
+  process's have (each process reads its own share, ``train/data.py``).
+  """
   if not data.has_split(config, "validation"):
     return None
   e, t = config.eval, config.train
   batch = e.batch_size or t.global_batch_size // t.grad_accum_steps
-  it = iter(data.make_dataset(config, "validation", batch_size=batch, num_epochs=1, shuffle=False))
+  it = iter(
+    data.make_dataset(
+      config, "validation", batch_size=batch, num_epochs=1, shuffle=False, drop_remainder=False
+    )
+  )
+  rows = data.local_batch_size(batch)
   total = count = 0.0
-  n = 0
+  n, done = 0, False
   while not e.batches or n < e.batches:
     watchdog.beat(f"evaluation batch {n}")
-    local = next(it, None)
-    if _any_done(local is None):  # every process must run the same number of eval steps
+    local = None if done else next(it, None)
+    done = local is None
+    if _all_done(done):  # every process must run the same number of eval steps
       break
+    local = data.pad_rows(local, rows, config.data.seq_len)
     s, c = eval_step(params, data.to_global(mesh, local))
     total, count, n = total + float(s), count + float(c), n + 1
   if count == 0:
-    logging.warning("validation split gave no full batch of %d rows: no evaluation", batch)
+    logging.warning("validation split gave no batch of %d rows: no evaluation", batch)
     return None
   loss = total / count
   return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": count, "batches": n}
 
 
-def _any_done(done: bool) -> bool:
+def _all_done(done: bool) -> bool:
   if jax.process_count() == 1:
     return done
   from jax.experimental import multihost_utils
 
-  return bool(np.any(multihost_utils.process_allgather(np.asarray(done, np.int32))))
+  return bool(np.all(multihost_utils.process_allgather(np.asarray(done, np.int32))))
 
 
 def _init_state(config: Any, program: program_lib.TrainProgram) -> Any:

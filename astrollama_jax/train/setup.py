@@ -164,6 +164,9 @@ def check_compatible(cfg: LlamaConfig, config: Any, tok_path: str | None) -> Non
   if chunk and config.data.seq_len % chunk:
     raise ValueError(f"loss.chunk_size {chunk} does not divide data.seq_len {config.data.seq_len}")
   if config.data.kind in ("lm", "sft"):
+    from astrollama_jax.data import shards
+
+    shards.check_layout(t.global_batch_size, data.data_shards(config), jax.process_count())
     if not tok_path:
       raise ValueError("no tokenizer: set config.data.tokenizer_path")
     from astrollama_jax.data.tokenizer import Tokenizer

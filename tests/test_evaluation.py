@@ -1,0 +1,94 @@
+"""The trainer's evaluation reads every validation record exactly once, on any process count.
+
+The last batch of each process is padded with empty rows and a process whose share ran out feeds
+empty batches until every process's has: the loss-bearing tokens counted are exactly the next-
+token targets of the whole validation split, on 1 process and on 2.
+"""
+
+import subprocess
+import sys
+
+from helpers import REPO, TINY_MODEL, TOKENIZER, finish, free_port, need, start, train_cmd
+import pytest
+
+from astrollama_jax.data import corpus
+from astrollama_jax.data.tokenizer import Tokenizer
+
+RUN = [
+  *TINY_MODEL,
+  "--config.init_checkpoint=",
+  "--config.data.seq_len=48",  # the split's rows do not fill whole batches
+  "--config.train.global_batch_size=8",
+  "--config.train.num_steps=1",
+  "--config.eval.batch_size=8",
+  "--config.eval.every=0",
+  "--config.eval.at_start=False",
+  "--config.eval.at_end=True",
+  "--config.checkpoint.every=0",
+  "--config.log.every=1",
+  "--config.loss.chunk_size=0",
+]
+
+
+@pytest.fixture(scope="module")
+def corpus_dir(tmp_path_factory):
+  need(TOKENIZER)
+  out = tmp_path_factory.mktemp("corpus")
+  subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "astrollama_jax.prepare",
+      "--source=data/demo_corpus",
+      f"--output={out}",
+      "--validation_fraction=0.15",
+    ],
+    cwd=REPO,
+    check=True,
+    capture_output=True,
+    timeout=120,
+  )
+  return out
+
+
+def _targets(corpus_dir) -> int:
+  """Next-token targets of the validation split: ``[BOS] doc [EOS]`` gives len(doc) + 1."""
+  tok = Tokenizer(str(TOKENIZER))
+  source = corpus.read_split(str(corpus_dir), "validation")
+  texts = [source[i]["text"] for i in range(len(source))]
+  texts = [t.decode("utf-8") if isinstance(t, bytes) else str(t) for t in texts]
+  return sum(len(tok.encode(t, bos=True, eos=True)) - 1 for t in texts)
+
+
+def test_every_validation_record_is_read_once_on_one_and_two_processes(tmp_path, corpus_dir):
+  want = _targets(corpus_dir)
+  args = [*RUN, f"--config.data.lm.path={corpus_dir}", f"--config.data.tokenizer_path={TOKENIZER}"]
+  one = finish(
+    start(train_cmd(tmp_path / "one", *args), 8, tmp_path / "one.log"), tmp_path / "one.log"
+  )
+  assert one["eval"]["tokens"] == want
+  port = free_port()
+  procs = [
+    start(
+      train_cmd(
+        tmp_path / "two",
+        *args,
+        "--config.mesh=(2,2,2)",
+        f"--coordinator_address=127.0.0.1:{port}",
+        "--num_processes=2",
+        f"--process_id={i}",
+      ),
+      4,
+      tmp_path / f"two_{i}.log",
+    )
+    for i in range(2)
+  ]
+  try:
+    two = [
+      finish(p, tmp_path / f"two_{i}.log", timeout=300, summary=i == 0) for i, p in enumerate(procs)
+    ]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  assert two[0]["eval"]["tokens"] == want
