@@ -33,11 +33,12 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import threading
 import time
 
 from absl import app, flags
 import numpy as np
+
+from astrollama_jax import memory
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("latex", "../shared/data/latex", "Folder of paper folders (.tex files).")
@@ -103,37 +104,6 @@ def make_bulk(
   return {"entries": kinds, "tars": tars, "bytes": size}
 
 
-def _tree(root: int) -> list[int]:
-  """``root`` and all its descendants, from /proc."""
-  children: dict[int, list[int]] = {}
-  for d in os.listdir("/proc"):
-    if d.isdigit():
-      try:
-        with open(f"/proc/{d}/stat") as f:
-          ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-      except (OSError, IndexError, ValueError):
-        continue
-      children.setdefault(ppid, []).append(int(d))
-  out, todo = [], [root]
-  while todo:
-    pid = todo.pop()
-    out.append(pid)
-    todo += children.get(pid, [])
-  return out
-
-
-def _rss_and_cpu(pid: int) -> tuple[int, float]:
-  """VmRSS (bytes) and user + system CPU seconds of one process (0 if it is gone)."""
-  try:
-    with open(f"/proc/{pid}/status") as f:
-      rss = next((int(line.split()[1]) << 10 for line in f if line.startswith("VmRSS:")), 0)
-    with open(f"/proc/{pid}/stat") as f:
-      fields = f.read().rsplit(")", 1)[1].split()
-    return rss, (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-  except (OSError, IndexError, ValueError):
-    return 0, 0.0
-
-
 def _split_cpu(cpu: dict[int, float], main: int) -> tuple[float, float]:
   return cpu.get(main, 0.0), sum(v for k, v in cpu.items() if k != main)
 
@@ -153,36 +123,23 @@ def run_prepare(sources: list[Path], out: Path, workers: int) -> dict:
   proc = subprocess.Popen(
     cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env
   )
-  peak, parse_start, parse_end = 0, None, None
+  parse_start, parse_end = None, None
   work = out / ".astro_corpus-work"
-  stop = threading.Event()
-
-  cpu: dict[int, float] = {}  # last CPU time seen per process of the tree
   marks: dict[str, tuple[float, float]] = {}  # (command, workers) CPU seconds at phase changes
 
-  def sample():
-    nonlocal peak, parse_start, parse_end
-    while not stop.is_set():
-      rss = 0
-      for pid in _tree(proc.pid):
-        r, c = _rss_and_cpu(pid)
-        rss += r
-        cpu[pid] = max(cpu.get(pid, 0.0), c)
-      peak = max(peak, rss)
-      if parse_start is None and work.exists():
-        parse_start = time.perf_counter()
-        marks["start"] = _split_cpu(cpu, proc.pid)
-      if parse_end is None and work.exists() and len(list(work.glob("*.jsonl.gz"))) == len(sources):
-        parse_end = time.perf_counter()
-        marks["end"] = _split_cpu(cpu, proc.pid)
-      time.sleep(0.05)
+  def phases(sampler: memory.TreeSampler) -> None:
+    nonlocal parse_start, parse_end
+    if parse_start is None and work.exists():
+      parse_start = time.perf_counter()
+      marks["start"] = _split_cpu(sampler.cpu, proc.pid)
+    if parse_end is None and work.exists() and len(list(work.glob("*.jsonl.gz"))) == len(sources):
+      parse_end = time.perf_counter()
+      marks["end"] = _split_cpu(sampler.cpu, proc.pid)
 
-  sampler = threading.Thread(target=sample, daemon=True)
-  sampler.start()
-  stdout, _ = proc.communicate()
+  with memory.TreeSampler(proc.pid, on_sample=phases) as sampler:
+    stdout, _ = proc.communicate()
   total = time.perf_counter() - start
-  stop.set()
-  sampler.join()
+  cpu, peak = sampler.cpu, sampler.peak_rss_bytes
   if proc.returncode:
     raise RuntimeError(f"prepare failed ({proc.returncode}): {stdout[-2000:]}")
   summary = json.loads(stdout.strip().splitlines()[-1])
