@@ -253,3 +253,20 @@ def test_records_past_the_shuffle_buffer_spill_to_disk_without_tensorflow(
   _, _, out = demo_build
   assert _raw_records(builder.data_dir) == _raw_records(corpus.dataset_dir(out))
   _same_keys(corpus.record_keys(builder.data_dir), corpus.compute_record_keys(builder.data_dir))
+
+
+def test_text_source_reads_the_records_texts_in_order(demo_build):
+  import pickle
+
+  builder, _, out = demo_build
+  for split in ("train", "validation"):
+    full = corpus.read_split(out, split)
+    texts = corpus.TextSource(out, split)
+    assert len(texts) == len(full) > 0
+    assert [texts[i]["text"] for i in range(len(texts))] == [
+      full[i]["text"] for i in range(len(full))
+    ]
+    again = pickle.loads(pickle.dumps(texts))  # what a Grain worker gets
+    assert again[len(again) - 1] == texts[len(texts) - 1]
+  with pytest.raises(ValueError, match="split 'test' not in"):
+    corpus.TextSource(builder.data_dir, "test")

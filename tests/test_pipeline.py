@@ -233,3 +233,26 @@ def test_state_restore_gives_the_uninterrupted_batches(data_dir):
 @pytest.mark.timeout(180)
 def test_state_restore_with_workers(data_dir):
   _check_restore(_ds(data_dir, worker_count=1), skip=2, take=2)
+
+
+def test_read_options_follow_the_worker_count(monkeypatch):
+  monkeypatch.setattr(packing.os, "cpu_count", lambda: 8)
+  got = {w: packing.read_options(w) for w in (0, 1, 2, 4, 8, 16)}
+  assert {w: o.num_threads for w, o in got.items()} == {0: 2, 1: 2, 2: 2, 4: 2, 8: 1, 16: 1}
+  assert {o.prefetch_buffer_size for o in got.values()} == {32}
+  monkeypatch.setattr(packing.os, "cpu_count", lambda: None)
+  assert packing.read_options(0).num_threads == 1
+
+
+def test_read_options_do_not_change_the_batches(data_dir, monkeypatch):
+  """Read-ahead is a speed setting only: Grain's defaults give the same batches and states."""
+  mix = {"abstract": 0.6, "introduction": 0.2, "conclusion": 0.2}
+  ours = iter(_ds(data_dir, mixture=mix))
+  want = [next(ours) for _ in range(4)]
+  monkeypatch.setattr(packing, "read_options", lambda _: grain.ReadOptions())
+  grains = iter(_ds(data_dir, mixture=mix))
+  for b in want:
+    got = next(grains)
+    for k in packing.BATCH_KEYS:
+      np.testing.assert_array_equal(got[k], b[k])
+  assert grains.get_state() == ours.get_state()

@@ -189,7 +189,11 @@ def make_sft_dataset(
   ds = ds.repeat(num_epochs).map(_EncodeForTraining(os.fspath(tokenizer_path), seq_len))
   ds = ds.filter(lambda ex: ex is not None)
   it = packing.pack_examples(
-    ds.to_iter_dataset(), seq_len, method="first_fit", num_packing_bins=num_packing_bins, seed=seed
+    ds.to_iter_dataset(packing.read_options(worker_count)),
+    seq_len,
+    method="first_fit",
+    num_packing_bins=num_packing_bins,
+    seed=seed,
   )
   it = it.batch(batch_size, drop_remainder=drop_remainder)
   if worker_count > 0:

@@ -7,14 +7,15 @@
     it.set_state(state)         # ... and the next batches are those of an uninterrupted run
 
 Order of operations, and why:
-  source (TFDS ArrayRecord data source, random access)
+  source (the split's ArrayRecord shards, random access, the text field only: corpus.TextSource)
   -> per section (for mixing): the record indices of that section (``section_index.npz``)
   -> shard by JAX process: ``ds[process_index::process_count]``, so hosts read disjoint
      records that together cover the split
   -> repeat(num_epochs) with a seeded shuffle per epoch (``_EpochShuffled``)
   -> tokenize (SentencePiece; ``[BOS] + ids + [EOS]``) into next-token examples
   -> mix sections by weight (``MapDataset.mix``; still random access, so cheap to checkpoint)
-  -> to_iter_dataset -> pack (``packing.pack_examples``) -> batch -> ``mp_prefetch`` workers
+  -> to_iter_dataset (read-ahead: ``packing.read_options``) -> pack (``packing.pack_examples``)
+  -> batch -> ``mp_prefetch`` workers
 Everything before packing is index-based; packing and batching are Grain iterators with
 checkpointable state, and ``mp_prefetch`` checkpoints its workers' states too.
 """
@@ -170,7 +171,7 @@ def make_lm_dataset(
     process_count = jax.process_count()
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index {process_index} not in [0, {process_count})")
-  source = corpus.read_split(data_dir, split)
+  source = corpus.TextSource(data_dir, split)
   tokenize = _Tokenize(Tokenizer(tokenizer_path))
 
   def component(indices: np.ndarray | None, salt: int) -> grain.MapDataset:
@@ -195,7 +196,7 @@ def make_lm_dataset(
       [component(index[n], 1 + corpus.SECTIONS.index(n)) for n in names],
       [weights[n] for n in names],
     )
-  it = ds.to_iter_dataset()
+  it = ds.to_iter_dataset(packing.read_options(worker_count))
   it = packing.pack_examples(it, seq_len).batch(batch_size, drop_remainder=drop_remainder)
   if worker_count > 0:
     it = it.mp_prefetch(

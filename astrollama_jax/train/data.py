@@ -155,7 +155,7 @@ def make_components_dataset(
 
   pi = jax.process_index() if process_index is None else process_index
   pc = jax.process_count() if process_count is None else process_count
-  source = corpus.read_split(data_dir, split)
+  source = corpus.TextSource(data_dir, split)
   tokenize = pipeline._Tokenize(Tokenizer(tokenizer_path))
   parts, weights = [], []
   for salt, (spec, weight) in enumerate(sorted(dict(components).items()), 1):
@@ -174,7 +174,7 @@ def make_components_dataset(
   if not parts:
     raise ValueError(f"mixture {dict(components)} has no positive weight")
   ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights)
-  rows = packing.pack_examples(ds.to_iter_dataset(), seq_len)
+  rows = packing.pack_examples(ds.to_iter_dataset(packing.read_options(worker_count)), seq_len)
   it = rows.batch(batch_size, drop_remainder=drop_remainder)
   if worker_count > 0:
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
