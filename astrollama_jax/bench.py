@@ -20,9 +20,13 @@ Why it is built this way:
 * XLA GPU flags and the memory fraction are only read when JAX creates its backend, so they are
   set in the environment before anything touches a device.
 * ``--reference=torch`` runs the same shapes with transformers' ``LlamaForCausalLM`` (SDPA
-  attention, AdamW; bf16 on GPU, float32 on CPU) in the same process, *before* JAX claims the
-  GPU memory, and reports the ratio of tokens/s. ``torch_only`` runs just that side (should the
-  two CUDA stacks not share a process).
+  attention) in the same process, *before* JAX claims the GPU memory. It computes as the JAX side
+  does on every device (``reference_settings``): master weights in ``model.param_dtype``,
+  autocast to ``model.compute_dtype``, fused AdamW where torch has it, per-layer checkpointing
+  where the config rematerialises; decoding runs both sides on the same weights and compares
+  their greedy tokens. The tokens/s ratio is reported only when the two sides match
+  (``mismatches``): a ratio against a handicapped reference says nothing. ``torch_only`` runs
+  just that side (should the two CUDA stacks not share a process).
 
 Prints a table and, last, one JSON line; ``--output`` appends that line to a file (the GPU sweep).
 """
@@ -266,56 +270,147 @@ def jax_train(config, cfg, args, batch: dict, mesh) -> dict:
   return out
 
 
-def jax_decode(cfg, args, prompts: list[list[int]], mesh, seed: int) -> dict:
+def jax_decode(cfg, args, prompts: list[list[int]], mesh, seed: int, params=None) -> dict:
   """Generated tokens/s of ``astrollama_jax.generate.generate``: greedy, weights in the compute
-  dtype (as transformers serves them), EOS disabled so every row makes ``new_tokens`` tokens."""
+  dtype (as transformers serves them), EOS disabled so every row makes ``new_tokens`` tokens.
+  ``params`` (host arrays: the reference's weights) replaces the random init."""
   from astrollama_jax.generate import generate
   from astrollama_jax.model import llama
 
   cfg = cfg.replace(param_dtype=cfg.compute_dtype)
-  params = llama.init_params(cfg, seed, mesh)
+  if params is None:
+    params = llama.init_params(cfg, seed, mesh)
+  else:
+    params = llama.shard_params(cfg, params, mesh)
+  holder = {}
 
   def run(n):
     def call():
       res = generate(cfg, params, prompts, n, eos_id=-1, mesh=mesh)
       if res.num_generated != len(prompts) * n:
         raise RuntimeError(f"generate made {res.num_generated} tokens, expected {len(prompts) * n}")
+      holder["tokens"] = res.tokens
       return res
 
     return call
 
   full = time_calls(run(args.new_tokens), args.steps, args.warmup, lambda _: None)
+  tokens = holder["tokens"]
   first = time_calls(run(1), args.steps, 1, lambda _: None)
   return {
     **decode_rates(full["median_s"], first["median_s"], len(prompts), args.new_tokens),
     "warmup_s": full["warmup_s"],
     "decode_param_dtype": cfg.param_dtype,
+    "tokens": tokens,
   }
 
 
 # --- PyTorch reference ---------------------------------------------------------------------------
 
 
-def _torch_model(cfg, bf16_params: bool):
+def torch_device() -> str:
+  import torch
+
+  return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def fused_adamw_available(dev: str) -> bool:
+  """Whether this torch has a fused AdamW kernel for ``dev`` (CUDA, and CPU since torch 2.4)."""
+  import torch
+
+  try:
+    p = torch.nn.Parameter(torch.zeros(2, device=dev))
+    p.grad = torch.zeros_like(p)
+    torch.optim.AdamW([p], fused=True).step()
+  except (RuntimeError, ValueError):
+    return False
+  return True
+
+
+def jax_settings(task: str, config, cfg) -> dict:
+  """What the JAX side computes in: the config's dtypes (decode keeps weights in compute dtype)."""
+  if task == "decode":
+    return {"param_dtype": cfg.compute_dtype, "compute_dtype": cfg.compute_dtype}
+  return {
+    "param_dtype": cfg.param_dtype,
+    "compute_dtype": cfg.compute_dtype,
+    "moments_dtype": config.optimizer.moments_dtype,
+    "optimizer": "optax adamw (XLA-fused)",
+    "remat": cfg.remat_policy,
+  }
+
+
+def reference_settings(task: str, cfg, fused_adamw: bool) -> dict:
+  """What the torch side computes in, from the same config, on any device.
+
+  Weights are kept in ``param_dtype`` (decode: the compute dtype, as the JAX side serves them)
+  and the forward and backward run under ``torch.autocast`` to ``compute_dtype`` where the two
+  differ; AdamW keeps its moments in the parameters' dtype; ``remat_policy`` full is per-layer
+  gradient checkpointing. Anything torch cannot match shows up in ``mismatches``.
+  """
+  params = cfg.compute_dtype if task == "decode" else cfg.param_dtype
+  out = {
+    "param_dtype": params,
+    "compute_dtype": cfg.compute_dtype,
+    "autocast": cfg.compute_dtype if cfg.compute_dtype != params else None,
+  }
+  if task == "train":
+    out.update(
+      moments_dtype=params,
+      optimizer="torch AdamW fused" if fused_adamw else "torch AdamW per-tensor loop",
+      fused_adamw=fused_adamw,
+      remat={"none": "none", "full": "full"}.get(cfg.remat_policy, "full (per layer)"),
+      gradient_checkpointing=cfg.remat_policy != "none",
+    )
+  return out
+
+
+def mismatches(ours: dict, ref: dict) -> list[str]:
+  """Where the reference does not compute as the JAX side does (empty: like for like)."""
+  out = [
+    f"{k}: jax {ours[k]}, torch {ref.get(k)}"
+    for k in ("param_dtype", "compute_dtype", "moments_dtype", "remat")
+    if k in ours and ours[k] != ref.get(k)
+  ]
+  if ref.get("autocast") is not None and ref["autocast"] not in ("bfloat16", "float16"):
+    out.append(f"autocast: torch cannot autocast up to {ref['autocast']}")
+  if ref.get("fused_adamw") is False:
+    out.append("optimizer: torch has no fused AdamW on this device")
+  return out
+
+
+def _torch_dtype(name: str):
+  import torch
+
+  return getattr(torch, name)
+
+
+def _torch_model(cfg, param_dtype: str):
   """A random transformers LlamaForCausalLM with our shapes, built directly on the device."""
   import torch
   import transformers
 
-  dev = "cuda" if torch.cuda.is_available() else "cpu"
+  dev = torch_device()
   hf = {
     k: v
     for k, v in cfg.to_hf_config().items()
     if k not in ("architectures", "model_type", "torch_dtype")
   }
-  dtype = torch.bfloat16 if (dev == "cuda" and bf16_params) else torch.float32
   torch.manual_seed(0)
   with torch.device(dev):
     model = transformers.LlamaForCausalLM._from_config(
-      transformers.LlamaConfig(**hf), dtype=dtype, attn_implementation="sdpa"
+      transformers.LlamaConfig(**hf), dtype=_torch_dtype(param_dtype), attn_implementation="sdpa"
     )
   if dev == "cuda":
     torch.cuda.reset_peak_memory_stats()
   return model, dev
+
+
+def _autocast(dev: str, settings: dict):
+  import torch
+
+  dtype = settings["autocast"]
+  return torch.autocast(dev, dtype=_torch_dtype(dtype or "bfloat16"), enabled=dtype is not None)
 
 
 def _torch_sync(dev: str) -> Callable[[Any], None]:
@@ -324,7 +419,7 @@ def _torch_sync(dev: str) -> Callable[[Any], None]:
   return (lambda _: torch.cuda.synchronize()) if dev == "cuda" else (lambda _: None)
 
 
-def _torch_info(model, dev: str) -> dict:
+def _torch_info(model, dev: str, settings: dict) -> dict:
   import torch
   import transformers
 
@@ -335,25 +430,22 @@ def _torch_info(model, dev: str) -> dict:
     "transformers": transformers.__version__,
     "device": torch.cuda.get_device_name() if cuda else "cpu",
     "attention": "sdpa",
+    **settings,
     "param_dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
     "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
   }
 
 
 def torch_train(config, cfg, args, batch: dict) -> dict:
-  """The same step in PyTorch: forward with labels, backward, clipping, fused AdamW (the config's
-  ``optimizer`` and peak learning rate).
-
-  Parameters follow ``model.param_dtype`` (float32 master weights under bf16 autocast, or pure
-  bf16 weights and moments); ``model.remat_policy`` other than none turns on per-layer gradient
-  checkpointing. On CPU everything is float32 (a smoke run, not a comparison).
-  """
+  """The same step in PyTorch: forward with labels, backward, clipping, AdamW (the config's
+  ``optimizer`` and peak learning rate), computing as ``reference_settings`` says."""
   import torch
 
-  model, dev = _torch_model(cfg, bf16_params=cfg.param_dtype == "bfloat16")
+  dev = torch_device()
+  settings = reference_settings("train", cfg, fused_adamw_available(dev))
+  model, dev = _torch_model(cfg, settings["param_dtype"])
   model.train()
-  remat = cfg.remat_policy != "none"
-  if remat:
+  if settings["gradient_checkpointing"]:
     getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
   o, micro = config.optimizer, config.train.grad_accum_steps
   opt = torch.optim.AdamW(
@@ -362,14 +454,13 @@ def torch_train(config, cfg, args, batch: dict) -> dict:
     betas=(o.adam_b1, o.adam_b2),
     eps=o.adam_eps,
     weight_decay=o.weight_decay,
-    fused=dev == "cuda",
+    fused=settings["fused_adamw"] or None,
   )
   ids = torch.as_tensor(batch["tokens"], dtype=torch.long, device=dev)
-  autocast = dev == "cuda" and cfg.compute_dtype == "bfloat16"
 
   def step():
     for chunk in ids.chunk(micro):
-      with torch.autocast(dev, dtype=torch.bfloat16, enabled=autocast):
+      with _autocast(dev, settings):
         loss = model(input_ids=chunk, labels=chunk, use_cache=False).loss / micro
       loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip_norm)
@@ -378,21 +469,45 @@ def torch_train(config, cfg, args, batch: dict) -> dict:
     return loss
 
   out = time_calls(step, args.steps, args.warmup, _torch_sync(dev))
-  return {**out, **_torch_info(model, dev), "gradient_checkpointing": remat}
+  return {**out, **_torch_info(model, dev, settings)}
 
 
-def torch_decode(cfg, args, prompts: list[list[int]]) -> dict:
-  """transformers' greedy ``generate`` (dynamic KV cache), exactly ``new_tokens`` a row."""
+def torch_params(model, cfg) -> dict:
+  """The torch model's weights as our (numpy) parameter tree, in our dtype of its weights."""
+  import ml_dtypes  # noqa: F401  (numpy learns bfloat16)
+  import numpy as np
+
+  from astrollama_jax.formats import mapping
+
+  state = model.state_dict()
+  dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+
+  def read(entry, shape):
+    del shape
+    for name in entry.hf_names(cfg.n_layers):
+      yield state[name].float().cpu().numpy()
+
+  params: dict = {}
+  for path, arr in mapping.stack_params(cfg, read, np.dtype(dtype).name):
+    mapping.set_path(params, path, arr)
+  return params
+
+
+def torch_decode(cfg, args, prompts: list[list[int]]) -> tuple[dict, dict]:
+  """transformers' greedy ``generate`` (dynamic KV cache), exactly ``new_tokens`` a row, with
+  weights in the compute dtype; returns (result, its weights as our parameters)."""
   import torch
 
-  model, dev = _torch_model(cfg, bf16_params=cfg.compute_dtype == "bfloat16")
+  settings = reference_settings("decode", cfg, False)
+  model, dev = _torch_model(cfg, settings["param_dtype"])
   model.eval()
   ids = torch.as_tensor(prompts, dtype=torch.long, device=dev)
+  holder = {}
 
   def run(n):
     def call():
-      with torch.no_grad():
-        return model.generate(
+      with torch.no_grad(), _autocast(dev, settings):
+        holder["out"] = model.generate(
           input_ids=ids,
           attention_mask=torch.ones_like(ids),
           do_sample=False,
@@ -400,15 +515,34 @@ def torch_decode(cfg, args, prompts: list[list[int]]) -> dict:
           min_new_tokens=n,
           pad_token_id=0,
         )
+      return holder["out"]
 
     return call
 
   full = time_calls(run(args.new_tokens), args.steps, args.warmup, _torch_sync(dev))
+  tokens = holder["out"][:, ids.shape[1] :].tolist()
   first = time_calls(run(1), args.steps, 1, _torch_sync(dev))
-  return {
+  result = {
     **decode_rates(full["median_s"], first["median_s"], len(prompts), args.new_tokens),
     "warmup_s": full["warmup_s"],
-    **_torch_info(model, dev),
+    **_torch_info(model, dev, settings),
+    "tokens": tokens,
+  }
+  return result, torch_params(model, cfg)
+
+
+def token_agreement(ours: list[list[int]], ref: list[list[int]]) -> dict:
+  """How far two greedy continuations agree: identical rows, and tokens before the first
+  difference (after one, the two continue from different histories)."""
+  common = []
+  for a, b in zip(ours, ref):
+    n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    common.append(n)
+  total = sum(len(r) for r in ref)
+  return {
+    "tokens_identical": ours == ref,
+    "rows_identical": sum(a == b for a, b in zip(ours, ref)),
+    "common_prefix_fraction": sum(common) / total if total else None,
   }
 
 
@@ -461,21 +595,52 @@ def _fmt(v: Any) -> str:
   return "n/a" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
+def describe(side: dict) -> str:
+  """One cell: what a side computes in (weights, compute, optimizer moments)."""
+  out = f"params {side.get('param_dtype')}, compute {side.get('compute_dtype')}"
+  if side.get("autocast"):
+    out += " (autocast)"
+  if side.get("moments_dtype"):
+    out += f", moments {side['moments_dtype']}"
+  return out
+
+
 def report(summary: dict) -> None:
   """The headline numbers, JAX beside the reference when there is one, then the JSON line."""
   from astrollama_jax import cli
 
   ref = summary.get("reference")
+  ours = summary.get("computes", {})
   keys = ["step_time_s", "tokens_per_s", "tflops_per_device", "mfu", "peak_memory_gb", "error"]
   if summary["task"] == "decode":
     keys = ["time_s", "prefill_s", "tokens_per_s", "decode_tokens_per_s", "peak_memory_gb", "error"]
-  rows = [
+  rows = [("computes in", describe(ours), describe(ref) if ref else "")]
+  if summary["task"] == "train":
+    rows.append(
+      (
+        "optimizer / remat",
+        f"{ours.get('optimizer')} / {ours.get('remat')}",
+        f"{ref.get('optimizer')} / {ref.get('remat')}" if ref else "",
+      )
+    )
+  rows += [
     (k, _fmt(summary.get(k)), _fmt(ref.get(k)) if ref else "")
     for k in keys
     if k != "error" or summary.get(k) or (ref or {}).get(k)
   ]
+  if "tokens_identical" in summary:
+    rows.append(
+      (
+        "same greedy tokens",
+        f"{'yes' if summary['tokens_identical'] else 'no'}: {summary['rows_identical']} of "
+        f"{summary['batch']} rows, common prefix {summary['common_prefix_fraction']:.1%}",
+        "",
+      )
+    )
   if summary.get("speedup_vs_reference") is not None:
     rows.append(("jax / torch tokens/s", f"{summary['speedup_vs_reference']:.3f}", ""))
+  for m in summary.get("reference_mismatches") or ():
+    rows.append(("not like for like, no ratio", m, ""))
   cli.report(
     f"bench {summary['task']}: {summary['model']} on {summary['n_devices'] or 1} x "
     f"{summary['device']}",
@@ -534,6 +699,7 @@ def run_train(config, cfg, args, summary: dict) -> dict | None:
       )
     return res
 
+  summary["computes"] = jax_settings("train", config, cfg)
   ref = None
   if args.reference != "none":
     ref = guarded(lambda: torch_train(config, cfg, args, batch), "torch")
@@ -555,7 +721,8 @@ def run_train(config, cfg, args, summary: dict) -> dict | None:
 
 
 def run_decode(config, cfg, args, summary: dict) -> dict | None:
-  """Time the reference's generation, then ours; fills ``summary``, returns the reference's."""
+  """Time the reference's generation, then ours on its weights, and compare their tokens;
+  fills ``summary``, returns the reference's."""
   import numpy as np
 
   prompts = (
@@ -564,14 +731,40 @@ def run_decode(config, cfg, args, summary: dict) -> dict | None:
     .tolist()
   )
   summary.update(prompt_len=args.prompt_len, new_tokens=args.new_tokens)
-  ref = (
-    guarded(lambda: torch_decode(cfg, args, prompts), "torch") if args.reference != "none" else None
-  )
+  summary["computes"] = jax_settings("decode", config, cfg)
+  ref, weights = None, None
+  if args.reference != "none":
+    holder = {}
+
+    def reference():
+      res, holder["weights"] = torch_decode(cfg, args, prompts)
+      return res
+
+    ref = guarded(reference, "torch")
+    weights = holder.pop("weights", None)
   if args.reference != "torch_only":
     mesh, _ = start_jax(config, args, summary)
-    summary.update(guarded(lambda: jax_decode(cfg, args, prompts, mesh, config.seed), "jax"))
+    summary.update(
+      guarded(lambda: jax_decode(cfg, args, prompts, mesh, config.seed, weights), "jax")
+    )
     summary["peak_memory_bytes"] = jax_peak_memory(list(mesh.devices.flat))
+    if ref is not None and "tokens" in ref and "tokens" in summary:
+      summary.update(token_agreement(summary["tokens"], ref["tokens"]))
+  summary.pop("tokens", None)
+  if ref is not None:
+    ref.pop("tokens", None)
   return ref
+
+
+def attach_reference(summary: dict, ref: dict) -> None:
+  """Put the reference beside our numbers; the tokens/s ratio only where it is like for like."""
+  summary["reference"] = ref
+  summary["device"] = summary["device"] or ref.get("device")
+  summary["reference_mismatches"] = [] if "error" in ref else mismatches(summary["computes"], ref)
+  if summary["reference_mismatches"]:
+    logging.warning("the reference is not like for like: %s", summary["reference_mismatches"])
+  elif summary.get("tokens_per_s") and ref.get("tokens_per_s"):
+    summary["speedup_vs_reference"] = summary["tokens_per_s"] / ref["tokens_per_s"]
 
 
 def main(argv: list[str]) -> None:
@@ -611,10 +804,7 @@ def main(argv: list[str]) -> None:
   mem = summary.pop("peak_memory_bytes", None)
   summary["peak_memory_gb"] = None if mem is None else mem / 2**30
   if ref is not None:
-    summary["reference"] = ref
-    summary["device"] = summary["device"] or ref.get("device")
-    if summary.get("tokens_per_s") and ref.get("tokens_per_s"):
-      summary["speedup_vs_reference"] = summary["tokens_per_s"] / ref["tokens_per_s"]
+    attach_reference(summary, ref)
   summary["versions"] = versions()
   report(summary)
   if args.output:

@@ -388,13 +388,6 @@ def report(
   return summary
 
 
-def peak_rss_bytes() -> int:
-  """This process's peak resident memory so far, for a command's summary (Linux reports KiB)."""
-  import resource
-
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def _command(module: str) -> Callable[[], None]:
   def run_module() -> None:
     runpy.run_module(module, run_name="__main__", alter_sys=True)

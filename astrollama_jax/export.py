@@ -28,7 +28,7 @@ from absl import app, flags, logging
 import numpy as np
 from tqdm import tqdm
 
-from astrollama_jax import checkpoints, cli, diskspace, lora_base
+from astrollama_jax import checkpoints, cli, diskspace, lora_base, memory
 from astrollama_jax.formats import hf, mapping, peft
 
 FLAGS = flags.FLAGS
@@ -144,7 +144,7 @@ def export(
     "bytes": written["bytes"],
     "shards": written["shards"],
     "seconds": round(time.monotonic() - t0, 2),
-    "peak_rss_bytes": cli.peak_rss_bytes(),
+    "peak_rss_bytes": memory.own_peak_rss_bytes(),
   }
 
 

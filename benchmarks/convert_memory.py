@@ -26,8 +26,9 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
+
+from astrollama_jax import memory
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKENIZER = os.path.join(
@@ -105,34 +106,6 @@ def write_meta(folder: str, mp: int = 2, params: dict | None = None) -> int:
   return n
 
 
-def _status(pid: int) -> dict[str, int]:
-  out = {}
-  try:
-    with open(f"/proc/{pid}/status") as f:
-      for line in f:
-        key, _, rest = line.partition(":")
-        if key in ("VmRSS", "RssAnon", "RssFile"):
-          out[key] = int(rest.split()[0]) * 1024
-  except OSError:
-    pass
-  return out
-
-
-def _tree(pid: int) -> list[int]:
-  """``pid`` and all its descendants (from /proc/<pid>/task/*/children)."""
-  out, todo = [], [pid]
-  while todo:
-    p = todo.pop()
-    out.append(p)
-    try:
-      for task in os.listdir(f"/proc/{p}/task"):
-        with open(f"/proc/{p}/task/{task}/children") as f:
-          todo.extend(int(c) for c in f.read().split())
-    except OSError:
-      pass
-  return out
-
-
 def run_measured(cmd: list[str]) -> dict:
   """Run ``cmd``; its JSON summary plus sampled peaks of RSS / anonymous / file-backed RSS.
 
@@ -143,26 +116,11 @@ def run_measured(cmd: list[str]) -> dict:
   proc = subprocess.Popen(
     cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO
   )
-  peaks = {"VmRSS": 0, "RssAnon": 0, "RssFile": 0}
-  done = threading.Event()
-
-  def sample():
-    while not done.is_set():
-      total = {k: 0 for k in peaks}
-      for pid in _tree(proc.pid):
-        for k, v in _status(pid).items():
-          total[k] += v
-      for k in peaks:
-        peaks[k] = max(peaks[k], total[k])
-      time.sleep(0.05)
-
-  t = threading.Thread(target=sample, daemon=True)
-  t.start()
   t0 = time.time()
-  out, err = proc.communicate()
+  with memory.TreeSampler(proc.pid) as sampler:
+    out, err = proc.communicate()
   wall = time.time() - t0
-  done.set()
-  t.join()
+  peaks = sampler.peaks
   if proc.returncode:
     raise SystemExit(f"{' '.join(cmd)} failed:\n{err[-4000:]}")
   summary = json.loads(out.strip().splitlines()[-1])

@@ -16,7 +16,9 @@ join, TFDS write, manifest, indexes) is the write phase. CPU time is summed over
 for an archive of ``--archive_papers`` papers on a ``--cores`` host uses CPU seconds per paper,
 which do not depend on how busy the measuring machine is: the workers' parse work divides over the
 cores, the command's own per-paper work while parsing and the write phase stay serial.
-Prints a table and one JSON line.
+``--baseline=CHECKOUT`` also runs another checkout's ``prepare`` on the same bulk, each run
+right after this tree's, ``--rounds`` times, and reports medians of both and their ratio: a
+before/after comparison paired against the machine's load. Prints a table and one JSON line.
 """
 
 from __future__ import annotations
@@ -33,11 +35,12 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import threading
 import time
 
 from absl import app, flags
 import numpy as np
+
+from astrollama_jax import memory
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("latex", "../shared/data/latex", "Folder of paper folders (.tex files).")
@@ -48,6 +51,13 @@ flags.DEFINE_integer("pdf_every", 25, "One entry in this many is PDF only.")
 flags.DEFINE_integer("archive_papers", 330_000, "Papers in the archive to project for.")
 flags.DEFINE_integer("cores", 16, "Cores of the host to project for.")
 flags.DEFINE_string("work", None, "Folder for the bulk and outputs (default: a temporary one).")
+flags.DEFINE_list(
+  "runs",
+  ["0.25:1", "0.5:1", "1:1", "1:2"],
+  "Runs as FRACTION_OF_TARS:WORKERS (the projection needs 1:1 and 1:2).",
+)
+flags.DEFINE_string("baseline", None, "Another checkout to run paired with this one.")
+flags.DEFINE_integer("rounds", 1, "Rounds of the runs (medians reported).")
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -103,42 +113,11 @@ def make_bulk(
   return {"entries": kinds, "tars": tars, "bytes": size}
 
 
-def _tree(root: int) -> list[int]:
-  """``root`` and all its descendants, from /proc."""
-  children: dict[int, list[int]] = {}
-  for d in os.listdir("/proc"):
-    if d.isdigit():
-      try:
-        with open(f"/proc/{d}/stat") as f:
-          ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-      except (OSError, IndexError, ValueError):
-        continue
-      children.setdefault(ppid, []).append(int(d))
-  out, todo = [], [root]
-  while todo:
-    pid = todo.pop()
-    out.append(pid)
-    todo += children.get(pid, [])
-  return out
-
-
-def _rss_and_cpu(pid: int) -> tuple[int, float]:
-  """VmRSS (bytes) and user + system CPU seconds of one process (0 if it is gone)."""
-  try:
-    with open(f"/proc/{pid}/status") as f:
-      rss = next((int(line.split()[1]) << 10 for line in f if line.startswith("VmRSS:")), 0)
-    with open(f"/proc/{pid}/stat") as f:
-      fields = f.read().rsplit(")", 1)[1].split()
-    return rss, (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-  except (OSError, IndexError, ValueError):
-    return 0, 0.0
-
-
 def _split_cpu(cpu: dict[int, float], main: int) -> tuple[float, float]:
   return cpu.get(main, 0.0), sum(v for k, v in cpu.items() if k != main)
 
 
-def run_prepare(sources: list[Path], out: Path, workers: int) -> dict:
+def run_prepare(sources: list[Path], out: Path, workers: int, repo: Path = REPO) -> dict:
   cmd = [
     sys.executable,
     "-m",
@@ -148,41 +127,28 @@ def run_prepare(sources: list[Path], out: Path, workers: int) -> dict:
     f"--workers={workers}",
     "--validation_fraction=0.05",
   ]
-  env = dict(os.environ, PYTHONPATH=str(REPO))
+  env = dict(os.environ, PYTHONPATH=str(repo))
   start = time.perf_counter()
   proc = subprocess.Popen(
-    cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env
+    cmd, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env
   )
-  peak, parse_start, parse_end = 0, None, None
+  parse_start, parse_end = None, None
   work = out / ".astro_corpus-work"
-  stop = threading.Event()
-
-  cpu: dict[int, float] = {}  # last CPU time seen per process of the tree
   marks: dict[str, tuple[float, float]] = {}  # (command, workers) CPU seconds at phase changes
 
-  def sample():
-    nonlocal peak, parse_start, parse_end
-    while not stop.is_set():
-      rss = 0
-      for pid in _tree(proc.pid):
-        r, c = _rss_and_cpu(pid)
-        rss += r
-        cpu[pid] = max(cpu.get(pid, 0.0), c)
-      peak = max(peak, rss)
-      if parse_start is None and work.exists():
-        parse_start = time.perf_counter()
-        marks["start"] = _split_cpu(cpu, proc.pid)
-      if parse_end is None and work.exists() and len(list(work.glob("*.jsonl.gz"))) == len(sources):
-        parse_end = time.perf_counter()
-        marks["end"] = _split_cpu(cpu, proc.pid)
-      time.sleep(0.05)
+  def phases(sampler: memory.TreeSampler) -> None:
+    nonlocal parse_start, parse_end
+    if parse_start is None and work.exists():
+      parse_start = time.perf_counter()
+      marks["start"] = _split_cpu(sampler.cpu, proc.pid)
+    if parse_end is None and work.exists() and len(list(work.glob("*.jsonl.gz"))) == len(sources):
+      parse_end = time.perf_counter()
+      marks["end"] = _split_cpu(sampler.cpu, proc.pid)
 
-  sampler = threading.Thread(target=sample, daemon=True)
-  sampler.start()
-  stdout, _ = proc.communicate()
+  with memory.TreeSampler(proc.pid, on_sample=phases) as sampler:
+    stdout, _ = proc.communicate()
   total = time.perf_counter() - start
-  stop.set()
-  sampler.join()
+  cpu, peak = sampler.cpu, sampler.peak_rss_bytes
   if proc.returncode:
     raise RuntimeError(f"prepare failed ({proc.returncode}): {stdout[-2000:]}")
   summary = json.loads(stdout.strip().splitlines()[-1])
@@ -223,6 +189,29 @@ def _rounded(value):
   return value
 
 
+# compared with the baseline (ratios this / baseline): CPU per paper is load-independent
+_COMPARED = (
+  "parse_cpu_workers_per_paper",
+  "parse_cpu_main_per_paper",
+  "write_cpu_per_paper",
+  "parse_seconds",
+  "write_seconds",
+  "seconds",
+)
+
+
+def _median_run(rounds: list[dict]) -> dict:
+  """One run's figures, each the median over the rounds (counts are the same in every round)."""
+  import statistics
+
+  out = dict(rounds[0])
+  for k, v in out.items():
+    if isinstance(v, float):
+      out[k] = statistics.median(r[k] for r in rounds)
+  out["peak_rss_bytes"] = int(statistics.median(r["peak_rss_bytes"] for r in rounds))
+  return out
+
+
 def main(argv: list[str]) -> None:
   del argv
   root = Path(FLAGS.work or tempfile.mkdtemp(prefix="prepare_bench"))
@@ -232,40 +221,57 @@ def main(argv: list[str]) -> None:
     Path(FLAGS.latex), bulk, FLAGS.papers, FLAGS.tars, FLAGS.figure_kb, FLAGS.pdf_every
   )
   tars = sorted(bulk.glob("*.tar"))
-  runs = []
-  for n_tars, workers in (
-    (max(1, len(tars) // 4), 1),
-    (max(1, len(tars) // 2), 1),
-    (len(tars), 1),
-    (len(tars), 2),
-  ):
-    out = root / f"out_{n_tars}_{workers}"
-    shutil.rmtree(out, ignore_errors=True)
-    runs.append(run_prepare(tars[:n_tars], out, workers))
-    shutil.rmtree(out, ignore_errors=True)
-  full1, full2 = runs[2], runs[3]
-  # Projection from CPU time (the shared 2-core box's wall times depend on its load): the
-  # workers' parse work divides over the cores, the command's own share per paper (reading
-  # tars, writing results) and the write phase are serial.
+  plan = []
+  for spec in FLAGS.runs:
+    fraction, workers = spec.split(":")
+    plan.append((max(1, round(len(tars) * float(fraction))), int(workers)))
+  trees = {"this": REPO} | ({"baseline": Path(FLAGS.baseline).resolve()} if FLAGS.baseline else {})
+  measured: dict[str, list[list[dict]]] = {name: [[] for _ in plan] for name in trees}
+  for _ in range(FLAGS.rounds):
+    for i, (n_tars, workers) in enumerate(plan):
+      for name, repo in trees.items():
+        out = root / f"out_{name}_{n_tars}_{workers}"
+        shutil.rmtree(out, ignore_errors=True)
+        measured[name][i].append(run_prepare(tars[:n_tars], out, workers, repo))
+        shutil.rmtree(out, ignore_errors=True)
+  runs = [_median_run(r) for r in measured["this"]]
+  by_plan = dict(zip(plan, runs))
+  projection = None
+  full1, full2 = by_plan.get((len(tars), 1)), by_plan.get((len(tars), 2))
   n, cores = FLAGS.archive_papers, FLAGS.cores
-  worker_cpu = full2["parse_cpu_workers_per_paper"]
-  main_cpu = full2["parse_cpu_main_per_paper"]
-  parse_h = n * max(worker_cpu / cores, main_cpu) / 3600
-  write_h = n * full1["write_cpu_per_paper"] / 3600
-  efficiency = full1["parse_seconds"] / (2 * full2["parse_seconds"])
-  result = {
-    "benchmark": "prepare_throughput",
-    "bulk": shape,
-    "runs": runs,
-    "wall_parallel_efficiency_1_to_2": round(efficiency, 3),
-    "projection": {
+  if full1 and full2:
+    # Projection from CPU time (the shared 2-core box's wall times depend on its load): the
+    # workers' parse work divides over the cores, the command's own share per paper (reading
+    # tars, writing results) and the write phase are serial.
+    worker_cpu = full2["parse_cpu_workers_per_paper"]
+    main_cpu = full2["parse_cpu_main_per_paper"]
+    parse_h = n * max(worker_cpu / cores, main_cpu) / 3600
+    write_h = n * full1["write_cpu_per_paper"] / 3600
+    projection = {
       "archive_papers": n,
       "cores": cores,
       "hours": round(parse_h + write_h, 2),
       "parse_hours": round(parse_h, 2),
       "write_hours": round(write_h, 2),
       "papers_per_s": round(n / ((parse_h + write_h) * 3600), 1),
-    },
+      "wall_parallel_efficiency_1_to_2": round(
+        full1["parse_seconds"] / (2 * full2["parse_seconds"]), 3
+      ),
+    }
+  baseline = None
+  if FLAGS.baseline:
+    baseline = [_median_run(r) for r in measured["baseline"]]
+    for ours, theirs in zip(runs, baseline):
+      ours["vs_baseline"] = {
+        k: round(ours[k] / theirs[k], 3) if theirs[k] else None for k in _COMPARED
+      }
+  result = {
+    "benchmark": "prepare_throughput",
+    "bulk": shape,
+    "rounds": FLAGS.rounds,
+    "runs": runs,
+    "baseline": FLAGS.baseline and {"checkout": FLAGS.baseline, "runs": baseline},
+    "projection": projection,
     "cpu_count": os.cpu_count(),
     "machine": platform.processor() or platform.machine(),
     "versions": {
@@ -286,11 +292,18 @@ def main(argv: list[str]) -> None:
       f"{r['papers_per_s']:>8.1f} {r['parse_papers_per_s']:>8.1f} "
       f"{r['peak_rss_bytes'] / 2**20:>12.0f}"
     )
+  for r in runs:
+    if "vs_baseline" in r:
+      print(
+        f"workers {r['workers']}, {r['tars']} tars, against the baseline: "
+        + ", ".join(f"{k} x{v}" for k, v in r["vs_baseline"].items())
+      )
   p = result["projection"]
-  print(
-    f"projection: {n:,} papers on {cores} cores: {p['hours']} h = {p['papers_per_s']} papers/s "
-    f"(parse {p['parse_hours']} h, write {p['write_hours']} h)"
-  )
+  if p:
+    print(
+      f"projection: {n:,} papers on {cores} cores: {p['hours']} h = {p['papers_per_s']} "
+      f"papers/s (parse {p['parse_hours']} h, write {p['write_hours']} h)"
+    )
   print(json.dumps(_rounded(result)))
   if not FLAGS.work:
     shutil.rmtree(root, ignore_errors=True)

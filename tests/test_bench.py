@@ -1,7 +1,9 @@
 """The bench command at a tiny size on CPU: it runs, prints its JSON, and its numbers add up.
 
 No timing is asserted (CPU times mean nothing); what is checked is the arithmetic that turns a
-measured step time into tokens/s, TFLOP/s per device and MFU, against ``astrollama_jax.flops``.
+measured step time into tokens/s, TFLOP/s per device and MFU, against ``astrollama_jax.flops``,
+and that the PyTorch reference computes as the config says (dtypes, fused AdamW, remat), with no
+ratio printed where it cannot.
 """
 
 import json
@@ -56,8 +58,7 @@ def test_train_json_adds_up(tmp_path):
     "--config.train.global_batch_size=4",
     "--config.train.grad_accum_steps=2",
     "--config.loss.chunk_size=32",
-    "--config.optimizer.moments_dtype=bfloat16",
-    "--config.model.remat_policy=dots",
+    "--config.model.remat_policy=full",
     "--xla_flags=latency_hiding",
     "--peak_tflops=2",
     tmp_path=tmp_path,
@@ -73,7 +74,17 @@ def test_train_json_adds_up(tmp_path):
     2,
     32,
   )
-  assert s["bf16_moments"] and s["remat"] == "dots" and s["n_devices"] == 1
+  assert not s["bf16_moments"] and s["remat"] == "full" and s["n_devices"] == 1
+  # like for like: float32 master weights, bf16 autocast, fused AdamW (torch has it on CPU)
+  ref = s["reference"]
+  assert (ref["param_dtype"], ref["compute_dtype"], ref["autocast"]) == (
+    "float32",
+    "bfloat16",
+    "bfloat16",
+  )
+  assert ref["fused_adamw"] and ref["moments_dtype"] == "float32" and ref["remat"] == "full"
+  assert s["computes"]["compute_dtype"] == "bfloat16" and s["reference_mismatches"] == []
+  assert "params float32, compute bfloat16 (autocast)" in stdout
 
   cfg = get_config("tiny")
   assert s["flops_per_step"] == pytest.approx(flops.training_flops(cfg, 4, 64).total, rel=1e-12)
@@ -97,14 +108,20 @@ def test_train_json_adds_up(tmp_path):
   assert s["versions"]["jax"] == jax.__version__ and "torch" in s["versions"]
 
 
-def test_decode_json_adds_up(tmp_path):
+def test_decode_json_adds_up_and_tokens_match_the_reference(tmp_path):
+  """In float32 both sides decode the same weights to the same greedy tokens."""
   s, stdout, _ = _run_bench(
     "--task=decode",
     "--config.train.global_batch_size=2",
+    "--config.model.compute_dtype=float32",
     "--prompt_len=12",
     "--new_tokens=6",
     tmp_path=tmp_path,
   )
+  assert s["reference"]["param_dtype"] == s["computes"]["param_dtype"] == "float32"
+  assert s["reference_mismatches"] == []
+  assert s["tokens_identical"] and s["rows_identical"] == 2
+  assert s["common_prefix_fraction"] == 1.0 and "same greedy tokens    yes" in stdout
   assert (s["task"], s["batch"], s["prompt_len"], s["new_tokens"]) == ("decode", 2, 12, 6)
   for side in (s, s["reference"]):
     assert side["tokens_per_s"] == pytest.approx(2 * 6 / side["time_s"], rel=1e-9)
@@ -124,6 +141,62 @@ def test_rates_and_decode_rates():
   d = bench.decode_rates(full_s=3.0, first_s=0.5, batch=4, new_tokens=11)
   assert d["tokens_per_s"] == pytest.approx(44 / 3.0)
   assert d["decode_tokens_per_s"] == pytest.approx(40 / 2.5)
+
+
+def _config(moments: str = "float32", **model):
+  """(training config, model config): only the keys the settings read."""
+  from ml_collections import config_dict
+
+  config = config_dict.ConfigDict({"optimizer": {"moments_dtype": moments}})
+  return config, get_config("tiny", **model)
+
+
+@pytest.mark.parametrize(
+  "param, compute, remat, autocast",
+  [
+    ("float32", "bfloat16", "full", "bfloat16"),
+    ("float32", "float32", "none", None),
+    ("bfloat16", "bfloat16", "full", None),
+  ],
+)
+def test_reference_settings_follow_the_config(param, compute, remat, autocast):
+  moments = "bfloat16" if param == "bfloat16" else "float32"  # torch: the weights' dtype
+  config, cfg = _config(moments, param_dtype=param, compute_dtype=compute, remat_policy=remat)
+  ours = bench.jax_settings("train", config, cfg)
+  ref = bench.reference_settings("train", cfg, fused_adamw=True)
+  assert (ref["param_dtype"], ref["compute_dtype"], ref["autocast"]) == (param, compute, autocast)
+  assert ref["moments_dtype"] == moments and ref["remat"] == remat
+  assert ref["gradient_checkpointing"] == (remat != "none")
+  assert bench.mismatches(ours, ref) == []
+  # decoding: weights in the compute dtype on both sides
+  dec = bench.reference_settings("decode", cfg, fused_adamw=False)
+  assert dec["param_dtype"] == dec["compute_dtype"] == compute and dec["autocast"] is None
+  assert bench.mismatches(bench.jax_settings("decode", config, cfg), dec) == []
+
+
+def test_a_handicapped_reference_gets_no_ratio():
+  config, cfg = _config(moments="bfloat16", remat_policy="dots")
+  ours = bench.jax_settings("train", config, cfg)
+  ref = bench.reference_settings("train", cfg, fused_adamw=False)
+  found = bench.mismatches(ours, ref)
+  assert found == [
+    "moments_dtype: jax bfloat16, torch float32",
+    "remat: jax dots, torch full (per layer)",
+    "optimizer: torch has no fused AdamW on this device",
+  ]
+  summary = {"device": "cpu", "computes": ours, "tokens_per_s": 100.0}
+  bench.attach_reference(summary, {**ref, "tokens_per_s": 10.0})
+  assert "speedup_vs_reference" not in summary and summary["reference_mismatches"] == found
+  like = {"device": "cpu", "computes": ours, "tokens_per_s": 100.0}
+  bench.attach_reference(like, {**ref, **ours, "fused_adamw": True, "tokens_per_s": 10.0})
+  assert like["speedup_vs_reference"] == pytest.approx(10.0) and like["reference_mismatches"] == []
+
+
+def test_fused_adamw_on_cpu_and_token_agreement():
+  assert bench.fused_adamw_available("cpu")  # torch >= 2.4 has a fused CPU AdamW
+  a = bench.token_agreement([[1, 2, 3], [4, 5, 6]], [[1, 2, 9], [4, 5, 6]])
+  assert a == {"tokens_identical": False, "rows_identical": 1, "common_prefix_fraction": 5 / 6}
+  assert bench.token_agreement([[1]], [[1]])["tokens_identical"]
 
 
 def test_synthetic_batch_is_a_pipeline_batch():

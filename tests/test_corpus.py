@@ -19,6 +19,7 @@ from helpers import (
   write_jsonl,
   write_tar_gz,
 )
+import numpy as np
 import pytest
 
 from astrollama_jax.data import corpus
@@ -80,6 +81,46 @@ def test_manifest_and_section_index(demo_build):
   for section, idx in index.items():
     assert all(_decode(src[int(i)])["section"] == section for i in idx)
   assert sum(len(v) for v in index.values()) == len(src)
+
+
+def _same_keys(a, b):
+  assert sorted(a) == sorted(b)
+  for split in a:
+    assert sorted(a[split]) == sorted(b[split])
+    for k in a[split]:
+      assert a[split][k].tolist() == b[split][k].tolist(), (split, k)
+
+
+def test_indexes_written_with_the_records_match_a_pass_over_them(demo_build):
+  """The record keys and section index are computed as the records are generated (no second
+  pass): they must be what reading every record back gives."""
+  builder, _, _ = demo_build
+  ds_dir = builder.data_dir
+  _same_keys(corpus.record_keys(ds_dir), corpus.compute_record_keys(ds_dir))
+  saved = dict(np.load(os.path.join(ds_dir, corpus.SECTION_INDEX)))
+  again = corpus.compute_section_index(ds_dir)
+  assert sorted(saved) == sorted(again)
+  assert all(saved[k].tolist() == again[k].tolist() for k in saved)
+
+
+def test_indexes_fall_back_to_reading_back_when_the_order_is_not_tfds(demo_build, monkeypatch):
+  builder, _, _ = demo_build
+  ds_dir = builder.data_dir
+  keys = corpus.compute_record_keys(ds_dir)
+  written = {
+    split: [
+      (f"{i}/{s}", i, s, int(v), d)
+      for i, s, v, d in zip(cols["id"], cols["section"], cols["version"], cols["date"])
+    ]
+    for split, cols in keys.items()
+  }
+  _same_keys(corpus.written_record_keys(ds_dir, written), keys)
+  # another salt: another order, caught by the records read back
+  real = corpus.hashing.Hasher
+  monkeypatch.setattr(corpus.hashing, "Hasher", lambda salt: real(f"other {salt}"))
+  calls = []
+  monkeypatch.setattr(corpus, "compute_record_keys", lambda d: calls.append(d) or keys)
+  assert corpus.written_record_keys(ds_dir, written) is keys and calls == [ds_dir]
 
 
 def test_split_is_a_function_of_the_id():
@@ -211,3 +252,21 @@ def test_records_past_the_shuffle_buffer_spill_to_disk_without_tensorflow(
   builder, _ = corpus.build(config, tmp_path / "spilled")
   _, _, out = demo_build
   assert _raw_records(builder.data_dir) == _raw_records(corpus.dataset_dir(out))
+  _same_keys(corpus.record_keys(builder.data_dir), corpus.compute_record_keys(builder.data_dir))
+
+
+def test_text_source_reads_the_records_texts_in_order(demo_build):
+  import pickle
+
+  builder, _, out = demo_build
+  for split in ("train", "validation"):
+    full = corpus.read_split(out, split)
+    texts = corpus.TextSource(out, split)
+    assert len(texts) == len(full) > 0
+    assert [texts[i]["text"] for i in range(len(texts))] == [
+      full[i]["text"] for i in range(len(full))
+    ]
+    again = pickle.loads(pickle.dumps(texts))  # what a Grain worker gets
+    assert again[len(again) - 1] == texts[len(texts) - 1]
+  with pytest.raises(ValueError, match="split 'test' not in"):
+    corpus.TextSource(builder.data_dir, "test")

@@ -297,3 +297,103 @@ def test_fuzz_never_crashes(parts):
   else:
     for s in paper.sections.values():
       assert isinstance(s.text, str) and s.text.strip()
+
+
+# ----------------------------------------------------------------------------- brace balance
+
+
+def _balanced_by_scan(text: str, max_depth: int = 200) -> None:
+  """The character loop ``check_balanced`` replaced: the behaviour it must keep."""
+  depth, j = 0, 0
+  while j < len(text):
+    c = text[j]
+    if c == "\\":
+      j += 2
+      continue
+    if c == "{":
+      depth += 1
+      if depth > max_depth:
+        raise latex_sections.ParseError("unbalanced_braces", f"nesting deeper than {max_depth}")
+    elif c == "}":
+      depth -= 1
+      if depth < 0:
+        raise latex_sections.ParseError("unbalanced_braces", f"unmatched '}}' at offset {j}")
+    j += 1
+  if depth:
+    raise latex_sections.ParseError("unbalanced_braces", f"{depth} group(s) never closed")
+
+
+def _outcome(check, text: str, max_depth: int = 200) -> str:
+  try:
+    check(text, max_depth)
+  except latex_sections.ParseError as e:
+    return str(e)
+  return "ok"
+
+
+_BRACE_CASES = [
+  "",
+  "plain text",
+  "{}",
+  "}{",
+  "{{}",
+  "{}}",
+  "\\{",
+  "\\}",
+  "\\\\{}",
+  "\\\\\\{",
+  "\\\\\\\\}",
+  "a\\",
+  "{\\",
+  "{\\}",
+  "\\a{b}",
+  "\\%{",
+  "{é{ü}\U0001f600}",
+  "\U0001f600}",
+  "{" * 200 + "}" * 200,
+  "{" * 201 + "}" * 201,
+  "{" * 201 + "}" * 300,
+  "}" + "{" * 300,
+  "{" * 3,
+  "x{\\\\}}y",
+]
+
+
+@pytest.mark.parametrize("text", _BRACE_CASES)
+def test_check_balanced_matches_the_scan_on_edge_cases(text):
+  for max_depth in (0, 1, 200):
+    assert _outcome(latex_sections.check_balanced, text, max_depth) == _outcome(
+      _balanced_by_scan, text, max_depth
+    )
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.sampled_from("{}\\ a%é\n\U0001f600"), max_size=60), st.integers(0, 4))
+def test_check_balanced_matches_the_scan_on_brace_soup(text, max_depth):
+  assert _outcome(latex_sections.check_balanced, text, max_depth) == _outcome(
+    _balanced_by_scan, text, max_depth
+  )
+
+
+def test_check_balanced_matches_the_scan_on_real_papers():
+  """Every real .tex file, whole, flattened, and cut at a few places (unbalanced prefixes)."""
+  root = need(LABELLED_LATEX)
+  texts = [p.read_text(errors="replace") for p in sorted(root.rglob("*.tex"))]
+  for paper in sorted(p for p in root.iterdir() if p.is_dir()):
+    files = {str(f.relative_to(paper)): f.read_text(errors="replace") for f in paper.rglob("*.tex")}
+    if files:
+      texts.append(latex_sections.flatten(files, latex_sections.find_main_file(files))[0].text)
+  assert len(texts) > 20
+  outcomes = set()
+  for text in texts:
+    for cut in (len(text), len(text) // 3, len(text) // 2 + 7):
+      piece = text[:cut]
+      for max_depth in (3, 200):
+        got = _outcome(latex_sections.check_balanced, piece, max_depth)
+        assert got == _outcome(_balanced_by_scan, piece, max_depth)
+        outcomes.add(got.split(" ")[0] if got != "ok" else got)
+    closed_early = "}" + text
+    assert _outcome(latex_sections.check_balanced, closed_early) == _outcome(
+      _balanced_by_scan, closed_early
+    )
+  assert outcomes >= {"ok", "unbalanced_braces:"}

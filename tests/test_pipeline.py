@@ -326,3 +326,30 @@ def test_a_position_saved_before_data_shards_resumes_on_one_shard_per_process(da
   it2 = iter(_ds(data_dir, seq_len=64))
   it2.set_state(bare)
   _assert_same([next(it2) for _ in range(2)], want)
+
+
+def test_read_options_follow_the_worker_count(monkeypatch):
+  monkeypatch.setattr(packing.os, "cpu_count", lambda: 8)
+  got = {w: packing.read_options(w) for w in (0, 1, 2, 4, 8, 16)}
+  assert {w: o.num_threads for w, o in got.items()} == {0: 2, 1: 2, 2: 2, 4: 2, 8: 1, 16: 1}
+  assert {o.prefetch_buffer_size for o in got.values()} == {32}
+  monkeypatch.setattr(packing.os, "cpu_count", lambda: None)
+  assert packing.read_options(0).num_threads == 1
+  # A process reading 8 data shards side by side splits one copy's read-ahead over them.
+  monkeypatch.setattr(packing.os, "cpu_count", lambda: 8)
+  shared = packing.read_options(0, streams=8)
+  assert (shared.num_threads, shared.prefetch_buffer_size) == (1, 8)
+
+
+def test_read_options_do_not_change_the_batches(data_dir, monkeypatch):
+  """Read-ahead is a speed setting only: Grain's defaults give the same batches and states."""
+  mix = {"abstract": 0.6, "introduction": 0.2, "conclusion": 0.2}
+  ours = iter(_ds(data_dir, mixture=mix))
+  want = [next(ours) for _ in range(4)]
+  monkeypatch.setattr(packing, "read_options", lambda *_, **__: grain.ReadOptions())
+  grains = iter(_ds(data_dir, mixture=mix))
+  for b in want:
+    got = next(grains)
+    for k in packing.BATCH_KEYS:
+      np.testing.assert_array_equal(got[k], b[k])
+  assert grains.get_state() == ours.get_state()

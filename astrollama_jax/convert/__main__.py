@@ -19,7 +19,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from astrollama_jax import checkpoints, cli, diskspace
+from astrollama_jax import checkpoints, cli, diskspace, memory
 from astrollama_jax.convert import meta
 from astrollama_jax.formats import hf, mapping
 
@@ -125,7 +125,7 @@ def convert(
     **counts,
     **extra,
     "seconds": round(time.monotonic() - t0, 2),
-    "peak_rss_bytes": cli.peak_rss_bytes(),
+    "peak_rss_bytes": memory.own_peak_rss_bytes(),
   }
 
 

@@ -177,7 +177,7 @@ def make_sft_dataset(
   if seq_len < 2 or batch_size < 1:
     raise ValueError(f"need seq_len >= 2 and batch_size >= 1, got {seq_len}, {batch_size}")
   mine, rows, count = shards_lib.local_layout(batch_size, process_index, process_count, shards)
-  read = shards_lib.read_options(len(mine))
+  read = packing.read_options(worker_count, streams=len(mine))
   conversations = mix_sources(sources, seed)
   encode = _EncodeForTraining(os.fspath(tokenizer_path), seq_len)
 

@@ -58,7 +58,7 @@ import tempfile
 
 import numpy as np
 import tensorflow_datasets as tfds
-from tensorflow_datasets.core import example_serializer
+from tensorflow_datasets.core import example_serializer, hashing
 from tqdm import tqdm
 
 from astrollama_jax import diskspace
@@ -773,6 +773,7 @@ class AstroCorpus(tfds.core.GeneratorBasedBuilder):
 
   def __init__(self, *, plan: Plan | None = None, **kwargs):
     self._plan = plan
+    self._written: dict[str, list[tuple]] = {}  # split -> (key, id, section, version, date)
     kwargs.setdefault("file_format", "array_record")
     super().__init__(**kwargs)
 
@@ -804,8 +805,11 @@ class AstroCorpus(tfds.core.GeneratorBasedBuilder):
     }
 
   def _generate_examples(self, split):
+    seen = self._written.setdefault(split, [])
     for rec in _records(self._plan, split):
-      yield f"{rec['id']}/{rec['section']}", rec
+      key = f"{rec['id']}/{rec['section']}"
+      seen.append((key, rec["id"], rec["section"], int(rec["version"]), rec["date"]))
+      yield key, rec
 
   def _download_and_prepare(self, dl_manager, download_config):
     """The records, then manifest, units and indexes beside them, all in TFDS's temporary
@@ -815,7 +819,7 @@ class AstroCorpus(tfds.core.GeneratorBasedBuilder):
     self.info.write_to_directory(self.data_dir)  # so the records can be read back for the index
     ds_dir = Path(self.data_dir)
     write_manifest(ds_dir, self._plan)
-    write_section_index(self.data_dir)
+    _save_indexes(ds_dir, written_record_keys(ds_dir, self._written))
 
 
 class _LocalFiles:
@@ -1174,6 +1178,43 @@ def read_split(data_dir: str | os.PathLike, split: str):
   return builder.as_data_source(split=split)
 
 
+class TextSource:
+  """``read_split``'s records, the ``text`` field only: ``{"text": bytes}`` per record, same order.
+
+  The input pipeline reads nothing else, and TFDS's decoding of all seven features costs ~10x
+  the ArrayRecord read itself (most of a record's cost besides tokenizing), so the protos are
+  parsed here and only ``text`` is taken. Picklable (Grain workers reopen the shards).
+  """
+
+  def __init__(self, data_dir: str | os.PathLike, split: str):
+    d = dataset_dir(data_dir)
+    shards = _shards(d, json.loads((d / "dataset_info.json").read_text()), split)
+    if not shards:
+      raise ValueError(f"split {split!r} not in {sorted(split_sizes(d))} under {data_dir}")
+    self._paths = [os.fspath(p) for p, _ in shards]
+    self._len = sum(n for _, n in shards)
+    self._reader = None
+
+  def __len__(self) -> int:
+    return self._len
+
+  def __getitem__(self, i: int) -> dict[str, bytes]:
+    from tensorflow_datasets.proto import tf_example_pb2
+
+    if self._reader is None:
+      from array_record.python import array_record_data_source
+
+      self._reader = array_record_data_source.ArrayRecordDataSource(self._paths)
+    example = tf_example_pb2.Example.FromString(self._reader[int(i)])
+    return {"text": example.features.feature["text"].bytes_list.value[0]}
+
+  def __getstate__(self):
+    return {**self.__dict__, "_reader": None}
+
+  def __repr__(self) -> str:
+    return f"TextSource({len(self)} records)"
+
+
 def _text(value) -> str:
   return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
@@ -1194,6 +1235,48 @@ def compute_record_keys(ds_dir: str | os.PathLike) -> dict[str, dict[str, np.nda
       k: np.asarray(v, np.int32 if k == "version" else np.str_) for k, v in cols.items()
     }
   return out
+
+
+def written_record_keys(
+  ds_dir: str | os.PathLike, written: dict[str, list[tuple]]
+) -> dict[str, dict[str, np.ndarray]]:
+  """``compute_record_keys`` without reading the records back: from the keys as they were
+  generated, in the order TFDS writes them (ascending hash of the key, salted with the split).
+
+  That order is TFDS's, so it is checked on a few records read back (evenly spaced, the first
+  and last included); should it ever differ, the keys are read back from all records instead.
+  """
+  out = {}
+  for split, rows in written.items():
+    if not rows:
+      continue
+    hasher = hashing.Hasher(split)
+    rows = sorted(rows, key=lambda r: hasher.hash_key(r[0]))
+    cols = list(zip(*rows))
+    out[split] = {
+      "id": np.asarray(cols[1], np.str_),
+      "section": np.asarray(cols[2], np.str_),
+      "version": np.asarray(cols[3], np.int32),
+      "date": np.asarray(cols[4], np.str_),
+    }
+  builder = tfds.builder_from_directory(os.fspath(ds_dir))
+  for split in builder.info.splits:
+    src, keys = builder.as_data_source(split=split), out.get(split)
+    if keys is None or len(keys["id"]) != len(src):
+      break
+    probe = [int(i) for i in np.unique(np.linspace(0, len(src) - 1, 17).astype(np.int64))]
+    read = [src[i] for i in probe]
+    if [(_text(r["id"]), _text(r["section"])) for r in read] != [
+      (keys["id"][i], keys["section"][i]) for i in probe
+    ]:
+      break
+  else:
+    if set(out) == set(builder.info.splits):
+      return out
+  from absl import logging
+
+  logging.warning("records are not in the order they were keyed; reading the keys back")
+  return compute_record_keys(ds_dir)
 
 
 def _section_arrays(keys: dict[str, dict[str, np.ndarray]]) -> dict[str, np.ndarray]:

@@ -7,14 +7,15 @@
     it.set_state(state)         # ... and the next batches are those of an uninterrupted run
 
 Order of operations, and why:
-  source (TFDS ArrayRecord data source, random access)
+  source (the split's ArrayRecord shards, random access, the text field only: corpus.TextSource)
   -> per section (for mixing): the record indices of that section (``section_index.npz``)
   -> per data shard ``j`` of ``S`` (``shards.py``): records ``ds[j::S]``; shards are fixed for
      the run, independent of the process count, disjoint and together the whole split
   -> repeat(num_epochs) with a seeded shuffle per epoch (``_EpochShuffled``)
   -> tokenize (SentencePiece; ``[BOS] + ids + [EOS]``) into next-token examples
   -> mix sections by weight (``MapDataset.mix``; still random access, so cheap to checkpoint)
-  -> to_iter_dataset -> pack (``packing.pack_examples``) -> batch of global_batch / S rows
+  -> to_iter_dataset (read-ahead: ``packing.read_options``) -> pack (``packing.pack_examples``)
+  -> batch of global_batch / S rows
   -> this process's shards side by side (``shards.ShardedBatches``) -> ``mp_prefetch`` workers
 Everything before packing is index-based; packing and batching are Grain iterators with
 checkpointable state (one per shard, so a checkpoint resumes on another process count), and
@@ -172,8 +173,8 @@ def make_lm_dataset(
     ``get_state()``/``set_state()`` for checkpointing (``{"shards": {j: state}}``).
   """
   mine, rows, count = shards_lib.local_layout(batch_size, process_index, process_count, shards)
-  read = shards_lib.read_options(len(mine))
-  source = corpus.read_split(data_dir, split)
+  read = packing.read_options(worker_count, streams=len(mine))
+  source = corpus.TextSource(data_dir, split)
   tokenize = _Tokenize(Tokenizer(tokenizer_path))
   index = corpus.section_index(data_dir, split) if mixture is not None else {}
   weights = _normalise_mixture(mixture, index, split)

@@ -115,20 +115,6 @@ class _ShardedIterator(grain.DatasetIterator):
     return f"ShardedIterator(shards={self._ids})"
 
 
-_READ = grain.ReadOptions()  # Grain's defaults for one stream: threads and records read ahead
-
-
-def read_options(local_shards: int) -> grain.ReadOptions:
-  """Each shard's share of one stream's read-ahead: a process reading ``local_shards`` shards
-  runs about as many reader threads and buffers as many records as it would for one stream
-  (``local_shards`` full thread pools would only fight over the GIL)."""
-  n = max(1, local_shards)
-  return grain.ReadOptions(
-    num_threads=max(1, _READ.num_threads // n),
-    prefetch_buffer_size=max(8, _READ.prefetch_buffer_size // n),
-  )
-
-
 def sharded(
   build: Callable[[int], grain.IterDataset],
   mine: Iterable[int],

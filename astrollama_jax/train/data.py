@@ -176,8 +176,8 @@ def make_components_dataset(
   from astrollama_jax.data.tokenizer import Tokenizer
 
   mine, rows, count = shards_lib.local_layout(batch_size, process_index, process_count, shards)
-  read = shards_lib.read_options(len(mine))
-  source = corpus.read_split(data_dir, split)
+  read = packing.read_options(worker_count, streams=len(mine))
+  source = corpus.TextSource(data_dir, split)
   tokenize = pipeline._Tokenize(Tokenizer(tokenizer_path))
   named = enumerate(sorted(dict(components).items()), 1)
   specs = [(salt, spec, float(w)) for salt, (spec, w) in named if w > 0]
