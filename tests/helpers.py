@@ -403,6 +403,65 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
+def start_processes(
+  workdir, *args: str, processes: int, devices: int, log_dir, name: str, config="configs/demo.py"
+) -> list[subprocess.Popen]:
+  """``processes`` trainers of one ``jax.distributed`` job on loopback (``devices`` CPU devices
+  each), logging to ``log_dir/{name}_{i}.log``."""
+  port = free_port()
+  return [
+    start(
+      train_cmd(
+        workdir,
+        *args,
+        f"--coordinator_address=127.0.0.1:{port}",
+        f"--num_processes={processes}",
+        f"--process_id={i}",
+        config=config,
+      ),
+      devices,
+      Path(log_dir) / f"{name}_{i}.log",
+    )
+    for i in range(processes)
+  ]
+
+
+def finish_processes(procs: list[subprocess.Popen], log_dir, name: str, timeout: float = 300):
+  """Every process's ``finish`` (the summary of process 0, {} for the others; any still
+  running after a failure is killed)."""
+  try:
+    return [
+      finish(p, Path(log_dir) / f"{name}_{i}.log", timeout=timeout, summary=i == 0)
+      for i, p in enumerate(procs)
+    ]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+
+
+# --- the demo corpus, prepared -------------------------------------------------------------
+
+
+def prepare_demo_corpus(out) -> Path:
+  """``prepare`` the repository's demo corpus (15% validation) into ``out``."""
+  subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "astrollama_jax.prepare",
+      "--source=data/demo_corpus",
+      f"--output={out}",
+      "--validation_fraction=0.15",
+    ],
+    cwd=REPO,
+    check=True,
+    capture_output=True,
+    timeout=120,
+  )
+  return Path(out)
+
+
 # --- a tiny chat model served on 127.0.0.1 -------------------------------------------------
 
 NEW = 16  # answer tokens in every test: one compiled answer bucket

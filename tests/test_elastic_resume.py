@@ -7,10 +7,18 @@ the global batches (the logged hash covers the rows of every process, in order) 
 losses of an uninterrupted run: no record skipped, none repeated.
 """
 
-import subprocess
-import sys
-
-from helpers import REPO, TINY_MODEL, TOKENIZER, finish, free_port, need, records, start, train_cmd
+from helpers import (
+  TINY_MODEL,
+  TOKENIZER,
+  finish,
+  finish_processes,
+  need,
+  prepare_demo_corpus,
+  records,
+  start,
+  start_processes,
+  train_cmd,
+)
 import numpy as np
 import pytest
 
@@ -54,32 +62,16 @@ def _run(
       tmp_path / f"{name}.log",
       timeout=300,
     )
-  port = free_port()
-  procs = [
-    start(
-      train_cmd(
-        workdir,
-        *args,
-        f"--coordinator_address=127.0.0.1:{port}",
-        f"--num_processes={processes}",
-        f"--process_id={i}",
-        config=config,
-      ),
-      devices // processes,
-      tmp_path / f"{name}_{i}.log",
-    )
-    for i in range(processes)
-  ]
-  try:
-    out = [
-      finish(p, tmp_path / f"{name}_{i}.log", timeout=300, summary=i == 0)
-      for i, p in enumerate(procs)
-    ]
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-  return out[0]
+  procs = start_processes(
+    workdir,
+    *args,
+    processes=processes,
+    devices=devices // processes,
+    log_dir=tmp_path,
+    name=name,
+    config=config,
+  )
+  return finish_processes(procs, tmp_path, name)[0]
 
 
 def _losses(workdir) -> dict[int, float]:
@@ -139,20 +131,7 @@ def test_resume_on_other_process_counts_meshes_and_devices(tmp_path):
 def corpus(tmp_path_factory):
   need(TOKENIZER)
   out = tmp_path_factory.mktemp("corpus")
-  subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "astrollama_jax.prepare",
-      "--source=data/demo_corpus",
-      f"--output={out}",
-      "--validation_fraction=0.15",
-    ],
-    cwd=REPO,
-    check=True,
-    capture_output=True,
-    timeout=120,
-  )
+  prepare_demo_corpus(out)
   return out
 
 

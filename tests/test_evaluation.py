@@ -5,10 +5,17 @@ empty batches until every process's has: the loss-bearing tokens counted are exa
 token targets of the whole validation split, on 1 process and on 2.
 """
 
-import subprocess
-import sys
-
-from helpers import REPO, TINY_MODEL, TOKENIZER, finish, free_port, need, start, train_cmd
+from helpers import (
+  TINY_MODEL,
+  TOKENIZER,
+  finish,
+  finish_processes,
+  need,
+  prepare_demo_corpus,
+  start,
+  start_processes,
+  train_cmd,
+)
 import pytest
 
 from astrollama_jax.data import corpus
@@ -34,20 +41,7 @@ RUN = [
 def corpus_dir(tmp_path_factory):
   need(TOKENIZER)
   out = tmp_path_factory.mktemp("corpus")
-  subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "astrollama_jax.prepare",
-      "--source=data/demo_corpus",
-      f"--output={out}",
-      "--validation_fraction=0.15",
-    ],
-    cwd=REPO,
-    check=True,
-    capture_output=True,
-    timeout=120,
-  )
+  prepare_demo_corpus(out)
   return out
 
 
@@ -67,28 +61,17 @@ def test_every_validation_record_is_read_once_on_one_and_two_processes(tmp_path,
     start(train_cmd(tmp_path / "one", *args), 8, tmp_path / "one.log"), tmp_path / "one.log"
   )
   assert one["eval"]["tokens"] == want
-  port = free_port()
-  procs = [
-    start(
-      train_cmd(
-        tmp_path / "two",
-        *args,
-        "--config.mesh=(2,2,2)",
-        f"--coordinator_address=127.0.0.1:{port}",
-        "--num_processes=2",
-        f"--process_id={i}",
-      ),
-      4,
-      tmp_path / f"two_{i}.log",
-    )
-    for i in range(2)
-  ]
-  try:
-    two = [
-      finish(p, tmp_path / f"two_{i}.log", timeout=300, summary=i == 0) for i, p in enumerate(procs)
-    ]
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
+  two = finish_processes(
+    start_processes(
+      tmp_path / "two",
+      *args,
+      "--config.mesh=(2,2,2)",
+      processes=2,
+      devices=4,
+      log_dir=tmp_path,
+      name="two",
+    ),
+    tmp_path,
+    "two",
+  )
   assert two[0]["eval"]["tokens"] == want

@@ -1,6 +1,6 @@
 """Two processes on loopback (jax.distributed, 4 fake CPU devices each) train like one with 8."""
 
-from helpers import TINY_MODEL, finish, free_port, records, start, train_cmd
+from helpers import TINY_MODEL, finish, finish_processes, records, start, start_processes, train_cmd
 import numpy as np
 
 RUN = [
@@ -24,30 +24,9 @@ RUN = [
 
 def test_two_processes_match_one(tmp_path):
   one_dir, two_dir = tmp_path / "one", tmp_path / "two"
-  port = free_port()
   one = start(train_cmd(one_dir, *RUN), 8, tmp_path / "one.log")
-  procs = [
-    start(
-      train_cmd(
-        two_dir,
-        *RUN,
-        f"--coordinator_address=127.0.0.1:{port}",
-        "--num_processes=2",
-        f"--process_id={i}",
-      ),
-      4,
-      tmp_path / f"two_{i}.log",
-    )
-    for i in range(2)
-  ]
-  try:
-    summaries = [
-      finish(p, tmp_path / f"two_{i}.log", timeout=300, summary=i == 0) for i, p in enumerate(procs)
-    ]
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
+  procs = start_processes(two_dir, *RUN, processes=2, devices=4, log_dir=tmp_path, name="two")
+  summaries = finish_processes(procs, tmp_path, "two")
   single = finish(one, tmp_path / "one.log", timeout=300)
   assert summaries[0]["final_step"] == single["final_step"] == 3
 

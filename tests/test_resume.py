@@ -1,15 +1,12 @@
 """kill -9 a training run at a random step, restart it: bit-identical result, same batches."""
 
-import subprocess
-import sys
-
 from helpers import (
   EVERY,
-  REPO,
   RESUME_RUN,
   STEPS,
   assert_same_losses_and_end_state,
   kill_and_resume,
+  prepare_demo_corpus,
   records,
   train_cmd,
 )
@@ -19,20 +16,7 @@ import pytest
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory, tokenizer_path):
   out = tmp_path_factory.mktemp("corpus")
-  subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "astrollama_jax.prepare",
-      "--source=data/demo_corpus",
-      f"--output={out}",
-      "--validation_fraction=0.15",
-    ],
-    cwd=REPO,
-    check=True,
-    capture_output=True,
-    timeout=120,
-  )
+  prepare_demo_corpus(out)
   return [f"--config.data.lm.path={out}", f"--config.data.tokenizer_path={tokenizer_path}"]
 
 
