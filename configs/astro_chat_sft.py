@@ -27,6 +27,7 @@ def get_config(size: str = "7b"):
   c.mesh = s["mesh"]
   c.model.preset = s["preset"]
   c.model.remat_policy = "full"
+  c.model.attention_impl = "auto"  # splash on TPU, cuDNN on GPU, XLA on CPU (model/attention.py)
   # The continual-pre-training result this SFT starts from (anything checkpoints.load_model reads).
   c.init_checkpoint = f"runs/astro_cpt_{size}"
 

@@ -8,7 +8,8 @@
 
 Recipe (the defaults, ``train/defaults.py``): lr 2e-5, cosine, warmup ratio 0.03, 2048 tokens,
 global batch 160, one epoch (counted at start-up); full rematerialisation, chunked LM-head loss,
-cuDNN flash attention (use ``--config.model.attention_impl=xla`` on TPU/CPU).
+the platform's fused attention (``auto``: splash on TPU, cuDNN on GPU; the TPU plans in
+docs/benchmarks.md need splash for the 7B at 4096 tokens on v5p-8).
 
 * 7b: one 8 x 80 GB host, fully sharded (FSDP 8). 160 rows = 4 micro-batches of 40 (5 rows per
   device per micro-batch): ~34 GB per device in the AOT memory plan (docs/benchmarks.md,
@@ -51,7 +52,7 @@ def get_config(size: str = "7b"):
   c.mesh = s["mesh"]
   c.model.preset = s["preset"]
   c.model.remat_policy = "full"
-  c.model.attention_impl = "cudnn"
+  c.model.attention_impl = "auto"  # splash on TPU, cuDNN on GPU, XLA on CPU (model/attention.py)
   c.data.lm.worker_count = 8
 
   c.train.grad_accum_steps = s["grad_accum_steps"]
