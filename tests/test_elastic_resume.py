@@ -165,7 +165,8 @@ def sft_whole(tmp_path_factory):
   return _uninterrupted(tmp_path_factory.mktemp("sft"), SFT_RUN, "configs/demo_sft.py")
 
 
-@pytest.mark.parametrize("case", list(CASES))
+# A device-count change on one process keeps every process's shards: the synthetic test covers it.
+@pytest.mark.parametrize("case", ["2x4_to_1x8", "1x8_to_2x4"])
 def test_lm_data_resumes_on_other_process_counts(tmp_path, corpus, lm_whole, case):
   _check_case(tmp_path, case, lm_whole, _lm_run(corpus))
 
