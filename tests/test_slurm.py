@@ -242,6 +242,15 @@ def test_a_preempted_job_requeues_itself_and_resumes_to_the_end(slurm, tmp_path)
   )
   preempted_at = max(r["step"] for r in records(workdir, "train"))
   assert preempted_at < STEPS and (workdir / "checkpoints" / str(preempted_at)).is_dir()
+  # Before the restart: the node done with the old run, and a new second. slurmd refuses a
+  # launch whose credential dates from the second the requeue revoked the old one ("Job
+  # credential revoked"), which SLURM's 120 s requeue delay normally rules out.
+  _until(
+    lambda: _sh(slurm, "sinfo", "-h", "-o", "%T").strip() == "idle",
+    120,
+    "the node did not go idle after the requeue",
+  )
+  time.sleep(2)
   subprocess.run(
     [_which("scontrol"), "update", f"JobId={job}", "StartTime=now"],
     env=slurm,
