@@ -56,6 +56,7 @@ from astrollama_jax import checkpoints, diskspace
 from astrollama_jax.checkpoints import CHECKPOINTS_DIR, PARAMS_DIR
 from astrollama_jax.cli import UserError
 from astrollama_jax.data.shards import owned, regather, shard_ids
+from astrollama_jax.train import distributed
 from astrollama_jax.train.state import TrainState
 
 CORRUPT_DIR = "checkpoints_corrupt"
@@ -195,15 +196,6 @@ class _IteratorState:
       self._it.start_prefetch()
 
 
-def _all_agree(ok: bool) -> bool:
-  """True only if ``ok`` on every process."""
-  if jax.process_count() == 1:
-    return ok
-  from jax.experimental import multihost_utils
-
-  return bool(np.all(multihost_utils.process_allgather(np.asarray(ok, np.int32))))
-
-
 def _worst(code: int) -> int:
   """The most serious failure class over all processes."""
   if jax.process_count() == 1:
@@ -258,7 +250,7 @@ class Checkpointer:
     for one whole checkpoint must be free even when ``keep`` steps exist already.
     """
     free = diskspace.free_bytes(self.directory)
-    if not _all_agree(free is None or free >= nbytes):
+    if not distributed.on_every_process(free is None or free >= nbytes):
       raise diskspace.not_enough_space(
         self.directory,
         nbytes,

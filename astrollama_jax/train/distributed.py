@@ -119,3 +119,13 @@ def initialize(
     jax.local_device_count(),
     jax.device_count(),
   )
+
+
+def on_every_process(flag: bool) -> bool:
+  """True only if ``flag`` is true on every process of the job (all of them must call it)."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  from jax.experimental import multihost_utils
+  import numpy as np
+
+  return bool(np.all(multihost_utils.process_allgather(np.asarray(flag, np.int32))))

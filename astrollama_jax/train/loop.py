@@ -18,11 +18,10 @@ from typing import Any
 
 from absl import logging
 import jax
-import numpy as np
 
 from astrollama_jax import checkpoints, flops, lora_base, sharding
 from astrollama_jax.model import llama
-from astrollama_jax.train import data, setup, watchdog
+from astrollama_jax.train import data, distributed, setup, watchdog
 from astrollama_jax.train import program as program_lib
 from astrollama_jax.train import step as step_lib
 from astrollama_jax.train.checkpointing import Checkpointer
@@ -78,7 +77,7 @@ def evaluate(config: Any, eval_step: Any, params: Any, mesh: Any) -> dict[str, f
     watchdog.beat(f"evaluation batch {n}")
     local = None if done else next(it, None)
     done = local is None
-    if _all_done(done):  # every process must run the same number of eval steps
+    if distributed.on_every_process(done):  # every process runs the same number of eval steps
       break
     local = data.pad_rows(local, rows, config.data.seq_len)
     s, c = eval_step(params, data.to_global(mesh, local))
@@ -88,14 +87,6 @@ def evaluate(config: Any, eval_step: Any, params: Any, mesh: Any) -> dict[str, f
     return None
   loss = total / count
   return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": count, "batches": n}
-
-
-def _all_done(done: bool) -> bool:
-  if jax.process_count() == 1:
-    return done
-  from jax.experimental import multihost_utils
-
-  return bool(np.all(multihost_utils.process_allgather(np.asarray(done, np.int32))))
 
 
 def _init_state(config: Any, program: program_lib.TrainProgram) -> Any:

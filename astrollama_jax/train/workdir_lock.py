@@ -167,17 +167,6 @@ def _parents_up_to(path: str, top: str) -> list[str]:
   return out
 
 
-def _all_agree(ok: bool) -> bool:
-  import jax
-
-  if jax.process_count() == 1:
-    return ok
-  from jax.experimental import multihost_utils
-  import numpy as np
-
-  return bool(np.all(multihost_utils.process_allgather(np.asarray(ok, np.int32))))
-
-
 @contextlib.contextmanager
 def held(workdir: str) -> Iterator[WorkdirLock | None]:
   """Hold ``workdir``'s lock for the block (process 0); a busy workdir ends every process with
@@ -190,7 +179,9 @@ def held(workdir: str) -> Iterator[WorkdirLock | None]:
       lock = WorkdirLock(workdir).acquire()
     except WorkdirBusy as e:
       error = str(e)
-  if not _all_agree(error is None):
+  from astrollama_jax.train import distributed
+
+  if not distributed.on_every_process(error is None):
     sys.stdout.flush()
     sys.stderr.write(f"error: {error or f'process 0 could not lock {workdir} (see its log)'}\n")
     sys.stderr.flush()
