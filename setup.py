@@ -1,12 +1,30 @@
 """astrollama-jax: LLaMA-2 continual pre-training and chat SFT on astro-ph, in pure JAX."""
 
+import ast
+import pathlib
+
 from setuptools import find_packages, setup
+
+
+def _commands() -> tuple[str, ...]:
+  """The one list of commands (``astrollama_jax/commands/__init__.py``), read without importing."""
+  tree = ast.parse(
+    pathlib.Path(__file__)
+    .with_name("astrollama_jax")
+    .joinpath("commands", "__init__.py")
+    .read_text()
+  )
+  for node in tree.body:
+    if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "COMMANDS":
+      return tuple(ast.literal_eval(node.value))
+  raise RuntimeError("astrollama_jax/commands/__init__.py has no COMMANDS")
+
 
 setup(
   name="astrollama-jax",
   version="0.1.0",
   description="AstroLLaMA-Chat recipe in JAX: arXiv LaTeX -> CPT -> chat SFT -> HF hub",
-  # The top-level configs/ and data/ folders ship inside the package (astrollama_jax.resources
+  # The top-level configs/ and data/ folders ship inside the package (astrollama_jax.util.resources
   # finds them there after a non-editable install, and at the top level in a checkout).
   packages=find_packages(include=["astrollama_jax", "astrollama_jax.*"])
   + ["astrollama_jax.configs", "astrollama_jax.demo_data"],
@@ -41,23 +59,8 @@ setup(
   ],
   entry_points={
     "console_scripts": [
-      f"astrollama-{name.replace('_', '-')}=astrollama_jax.cli:{name}"
-      for name in (
-        "prepare",
-        "train",
-        "convert",
-        "export",
-        "generate",
-        "chat",
-        "eval",
-        "harness",
-        "bench",
-        "aot",
-        "make_qa",
-        "demo",
-        "serve",
-        "feedback",
-      )
+      f"astrollama-{name.replace('_', '-')}=astrollama_jax.commands.console:{name}"
+      for name in _commands()
     ],
   },
   extras_require={

@@ -24,6 +24,8 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 import numpy as np
 
+from astrollama_jax.errors import UserError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # logical axis -> mesh axis (or tuple of mesh axes, or None = replicated).
@@ -224,3 +226,30 @@ def constrain(x: jax.Array, logical: Sequence[str | None], rules: Rules | None =
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
   """Sharding of a [batch, seq, ...] input batch."""
   return NamedSharding(mesh, logical_to_spec(("batch",) + ("seq",) + (None,) * (ndim - 2)))
+
+
+# --- the --mesh flag's text ---
+
+DEFAULT_MESH = "1,-1,1"
+
+
+def mesh_shape(text: str) -> tuple[int, int, int]:
+  """``"data,fsdp,tensor"`` -> three ints (one may be -1); a bad value is a ``UserError``."""
+  try:
+    shape = tuple(int(x) for x in str(text).split(","))
+  except ValueError:
+    shape = ()
+  if len(shape) != 3 or any(s == 0 or s < -1 for s in shape) or shape.count(-1) > 1:
+    raise UserError(
+      f"--mesh must be data,fsdp,tensor: three positive integers, one of them may be "
+      f"-1 (e.g. {DEFAULT_MESH}); got {text!r}"
+    )
+  return shape  # type: ignore[return-value]
+
+
+def mesh_from_text(text: str = DEFAULT_MESH) -> Mesh:
+  """The device mesh a ``--mesh`` value names, over all of this job's devices."""
+  try:
+    return make_mesh(mesh_shape(text))
+  except ValueError as e:
+    raise UserError(f"--mesh={text}: {e}") from None

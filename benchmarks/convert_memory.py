@@ -7,8 +7,8 @@ Writes a synthetic bf16 Meta checkpoint (params.json + consolidated.00.pth, cons
 2 model-parallel shards, GQA like 70B, ~1.07B parameters) with random weights, then runs the real
 commands in child processes, sampling their /proc status every 50 ms:
 
-  python -m astrollama_jax.convert --source_format=meta --source=W/meta --output=W/orbax
-  python -m astrollama_jax.export --checkpoint=W/orbax --output=W/hf
+  python -m astrollama_jax convert --source_format=meta --source=W/meta --output=W/orbax
+  python -m astrollama_jax export --checkpoint=W/orbax --output=W/hf
 
 and prints peak RSS (anonymous and file-backed separately, summed over the command's process
 tree), seconds, the model size and the largest stacked parameter, which together give the memory
@@ -28,7 +28,7 @@ import subprocess
 import sys
 import time
 
-from astrollama_jax import memory
+from astrollama_jax.perf import memory
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKENIZER = os.path.join(
@@ -152,7 +152,8 @@ def convert_and_export(
     [
       py,
       "-m",
-      "astrollama_jax.convert",
+      "astrollama_jax",
+      "convert",
       "--source_format=meta",
       f"--source={meta}",
       f"--output={w}/orbax",
@@ -163,7 +164,8 @@ def convert_and_export(
     [
       py,
       "-m",
-      "astrollama_jax.export",
+      "astrollama_jax",
+      "export",
       f"--checkpoint={w}/orbax",
       f"--output={w}/hf",
       f"--max_shard_gb={shard_gb}",

@@ -51,7 +51,7 @@ BF16_MOMENTS=--config.optimizer.moments_dtype=bfloat16
 CE=--config.loss.chunk_size
 
 bench() {
-  local cmd=("$PY" -m astrollama_jax.bench --config="configs/bench.py:$PRESET" --steps="$STEPS"
+  local cmd=("$PY" -m astrollama_jax bench --config="configs/bench.py:$PRESET" --steps="$STEPS"
              --warmup="$WARMUP" --output="$RESULTS" "$@")
   echo "+ ${cmd[*]}"
   [ -n "${DRY_RUN:-}" ] && return 0

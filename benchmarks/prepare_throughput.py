@@ -6,7 +6,7 @@ Builds ``--tars`` monthly bulk tars in arXiv's layout (``arXiv_src_YYMM_001.tar`
 ``YYMM/ID.gz``) from the real papers in ``--latex``, cycling through them: every other paper
 a gzipped tar (its .tex files plus an incompressible ``--figure_kb`` figure), the others a
 gzipped single .tex, and one entry in ``--pdf_every`` a PDF-only entry. Then runs the real
-command, ``python -m astrollama_jax.prepare``, as a subprocess: with ``--workers=1`` on the
+command, ``python -m astrollama_jax prepare``, as a subprocess: with ``--workers=1`` on the
 first quarter, half and all of the tars (memory against corpus size), and with
 ``--workers=2`` on all of them. Peak memory is the largest sum of VmRSS over the command's
 process tree (the command and its worker processes), sampled from /proc every 50 ms. The
@@ -40,7 +40,7 @@ import time
 from absl import app, flags
 import numpy as np
 
-from astrollama_jax import memory
+from astrollama_jax.perf import memory
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("latex", "../shared/data/latex", "Folder of paper folders (.tex files).")
@@ -121,7 +121,8 @@ def run_prepare(sources: list[Path], out: Path, workers: int, repo: Path = REPO)
   cmd = [
     sys.executable,
     "-m",
-    "astrollama_jax.prepare",
+    "astrollama_jax",
+    "prepare",
     "--source=" + ",".join(map(str, sources)),
     f"--output={out}",
     f"--workers={workers}",

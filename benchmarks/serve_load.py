@@ -1,4 +1,4 @@
-r"""Load test of ``python -m astrollama_jax.serve``: requests/s and latency at 1, 8 and 32 clients.
+r"""Load test of ``python -m astrollama_jax serve``: requests/s and latency at 1, 8 and 32 clients.
 
   python benchmarks/serve_load.py --preset=tiny_gqa \
       --tokenizer=../shared/data/tokenizer/llama2/tokenizer.model
@@ -30,6 +30,8 @@ import urllib.parse
 
 from absl import app, flags, logging
 import numpy as np
+
+from astrollama_jax.util import tables
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("url", None, "A running server (else one is started here).")
@@ -68,13 +70,13 @@ def _free_port() -> int:
 
 def _random_checkpoint(folder: str) -> str:
   """A random ``--preset`` model saved as a converted checkpoint (what the server loads)."""
-  from astrollama_jax import checkpoints
+  from astrollama_jax.checkpoints import store
   from astrollama_jax.model import llama
   from astrollama_jax.model.config import get_config
 
   cfg = get_config(FLAGS.preset, compute_dtype="float32")
   params = llama.init_params(cfg, seed=0)
-  return checkpoints.save_params(os.path.join(folder, FLAGS.preset), cfg, params, FLAGS.tokenizer)
+  return store.save_params(os.path.join(folder, FLAGS.preset), cfg, params, FLAGS.tokenizer)
 
 
 def _request(conn: http.client.HTTPConnection, model: str, question: str) -> tuple[int, int]:
@@ -160,7 +162,6 @@ def _versions() -> dict:
 
 def main(argv) -> None:
   del argv
-  from astrollama_jax import cli
 
   proc, tmp = None, None
   if FLAGS.url:
@@ -173,7 +174,8 @@ def main(argv) -> None:
     cmd = [
       sys.executable,
       "-m",
-      "astrollama_jax.serve",
+      "astrollama_jax",
+      "serve",
       f"--checkpoint={checkpoint}",
       f"--port={port}",
       f"--max_batch={FLAGS.max_batch}",
@@ -224,7 +226,7 @@ def main(argv) -> None:
     **_versions(),
     "levels": rows,
   }
-  cli.report(
+  tables.report(
     "serve load",
     summary,
     rows,

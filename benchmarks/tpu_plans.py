@@ -4,7 +4,7 @@
       --config.mesh='(1,-1,1)' --seq_len=2048,4096 --attention=splash,xla
 
 Each (attention, seq_len) pair compiles in this process, one after another; run one process at a
-time unless ALLOW_MULTIPLE_LIBTPU_LOAD=1. No TPU is needed (``astrollama_jax.tpu_plan``).
+time unless ALLOW_MULTIPLE_LIBTPU_LOAD=1. No TPU is needed (``astrollama_jax.perf.tpu_plan``).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   del argv
-  from astrollama_jax import tpu_plan
+  from astrollama_jax.perf import tpu_plan
 
   config = FLAGS.config
   for seq in FLAGS.seq_len or [config.data.seq_len]:

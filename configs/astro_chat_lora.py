@@ -6,7 +6,7 @@
 Only what differs from the SFT config is stated: rank-16 adapters on every projection (alpha 32,
 dropout 0.05, the usual peft recipe), the base held in bfloat16, LoRA's higher learning rate,
 and the smaller meshes the frozen bfloat16 base allows (planned with ``python -m
-astrollama_jax.aot``, see docs/benchmarks.md); micro-batches keep the activations in budget.
+astrollama_jax aot``, see docs/benchmarks.md); micro-batches keep the activations in budget.
 """
 
 import importlib.util

@@ -3,15 +3,15 @@
     --config=configs/astro_chat_sft.py        # 7B  (lr 2e-5)
     --config=configs/astro_chat_sft.py:70b    # 70B (lr 3e-7, as in the 70B sibling)
 
-Data: 10,356 QA dialogues generated from abstracts (``python -m astrollama_jax.make_qa``) + all of
-LIMA + 10,000 OpenOrca + 10,000 UltraChat, mixed by ``astrollama_jax.data.chat.mix_sources`` and
+Data: 10,356 QA dialogues generated from abstracts (``python -m astrollama_jax make_qa``) + all of
+LIMA + 10,000 OpenOrca + 10,000 UltraChat, mixed by ``astrollama_jax.data.chat_dataset.mix_sources`` and
 fed by ``make_sft_dataset``. Paths are placeholders: point them at your local copies.
 Batch 48 x 2048 tokens, cosine schedule with 3% warmup, one epoch (the defaults otherwise).
 """
 
 from astrollama_jax.train.defaults import base_config
 
-# Meshes as planned by ``python -m astrollama_jax.aot`` (see docs/benchmarks.md): 8 GPUs for 7B
+# Meshes as planned by ``python -m astrollama_jax aot`` (see docs/benchmarks.md): 8 GPUs for 7B
 # (~34 GB per device), 64 for 70B (~42 GB per device), both with full remat and a chunked loss.
 SIZES = {
   "7b": dict(preset="llama2_7b", learning_rate=2e-5, mesh=(1, 8, 1)),

@@ -1,4 +1,4 @@
-"""What ``python -m astrollama_jax.bench`` times: a training config on synthetic data.
+"""What ``python -m astrollama_jax bench`` times: a training config on synthetic data.
 
     --config=configs/bench.py                  # LLaMA-2-7B shapes
     --config=configs/bench.py:tiny             # any model preset (astrollama_jax.model.config)

@@ -1,11 +1,11 @@
 """The embedded demo: a tiny LLaMA continues pre-training on data/demo_corpus on a CPU.
 
-    python -m astrollama_jax.prepare --source=data/demo_corpus --output=DEMO/corpus \
+    python -m astrollama_jax prepare --source=data/demo_corpus --output=DEMO/corpus \
         --validation_fraction=0.15
-    python -m astrollama_jax.train --config=configs/demo.py --workdir=DEMO/cpt \
+    python -m astrollama_jax train --config=configs/demo.py --workdir=DEMO/cpt \
         --config.data.lm.path=DEMO/corpus --config.data.tokenizer_path=TOKENIZER
 
-(``python -m astrollama_jax.demo`` does all of it, with exactly this config.) The ``demo`` model
+(``python -m astrollama_jax demo`` does all of it, with exactly this config.) The ``demo`` model
 preset (2 layers of width 128) takes about two and a half minutes on two idle cores; the
 32,000-piece vocabulary stays, so the real LLaMA-2 tokenizer and HF export work unchanged.
 float32 compute: bfloat16 is slow on CPU.

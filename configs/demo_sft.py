@@ -1,6 +1,6 @@
 """The demo's chat SFT: the demo CPT model fine-tuned on data/demo_chat through the same trainer.
 
-    python -m astrollama_jax.train --config=configs/demo_sft.py --workdir=DEMO/sft \
+    python -m astrollama_jax train --config=configs/demo_sft.py --workdir=DEMO/sft \
         --config.init_checkpoint=DEMO/cpt [--config.data.tokenizer_path=TOKENIZER]
 
 ``init_checkpoint`` is the CPT workdir (its latest step; the architecture and the tokenizer come

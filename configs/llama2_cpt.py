@@ -1,6 +1,6 @@
 """LLaMA-2 continual pre-training on astro-ph: the AstroLLaMA recipe at 7B and 70B.
 
-    python -m astrollama_jax.train --config=configs/llama2_cpt.py:7b --workdir=runs/astro_cpt_7b \
+    python -m astrollama_jax train --config=configs/llama2_cpt.py:7b --workdir=runs/astro_cpt_7b \
         --config.init_checkpoint=ckpt/llama2_7b --config.data.lm.path=data/astro_corpus \
         --config.data.tokenizer_path=ckpt/llama2_7b/tokenizer.model
     launch/slurm_gpu.sbatch configs/llama2_cpt.py:70b runs/astro_cpt_70b \

@@ -19,7 +19,7 @@ if [[ ${1:-} == --local ]]; then
   [[ $# -ge 6 ]] || { sed -n '2,16p' "$0"; exit 2; }
   COORD=$2; N=$3; ID=$4; CONFIG=$5; WORKDIR=$6; shift 6
   echo $$ > "${TMPDIR:-/tmp}/astrollama-train-${COORD##*:}-$ID.pid"  # exec keeps the pid: for TERM
-  exec "$PYTHON" -m astrollama_jax.train --config="$CONFIG" --workdir="$WORKDIR" \
+  exec "$PYTHON" -m astrollama_jax train --config="$CONFIG" --workdir="$WORKDIR" \
     --coordinator_address="$COORD" --num_processes="$N" --process_id="$ID" "$@"
 fi
 [[ $# -ge 2 && -n ${HOSTS:-} ]] || { sed -n '2,16p' "$0"; exit 2; }

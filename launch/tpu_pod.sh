@@ -5,7 +5,7 @@
 #   e.g. launch/tpu_pod.sh astro-v5p-128 us-east5-a configs/llama2_cpt.py:70b /mnt/shared/runs/cpt70b \
 #          --config.mesh='(1,64,1)' --config.model.attention_impl=xla
 #
-# Every worker runs `python -m astrollama_jax.train ... --distributed=on`; jax.distributed finds
+# Every worker runs `python -m astrollama_jax train ... --distributed=on`; jax.distributed finds
 # its peers from the TPU metadata. WORKDIR must be a folder all workers share (Filestore/NFS or
 # a gcsfuse mount): checkpoints are written by all workers, metrics by worker 0.
 # Environment: REPO_DIR (checkout on the workers, default ~/astrollama-jax), PYTHON (default
@@ -26,7 +26,7 @@ LOG=${LOG:-tpu_pod.$(date -u +%Y%m%dT%H%M%S).log}
 EXTRA=$(printf ' %q' "$@")
 status=0
 gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --worker=all --command \
-  "cd $REPO_DIR && { $PYTHON -m astrollama_jax.train --config=$CONFIG --workdir=$WORKDIR --distributed=on$EXTRA; \
+  "cd $REPO_DIR && { $PYTHON -m astrollama_jax train --config=$CONFIG --workdir=$WORKDIR --distributed=on$EXTRA; \
    rc=\$?; echo \"astrollama-exit \$(hostname) status=\$rc\"; exit \$rc; }" 2>&1 | tee "$LOG" \
   || status=$?
 # The highest worker status; gcloud's own when no worker reported one (ssh failed).

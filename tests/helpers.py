@@ -28,10 +28,11 @@ import jax
 import numpy as np
 import pytest
 
-from astrollama_jax import cli
+from astrollama_jax import sharding
+from astrollama_jax.checkpoints import loader
 from astrollama_jax.data.chat_template import write_hf_tokenizer_files
 from astrollama_jax.data.tokenizer import Tokenizer
-from astrollama_jax.generate import generate
+from astrollama_jax.generation import generate
 from astrollama_jax.serve.batching import Batcher
 from astrollama_jax.serve.server import App, Server
 
@@ -134,7 +135,8 @@ def train_cmd(workdir, *overrides: str, config: str = "configs/demo.py") -> list
   return [
     sys.executable,
     "-m",
-    "astrollama_jax.train",
+    "astrollama_jax",
+    "train",
     f"--config={config}",
     f"--workdir={workdir}",
     *overrides,
@@ -232,9 +234,9 @@ def wait_for(cond, proc, timeout=180.0):
 def final_state(workdir):
   import orbax.checkpoint as ocp
 
-  from astrollama_jax import checkpoints
+  from astrollama_jax.checkpoints import store
 
-  loaded = checkpoints.load_model(str(workdir))
+  loaded = store.load_model(str(workdir))
   assert loaded.step == STEPS
   opt = ocp.StandardCheckpointer().restore(
     os.path.join(workdir, "checkpoints", str(STEPS), "opt_state")
@@ -295,11 +297,11 @@ def make_hf_folder(cfg, folder, seed=1):
 
 
 def run_cli(capsys, *args: str) -> dict:
-  """Run ``python -m astrollama_jax.eval`` in this process; return its final JSON line.
+  """Run ``python -m astrollama_jax eval`` in this process; return its final JSON line.
 
   The flags live in a private ``FlagValues``, so nothing is defined on absl's global set.
   """
-  from astrollama_jax.eval import __main__ as cli
+  from astrollama_jax.commands import eval as cli
 
   fv = flags.FlagValues()
   cli.define_flags(fv)
@@ -449,7 +451,8 @@ def prepare_demo_corpus(out) -> Path:
     [
       sys.executable,
       "-m",
-      "astrollama_jax.prepare",
+      "astrollama_jax",
+      "prepare",
       "--source=data/demo_corpus",
       f"--output={out}",
       "--validation_fraction=0.15",
@@ -477,8 +480,8 @@ def make_chat_hf_folder(folder, tokenizer_path):
 
 
 def load(folder):
-  mesh = cli.make_mesh(cli.DEFAULT_MESH)
-  loaded = cli.load_model(str(folder), mesh, compute_dtype="float32")
+  mesh = sharding.mesh_from_text(sharding.DEFAULT_MESH)
+  loaded = loader.load_model(str(folder), mesh, compute_dtype="float32")
   return loaded, Tokenizer(loaded.tokenizer_path), mesh
 
 
@@ -547,7 +550,7 @@ def client(server, **kw):
 def start_cli(
   *args: str, env_extra: dict[str, str] | None = None, log_path=None
 ) -> subprocess.Popen:
-  """``python -m astrollama_jax.serve ARGS`` in the background (stderr to ``log_path``)."""
+  """``python -m astrollama_jax serve ARGS`` in the background (stderr to ``log_path``)."""
   env = dict(
     os.environ,
     JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
@@ -556,7 +559,7 @@ def start_cli(
   )
   log = open(log_path, "wb") if log_path else subprocess.DEVNULL
   return subprocess.Popen(
-    [sys.executable, "-m", "astrollama_jax.serve", *args],
+    [sys.executable, "-m", "astrollama_jax", "serve", *args],
     cwd=REPO,
     env=env,
     stdout=subprocess.PIPE,

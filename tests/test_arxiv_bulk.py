@@ -477,7 +477,8 @@ def _prepare(src: Path, out: Path, **kw):
   cmd = [
     sys.executable,
     "-m",
-    "astrollama_jax.prepare",
+    "astrollama_jax",
+    "prepare",
     f"--source={src}",
     f"--output={out}",
     "--validation_fraction=0.2",

@@ -1,7 +1,7 @@
 """The bench command at a tiny size on CPU: it runs, prints its JSON, and its numbers add up.
 
 No timing is asserted (CPU times mean nothing); what is checked is the arithmetic that turns a
-measured step time into tokens/s, TFLOP/s per device and MFU, against ``astrollama_jax.flops``,
+measured step time into tokens/s, TFLOP/s per device and MFU, against ``astrollama_jax.perf.flops``,
 and that the PyTorch reference computes as the config says (dtypes, fused AdamW, remat), with no
 ratio printed where it cannot.
 """
@@ -16,14 +16,15 @@ import sys
 import jax
 import pytest
 
-from astrollama_jax import bench, flops
+from astrollama_jax.commands import bench
 from astrollama_jax.model.config import get_config
+from astrollama_jax.perf import flops
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _run_bench(*flag_args: str, tmp_path) -> tuple[dict, str, list[str]]:
-  """Run ``python -m astrollama_jax.bench`` on one CPU device: (last JSON line, stdout,
+  """Run ``python -m astrollama_jax bench`` on one CPU device: (last JSON line, stdout,
   --output lines)."""
   out_file = tmp_path / "bench.jsonl"
   env = dict(
@@ -36,7 +37,8 @@ def _run_bench(*flag_args: str, tmp_path) -> tuple[dict, str, list[str]]:
   cmd = [
     sys.executable,
     "-m",
-    "astrollama_jax.bench",
+    "astrollama_jax",
+    "bench",
     "--config=configs/bench.py:tiny",
     "--config.mesh=(1,1,1)",
     "--steps=2",

@@ -12,12 +12,12 @@ from hf_reference import TINY_GQA, save_hf_model
 import jax
 import pytest
 
-from astrollama_jax.chat import HELP, ChatSession, TextStream, run_repl
+from astrollama_jax.commands.chat import HELP, ChatSession, TextStream, run_repl
 from astrollama_jax.data.chat_formats import Conversation
 from astrollama_jax.data.chat_template import build_prompt_ids
 from astrollama_jax.data.tokenizer import Tokenizer
 from astrollama_jax.formats import hf
-from astrollama_jax.generate import generate
+from astrollama_jax.generation import generate
 
 NEW = 24  # as in test_generate: the same compiled shapes serve both modules and the subprocesses
 
@@ -131,14 +131,14 @@ def test_text_stream_holds_back_partial_characters_and_stop_strings(tokenizer_pa
   assert "".join(pieces).endswith("R☉ ")
 
 
-def _run(module, *args, stdin=None):
+def _run(command, *args, stdin=None):
   env = dict(
     os.environ,
     JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
     JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5",
   )
   return subprocess.run(
-    [sys.executable, "-m", module, *args],
+    [sys.executable, "-m", "astrollama_jax", command, *args],
     input=stdin,
     capture_output=True,
     text=True,
@@ -151,7 +151,7 @@ def _run(module, *args, stdin=None):
 def test_chat_cli_over_piped_stdin(model):
   folder = model[0]
   proc = _run(
-    "astrollama_jax.chat",
+    "chat",
     f"--checkpoint={folder}",
     "--temperature=0",
     f"--max_new_tokens={NEW}",
@@ -179,7 +179,7 @@ def test_generate_cli_jsonl(model, tmp_path):
   src.write_text("".join(json.dumps({"id": i, "prompt": p}) + "\n" for i, p in enumerate(prompts)))
   out = tmp_path / "out.jsonl"
   proc = _run(
-    "astrollama_jax.generate",
+    "generate",
     f"--checkpoint={folder}",
     f"--prompts_file={src}",
     f"--output={out}",
@@ -207,7 +207,7 @@ def test_generate_cli_jsonl(model, tmp_path):
 def test_generate_cli_names_the_bad_line(model, tmp_path):
   src = tmp_path / "bad.jsonl"
   src.write_text('{"prompt": "fine"}\n{"text": "no prompt field"}\n')
-  proc = _run("astrollama_jax.generate", f"--checkpoint={model[0]}", f"--prompts_file={src}")
+  proc = _run("generate", f"--checkpoint={model[0]}", f"--prompts_file={src}")
   assert proc.returncode != 0
   assert f"{src}:2" in proc.stderr and "'prompt'" in proc.stderr
 
@@ -221,7 +221,8 @@ def test_undecodable_input_gets_an_error_line_not_a_crash(model, tmp_path):
     [
       sys.executable,
       "-m",
-      "astrollama_jax.chat",
+      "astrollama_jax",
+      "chat",
       f"--checkpoint={folder}",
       "--temperature=0",
       f"--max_new_tokens={NEW}",
@@ -245,6 +246,6 @@ def test_undecodable_input_gets_an_error_line_not_a_crash(model, tmp_path):
     (["--prompt=x", "--temperature=nan"], "temperature must be a finite number"),
     (["--prompt=x", f"--output={tmp_path}"], "is a folder"),
   ):
-    proc = _run("astrollama_jax.generate", f"--checkpoint={folder}", *args)
+    proc = _run("generate", f"--checkpoint={folder}", *args)
     assert proc.returncode == 1 and needle in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from astrollama_jax.data import chat, chat_formats, chat_template, shards
+from astrollama_jax.data import chat_dataset, chat_formats, chat_template, shards
 from astrollama_jax.data.chat_formats import ChatFormatError, Conversation
 from astrollama_jax.data.tokenizer import Tokenizer
 
@@ -420,23 +420,23 @@ def test_mix_sources_counts_weights_and_determinism(tmp_path):
   spec = [
     (str(a), "lima", 12, None),
     dict(path=str(b), format="auto", weight=0.5),
-    chat.ChatSource(str(c)),
+    chat_dataset.ChatSource(str(c)),
   ]
   report = {}
-  mixed = chat.mix_sources(spec, seed=3, report=report)
+  mixed = chat_dataset.mix_sources(spec, seed=3, report=report)
   ids = [m.id for m in mixed]
   assert sum(i.startswith("a") for i in ids) == 12 and sum(i.startswith("b") for i in ids) == 5
   assert sorted(i for i in ids if i.startswith("c")) == ["c0", "c1", "c2", "c3"]
   assert len(set(ids)) == len(ids) == 21
   assert report[str(a)] == {"ok": 30, "taken": 12}
-  assert ids == [m.id for m in chat.mix_sources(spec, seed=3)]
-  assert ids != [m.id for m in chat.mix_sources(spec, seed=4)]
+  assert ids == [m.id for m in chat_dataset.mix_sources(spec, seed=3)]
+  assert ids != [m.id for m in chat_dataset.mix_sources(spec, seed=4)]
   assert ids[:12] != sorted(ids[:12])  # shuffled across sources
   # A source's picks do not depend on the other sources.
-  alone = {m.id for m in chat.mix_sources([spec[0]], seed=3)}
+  alone = {m.id for m in chat_dataset.mix_sources([spec[0]], seed=3)}
   assert alone == {i for i in ids if i.startswith("a")}
   # Asking for more than there is repeats the source, each conversation at most twice here.
-  over = [m.id for m in chat.mix_sources([(str(c), "auto", 7, None)], seed=0)]
+  over = [m.id for m in chat_dataset.mix_sources([(str(c), "auto", 7, None)], seed=0)]
   assert (
     len(over) == 7
     and set(over) == {"c0", "c1", "c2", "c3"}
@@ -447,16 +447,16 @@ def test_mix_sources_counts_weights_and_determinism(tmp_path):
 def test_mix_sources_rejects_bad_specs(tmp_path):
   a = _numbered_source(tmp_path / "a.jsonl", 3, "a")
   with pytest.raises(ValueError, match="not both"):
-    chat.mix_sources([(str(a), "auto", 1, 1.0)], seed=0)
+    chat_dataset.mix_sources([(str(a), "auto", 1, 1.0)], seed=0)
   with pytest.raises(ValueError, match="unknown format"):
-    chat.mix_sources([(str(a), "alpaca", None, None)], seed=0)
+    chat_dataset.mix_sources([(str(a), "alpaca", None, None)], seed=0)
   with pytest.raises(ValueError, match="unknown keys"):
-    chat.mix_sources([dict(path=str(a), cnt=3)], seed=0)
+    chat_dataset.mix_sources([dict(path=str(a), cnt=3)], seed=0)
   with pytest.raises(FileNotFoundError, match="nope.jsonl"):
-    chat.mix_sources([(str(tmp_path / "nope.jsonl"),)], seed=0)
+    chat_dataset.mix_sources([(str(tmp_path / "nope.jsonl"),)], seed=0)
   empty = _write_jsonl(tmp_path / "empty.jsonl", ["{}"])
   with pytest.raises(ValueError, match="no readable conversations"):
-    chat.mix_sources([(str(empty), "auto", 2, None)], seed=0)
+    chat_dataset.mix_sources([(str(empty), "auto", 2, None)], seed=0)
 
 
 def test_sft_config_fields():
@@ -479,7 +479,7 @@ def test_sft_config_fields():
     "openorca",
     "ultrachat",
   ]
-  assert [chat.ChatSource.of(s).count for s in config.data.sft.sources] == counts
+  assert [chat_dataset.ChatSource.of(s).count for s in config.data.sft.sources] == counts
   assert config.train.global_batch_size == 48 and config.schedule.warmup_ratio == 0.03
   assert (
     config.schedule.learning_rate == 2e-5
@@ -519,13 +519,13 @@ def test_sft_dataset_batches_shards_and_resumes(tok):
   seq_len, batch_size = 192, 2
   # every example the mixture can produce, keyed by its tokens
   examples = {}
-  for conv in chat.mix_sources(sources, seed=5):
+  for conv in chat_dataset.mix_sources(sources, seed=5):
     ex = chat_template.encode_for_training(tok, conv, seq_len)
     examples[tuple(ex["tokens"].tolist())] = (ex["targets"].tolist(), ex["loss_mask"].tolist())
 
   seen = []
   for process in range(2):
-    ds = chat.make_sft_dataset(
+    ds = chat_dataset.make_sft_dataset(
       sources, TOKENIZER, seq_len, batch_size, seed=5, process_index=process, process_count=2
     )
     batches = list(ds)
@@ -545,14 +545,16 @@ def test_sft_dataset_batches_shards_and_resumes(tok):
   )  # each once; a partial last batch is dropped
 
   # Iterator state: stop after two batches, restore in a fresh iterator, get the same rest.
-  ds = chat.make_sft_dataset(sources, TOKENIZER, seq_len, batch_size, seed=5, num_epochs=None)
+  ds = chat_dataset.make_sft_dataset(
+    sources, TOKENIZER, seq_len, batch_size, seed=5, num_epochs=None
+  )
   it = iter(ds)
   for _ in range(2):
     next(it)
   state = it.get_state()
   expected = [next(it) for _ in range(3)]
   it2 = iter(
-    chat.make_sft_dataset(sources, TOKENIZER, seq_len, batch_size, seed=5, num_epochs=None)
+    chat_dataset.make_sft_dataset(sources, TOKENIZER, seq_len, batch_size, seed=5, num_epochs=None)
   )
   it2.set_state(state)
   for want in expected:
@@ -570,7 +572,7 @@ def test_sft_data_shards_resume_on_another_process_count():
   def its(processes: int) -> list:
     return [
       iter(
-        chat.make_sft_dataset(
+        chat_dataset.make_sft_dataset(
           sources,
           TOKENIZER,
           192,

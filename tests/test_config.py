@@ -12,7 +12,7 @@ from helpers import REPO, train_env
 import pytest
 
 from astrollama_jax.model.config import POLICY_FIELDS, LlamaConfig
-from astrollama_jax.train import setup
+from astrollama_jax.train import resolve
 from astrollama_jax.train.defaults import base_config
 
 CONFIGS = {
@@ -83,21 +83,21 @@ def test_inputs_a_kind_needs_are_named(tmp_path):
   with pytest.raises(
     ValueError, match=r"config.data.kind 'corpus' is not one of \('lm', 'sft', 'synthetic'\)"
   ):
-    setup.check_inputs(config, str(tmp_path))
+    resolve.check_inputs(config, str(tmp_path))
   config.data.kind = "sft"
   with pytest.raises(
     ValueError,
     match=r"'sft' run needs: pass --config.data.sft.sources .* and "
     r"--config.data.tokenizer_path=FILE",
   ):
-    setup.check_inputs(config, str(tmp_path))
+    resolve.check_inputs(config, str(tmp_path))
   config.data.kind = "synthetic"
-  setup.check_inputs(config, str(tmp_path))  # needs nothing
+  resolve.check_inputs(config, str(tmp_path))  # needs nothing
 
 
 def _train_error(*args):
   out = subprocess.run(
-    [sys.executable, "-m", "astrollama_jax.train", *args],
+    [sys.executable, "-m", "astrollama_jax", "train", *args],
     cwd=REPO,
     env=train_env(1),
     capture_output=True,
@@ -122,7 +122,7 @@ def test_saved_config_json_reads_back(tmp_path):
 
   config = _module("demo_sft.py").get_config()
   config.init_checkpoint = ""
-  setup.bootstrap_workdir(str(tmp_path), config, get_config("tiny"), None)
+  resolve.bootstrap_workdir(str(tmp_path), config, get_config("tiny"), None)
   saved = json.loads((tmp_path / "config.json").read_text())
   assert saved["init_checkpoint"] == "" and saved["data"]["kind"] == "sft"
   assert saved["data"]["sft"]["sources"][0]["format"] == "sharegpt"

@@ -212,7 +212,8 @@ def test_prepare_cli_is_deterministic_with_workers(tmp_path):
     cmd = [
       sys.executable,
       "-m",
-      "astrollama_jax.prepare",
+      "astrollama_jax",
+      "prepare",
       f"--source={DEMO_CORPUS},{subset}",
       f"--output={out}",
       "--workers=2",
@@ -229,7 +230,8 @@ def test_prepare_cli_is_deterministic_with_workers(tmp_path):
     [
       sys.executable,
       "-m",
-      "astrollama_jax.prepare",
+      "astrollama_jax",
+      "prepare",
       f"--source={tmp_path}/missing.jsonl",
       f"--output={tmp_path}/c",
     ],

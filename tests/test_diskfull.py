@@ -21,12 +21,13 @@ import numpy as np
 from orbax.checkpoint.experimental import v1
 import pytest
 
-from astrollama_jax import checkpoints, diskspace
-from astrollama_jax.convert.__main__ import convert
+from astrollama_jax.checkpoints import store
+from astrollama_jax.commands.convert import convert
+from astrollama_jax.commands.export import export
 from astrollama_jax.data import corpus
-from astrollama_jax.export import export
 from astrollama_jax.formats import hf
 from astrollama_jax.model import llama
+from astrollama_jax.util import diskspace
 
 CFG = TINY_GQA
 
@@ -115,13 +116,13 @@ def test_export_disk_full_mid_write_removes_the_partial_folder(params, tmp_path,
 def test_export_refuses_up_front_when_the_disk_is_too_small(
   params, tmp_path, monkeypatch, tokenizer_path
 ):
-  converted = checkpoints.save_params(str(tmp_path / "ckpt"), CFG, params, tokenizer_path)
+  converted = store.save_params(str(tmp_path / "ckpt"), CFG, params, tokenizer_path)
 
   def never(*a, **k):
     raise AssertionError("nothing may be restored or written")
 
-  monkeypatch.setattr(checkpoints, "load_model", never)
-  monkeypatch.setattr(checkpoints, "open_model", never)
+  monkeypatch.setattr(store, "load_model", never)
+  monkeypatch.setattr(store, "open_model", never)
   monkeypatch.setattr(hf, "_ShardWriter", never)
   _tiny_disk(monkeypatch)
   out = tmp_path / "hf"
@@ -162,7 +163,7 @@ def test_convert_disk_full_mid_write_and_up_front(params, tmp_path, monkeypatch,
   with pytest.raises(
     diskspace.DiskFullError, match=f"disk full: cannot write the output folder {out}: "
   ):
-    checkpoints.save_params(str(out), CFG, params, tokenizer_path)
+    store.save_params(str(out), CFG, params, tokenizer_path)
   assert sorted(os.listdir(tmp_path)) == ["src"]
 
   monkeypatch.undo()
@@ -173,7 +174,7 @@ def test_convert_disk_full_mid_write_and_up_front(params, tmp_path, monkeypatch,
   ):
     convert("hf", str(src), str(out), tokenizer=tokenizer_path, show_progress=False)
   with pytest.raises(diskspace.DiskFullError, match="but only 1000 bytes is free"):
-    checkpoints.save_params(str(out), CFG, params, tokenizer_path)
+    store.save_params(str(out), CFG, params, tokenizer_path)
   assert sorted(os.listdir(tmp_path)) == ["src"]
 
 
@@ -219,7 +220,7 @@ def test_prepare_disk_full_keeps_the_previous_dataset(tmp_path, monkeypatch, whe
 
 
 def test_a_run_refuses_to_start_without_room_for_one_checkpoint(tmp_path, monkeypatch):
-  from astrollama_jax.train.checkpointing import Checkpointer
+  from astrollama_jax.train.run_state import Checkpointer
 
   ckpt = Checkpointer(str(tmp_path / "run"))
   try:
@@ -238,7 +239,7 @@ def test_a_run_refuses_to_start_without_room_for_one_checkpoint(tmp_path, monkey
 
 # Runs the train command with Orbax's checkpoint save failing (ENOSPC) for one checkpoint step.
 DRIVER = r"""
-import errno, os, runpy, sys
+import errno, os, sys
 import orbax.checkpoint as ocp
 real, step = ocp.CheckpointManager.save, int(os.environ["FAIL_CHECKPOINT_STEP"])
 def save(self, at_step, *args, **kwargs):
@@ -246,8 +247,8 @@ def save(self, at_step, *args, **kwargs):
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
   return real(self, at_step, *args, **kwargs)
 ocp.CheckpointManager.save = save
-sys.argv = ["astrollama_jax.train", *sys.argv[1:]]
-runpy.run_module("astrollama_jax.train", run_name="__main__", alter_sys=True)
+from astrollama_jax.commands import start
+start("train", ["astrollama_jax train", *sys.argv[1:]])
 """
 
 
@@ -274,9 +275,9 @@ def test_train_checkpoint_on_a_full_disk_keeps_the_previous_one_and_resumes(tmp_
     "from step 3" in proc.stderr
   )
   assert os.listdir(ckpt_dir) == ["3"]  # step 6's temporary folder is gone, step 3 is intact
-  loaded = checkpoints.load_model(str(workdir), on_host=True)
+  loaded = store.load_model(str(workdir), on_host=True)
   assert loaded.step == 3 and loaded.cfg.dim == 64
 
   summary = finish(start(cmd, 1, log), log)
   assert summary["resumed_from"] == 3 and summary["final_step"] == 9, tail(log)
-  assert checkpoints.load_model(str(workdir), on_host=True).step == 9
+  assert store.load_model(str(workdir), on_host=True).step == 9

@@ -28,9 +28,9 @@ from helpers import (
 )
 import pytest
 
-from astrollama_jax.data.chat import mix_sources
+from astrollama_jax.data.chat_dataset import mix_sources
 from astrollama_jax.data.chat_formats import load_conversations
-from astrollama_jax.feedback import export
+from astrollama_jax.feedback import datasets
 from astrollama_jax.feedback.store import FeedbackStore
 
 openai = pytest.importorskip("openai")
@@ -198,7 +198,7 @@ def add(
 
 def feedback_cli(*args):
   return subprocess.run(
-    [sys.executable, "-m", "astrollama_jax.feedback", *args],
+    [sys.executable, "-m", "astrollama_jax", "feedback", *args],
     cwd=REPO,
     capture_output=True,
     text=True,
@@ -250,7 +250,7 @@ def test_export_and_stats(tmp_path):
   mixed = mix_sources([source], seed=0)
   assert len(mixed) == 6 and {c.turns[-1][1] for c in mixed} == {c.turns[-1][1] for c in convs}
 
-  assert len(export.sft_conversations(store.rows(latest_per_answer=True), 5)) == 3  # c0, c1, c2
+  assert len(datasets.sft_conversations(store.rows(latest_per_answer=True), 5)) == 3  # c0, c1, c2
   proc = feedback_cli("stats", f"--db={store.path}")
   assert proc.returncode == 0, proc.stderr[-2000:]
   stats = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -307,7 +307,7 @@ def run_sft_round(workdir, init_checkpoint, export_path, tokenizer_path, steps: 
   )
   log = workdir.parent / f"{workdir.name}.log"
   proc = start(
-    [sys.executable, "-m", "astrollama_jax.train", f"--config={config}", f"--workdir={workdir}"],
+    [sys.executable, "-m", "astrollama_jax", "train", f"--config={config}", f"--workdir={workdir}"],
     1,
     log,
   )
@@ -322,7 +322,8 @@ def test_a_feedback_round_lowers_the_loss_on_the_corrections(folder, tmp_path, t
     [
       sys.executable,
       "-m",
-      "astrollama_jax.convert",
+      "astrollama_jax",
+      "convert",
       "--source_format=hf",
       f"--source={folder}",
       f"--output={ckpt}",
@@ -341,7 +342,7 @@ def test_a_feedback_round_lowers_the_loss_on_the_corrections(folder, tmp_path, t
       status, _ = rate(srv, answer.id, 1, correction, ["hallucination"])
       assert status == 200
   out = tmp_path / "feedback_sft.jsonl"
-  summary = export.export(store, str(out), str(tmp_path / "pairs.jsonl"))
+  summary = datasets.export(store, str(out), str(tmp_path / "pairs.jsonl"))
   assert summary["conversations"] == len(CORRECTED) and summary["pairs"] == len(CORRECTED)
   exported = load_conversations(out, "sharegpt")[0]
   assert [c.turns[-1][1] for c in exported] == [a for _, a in CORRECTED]

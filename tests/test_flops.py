@@ -2,8 +2,8 @@
 
 import pytest
 
-from astrollama_jax import flops
 from astrollama_jax.model.config import get_config
+from astrollama_jax.perf import flops
 
 
 def test_llama2_7b_flops_per_token_by_hand():

@@ -12,8 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 import pytest
 
-from astrollama_jax import make_qa
-from astrollama_jax.chat import run_repl
+from astrollama_jax.commands import make_qa
+from astrollama_jax.commands.chat import run_repl
 from astrollama_jax.data import chat_formats, latex
 
 FAST = settings(max_examples=150, deadline=2000, suppress_health_check=[HealthCheck.too_slow])

@@ -10,7 +10,7 @@ import torch
 from astrollama_jax import sharding
 from astrollama_jax.data.tokenizer import Tokenizer
 from astrollama_jax.formats import hf
-from astrollama_jax.generate import bucket, generate, sample_logits
+from astrollama_jax.generation import bucket, generate, sample_logits
 
 N = 24  # new tokens; every test uses the same bucket so compiled programs are shared
 

@@ -25,8 +25,9 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from astrollama_jax import harness as harness_cli  # noqa: E402
+from astrollama_jax.commands import harness as harness_cli  # noqa: E402
 from astrollama_jax.data.chat_template import write_hf_tokenizer_files  # noqa: E402
+from astrollama_jax.errors import UserError
 from astrollama_jax.eval import compare  # noqa: E402
 
 lm_eval = pytest.importorskip("lm_eval")
@@ -147,7 +148,7 @@ def _evaluate(model, model_args, root, tasks, **kw):
 @pytest.fixture(scope="module")
 def both(setup):
   """lm-eval's results through hf and through astrollama, run from the data's folder."""
-  from astrollama_jax.eval.harness import AstroLlamaLM
+  from astrollama_jax.eval.lm_eval_model import AstroLlamaLM
 
   torch.set_num_threads(1)
   cwd = os.getcwd()
@@ -315,7 +316,8 @@ def test_unknown_task_is_one_error_line(setup, tokenizer_path):
     [
       sys.executable,
       "-m",
-      "astrollama_jax.harness",
+      "astrollama_jax",
+      "harness",
       f"--checkpoint={setup / 'hf'}",
       "--tasks=astro_mcq,no_such_task_xyz",
       f"--output={setup / 'bad_out'}",
@@ -346,7 +348,8 @@ def test_two_processes_give_the_single_process_results(setup, both, tmp_path, to
     cmd = [
       sys.executable,
       "-m",
-      "astrollama_jax.harness",
+      "astrollama_jax",
+      "harness",
       f"--checkpoint={setup / 'hf'}",
       f"--tokenizer={tokenizer_path}",
       f"--tasks={','.join(tasks)}",
@@ -392,7 +395,7 @@ def test_model_args_string_builds_the_registered_model(setup):
   """``simple_evaluate(model="astrollama", model_args="checkpoint=...")`` goes this way."""
   from lm_eval.api.registry import get_model
 
-  import astrollama_jax.eval.harness  # noqa: F401  (registers the model)
+  import astrollama_jax.eval.lm_eval_model  # noqa: F401  (registers the model)
 
   lm = get_model("astrollama").create_from_arg_string(
     f"checkpoint={setup / 'hf'},compute_dtype=float32,max_length=32",
@@ -406,10 +409,9 @@ def test_model_args_string_builds_the_registered_model(setup):
 
 
 def test_bad_include_path_and_limit_are_user_errors(tmp_path):
-  from astrollama_jax import cli
 
-  with pytest.raises(cli.UserError, match="not a folder"):
+  with pytest.raises(UserError, match="not a folder"):
     harness_cli.task_manager([str(tmp_path / "nope")])
-  with pytest.raises(cli.UserError, match="--limit"):
+  with pytest.raises(UserError, match="--limit"):
     harness_cli._limit(0)
   assert harness_cli._limit(3.0) == 3 and harness_cli._limit(0.5) == 0.5

@@ -17,7 +17,7 @@ from helpers import REPO
 
 from astrollama_jax.train import exit_codes
 
-# Stands in for `python -m astrollama_jax.train ...`: exits FAKE_RC_<process id> (default 0), or 75
+# Stands in for `python -m astrollama_jax train ...`: exits FAKE_RC_<process id> (default 0), or 75
 # on SIGTERM (as the trainer does after its checkpoint), after WAIT seconds.
 TRAINER = """#!/usr/bin/env bash
 id=${FAKE_ID:-0}

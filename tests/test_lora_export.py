@@ -12,8 +12,8 @@ from safetensors import safe_open
 import torch
 import transformers
 
-from astrollama_jax import checkpoints
-from astrollama_jax.export import export
+from astrollama_jax.checkpoints import store
+from astrollama_jax.commands.export import export
 from astrollama_jax.formats import peft as peft_io
 from astrollama_jax.model import llama, lora
 from astrollama_jax.train import loop
@@ -98,9 +98,9 @@ def test_peft_loads_the_adapter_and_matches_the_merged_folder(lora_run, tokenize
   assert np.abs(a - c).max() > 1e-3  # the adapters change the model
 
   # And our own forward with the adapters as a branch (no merge) gives the same logits.
-  loaded = checkpoints.load_model(str(base), on_host=True)
+  loaded = store.load_model(str(base), on_host=True)
   cfg = loaded.cfg.replace(compute_dtype="float32")
-  from astrollama_jax import lora_base
+  from astrollama_jax.checkpoints import lora_base
 
   step = max(int(n) for n in os.listdir(workdir / "checkpoints") if n.isdigit())
   adapters = lora_base.restore_adapters(str(workdir / "checkpoints" / str(step) / "params"))
@@ -111,10 +111,10 @@ def test_peft_loads_the_adapter_and_matches_the_merged_folder(lora_run, tokenize
 
 def test_load_model_on_a_lora_workdir_merges(lora_run):
   base, workdir, merged, _ = lora_run
-  loaded = checkpoints.load_model(str(workdir))
+  loaded = store.load_model(str(workdir))
   assert loaded.kind == "workdir" and loaded.step == 4 and loaded.tokenizer_path
-  exported = checkpoints.load_model(merged["output"], on_host=True)
-  base_params = checkpoints.load_model(str(base), on_host=True).params
+  exported = store.load_model(merged["output"], on_host=True)
+  base_params = store.load_model(str(base), on_host=True).params
   for path, want in jax.tree_util.tree_flatten_with_path(exported.params)[0]:
     name = jax.tree_util.keystr(path)
     got, orig = np.asarray(_at(loaded.params, path)), np.asarray(_at(base_params, path))
@@ -142,7 +142,8 @@ def _generate(checkpoint, output):
     [
       sys.executable,
       "-m",
-      "astrollama_jax.generate",
+      "astrollama_jax",
+      "generate",
       f"--checkpoint={checkpoint}",
       "--prompt=The Hubble constant",
       "--prompt=Dark matter halos",
@@ -209,7 +210,8 @@ def test_the_export_command_writes_both_folders_and_refuses_an_adapter_of_a_full
       [
         sys.executable,
         "-m",
-        "astrollama_jax.export",
+        "astrollama_jax",
+        "export",
         f"--checkpoint={checkpoint}",
         f"--output={tmp_path / name}",
         f"--peft_adapter={tmp_path / (name + '_adapter')}",

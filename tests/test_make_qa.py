@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from astrollama_jax import make_qa
+from astrollama_jax.commands import make_qa
 from astrollama_jax.data.chat_formats import load_conversations
 
 GOOD_DIALOGUE = {
@@ -372,7 +372,8 @@ def test_cli(tmp_path):
       [
         sys.executable,
         "-m",
-        "astrollama_jax.make_qa",
+        "astrollama_jax",
+        "make_qa",
         f"--abstracts={abstracts}",
         f"--output={out}",
         f"--endpoint={server.url}/v1",

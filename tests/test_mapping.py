@@ -13,10 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from astrollama_jax import checkpoints
-from astrollama_jax.convert import meta
-from astrollama_jax.convert.__main__ import convert
-from astrollama_jax.formats import hf, mapping
+from astrollama_jax.checkpoints import store
+from astrollama_jax.commands.convert import convert
+from astrollama_jax.formats import hf, mapping, meta
 from astrollama_jax.formats.mapping import ConversionError
 from astrollama_jax.model import llama
 
@@ -120,7 +119,7 @@ def test_an_index_pointing_outside_the_folder_is_refused(
     )
   assert not (tmp_path / "out").exists()
   with pytest.raises(ConversionError, match=match):
-    checkpoints.load_model(str(hf_folder))
+    store.load_model(str(hf_folder))
 
 
 def test_convert_command_reports_an_outside_index_in_one_line(hf_folder, tmp_path, tokenizer_path):
@@ -129,7 +128,8 @@ def test_convert_command_reports_an_outside_index_in_one_line(hf_folder, tmp_pat
     [
       sys.executable,
       "-m",
-      "astrollama_jax.convert",
+      "astrollama_jax",
+      "convert",
       "--source_format=hf",
       f"--source={hf_folder}",
       f"--output={tmp_path / 'out'}",

@@ -5,7 +5,7 @@ import subprocess
 import sys
 import textwrap
 
-from astrollama_jax import memory
+from astrollama_jax.perf import memory
 
 MIB = 1 << 20
 

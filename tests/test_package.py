@@ -13,7 +13,7 @@ import sysconfig
 from helpers import REPO, train_env
 import pytest
 
-from astrollama_jax import resources
+from astrollama_jax.util import resources
 
 
 def test_resources_are_found_in_the_checkout():
@@ -107,7 +107,7 @@ def test_installed_demo_runs_from_another_folder(installed, tmp_path, tokenizer_
     [
       str(installed / "bin" / "python"),
       "-c",
-      "import astrollama_jax, astrollama_jax.resources as r; "
+      "import astrollama_jax, astrollama_jax.util.resources as r; "
       "print(astrollama_jax.__file__); print(r.path('configs', 'demo.py'))",
     ],
     cwd=elsewhere,

@@ -14,7 +14,7 @@ import pathlib
 from helpers import SYNTHETIC, records, start, tail, train_cmd
 import pytest
 
-from astrollama_jax.train import checkpointing, loop
+from astrollama_jax.train import loop, run_state
 from astrollama_jax.train.defaults import base_config
 
 
@@ -56,7 +56,7 @@ def run6(tmp_path):
 def _fail_first(monkeypatch, n: int, error: Exception) -> list[int]:
   """Make the first ``n`` array restores raise ``error``; returns the list of attempts."""
   calls: list[int] = []
-  real = checkpointing.Checkpointer._restore_items
+  real = run_state.Checkpointer._restore_items
 
   def flaky(self, step, target, data_iter):
     calls.append(step)
@@ -64,8 +64,8 @@ def _fail_first(monkeypatch, n: int, error: Exception) -> list[int]:
       raise error
     return real(self, step, target, data_iter)
 
-  monkeypatch.setattr(checkpointing.Checkpointer, "_restore_items", flaky)
-  monkeypatch.setattr(checkpointing, "RETRY_DELAY_S", 0.01)
+  monkeypatch.setattr(run_state.Checkpointer, "_restore_items", flaky)
+  monkeypatch.setattr(run_state, "RETRY_DELAY_S", 0.01)
   return calls
 
 
@@ -80,7 +80,7 @@ def test_transient_io_errors_are_retried_and_the_run_resumes(run6, monkeypatch):
 def test_persistent_io_errors_stop_and_leave_the_checkpoint(run6, monkeypatch):
   calls = _fail_first(monkeypatch, 100, ValueError("UNAVAILABLE: Error reading local file"))
   with pytest.raises(
-    checkpointing.TransientRestoreError,
+    run_state.TransientRestoreError,
     match=r"checkpoints/6 could not be read "
     r"after 5 attempts .*left in place",
   ):
@@ -92,12 +92,12 @@ def test_persistent_io_errors_stop_and_leave_the_checkpoint(run6, monkeypatch):
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
 def test_an_unreadable_file_is_transient_not_corrupt(run6, monkeypatch):
-  monkeypatch.setattr(checkpointing, "RETRY_DELAY_S", 0.01)
+  monkeypatch.setattr(run_state, "RETRY_DELAY_S", 0.01)
   files = [p for p in (run6 / "checkpoints" / "6" / "params").rglob("*") if p.is_file()]
   for f in files:
     f.chmod(0)
   try:
-    with pytest.raises(checkpointing.TransientRestoreError):
+    with pytest.raises(run_state.TransientRestoreError):
       loop.train(_config(8), str(run6))
   finally:
     for f in files:
@@ -106,14 +106,14 @@ def test_an_unreadable_file_is_transient_not_corrupt(run6, monkeypatch):
 
 
 def test_errno_and_message_classification():
-  assert checkpointing.is_transient(OSError(errno.EIO, "io"))
-  assert checkpointing.is_transient(PermissionError(errno.EACCES, "denied"))
-  assert checkpointing.is_transient(TimeoutError())
+  assert run_state.is_transient(OSError(errno.EIO, "io"))
+  assert run_state.is_transient(PermissionError(errno.EACCES, "denied"))
+  assert run_state.is_transient(TimeoutError())
   wrapped = RuntimeError("restore failed")
   wrapped.__cause__ = ValueError("DEADLINE_EXCEEDED: reading chunk")
-  assert checkpointing.is_transient(wrapped)
-  assert not checkpointing.is_transient(FileNotFoundError(errno.ENOENT, "gone"))
-  assert not checkpointing.is_transient(ValueError("DATA_LOSS: Error decoding manifest"))
+  assert run_state.is_transient(wrapped)
+  assert not run_state.is_transient(FileNotFoundError(errno.ENOENT, "gone"))
+  assert not run_state.is_transient(ValueError("DATA_LOSS: Error decoding manifest"))
 
 
 def test_another_optimizer_layout_stops_before_touching_anything(run6):
@@ -121,7 +121,7 @@ def test_another_optimizer_layout_stops_before_touching_anything(run6):
   config = _config(8)
   config.optimizer.moments_dtype = "bfloat16"
   with pytest.raises(
-    checkpointing.IncompatibleCheckpointError,
+    run_state.IncompatibleCheckpointError,
     match=r"checkpoints/6 does not fit this run: the optimizer state layout "
     r"differs: .*mu.* is float32\[.*\] in the checkpoint, bfloat16\[.*\] "
     r"in this run",
@@ -134,11 +134,11 @@ def test_another_optimizer_layout_stops_before_touching_anything(run6):
 
 def test_another_data_source_stops_naming_the_key(run6):
   with pytest.raises(
-    checkpointing.IncompatibleCheckpointError, match=r"data.seed is 0 in the checkpoint, 5 now"
+    run_state.IncompatibleCheckpointError, match=r"data.seed is 0 in the checkpoint, 5 now"
   ):
     loop.train(_config(8, **{"data.seed": 5}), str(run6))
   with pytest.raises(
-    checkpointing.IncompatibleCheckpointError,
+    run_state.IncompatibleCheckpointError,
     match=r"train.global_batch_size is 8 in the checkpoint, 16 now",
   ):
     loop.train(_config(8, **{"train.global_batch_size": 16}), str(run6))
@@ -160,7 +160,7 @@ def test_truncated_bytes_fall_back_and_all_corrupt_never_starts_from_zero(run6):
   for step in _steps(run6):
     _truncate(run6 / "checkpoints" / str(step))
   with pytest.raises(
-    checkpointing.NoUsableCheckpointError, match="no checkpoint in .* could be restored"
+    run_state.NoUsableCheckpointError, match="no checkpoint in .* could be restored"
   ):
     loop.train(_config(9), str(run6))
   assert max(r["step"] for r in records(run6, "train")) == 7  # nothing ran from step 0
@@ -205,9 +205,9 @@ def test_the_command_exits_non_zero_with_one_line_for_another_optimizer(tmp_path
 
 
 def test_a_per_process_data_position_cannot_move_to_another_process_count(tmp_path):
-  ckpt = checkpointing.Checkpointer(str(tmp_path), async_save=False)
+  ckpt = run_state.Checkpointer(str(tmp_path), async_save=False)
   try:
-    folder = tmp_path / "checkpoints" / "4" / checkpointing.DATA_ITER_DIR
+    folder = tmp_path / "checkpoints" / "4" / run_state.DATA_ITER_DIR
     folder.mkdir(parents=True)
     for i, state in enumerate(['{"next_index": 4}', '{"next_index": 4}']):
       (folder / f"process_{i}-of-2.json").write_text(state)
@@ -219,9 +219,9 @@ def test_a_per_process_data_position_cannot_move_to_another_process_count(tmp_pa
 
 
 def test_a_position_kept_per_data_shard_regathers_onto_another_process_count(tmp_path):
-  ckpt = checkpointing.Checkpointer(str(tmp_path), async_save=False)
+  ckpt = run_state.Checkpointer(str(tmp_path), async_save=False)
   try:
-    folder = tmp_path / "checkpoints" / "4" / checkpointing.DATA_ITER_DIR
+    folder = tmp_path / "checkpoints" / "4" / run_state.DATA_ITER_DIR
     folder.mkdir(parents=True)
     saved = [{"shards": {"0": {"i": 0}, "1": {"i": 1}}}, {"shards": {"2": {"i": 2}, "3": {"i": 3}}}]
     for i, state in enumerate(saved):

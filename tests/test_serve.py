@@ -25,7 +25,7 @@ from helpers import (
 import pytest
 import torch
 
-from astrollama_jax.generate import generate
+from astrollama_jax.generation import generate
 
 openai = pytest.importorskip("openai")
 

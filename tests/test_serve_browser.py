@@ -15,7 +15,7 @@ from helpers import NEW, load, make_chat_hf_folder, running
 import pytest
 
 from astrollama_jax.feedback.store import FeedbackStore
-from astrollama_jax.generate import GenerationResult
+from astrollama_jax.generation import GenerationResult
 
 CHROMIUM, DRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 if not (os.path.exists(CHROMIUM) and os.path.exists(DRIVER)):

@@ -5,7 +5,7 @@ The compile test needs the ``libtpu`` package (no TPU): it is skipped, saying so
 
 import pytest
 
-from astrollama_jax import tpu_plan
+from astrollama_jax.perf import tpu_plan
 from astrollama_jax.train.defaults import base_config
 
 
@@ -114,7 +114,7 @@ def test_aot_command_compiles_for_a_topology():
     "--config.train.global_batch_size=8",
   ]
   out = subprocess.run(
-    [sys.executable, "-m", "astrollama_jax.aot", *args],
+    [sys.executable, "-m", "astrollama_jax", "aot", *args],
     cwd=REPO,
     env=train_env(1),
     capture_output=True,

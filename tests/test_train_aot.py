@@ -10,7 +10,7 @@ import pytest
 
 def _aot(*args: str) -> dict:
   out = subprocess.run(
-    [sys.executable, "-m", "astrollama_jax.aot", *args],
+    [sys.executable, "-m", "astrollama_jax", "aot", *args],
     cwd=REPO,
     env=train_env(1),
     capture_output=True,
@@ -35,7 +35,7 @@ def test_llama2_7b_step_plan_on_8_devices():
 
 def _aot_error(*args: str) -> str:
   out = subprocess.run(
-    [sys.executable, "-m", "astrollama_jax.aot", *args],
+    [sys.executable, "-m", "astrollama_jax", "aot", *args],
     cwd=REPO,
     env=train_env(1),
     capture_output=True,

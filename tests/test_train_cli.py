@@ -52,43 +52,43 @@ def test_config_errors_name_the_setting(tmp_path):
   import pytest
 
   from astrollama_jax.model.config import get_config
-  from astrollama_jax.train import setup
+  from astrollama_jax.train import resolve
   from astrollama_jax.train.defaults import base_config
 
   config = base_config()
   config.data.kind = "synthetic"
   config.data.seq_len = 1024
   with pytest.raises(ValueError, match="seq_len 1024 exceeds the model's max_seq_len 512"):
-    setup.check_compatible(get_config("tiny"), config, None)
+    resolve.check_compatible(get_config("tiny"), config, None)
   config.data.seq_len = 64
   config.train.global_batch_size, config.train.grad_accum_steps = 6, 4
   with pytest.raises(
     ValueError, match="global_batch_size 6 is not divisible by train.grad_accum_steps 4"
   ):
-    setup.check_compatible(get_config("tiny"), config, None)
+    resolve.check_compatible(get_config("tiny"), config, None)
 
   config.train.global_batch_size, config.train.grad_accum_steps = 160, 10
   with pytest.raises(
     ValueError, match=r"micro-batch .* = 16 rows cannot be split over the 32 batch shards"
   ):
-    setup.check_batch_layout(config, {"data": 1, "fsdp": 32, "tensor": 1})
-  setup.check_batch_layout(config, {"data": 2, "fsdp": 8, "tensor": 4})
+    resolve.check_batch_layout(config, {"data": 1, "fsdp": 32, "tensor": 1})
+  resolve.check_batch_layout(config, {"data": 2, "fsdp": 8, "tensor": 4})
 
   # lm and sft data shards must split the global batch (and the processes, test_pipeline).
   config.train.global_batch_size, config.train.grad_accum_steps = 8, 1
   config.data.kind, config.data.shards = "lm", 3
   with pytest.raises(ValueError, match="data.shards 3 does not divide the global batch of 8 rows"):
-    setup.check_compatible(get_config("tiny"), config, None)
+    resolve.check_compatible(get_config("tiny"), config, None)
   config.data.kind, config.data.shards = "synthetic", 0
 
   # A workdir with checkpoints of another architecture is refused, not overwritten.
-  setup.bootstrap_workdir(str(tmp_path), config, get_config("tiny"), None)
+  resolve.bootstrap_workdir(str(tmp_path), config, get_config("tiny"), None)
   (tmp_path / "checkpoints" / "5").mkdir(parents=True)
   with pytest.raises(ValueError, match=r"holds checkpoints of another model .* \['dim', 'ffn_dim'"):
-    setup.bootstrap_workdir(str(tmp_path), config, get_config("tiny", dim=128, ffn_dim=256), None)
+    resolve.bootstrap_workdir(str(tmp_path), config, get_config("tiny", dim=128, ffn_dim=256), None)
   with pytest.raises(ValueError, match="contradict"):
     config.model.dim = 32
-    setup.model_config(config, str(tmp_path))
+    resolve.model_config(config, str(tmp_path))
 
 
 def test_a_negative_step_count_and_a_corpus_without_validation_stop_before_compiling(tmp_path):
@@ -102,7 +102,8 @@ def test_a_negative_step_count_and_a_corpus_without_validation_stop_before_compi
     [
       sys.executable,
       "-m",
-      "astrollama_jax.prepare",
+      "astrollama_jax",
+      "prepare",
       "--source=data/demo_corpus/abstracts.jsonl",
       f"--output={corpus}",
       "--validation_fraction=0",
@@ -176,7 +177,7 @@ def test_training_starts_from_an_hf_folder(tmp_path):
   """``init_checkpoint`` may be an HF folder: its architecture and weights start the run."""
   from hf_reference import save_hf_model
 
-  from astrollama_jax import checkpoints
+  from astrollama_jax.checkpoints import store
   from astrollama_jax.model.config import LlamaConfig
 
   cfg = LlamaConfig(
@@ -199,4 +200,4 @@ def test_training_starts_from_an_hf_folder(tmp_path):
   )
   assert summary["final_step"] == 2
   assert "initialised from" in tail(log, 100_000)
-  assert checkpoints.read_model_config(str(workdir)).dim == 64
+  assert store.read_model_config(str(workdir)).dim == 64

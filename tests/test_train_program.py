@@ -7,9 +7,10 @@ from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
 
-from astrollama_jax import aot, bench, sharding
+from astrollama_jax import sharding
+from astrollama_jax.commands import aot, bench
 from astrollama_jax.data.packing import BATCH_SPEC
-from astrollama_jax.train import loop, setup
+from astrollama_jax.train import loop, resolve
 from astrollama_jax.train import program as program_lib
 from astrollama_jax.train.defaults import base_config
 
@@ -88,7 +89,7 @@ def test_train_aot_and_bench_compile_the_same_step(tmp_path, programs):
 def _mlp_activation_spec(config):
   """The spec ``constrain`` gives the MLP's hidden activations under ``config``'s rules."""
   mesh = sharding.make_mesh(tuple(config.mesh))
-  with sharding.use_rules(setup.sharding_rules(config)), jax.set_mesh(mesh):
+  with sharding.use_rules(resolve.sharding_rules(config)), jax.set_mesh(mesh):
     f = jax.jit(lambda x: sharding.constrain(x * 2, ("batch", "seq", "act_mlp")))
     return f(np.ones((8, 4, 128), np.float32)).sharding.spec
 
@@ -121,7 +122,7 @@ def test_bad_rules_are_named():
   with pytest.raises(
     ValueError, match=r"config.sharding_rules.mlp = 'tenser': give distinct mesh axes"
   ):
-    setup.sharding_rules(_config(mlp="tenser"))
+    resolve.sharding_rules(_config(mlp="tenser"))
   with pytest.raises(ValueError, match=r"config.sharding_rules.batch = 'data,data'"):
-    setup.sharding_rules(_config(batch="data,data"))
+    resolve.sharding_rules(_config(batch="data,data"))
   assert sharding.rules_from_config(sharding.rules_to_config()) == sharding.RULES

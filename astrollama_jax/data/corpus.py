@@ -61,8 +61,8 @@ import tensorflow_datasets as tfds
 from tensorflow_datasets.core import example_serializer, hashing
 from tqdm import tqdm
 
-from astrollama_jax import diskspace
 from astrollama_jax.data import latex, sources
+from astrollama_jax.util import diskspace
 
 SPLITS = ("train", "validation")
 SECTIONS = latex.SECTION_NAMES
@@ -1160,7 +1160,9 @@ def dataset_dir(data_dir: str | os.PathLike) -> Path:
     key=_version_key,
   )
   if not found:
-    raise FileNotFoundError(f"no astro_corpus dataset under {d} (run astrollama_jax.prepare)")
+    raise FileNotFoundError(
+      f"no astro_corpus dataset under {d} (run astrollama_jax.commands.prepare)"
+    )
   return found[-1]
 
 

@@ -142,7 +142,7 @@ def make_lm_dataset(
   """Batches of packed token rows for language-model training or evaluation.
 
   Args:
-    data_dir: the ``--output`` of ``astrollama_jax.prepare`` (or the versioned folder).
+    data_dir: the ``--output`` of ``astrollama_jax.commands.prepare`` (or the versioned folder).
     split: "train" or "validation".
     tokenizer_path: SentencePiece model (LLaMA-2's ``tokenizer.model``).
     seq_len: row length; rows hold [BOS] doc [EOS] [BOS] doc ... split at ``seq_len``.

@@ -16,8 +16,11 @@ from typing import Any
 
 import jax
 
-from astrollama_jax import cli
+from astrollama_jax import sharding
+from astrollama_jax.checkpoints import loader
+from astrollama_jax.errors import UserError
 from astrollama_jax.model.config import LlamaConfig
+from astrollama_jax.util import checks, tables
 
 TEXT_FIELDS = ("text", "abstract")
 
@@ -39,15 +42,15 @@ class Model:
 
 def load(
   checkpoint: str,
-  mesh_shape: str = cli.DEFAULT_MESH,
+  mesh_shape: str = sharding.DEFAULT_MESH,
   dtype: str | None = None,
   compute_dtype: str | None = None,
   tokenizer: str | None = None,
   attention: str | None = None,
 ) -> Model:
-  """Load any checkpoint kind onto a mesh, with the shared flags' meaning (``cli.load_model``)."""
-  mesh = cli.make_mesh(mesh_shape)
-  loaded = cli.load_model(
+  """Load any checkpoint kind onto a mesh, with the shared flags' meaning (``loader.load_model``)."""
+  mesh = sharding.mesh_from_text(mesh_shape)
+  loaded = loader.load_model(
     checkpoint,
     mesh,
     dtype=dtype,
@@ -97,8 +100,8 @@ def read_jsonl(path: str) -> Iterator[tuple[int, dict]]:
       if not isinstance(rec, dict):
         raise EvalDataError(f"{path}:{n}: expected a JSON object, got {type(rec).__name__}")
       try:
-        cli.check_text(json.dumps(rec, ensure_ascii=False), f"{path}:{n}")
-      except cli.UserError as e:
+        checks.check_text(json.dumps(rec, ensure_ascii=False), f"{path}:{n}")
+      except UserError as e:
         raise EvalDataError(str(e)) from None
       yield n, rec
 
@@ -111,7 +114,7 @@ def read_texts(path: str, split: str = "validation", limit: int = 0) -> list[dic
   """Records {id, text, section?, title?, categories?} from a JSONL file or a prepared dataset.
 
   JSONL: the text is the ``text`` field, else ``abstract``. A directory is read as the
-  prepared TFDS dataset (``astrollama_jax.prepare``), split ``split``.
+  prepared TFDS dataset (``astrollama_jax.commands.prepare``), split ``split``.
   """
   out = []
   if os.path.isdir(path):
@@ -174,7 +177,7 @@ def write_jsonl(path: str, records: Sequence[dict]) -> None:
   tmp = path + ".tmp"
   with open(tmp, "w", encoding="utf-8") as f:
     for r in records:
-      f.write(json.dumps(cli.jsonable(r), ensure_ascii=False) + "\n")
+      f.write(json.dumps(tables.jsonable(r), ensure_ascii=False) + "\n")
   os.replace(tmp, path)
 
 
@@ -199,7 +202,7 @@ def finish(
   if items is not None:
     files[kind] = os.path.join(output_dir, f"{task}_{kind}.jsonl")
     write_jsonl(files[kind], items)
-  summary = cli.jsonable(
+  summary = tables.jsonable(
     {
       "task": task,
       "label": label,
@@ -217,7 +220,7 @@ def finish(
   with open(tmp, "w", encoding="utf-8") as f:
     json.dump(summary, f, indent=1, ensure_ascii=False)
   os.replace(tmp, result_path)
-  cli.report(f"{task}: {label}", summary, rows or [], columns)
+  tables.report(f"{task}: {label}", summary, rows or [], columns)
   return summary
 
 

@@ -15,8 +15,8 @@ import json
 import math
 import os
 
-from astrollama_jax import cli
 from astrollama_jax.eval import common
+from astrollama_jax.util import tables
 
 _BOUND_SUFFIXES = ("_lo", "_hi", "/lo", "/hi")
 _SKIP = {"embed/count"}
@@ -167,4 +167,4 @@ def run(specs: Sequence[str], out_prefix: str) -> dict:
     "metrics": {label: {n: m.get(n) for n in names} for label, m in runs},
     "files": {"markdown": md_path, "chart": png_path},
   }
-  return cli.report("compare", summary, rows)
+  return tables.report("compare", summary, rows)

@@ -107,7 +107,7 @@ def run(
   checker=None,
 ) -> dict:
   """The ``completion`` task over one or more JSONL files / prepared datasets."""
-  from astrollama_jax.generate import generate
+  from astrollama_jax.generation import generate
 
   model, tokenizer, limit = setup.model, setup.tokenizer, setup.limit
   batch_size, progress = setup.batch_size, setup.progress

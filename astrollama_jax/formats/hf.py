@@ -20,10 +20,10 @@ import jax
 import numpy as np
 from safetensors import safe_open
 
-from astrollama_jax import diskspace
 from astrollama_jax.formats import mapping
 from astrollama_jax.formats.mapping import ConversionError
 from astrollama_jax.model.config import LlamaConfig
+from astrollama_jax.util import diskspace
 
 Params = dict[str, Any]
 INDEX_FILE = "model.safetensors.index.json"

@@ -32,9 +32,9 @@ from typing import Any
 
 from absl import logging
 
-from astrollama_jax.chat import TextStream
+from astrollama_jax.commands.chat import TextStream
 from astrollama_jax.data.tokenizer import Tokenizer
-from astrollama_jax.generate import bucket, generate
+from astrollama_jax.generation import bucket, generate
 from astrollama_jax.model.config import LlamaConfig
 
 PROMPT_BUCKET = 64  # generate's smallest prompt bucket

@@ -1,7 +1,7 @@
 """Where batches come from: the one place that dispatches on ``config.data.kind``.
 
 * ``lm``: the packed astro-ph corpus (``astrollama_jax.data.pipeline``, from ``prepare``);
-* ``sft``: packed, loss-masked chat conversations (``astrollama_jax.data.chat``);
+* ``sft``: packed, loss-masked chat conversations (``astrollama_jax.data.chat_dataset``);
 * ``synthetic``: deterministic packed rows of simple token sequences, for throughput runs and
   for tests that must not depend on a corpus. Row ``r`` of the global stream is a function of
   (seed, r) only, and process ``p`` reads the rows its devices hold, so any host layout sees
@@ -101,12 +101,12 @@ def make_dataset(
       **common,
     )
   if d.kind == "sft":
-    from astrollama_jax.data import chat
+    from astrollama_jax.data import chat_dataset
 
     sources = d.sft.sources if split == "train" else d.sft.eval_sources
     if not sources:
       raise ValueError("config.data.sft.eval_sources is empty: no SFT validation data")
-    return chat.make_sft_dataset(list(sources), d.tokenizer_path, **common)
+    return chat_dataset.make_sft_dataset(list(sources), d.tokenizer_path, **common)
   return synthetic_dataset(
     d.seq_len,
     global_batch,

@@ -68,7 +68,7 @@ def base_config() -> ml_collections.ConfigDict:
     # a checkpoint resumes on any process count that divides them
     shards=0,
     lm=_section(
-      path="",  # the --output of `python -m astrollama_jax.prepare`
+      path="",  # the --output of `python -m astrollama_jax prepare`
       # weights of record sets: sections {"abstract": 0.5, ...}, or with date bounds
       # {"since:2024-06-01": 0.7, "abstract until:2024-05-31": 0.3}; {} = all
       mixture={},

@@ -19,13 +19,15 @@ from typing import Any
 from absl import logging
 import jax
 
-from astrollama_jax import checkpoints, flops, lora_base, sharding
+from astrollama_jax import sharding
+from astrollama_jax.checkpoints import lora_base, store
 from astrollama_jax.model import llama
-from astrollama_jax.train import data, distributed, setup, watchdog
+from astrollama_jax.perf import flops
+from astrollama_jax.train import data, distributed, resolve, watchdog
 from astrollama_jax.train import program as program_lib
 from astrollama_jax.train import step as step_lib
-from astrollama_jax.train.checkpointing import Checkpointer
 from astrollama_jax.train.metrics import MetricsLogger
+from astrollama_jax.train.run_state import Checkpointer
 
 
 class NonFiniteError(RuntimeError):
@@ -92,7 +94,7 @@ def evaluate(config: Any, eval_step: Any, params: Any, mesh: Any) -> dict[str, f
 def _init_state(config: Any, program: program_lib.TrainProgram) -> Any:
   if config.init_checkpoint:
     dtype = program.base_dtype if program.lora is not None else program.cfg.param_dtype
-    loaded = checkpoints.load_model(config.init_checkpoint, mesh=program.mesh, dtype=dtype)
+    loaded = store.load_model(config.init_checkpoint, mesh=program.mesh, dtype=dtype)
     logging.info("initialised from %s (%s)", config.init_checkpoint, loaded.kind)
     return program.init_state(config.seed, loaded.params)
   return program.init_state(config.seed)
@@ -102,7 +104,7 @@ def _lora_record(config: Any, workdir: str, program: program_lib.TrainProgram) -
   """LoRA: the workdir's record of its base (written on the first run, checked on a resume)."""
   if program.lora is None:
     return None
-  record = lora_base.read(workdir) if setup.has_checkpoints(workdir) else None
+  record = lora_base.read(workdir) if resolve.has_checkpoints(workdir) else None
   if record is None:
     record = {
       "spec": program.lora,
@@ -124,7 +126,7 @@ def _frozen_base(record: dict, workdir: str, program: program_lib.TrainProgram) 
   """A resumed LoRA run's base, re-read from where its record says (or rebuilt from its seed)."""
   path = lora_base.check_base(record, workdir)
   if path is not None:
-    return checkpoints.load_model(path, mesh=program.mesh, dtype=program.base_dtype).params
+    return store.load_model(path, mesh=program.mesh, dtype=program.base_dtype).params
   cfg, seed, dtype = program.cfg, record["base"]["seed"], program.base_dtype
   make = lambda: jax.tree.map(lambda x: x.astype(dtype), llama.init_params(cfg, seed=seed))  # noqa: E731
   return jax.jit(make, out_shardings=program.shardings.frozen)()
@@ -133,20 +135,20 @@ def _frozen_base(record: dict, workdir: str, program: program_lib.TrainProgram) 
 def train(config: Any, workdir: str) -> dict[str, Any]:
   """Run (or resume) the training job ``config`` in ``workdir``; returns the summary."""
   started = time.time()
-  setup.check_inputs(config, workdir)
+  resolve.check_inputs(config, workdir)
   mesh = sharding.make_mesh(tuple(config.mesh))
-  with sharding.use_rules(setup.sharding_rules(config)):  # for params and activations alike
+  with sharding.use_rules(resolve.sharding_rules(config)):  # for params and activations alike
     return _train(config, workdir, mesh, started)
 
 
 def _train(config: Any, workdir: str, mesh: Any, started: float) -> dict[str, Any]:
-  cfg, cfg_source = setup.model_config(config, workdir)
-  tok_path = setup.tokenizer_path(config, workdir)
-  setup.check_compatible(cfg, config, tok_path)
-  setup.check_batch_layout(config, dict(mesh.shape))
+  cfg, cfg_source = resolve.model_config(config, workdir)
+  tok_path = resolve.tokenizer_path(config, workdir)
+  resolve.check_compatible(cfg, config, tok_path)
+  resolve.check_batch_layout(config, dict(mesh.shape))
   if tok_path and not config.data.tokenizer_path:
     config.data.tokenizer_path = tok_path
-  setup.bootstrap_workdir(workdir, config, cfg, tok_path)
+  resolve.bootstrap_workdir(workdir, config, cfg, tok_path)
   logging.info(
     "model %s (%.1fM params) from %s on mesh %s",
     cfg,
@@ -154,7 +156,7 @@ def _train(config: Any, workdir: str, mesh: Any, started: float) -> dict[str, An
     cfg_source,
     dict(mesh.shape),
   )
-  steps = setup.total_steps(config)
+  steps = resolve.total_steps(config)
   program = program_lib.compile_train_step(config, mesh, cfg=cfg, total_steps=steps)
   mem = program.compiled.memory_analysis()
   if mem is not None:

@@ -21,7 +21,7 @@ from astrollama_jax import sharding
 from astrollama_jax.model import llama
 from astrollama_jax.model import lora as lora_lib
 from astrollama_jax.model.config import LlamaConfig
-from astrollama_jax.train import optimizer, setup
+from astrollama_jax.train import optimizer, resolve
 from astrollama_jax.train import state as state_lib
 from astrollama_jax.train import step as step_lib
 
@@ -85,11 +85,11 @@ def compile_train_step(
   which changes no shape. The config's sharding rules are in force for the state's shardings
   and while the step is traced, so both follow the same table.
   """
-  cfg = cfg or setup.preset_model_config(config)
+  cfg = cfg or resolve.preset_model_config(config)
   t = config.train
   lora = lora_lib.spec_from_config(config)
   base_dtype = config.lora.base_dtype if lora is not None else None
-  with sharding.use_rules(setup.sharding_rules(config)) as rules, jax.set_mesh(mesh):
+  with sharding.use_rules(resolve.sharding_rules(config)) as rules, jax.set_mesh(mesh):
     tx, schedule = optimizer.make_optimizer(config, total_steps)
     shapes, shardings = state_lib.abstract_state(cfg, tx, mesh, lora, base_dtype)
     batch = step_lib.abstract_batch(t.global_batch_size, config.data.seq_len, mesh)

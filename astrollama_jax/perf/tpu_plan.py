@@ -201,14 +201,14 @@ def train_step_plan(config: Any, topology: Topology | str) -> dict[str, Any]:
   """
   from astrollama_jax.model.attention import resolve_impl
   from astrollama_jax.train import program as program_lib
-  from astrollama_jax.train import setup
+  from astrollama_jax.train import resolve
 
   topo = parse_topology(topology) if isinstance(topology, str) else topology
-  cfg = setup.preset_model_config(config)
+  cfg = resolve.preset_model_config(config)
   impl = resolve_impl("auto" if cfg.attention_impl == "cudnn" else cfg.attention_impl, "tpu")
   cfg = cfg.replace(attention_impl=impl)
   mesh = make_mesh(topo, tuple(config.mesh))
-  setup.check_batch_layout(config, dict(mesh.shape))
+  resolve.check_batch_layout(config, dict(mesh.shape))
   program = program_lib.compile_train_step(
     config, mesh, cfg=cfg, compile=False, total_steps=config.train.num_steps or 1000
   )

@@ -1,10 +1,10 @@
-"""``python -m astrollama_jax.harness``: lm-evaluation-harness tasks on an astrollama-jax model.
+"""``python -m astrollama_jax harness``: lm-evaluation-harness tasks on an astrollama-jax model.
 
-  python -m astrollama_jax.harness --checkpoint=runs/cpt --tasks=astro_mcq,astro_ph_abstracts \\
+  python -m astrollama_jax harness --checkpoint=runs/cpt --tasks=astro_mcq,astro_ph_abstracts \\
       --num_fewshot=5 --output=eval/cpt
 
 Runs lm-eval's ``simple_evaluate`` with our ``astrollama`` model class
-(``astrollama_jax.eval.harness``): scoring and generation on the mesh, multi-host. The tasks are
+(``astrollama_jax.eval.lm_eval_model``): scoring and generation on the mesh, multi-host. The tasks are
 lm-eval's own, the astronomy tasks shipped in ``astrollama_jax/eval/tasks`` (always included),
 and any YAMLs under ``--include_path``. Writes, on process 0 only:
 
@@ -12,7 +12,7 @@ and any YAMLs under ``--include_path``. Writes, on process 0 only:
   and with ``--log_samples`` its per-document samples beside it;
 * ``<output>/harness.json``: the same numbers in the shape of our eval results
   (``task``, ``label``, ``checkpoint``, ``metrics`` {"<task>/<metric>": number}, ``rows``,
-  ``files``), so ``python -m astrollama_jax.eval --compare`` reads it next to our own tasks.
+  ``files``), so ``python -m astrollama_jax eval --compare`` reads it next to our own tasks.
 
 Prints lm-eval's table, then one JSON line holding lm-eval's ``results``.
 """
@@ -26,7 +26,9 @@ from typing import Any
 
 from absl import flags, logging
 
-from astrollama_jax import cli
+from astrollama_jax.commands import cli
+from astrollama_jax.errors import UserError
+from astrollama_jax.util import checks, tables
 
 TASKS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "eval", "tasks")
 RESULT_FILE = "harness.json"
@@ -34,7 +36,7 @@ _COUNTS = ("sample_len", "sample_count")  # lm-eval's document counts, not metri
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
-  """The command's flags (called from ``__main__`` only, never on import)."""
+  """The command's flags (defined when the command runs, never on import)."""
   fv = {"flag_values": flag_values}
   cli.define(
     *cli.MODEL_FLAGS,
@@ -91,7 +93,7 @@ def _limit(value: float | None) -> int | float | None:
   if value is None:
     return None
   if value <= 0:
-    raise cli.UserError(f"--limit must be > 0, got {value}")
+    raise UserError(f"--limit must be > 0, got {value}")
   return int(value) if value >= 1 and float(value).is_integer() else value
 
 
@@ -101,7 +103,7 @@ def task_manager(include_paths: Sequence[str] = ()):
 
   for path in include_paths:
     if not os.path.isdir(path):
-      raise cli.UserError(f"--include_path {path} is not a folder")
+      raise UserError(f"--include_path {path} is not a folder")
   return TaskManager(include_path=[TASKS_DIR, *include_paths])
 
 
@@ -117,7 +119,7 @@ def resolve_tasks(manager, names: Sequence[str]) -> list[str]:
     else:
       unknown.append(name)
   if unknown:
-    raise cli.UserError(
+    raise UserError(
       f"unknown lm-eval task(s): {', '.join(unknown)} (`lm_eval ls tasks` "
       f"lists them; add a folder of YAMLs with --include_path)"
     )
@@ -163,7 +165,7 @@ def write_result(
   """``<output>/harness.json`` in the shape of ``eval.common.finish`` (read by ``--compare``)."""
   metrics, rows = flat_metrics(results)
   path = os.path.join(output, RESULT_FILE)
-  summary = cli.jsonable(
+  summary = tables.jsonable(
     {
       "task": "harness",
       "label": label,
@@ -233,11 +235,11 @@ def evaluate(
 
 def _import_model_class():
   try:
-    from astrollama_jax.eval.harness import AstroLlamaLM
+    from astrollama_jax.eval.lm_eval_model import AstroLlamaLM
   except ImportError as e:
     if (e.name or "").split(".")[0] != "lm_eval":
       raise
-    raise cli.UserError(
+    raise UserError(
       'lm-evaluation-harness is not installed: pip install "lm-eval==0.4.13"'
     ) from None
   return AstroLlamaLM
@@ -251,7 +253,7 @@ def main(argv: Sequence[str], F: flags.FlagValues = flags.FLAGS) -> None:
   from astrollama_jax.eval import common
 
   AstroLlamaLM = _import_model_class()
-  cli.check_output_dir(F.output, empty=False)
+  checks.check_output_dir(F.output, empty=False)
   limit = _limit(F.limit)
   manager = task_manager(F.include_path)
   tasks = resolve_tasks(manager, F.tasks)
@@ -297,9 +299,4 @@ def main(argv: Sequence[str], F: flags.FlagValues = flags.FLAGS) -> None:
     **({"groups": results["groups"]} if "groups" in results else {}),
     "files": ours["files"],
   }
-  print(json.dumps(cli.jsonable(summary), ensure_ascii=False), flush=True)
-
-
-if __name__ == "__main__":
-  define_flags()
-  cli.run(main)
+  print(json.dumps(tables.jsonable(summary), ensure_ascii=False), flush=True)

@@ -1,8 +1,8 @@
 r"""Build the astro corpus (TFDS, ArrayRecord) from arXiv sources.
 
-  python -m astrollama_jax.prepare --source=arxiv_src/ \
+  python -m astrollama_jax prepare --source=arxiv_src/ \
       --source=arxiv-metadata-oai-snapshot.json --output=corpus/ --workers=16
-  python -m astrollama_jax.prepare --source=data/demo_corpus --output=/tmp/astro_corpus \
+  python -m astrollama_jax prepare --source=data/demo_corpus --output=/tmp/astro_corpus \
       --validation_fraction=0.15
 
 ``--source`` is repeatable or comma separated: arXiv bulk source tars
@@ -20,8 +20,10 @@ from __future__ import annotations
 
 from absl import flags, logging
 
-from astrollama_jax import cli
+from astrollama_jax.commands import cli
 from astrollama_jax.data import corpus
+from astrollama_jax.errors import UserError
+from astrollama_jax.util import tables
 
 FLAGS = flags.FLAGS
 
@@ -61,17 +63,17 @@ def define_flags() -> None:
 def parse_sources(values: list[str] | None) -> list[str]:
   out = [v.strip() for value in values or [] for v in value.split(",") if v.strip()]
   if not out:
-    raise cli.UserError("--source names no path")
+    raise UserError("--source names no path")
   return out
 
 
 def config_from_flags() -> corpus.CorpusConfig:
   if not FLAGS.output:
-    raise cli.UserError("--output is required")
+    raise UserError("--output is required")
   if not 0.0 <= FLAGS.validation_fraction < 1.0:
-    raise cli.UserError("--validation_fraction must be in [0, 1)")
+    raise UserError("--validation_fraction must be in [0, 1)")
   if FLAGS.max_mb <= 0 or FLAGS.workers < 0:
-    raise cli.UserError("--max_mb must be positive and --workers not negative")
+    raise UserError("--max_mb must be positive and --workers not negative")
   return corpus.CorpusConfig(
     sources=parse_sources(FLAGS.source),
     categories=tuple(FLAGS.categories),
@@ -110,11 +112,6 @@ def main(argv: list[str]) -> None:
   builder, report = corpus.build(config, FLAGS.output, update=FLAGS.update)
   logging.info("dataset written to %s", builder.data_dir)
   rows = report.rows() + [("dataset", str(builder.data_dir))]
-  cli.report(
+  tables.report(
     "prepare: retention", summary(report, str(builder.data_dir)), rows=rows, columns=("", "count")
   )
-
-
-if __name__ == "__main__":
-  define_flags()
-  cli.run(main)

@@ -1,7 +1,7 @@
 """Before the first step: the model config, the workdir files and the number of steps.
 
 The workdir is made self-describing (``model_config.json``, ``tokenizer.model``, ``config.json``)
-so that ``checkpoints.load_model(WORKDIR)``, export, eval and a resumed run all read it without
+so that ``store.load_model(WORKDIR)``, export, eval and a resumed run all read it without
 the original config file.
 """
 
@@ -14,11 +14,13 @@ from absl import logging
 import jax
 import numpy as np
 
-from astrollama_jax import checkpoints, diskspace, sharding
+from astrollama_jax import sharding
+from astrollama_jax.checkpoints import store
 from astrollama_jax.model.config import POLICY_FIELDS, LlamaConfig, get_config
 from astrollama_jax.train import data
-from astrollama_jax.train.checkpointing import CHECKPOINTS_DIR
 from astrollama_jax.train.defaults import DATA_KINDS
+from astrollama_jax.train.run_state import CHECKPOINTS_DIR
+from astrollama_jax.util import diskspace
 
 
 def arch_overrides(config: Any) -> dict[str, Any]:
@@ -53,7 +55,7 @@ def check_inputs(config: Any, workdir: str) -> None:
   if config.init_checkpoint is None:
     missing.append("--config.init_checkpoint=DIR (the model to start from; '' for a random init)")
   if kind == "lm" and not config.data.lm.path:
-    missing.append("--config.data.lm.path=DIR (the --output of python -m astrollama_jax.prepare)")
+    missing.append("--config.data.lm.path=DIR (the --output of python -m astrollama_jax prepare)")
   if kind == "sft" and not config.data.sft.sources:
     missing.append("--config.data.sft.sources (chat files: list of {path, format, count, weight})")
   # (an init_checkpoint still to be named may bring its own tokenizer)
@@ -119,28 +121,26 @@ def has_checkpoints(workdir: str) -> bool:
 def model_config(config: Any, workdir: str) -> tuple[LlamaConfig, str]:
   """(model config, where it came from): the workdir's when resuming, else the init checkpoint's
   architecture, else ``model.preset`` with overrides; the run's execution policy on top."""
-  saved = os.path.join(workdir, checkpoints.CONFIG_FILE)
+  saved = os.path.join(workdir, store.CONFIG_FILE)
   if has_checkpoints(workdir) and os.path.isfile(saved):
-    return _with_overrides(checkpoints.read_model_config(workdir), config, saved), saved
+    return _with_overrides(store.read_model_config(workdir), config, saved), saved
   if config.init_checkpoint:
-    kind, root, _, _ = checkpoints.locate(config.init_checkpoint)
+    kind, root, _, _ = store.locate(config.init_checkpoint)
     if kind == "hf":
       from astrollama_jax.formats import hf
 
       cfg = hf.read_hf_config(root)
     else:
-      cfg = checkpoints.read_model_config(root)
+      cfg = store.read_model_config(root)
     return _with_overrides(cfg, config, config.init_checkpoint), config.init_checkpoint
   return preset_model_config(config), f"preset {config.model.preset}"
 
 
 def tokenizer_path(config: Any, workdir: str) -> str | None:
   """The data's tokenizer, else the workdir's copy, else the init checkpoint's."""
-  candidates = [config.data.tokenizer_path, os.path.join(workdir, checkpoints.TOKENIZER_FILE)]
+  candidates = [config.data.tokenizer_path, os.path.join(workdir, store.TOKENIZER_FILE)]
   if config.init_checkpoint:
-    candidates.append(
-      os.path.join(checkpoints.locate(config.init_checkpoint)[1], checkpoints.TOKENIZER_FILE)
-    )
+    candidates.append(os.path.join(store.locate(config.init_checkpoint)[1], store.TOKENIZER_FILE))
   for path in candidates:
     if path and os.path.isfile(path):
       return path
@@ -198,9 +198,9 @@ def bootstrap_workdir(workdir: str, config: Any, cfg: LlamaConfig, tok_path: str
   """Write model_config.json, tokenizer.model and config.json (process 0); refuse a workdir
   whose checkpoints belong to a different architecture."""
   os.makedirs(workdir, exist_ok=True)
-  saved = os.path.join(workdir, checkpoints.CONFIG_FILE)
+  saved = os.path.join(workdir, store.CONFIG_FILE)
   if has_checkpoints(workdir) and os.path.isfile(saved):
-    old = checkpoints.read_model_config(workdir)
+    old = store.read_model_config(workdir)
     diff = [
       k
       for k, v in cfg.to_dict().items()
@@ -213,9 +213,9 @@ def bootstrap_workdir(workdir: str, config: Any, cfg: LlamaConfig, tok_path: str
       )
   if jax.process_index() == 0:
     same_tok = tok_path and os.path.abspath(tok_path) == os.path.abspath(
-      os.path.join(workdir, checkpoints.TOKENIZER_FILE)
+      os.path.join(workdir, store.TOKENIZER_FILE)
     )
-    checkpoints.write_side_files(workdir, cfg, None if same_tok else tok_path)
+    store.write_side_files(workdir, cfg, None if same_tok else tok_path)
     diskspace.write_atomic(
       os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2, sort_keys=True)
     )

@@ -1,4 +1,4 @@
-"""Multi-turn chat on the command line: ``python -m astrollama_jax.chat --checkpoint=DIR``.
+"""Multi-turn chat on the command line: ``python -m astrollama_jax chat --checkpoint=DIR``.
 
 Reads user lines from stdin (or ``--message``, repeatable, for scripts and the demo), streams each
 answer as it is generated and keeps the conversation in the LLaMA-2 chat format. The history is
@@ -21,12 +21,14 @@ from typing import TextIO
 
 from absl import flags
 
-from astrollama_jax import cli
+from astrollama_jax.commands import cli
 from astrollama_jax.data.chat_formats import ASSISTANT, USER, Conversation
 from astrollama_jax.data.chat_template import build_prompt_ids
 from astrollama_jax.data.tokenizer import Tokenizer
-from astrollama_jax.generate import check_sampling, define_flags, generate, load_from_flags
+from astrollama_jax.errors import UserError
+from astrollama_jax.generation import check_sampling, generate
 from astrollama_jax.model.config import LlamaConfig
+from astrollama_jax.util import checks, tables
 
 HELP = """commands:
   /reset          forget the conversation (keeps the system prompt)
@@ -183,8 +185,8 @@ def run_repl(session: ChatSession, lines: Iterable[str], out: TextIO, echo: bool
     if not line:
       continue
     try:
-      cli.check_text(line, "input")
-    except cli.UserError as e:
+      checks.check_text(line, "input")
+    except UserError as e:
       emit(f"[error] {e}; line ignored\n")
       continue
     if echo:
@@ -230,7 +232,7 @@ def main(argv: Sequence[str]) -> None:
   cli.no_extra_args(argv)
   F = flags.FLAGS
   check_sampling(F.max_new_tokens, F.temperature, F.top_k, F.top_p)
-  cfg, params, tokenizer, mesh = load_from_flags(F)
+  cfg, params, tokenizer, mesh = cli.load_from_flags(F)
   session = ChatSession(
     cfg,
     params,
@@ -259,14 +261,12 @@ def main(argv: Sequence[str]) -> None:
     }
     for i, e in enumerate(session.log)
   ]
-  cli.report("\nchat", session.summary(), rows)
+  tables.report("\nchat", session.summary(), rows)
 
 
-if __name__ == "__main__":
-  define_flags(temperature=0.7, top_p=0.9, max_new_tokens=256)
+def define_flags() -> None:
+  cli.define_sampling_flags(temperature=0.7, top_p=0.9, max_new_tokens=256)
   flags.DEFINE_multi_string(
     "message", [], "Answer these messages in turn and exit (instead of stdin)."
   )
   flags.DEFINE_integer("stream_chunk", 1, "Decode steps between streamed updates.")
-  flags.adopt_module_key_flags(sys.modules[define_flags.__module__])  # list them in --help
-  cli.run(main)

@@ -4,7 +4,7 @@ AstroLLaMA-Chat's SFT mix has ~10k dialogues written by a strong chat model from
 This app asks a chat-completions server (OpenAI, vLLM, llama.cpp, TGI, ...) for one multi-turn
 dialogue per abstract, as strict JSON, and appends it to a ShareGPT JSONL file.
 
-    python -m astrollama_jax.make_qa --abstracts=abstracts.jsonl --output=qa.jsonl \
+    python -m astrollama_jax make_qa --abstracts=abstracts.jsonl --output=qa.jsonl \
         --endpoint=http://localhost:8000 --model=NAME [--api_key_env=OPENAI_API_KEY]
 
 Endpoint: a URL ending in ``/chat/completions`` is used as given; one ending in ``/v1`` gets
@@ -39,7 +39,9 @@ import urllib.parse
 
 from absl import flags, logging
 
-from astrollama_jax import cli
+from astrollama_jax.commands import cli
+from astrollama_jax.errors import UserError
+from astrollama_jax.util import checks, tables
 
 SYSTEM_PROMPT = (
   "You are an expert astrophysicist who writes training data for an astronomy chat assistant. "
@@ -423,7 +425,7 @@ FLAGS = flags.FLAGS
 
 
 def define_flags() -> None:
-  """The command's flags (defined from ``__main__`` only, so importing this module defines none)."""
+  """The command's flags (defined when the command runs, so importing this module defines none)."""
   flags.DEFINE_string("abstracts", None, "JSONL of papers with id, title, abstract.")
   cli.define(
     "output", help={"output": "ShareGPT JSONL to append dialogues to (resumed if it exists)."}
@@ -451,11 +453,11 @@ def define_flags() -> None:
 def main(argv: list[str]) -> None:
   cli.no_extra_args(argv)
   if not os.path.isfile(FLAGS.abstracts):
-    raise cli.UserError(f"--abstracts: no such file {FLAGS.abstracts}")
-  cli.check_output_file(FLAGS.output)
+    raise UserError(f"--abstracts: no such file {FLAGS.abstracts}")
+  checks.check_output_file(FLAGS.output)
   for name in ("timeout", "max_reply_mb"):
     if not getattr(FLAGS, name) > 0:
-      raise cli.UserError(f"--{name} must be positive, got {getattr(FLAGS, name)}")
+      raise UserError(f"--{name} must be positive, got {getattr(FLAGS, name)}")
   api_key = os.environ.get(FLAGS.api_key_env) if FLAGS.api_key_env else None
   if not api_key:
     logging.info("no API key in $%s: sending requests without Authorization", FLAGS.api_key_env)
@@ -472,9 +474,4 @@ def main(argv: list[str]) -> None:
     max_reply_bytes=int(FLAGS.max_reply_mb * 1024**2),
   )
   summary = run(FLAGS.abstracts, FLAGS.output, settings, limit=FLAGS.limit)
-  cli.report("make_qa", summary)
-
-
-if __name__ == "__main__":
-  define_flags()
-  cli.run(main)
+  tables.report("make_qa", summary)

@@ -1,6 +1,6 @@
-r"""``python -m astrollama_jax.train``: continual pre-training or SFT, resumable, any mesh.
+r"""``python -m astrollama_jax train``: continual pre-training or SFT, resumable, any mesh.
 
-  python -m astrollama_jax.train --config=configs/demo.py --workdir=runs/demo \
+  python -m astrollama_jax train --config=configs/demo.py --workdir=runs/demo \
       --config.data.lm.path=CORPUS --config.data.tokenizer_path=tokenizer.model \
       [--config.train.num_steps=100 ...]
 
@@ -20,26 +20,31 @@ import sys
 from absl import flags, logging
 from ml_collections import config_flags
 
+from astrollama_jax.util import checks, tables
+
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file(
-  "config", None, "A configs/*.py file (ml_collections get_config).", lock_config=True
-)
-flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, TensorBoard.")
-flags.DEFINE_enum(
-  "distributed",
-  "auto",
-  ["auto", "on", "off"],
-  "jax.distributed.initialize: auto = when the flags below or SLURM/OpenMPI/TPU-pod "
-  "variables say there are several processes.",
-)
-flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 (plain multi-host GPU).")
-flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
-flags.DEFINE_integer("process_id", None, "This process's id (with --coordinator_address).")
-flags.mark_flags_as_required(["config", "workdir"])
+
+
+def define_flags() -> None:
+  config_flags.DEFINE_config_file(
+    "config", None, "A configs/*.py file (ml_collections get_config).", lock_config=True
+  )
+  flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, TensorBoard.")
+  flags.DEFINE_enum(
+    "distributed",
+    "auto",
+    ["auto", "on", "off"],
+    "jax.distributed.initialize: auto = when the flags below or SLURM/OpenMPI/TPU-pod "
+    "variables say there are several processes.",
+  )
+  flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 (plain multi-host GPU).")
+  flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
+  flags.DEFINE_integer("process_id", None, "This process's id (with --coordinator_address).")
+  flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv: list[str]) -> None:
-  from astrollama_jax import cli
+  from astrollama_jax.commands import cli
 
   cli.no_extra_args(argv)
   from astrollama_jax.train import distributed
@@ -51,10 +56,10 @@ def main(argv: list[str]) -> None:
   )
   import jax
 
-  from astrollama_jax import diskspace
   from astrollama_jax.train import loop
+  from astrollama_jax.util import diskspace
 
-  cli.check_output_dir(FLAGS.workdir, empty=False, flag="--workdir")
+  checks.check_output_dir(FLAGS.workdir, empty=False, flag="--workdir")
   try:
     with diskspace.disk_full_errors(
       FLAGS.workdir, "the run's files under"
@@ -67,13 +72,7 @@ def main(argv: list[str]) -> None:
     logging.error("%s", e)
     sys.exit(3)
   if jax.process_index() == 0:
-    cli.report(f"train: {FLAGS.workdir}", summary)
+    tables.report(f"train: {FLAGS.workdir}", summary)
   from astrollama_jax.train import exit_codes
 
   sys.exit(exit_codes.for_summary(summary))
-
-
-if __name__ == "__main__":
-  from astrollama_jax import cli as _cli
-
-  _cli.run(main)

@@ -13,7 +13,7 @@ Why this shape:
 * Randomness is ``fold_in(key(seed), step)``: a given seed gives the same tokens whether the loop
   ran in one call or in chunks.
 
-``python -m astrollama_jax.generate`` is the one-shot command line around ``generate``.
+``python -m astrollama_jax generate`` (``commands/generate.py``) is the one-shot command line around it.
 """
 
 from __future__ import annotations
@@ -22,20 +22,16 @@ from collections.abc import Callable, Sequence
 import contextlib
 import dataclasses
 import functools
-import json
 import time
 from typing import Any
 
-from absl import app, flags, logging
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 import numpy as np
 
-from astrollama_jax import cli, sharding
-from astrollama_jax.data.chat_formats import Conversation
-from astrollama_jax.data.chat_template import build_prompt_ids
+from astrollama_jax import sharding
 from astrollama_jax.data.tokenizer import Tokenizer
 from astrollama_jax.model import llama
 from astrollama_jax.model.config import LlamaConfig
@@ -419,163 +415,3 @@ class _Rows:
       if done[i] or step >= self.max_new:
         self.finished[i] = True
     return streamed
-
-
-# --- loading and the command line ---------------------------------------------------------
-
-
-def define_flags(temperature: float = 0.0, top_p: float = 1.0, max_new_tokens: int = 256) -> None:
-  """Flags shared by ``generate`` and ``chat`` (called from ``__main__`` only, never on import)."""
-  cli.define(
-    *cli.MODEL_FLAGS,
-    required=["checkpoint"],
-  )
-  flags.DEFINE_integer("max_new_tokens", max_new_tokens, "Most tokens to generate per answer.")
-  flags.DEFINE_float("temperature", temperature, "0 = greedy; else the sampling temperature.")
-  flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens (0 = off).")
-  flags.DEFINE_float("top_p", top_p, "Nucleus sampling mass (1 = off).")
-  flags.DEFINE_integer("seed", 0, "Sampling seed.")
-  flags.DEFINE_multi_string("stop", [], "Stop string (repeatable); excluded from the output.")
-  flags.DEFINE_string("system", None, "System prompt (chat format).")
-
-
-def load_from_flags(
-  F: flags.FlagValues = flags.FLAGS,
-) -> tuple[LlamaConfig, Params, Tokenizer, Mesh]:
-  """The model, tokenizer and mesh the shared flags name (``generate`` and ``chat``)."""
-  mesh = cli.make_mesh(F.mesh)
-  loaded = cli.load_model(
-    F.checkpoint,
-    mesh,
-    dtype=F.dtype,
-    compute_dtype=F.compute_dtype,
-    attention=F.attention,
-    tokenizer=F.tokenizer,
-  )
-  tokenizer = Tokenizer(loaded.tokenizer_path)
-  tokenizer.check_vocab(loaded.cfg.vocab_size)
-  return loaded.cfg, loaded.params, tokenizer, mesh
-
-
-def _read_prompts_file(path: str) -> list[dict[str, Any]]:
-  """All records of a JSONL file, each with a string ``prompt``; errors name the line."""
-  from astrollama_jax.eval.common import read_jsonl
-
-  records = []
-  for lineno, rec in read_jsonl(path):
-    if not isinstance(rec.get("prompt"), str):
-      raise ValueError(f"{path}:{lineno}: expected an object with a string field 'prompt'")
-    records.append(rec)
-  if not records:
-    raise ValueError(f"{path}: no prompts")
-  return records
-
-
-def _short(text: str, n: int = 48) -> str:
-  text = " ".join(text.split())
-  return text if len(text) <= n else text[: n - 1] + "…"
-
-
-def main(argv: Sequence[str]) -> None:
-  cli.no_extra_args(argv)
-  F = flags.FLAGS
-  if bool(F.prompt) == bool(F.prompts_file):
-    raise app.UsageError("give --prompt (repeatable) or --prompts_file, not both or neither")
-  check_sampling(F.max_new_tokens, F.temperature, F.top_k, F.top_p)
-  records = [{"prompt": p} for p in F.prompt] if F.prompt else _read_prompts_file(F.prompts_file)
-  for i, r in enumerate(records):
-    cli.check_text(r["prompt"], f"--prompt {i}")
-  if F.output:
-    cli.check_output_file(F.output)
-  cfg, params, tokenizer, mesh = load_from_flags(F)
-  if F.chat:
-    ids = [
-      build_prompt_ids(
-        Conversation(turns=(("user", r["prompt"]),), system=r.get("system", F.system)), tokenizer
-      )
-      for r in records
-    ]
-  else:
-    ids = [tokenizer.encode(r["prompt"], bos=True) for r in records]
-  for i, p in enumerate(ids):  # checked up front, so no batch fails after others were written
-    if len(p) + F.max_new_tokens > cfg.max_seq_len:
-      raise cli.UserError(
-        f"prompt {i} is {len(p)} tokens; with --max_new_tokens={F.max_new_tokens} it "
-        f"exceeds the model's context of {cfg.max_seq_len}"
-      )
-
-  out_file = open(F.output, "w", encoding="utf-8") if F.output else None
-  rows, total_tokens, seconds, reasons = [], 0, 0.0, {}
-  try:
-    for start in range(0, len(ids), F.batch_size):
-      batch = ids[start : start + F.batch_size]
-      res = generate(
-        cfg,
-        params,
-        batch,
-        F.max_new_tokens,
-        temperature=F.temperature,
-        top_k=F.top_k,
-        top_p=F.top_p,
-        seed=F.seed + start,
-        eos_id=tokenizer.eos_id,
-        stop_strings=F.stop,
-        tokenizer=tokenizer,
-        mesh=mesh,
-      )
-      seconds += res.seconds
-      for k, (text, toks, why) in enumerate(zip(res.texts, res.tokens, res.finish_reasons)):
-        rec = {
-          **records[start + k],
-          "completion": text,
-          "num_tokens": len(toks),
-          "finish_reason": why,
-        }
-        total_tokens += len(toks)
-        reasons[why] = reasons.get(why, 0) + 1
-        rows.append(rec)
-        if out_file:  # written as each batch ends: an interrupted run keeps what is done
-          out_file.write(json.dumps(rec, ensure_ascii=False) + "\n")
-        else:
-          print(f"### prompt {start + k}\n{rec['prompt']}\n### completion\n{text}\n", flush=True)
-      if out_file:
-        out_file.flush()
-      logging.info("%d/%d prompts done", min(start + F.batch_size, len(ids)), len(ids))
-  finally:
-    if out_file:
-      out_file.close()
-
-  summary = {
-    "prompts": len(rows),
-    "generated_tokens": total_tokens,
-    "seconds": round(seconds, 3),
-    "tokens_per_s": round(total_tokens / max(seconds, 1e-9), 2),
-    "finish_reasons": reasons,
-    "output": F.output,
-  }
-  table = [
-    {
-      "#": i,
-      "tokens": r["num_tokens"],
-      "finish": r["finish_reason"],
-      "prompt": _short(r["prompt"]),
-      "completion": _short(r["completion"]),
-    }
-    for i, r in enumerate(rows)
-  ]
-  cli.report("generated", summary, table)
-
-
-if __name__ == "__main__":
-  define_flags(max_new_tokens=128)
-  flags.DEFINE_multi_string("prompt", [], "A prompt (repeatable).")
-  flags.DEFINE_string(
-    "prompts_file", None, "JSONL with a 'prompt' field per line (+ optional 'system')."
-  )
-  cli.define(
-    "output",
-    help={"output": "Write one JSONL record per prompt to this file (input fields + completion)."},
-  )
-  flags.DEFINE_bool("chat", False, "Wrap each prompt in the LLaMA-2 chat format.")
-  flags.DEFINE_integer("batch_size", 8, "Prompts per generate call.")
-  cli.run(main)

@@ -1,10 +1,10 @@
-"""``python -m astrollama_jax.convert``: Meta or HF LLaMA-2 weights -> a converted Orbax DIR.
+"""``python -m astrollama_jax convert``: Meta or HF LLaMA-2 weights -> a converted Orbax DIR.
 
-  python -m astrollama_jax.convert --source_format=meta --source=llama-2-70b --output=ckpt/70b \\
+  python -m astrollama_jax convert --source_format=meta --source=llama-2-70b --output=ckpt/70b \\
       [--dtype=bfloat16] [--tokenizer=llama/tokenizer.model]
 
 Writes DIR/model_config.json, DIR/tokenizer.model and DIR/params (Orbax), one parameter at a
-time (``checkpoints.write_params``; see there for the memory bound), shows progress per source
+time (``store.write_params``; see there for the memory bound), shows progress per source
 tensor and ends with a summary table and one JSON line.
 """
 
@@ -19,9 +19,11 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from astrollama_jax import checkpoints, cli, diskspace, memory
-from astrollama_jax.convert import meta
-from astrollama_jax.formats import hf, mapping
+from astrollama_jax.checkpoints import store
+from astrollama_jax.commands import cli
+from astrollama_jax.formats import hf, mapping, meta
+from astrollama_jax.perf import memory
+from astrollama_jax.util import diskspace, tables
 
 FLAGS = flags.FLAGS
 
@@ -74,7 +76,7 @@ def convert(
   t0 = time.monotonic()
   if jax.process_count() > 1:
     raise RuntimeError("conversion runs in a single process; restore the result onto any mesh")
-  dtype = checkpoints.check_dtype(dtype)
+  dtype = store.check_dtype(dtype)
   if not os.path.isdir(source):
     raise FileNotFoundError(f"source folder {source} does not exist")
   out = os.path.abspath(output)
@@ -111,9 +113,7 @@ def convert(
 
   read = meta.iter_meta_params if source_format == "meta" else hf.iter_hf_params
   try:
-    counts = checkpoints.write_params(
-      out, cfg, read(source, cfg, cfg.param_dtype, progress), tok_path
-    )
+    counts = store.write_params(out, cfg, read(source, cfg, cfg.param_dtype, progress), tok_path)
   finally:
     bar.close()
   return {
@@ -135,9 +135,4 @@ def main(argv):
     if not getattr(FLAGS, name):
       raise app.UsageError(f"--{name} is required")
   summary = convert(FLAGS.source_format, FLAGS.source, FLAGS.output, FLAGS.dtype, FLAGS.tokenizer)
-  cli.report(f"converted {summary['source']} -> {summary['output']}", summary)
-
-
-if __name__ == "__main__":
-  define_flags()
-  cli.run(main)
+  tables.report(f"converted {summary['source']} -> {summary['output']}", summary)

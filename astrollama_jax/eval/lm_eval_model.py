@@ -2,7 +2,7 @@
 
 Why a model class of our own rather than exporting to HF and using lm-eval's ``hf`` backend:
 the checkpoint is evaluated as it is (any kind ``checkpoints.load_model`` reads), on the device
-mesh, multi-host, with the same packed float32 log-softmax as ``python -m astrollama_jax.eval``.
+mesh, multi-host, with the same packed float32 log-softmax as ``python -m astrollama_jax eval``.
 
 What lm-eval asks and how it is answered:
 
@@ -42,7 +42,7 @@ from lm_eval.models.utils import (
   postprocess_generated_text,
 )
 
-from astrollama_jax import cli
+from astrollama_jax import sharding
 from astrollama_jax.data.tokenizer import Tokenizer
 from astrollama_jax.eval import common
 from astrollama_jax.eval.scoring import Request, Scorer
@@ -81,7 +81,7 @@ class AstroLlamaLM(TemplateLM):
     model: common.Model | None = None,
     pretrained: str | None = None,
     tokenizer: str | None = None,
-    mesh: str = cli.DEFAULT_MESH,
+    mesh: str = sharding.DEFAULT_MESH,
     dtype: str | None = None,
     compute_dtype: str | None = None,
     attention: str | None = None,
@@ -221,7 +221,7 @@ class AstroLlamaLM(TemplateLM):
 
   def _is_greedy(self, reqs: Sequence[Request], logprobs: Sequence[Any]) -> list[bool]:
     """Whether greedy decoding from each context reproduces its target (lm-eval's is_greedy)."""
-    from astrollama_jax.generate import generate
+    from astrollama_jax.generation import generate
 
     out = [bool((lp > _SURELY_GREEDY).all()) for lp in logprobs]
     todo = sorted(
@@ -268,7 +268,7 @@ class AstroLlamaLM(TemplateLM):
 
   def generate_until(self, requests: Sequence[Any], disable_tqdm: bool = False) -> list[str]:
     """Generations cut at the first stop sequence, requests grouped by their settings."""
-    from astrollama_jax.generate import generate
+    from astrollama_jax.generation import generate
 
     groups: dict[str, list[int]] = {}
     for i, req in enumerate(requests):

@@ -1,4 +1,4 @@
-r"""``python -m astrollama_jax.demo --workdir=DIR``: the whole recipe, end to end, on a CPU.
+r"""``python -m astrollama_jax demo --workdir=DIR``: the whole recipe, end to end, on a CPU.
 
 1. prepare: ``data/demo_corpus`` -> ``DIR/corpus`` (TFDS ArrayRecord, 15% validation);
 2. continual pre-training of a tiny LLaMA (``configs/demo.py``) in ``DIR/cpt``, with the
@@ -8,7 +8,7 @@ r"""``python -m astrollama_jax.demo --workdir=DIR``: the whole recipe, end to en
    the LLaMA-2 chat template);
 5. one chat answer from the exported folder, through the chat command's session.
 
-The steps call the same code as ``python -m astrollama_jax.prepare``, ``... .train``,
+The steps call the same code as ``python -m astrollama_jax prepare``, ``... .train``,
 ``... .export`` and ``... .chat``. Re-running resumes: a finished training run is not repeated.
 """
 
@@ -23,13 +23,17 @@ from typing import Any
 
 from absl import flags, logging
 
-from astrollama_jax import cli, resources
+from astrollama_jax import sharding
+from astrollama_jax.checkpoints import loader
+from astrollama_jax.commands import cli
+from astrollama_jax.errors import UserError
+from astrollama_jax.util import resources, tables
 
 FLAGS = flags.FLAGS
 
 
 def define_flags() -> None:
-  """The command's flags (defined from ``__main__`` only, so importing this module defines none)."""
+  """The command's flags (defined when the command runs, so importing this module defines none)."""
   flags.DEFINE_string("workdir", None, "Output folder (corpus/, cpt/, sft/, hf/).", required=True)
   cli.define(
     "tokenizer",
@@ -63,7 +67,7 @@ def find_tokenizer(explicit: str | None) -> str:
   for path in candidates:
     if path and os.path.isfile(path):
       return path
-  raise cli.UserError(
+  raise UserError(
     f"LLaMA-2 tokenizer.model not found (looked at "
     f"{[c for c in candidates if c]}); pass --tokenizer=PATH"
   )
@@ -111,13 +115,12 @@ def finetune(cpt_workdir: str, tokenizer: str, workdir: str, steps: int | None) 
 
 
 def answer(hf_folder: str, question: str) -> str:
-  """Greedy answer of the exported chat model, as ``python -m astrollama_jax.chat`` gives it."""
-  from astrollama_jax import cli
-  from astrollama_jax.chat import ChatSession
+  """Greedy answer of the exported chat model, as ``python -m astrollama_jax chat`` gives it."""
+  from astrollama_jax.commands.chat import ChatSession
   from astrollama_jax.data.tokenizer import Tokenizer
 
-  mesh = cli.make_mesh()
-  loaded = cli.load_model(hf_folder, mesh)
+  mesh = sharding.mesh_from_text()
+  loaded = loader.load_model(hf_folder, mesh)
   session = ChatSession(
     loaded.cfg,
     loaded.params,
@@ -131,7 +134,7 @@ def answer(hf_folder: str, question: str) -> str:
 
 
 def export(checkpoint: str, output: str) -> dict[str, Any]:
-  from astrollama_jax import export as export_lib
+  from astrollama_jax.commands import export as export_lib
 
   if os.path.isdir(output):  # the demo's own earlier export
     shutil.rmtree(output)
@@ -212,11 +215,6 @@ def main(argv: list[str]) -> None:
     ("HF folder", summary["hf_folder"]),
   ]
   print(f"\n[user] {summary['question']}\n[astrollama-demo] {summary['answer']}\n")
-  cli.report("demo", summary, rows, ("stage", "value"))
+  tables.report("demo", summary, rows, ("stage", "value"))
   if not summary["loss_fell"]:
     raise SystemExit("validation loss did not fall")
-
-
-if __name__ == "__main__":
-  define_flags()
-  cli.run(main)

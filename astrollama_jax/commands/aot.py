@@ -1,8 +1,8 @@
-r"""``python -m astrollama_jax.aot``: compile a config's real train step ahead of time.
+r"""``python -m astrollama_jax aot``: compile a config's real train step ahead of time.
 
-  python -m astrollama_jax.aot --config=configs/llama2_cpt.py:70b --topology=v5p-128 \
+  python -m astrollama_jax aot --config=configs/llama2_cpt.py:70b --topology=v5p-128 \
       [--config.mesh='(1,32,2)' --config.train.grad_accum_steps=10 ...]
-  python -m astrollama_jax.aot --config=configs/llama2_cpt.py:70b --devices=64
+  python -m astrollama_jax aot --config=configs/llama2_cpt.py:70b --devices=64
 
 ``--topology`` (``v5p-128``, ``v4-256``, ``v5e-8``, ``v6e-16``, ``2xv5p-128`` for two slices)
 compiles with libtpu's own compiler for that slice (``tpu_plan.py``; no TPU needed): the
@@ -25,11 +25,14 @@ from typing import Any
 
 from absl import flags
 
+from astrollama_jax.errors import UserError
+from astrollama_jax.util import tables
+
 GB = 1e9
 
 
 def define_flags() -> None:
-  """The command's flags (defined from ``__main__`` only, so importing this module defines none)."""
+  """The command's flags (defined when the command runs, so importing this module defines none)."""
   from ml_collections import config_flags
 
   config_flags.DEFINE_config_file(
@@ -68,15 +71,15 @@ def memory_plan(config: Any) -> dict[str, Any]:
 
   from astrollama_jax import sharding
   from astrollama_jax.train import program as program_lib
-  from astrollama_jax.train import setup
+  from astrollama_jax.train import resolve
 
   devices = jax.device_count()
-  cfg = setup.preset_model_config(config)
+  cfg = resolve.preset_model_config(config)
   attention = cfg.attention_impl
   if attention != "xla":  # fused kernels are GPU/TPU programs: the CPU stand-in plans XLA's
     cfg = cfg.replace(attention_impl="xla")
   mesh = sharding.make_mesh(tuple(config.mesh))
-  setup.check_batch_layout(config, dict(mesh.shape))
+  resolve.check_batch_layout(config, dict(mesh.shape))
   # The schedule's length changes constants only, not a buffer: the run's, else a stand-in.
   program = program_lib.compile_train_step(
     config, mesh, cfg=cfg, total_steps=config.train.num_steps or 1000
@@ -151,25 +154,25 @@ def tpu_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 def main(argv: list[str]) -> None:
-  from astrollama_jax import cli
+  from astrollama_jax.commands import cli
 
   cli.no_extra_args(argv)
   FLAGS = flags.FLAGS
   if bool(FLAGS.topology) == bool(FLAGS.devices):
-    raise cli.UserError("give --topology=SLICE (libtpu) or --devices=N (fake CPU devices)")
+    raise UserError("give --topology=SLICE (libtpu) or --devices=N (fake CPU devices)")
   if FLAGS.topology:
-    from astrollama_jax import tpu_plan
+    from astrollama_jax.perf import tpu_plan
 
     topology = tpu_plan.parse_topology(FLAGS.topology)
     if not tpu_plan.libtpu_available():
-      raise cli.UserError(
+      raise UserError(
         "--topology needs libtpu (pip install 'libtpu==0.0.42.*'); "
         "--devices=N plans on fake CPU devices without it"
       )
     result = tpu_plan.train_step_plan(FLAGS.config, topology)
     peak = result.get("peak_bytes", result.get("temp_bytes", 0))
     result.update(peak_gib=round(peak / 2**30, 3), hbm_gib=round(result["hbm_bytes"] / 2**30, 3))
-    cli.report(
+    tables.report(
       f"aot: libtpu's per-chip plan of the train step on {result['target']}",
       result,
       rows=tpu_rows(result),
@@ -211,16 +214,9 @@ def main(argv: list[str]) -> None:
     (f"fits {FLAGS.device_gb:g} GB", str(result["fits"])),
     ("compile (s)", f"{result['compile_s']}"),
   ]
-  cli.report(
+  tables.report(
     "aot: per-device memory plan of the train step",
     result,
     rows=rows,
     columns=("quantity", "value"),
   )
-
-
-if __name__ == "__main__":
-  define_flags()
-  from astrollama_jax import cli as _cli
-
-  _cli.run(main)

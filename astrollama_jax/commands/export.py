@@ -1,6 +1,6 @@
-"""``python -m astrollama_jax.export``: any checkpoint -> an HF folder ready for the hub.
+"""``python -m astrollama_jax export``: any checkpoint -> an HF folder ready for the hub.
 
-  python -m astrollama_jax.export --checkpoint=runs/sft [--dtype=bfloat16] \
+  python -m astrollama_jax export --checkpoint=runs/sft [--dtype=bfloat16] \
       --output=hf/astrollama-chat
 
 ``--checkpoint`` is a converted DIR, a training WORKDIR (its latest complete step), one step
@@ -12,7 +12,7 @@ index, ``config.json``, ``generation_config.json`` and the tokenizer files (``to
 it offline. The folder appears atomically (``formats.hf.save_hf``).
 
 Memory: nothing is restored up front (no accelerator needed). Each HF tensor is read from the
-Orbax checkpoint alone (one layer of a stacked parameter, ``checkpoints.open_model``), cast,
+Orbax checkpoint alone (one layer of a stacked parameter, ``store.open_model``), cast,
 transposed and written into its planned safetensors shard (``formats.hf.save_hf``), then
 dropped, so host memory is bounded by a few copies of the largest tensor, not by the model
 or ``--max_shard_gb``; see docs/benchmarks.md. An HF folder as input is still read whole.
@@ -28,8 +28,11 @@ from absl import app, flags, logging
 import numpy as np
 from tqdm import tqdm
 
-from astrollama_jax import checkpoints, cli, diskspace, lora_base, memory
+from astrollama_jax.checkpoints import lora_base, store
+from astrollama_jax.commands import cli
 from astrollama_jax.formats import hf, mapping, peft
+from astrollama_jax.perf import memory
+from astrollama_jax.util import diskspace, tables
 
 FLAGS = flags.FLAGS
 
@@ -76,22 +79,22 @@ def export(
   from astrollama_jax.data.tokenizer import Tokenizer
 
   t0 = time.monotonic()
-  dtype = checkpoints.check_dtype(dtype)
+  dtype = store.check_dtype(dtype)
   out = os.path.abspath(output)
   if os.path.exists(out) and os.listdir(out):  # fail before the (long) restore
     raise FileExistsError(f"output {out} exists and is not empty; choose another or remove it")
-  kind, root, params_dir, step = checkpoints.locate(checkpoint)
+  kind, root, params_dir, step = store.locate(checkpoint)
   record = lora_base.read(root) if kind in ("workdir", "step") else None
   if peft_adapter and record is None:
     raise ValueError(
       f"--peft_adapter: {checkpoint} is not a LoRA workdir (no {lora_base.LORA_FILE})"
     )
   if kind != "hf":  # the size follows from the config (its param_dtype is the stored one): refuse
-    stored = checkpoints.read_model_config(root)  # before the (long) restore; save_hf checks again
+    stored = store.read_model_config(root)  # before the (long) restore; save_hf checks again
     diskspace.check_free_space(
       out, stored.num_params() * np.dtype(dtype or stored.param_dtype).itemsize, "the output folder"
     )
-  loaded = checkpoints.open_model(checkpoint, dtype=dtype)
+  loaded = store.open_model(checkpoint, dtype=dtype)
   cfg = loaded.cfg
   tok_path = tokenizer or loaded.tokenizer_path
   if not tok_path:
@@ -161,9 +164,4 @@ def main(argv):
     int(FLAGS.max_shard_gb * 1024**3),
     peft_adapter=FLAGS.peft_adapter,
   )
-  cli.report(f"exported {summary['checkpoint']} -> {summary['output']}", summary)
-
-
-if __name__ == "__main__":
-  define_flags()
-  cli.run(main)
+  tables.report(f"exported {summary['checkpoint']} -> {summary['output']}", summary)

@@ -18,8 +18,9 @@ import json
 import os
 from typing import Any
 
-from astrollama_jax import checkpoints, diskspace
+from astrollama_jax.checkpoints import store
 from astrollama_jax.model.lora import LoraSpec
+from astrollama_jax.util import diskspace
 
 LORA_FILE = "lora.json"
 _EDGE = 64 * 1024
@@ -32,15 +33,15 @@ def _files(kind: str, root: str, params_dir: str | None) -> list[str]:
       for f in os.listdir(root)
       if f.endswith(".safetensors") or f == "config.json"
     )
-  out = [os.path.join(root, checkpoints.CONFIG_FILE)]
+  out = [os.path.join(root, store.CONFIG_FILE)]
   for folder, _, names in os.walk(params_dir):
     out += [os.path.join(folder, n) for n in names]
   return sorted(out)
 
 
 def fingerprint(path: str) -> str:
-  """A short digest of the model at ``path`` (any kind ``checkpoints.locate`` knows)."""
-  kind, root, params_dir, _ = checkpoints.locate(path)
+  """A short digest of the model at ``path`` (any kind ``store.locate`` knows)."""
+  kind, root, params_dir, _ = store.locate(path)
   top = params_dir if kind != "hf" else root
   h = hashlib.sha256()
   for file in _files(kind, root, params_dir):
@@ -59,7 +60,7 @@ def base_record(init_checkpoint: str, seed: int) -> dict[str, Any]:
   """How to find the base again: a resolved path + fingerprint, or a random init's seed."""
   if not init_checkpoint:
     return {"kind": "random", "seed": int(seed)}
-  kind, root, params_dir, step = checkpoints.locate(init_checkpoint)
+  kind, root, params_dir, step = store.locate(init_checkpoint)
   path = os.path.dirname(params_dir) if kind == "workdir" else root  # pin the step
   return {
     "kind": "step" if kind == "workdir" else kind,
@@ -85,7 +86,7 @@ def read(root: str) -> dict[str, Any] | None:
     record["spec"] = LoraSpec.from_dict(record["lora"])
     return record
   except (OSError, ValueError, KeyError, TypeError) as e:
-    raise checkpoints.CheckpointError(f"cannot read the LoRA record {file}: {e}") from e
+    raise store.CheckpointError(f"cannot read the LoRA record {file}: {e}") from e
 
 
 def check_base(record: dict[str, Any], where: str) -> str | None:
@@ -95,12 +96,12 @@ def check_base(record: dict[str, Any], where: str) -> str | None:
     return None
   path = base["path"]
   if not os.path.isdir(path):
-    raise checkpoints.CheckpointError(
+    raise store.CheckpointError(
       f"{where} holds LoRA adapters of the base model {path}, which is gone; restore it there"
     )
   got = fingerprint(path)
   if got != base["fingerprint"]:
-    raise checkpoints.CheckpointError(
+    raise store.CheckpointError(
       f"{where} holds LoRA adapters of the base model {path}, but that folder now holds "
       f"another model (fingerprint {got}, recorded {base['fingerprint']})"
     )
@@ -109,7 +110,7 @@ def check_base(record: dict[str, Any], where: str) -> str | None:
 
 def restore_adapters(params_dir: str) -> dict[str, Any]:
   """A LoRA step's adapters (small) as float32 numpy arrays."""
-  return checkpoints.restore_on_host(params_dir, "float32")
+  return store.restore_on_host(params_dir, "float32")
 
 
 def load_merged(
@@ -136,7 +137,7 @@ def load_merged(
   adapters = restore_adapters(params_dir)
   path = check_base(record, root)
   if path is not None:
-    base = checkpoints.load_model(path, mesh=mesh, dtype=dtype, on_host=on_host)
+    base = store.load_model(path, mesh=mesh, dtype=dtype, on_host=on_host)
     base_cfg, params = base.cfg, base.params
   else:  # a random base: rebuilt from its seed, in the run's base dtype
     params = llama.init_params(cfg, seed=record["base"]["seed"])

@@ -1,9 +1,9 @@
 """Speed benchmark: the training step and KV-cache decoding, against transformers in PyTorch.
 
-    python -m astrollama_jax.bench --task=train --config=configs/bench.py:llama2_7b \
+    python -m astrollama_jax bench --task=train --config=configs/bench.py:llama2_7b \
         --config.model.n_layers=8 --config.model.attention_impl=cudnn \
         --config.model.remat_policy=dots --xla_flags=latency_hiding [--reference=torch]
-    python -m astrollama_jax.bench --task=decode --config=configs/bench.py:llama2_7b \
+    python -m astrollama_jax bench --task=decode --config=configs/bench.py:llama2_7b \
         --config.train.global_batch_size=32 --prompt_len=512 --new_tokens=256 [--reference=torch]
 
 Why it is built this way:
@@ -12,7 +12,7 @@ Why it is built this way:
   attention implementation, chunked cross-entropy, micro-batches and sharding rules come from a
   training config (``--config`` and ``--config.*`` overrides, as for ``train``), and the step is
   the trainer's own compiled program (``train.program.compile_train_step``), so a number here is
-  a number for training. FLOPs come from ``astrollama_jax.flops`` (MaxText's counting), so MFU can
+  a number for training. FLOPs come from ``astrollama_jax.perf.flops`` (MaxText's counting), so MFU can
   be set beside MaxText's published figures.
 * Step time is the median over timed steps after warm-up (the first call compiles), each step
   synchronised with ``jax.block_until_ready``; TFLOP/s are per device, MFU against the device's
@@ -45,14 +45,17 @@ from typing import Any
 
 from absl import app, flags, logging
 
+from astrollama_jax.errors import UserError
+from astrollama_jax.util import tables
+
 FLAGS = flags.FLAGS
 
 
 def define_flags() -> None:
-  """The command's flags (defined from ``__main__`` only, so importing this module defines none)."""
+  """The command's flags (defined when the command runs, so importing this module defines none)."""
   from ml_collections import config_flags
 
-  from astrollama_jax import cli
+  from astrollama_jax.commands import cli
 
   config_flags.DEFINE_config_file(
     "config",
@@ -140,9 +143,9 @@ def configure_xla(presets: str, extra: str = "", mem_fraction: float = 0.0) -> s
 
 def model_config(config: Any, longest: int):
   """The config's model, its positional limit raised to the longest sequence timed."""
-  from astrollama_jax.train import setup
+  from astrollama_jax.train import resolve
 
-  cfg = setup.preset_model_config(config)
+  cfg = resolve.preset_model_config(config)
   return cfg.replace(max_seq_len=max(cfg.max_seq_len, longest))
 
 
@@ -271,10 +274,10 @@ def jax_train(config, cfg, args, batch: dict, mesh) -> dict:
 
 
 def jax_decode(cfg, args, prompts: list[list[int]], mesh, seed: int, params=None) -> dict:
-  """Generated tokens/s of ``astrollama_jax.generate.generate``: greedy, weights in the compute
+  """Generated tokens/s of ``astrollama_jax.generation.generate``: greedy, weights in the compute
   dtype (as transformers serves them), EOS disabled so every row makes ``new_tokens`` tokens.
   ``params`` (host arrays: the reference's weights) replaces the random init."""
-  from astrollama_jax.generate import generate
+  from astrollama_jax.generation import generate
   from astrollama_jax.model import llama
 
   cfg = cfg.replace(param_dtype=cfg.compute_dtype)
@@ -607,7 +610,6 @@ def describe(side: dict) -> str:
 
 def report(summary: dict) -> None:
   """The headline numbers, JAX beside the reference when there is one, then the JSON line."""
-  from astrollama_jax import cli
 
   ref = summary.get("reference")
   ours = summary.get("computes", {})
@@ -641,7 +643,7 @@ def report(summary: dict) -> None:
     rows.append(("jax / torch tokens/s", f"{summary['speedup_vs_reference']:.3f}", ""))
   for m in summary.get("reference_mismatches") or ():
     rows.append(("not like for like, no ratio", m, ""))
-  cli.report(
+  tables.report(
     f"bench {summary['task']}: {summary['model']} on {summary['n_devices'] or 1} x "
     f"{summary['device']}",
     summary,
@@ -655,7 +657,7 @@ def start_jax(config, args, summary: dict):
   on a GPU the backend claims its memory (``--mem_fraction``) as soon as it starts."""
   import jax
 
-  from astrollama_jax import flops
+  from astrollama_jax.perf import flops
 
   mesh = make_bench_mesh(config.mesh)
   device = jax.devices()[0]
@@ -673,7 +675,7 @@ def start_jax(config, args, summary: dict):
 
 def run_train(config, cfg, args, summary: dict) -> dict | None:
   """Time the reference (first) and the train step; fills ``summary``, returns the reference's."""
-  from astrollama_jax import flops
+  from astrollama_jax.perf import flops
 
   rows, seq = config.train.global_batch_size, config.data.seq_len
   batch = synthetic_batch(cfg.vocab_size, rows, seq, config.seed)
@@ -768,17 +770,18 @@ def attach_reference(summary: dict, ref: dict) -> None:
 
 
 def main(argv: list[str]) -> None:
-  from astrollama_jax import cli, sharding
-  from astrollama_jax.train import setup
+  from astrollama_jax import sharding
+  from astrollama_jax.commands import cli
+  from astrollama_jax.train import resolve
 
   cli.no_extra_args(argv)
   args, config = FLAGS, FLAGS.config
   if args.steps < 1 or args.warmup < 0:
-    raise cli.UserError(f"need --steps >= 1 and --warmup >= 0, got {args.steps}, {args.warmup}")
+    raise UserError(f"need --steps >= 1 and --warmup >= 0, got {args.steps}, {args.warmup}")
   longest = config.data.seq_len if args.task == "train" else args.prompt_len + args.new_tokens
   cfg = model_config(config, longest)
   if args.task == "train":
-    setup.check_compatible(cfg, config, None)
+    resolve.check_compatible(cfg, config, None)
   added_flags = configure_xla(args.xla_flags, args.xla_extra, args.mem_fraction)
   summary: dict[str, Any] = {
     "task": args.task,
@@ -797,9 +800,9 @@ def main(argv: list[str]) -> None:
     "mesh": ",".join(str(m) for m in config.mesh),
     "xla_flags": added_flags,
     "peak_tflops": None,
-    "command": " ".join(["python -m astrollama_jax.bench"] + sys.argv[1:]),
+    "command": " ".join(["python -m astrollama_jax bench"] + sys.argv[1:]),
   }
-  with sharding.use_rules(setup.sharding_rules(config)):
+  with sharding.use_rules(resolve.sharding_rules(config)):
     ref = (run_train if args.task == "train" else run_decode)(config, cfg, args, summary)
   mem = summary.pop("peak_memory_bytes", None)
   summary["peak_memory_gb"] = None if mem is None else mem / 2**30
@@ -809,13 +812,6 @@ def main(argv: list[str]) -> None:
   report(summary)
   if args.output:
     with open(args.output, "a") as f:
-      f.write(json.dumps(cli.jsonable(summary), ensure_ascii=False) + "\n")
+      f.write(json.dumps(tables.jsonable(summary), ensure_ascii=False) + "\n")
   if "error" in summary or (ref and "error" in ref):
     sys.exit(3)
-
-
-if __name__ == "__main__":
-  define_flags()
-  from astrollama_jax import cli as _cli
-
-  _cli.run(main)

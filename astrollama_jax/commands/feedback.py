@@ -1,8 +1,8 @@
-"""``python -m astrollama_jax.feedback``: the expert ratings as training data, and their counts.
+"""``python -m astrollama_jax feedback``: the expert ratings as training data, and their counts.
 
-    python -m astrollama_jax.feedback export --db=ratings.sqlite --output=feedback_sft.jsonl \\
+    python -m astrollama_jax feedback export --db=ratings.sqlite --output=feedback_sft.jsonl \\
         [--pairs=feedback_pairs.jsonl] [--min_rating=4] [--since=2024-05-01]
-    python -m astrollama_jax.feedback stats --db=ratings.sqlite [--since=DATE]
+    python -m astrollama_jax feedback stats --db=ratings.sqlite [--since=DATE]
 
 ``export`` writes the corrected (and the highly rated) conversations as ShareGPT JSONL, a source
 for ``config.data.sft.sources`` of the SFT config, and the (chosen, rejected) pairs as JSONL.
@@ -16,7 +16,9 @@ import os
 
 from absl import app, flags
 
-from astrollama_jax import cli
+from astrollama_jax.commands import cli
+from astrollama_jax.errors import UserError
+from astrollama_jax.util import checks, tables
 
 ACTIONS = ("export", "stats")
 
@@ -50,29 +52,29 @@ def pairs_path(output: str) -> str:
 def main(argv: Sequence[str]) -> None:
   if len(argv) != 2 or argv[1] not in ACTIONS:
     raise app.UsageError(f"give one action: {' or '.join(ACTIONS)}")
-  from astrollama_jax.feedback import export
+  from astrollama_jax.feedback import datasets
   from astrollama_jax.feedback.store import open_existing
 
   F = flags.FLAGS
-  since = export.parse_since(F.since)  # a bad date fails before the file is opened
+  since = datasets.parse_since(F.since)  # a bad date fails before the file is opened
   store = open_existing(F.db)
   try:
     if argv[1] == "export":
       if not F.output:
-        raise cli.UserError("export needs --output=FILE")
+        raise UserError("export needs --output=FILE")
       pairs = F.pairs or pairs_path(F.output)
       for path in (F.output, pairs):
-        cli.check_output_file(path)
+        checks.check_output_file(path)
       if os.path.abspath(pairs) == os.path.abspath(F.output):
-        raise cli.UserError("--pairs and --output must be different files")
-      cli.report("feedback export", export.export(store, F.output, pairs, F.min_rating, since))
+        raise UserError("--pairs and --output must be different files")
+      tables.report("feedback export", datasets.export(store, F.output, pairs, F.min_rating, since))
       return
     rows = store.rows(since=since)
-    tags, ckpts = export.stats(rows)
+    tags, ckpts = datasets.stats(rows)
     print("ratings per tag")
-    print(cli.format_table(tags))
+    print(tables.format_table(tags))
     print()
-    cli.report(
+    tables.report(
       "ratings per checkpoint",
       {
         "db": F.db,
@@ -85,8 +87,3 @@ def main(argv: Sequence[str]) -> None:
     )
   finally:
     store.close()
-
-
-if __name__ == "__main__":
-  define_flags()
-  cli.run(main)

@@ -43,11 +43,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint.experimental import v1
 
-from astrollama_jax import diskspace
-from astrollama_jax.diskspace import atomic_directory  # part of this module's API too
 from astrollama_jax.formats import hf, mapping
 from astrollama_jax.model import llama
 from astrollama_jax.model.config import LlamaConfig
+from astrollama_jax.util import diskspace
+from astrollama_jax.util.diskspace import atomic_directory  # part of this module's API too
 
 Params = dict[str, Any]
 Path = tuple[str, ...]
@@ -442,7 +442,7 @@ def open_model(path: str, dtype: str | None = None) -> LoadedModel:
   """``load_model(path, dtype=dtype, on_host=True)``, but an Orbax checkpoint's parameters stay on
   disk as ``StoredArray``s, read slice by slice by whoever walks them (export). An HF folder, and
   a LoRA workdir (its adapters merged into the base in memory), are loaded whole instead."""
-  from astrollama_jax import lora_base
+  from astrollama_jax.checkpoints import lora_base
 
   dtype = check_dtype(dtype)
   kind, root, params_dir, step = locate(path)
@@ -480,7 +480,7 @@ def load_model(
       )
       params = _device_put_leaf_by_leaf(host, shardings)
   else:
-    from astrollama_jax import lora_base
+    from astrollama_jax.checkpoints import lora_base
 
     cfg = read_model_config(root)
     record = lora_base.read(root) if kind in ("workdir", "step") else None

@@ -1,4 +1,4 @@
-"""``python -m astrollama_jax.eval``: score a checkpoint, or compare earlier results.
+"""``python -m astrollama_jax eval``: score a checkpoint, or compare earlier results.
 
   --task=perplexity   token-weighted NLL / perplexity per corpus (and section), sliding window
   --task=completion   complete abstracts from their first part; embedding cosine + continuation ppl
@@ -17,7 +17,8 @@ import os
 
 from absl import app, flags, logging
 
-from astrollama_jax import cli
+from astrollama_jax.commands import cli
+from astrollama_jax.util import checks
 
 TASKS = ("perplexity", "completion", "embed", "mcq", "contamination")
 
@@ -163,7 +164,7 @@ def main(argv, F: flags.FlagValues = flags.FLAGS):
   if not data and not reuse:
     raise app.UsageError(f"--task={F.task} needs --data")
 
-  cli.check_output_dir(F.output, empty=False)
+  checks.check_output_dir(F.output, empty=False)
   from astrollama_jax.data.tokenizer import Tokenizer
 
   model = common.load(F.checkpoint, F.mesh, F.dtype, F.compute_dtype, F.tokenizer, F.attention)
@@ -189,8 +190,3 @@ def main(argv, F: flags.FlagValues = flags.FLAGS):
   )
   task.run(setup, data, **args)
   logging.info("results in %s", F.output)
-
-
-if __name__ == "__main__":
-  define_flags()
-  cli.run(main)

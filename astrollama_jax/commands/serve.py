@@ -1,6 +1,6 @@
-"""``python -m astrollama_jax.serve``: an OpenAI-compatible server and the expert feedback page.
+"""``python -m astrollama_jax serve``: an OpenAI-compatible server and the expert feedback page.
 
-    python -m astrollama_jax.serve --checkpoint=hf/astrollama-7b-chat [--host=127.0.0.1] \\
+    python -m astrollama_jax serve --checkpoint=hf/astrollama-7b-chat [--host=127.0.0.1] \\
         [--port=8000] [--feedback_db=ratings.sqlite] [--api_key_env=ASTROLLAMA_API_KEY]
 
 ``GET /v1/models``, ``POST /v1/chat/completions`` (the LLaMA-2 chat template) and
@@ -18,7 +18,9 @@ import threading
 
 from absl import flags, logging
 
-from astrollama_jax import cli
+from astrollama_jax.commands import cli
+from astrollama_jax.errors import UserError
+from astrollama_jax.util import tables
 
 
 def define_flags() -> None:
@@ -61,19 +63,19 @@ def main(argv: Sequence[str]) -> None:
   if F.api_key_env:
     api_key = os.environ.get(F.api_key_env, "")
     if not api_key:
-      raise cli.UserError(f"--api_key_env={F.api_key_env}: that environment variable is empty")
+      raise UserError(f"--api_key_env={F.api_key_env}: that environment variable is empty")
   for name in ("max_batch", "max_queue", "max_tokens", "max_body_bytes", "stream_chunk"):
     if getattr(F, name) < 1:
-      raise cli.UserError(f"--{name} must be >= 1, got {getattr(F, name)}")
+      raise UserError(f"--{name} must be >= 1, got {getattr(F, name)}")
   from astrollama_jax.feedback.store import FeedbackStore
-  from astrollama_jax.generate import load_from_flags
+  from astrollama_jax.generation import load_from_flags
   from astrollama_jax.serve.batching import Batcher
   from astrollama_jax.serve.server import App, Server
 
   store = FeedbackStore(F.feedback_db) if F.feedback_db else None
   cfg, params, tokenizer, mesh = load_from_flags(F)
   if F.max_tokens >= cfg.max_seq_len:
-    raise cli.UserError(
+    raise UserError(
       f"--max_tokens={F.max_tokens} leaves no room for a prompt in the context of {cfg.max_seq_len}"
     )
   batcher = Batcher(
@@ -101,7 +103,7 @@ def main(argv: Sequence[str]) -> None:
   try:
     server = Server(app, F.host, F.port)
   except OSError as e:
-    raise cli.UserError(f"cannot listen on {F.host}:{F.port}: {e.strerror or e}") from None
+    raise UserError(f"cannot listen on {F.host}:{F.port}: {e.strerror or e}") from None
 
   def stop(signum, frame):  # shutdown() waits for serve_forever: call it from another thread
     logging.info("signal %d: stopping", signum)
@@ -126,9 +128,4 @@ def main(argv: Sequence[str]) -> None:
     "feedback_db": F.feedback_db,
     **batcher.stats,
   }
-  cli.report("serve", summary)
-
-
-if __name__ == "__main__":
-  define_flags()
-  cli.run(main)
+  tables.report("serve", summary)

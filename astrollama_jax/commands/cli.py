@@ -1,0 +1,215 @@
+"""The command-line surface every command shares: its common flags and how it ends.
+
+Every entry point is an absl app started with ``cli.run(main)``:
+
+* the flags several commands take (``--checkpoint``, ``--tokenizer``, ``--mesh``, ``--dtype``,
+  ``--compute_dtype``, ``--attention``, ``--output``) are defined here, by ``define``, with one
+  meaning and one default each;
+* a problem the user can fix (a missing file, a bad flag value, an output that is not empty)
+  ends the command with one ``error: ...`` line on stderr and exit status 1, no traceback;
+  tracebacks are for bugs (``run``);
+* every command closes with ``util.tables.report``: a table for people, then the same summary
+  as one JSON line for scripts.
+
+The list of commands and how they are started is ``commands/__init__.py``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+import os
+import traceback
+from typing import Any
+
+from absl import app, flags, logging
+
+from astrollama_jax import sharding
+from astrollama_jax.errors import UserError
+
+DTYPES = ("float32", "bfloat16", "float16")
+# The flags every command that loads a model for inference takes: ``cli.define(*MODEL_FLAGS)``.
+MODEL_FLAGS = ("checkpoint", "tokenizer", "mesh", "dtype", "compute_dtype", "attention")
+
+
+def _attention_impls() -> tuple[str, ...]:
+  from astrollama_jax.model.config import ATTENTION_IMPLS
+
+  return ATTENTION_IMPLS
+
+
+# name -> (absl definer, default, help); the one meaning and default of each shared flag.
+def _shared() -> dict[str, tuple[Callable[..., Any], Any, str, dict[str, Any]]]:
+  return {
+    "checkpoint": (
+      flags.DEFINE_string,
+      None,
+      "Model to load: HF folder, converted DIR, training WORKDIR or step folder.",
+      {},
+    ),
+    "tokenizer": (
+      flags.DEFINE_string,
+      None,
+      "SentencePiece tokenizer.model (default: the one beside the model).",
+      {},
+    ),
+    "mesh": (
+      flags.DEFINE_string,
+      sharding.DEFAULT_MESH,
+      "Device mesh data,fsdp,tensor; one entry may be -1: the rest of the devices.",
+      {},
+    ),
+    "dtype": (
+      flags.DEFINE_enum,
+      None,
+      "Parameter dtype (default: the dtype the checkpoint stores).",
+      {"enum_values": DTYPES},
+    ),
+    "compute_dtype": (
+      flags.DEFINE_enum,
+      None,
+      "Activation dtype (default: the parameters' dtype, so a float32 checkpoint "
+      "computes in float32).",
+      {"enum_values": DTYPES},
+    ),
+    "attention": (
+      flags.DEFINE_enum,
+      None,
+      "Attention implementation (default: the model config's).",
+      {"enum_values": _attention_impls()},
+    ),
+    "output": (flags.DEFINE_string, None, "Where the command writes its result.", {}),
+  }
+
+
+def define(
+  *names: str,
+  flag_values: flags.FlagValues = flags.FLAGS,
+  required: Sequence[str] = (),
+  help: Mapping[str, str] | None = None,
+  defaults: Mapping[str, Any] | None = None,
+) -> None:
+  """Define the shared flags ``names`` on ``flag_values``.
+
+  ``help`` may say what ``--output`` is for this command (a file, a folder); ``defaults`` is only
+  for ``--output``'s default, since the other flags mean the same everywhere.
+  """
+  table = _shared()
+  for name in names:
+    if name not in table:
+      raise KeyError(f"no shared flag {name!r}; shared flags: {sorted(table)}")
+    definer, default, text, extra = table[name]
+    if defaults and name in defaults:
+      if name != "output":
+        raise ValueError(f"--{name} has one default for every command")
+      default = defaults[name]
+    text = (help or {}).get(name, text)
+    if "enum_values" in extra:
+      definer(name, default, extra["enum_values"], text, flag_values=flag_values)
+    else:
+      definer(name, default, text, flag_values=flag_values)
+  for name in required:
+    flags.mark_flag_as_required(name, flag_values=flag_values)
+
+
+# --- errors ----------------------------------------------------------------------------------
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+  """Exception types that report a user-fixable problem wherever they are raised (our own
+  checks raise ``ValueError`` subclasses too, e.g. ``CheckpointError``: see ``is_user_error``)."""
+  from astrollama_jax.util import diskspace
+
+  return (
+    UserError,
+    diskspace.DiskFullError,
+    FileNotFoundError,
+    FileExistsError,
+    IsADirectoryError,
+    NotADirectoryError,
+    PermissionError,
+  )
+
+
+def _raised_here(error: BaseException) -> bool:
+  """Whether ``error`` was raised by this package's own code (a check we wrote), not a library."""
+  tb = traceback.extract_tb(error.__traceback__)
+  package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  return bool(tb) and os.path.abspath(tb[-1].filename).startswith(package + os.sep)
+
+
+def is_user_error(error: BaseException) -> bool:
+  """A user-fixable problem: one of ``_user_errors``, or a ``ValueError`` that our own code raised
+  to name a bad value (a ``ValueError`` from inside a library is a bug and keeps its traceback)."""
+  if isinstance(error, _user_errors()):
+    return True
+  return isinstance(error, ValueError) and _raised_here(error)
+
+
+def fail(error: BaseException | str) -> None:
+  """Exit the command with one ``error: ...`` line (status 1)."""
+  message = str(error).strip() or type(error).__name__
+  if logging.get_log_file_name():  # logs kept in a file (--log_dir) get it too; stderr only once
+    logging.error("%s", message)
+  raise SystemExit(f"error: {message}")
+
+
+def guard(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+  """``fn(*args, **kwargs)``, with a user-fixable error turned into ``fail``."""
+  try:
+    return fn(*args, **kwargs)
+  except Exception as e:  # noqa: BLE001 - sorted by is_user_error; bugs are re-raised
+    if is_user_error(e):
+      fail(e)
+    raise
+
+
+def run(main: Callable[[list[str]], Any], **kwargs: Any) -> None:
+  """``absl.app.run(main)``, with user-fixable errors reported as one line (see ``guard``)."""
+  app.run(lambda argv: guard(main, argv), **kwargs)
+
+
+def no_extra_args(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+
+
+# --- generate and chat ---
+
+
+def define_sampling_flags(
+  temperature: float = 0.0, top_p: float = 1.0, max_new_tokens: int = 256
+) -> None:
+  """The model and sampling flags ``generate`` and ``chat`` share."""
+  define(
+    *MODEL_FLAGS,
+    required=["checkpoint"],
+  )
+  flags.DEFINE_integer("max_new_tokens", max_new_tokens, "Most tokens to generate per answer.")
+  flags.DEFINE_float("temperature", temperature, "0 = greedy; else the sampling temperature.")
+  flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens (0 = off).")
+  flags.DEFINE_float("top_p", top_p, "Nucleus sampling mass (1 = off).")
+  flags.DEFINE_integer("seed", 0, "Sampling seed.")
+  flags.DEFINE_multi_string("stop", [], "Stop string (repeatable); excluded from the output.")
+  flags.DEFINE_string("system", None, "System prompt (chat format).")
+
+
+def load_from_flags(
+  F: flags.FlagValues = flags.FLAGS,
+) -> tuple[Any, Any, Any, Any]:
+  """The model, tokenizer and mesh the shared flags name (``generate`` and ``chat``)."""
+  from astrollama_jax.checkpoints import loader
+  from astrollama_jax.data.tokenizer import Tokenizer
+
+  mesh = sharding.mesh_from_text(F.mesh)
+  loaded = loader.load_model(
+    F.checkpoint,
+    mesh,
+    dtype=F.dtype,
+    compute_dtype=F.compute_dtype,
+    attention=F.attention,
+    tokenizer=F.tokenizer,
+  )
+
+  tokenizer = Tokenizer(loaded.tokenizer_path)
+  tokenizer.check_vocab(loaded.cfg.vocab_size)
+  return loaded.cfg, loaded.params, tokenizer, mesh
