@@ -415,3 +415,43 @@ class _Rows:
       if done[i] or step >= self.max_new:
         self.finished[i] = True
     return streamed
+
+
+class TextStream:
+  """Turns per-chunk generated ids into printable text deltas: text that can still change (an
+  incomplete character, the start of a stop string) is held back until it cannot."""
+
+  def __init__(
+    self, tokenizer: Tokenizer, emit: Callable[[str], None] | None, stop_strings: Sequence[str] = ()
+  ):
+    self.tokenizer, self.emit, self.stop_strings = tokenizer, emit, [s for s in stop_strings if s]
+    self.ids: list[int] = []
+    self.printed = ""
+
+  def _safe(self, text: str) -> str:
+    """The part of ``text`` that can no longer change or turn out to be a stop string."""
+    for s in self.stop_strings:
+      if s in text:
+        text = text[: text.index(s)]
+    hold = 0
+    for s in self.stop_strings:
+      for n in range(min(len(s) - 1, len(text)), 0, -1):
+        if text.endswith(s[:n]):
+          hold = max(hold, n)
+          break
+    text = text[: len(text) - hold]
+    return text.rstrip("\ufffd")  # an incomplete multi-byte character
+
+  def _write(self, text: str) -> None:
+    if text.startswith(self.printed) and len(text) > len(self.printed):
+      if self.emit is not None:
+        self.emit(text[len(self.printed) :])
+      self.printed = text
+
+  def update(self, new_ids: list[list[int]]) -> None:
+    """``generate``'s stream callback (batch of one)."""
+    self.ids += new_ids[0]
+    self._write(self._safe(self.tokenizer.decode(self.ids)))
+
+  def finish(self, final_text: str) -> None:
+    self._write(final_text)

@@ -12,12 +12,12 @@ from hf_reference import TINY_GQA, save_hf_model
 import jax
 import pytest
 
-from astrollama_jax.commands.chat import HELP, ChatSession, TextStream, run_repl
+from astrollama_jax.commands.chat import HELP, ChatSession, run_repl
 from astrollama_jax.data.chat_formats import Conversation
 from astrollama_jax.data.chat_template import build_prompt_ids
 from astrollama_jax.data.tokenizer import Tokenizer
 from astrollama_jax.formats import hf
-from astrollama_jax.generation import generate
+from astrollama_jax.generation import TextStream, generate
 
 NEW = 24  # as in test_generate: the same compiled shapes serve both modules and the subprocesses
 

@@ -32,9 +32,8 @@ from typing import Any
 
 from absl import logging
 
-from astrollama_jax.commands.chat import TextStream
 from astrollama_jax.data.tokenizer import Tokenizer
-from astrollama_jax.generation import bucket, generate
+from astrollama_jax.generation import TextStream, bucket, generate
 from astrollama_jax.model.config import LlamaConfig
 
 PROMPT_BUCKET = 64  # generate's smallest prompt bucket

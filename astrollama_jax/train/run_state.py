@@ -54,8 +54,8 @@ import orbax.checkpoint as ocp
 
 from astrollama_jax.checkpoints import store
 from astrollama_jax.checkpoints.store import CHECKPOINTS_DIR, PARAMS_DIR
-from astrollama_jax.commands.cli import UserError
 from astrollama_jax.data.shards import owned, regather, shard_ids
+from astrollama_jax.errors import UserError
 from astrollama_jax.train import distributed
 from astrollama_jax.train.state import TrainState
 from astrollama_jax.util import diskspace
