@@ -16,9 +16,8 @@ import sys
 import jax
 import pytest
 
-from astrollama_jax.commands import bench
 from astrollama_jax.model.config import get_config
-from astrollama_jax.perf import flops
+from astrollama_jax.perf import bench, bench_jax, bench_torch, flops, timing
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -135,12 +134,12 @@ def test_decode_json_adds_up_and_tokens_match_the_reference(tmp_path):
 
 
 def test_rates_and_decode_rates():
-  r = bench.rates(
+  r = timing.rates(
     flops_per_step=8e12, tokens_per_step=4096, step_s=2.0, n_devices=2, peak_flops=4e12
   )
   assert r == pytest.approx({"tokens_per_s": 2048.0, "tflops_per_device": 2.0, "mfu": 0.5})
-  assert bench.rates(8e12, 4096, 2.0, 2, None)["mfu"] is None
-  d = bench.decode_rates(full_s=3.0, first_s=0.5, batch=4, new_tokens=11)
+  assert timing.rates(8e12, 4096, 2.0, 2, None)["mfu"] is None
+  d = timing.decode_rates(full_s=3.0, first_s=0.5, batch=4, new_tokens=11)
   assert d["tokens_per_s"] == pytest.approx(44 / 3.0)
   assert d["decode_tokens_per_s"] == pytest.approx(40 / 2.5)
 
@@ -164,23 +163,23 @@ def _config(moments: str = "float32", **model):
 def test_reference_settings_follow_the_config(param, compute, remat, autocast):
   moments = "bfloat16" if param == "bfloat16" else "float32"  # torch: the weights' dtype
   config, cfg = _config(moments, param_dtype=param, compute_dtype=compute, remat_policy=remat)
-  ours = bench.jax_settings("train", config, cfg)
-  ref = bench.reference_settings("train", cfg, fused_adamw=True)
+  ours = bench_jax.jax_settings("train", config, cfg)
+  ref = bench_torch.reference_settings("train", cfg, fused_adamw=True)
   assert (ref["param_dtype"], ref["compute_dtype"], ref["autocast"]) == (param, compute, autocast)
   assert ref["moments_dtype"] == moments and ref["remat"] == remat
   assert ref["gradient_checkpointing"] == (remat != "none")
-  assert bench.mismatches(ours, ref) == []
+  assert bench_torch.mismatches(ours, ref) == []
   # decoding: weights in the compute dtype on both sides
-  dec = bench.reference_settings("decode", cfg, fused_adamw=False)
+  dec = bench_torch.reference_settings("decode", cfg, fused_adamw=False)
   assert dec["param_dtype"] == dec["compute_dtype"] == compute and dec["autocast"] is None
-  assert bench.mismatches(bench.jax_settings("decode", config, cfg), dec) == []
+  assert bench_torch.mismatches(bench_jax.jax_settings("decode", config, cfg), dec) == []
 
 
 def test_a_handicapped_reference_gets_no_ratio():
   config, cfg = _config(moments="bfloat16", remat_policy="dots")
-  ours = bench.jax_settings("train", config, cfg)
-  ref = bench.reference_settings("train", cfg, fused_adamw=False)
-  found = bench.mismatches(ours, ref)
+  ours = bench_jax.jax_settings("train", config, cfg)
+  ref = bench_torch.reference_settings("train", cfg, fused_adamw=False)
+  found = bench_torch.mismatches(ours, ref)
   assert found == [
     "moments_dtype: jax bfloat16, torch float32",
     "remat: jax dots, torch full (per layer)",
@@ -195,14 +194,14 @@ def test_a_handicapped_reference_gets_no_ratio():
 
 
 def test_fused_adamw_on_cpu_and_token_agreement():
-  assert bench.fused_adamw_available("cpu")  # torch >= 2.4 has a fused CPU AdamW
+  assert bench_torch.fused_adamw_available("cpu")  # torch >= 2.4 has a fused CPU AdamW
   a = bench.token_agreement([[1, 2, 3], [4, 5, 6]], [[1, 2, 9], [4, 5, 6]])
   assert a == {"tokens_identical": False, "rows_identical": 1, "common_prefix_fraction": 5 / 6}
   assert bench.token_agreement([[1]], [[1]])["tokens_identical"]
 
 
 def test_synthetic_batch_is_a_pipeline_batch():
-  b = bench.synthetic_batch(vocab=100, batch=3, seq=8, seed=0)
+  b = bench_jax.synthetic_batch(vocab=100, batch=3, seq=8, seed=0)
   assert {k: v.shape for k, v in b.items()} == {
     k: (3, 8) for k in ("tokens", "targets", "segment_ids", "positions", "loss_mask")
   }
@@ -212,11 +211,11 @@ def test_synthetic_batch_is_a_pipeline_batch():
 
 def test_xla_flags_errors():
   with pytest.raises(Exception, match="unknown --xla_flags preset 'fast'"):
-    bench.configure_xla("fast")
+    bench_jax.configure_xla("fast")
   jax.devices()  # the test process has a backend now: flags could no longer take effect
   with pytest.raises(RuntimeError, match="before JAX initialises a backend"):
-    bench.configure_xla("latency_hiding")
-  assert bench.configure_xla("none") == ""
+    bench_jax.configure_xla("latency_hiding")
+  assert bench_jax.configure_xla("none") == ""
 
 
 def test_out_of_memory_is_a_result_other_errors_raise():
@@ -233,7 +232,8 @@ def test_reference_runs_before_jax_claims_the_device():
   script = (
     "import contextlib, io, json, sys\n"
     "from absl import flags\n"
-    "from astrollama_jax import bench\n"
+    "from astrollama_jax.commands import bench\n"
+    "from astrollama_jax.perf import bench_jax\n"
     "bench.define_flags()\n"
     # config_flags reads its --config.* overrides from sys.argv
     "sys.argv = ['bench', '--task=train', '--config=configs/bench.py:tiny',\n"
@@ -244,7 +244,7 @@ def test_reference_runs_before_jax_claims_the_device():
     "with contextlib.redirect_stdout(io.StringIO()) as out:\n"
     "  bench.main(['bench'])\n"
     "s = json.loads(out.getvalue().splitlines()[-1])\n"
-    "print(json.dumps([bench.backends_initialized(), s['reference']['step_time_s'] > 0,\n"
+    "print(json.dumps([bench_jax.backends_initialized(), s['reference']['step_time_s'] > 0,\n"
     "                  s.get('step_time_s')]))\n"
   )
   env = dict(os.environ, JAX_PLATFORMS="cpu")

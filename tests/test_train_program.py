@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from astrollama_jax import sharding
-from astrollama_jax.commands import aot, bench
+from astrollama_jax.commands import aot
 from astrollama_jax.data.packing import BATCH_SPEC
+from astrollama_jax.perf import bench_jax
 from astrollama_jax.train import loop, resolve
 from astrollama_jax.train import program as program_lib
 from astrollama_jax.train.defaults import base_config
@@ -62,10 +63,10 @@ def test_train_aot_and_bench_compile_the_same_step(tmp_path, programs):
   assert summary["final_step"] == STEPS
   plan = aot.memory_plan(config)
   assert plan["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2} and plan["micro_batch"] == 4
-  mesh = bench.make_bench_mesh(config.mesh)
-  batch = bench.synthetic_batch(1024, 8, 32, seed=0)
-  cfg = bench.model_config(config, config.data.seq_len)
-  timed = bench.jax_train(config, cfg, types.SimpleNamespace(steps=1, warmup=1), batch, mesh)
+  mesh = bench_jax.make_bench_mesh(config.mesh)
+  batch = bench_jax.synthetic_batch(1024, 8, 32, seed=0)
+  cfg = bench_jax.model_config(config, config.data.seq_len)
+  timed = bench_jax.jax_train(config, cfg, types.SimpleNamespace(steps=1, warmup=1), batch, mesh)
   assert timed["timed_steps"] == 1 and np.isfinite(timed["final_loss"])
 
   trained, planned, benched = programs
