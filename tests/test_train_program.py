@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 
 from astrollama_jax import sharding
-from astrollama_jax.commands import aot
 from astrollama_jax.data.packing import BATCH_SPEC
-from astrollama_jax.perf import bench_jax
+from astrollama_jax.perf import bench_jax, cpu_plan
 from astrollama_jax.train import loop, resolve
 from astrollama_jax.train import program as program_lib
 from astrollama_jax.train.defaults import base_config
@@ -61,7 +60,7 @@ def test_train_aot_and_bench_compile_the_same_step(tmp_path, programs):
   config = _config()
   summary = loop.train(config, str(tmp_path / "run"))
   assert summary["final_step"] == STEPS
-  plan = aot.memory_plan(config)
+  plan = cpu_plan.memory_plan(config)
   assert plan["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2} and plan["micro_batch"] == 4
   mesh = bench_jax.make_bench_mesh(config.mesh)
   batch = bench_jax.synthetic_batch(1024, 8, 32, seed=0)

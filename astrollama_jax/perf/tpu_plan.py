@@ -225,3 +225,23 @@ def train_step_plan(config: Any, topology: Topology | str) -> dict[str, Any]:
     "grad_accum": t.grad_accum_steps,
     **compile_plan(program.lowered, topo.hbm_bytes),
   }
+
+
+def rows(result: dict[str, Any]) -> list[tuple[str, str]]:
+  """The table of a plan (``train_step_plan``): (quantity, value) rows, sizes in GiB per chip."""
+  gib = lambda key: f"{result[key] / GIB:.2f}" if key in result else "-"  # noqa: E731
+  return [
+    ("target / mesh", f"{result['target']} ({result['chips']} chips) / {result['mesh']}"),
+    (
+      "batch",
+      f"{result['global_batch']} x {result['seq_len']} (accumulation {result['grad_accum']})",
+    ),
+    ("remat / attention", f"{result['remat']} / {result['attention']}"),
+    ("arguments (GiB/chip)", gib("argument_bytes")),
+    ("temporaries (GiB/chip)", gib("temp_bytes")),
+    ("peak (GiB/chip)", gib("peak_bytes")),
+    ("HBM (GiB/chip)", gib("hbm_bytes")),
+    ("fits", str(result["fits"])),
+    ("fused-kernel calls", str(result.get("kernel_calls", "-"))),
+    ("compile (s)", str(result["compile_s"])),
+  ]
