@@ -25,7 +25,7 @@ def test_a_child_does_not_report_its_parents_peak():
   big = bytearray(400 * MIB)
   big[::4096] = b"\1" * len(big[::4096])
   code = (
-    "import resource; from astrollama_jax import memory; "
+    "import resource; from astrollama_jax.perf import memory; "
     "print(memory.own_peak_rss_bytes(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss << 10)"
   )
   out = subprocess.run(
