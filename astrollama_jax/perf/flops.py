@@ -9,8 +9,9 @@ beside the figures MaxText publishes:
   SwiGLU MLP ``2 T D F * 3`` (gate, up, down);
 * the LM head ``2 T D V`` is counted once (the embedding lookup is a gather, not a matmul);
 * attention scores and the weighted sum, ``4 B S^2 H hd`` per layer, are **halved for the causal
-  mask** (MaxText PR #1988; older MaxText MFU figures count the full ``S^2``). Packed rows with
-  several documents do less attention work than this; like MaxText we count full causal rows.
+  mask**, as MaxText counts them (MaxText MFU figures published before it did count the full
+  ``S^2``, so they read higher). Packed rows with several documents do less attention work than
+  this; like MaxText we count full causal rows.
 
 Norms, rotary embeddings, softmax and the optimizer update are not counted.
 """
