@@ -4,9 +4,8 @@
 #   bash benchmarks/gpu_sweep.sh [PHASE ...]      # default: all phases, in priority order
 #   DRY_RUN=1 bash benchmarks/gpu_sweep.sh        # print the commands only
 #
-# Phases are sized to fit one device call each (< 10 minutes; a 7B-shape run is ~1-2 minutes,
-# mostly compilation and init), so a session with 30 minutes of device time runs them one per call,
-# most important first:
+# Each phase takes under 10 minutes (a 7B-shape run is ~1-2 minutes, mostly compilation and
+# init), so the phases can run one at a time, most important first:
 #   headline  LLaMA-2-7B layer shapes (LAYERS layers), seq 4096: xla vs cudnn attention, the
 #             matmul probe, and the PyTorch reference in the same process (the tokens/s ratio)
 #   decode    full LLaMA-2-7B, prompt 512 + 256 new tokens, batch 1 and 32, vs transformers generate
@@ -14,14 +13,11 @@
 #   fit       the largest LLaMA-2-7B-family configuration that trains in 80 GB (OOM is a result)
 #   xla       latency-hiding scheduler, cuBLAS instead of Triton GEMMs
 #   batch     batch 2 and 4, micro-batches, chunked cross-entropy, bf16 moments
-# Results: $RESULTS (default $OUT/bench.jsonl on the device machine, else benchmarks/results/),
-# stderr of every run in the .log beside it. Each run is configs/bench.py:$PRESET with --config.*
-# overrides (the trainer's config keys; see docs/benchmarks.md). Knobs (env): PY, PRESET, LAYERS, SEQ, STEPS, WARMUP,
-# REMAT (policy after the remat phase), ATTN (attention after headline), RUN_TIMEOUT (seconds a
-# run), MEM_FRACTION, PROBE (matmul size), POLICIES (remat phase), FIT_LAYERS (fit phase).
-#
-# On the device image (jax, torch, transformers, flax, optax present) ml_collections is missing:
-# carry it as a wheel (see docs/benchmarks.md, "Speed (bench)").
+# Results: $RESULTS (default benchmarks/results/bench.jsonl), stderr of every run in the .log
+# beside it. Each run is configs/bench.py:$PRESET with --config.* overrides (the trainer's config
+# keys; see docs/benchmarks.md). Knobs (env): PY, PRESET, LAYERS, SEQ, STEPS, WARMUP, REMAT
+# (policy after the remat phase), ATTN (attention after headline), RUN_TIMEOUT (seconds a run),
+# MEM_FRACTION, PROBE (matmul size), POLICIES (remat phase), FIT_LAYERS (fit phase).
 set -u
 cd "$(dirname "$0")/.."
 
@@ -35,7 +31,7 @@ REMAT=${REMAT:-full}
 ATTN=${ATTN:-cudnn}
 RUN_TIMEOUT=${RUN_TIMEOUT:-420}
 MEM_FRACTION=${MEM_FRACTION:-0.94}
-RESULTS=${RESULTS:-${OUT:-benchmarks/results}/bench.jsonl}
+RESULTS=${RESULTS:-benchmarks/results/bench.jsonl}
 LOG=${RESULTS%.jsonl}.log
 mkdir -p "$(dirname "$RESULTS")"
 export PYTHONUNBUFFERED=1
