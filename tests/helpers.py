@@ -30,8 +30,8 @@ import pytest
 
 from astrollama_jax import sharding
 from astrollama_jax.checkpoints import loader
-from astrollama_jax.data.chat_template import write_hf_tokenizer_files
 from astrollama_jax.data.tokenizer import Tokenizer
+from astrollama_jax.formats.hf_tokenizer import write_hf_tokenizer_files
 from astrollama_jax.generation import generate
 from astrollama_jax.serve.batching import Batcher
 from astrollama_jax.serve.server import App, Server

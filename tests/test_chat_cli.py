@@ -14,7 +14,7 @@ import pytest
 
 from astrollama_jax.commands.chat import HELP, ChatSession, run_repl
 from astrollama_jax.data.chat_formats import Conversation
-from astrollama_jax.data.chat_template import build_prompt_ids
+from astrollama_jax.data.chat_templates import LLAMA2
 from astrollama_jax.data.tokenizer import Tokenizer
 from astrollama_jax.formats import hf
 from astrollama_jax.generation import TextStream, generate
@@ -44,7 +44,7 @@ def test_session_streams_the_answer_and_keeps_the_history(model):
   first = s.reply("What is a quasar?", pieces.append)
   assert "".join(pieces).strip() == first and len(pieces) > 1
   conv = Conversation(turns=(("user", "What is a quasar?"),), system="You are an astronomer.")
-  ref = generate(cfg, params, [build_prompt_ids(conv, tok)], NEW, tokenizer=tok)
+  ref = generate(cfg, params, [LLAMA2.prompt_ids(tok, conv)], NEW, tokenizer=tok)
   assert first == ref.texts[0].strip()
 
   second = s.reply("And a blazar?")
@@ -52,7 +52,7 @@ def test_session_streams_the_answer_and_keeps_the_history(model):
     turns=(("user", "What is a quasar?"), ("assistant", first), ("user", "And a blazar?")),
     system="You are an astronomer.",
   )
-  ids = build_prompt_ids(conv, tok)
+  ids = LLAMA2.prompt_ids(tok, conv)
   assert s.log[1]["prompt_tokens"] == len(ids)
   assert second == generate(cfg, params, [ids], NEW, tokenizer=tok).texts[0].strip()
   assert s.history == [("What is a quasar?", first), ("And a blazar?", second)]
@@ -77,7 +77,7 @@ def test_history_is_trimmed_to_the_context_keeping_the_system_prompt(model):
     + (("user", "And the next one?"),),
     system="Answer briefly.",
   )
-  assert ids == build_prompt_ids(kept, tok)
+  assert ids == LLAMA2.prompt_ids(tok, kept)
   assert "<<SYS>>" in tok.decode(ids) and "galaxy number 5" in tok.decode(ids)
   # One more exchange would not fit: the dropped count is the smallest that does.
   wider = Conversation(
@@ -85,7 +85,7 @@ def test_history_is_trimmed_to_the_context_keeping_the_system_prompt(model):
     + (("user", "And the next one?"),),
     system="Answer briefly.",
   )
-  assert len(build_prompt_ids(wider, tok)) > 160 - 32
+  assert len(LLAMA2.prompt_ids(tok, wider)) > 160 - 32
 
   history = list(s.history)
   with pytest.raises(ValueError, match="at most 128 fit"):

@@ -8,9 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from astrollama_jax.data import chat_dataset, chat_formats, chat_template, shards
+from astrollama_jax.data import chat_dataset, chat_formats, shards
 from astrollama_jax.data.chat_formats import ChatFormatError, Conversation
+from astrollama_jax.data.chat_templates import LLAMA2
 from astrollama_jax.data.tokenizer import Tokenizer
+from astrollama_jax.formats.hf_tokenizer import write_hf_tokenizer_files
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -201,7 +203,7 @@ def hf_dir(tmp_path_factory):
   if not TOKENIZER.exists():
     pytest.skip("LLaMA-2 tokenizer not in shared data")
   out = tmp_path_factory.mktemp("hf_tok")
-  paths = chat_template.write_hf_tokenizer_files(out, TOKENIZER)
+  paths = write_hf_tokenizer_files(out, TOKENIZER)
   assert sorted(os.path.basename(p) for p in paths) == [
     "special_tokens_map.json",
     "tokenizer.json",
@@ -226,7 +228,7 @@ def _hf_chat_ids(hf_tok, conv: Conversation) -> list[int]:
 
 def test_hf_tokenizer_folder(hf_dir, hf_tok):
   config = json.loads((hf_dir / "tokenizer_config.json").read_text())
-  assert config["chat_template"] == chat_template.LLAMA2_CHAT_TEMPLATE
+  assert config["chat_template"] == LLAMA2.jinja
   assert config["add_bos_token"] is True and config["add_eos_token"] is False
   assert (config["bos_token"], config["eos_token"], config["unk_token"]) == ("<s>", "</s>", "<unk>")
   assert type(hf_tok).__name__ == "LlamaTokenizer"
@@ -241,12 +243,12 @@ def test_chat_ids_equal_apply_chat_template_on_sharegpt(tok, hf_tok):
   systems = [None, "You are a helpful astronomy assistant.", "  Answer briefly.\nUse SI units.  "]
   for i, conv in enumerate(convs):
     conv = dataclasses.replace(conv, system=systems[i % 3])
-    ids, mask = chat_template.encode_conversation(tok, conv)
+    ids, mask = LLAMA2.encode_conversation(tok, conv)
     assert ids == _hf_chat_ids(hf_tok, conv), conv.id
     assert len(mask) == len(ids)
     # The prompt for the last reply is the same ids up to that reply.
     prompt = dataclasses.replace(conv, turns=conv.turns[:-1])
-    prompt_ids = chat_template.build_prompt_ids(prompt, tok)
+    prompt_ids = LLAMA2.prompt_ids(tok, prompt)
     assert prompt_ids == _hf_chat_ids(hf_tok, prompt)
     assert ids[: len(prompt_ids)] == prompt_ids and mask[len(prompt_ids) :] == [1] * (
       len(ids) - len(prompt_ids)
@@ -266,17 +268,15 @@ def test_chat_ids_equal_apply_chat_template_on_mt_bench(tok, hf_tok):
       turns=(("user", q["turns"][0]), ("assistant", reply), ("user", q["turns"][1])),
       system="You are an expert. Think step by step." if q["question_id"] % 2 else None,
     )
-    assert chat_template.build_prompt_ids(conv, tok) == _hf_chat_ids(hf_tok, conv), q["question_id"]
+    assert LLAMA2.prompt_ids(tok, conv) == _hf_chat_ids(hf_tok, conv), q["question_id"]
     full = dataclasses.replace(conv, turns=conv.turns + (("assistant", "Done."),))
-    assert chat_template.encode_conversation(tok, full)[0] == _hf_chat_ids(hf_tok, full), q[
-      "question_id"
-    ]
+    assert LLAMA2.encode_conversation(tok, full)[0] == _hf_chat_ids(hf_tok, full), q["question_id"]
 
 
 def test_demo_chat_ids_equal_apply_chat_template(tok, hf_tok):
   convs, _ = chat_formats.load_conversations(DEMO_CHAT)
   for conv in convs:
-    assert chat_template.encode_conversation(tok, conv)[0] == _hf_chat_ids(hf_tok, conv), conv.id
+    assert LLAMA2.encode_conversation(tok, conv)[0] == _hf_chat_ids(hf_tok, conv), conv.id
 
 
 def test_plain_encode_equals_auto_tokenizer_on_abstracts(tok, hf_tok):
@@ -323,9 +323,7 @@ def test_template_rejects_non_alternating_roles(hf_tok):
 
 @needs_tokenizer
 def test_loss_mask_exact_positions_single_exchange(tok):
-  ex = chat_template.encode_for_training(
-    tok, Conversation((("user", "hi there"), ("assistant", "hello")))
-  )
+  ex = LLAMA2.encode_for_training(tok, Conversation((("user", "hi there"), ("assistant", "hello"))))
   # <s> ▁[ INST ] ▁hi ▁there ▁[ / INST ] ▁hello ▁ </s>
   ids = [1, 518, 25580, 29962, 7251, 727, 518, 29914, 25580, 29962, 22172, 29871, 2]
   assert ex["tokens"].tolist() == ids[:-1] and ex["targets"].tolist() == ids[1:]
@@ -352,7 +350,7 @@ def test_loss_mask_exact_positions_with_system_and_two_exchanges(tok):
   r2 = tok.encode("The Earth-Sun distance. ", bos=False) + [tok.eos_id]
   ids = p1 + r1 + p2 + r2
   is_reply = [0] * len(p1) + [1] * len(r1) + [0] * len(p2) + [1] * len(r2)
-  ex = chat_template.encode_for_training(tok, conv)
+  ex = LLAMA2.encode_for_training(tok, conv)
   assert ex["tokens"].tolist() == ids[:-1] and ex["targets"].tolist() == ids[1:]
   assert ex["loss_mask"].tolist() == is_reply[1:]
   # what is learnt, decoded: the two replies, each closed by EOS
@@ -360,7 +358,7 @@ def test_loss_mask_exact_positions_with_system_and_two_exchanges(tok):
   assert learnt == r1 + r2 and learnt.count(tok.eos_id) == 2
   # a final unanswered user turn adds nothing to the training example
   longer = dataclasses.replace(conv, turns=conv.turns + (("user", "Thanks!"),))
-  assert chat_template.encode_for_training(tok, longer)["tokens"].tolist() == ex["tokens"].tolist()
+  assert LLAMA2.encode_for_training(tok, longer)["tokens"].tolist() == ex["tokens"].tolist()
 
 
 @needs_tokenizer
@@ -373,32 +371,30 @@ def test_truncation_drops_whole_trailing_exchanges(tok):
       ("assistant", "A two " * 50),
     )
   )
-  first_ids, _ = chat_template.encode_conversation(
-    tok, dataclasses.replace(conv, turns=conv.turns[:2])
-  )
-  full = chat_template.encode_for_training(tok, conv)
+  first_ids, _ = LLAMA2.encode_conversation(tok, dataclasses.replace(conv, turns=conv.turns[:2]))
+  full = LLAMA2.encode_for_training(tok, conv)
   n_full = len(full["tokens"])
   for seq_len in (len(first_ids) - 1, len(first_ids) + 5, n_full - 1):
-    ex = chat_template.encode_for_training(tok, conv, seq_len=seq_len)
+    ex = LLAMA2.encode_for_training(tok, conv, seq_len=seq_len)
     assert ex["tokens"].tolist() == first_ids[:-1]  # second exchange dropped whole
     assert ex["loss_mask"][-1] == 1.0 and ex["targets"][-1] == tok.eos_id
   assert (
-    chat_template.encode_for_training(tok, conv, seq_len=n_full)["tokens"].tolist()
+    LLAMA2.encode_for_training(tok, conv, seq_len=n_full)["tokens"].tolist()
     == full["tokens"].tolist()
   )
   with pytest.raises(ChatFormatError, match="first exchange too long"):
-    chat_template.encode_for_training(tok, conv, seq_len=len(first_ids) - 2)
+    LLAMA2.encode_for_training(tok, conv, seq_len=len(first_ids) - 2)
 
 
 @needs_tokenizer
 def test_build_prompt_ids_needs_a_final_user_turn(tok):
   conv = Conversation((("user", "Q"), ("assistant", "A")))
   with pytest.raises(ValueError, match="ends with a user turn"):
-    chat_template.build_prompt_ids(conv, tok)
-  ids = chat_template.build_prompt_ids(Conversation((("user", "Q"),)), tok)
+    LLAMA2.prompt_ids(tok, conv)
+  ids = LLAMA2.prompt_ids(tok, Conversation((("user", "Q"),)))
   assert ids[0] == tok.bos_id and tok.decode(ids[-4:]).endswith("[/INST]")
   assert (
-    chat_template.decode_reply(tok, tok.encode("Sure thing ", bos=False) + [tok.eos_id, 999])
+    LLAMA2.decode_reply(tok, tok.encode("Sure thing ", bos=False) + [tok.eos_id, 999])
     == "Sure thing"
   )
 
@@ -520,7 +516,7 @@ def test_sft_dataset_batches_shards_and_resumes(tok):
   # every example the mixture can produce, keyed by its tokens
   examples = {}
   for conv in chat_dataset.mix_sources(sources, seed=5):
-    ex = chat_template.encode_for_training(tok, conv, seq_len)
+    ex = LLAMA2.encode_for_training(tok, conv, seq_len)
     examples[tuple(ex["tokens"].tolist())] = (ex["targets"].tolist(), ex["loss_mask"].tolist())
 
   seen = []

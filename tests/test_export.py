@@ -144,12 +144,12 @@ def test_export_from_a_training_step_takes_params_only(tmp_path, tokenizer_path,
 
 
 def test_failed_export_leaves_no_folder(chain, tmp_path, monkeypatch):
-  import astrollama_jax.data.chat_template as chat_template
+  import astrollama_jax.formats.hf_tokenizer as hf_tokenizer
 
   def boom(*a, **k):
     raise OSError("disk full while writing tokenizer files")
 
-  monkeypatch.setattr(chat_template, "write_hf_tokenizer_files", boom)
+  monkeypatch.setattr(hf_tokenizer, "write_hf_tokenizer_files", boom)
   with pytest.raises(OSError, match="disk full"):
     export(chain[1], str(tmp_path / "hf"), show_progress=False)
   assert os.listdir(tmp_path) == []

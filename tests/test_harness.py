@@ -26,9 +26,9 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 from astrollama_jax.commands import harness as harness_cli  # noqa: E402
-from astrollama_jax.data.chat_template import write_hf_tokenizer_files  # noqa: E402
 from astrollama_jax.errors import UserError
 from astrollama_jax.eval import compare  # noqa: E402
+from astrollama_jax.formats.hf_tokenizer import write_hf_tokenizer_files  # noqa: E402
 
 lm_eval = pytest.importorskip("lm_eval")
 

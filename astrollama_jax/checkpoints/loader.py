@@ -48,3 +48,37 @@ def load_model(
     cfg.attention_impl,
   )
   return dataclasses.replace(loaded, cfg=cfg, tokenizer_path=tok)
+
+
+def recorded_chat_template(checkpoint: str) -> str | None:
+  """The chat template ``checkpoint`` was trained or exported with, by name, or None.
+
+  A training WORKDIR (or one of its steps) records it in its ``config.json`` when it trained on
+  chat data (``data.sft.chat_template``); an HF folder in ``tokenizer_config.json`` as a Jinja
+  string, recognised among ``chat_templates.TEMPLATES``. Anything else records none.
+  """
+  from astrollama_jax.checkpoints import store
+  from astrollama_jax.data import chat_templates
+
+  kind, root, _, _ = store.locate(checkpoint)
+  if kind in ("workdir", "step"):
+    config = _read_json(os.path.join(root, "config.json"))
+    data = config.get("data") or {}
+    return (data.get("sft") or {}).get("chat_template") if data.get("kind") == "sft" else None
+  if kind == "hf":
+    config = _read_json(os.path.join(root, "tokenizer_config.json"))
+    template = chat_templates.by_jinja(config.get("chat_template"))
+    return template.name if template else None
+  return None
+
+
+def _read_json(path: str) -> dict[str, Any]:
+  """The JSON object in ``path``; {} when there is none (the file is optional)."""
+  import json
+
+  try:
+    with open(path, encoding="utf-8") as f:
+      obj = json.load(f)
+  except (FileNotFoundError, json.JSONDecodeError):
+    return {}
+  return obj if isinstance(obj, dict) else {}

@@ -1,9 +1,10 @@
 """Multi-turn chat on the command line: ``python -m astrollama_jax chat --checkpoint=DIR``.
 
 Reads user lines from stdin (or ``--message``, repeatable, for scripts and the demo), streams each
-answer as it is generated and keeps the conversation in the LLaMA-2 chat format. The history is
-trimmed from the oldest exchange so that prompt + ``max_new_tokens`` fit in the model's context;
-the system prompt is never dropped (the format folds it into the first user turn).
+answer as it is generated and keeps the conversation in the checkpoint's chat format
+(``--chat_template``). The history is trimmed from the oldest exchange so that prompt +
+``max_new_tokens`` fit in the model's context; the system prompt is never dropped (the template
+puts it in the first kept exchange).
 
 Streaming prints the new suffix of ``decode(all generated ids)`` rather than decoding ids one by
 one: SentencePiece puts word-initial spaces inside the pieces, and byte-fallback characters span
@@ -23,7 +24,7 @@ from absl import flags
 
 from astrollama_jax.commands import cli
 from astrollama_jax.data.chat_formats import ASSISTANT, USER, Conversation
-from astrollama_jax.data.chat_template import build_prompt_ids
+from astrollama_jax.data.chat_templates import LLAMA2, ChatTemplate
 from astrollama_jax.data.tokenizer import Tokenizer
 from astrollama_jax.errors import UserError
 from astrollama_jax.generation import TextStream, check_sampling, generate
@@ -55,6 +56,7 @@ class ChatSession:
     stop_strings: Sequence[str] = (),
     mesh=None,
     chunk_size: int = 1,
+    chat_template: ChatTemplate = LLAMA2,
   ):
     if max_new_tokens >= cfg.max_seq_len:
       raise ValueError(
@@ -66,7 +68,9 @@ class ChatSession:
     self.sampling = dict(
       max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p
     )
-    self.seed, self.stop_strings, self.chunk_size = seed, list(stop_strings), chunk_size
+    self.template = chat_template
+    self.seed, self.chunk_size = seed, chunk_size
+    self.stop_strings = [*chat_template.stop_strings, *stop_strings]
     self.history: list[tuple[str, str]] = []  # (user, assistant) exchanges
     self.log: list[dict] = []  # one entry per answered message
 
@@ -82,7 +86,7 @@ class ChatSession:
     for drop in range(len(self.history) + 1):
       turns = [t for u, a in self.history[drop:] for t in ((USER, u), (ASSISTANT, a))]
       conv = Conversation(turns=tuple(turns) + ((USER, message),), system=self.system)
-      ids = build_prompt_ids(conv, self.tokenizer)
+      ids = self.template.prompt_ids(self.tokenizer, conv)
       if len(ids) <= budget:
         return ids, drop
     raise ValueError(
@@ -100,7 +104,7 @@ class ChatSession:
       self.params,
       [ids],
       seed=self.seed + len(self.log),
-      eos_id=self.tokenizer.eos_id,
+      eos_id=self.template.stop_id(self.tokenizer),
       stop_strings=self.stop_strings,
       tokenizer=self.tokenizer,
       mesh=self.mesh,
@@ -207,6 +211,7 @@ def main(argv: Sequence[str]) -> None:
     stop_strings=F.stop,
     mesh=mesh,
     chunk_size=F.stream_chunk,
+    chat_template=cli.chat_template_from_flags(F),
   )
   interactive = not F.message and sys.stdin.isatty()
   lines = F.message if F.message else _stdin_lines(interactive)

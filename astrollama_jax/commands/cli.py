@@ -3,8 +3,8 @@
 Every entry point is an absl app started with ``cli.run(main)``:
 
 * the flags several commands take (``--checkpoint``, ``--tokenizer``, ``--mesh``, ``--dtype``,
-  ``--compute_dtype``, ``--attention``, ``--output``) are defined here, by ``define``, with one
-  meaning and one default each;
+  ``--compute_dtype``, ``--attention``, ``--chat_template``, ``--output``) are defined here, by
+  ``define``, with one meaning and one default each;
 * a problem the user can fix (a missing file, a bad flag value, an output that is not empty)
   ends the command with one ``error: ...`` line on stderr and exit status 1, no traceback;
   tracebacks are for bugs (``run``);
@@ -19,12 +19,15 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 import os
 import traceback
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from absl import app, flags, logging
 
 from astrollama_jax import sharding
 from astrollama_jax.errors import UserError
+
+if TYPE_CHECKING:
+  from astrollama_jax.data.chat_templates import ChatTemplate
 
 DTYPES = ("float32", "bfloat16", "float16")
 # The flags every command that loads a model for inference takes: ``cli.define(*MODEL_FLAGS)``.
@@ -35,6 +38,12 @@ def _attention_impls() -> tuple[str, ...]:
   from astrollama_jax.model.config import ATTENTION_IMPLS
 
   return ATTENTION_IMPLS
+
+
+def _chat_template_names() -> list[str]:
+  from astrollama_jax.data.chat_templates import TEMPLATES
+
+  return sorted(TEMPLATES)
 
 
 # name -> (absl definer, default, help); the one meaning and default of each shared flag.
@@ -76,6 +85,12 @@ def _shared() -> dict[str, tuple[Callable[..., Any], Any, str, dict[str, Any]]]:
       None,
       "Attention implementation (default: the model config's).",
       {"enum_values": _attention_impls()},
+    ),
+    "chat_template": (
+      flags.DEFINE_enum,
+      None,
+      "Chat format (default: the one the checkpoint records, else llama2).",
+      {"enum_values": _chat_template_names()},
     ),
     "output": (flags.DEFINE_string, None, "Where the command writes its result.", {}),
   }
@@ -182,6 +197,7 @@ def define_sampling_flags(
   """The model and sampling flags ``generate`` and ``chat`` share."""
   define(
     *MODEL_FLAGS,
+    "chat_template",
     required=["checkpoint"],
   )
   flags.DEFINE_integer("max_new_tokens", max_new_tokens, "Most tokens to generate per answer.")
@@ -213,3 +229,13 @@ def load_from_flags(
   tokenizer = Tokenizer(loaded.tokenizer_path)
   tokenizer.check_vocab(loaded.cfg.vocab_size)
   return loaded.cfg, loaded.params, tokenizer, mesh
+
+
+def chat_template_from_flags(F: flags.FlagValues = flags.FLAGS) -> ChatTemplate:
+  """The ``ChatTemplate`` of ``--chat_template``, else the one ``--checkpoint`` records."""
+  from astrollama_jax.checkpoints import loader
+  from astrollama_jax.data import chat_templates
+
+  return chat_templates.choose(
+    F.chat_template, recorded=loader.recorded_chat_template(F.checkpoint)
+  )

@@ -7,9 +7,10 @@
 folder ``WORKDIR/checkpoints/<step>`` or an HF folder. Only the ``params`` item of a training
 step is read; the optimizer state stays on disk. The output holds sharded safetensors with an
 index, ``config.json``, ``generation_config.json`` and the tokenizer files (``tokenizer.model``,
-``tokenizer.json``, ``tokenizer_config.json`` with the LLaMA-2 chat template,
-``special_tokens_map.json``), so ``AutoTokenizer`` and ``LlamaForCausalLM.from_pretrained`` load
-it offline. The folder appears atomically (``formats.hf.save_hf``).
+``tokenizer.json``, ``tokenizer_config.json`` with the chat template the checkpoint records or
+``--chat_template`` names, ``special_tokens_map.json``), so ``AutoTokenizer`` and
+``LlamaForCausalLM.from_pretrained`` load it offline. The folder appears atomically
+(``formats.hf.save_hf``).
 
 Memory: nothing is restored up front (no accelerator needed). Each HF tensor is read from the
 Orbax checkpoint alone (one layer of a stacked parameter, ``store.open_model``), cast,
@@ -28,9 +29,10 @@ from absl import app, flags, logging
 import numpy as np
 from tqdm import tqdm
 
-from astrollama_jax.checkpoints import lora_base, store
+from astrollama_jax.checkpoints import loader, lora_base, store
 from astrollama_jax.commands import cli
-from astrollama_jax.formats import hf, mapping, peft
+from astrollama_jax.data import chat_templates
+from astrollama_jax.formats import hf, hf_tokenizer, mapping, peft
 from astrollama_jax.perf import memory
 from astrollama_jax.util import diskspace, tables
 
@@ -43,9 +45,12 @@ def define_flags() -> None:
     "checkpoint",
     "output",
     "tokenizer",
+    "chat_template",
     help={
       "output": "HF folder to create (must not exist or be empty).",
       "tokenizer": "tokenizer.model to ship (default: the checkpoint's).",
+      "chat_template": "Chat template to ship (default: the one the checkpoint records, "
+      "else llama2).",
     },
   )
   # Not cli's enum --dtype: check_dtype's message names the dtypes the same way everywhere.
@@ -69,13 +74,15 @@ def export(
   max_shard_bytes: int = 2 * 1024**3,
   show_progress: bool = True,
   peft_adapter: str | None = None,
+  chat_template: str | None = None,
 ) -> dict[str, Any]:
   """Write the HF folder ``output`` from ``checkpoint``; returns the summary dict.
 
   A LoRA workdir exports merged (its base with ``W + (alpha / rank) * A @ B``); with
-  ``peft_adapter`` its adapters are also written there as a peft adapter folder.
+  ``peft_adapter`` its adapters are also written there as a peft adapter folder. The tokenizer
+  files carry ``chat_template`` (a name in ``chat_templates.TEMPLATES``), by default the one the
+  checkpoint records.
   """
-  from astrollama_jax.data.chat_template import write_hf_tokenizer_files
   from astrollama_jax.data.tokenizer import Tokenizer
 
   t0 = time.monotonic()
@@ -84,6 +91,9 @@ def export(
   if os.path.exists(out) and os.listdir(out):  # fail before the (long) restore
     raise FileExistsError(f"output {out} exists and is not empty; choose another or remove it")
   kind, root, params_dir, step = store.locate(checkpoint)
+  template = chat_templates.choose(
+    chat_template, recorded=loader.recorded_chat_template(checkpoint)
+  )
   record = lora_base.read(root) if kind in ("workdir", "step") else None
   if peft_adapter and record is None:
     raise ValueError(
@@ -124,7 +134,9 @@ def export(
       out,
       max_shard_bytes=max_shard_bytes,
       progress=progress,
-      extra_files=lambda d: write_hf_tokenizer_files(d, tok_path, cfg.max_seq_len),
+      extra_files=lambda d: hf_tokenizer.write_hf_tokenizer_files(
+        d, tok_path, cfg.max_seq_len, template
+      ),
     )
   finally:
     bar.close()
@@ -139,6 +151,7 @@ def export(
     "peft_adapter": adapter,
     "checkpoint": os.path.abspath(checkpoint),
     "kind": kind,
+    "chat_template": template.name,
     "step": step,
     "output": out,
     "dtype": cfg.param_dtype,
@@ -163,5 +176,6 @@ def main(argv):
     FLAGS.tokenizer,
     int(FLAGS.max_shard_gb * 1024**3),
     peft_adapter=FLAGS.peft_adapter,
+    chat_template=FLAGS.chat_template,
   )
   tables.report(f"exported {summary['checkpoint']} -> {summary['output']}", summary)

@@ -17,7 +17,6 @@ from absl import app, flags, logging
 
 from astrollama_jax.commands import cli
 from astrollama_jax.data.chat_formats import Conversation
-from astrollama_jax.data.chat_template import build_prompt_ids
 from astrollama_jax.errors import UserError
 from astrollama_jax.generation import check_sampling, generate
 from astrollama_jax.util import checks, tables
@@ -33,7 +32,7 @@ def define_flags() -> None:
     "output",
     help={"output": "Write one JSONL record per prompt to this file (input fields + completion)."},
   )
-  flags.DEFINE_bool("chat", False, "Wrap each prompt in the LLaMA-2 chat format.")
+  flags.DEFINE_bool("chat", False, "Wrap each prompt in the chat format (--chat_template).")
   flags.DEFINE_integer("batch_size", 8, "Prompts per generate call.")
 
 
@@ -68,13 +67,16 @@ def main(argv: Sequence[str]) -> None:
   if F.output:
     checks.check_output_file(F.output)
   cfg, params, tokenizer, mesh = cli.load_from_flags(F)
+  eos_id, stop_strings = tokenizer.eos_id, list(F.stop)
   if F.chat:
+    template = cli.chat_template_from_flags(F)
     ids = [
-      build_prompt_ids(
-        Conversation(turns=(("user", r["prompt"]),), system=r.get("system", F.system)), tokenizer
+      template.prompt_ids(
+        tokenizer, Conversation(turns=(("user", r["prompt"]),), system=r.get("system", F.system))
       )
       for r in records
     ]
+    eos_id, stop_strings = template.stop_id(tokenizer), [*template.stop_strings, *F.stop]
   else:
     ids = [tokenizer.encode(r["prompt"], bos=True) for r in records]
   for i, p in enumerate(ids):  # checked up front, so no batch fails after others were written
@@ -98,8 +100,8 @@ def main(argv: Sequence[str]) -> None:
         top_k=F.top_k,
         top_p=F.top_p,
         seed=F.seed + start,
-        eos_id=tokenizer.eos_id,
-        stop_strings=F.stop,
+        eos_id=eos_id,
+        stop_strings=stop_strings,
         tokenizer=tokenizer,
         mesh=mesh,
       )

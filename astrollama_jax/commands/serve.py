@@ -3,7 +3,7 @@
     python -m astrollama_jax serve --checkpoint=hf/astrollama-7b-chat [--host=127.0.0.1] \\
         [--port=8000] [--feedback_db=ratings.sqlite] [--api_key_env=ASTROLLAMA_API_KEY]
 
-``GET /v1/models``, ``POST /v1/chat/completions`` (the LLaMA-2 chat template) and
+``GET /v1/models``, ``POST /v1/chat/completions`` (the checkpoint's chat template) and
 ``POST /v1/completions``, streamed with ``"stream": true``; the page at ``/`` chats with the
 model and stores each expert rating in ``--feedback_db``. SIGINT or SIGTERM stop it; it then
 prints the request counts as a table and one JSON line.
@@ -52,6 +52,7 @@ def define_flags() -> None:
   flags.DEFINE_float("batch_window_ms", 5.0, "How long a new call waits for more requests to join.")
   cli.define(
     *cli.MODEL_FLAGS,
+    "chat_template",
     required=["checkpoint"],
   )
 
@@ -68,12 +69,11 @@ def main(argv: Sequence[str]) -> None:
     if getattr(F, name) < 1:
       raise UserError(f"--{name} must be >= 1, got {getattr(F, name)}")
   from astrollama_jax.feedback.store import FeedbackStore
-  from astrollama_jax.generation import load_from_flags
   from astrollama_jax.serve.batching import Batcher
   from astrollama_jax.serve.server import App, Server
 
   store = FeedbackStore(F.feedback_db) if F.feedback_db else None
-  cfg, params, tokenizer, mesh = load_from_flags(F)
+  cfg, params, tokenizer, mesh = cli.load_from_flags(F)
   if F.max_tokens >= cfg.max_seq_len:
     raise UserError(
       f"--max_tokens={F.max_tokens} leaves no room for a prompt in the context of {cfg.max_seq_len}"
@@ -99,6 +99,7 @@ def main(argv: Sequence[str]) -> None:
     api_key=api_key,
     max_body_bytes=F.max_body_bytes,
     default_max_tokens=F.max_tokens,
+    chat_template=cli.chat_template_from_flags(F),
   )
   try:
     server = Server(app, F.host, F.port)

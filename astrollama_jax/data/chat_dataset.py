@@ -1,8 +1,8 @@
 """Chat SFT data: source mixtures and the Grain pipeline that feeds the trainer.
 
 Built on two sibling modules: ``chat_formats`` (reading ShareGPT/OpenAI/UltraChat/OpenOrca/LIMA/
-LMFlow into ``Conversation``) and ``chat_template`` (the LLaMA-2 chat format as token ids, the loss
-mask, the HF tokenizer folder).
+LMFlow into ``Conversation``) and ``chat_templates`` (a chat format as token ids and the loss
+mask).
 
 Batches have the corpus pipeline's layout, so the trainer cannot tell SFT from pre-training except
 by ``loss_mask``: tokens/targets/segment_ids/positions int32, loss_mask float32, [batch, seq_len].
@@ -27,7 +27,7 @@ from astrollama_jax.data.chat_formats import (
   Conversation,
   load_conversations,
 )
-from astrollama_jax.data.chat_template import encode_for_training
+from astrollama_jax.data.chat_templates import LLAMA2, ChatTemplate
 from astrollama_jax.data.tokenizer import Tokenizer
 
 
@@ -117,13 +117,14 @@ def mix_sources(
 class _EncodeForTraining:
   """Picklable map: Conversation -> {tokens, targets, loss_mask}, or None when it cannot fit."""
 
-  def __init__(self, tokenizer_path: str, seq_len: int):
+  def __init__(self, tokenizer_path: str, seq_len: int, template: ChatTemplate):
     self.tokenizer = Tokenizer(tokenizer_path)
     self.seq_len = seq_len
+    self.template = template
 
   def __call__(self, conversation: Conversation) -> dict[str, np.ndarray] | None:
     try:
-      return encode_for_training(self.tokenizer, conversation, self.seq_len)
+      return self.template.encode_for_training(self.tokenizer, conversation, self.seq_len)
     except ChatFormatError as e:
       logging.warning("conversation %s skipped: %s", conversation.id, e)
       return None
@@ -145,6 +146,7 @@ def make_sft_dataset(
   worker_count: int = 0,
   worker_buffer_size: int = 2,
   drop_remainder: bool = True,
+  chat_template: ChatTemplate = LLAMA2,
 ) -> grain.IterDataset:
   """Batches of packed, loss-masked conversations for this process's share of the mixture.
 
@@ -167,6 +169,7 @@ def make_sft_dataset(
     num_packing_bins: rows filled at once by first-fit packing (more = less padding).
     worker_count, worker_buffer_size: Grain worker processes for tokenizing + packing.
     drop_remainder: drop a last partial batch (finite epochs only).
+    chat_template: the chat format the conversations are rendered in (``chat_templates``).
 
   Returns:
     ``grain.IterDataset`` of dicts ``tokens``, ``targets``, ``segment_ids``, ``positions``
@@ -179,7 +182,7 @@ def make_sft_dataset(
   mine, rows, count = shards_lib.local_layout(batch_size, process_index, process_count, shards)
   read = packing.read_options(worker_count, streams=len(mine))
   conversations = mix_sources(sources, seed)
-  encode = _EncodeForTraining(os.fspath(tokenizer_path), seq_len)
+  encode = _EncodeForTraining(os.fspath(tokenizer_path), seq_len, chat_template)
 
   def shard(j: int) -> grain.IterDataset:
     ds = grain.MapDataset.source(conversations)[j::count]

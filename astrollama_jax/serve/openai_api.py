@@ -20,7 +20,7 @@ from astrollama_jax.data.chat_formats import (
   ChatFormatError,
   Conversation,
 )
-from astrollama_jax.data.chat_template import build_prompt_ids
+from astrollama_jax.data.chat_templates import ChatTemplate
 from astrollama_jax.data.tokenizer import Tokenizer
 from astrollama_jax.serve.batching import Result, Sampling
 
@@ -223,6 +223,7 @@ def parse(
   tokenizer: Tokenizer,
   max_seq_len: int,
   default_max_tokens: int,
+  chat_template: ChatTemplate,
 ) -> ParsedRequest:
   """Check a request body and turn it into prompts and sampling settings (or an ``ApiError``)."""
   if not isinstance(body, dict):
@@ -240,10 +241,11 @@ def parse(
   options = body.get("stream_options")
   if options is not None and (not isinstance(options, dict) or set(options) - {"include_usage"}):
     raise bad("'stream_options' must be an object with 'include_usage'", "stream_options")
-  messages = None
+  messages, stops = None, _stops(body)
   if kind == "chat":
     conv, messages = conversation_of(body.get("messages"))
-    prompts, param = [build_prompt_ids(conv, tokenizer)], "messages"
+    prompts, param = [chat_template.prompt_ids(tokenizer, conv)], "messages"
+    stops = (*chat_template.stop_strings, *stops)
   else:
     prompt = body.get("prompt")
     texts = [prompt] if isinstance(prompt, str) else prompt
@@ -266,7 +268,7 @@ def parse(
     top_p=float(_number(body, "top_p", 1.0, 0.0, 1.0)),
     top_k=int(_number(body, "top_k", 0, 0, 1 << 20, integer=True)),
     seed=_number(body, "seed", None, -(1 << 63), (1 << 63) - 1, integer=True),
-    stop=_stops(body),
+    stop=stops,
   )
   if sampling.top_p <= 0:
     raise bad("'top_p' must be greater than 0", "top_p")

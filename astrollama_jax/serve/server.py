@@ -35,6 +35,7 @@ import urllib.parse
 
 from absl import logging
 
+from astrollama_jax.data.chat_templates import LLAMA2, ChatTemplate
 from astrollama_jax.data.tokenizer import Tokenizer
 from astrollama_jax.feedback.store import FeedbackStore
 from astrollama_jax.serve import openai_api
@@ -69,8 +70,9 @@ class App:
     api_key: str | None = None,
     max_body_bytes: int = 1 << 20,
     default_max_tokens: int = 256,
+    chat_template: ChatTemplate = LLAMA2,
   ):
-    self.batcher, self.tokenizer = batcher, tokenizer
+    self.batcher, self.tokenizer, self.chat_template = batcher, tokenizer, chat_template
     self.model, self.checkpoint, self.max_seq_len = model, checkpoint, max_seq_len
     self.feedback, self.api_key = feedback, api_key
     self.max_body_bytes, self.default_max_tokens = max_body_bytes, default_max_tokens
@@ -304,6 +306,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
       tokenizer=app.tokenizer,
       max_seq_len=app.max_seq_len,
       default_max_tokens=app.default_max_tokens,
+      chat_template=app.chat_template,
     )
     jobs = [Job(p, req.sampling) for p in req.prompts]
     try:

@@ -101,12 +101,15 @@ def make_dataset(
       **common,
     )
   if d.kind == "sft":
-    from astrollama_jax.data import chat_dataset
+    from astrollama_jax.data import chat_dataset, chat_templates
 
     sources = d.sft.sources if split == "train" else d.sft.eval_sources
     if not sources:
       raise ValueError("config.data.sft.eval_sources is empty: no SFT validation data")
-    return chat_dataset.make_sft_dataset(list(sources), d.tokenizer_path, **common)
+    template = chat_templates.get(d.sft.chat_template)
+    return chat_dataset.make_sft_dataset(
+      list(sources), d.tokenizer_path, chat_template=template, **common
+    )
   return synthetic_dataset(
     d.seq_len,
     global_batch,

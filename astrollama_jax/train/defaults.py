@@ -74,8 +74,10 @@ def base_config() -> ml_collections.ConfigDict:
       mixture={},
       worker_count=0,
     ),  # Grain worker processes
-    # sources: list of {path, format, count, weight}; eval_sources: validation conversations.
-    sft=_section(sources=[], eval_sources=[]),
+    # sources: list of {path, format, count, weight}; eval_sources: validation conversations;
+    # chat_template: the chat format, a name in data/chat_templates.py TEMPLATES (recorded in
+    # the workdir's config.json, where chat, serve and export find it).
+    sft=_section(sources=[], eval_sources=[], chat_template="llama2"),
     synthetic=_section(
       num_rows=4096,  # rows per epoch
       stall_after_steps=0,

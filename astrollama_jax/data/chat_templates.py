@@ -1,0 +1,206 @@
+"""Chat templates: how a conversation becomes token ids, one value per chat format.
+
+A ``ChatTemplate`` holds what differs between chat formats: how one exchange (a user message and
+its reply, if any) becomes ids and which of them carry the SFT loss, the id and strings that end a
+generated reply, and the Jinja string an exported HF folder ships (``tokenizer_config.json``
+``chat_template``) so that transformers' ``apply_chat_template`` gives the same ids. What is the
+same for every format is built here once from those parts: a whole conversation kept to whole
+exchanges, the training example, the generation prompt, the decoded reply.
+
+``TEMPLATES`` lists them by name; ``choose`` picks one: a flag or a config value, else the one a
+checkpoint records, else ``DEFAULT``. Training, ``generate --chat``, ``chat``, ``serve`` and
+``export`` all take the chosen value, so a new format is one new entry in ``TEMPLATES``.
+
+LLaMA-2's format (``LLAMA2``)::
+
+    <s>[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{user} [/INST] {reply} </s>
+    <s>[INST] {user2} [/INST] ...   (one line: the break is only for reading)
+
+Why its ids are built per exchange: HF renders ``LLAMA2_JINJA`` to text and tokenizes it,
+splitting at the special tokens ``<s>``/``</s>``; each piece between them,
+``"[INST] {user} [/INST] {reply} "``, is then encoded on its own with a leading "▁" (the LLaMA
+``legacy`` behaviour, also Meta's reference code). Encoding each exchange with SentencePiece is
+therefore the same computation, and knowing the exchange boundaries gives the loss mask for free.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+import dataclasses
+
+import numpy as np
+
+from astrollama_jax.data.chat_formats import ChatFormatError, Conversation
+from astrollama_jax.data.tokenizer import Tokenizer
+
+# (tokenizer, user, reply or None, system or None, first exchange?) -> (ids, 0/1 reply mask)
+ExchangeEncoder = Callable[
+  [Tokenizer, str, str | None, str | None, bool], tuple[list[int], list[int]]
+]
+
+
+def _eos_id(tokenizer: Tokenizer) -> int:
+  return tokenizer.eos_id
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatTemplate:
+  """One chat format. Build ids through the methods; the fields are the format's parts.
+
+  ``encode_exchange(tokenizer, user, reply, system, first)`` gives the ids of one exchange and a
+  0/1 mask that is 1 on the reply and the token closing it (what SFT trains on); with
+  ``reply=None`` it is the generation prompt (mask all 0). ``system`` is the conversation's
+  system prompt, passed to every exchange; ``first`` says whether this exchange opens the
+  conversation (where formats put the system prompt). ``stop_id_of(tokenizer)`` is the id that
+  ends a reply, ``stop_strings`` texts that end one too; ``jinja`` is the same format as a
+  transformers chat template.
+  """
+
+  name: str
+  encode_exchange: ExchangeEncoder
+  jinja: str
+  stop_id_of: Callable[[Tokenizer], int] = _eos_id
+  stop_strings: tuple[str, ...] = ()
+
+  def stop_id(self, tokenizer: Tokenizer) -> int:
+    """The id generation stops at: the one that closes a reply in this format."""
+    return self.stop_id_of(tokenizer)
+
+  def encode_conversation(
+    self, tokenizer: Tokenizer, conversation: Conversation, max_ids: int | None = None
+  ) -> tuple[list[int], list[int]]:
+    """Ids and reply mask of a whole conversation, keeping whole exchanges within ``max_ids`` ids.
+
+    Trailing exchanges that do not fit are dropped, never cut mid-reply; raises
+    ``ChatFormatError`` if the first one alone does not fit.
+    """
+    ids: list[int] = []
+    mask: list[int] = []
+    for k, (user, reply) in enumerate(conversation.exchanges):
+      e_ids, e_mask = self.encode_exchange(tokenizer, user, reply, conversation.system, k == 0)
+      if max_ids is not None and len(ids) + len(e_ids) > max_ids:
+        if k == 0:
+          raise ChatFormatError("first exchange too long", f"{len(e_ids)} ids > {max_ids}")
+        break
+      ids += e_ids
+      mask += e_mask
+    return ids, mask
+
+  def encode_for_training(
+    self, tokenizer: Tokenizer, conversation: Conversation, seq_len: int | None = None
+  ) -> dict[str, np.ndarray]:
+    """``{tokens, targets, loss_mask}`` for next-token training on the assistant replies only.
+
+    tokens = ids[:-1], targets = ids[1:]; loss_mask is 1.0 where the target is a reply token or
+    the token closing a reply. ``seq_len`` bounds len(tokens) (at most seq_len + 1 ids are kept).
+    """
+    turns = conversation.turns[: len(conversation.turns) // 2 * 2]  # a last user turn: no reply
+    if not turns:
+      raise ChatFormatError("no assistant reply")
+    conversation = dataclasses.replace(conversation, turns=turns)
+    ids, mask = self.encode_conversation(
+      tokenizer, conversation, None if seq_len is None else seq_len + 1
+    )
+    return {
+      "tokens": np.asarray(ids[:-1], np.int32),
+      "targets": np.asarray(ids[1:], np.int32),
+      "loss_mask": np.asarray(mask[1:], np.float32),
+    }
+
+  def prompt_ids(self, tokenizer: Tokenizer, conversation: Conversation) -> list[int]:
+    """Ids for generation: the history, then the last user turn as a generation prompt.
+
+    ``conversation`` must end with the user turn to be answered. Equal to
+    ``apply_chat_template(conversation.to_messages(), tokenize=True)`` with ``jinja``.
+    """
+    if not conversation.turns or conversation.turns[-1][0] != "user":
+      raise ValueError("a generation prompt needs a conversation that ends with a user turn")
+    ids, _ = self.encode_conversation(tokenizer, conversation)
+    return ids
+
+  def decode_reply(self, tokenizer: Tokenizer, ids: Sequence[int]) -> str:
+    """Text of generated reply ids, cut at the first stop id."""
+    ids = list(ids)
+    stop = self.stop_id(tokenizer)
+    if stop in ids:
+      ids = ids[: ids.index(stop)]
+    return tokenizer.decode(ids).strip()
+
+
+# --- LLaMA-2 ---------------------------------------------------------------------------------
+
+B_INST, E_INST = "[INST]", "[/INST]"
+B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
+
+# The Llama-2-chat format as a Jinja chat template (transformers' ``apply_chat_template``).
+# Content is stripped; the system prompt is folded into the first user message.
+LLAMA2_JINJA = (
+  "{%- if messages and messages[0]['role'] == 'system' -%}"
+  "{%- set system = messages[0]['content'] -%}{%- set turns = messages[1:] -%}"
+  "{%- else -%}"
+  "{%- set system = none -%}{%- set turns = messages -%}"
+  "{%- endif -%}"
+  "{%- for m in turns -%}"
+  "{%- if (m['role'] == 'user') != (loop.index0 is even) -%}"
+  "{{- raise_exception('Conversation roles must alternate user/assistant/user/... "
+  "starting with user') -}}"
+  "{%- endif -%}"
+  "{%- if m['role'] == 'user' -%}"
+  "{%- set text = m['content'] -%}"
+  "{%- if loop.first and system is not none -%}"
+  "{%- set text = '<<SYS>>\\n' + system + '\\n<</SYS>>\\n\\n' + text -%}"
+  "{%- endif -%}"
+  "{{- bos_token + '[INST] ' + text.strip() + ' [/INST]' -}}"
+  "{%- else -%}"
+  "{{- ' ' + m['content'].strip() + ' ' + eos_token -}}"
+  "{%- endif -%}"
+  "{%- endfor -%}"
+)
+
+
+def _llama2_exchange(
+  tokenizer: Tokenizer, user: str, reply: str | None, system: str | None, first: bool
+) -> tuple[list[int], list[int]]:
+  """``<s>[INST] {user} [/INST] {reply} </s>``, the system prompt folded into the first user turn.
+
+  With ``reply=None`` this is the generation prompt ``<s>[INST] {user} [/INST]``.
+  """
+  if first and system is not None:
+    user = f"{B_SYS}{system}{E_SYS}{user}"
+  user = user.strip()
+  prompt = tokenizer.encode(f"{B_INST} {user} {E_INST}", bos=True)
+  if reply is None:
+    return prompt, [0] * len(prompt)
+  full = tokenizer.encode(f"{B_INST} {user} {E_INST} {reply.strip()} ", bos=True, eos=True)
+  # The reply starts after a space, so SentencePiece never merges across "[/INST]"; the prompt is a
+  # prefix of the full ids. Should a piece ever straddle the boundary, it counts as reply.
+  n = 0
+  while n < len(prompt) and full[n] == prompt[n]:
+    n += 1
+  return full, [0] * n + [1] * (len(full) - n)
+
+
+LLAMA2 = ChatTemplate(name="llama2", encode_exchange=_llama2_exchange, jinja=LLAMA2_JINJA)
+
+# --- the registry ----------------------------------------------------------------------------
+
+TEMPLATES: dict[str, ChatTemplate] = {t.name: t for t in (LLAMA2,)}
+DEFAULT = "llama2"  # what a checkpoint that records no template was trained on
+
+
+def get(name: str) -> ChatTemplate:
+  """The template called ``name``, or a ``ValueError`` naming the known ones."""
+  if name not in TEMPLATES:
+    raise ValueError(f"unknown chat template {name!r}; known: {', '.join(sorted(TEMPLATES))}")
+  return TEMPLATES[name]
+
+
+def choose(name: str | None = None, *, recorded: str | None = None) -> ChatTemplate:
+  """The template to use: ``name`` (a flag or config value) if given, else the one a checkpoint
+  ``recorded`` (``checkpoints.loader.recorded_chat_template``), else ``DEFAULT``."""
+  return get(name or recorded or DEFAULT)
+
+
+def by_jinja(jinja: str | None) -> ChatTemplate | None:
+  """The template whose Jinja string is ``jinja`` (how an exported HF folder records it)."""
+  return next((t for t in TEMPLATES.values() if jinja and t.jinja == jinja), None)

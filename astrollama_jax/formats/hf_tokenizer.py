@@ -1,0 +1,176 @@
+"""The Hugging Face tokenizer folder for our SentencePiece model, with a chat template.
+
+``write_hf_tokenizer_files`` writes what the exporter ships beside the weights, configured so that
+``AutoTokenizer`` reproduces SentencePiece: merges ranked by SentencePiece score (whitespace-only
+pieces last), legacy prefixing; ``tokenizer_config.json`` carries the chat template's Jinja
+string, so ``apply_chat_template`` gives the ids ``ChatTemplate.encode_conversation`` does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import sentencepiece as spm
+
+from astrollama_jax.data.chat_templates import LLAMA2, ChatTemplate
+
+
+def _bpe_vocab_and_merges(sp: spm.SentencePieceProcessor) -> tuple[dict[str, int], list[str]]:
+  """The SentencePiece BPE model as a ``tokenizers`` BPE: merges ranked like SentencePiece ranks.
+
+  SentencePiece merges the pair whose result has the highest score (whitespace-only pieces have
+  score -1e9, so runs of spaces merge last); ties go to the lower id. Ranking merges by
+  (score desc, id) makes the HF BPE take the same path, e.g. for indented code.
+  """
+  vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
+  merges = []
+  for i in range(sp.get_piece_size()):
+    if sp.is_unknown(i) or sp.is_control(i) or sp.is_byte(i):
+      continue
+    piece = sp.id_to_piece(i)
+    for k in range(1, len(piece)):
+      left, right = piece[:k], piece[k:]
+      if left in vocab and right in vocab:
+        merges.append((-sp.get_score(i), i, f"{left} {right}"))
+  merges.sort()
+  return vocab, [m for _, _, m in merges]
+
+
+def _tokenizer_json(sp: spm.SentencePieceProcessor) -> dict:
+  vocab, merges = _bpe_vocab_and_merges(sp)
+  specials = [
+    (sp.unk_id(), sp.id_to_piece(sp.unk_id())),
+    (sp.bos_id(), sp.id_to_piece(sp.bos_id())),
+    (sp.eos_id(), sp.id_to_piece(sp.eos_id())),
+  ]
+  bos = sp.id_to_piece(sp.bos_id())
+  seq = lambda name, type_id: {"Sequence": {"id": name, "type_id": type_id}}
+  tok = lambda type_id: {"SpecialToken": {"id": bos, "type_id": type_id}}
+  return {
+    "version": "1.0",
+    "truncation": None,
+    "padding": None,
+    "added_tokens": [
+      {
+        "id": i,
+        "content": p,
+        "single_word": False,
+        "lstrip": False,
+        "rstrip": False,
+        "normalized": False,
+        "special": True,
+      }
+      for i, p in specials
+    ],
+    # Legacy LLaMA layout: "▁" before every segment, spaces as "▁", no pre-tokenizer.
+    "normalizer": {
+      "type": "Sequence",
+      "normalizers": [
+        {"type": "Prepend", "prepend": "▁"},
+        {"type": "Replace", "pattern": {"String": " "}, "content": "▁"},
+      ],
+    },
+    "pre_tokenizer": None,
+    "post_processor": {
+      "type": "TemplateProcessing",
+      "single": [tok(0), seq("A", 0)],
+      "pair": [tok(0), seq("A", 0), tok(1), seq("B", 1)],
+      "special_tokens": {bos: {"id": bos, "ids": [sp.bos_id()], "tokens": [bos]}},
+    },
+    "decoder": {
+      "type": "Sequence",
+      "decoders": [
+        {"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
+        {"type": "ByteFallback"},
+        {"type": "Fuse"},
+        {"type": "Strip", "content": " ", "start": 1, "stop": 0},
+      ],
+    },
+    "model": {
+      "type": "BPE",
+      "dropout": None,
+      "unk_token": sp.id_to_piece(sp.unk_id()),
+      "continuing_subword_prefix": None,
+      "end_of_word_suffix": None,
+      "fuse_unk": True,
+      "byte_fallback": True,
+      "ignore_merges": False,
+      "vocab": vocab,
+      "merges": merges,
+    },
+  }
+
+
+def write_hf_tokenizer_files(
+  output_dir: str | os.PathLike,
+  tokenizer_model_path: str | os.PathLike,
+  model_max_length: int = 4096,
+  chat_template: ChatTemplate = LLAMA2,
+) -> list[str]:
+  """Write a Hugging Face tokenizer folder for our SentencePiece model, with ``chat_template``.
+
+  Files: tokenizer.model (copy), tokenizer.json, tokenizer_config.json, special_tokens_map.json.
+  ``AutoTokenizer.from_pretrained(output_dir)`` then encodes like ``Tokenizer`` (BOS added, no EOS)
+  and ``apply_chat_template`` gives the ids of ``chat_template.encode_conversation``. Returns the
+  written paths.
+
+  Known gap: transformers 5's LlamaTokenizer does not prepend "▁" to a text that already starts
+  with a space, SentencePiece does; chat content is stripped so the chat format is unaffected.
+  """
+  output_dir = os.fspath(output_dir)
+  tokenizer_model_path = os.fspath(tokenizer_model_path)
+  if not os.path.isfile(tokenizer_model_path):
+    raise FileNotFoundError(f"tokenizer model not found: {tokenizer_model_path}")
+  sp = spm.SentencePieceProcessor(model_file=tokenizer_model_path)
+  if sp.pad_id() >= 0:
+    raise ValueError(
+      f"{tokenizer_model_path}: has a pad piece; this writer expects LLaMA-2's (none)"
+    )
+  os.makedirs(output_dir, exist_ok=True)
+  unk, bos, eos = (sp.id_to_piece(i) for i in (sp.unk_id(), sp.bos_id(), sp.eos_id()))
+  special = lambda p: {
+    "content": p,
+    "lstrip": False,
+    "normalized": False,
+    "rstrip": False,
+    "single_word": False,
+    "special": True,
+  }
+  config = {
+    "tokenizer_class": "LlamaTokenizer",
+    "add_bos_token": True,
+    "add_eos_token": False,
+    "add_prefix_space": True,
+    "legacy": True,  # "▁" before every segment, incl. after <s>: Meta's encoding of "[INST]"
+    "bos_token": bos,
+    "eos_token": eos,
+    "unk_token": unk,
+    "pad_token": None,
+    "clean_up_tokenization_spaces": False,
+    "model_max_length": int(model_max_length),
+    "padding_side": "right",
+    "sp_model_kwargs": {},
+    "use_default_system_prompt": False,
+    "added_tokens_decoder": {
+      str(i): special(p) for i, p in ((sp.unk_id(), unk), (sp.bos_id(), bos), (sp.eos_id(), eos))
+    },
+    "chat_template": chat_template.jinja,
+  }
+  special_map = {"bos_token": special(bos), "eos_token": special(eos), "unk_token": special(unk)}
+  paths = [
+    os.path.join(output_dir, n)
+    for n in (
+      "tokenizer.model",
+      "tokenizer.json",
+      "tokenizer_config.json",
+      "special_tokens_map.json",
+    )
+  ]
+  if os.path.abspath(tokenizer_model_path) != os.path.abspath(paths[0]):
+    shutil.copyfile(tokenizer_model_path, paths[0])
+  for path, obj in zip(paths[1:], (_tokenizer_json(sp), config, special_map)):
+    with open(path, "w", encoding="utf-8") as f:
+      json.dump(obj, f, ensure_ascii=False, indent=None if path.endswith("tokenizer.json") else 2)
+  return paths
