@@ -2,13 +2,13 @@
 
 import pytest
 
-from astrollama_jax import generation
+from astrollama_jax.commands import generate
 
 
 def test_reads_records_and_skips_blank_lines(tmp_path):
   path = tmp_path / "p.jsonl"
   path.write_text('{"prompt": "a", "id": 1}\n\n{"prompt": "b"}\n', encoding="utf-8")
-  assert generation._read_prompts_file(str(path)) == [{"prompt": "a", "id": 1}, {"prompt": "b"}]
+  assert generate._read_prompts_file(str(path)) == [{"prompt": "a", "id": 1}, {"prompt": "b"}]
 
 
 @pytest.mark.parametrize(
@@ -24,4 +24,4 @@ def test_bad_files_name_the_line(tmp_path, text, message):
   path = tmp_path / "p.jsonl"
   path.write_text(text, encoding="utf-8")
   with pytest.raises(ValueError, match=message):
-    generation._read_prompts_file(str(path))
+    generate._read_prompts_file(str(path))
