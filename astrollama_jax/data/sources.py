@@ -10,6 +10,9 @@ passed over, never kept), so a huge or hostile archive cannot exhaust memory.
 arXiv's bulk tars (``arXiv_src_YYMM_NNN.tar``) hold ``YYMM/ID.gz`` and ``YYMM/ID.pdf`` members.
 ``bulk_entries`` lists them from the tar headers alone; ``read_entry`` reads one member in place
 (by offset, without extracting anything to disk), so worker processes can share one tar.
+
+Which of these readers reads which input is one table: ``SOURCE_FORMATS`` in
+``data/corpus/source_formats.py``.
 """
 
 from __future__ import annotations
