@@ -29,7 +29,9 @@ import time
 from absl import app, flags
 import grain
 
-from astrollama_jax.data import corpus, packing, pipeline, sources
+from astrollama_jax.data import packing, pipeline, sources
+from astrollama_jax.data.corpus.build import build
+from astrollama_jax.data.corpus.config import CorpusConfig
 from astrollama_jax.data.tokenizer import Tokenizer
 
 FLAGS = flags.FLAGS
@@ -130,7 +132,7 @@ def main(argv: list[str]) -> None:
     data_dir = FLAGS.data_dir
     if data_dir is None:
       data_dir = os.path.join(tmp, "corpus")
-      corpus.build(corpus.CorpusConfig(sources=[FLAGS.abstracts], progress=False), data_dir)
+      build(CorpusConfig(sources=[FLAGS.abstracts], progress=False), data_dir)
     for _ in range(FLAGS.rounds):
       for w in workers:
         raw[w].append(raw_sentencepiece(texts, max(1, w)))

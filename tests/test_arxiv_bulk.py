@@ -19,7 +19,12 @@ from helpers import LABELLED_LATEX, MINI_BODY, MINI_PAPER, REPO, TOKENIZER, need
 import numpy as np
 import pytest
 
-from astrollama_jax.data import corpus, sources
+from astrollama_jax.data import latex, sources
+from astrollama_jax.data.corpus import read as corpus
+from astrollama_jax.data.corpus.build import WORK_DIR, build
+from astrollama_jax.data.corpus.config import CorpusConfig
+from astrollama_jax.data.corpus.plan import collect
+from astrollama_jax.data.corpus.tfds_builder import AstroCorpus
 
 SINGLE = MINI_PAPER.replace("\\input{body}", MINI_BODY)
 
@@ -92,9 +97,7 @@ def bulk(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("bulk")
   month_2101(tmp)
   month_9901(tmp)
-  got = corpus.collect(
-    corpus.CorpusConfig(sources=[str(tmp)], progress=False, validation_fraction=0.0)
-  )
+  got = collect(CorpusConfig(sources=[str(tmp)], progress=False, validation_fraction=0.0))
   return tmp, got
 
 
@@ -142,8 +145,8 @@ def test_an_extracted_month_folder_reads_like_its_tar(bulk, tmp_path):
   tmp, got = bulk
   with tarfile.open(tmp / "arXiv_src_2101_001.tar") as tar:
     tar.extractall(tmp_path, filter="data")
-  folder = corpus.collect(
-    corpus.CorpusConfig(sources=[str(tmp_path / "2101")], progress=False, validation_fraction=0.0)
+  folder = collect(
+    CorpusConfig(sources=[str(tmp_path / "2101")], progress=False, validation_fraction=0.0)
   )
   from_tar = {k: v for k, v in _by_key(got).items() if k[0] != "astro-ph/9901001"}
   assert _by_key(folder) == from_tar
@@ -162,20 +165,20 @@ def test_a_bulk_that_keeps_nothing_is_an_error_not_an_empty_dataset(tmp_path):
     match=r"no record to write: 2 entries seen, 0 kept "
     r"\(skipped: bad_archive 1, pdf_only 1\)",
   ):
-    corpus.build(corpus.CorpusConfig(sources=[str(tmp_path)], progress=False), tmp_path / "out")
-  assert not (tmp_path / "out" / corpus.AstroCorpus.name).exists()
+    build(CorpusConfig(sources=[str(tmp_path)], progress=False), tmp_path / "out")
+  assert not (tmp_path / "out" / AstroCorpus.name).exists()
 
 
 def test_tex_cap_counts_tex_only_and_content_decides_the_kind(tmp_path):
   big_fig = gz(tar_bytes({"ms.tex": SINGLE, "big.png": figure(3 << 20)}))
   for name in ("2101.00001.gz", "2101.00001.tar.gz", "2101.00001.tgz"):  # same bytes, any name
     (tmp_path / name).write_bytes(big_fig)
-    paper = corpus.latex.process_paper(tmp_path / name, max_bytes=1 << 20)
+    paper = latex.process_paper(tmp_path / name, max_bytes=1 << 20)
     assert set(paper.sections) == {"abstract", "introduction", "conclusion"}, name
   (tmp_path / "x.tar.gz").write_bytes(gz(SINGLE))  # named a tarball, is one file: still read
-  assert corpus.latex.process_paper(tmp_path / "x.tar.gz").sections
+  assert latex.process_paper(tmp_path / "x.tar.gz").sections
   (tmp_path / "t.gz").write_bytes(gz(tar_bytes({"ms.tex": "x" * (1 << 20) + SINGLE})))
-  assert corpus.latex.process_paper(tmp_path / "t.gz", max_bytes=1 << 20).reason == "too_large"
+  assert latex.process_paper(tmp_path / "t.gz", max_bytes=1 << 20).reason == "too_large"
 
 
 def test_a_member_is_read_in_place_without_extracting(tmp_path):
@@ -243,9 +246,7 @@ def test_metadata_join_licences_dates_and_a_lone_surrogate(tmp_path):
   month_2101(tmp_path, fig_bytes=4096)
   month_9901(tmp_path)
   snap = _snapshot(tmp_path / "arxiv-metadata-oai-snapshot.json")
-  got = corpus.collect(
-    corpus.CorpusConfig(sources=[str(tmp_path)], progress=False, validation_fraction=0.0)
-  )
+  got = collect(CorpusConfig(sources=[str(tmp_path)], progress=False, validation_fraction=0.0))
   recs = _by_key(got)
   assert recs[("2101.00001", "abstract")]["text"] == "Abstract of 2101.00001."  # arXiv's own text
   assert recs[("2101.00001", "introduction")]["license"].endswith("/by/4.0/")
@@ -256,8 +257,8 @@ def test_metadata_join_licences_dates_and_a_lone_surrogate(tmp_path):
   assert got.report.jsonl_records_seen == 7 and got.report.latex_abstracts_replaced == 4
   assert all("license" in r for r in recs.values())
 
-  cc = corpus.collect(
-    corpus.CorpusConfig(
+  cc = collect(
+    CorpusConfig(
       sources=[str(tmp_path)],
       progress=False,
       validation_fraction=0.0,
@@ -269,8 +270,8 @@ def test_metadata_join_licences_dates_and_a_lone_surrogate(tmp_path):
   why = {s["id"]: s["reason"] for s in cc.skipped}
   assert why["2101.00002"] == "license" and why["astro-ph/9901001"] == "license"
 
-  recent = corpus.collect(
-    corpus.CorpusConfig(
+  recent = collect(
+    CorpusConfig(
       sources=[str(tmp_path), str(snap)],
       progress=False,
       validation_fraction=0.0,
@@ -282,7 +283,7 @@ def test_metadata_join_licences_dates_and_a_lone_surrogate(tmp_path):
   assert {s["id"]: s["reason"] for s in recent.skipped}["astro-ph/9901001"] == "date_range"
   for bad in ("2024-13", "24-01", "2024/01/01"):
     with pytest.raises(ValueError, match="is not a date"):
-      corpus.collect(corpus.CorpusConfig(sources=[str(snap)], since=bad, progress=False))
+      collect(CorpusConfig(sources=[str(snap)], since=bad, progress=False))
 
 
 def test_no_symlink_is_followed_in_a_paper_folder(tmp_path):
@@ -296,7 +297,7 @@ def test_no_symlink_is_followed_in_a_paper_folder(tmp_path):
   (paper / "sub").symlink_to(tmp_path, target_is_directory=True)
   if Path("/etc/passwd").exists():
     (paper / "passwd.tex").symlink_to("/etc/passwd")
-  got = corpus.collect(corpus.CorpusConfig(sources=[str(tmp_path / "src")], progress=False))
+  got = collect(CorpusConfig(sources=[str(tmp_path / "src")], progress=False))
   texts = " ".join(r["text"] for recs in got.records.values() for r in recs)
   assert "SECRET-MARKER" not in texts and "root:" not in texts
   (kept,) = got.papers
@@ -339,8 +340,8 @@ def test_a_new_month_grows_the_corpus_as_a_new_version(tmp_path):
     },
   )
   out = tmp_path / "out"
-  config = corpus.CorpusConfig(sources=[str(src)], progress=False, validation_fraction=0.3)
-  corpus.build(config, out)
+  config = CorpusConfig(sources=[str(src)], progress=False, validation_fraction=0.3)
+  build(config, out)
   v1 = corpus.dataset_dir(out)
   v1_files = {p.name: p.read_bytes() for p in v1.iterdir()}
   before = _records(v1)
@@ -354,7 +355,7 @@ def test_a_new_month_grows_the_corpus_as_a_new_version(tmp_path):
     },
   )
   _month(src, "2103", {"2101.00006v1": SINGLE.replace("tiny", "older")})  # older than the stored v2
-  builder, report = corpus.build(config, out, update=True)
+  builder, report = build(config, out, update=True)
   v2 = corpus.dataset_dir(out)
   assert v2.name == "1.1.0" and v1.exists() and Path(builder.data_dir) == v2
   assert {p.name: p.read_bytes() for p in v1.iterdir()} == v1_files  # the old version is intact
@@ -390,10 +391,10 @@ def test_a_new_month_grows_the_corpus_as_a_new_version(tmp_path):
   want = sorted(i for s, i, r in after.values() if s == "train" and r["date"] >= "2021-02")
   assert since.tolist() == want and want
   # an update with nothing new leaves the dataset as it is
-  _, again = corpus.build(config, out, update=True)
+  _, again = build(config, out, update=True)
   assert corpus.dataset_dir(out) == v2 and again.units_already_in_corpus == 3
   with pytest.raises(ValueError, match="keep its split"):
-    corpus.build(corpus.CorpusConfig(sources=[str(src)], progress=False), out, update=True)
+    build(CorpusConfig(sources=[str(src)], progress=False), out, update=True)
 
 
 def test_training_reads_everything_since_a_date_as_a_mixture_component(tmp_path):
@@ -406,9 +407,7 @@ def test_training_reads_everything_since_a_date_as_a_mixture_component(tmp_path)
   _month(src, "2012", {"2012.00001": SINGLE.replace("tiny", "december")})
   _month(src, "2101", {"2101.00001": SINGLE.replace("tiny", "january")})
   out = tmp_path / "out"
-  corpus.build(
-    corpus.CorpusConfig(sources=[str(src)], progress=False, validation_fraction=0.0), out
-  )
+  build(CorpusConfig(sources=[str(src)], progress=False, validation_fraction=0.0), out)
   ds = train_data.make_components_dataset(
     str(out),
     "train",
@@ -504,7 +503,7 @@ def test_a_killed_prepare_resumes_without_redoing_finished_tars(tmp_path):
 
   out = tmp_path / "out"
   proc = _prepare(src, out)
-  work = out / corpus.WORK_DIR
+  work = out / WORK_DIR
   deadline = time.time() + 240
   while time.time() < deadline and proc.poll() is None and not list(work.glob("*.jsonl.gz")):
     time.sleep(0.02)
@@ -513,7 +512,7 @@ def test_a_killed_prepare_resumes_without_redoing_finished_tars(tmp_path):
   proc.wait(timeout=30)
   assert proc.returncode == -signal.SIGKILL
   finished = len(list(work.glob("*.jsonl.gz")))
-  assert 1 <= finished < 5 and not (out / corpus.AstroCorpus.name / "1.0.0").exists()
+  assert 1 <= finished < 5 and not (out / AstroCorpus.name / "1.0.0").exists()
 
   again = _prepare(src, out)
   stdout, err = again.communicate(timeout=280)

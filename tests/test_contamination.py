@@ -79,11 +79,13 @@ def test_prepared_dataset_as_training_corpus(tmp_path, abstracts):
   """The train split of an ArrayRecord dataset: its own sections are found, other text is not."""
   import pathlib
 
-  from astrollama_jax.data import corpus
+  from astrollama_jax.data.corpus import read as corpus
+  from astrollama_jax.data.corpus.build import build
+  from astrollama_jax.data.corpus.config import CorpusConfig
 
   demo = pathlib.Path(__file__).resolve().parents[1] / "data" / "demo_corpus"
-  corpus.build(
-    corpus.CorpusConfig(sources=[str(demo)], validation_fraction=0.3, progress=False),
+  build(
+    CorpusConfig(sources=[str(demo)], validation_fraction=0.3, progress=False),
     tmp_path / "ds",
   )
   train = corpus.read_split(tmp_path / "ds", "train")

@@ -22,7 +22,12 @@ from helpers import (
 import numpy as np
 import pytest
 
-from astrollama_jax.data import corpus
+from astrollama_jax.data.corpus import indexes
+from astrollama_jax.data.corpus import read as corpus
+from astrollama_jax.data.corpus.build import build
+from astrollama_jax.data.corpus.config import CorpusConfig
+from astrollama_jax.data.corpus.plan import collect, split_of
+from astrollama_jax.data.corpus.source_formats import discover
 
 
 def _raw_records(ds_dir):
@@ -40,8 +45,8 @@ def _decode(rec):
 @pytest.fixture(scope="module")
 def demo_build(tmp_path_factory):
   out = tmp_path_factory.mktemp("demo_corpus_out")
-  config = corpus.CorpusConfig(sources=[str(DEMO_CORPUS)], validation_fraction=0.15, progress=False)
-  builder, report = corpus.build(config, out)
+  config = CorpusConfig(sources=[str(DEMO_CORPUS)], validation_fraction=0.15, progress=False)
+  builder, report = build(config, out)
   return builder, report, out
 
 
@@ -114,20 +119,20 @@ def test_indexes_fall_back_to_reading_back_when_the_order_is_not_tfds(demo_build
     ]
     for split, cols in keys.items()
   }
-  _same_keys(corpus.written_record_keys(ds_dir, written), keys)
+  _same_keys(indexes.written_record_keys(ds_dir, written), keys)
   # another salt: another order, caught by the records read back
-  real = corpus.hashing.Hasher
-  monkeypatch.setattr(corpus.hashing, "Hasher", lambda salt: real(f"other {salt}"))
+  real = indexes.hashing.Hasher
+  monkeypatch.setattr(indexes.hashing, "Hasher", lambda salt: real(f"other {salt}"))
   calls = []
-  monkeypatch.setattr(corpus, "compute_record_keys", lambda d: calls.append(d) or keys)
-  assert corpus.written_record_keys(ds_dir, written) is keys and calls == [ds_dir]
+  monkeypatch.setattr(indexes, "compute_record_keys", lambda d: calls.append(d) or keys)
+  assert indexes.written_record_keys(ds_dir, written) is keys and calls == [ds_dir]
 
 
 def test_split_is_a_function_of_the_id():
-  assert corpus.split_of("2504.11526", 0.0) == "train"
-  assert corpus.split_of("2504.11526", 0.999999) == "validation"
+  assert split_of("2504.11526", 0.0) == "train"
+  assert split_of("2504.11526", 0.999999) == "validation"
   ids = [f"2501.{i:05d}" for i in range(2000)]
-  frac = sum(corpus.split_of(i, 0.1) == "validation" for i in ids) / len(ids)
+  frac = sum(split_of(i, 0.1) == "validation" for i in ids) / len(ids)
   assert 0.07 < frac < 0.13
 
 
@@ -165,9 +170,7 @@ def test_dedup_versions_categories_and_skips(tmp_path):
       },
     ],
   )
-  got = corpus.collect(
-    corpus.CorpusConfig(sources=[str(src)], progress=False, validation_fraction=0.0)
-  )
+  got = collect(CorpusConfig(sources=[str(src)], progress=False, validation_fraction=0.0))
   recs = {(r["id"], r["section"]): r for r in got.records["train"]}
   assert set(recs) == {
     ("2101.00001", "abstract"),
@@ -190,16 +193,16 @@ def test_dedup_versions_categories_and_skips(tmp_path):
 
 def test_bad_sources_raise_clear_errors(tmp_path):
   with pytest.raises(ValueError, match="does not exist"):
-    corpus.discover([tmp_path / "nope"])
+    discover([tmp_path / "nope"])
   (tmp_path / "empty.jsonl").write_text("")
   with pytest.raises(ValueError, match="is empty"):
-    corpus.discover([tmp_path / "empty.jsonl"])
+    discover([tmp_path / "empty.jsonl"])
   (tmp_path / "dir").mkdir()
   with pytest.raises(ValueError, match="holds no .jsonl"):
-    corpus.discover([tmp_path / "dir"])
+    discover([tmp_path / "dir"])
   (tmp_path / "bad.jsonl").write_text('{"id": "1"}\nnot json\n')
   with pytest.raises(ValueError, match="bad.jsonl:2"):
-    corpus.collect(corpus.CorpusConfig(sources=[str(tmp_path / "bad.jsonl")], progress=False))
+    collect(CorpusConfig(sources=[str(tmp_path / "bad.jsonl")], progress=False))
 
 
 @pytest.mark.timeout(180)
@@ -250,8 +253,8 @@ def test_records_past_the_shuffle_buffer_spill_to_disk_without_tensorflow(
   from tensorflow_datasets.core import shuffle
 
   monkeypatch.setattr(shuffle, "MAX_MEM_BUFFER_SIZE", 2000)  # the demo's records spill
-  config = corpus.CorpusConfig(sources=[str(DEMO_CORPUS)], validation_fraction=0.15, progress=False)
-  builder, _ = corpus.build(config, tmp_path / "spilled")
+  config = CorpusConfig(sources=[str(DEMO_CORPUS)], validation_fraction=0.15, progress=False)
+  builder, _ = build(config, tmp_path / "spilled")
   _, _, out = demo_build
   assert _raw_records(builder.data_dir) == _raw_records(corpus.dataset_dir(out))
   _same_keys(corpus.record_keys(builder.data_dir), corpus.compute_record_keys(builder.data_dir))

@@ -24,7 +24,9 @@ import pytest
 from astrollama_jax.checkpoints import store
 from astrollama_jax.commands.convert import convert
 from astrollama_jax.commands.export import export
-from astrollama_jax.data import corpus
+from astrollama_jax.data.corpus import read as corpus
+from astrollama_jax.data.corpus.build import build
+from astrollama_jax.data.corpus.config import CorpusConfig
 from astrollama_jax.formats import hf
 from astrollama_jax.model import llama
 from astrollama_jax.util import diskspace
@@ -180,11 +182,11 @@ def test_convert_disk_full_mid_write_and_up_front(params, tmp_path, monkeypatch,
 
 @pytest.mark.parametrize("where", ["records", "section_index"])
 def test_prepare_disk_full_keeps_the_previous_dataset(tmp_path, monkeypatch, where):
-  config = corpus.CorpusConfig(
+  config = CorpusConfig(
     sources=[str(REPO / "data" / "demo_corpus")], validation_fraction=0.15, progress=False
   )
   out = tmp_path / "corpus"
-  corpus.build(config, out)
+  build(config, out)
   before = _tree(out)
   assert any(k.endswith(corpus.MANIFEST) for k in before) and any(
     ".array_record" in k for k in before
@@ -206,14 +208,14 @@ def test_prepare_disk_full_keeps_the_previous_dataset(tmp_path, monkeypatch, whe
     def savez(*a, **k):
       raise _enospc()
 
-    monkeypatch.setattr(corpus.np, "savez", savez)
+    monkeypatch.setattr(np, "savez", savez)
   with pytest.raises(
     diskspace.DiskFullError,
     match=f"disk full: cannot write the dataset under {out}: "
     r"no space left .*; the previous dataset there, if any, "
     "is unchanged",
   ):
-    corpus.build(config, out)
+    build(config, out)
   assert (
     _tree(out) == before
   )  # same files, same bytes: nothing half-replaced, no temporary folder left

@@ -140,12 +140,14 @@ def test_prepared_dataset_sections_and_contamination_drop(setup, capsys, tokeniz
   """The validation split of a prepared ArrayRecord dataset, with planted contamination dropped."""
   import pathlib
 
-  from astrollama_jax.data import corpus
+  from astrollama_jax.data.corpus import read as corpus
+  from astrollama_jax.data.corpus.build import build
+  from astrollama_jax.data.corpus.config import CorpusConfig
 
   root, model, tok = setup
   demo = pathlib.Path(__file__).resolve().parents[1] / "data" / "demo_corpus"
-  corpus.build(
-    corpus.CorpusConfig(sources=[str(demo)], validation_fraction=0.5, progress=False),
+  build(
+    CorpusConfig(sources=[str(demo)], validation_fraction=0.5, progress=False),
     tmp_path / "ds",
   )
   source = corpus.read_split(tmp_path / "ds", "validation")

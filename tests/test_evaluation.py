@@ -18,7 +18,7 @@ from helpers import (
 )
 import pytest
 
-from astrollama_jax.data import corpus
+from astrollama_jax.data.corpus import read as corpus
 from astrollama_jax.data.tokenizer import Tokenizer
 
 RUN = [

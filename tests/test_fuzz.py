@@ -244,16 +244,17 @@ META_LINE = (
 def test_metadata_records_are_kept_skipped_or_name_their_line(tmp_path_factory, lines):
   import collections
 
-  from astrollama_jax.data import corpus
+  from astrollama_jax.data.corpus.config import CorpusConfig, Report
+  from astrollama_jax.data.corpus.metadata import MetaIndex
 
   folder = tmp_path_factory.mktemp("meta")
   path = folder / "meta.jsonl"
   path.write_bytes(b"\n".join(lines) + b"\n")
-  skipped, report = collections.Counter(), corpus.Report()
-  config = corpus.CorpusConfig(sources=[str(path)], since="2000-01-01", progress=False)
+  skipped, report = collections.Counter(), Report()
+  config = CorpusConfig(sources=[str(path)], since="2000-01-01", progress=False)
   tracemalloc.start()
   try:
-    index = corpus.MetaIndex([path], config, set(), report, skipped)
+    index = MetaIndex([path], config, set(), report, skipped)
     texts = dict(index.abstracts(set(index.by_id)))
   except ValueError as e:  # the one documented failure: a line that is not a record, named
     assert str(e).startswith(f"{path}:"), e

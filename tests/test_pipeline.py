@@ -11,7 +11,10 @@ from helpers import DEMO_CORPUS, TOKENIZER, abstracts_subset, need
 import numpy as np
 import pytest
 
-from astrollama_jax.data import corpus, packing, pipeline, shards
+from astrollama_jax.data import packing, pipeline, shards
+from astrollama_jax.data.corpus import read as corpus
+from astrollama_jax.data.corpus.build import build
+from astrollama_jax.data.corpus.config import CorpusConfig
 from astrollama_jax.data.tokenizer import Tokenizer
 
 flags.FLAGS.mark_as_parsed()  # Grain worker processes read absl flags
@@ -22,10 +25,10 @@ def data_dir(tmp_path_factory):
   need(TOKENIZER)
   tmp = tmp_path_factory.mktemp("lm_data")
   subset = abstracts_subset(tmp, 300)
-  config = corpus.CorpusConfig(
+  config = CorpusConfig(
     sources=[str(DEMO_CORPUS), str(subset)], validation_fraction=0.1, progress=False
   )
-  corpus.build(config, tmp / "out")
+  build(config, tmp / "out")
   return tmp / "out"
 
 

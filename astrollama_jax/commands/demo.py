@@ -82,10 +82,11 @@ def load_config(path: pathlib.Path) -> Any:
 
 
 def prepare(source: str, output: str) -> dict[str, Any]:
-  from astrollama_jax.data import corpus
+  from astrollama_jax.data.corpus.build import build
+  from astrollama_jax.data.corpus.config import CorpusConfig
 
-  config = corpus.CorpusConfig(sources=[source], validation_fraction=0.15)
-  builder, report = corpus.build(config, output)
+  config = CorpusConfig(sources=[source], validation_fraction=0.15)
+  builder, report = build(config, output)
   print(report.table())
   return {"dataset": str(builder.data_dir)}
 

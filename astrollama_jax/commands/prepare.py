@@ -21,7 +21,9 @@ from __future__ import annotations
 from absl import flags, logging
 
 from astrollama_jax.commands import cli
-from astrollama_jax.data import corpus
+from astrollama_jax.data.corpus.build import build
+from astrollama_jax.data.corpus.config import REFERENCE_RETENTION, CorpusConfig, Report
+from astrollama_jax.data.corpus.read import check_date
 from astrollama_jax.errors import UserError
 from astrollama_jax.util import tables
 
@@ -67,14 +69,14 @@ def parse_sources(values: list[str] | None) -> list[str]:
   return out
 
 
-def config_from_flags() -> corpus.CorpusConfig:
+def config_from_flags() -> CorpusConfig:
   if not FLAGS.output:
     raise UserError("--output is required")
   if not 0.0 <= FLAGS.validation_fraction < 1.0:
     raise UserError("--validation_fraction must be in [0, 1)")
   if FLAGS.max_mb <= 0 or FLAGS.workers < 0:
     raise UserError("--max_mb must be positive and --workers not negative")
-  return corpus.CorpusConfig(
+  return CorpusConfig(
     sources=parse_sources(FLAGS.source),
     categories=tuple(FLAGS.categories),
     validation_fraction=FLAGS.validation_fraction,
@@ -82,19 +84,19 @@ def config_from_flags() -> corpus.CorpusConfig:
     timeout_s=FLAGS.timeout_s,
     max_bytes=FLAGS.max_mb << 20,
     licenses=tuple(FLAGS.licenses),
-    since=corpus.check_date(FLAGS.since, "--since"),
-    until=corpus.check_date(FLAGS.until, "--until"),
+    since=check_date(FLAGS.since, "--since"),
+    until=check_date(FLAGS.until, "--until"),
   )
 
 
-def summary(report: corpus.Report, data_dir: str) -> dict:
+def summary(report: Report, data_dir: str) -> dict:
   """The closing JSON line: where the dataset is and how much of the input it kept."""
   return {
     "dataset": data_dir,
     "papers_seen": report.papers_seen,
     "papers_kept": report.papers_kept,
     "retention": round(report.retention, 4),
-    "reference_retention": corpus.REFERENCE_RETENTION,
+    "reference_retention": REFERENCE_RETENTION,
     "skipped": report.papers_skipped,
     "jsonl_abstracts_kept": report.jsonl_records_kept,
     "jsonl_skipped": report.jsonl_skipped,
@@ -109,7 +111,7 @@ def summary(report: corpus.Report, data_dir: str) -> dict:
 def main(argv: list[str]) -> None:
   cli.no_extra_args(argv)
   config = config_from_flags()
-  builder, report = corpus.build(config, FLAGS.output, update=FLAGS.update)
+  builder, report = build(config, FLAGS.output, update=FLAGS.update)
   logging.info("dataset written to %s", builder.data_dir)
   rows = report.rows() + [("dataset", str(builder.data_dir))]
   tables.report(

@@ -31,8 +31,9 @@ import sys
 import grain
 import numpy as np
 
-from astrollama_jax.data import corpus, packing
+from astrollama_jax.data import packing
 from astrollama_jax.data import shards as shards_lib
+from astrollama_jax.data.corpus import read as corpus
 from astrollama_jax.data.tokenizer import Tokenizer
 
 

@@ -10,12 +10,15 @@ passed over, never kept), so a huge or hostile archive cannot exhaust memory.
 arXiv's bulk tars (``arXiv_src_YYMM_NNN.tar``) hold ``YYMM/ID.gz`` and ``YYMM/ID.pdf`` members.
 ``bulk_entries`` lists them from the tar headers alone; ``read_entry`` reads one member in place
 (by offset, without extracting anything to disk), so worker processes can share one tar.
+
+Which of these readers reads which input is one table: ``SOURCE_FORMATS`` in
+``data/corpus/source_formats.py``.
 """
 
 from __future__ import annotations
 
 import collections
-from collections.abc import Iterator
+from collections.abc import Container, Iterator
 import dataclasses
 from email.utils import parsedate_to_datetime
 import gzip
@@ -398,10 +401,13 @@ def normalise_record(rec: dict) -> dict:
 
 
 def read_jsonl(
-  path: str | os.PathLike, skipped: collections.Counter | None = None
+  path: str | os.PathLike,
+  skipped: collections.Counter | None = None,
+  only: Container[int] | None = None,
 ) -> Iterator[tuple[int, dict]]:
   """``(line number, record)`` of a metadata/abstract JSONL file, records as
-  ``normalise_record`` makes them.
+  ``normalise_record`` makes them; with ``only``, of those line numbers alone (the others are
+  passed over unparsed: a second pass for the few records a first one picked).
 
   Accepts the project's own format (``categories`` a list, ``date``) and the public arXiv
   metadata snapshot (``categories`` a space separated string, ``versions``, ``license``,
@@ -413,6 +419,8 @@ def read_jsonl(
   path = Path(path)
   with open(path, encoding="utf-8", errors="surrogateescape") as f:
     for lineno, line in enumerate(f, 1):
+      if only is not None and lineno not in only:
+        continue
       line = line.strip()
       if not line:
         continue

@@ -118,7 +118,7 @@ def read_texts(path: str, split: str = "validation", limit: int = 0) -> list[dic
   """
   out = []
   if os.path.isdir(path):
-    from astrollama_jax.data import corpus
+    from astrollama_jax.data.corpus import read as corpus
 
     source = corpus.read_split(path, split)
     for i in range(len(source)):

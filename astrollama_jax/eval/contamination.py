@@ -56,7 +56,7 @@ def iter_corpus(spec: str, split: str = "train") -> Iterator[str]:
   """Documents of a training corpus: a JSONL file (text fields, or every string of a record,
   e.g. chat turns) or a prepared ArrayRecord dataset directory (its ``split``)."""
   if os.path.isdir(spec):
-    from astrollama_jax.data import corpus
+    from astrollama_jax.data.corpus import read as corpus
 
     source = corpus.read_split(spec, split)
     for i in range(len(source)):

@@ -174,8 +174,9 @@ def make_components_dataset(
   ``corpus.component_indices`` reads it: ``{"since:2024-06-01": 0.7, "abstract": 0.3}`` trains
   on "everything since June 2024" for 70% of the documents. Batches (and ``shards``) as
   ``make_lm_dataset``'s."""
-  from astrollama_jax.data import corpus, packing, pipeline
+  from astrollama_jax.data import packing, pipeline
   from astrollama_jax.data import shards as shards_lib
+  from astrollama_jax.data.corpus import read as corpus
   from astrollama_jax.data.tokenizer import Tokenizer
 
   mine, rows, count = shards_lib.local_layout(batch_size, process_index, process_count, shards)

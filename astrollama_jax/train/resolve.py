@@ -84,7 +84,7 @@ def _check_validation_split(config: Any) -> None:
   e = config.eval
   if config.data.kind != "lm" or not (e.every > 0 or e.at_start or e.at_end):
     return
-  from astrollama_jax.data import corpus
+  from astrollama_jax.data.corpus import read as corpus
 
   try:
     sizes = corpus.split_sizes(config.data.lm.path)
