@@ -12,9 +12,9 @@ One section per concern:
   (HF folder, converted DIR, WORKDIR, step folder); its architecture wins over ``model.preset``;
 * ``mesh``: (data, fsdp, tensor), one entry may be -1; ``sharding_rules``: logical axis -> mesh
   axes ('data,fsdp'; '' = replicated), for parameters and activations alike;
-* ``data``: ``kind`` (lm | sft | synthetic), what every kind shares (``seq_len``, ``seed``,
-  ``shuffle``, ``tokenizer_path``) and one sub-section per kind (``data.lm``, ``data.sft``,
-  ``data.synthetic``), read only when ``kind`` names it;
+* ``data``: ``kind`` (lm | sft | synthetic: ``train/data.py DATA_KINDS``), what every kind
+  shares (``seq_len``, ``seed``, ``shuffle``, ``tokenizer_path``) and one sub-section per kind
+  (``data.lm``, ``data.sft``, ``data.synthetic``), read only when ``kind`` names it;
 * ``train``: how long and how big (steps or epochs, global batch, micro-batches), and when to
   give up on non-finite steps;
 * ``optimizer`` (AdamW, clipping, moments dtype), ``schedule`` (peak learning rate and shape),
@@ -34,8 +34,6 @@ from ml_collections.config_dict import placeholder
 
 from astrollama_jax import sharding
 from astrollama_jax.model.config import POLICY_FIELDS, LlamaConfig
-
-DATA_KINDS = ("lm", "sft", "synthetic")
 
 
 def _section(**fields) -> ml_collections.ConfigDict:
