@@ -398,6 +398,7 @@ def test_a_new_month_grows_the_corpus_as_a_new_version(tmp_path):
 
 
 def test_training_reads_everything_since_a_date_as_a_mixture_component(tmp_path):
+  from astrollama_jax.data import pipeline
   from astrollama_jax.data.tokenizer import Tokenizer
   from astrollama_jax.train import data as train_data
 
@@ -408,11 +409,11 @@ def test_training_reads_everything_since_a_date_as_a_mixture_component(tmp_path)
   _month(src, "2101", {"2101.00001": SINGLE.replace("tiny", "january")})
   out = tmp_path / "out"
   build(CorpusConfig(sources=[str(src)], progress=False, validation_fraction=0.0), out)
-  ds = train_data.make_components_dataset(
+  ds = pipeline.make_lm_dataset(
     str(out),
     "train",
     str(tok),
-    {"since:2021-01": 1.0},
+    mixture={"since:2021-01": 1.0},
     seq_len=1024,
     batch_size=1,
     num_epochs=1,
@@ -434,8 +435,8 @@ def test_training_reads_everything_since_a_date_as_a_mixture_component(tmp_path)
   text = Tokenizer(str(tok)).decode([int(t) for b in ds for t in b["tokens"][0] if t > 2])
   assert "january" in text and "december" not in text
   with pytest.raises(ValueError, match="no records"):
-    train_data.make_components_dataset(
-      str(out), "train", str(tok), {"since:2030": 1.0}, seq_len=64, batch_size=1
+    pipeline.make_lm_dataset(
+      str(out), "train", str(tok), mixture={"since:2030": 1.0}, seq_len=64, batch_size=1
     )
 
 

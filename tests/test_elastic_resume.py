@@ -172,7 +172,7 @@ def test_lm_data_resumes_on_other_process_counts(tmp_path, corpus, lm_whole, cas
 
 
 # sft shares the shard machinery with lm (regathering across counts is also checked in process
-# by test_chat_data.py): one real resume across a process count is enough here.
+# by test_chat_dataset.py): one real resume across a process count is enough here.
 @pytest.mark.parametrize("case", ["2x4_to_1x8"])
 def test_sft_data_resumes_on_other_process_counts(tmp_path, sft_whole, case):
   _check_case(tmp_path, case, sft_whole, SFT_RUN, "configs/demo_sft.py")

@@ -19,8 +19,7 @@ from absl import logging
 import grain
 import numpy as np
 
-from astrollama_jax.data import packing
-from astrollama_jax.data import shards as shards_lib
+from astrollama_jax.data import batches
 from astrollama_jax.data.chat_formats import (
   FORMATS,
   ChatFormatError,
@@ -157,18 +156,13 @@ def make_sft_dataset(
       (whole); one whose first exchange does not fit is skipped (logged).
     batch_size: rows per batch on this host (global batch / process_count).
     seed: mixture sampling, shuffling and packing seed; the same seed gives the same batches.
-    process_index, process_count: this host's place, default ``jax.process_index()`` /
-      ``jax.process_count()``.
-    shards: data shards over all hosts (``shards.py``; a multiple of ``process_count`` that
-      divides the global batch), default one per host. Every host builds the same mixture;
-      shard ``j`` of ``S`` takes every ``S``-th conversation from ``j`` (disjoint, together
-      complete) and shuffles, packs and batches them on its own; a host reads its
-      ``S / process_count`` shards side by side, so the global batches depend on ``S`` only.
     num_epochs: passes over the mixture (reshuffled each); ``None`` repeats for ever.
     shuffle: shuffle the conversations of each epoch (the mixture itself is always shuffled).
     num_packing_bins: rows filled at once by first-fit packing (more = less padding).
-    worker_count, worker_buffer_size: Grain worker processes for tokenizing + packing.
-    drop_remainder: drop a last partial batch (finite epochs only).
+    process_index, process_count, shards, worker_count, worker_buffer_size, drop_remainder:
+      the layout and reading of the batches, see ``batches.packed_batches``. Every host builds
+      the same mixture; data shard ``j`` of ``S`` takes every ``S``-th conversation from ``j``
+      (disjoint, together complete) and shuffles, packs and batches them on its own.
     chat_template: the chat format the conversations are rendered in (``chat_templates``).
 
   Returns:
@@ -179,12 +173,10 @@ def make_sft_dataset(
   """
   if seq_len < 2 or batch_size < 1:
     raise ValueError(f"need seq_len >= 2 and batch_size >= 1, got {seq_len}, {batch_size}")
-  mine, rows, count = shards_lib.local_layout(batch_size, process_index, process_count, shards)
-  read = packing.read_options(worker_count, streams=len(mine))
   conversations = mix_sources(sources, seed)
   encode = _EncodeForTraining(os.fspath(tokenizer_path), seq_len, chat_template)
 
-  def shard(j: int) -> grain.IterDataset:
+  def examples(j: int, count: int) -> grain.MapDataset:
     ds = grain.MapDataset.source(conversations)[j::count]
     if len(ds) == 0:
       raise ValueError(
@@ -193,17 +185,22 @@ def make_sft_dataset(
       )
     if shuffle:
       ds = ds.shuffle(seed=seed + 1)
-    ds = ds.repeat(num_epochs).map(encode).filter(_is_example)
-    it = packing.pack_examples(
-      ds.to_iter_dataset(read),
-      seq_len,
-      method="first_fit",
-      num_packing_bins=num_packing_bins,
-      seed=seed,
-    )
-    return it.batch(rows, drop_remainder=drop_remainder)
+    return ds.repeat(num_epochs).map(encode).filter(_is_example)
 
-  return shards_lib.sharded(shard, mine, worker_count, worker_buffer_size)
+  return batches.packed_batches(
+    examples,
+    seq_len=seq_len,
+    batch_size=batch_size,
+    process_index=process_index,
+    process_count=process_count,
+    shards=shards,
+    worker_count=worker_count,
+    worker_buffer_size=worker_buffer_size,
+    drop_remainder=drop_remainder,
+    method="first_fit",
+    num_packing_bins=num_packing_bins,
+    packing_seed=seed,
+  )
 
 
 def _is_example(example: dict[str, np.ndarray] | None) -> bool:

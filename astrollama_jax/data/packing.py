@@ -1,7 +1,7 @@
 """Pack variable-length token examples into fixed-length rows (the trainer's batch format).
 
-Shared by continual pre-training (``pipeline.py``) and chat SFT (``chat.py``). Both build
-per-example dicts and hand a Grain ``IterDataset`` of them to ``pack_examples``; the
+Shared by continual pre-training (``pipeline.py``) and chat SFT (``chat_dataset.py``). Both build
+per-example dicts and hand them to ``pack_examples`` through ``batches.packed_batches``; the
 packed rows are what the trainer's loss expects:
 
   =============  =======  =====================================================

@@ -8,15 +8,16 @@
 
 Order of operations, and why:
   source (the split's ArrayRecord shards, random access, the text field only: corpus.TextSource)
-  -> per section (for mixing): the record indices of that section (``section_index.npz``)
+  -> per mixture component (a section, date bounds or both: ``_components``): its record
+     indices (``section_index.npz``, ``record_keys.npz``); no mixture: every record
   -> per data shard ``j`` of ``S`` (``shards.py``): records ``ds[j::S]``; shards are fixed for
      the run, independent of the process count, disjoint and together the whole split
   -> repeat(num_epochs) with a seeded shuffle per epoch (``_EpochShuffled``)
   -> tokenize (SentencePiece; ``[BOS] + ids + [EOS]``) into next-token examples
-  -> mix sections by weight (``MapDataset.mix``; still random access, so cheap to checkpoint)
-  -> to_iter_dataset (read-ahead: ``packing.read_options``) -> pack (``packing.pack_examples``)
-  -> batch of global_batch / S rows
-  -> this process's shards side by side (``shards.ShardedBatches``) -> ``mp_prefetch`` workers
+  -> mix components by weight (``MapDataset.mix``; still random access, so cheap to checkpoint)
+  -> the tail every kind shares (``batches.packed_batches``): to_iter_dataset (read-ahead:
+     ``packing.read_options``) -> pack (``packing.pack_examples``) -> batch of global_batch / S
+     rows -> this process's shards side by side (``shards.ShardedBatches``) -> ``mp_prefetch``
 Everything before packing is index-based; packing and batching are Grain iterators with
 checkpointable state (one per shard, so a checkpoint resumes on another process count), and
 ``mp_prefetch`` checkpoints its workers' states too.
@@ -25,14 +26,14 @@ checkpointable state (one per shard, so a checkpoint resumes on another process 
 from __future__ import annotations
 
 from collections.abc import Mapping
+import dataclasses
 import os
 import sys
 
 import grain
 import numpy as np
 
-from astrollama_jax.data import packing
-from astrollama_jax.data import shards as shards_lib
+from astrollama_jax.data import batches, packing
 from astrollama_jax.data.corpus import read as corpus
 from astrollama_jax.data.tokenizer import Tokenizer
 
@@ -105,21 +106,61 @@ class _Tokenize:
     return packing.lm_example(self.tokenizer.encode(text, bos=True, eos=True))
 
 
-def _normalise_mixture(
-  mixture: Mapping[str, float] | None, index: Mapping[str, np.ndarray], split: str
-) -> dict[str, float] | None:
+@dataclasses.dataclass(frozen=True)
+class _Component:
+  """One record set of a mixture: its record indices in the split, shuffle salt and weight."""
+
+  name: str
+  indices: np.ndarray
+  salt: int
+  weight: float
+
+
+def _known_term(term: str) -> bool:
+  key, _, value = term.partition(":")
+  return term in corpus.SECTIONS or (key in ("since", "until") and bool(value))
+
+
+def _components(
+  data_dir: str | os.PathLike, split: str, mixture: Mapping[str, float] | None, num_records: int
+) -> list[_Component]:
+  """The record sets ``mixture`` names (all records for ``None``), positive weights only.
+
+  A component is a section name, date bounds or both (``corpus.component_indices``). Its shuffle
+  salt keeps the orders the corpus has always had: in a mixture of bare section names a section
+  is salted by its number in ``corpus.SECTIONS`` (adding a section leaves the others' order
+  alone); in a mixture with date bounds, by its position in the sorted mixture.
+  """
   if mixture is None:
-    return None
-  unknown = sorted(set(mixture) - set(corpus.SECTIONS))
+    return [_Component("all", np.arange(num_records), 0, 1.0)]
+  unknown = sorted({t for name in mixture for t in name.split() if not _known_term(t)})
   if unknown:
-    raise ValueError(f"mixture names unknown sections {unknown}; known: {corpus.SECTIONS}")
-  weights = {k: float(v) for k, v in mixture.items() if v > 0}
-  if not weights:
+    raise ValueError(
+      f"mixture names unknown sections {unknown}; known: {corpus.SECTIONS} "
+      "(and since:DATE / until:DATE bounds)"
+    )
+  names = sorted(mixture)
+  if not any(float(mixture[n]) > 0 for n in names):
     raise ValueError(f"mixture {dict(mixture)} has no positive weight")
-  empty = [k for k in weights if len(index.get(k, ())) == 0]
+  sections_only = all(n in corpus.SECTIONS for n in names)
+  index = corpus.section_index(data_dir, split) if any(n in corpus.SECTIONS for n in names) else {}
+  out = []
+  for position, name in enumerate(names, 1):
+    weight = float(mixture[name])
+    if weight <= 0:
+      continue
+    if name in corpus.SECTIONS:
+      indices = index.get(name, np.zeros(0, np.int64))
+    else:
+      indices = corpus.component_indices(data_dir, split, name)
+    salt = 1 + corpus.SECTIONS.index(name) if sections_only else 97 * position
+    out.append(_Component(name, np.asarray(indices, np.int64), salt, weight))
+  empty = [c.name for c in out if len(c.indices) == 0]
   if empty:
-    raise ValueError(f"split {split!r} has no records of section(s) {empty} named in the mixture")
-  return weights
+    raise ValueError(
+      f"split {split!r} has no records of mixture component(s) {empty} under {data_dir}"
+    )
+  return out
 
 
 def make_lm_dataset(
@@ -149,62 +190,53 @@ def make_lm_dataset(
     seq_len: row length; rows hold [BOS] doc [EOS] [BOS] doc ... split at ``seq_len``.
     batch_size: rows per batch *on this host* (global batch / process_count).
     seed: shuffle seed; the same seed gives the same batches.
-    process_index, process_count: this host's place; default ``jax.process_index()`` /
-      ``jax.process_count()``.
-    shards: data shards over all hosts (``shards.py``; a multiple of ``process_count`` that
-      divides the global batch); this host reads its ``shards / process_count`` of them, each
-      packed and batched on its own. ``None``: one shard per host. The global batches depend
-      on ``shards``, not on the process count.
-    mixture: e.g. ``{"abstract": 0.5, "introduction": 0.25, "conclusion": 0.25}``: sample
-      sections with these weights (each section repeats independently). ``None``: all
-      records as one stream.
+    mixture: weights of record sets, each a section name, date bounds or both
+      (``corpus.component_indices``): ``{"abstract": 0.5, "introduction": 0.5}``, or
+      ``{"since:2024-06-01": 0.7, "abstract until:2024-05-31": 0.3}`` (70% of the documents
+      from everything since June 2024). Each set repeats independently. ``None``: all records
+      as one stream.
     num_epochs: passes over the data; ``None`` repeats for ever (training). With a mixture
-      the stream ends when the first section runs out.
+      the stream ends when the first record set runs out.
     shuffle: shuffle records (per epoch); turn off for evaluation.
-    worker_count: Grain worker processes for reading + tokenizing + packing (0 = none).
-      The batches depend on ``worker_count`` (each worker packs its own slice) but are
-      deterministic for a given value. Workers need absl flags parsed (run under
-      ``absl.app.run``).
-    worker_buffer_size: batches each worker keeps ready.
-    drop_remainder: drop a last partial batch (finite epochs only).
+    process_index, process_count, shards, worker_count, worker_buffer_size, drop_remainder:
+      the layout and reading of the batches, see ``batches.packed_batches``.
 
   Returns:
     ``grain.IterDataset`` of dicts ``tokens``, ``targets``, ``segment_ids``, ``positions``
     (int32) and ``loss_mask`` (float32), each ``[batch_size, seq_len]``. Its iterator has
     ``get_state()``/``set_state()`` for checkpointing (``{"shards": {j: state}}``).
   """
-  mine, rows, count = shards_lib.local_layout(batch_size, process_index, process_count, shards)
-  read = packing.read_options(worker_count, streams=len(mine))
   source = corpus.TextSource(data_dir, split)
   tokenize = _Tokenize(Tokenizer(tokenizer_path))
-  index = corpus.section_index(data_dir, split) if mixture is not None else {}
-  weights = _normalise_mixture(mixture, index, split)
+  components = _components(data_dir, split, mixture, len(source))
 
-  def shard(j: int) -> grain.IterDataset:
-    def component(indices: np.ndarray | None, salt: int) -> grain.MapDataset:
-      if indices is None:
-        indices = np.arange(len(source))
-      records = _Subset(source, np.asarray(indices)[j::count])
+  def examples(j: int, count: int) -> grain.MapDataset:
+    streams = []
+    for c in components:
+      records = _Subset(source, c.indices[j::count])
       if len(records) == 0:
+        what = "" if mixture is None else f" of mixture component {c.name!r}"
         raise ValueError(
-          f"data shard {j} of {count} gets no records of split {split!r} under {data_dir}"
+          f"data shard {j} of {count} gets no records{what} of split {split!r} under {data_dir}"
           + (": lower data.shards" if count > 1 else "")
         )
-      epochs = _EpochShuffled(records, seed * 1000003 + salt, num_epochs, shuffle)
-      return grain.MapDataset.source(epochs).map(tokenize)
+      epochs = _EpochShuffled(records, seed * 1000003 + c.salt, num_epochs, shuffle)
+      streams.append(grain.MapDataset.source(epochs).map(tokenize))
+    if len(streams) == 1:
+      return streams[0]
+    return grain.MapDataset.mix(streams, [c.weight for c in components])
 
-    if weights is None:
-      ds = component(None, 0)
-    else:
-      names = sorted(weights)
-      ds = grain.MapDataset.mix(
-        [component(index[n], 1 + corpus.SECTIONS.index(n)) for n in names],
-        [weights[n] for n in names],
-      )
-    it = packing.pack_examples(ds.to_iter_dataset(read), seq_len)
-    return it.batch(rows, drop_remainder=drop_remainder)
-
-  return shards_lib.sharded(shard, mine, worker_count, worker_buffer_size)
+  return batches.packed_batches(
+    examples,
+    seq_len=seq_len,
+    batch_size=batch_size,
+    process_index=process_index,
+    process_count=process_count,
+    shards=shards,
+    worker_count=worker_count,
+    worker_buffer_size=worker_buffer_size,
+    drop_remainder=drop_remainder,
+  )
 
 
 def count_tokens(batch: Mapping[str, np.ndarray]) -> tuple[int, int]:

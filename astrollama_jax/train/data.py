@@ -1,4 +1,8 @@
-"""Where batches come from: the one place that dispatches on ``config.data.kind``.
+"""Where batches come from: ``DATA_KINDS``, one entry per ``config.data.kind``.
+
+A kind's entry (``DataKind``) says how it reads a split and what a run of it needs; nothing else
+in the trainer asks which kind it runs. A kind of tokenized records supplies its records and
+their tokenize/render step and shares the rest (``data/batches.py``: shards, packing, batches).
 
 * ``lm``: the packed astro-ph corpus (``astrollama_jax.data.pipeline``, from ``prepare``);
 * ``sft``: packed, loss-masked chat conversations (``astrollama_jax.data.chat_dataset``);
@@ -11,7 +15,7 @@ Every kind reads ``config.data`` (shared keys) and its own sub-section ``config.
 and yields per-process numpy batches (``packing.BATCH_SPEC``: tokens, targets, segment_ids,
 positions int32, loss_mask float32) of shape [global_batch / processes, seq_len] from an
 iterator with ``get_state()``/``set_state()``; ``to_global`` assembles them into sharded
-``jax.Array``s. lm and sft training data is split into ``config.data.shards`` virtual shards
+``jax.Array``s. Tokenized kinds' training data is split into ``config.data.shards`` virtual shards
 (``data/shards.py``; 0: one per row of the global batch), fixed for the run: process ``p`` of
 ``P`` reads shards ``[p S/P, (p+1) S/P)`` and feeds their batches in shard order, so the global
 batch of every step, and the data position a checkpoint keeps per shard, are the same for any
@@ -20,7 +24,8 @@ process count that divides ``S``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+import dataclasses
 import hashlib
 import os
 import time
@@ -32,7 +37,6 @@ from jax.sharding import Mesh
 import numpy as np
 
 from astrollama_jax.data.packing import BATCH_KEYS, BATCH_SPEC, as_batch
-from astrollama_jax.train.defaults import DATA_KINDS
 from astrollama_jax.train.step import batch_shardings
 
 
@@ -48,6 +52,152 @@ def data_shards(config: Any, batch_size: int | None = None) -> int:
   return int(config.data.shards) or int(batch_size or config.train.global_batch_size)
 
 
+@dataclasses.dataclass(frozen=True)
+class Read:
+  """One ``make_dataset`` call, resolved: what a kind's reader gets besides ``config.data``."""
+
+  split: str
+  global_batch: int
+  batch_size: int  # this process's rows of the global batch
+  shards: int
+  num_epochs: int | None
+  shuffle: bool
+  drop_remainder: bool
+
+  def layout(self, d: Any) -> dict[str, Any]:
+    """The keyword arguments every tokenized kind's dataset takes (``batches.packed_batches``)."""
+    return dict(
+      seq_len=d.seq_len,
+      batch_size=self.batch_size,
+      seed=d.seed,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+      shards=self.shards,
+      num_epochs=self.num_epochs,
+      shuffle=self.shuffle,
+      drop_remainder=self.drop_remainder,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class DataKind:
+  """What ``config.data.kind`` reads, and what a run of it needs: one entry of ``DATA_KINDS``.
+
+  ``read(config.data, Read) -> grain.IterDataset`` of this process's batches
+  (``packing.BATCH_SPEC``, [global batch / processes, seq_len]) from an iterator with
+  ``get_state()``/``set_state()``. ``needs``: (key of ``config.data``, what to pass) a run
+  cannot do without. ``tokenized``: reads text through ``data.tokenizer_path`` in
+  ``data.shards`` virtual shards. ``not_identity``: keys of its section that do not change which
+  records a step reads. ``has_split(config.data, split)``: whether a split can be read.
+  ``batches_per_epoch(config)``: known without reading the data (else counted). ``check(config)``:
+  what to refuse before the first step.
+  """
+
+  read: Callable[[Any, Read], grain.IterDataset]
+  needs: tuple[tuple[str, str], ...] = ()
+  tokenized: bool = True
+  not_identity: tuple[str, ...] = ()
+  has_split: Callable[[Any, str], bool] = lambda d, split: True
+  batches_per_epoch: Callable[[Any], int] | None = None
+  check: Callable[[Any], None] = lambda config: None
+
+
+def _lm(d: Any, read: Read) -> grain.IterDataset:
+  from astrollama_jax.data import pipeline
+
+  return pipeline.make_lm_dataset(
+    d.lm.path,
+    split=read.split,
+    tokenizer_path=d.tokenizer_path,
+    mixture=dict(d.lm.mixture) or None,
+    worker_count=d.lm.worker_count,
+    **read.layout(d),
+  )
+
+
+def _check_lm_validation(config: Any) -> None:
+  """Evaluation on a corpus that has no validation records: say so now, not after compiling."""
+  e = config.eval
+  if not (e.every > 0 or e.at_start or e.at_end):
+    return
+  from astrollama_jax.data.corpus import read as corpus
+
+  try:
+    sizes = corpus.split_sizes(config.data.lm.path)
+  except FileNotFoundError:
+    return  # the data reader names a missing corpus itself
+  if not sizes.get("validation"):
+    raise ValueError(
+      f"evaluation is on (eval.every={e.every}, eval.at_start={e.at_start}, "
+      f"eval.at_end={e.at_end}) but the corpus {config.data.lm.path} has no validation records "
+      "(prepare it with --validation_fraction > 0, or turn evaluation off)"
+    )
+
+
+def _sft(d: Any, read: Read) -> grain.IterDataset:
+  from astrollama_jax.data import chat_dataset, chat_templates
+
+  sources = d.sft.sources if read.split == "train" else d.sft.eval_sources
+  if not sources:
+    raise ValueError("config.data.sft.eval_sources is empty: no SFT validation data")
+  template = chat_templates.get(d.sft.chat_template)
+  return chat_dataset.make_sft_dataset(
+    list(sources), d.tokenizer_path, chat_template=template, **read.layout(d)
+  )
+
+
+def _synthetic(d: Any, read: Read) -> grain.IterDataset:
+  train = read.split == "train"
+  return synthetic_dataset(
+    d.seq_len,
+    read.global_batch,
+    seed=d.seed + (not train),
+    num_rows=d.synthetic.num_rows,
+    num_epochs=read.num_epochs,
+    stall_after=d.synthetic.stall_after_steps if train else 0,
+  )
+
+
+# Every ``config.data.kind``; its config section ``config.data.<kind>`` is in ``defaults.py``.
+DATA_KINDS: dict[str, DataKind] = {
+  # the packed astro-ph corpus (``data/pipeline.py``, from ``prepare``)
+  "lm": DataKind(
+    read=_lm,
+    needs=(
+      ("lm.path", "--config.data.lm.path=DIR (the --output of python -m astrollama_jax prepare)"),
+    ),
+    not_identity=("worker_count",),
+    check=_check_lm_validation,
+  ),
+  # packed, loss-masked chat conversations (``data/chat_dataset.py``)
+  "sft": DataKind(
+    read=_sft,
+    needs=(
+      (
+        "sft.sources",
+        "--config.data.sft.sources (chat files: list of {path, format, count, weight})",
+      ),
+    ),
+    not_identity=("eval_sources",),
+    has_split=lambda d, split: split == "train" or bool(d.sft.eval_sources),
+  ),
+  # deterministic rows of simple token sequences (below), for throughput runs and tests
+  "synthetic": DataKind(
+    read=_synthetic,
+    tokenized=False,
+    batches_per_epoch=lambda c: c.data.synthetic.num_rows // c.train.global_batch_size,
+  ),
+}
+
+
+def data_kind(config: Any) -> DataKind:
+  """The ``DATA_KINDS`` entry ``config.data.kind`` names; one line naming the kinds if none."""
+  kind = DATA_KINDS.get(config.data.kind)
+  if kind is None:
+    raise ValueError(f"config.data.kind {config.data.kind!r} is not one of {tuple(DATA_KINDS)}")
+  return kind
+
+
 def make_dataset(
   config: Any,
   split: str,
@@ -61,67 +211,28 @@ def make_dataset(
 
   ``batch_size`` is the global batch (default ``config.train.global_batch_size``);
   ``num_epochs=None`` repeats forever; ``drop_remainder=False`` keeps a last partial batch of
-  lm and sft data (``pad_rows`` fills it up). lm and sft training data is read in ``data_shards``
+  tokenized kinds (``pad_rows`` fills it up). Their training data is read in ``data_shards``
   virtual shards (``data/shards.py``), so the global batches, and a checkpoint's data position,
   do not depend on the process count. The validation split (read whole, never resumed, see
   ``loop.evaluate``) keeps one shard per process.
   """
-  d = config.data
-  if d.kind not in DATA_KINDS:
-    raise ValueError(f"config.data.kind {d.kind!r} is not one of {DATA_KINDS}")
+  kind = data_kind(config)
   global_batch = batch_size or config.train.global_batch_size
-  local = local_batch_size(global_batch)
-  shuffle = d.shuffle if shuffle is None else shuffle
-  common = dict(
-    seq_len=d.seq_len,
-    batch_size=local,
-    seed=d.seed,
-    process_index=jax.process_index(),
-    process_count=jax.process_count(),
+  read = Read(
+    split=split,
+    global_batch=global_batch,
+    batch_size=local_batch_size(global_batch),
     shards=data_shards(config, global_batch) if split == "train" else jax.process_count(),
     num_epochs=num_epochs,
-    shuffle=shuffle,
+    shuffle=config.data.shuffle if shuffle is None else shuffle,
+    drop_remainder=drop_remainder,
   )
-  if d.kind != "synthetic":
-    common["drop_remainder"] = drop_remainder
-  if d.kind == "lm":
-    from astrollama_jax.data import pipeline
-
-    mixture = dict(d.lm.mixture)
-    if any(not key.isidentifier() for key in mixture):  # date bounds: "since:2024-06 abstract"
-      return make_components_dataset(
-        d.lm.path, split, d.tokenizer_path, mixture, worker_count=d.lm.worker_count, **common
-      )
-    return pipeline.make_lm_dataset(
-      d.lm.path,
-      split=split,
-      tokenizer_path=d.tokenizer_path,
-      mixture=mixture or None,
-      worker_count=d.lm.worker_count,
-      **common,
-    )
-  if d.kind == "sft":
-    from astrollama_jax.data import chat_dataset, chat_templates
-
-    sources = d.sft.sources if split == "train" else d.sft.eval_sources
-    if not sources:
-      raise ValueError("config.data.sft.eval_sources is empty: no SFT validation data")
-    template = chat_templates.get(d.sft.chat_template)
-    return chat_dataset.make_sft_dataset(
-      list(sources), d.tokenizer_path, chat_template=template, **common
-    )
-  return synthetic_dataset(
-    d.seq_len,
-    global_batch,
-    seed=d.seed + (split != "train"),
-    num_rows=d.synthetic.num_rows,
-    num_epochs=num_epochs,
-    stall_after=d.synthetic.stall_after_steps if split == "train" else 0,
-  )
+  return kind.read(config.data, read)
 
 
-# Keys of ``config.data`` that do not change which records a training step reads.
-_NOT_IDENTITY = ("tokenizer_path", "lm.worker_count", "sft.eval_sources")
+# Keys of ``config.data`` that do not change which records a training step reads (besides each
+# kind's ``not_identity``).
+_NOT_IDENTITY = ("tokenizer_path",)
 
 
 def run_identity(config: Any) -> dict[str, Any]:
@@ -132,82 +243,22 @@ def run_identity(config: Any) -> dict[str, Any]:
   a restore that finds another value stops, naming the key.
   """
   d = config.data.to_dict()
+  kind = data_kind(config)
   out: dict[str, Any] = {"train.global_batch_size": int(config.train.global_batch_size)}
   items = [(k, v) for k, v in d.items() if not isinstance(v, dict) and k != "shards"]
-  if d["kind"] != "synthetic":  # synthetic rows are a function of the global row: no shards
+  if kind.tokenized:  # synthetic rows are a function of the global row: no shards
     out["data.shards"] = data_shards(config)
+  not_identity = _NOT_IDENTITY + tuple(f"{d['kind']}.{k}" for k in kind.not_identity)
   items += [(f"{d['kind']}.{k}", v) for k, v in d.get(d["kind"], {}).items()]
   for name, value in items:
-    if name not in _NOT_IDENTITY:
+    if name not in not_identity:
       out[f"data.{name}"] = os.path.abspath(value) if name == "lm.path" and value else value
   return out
 
 
 def has_split(config: Any, split: str) -> bool:
   """Whether ``split`` can be read (SFT validation needs ``data.sft.eval_sources``)."""
-  if config.data.kind == "sft" and split != "train":
-    return bool(config.data.sft.eval_sources)
-  return True
-
-
-# --- mixtures of record sets (sections, date ranges) ----------------------------------------------
-
-
-def make_components_dataset(
-  data_dir: str,
-  split: str,
-  tokenizer_path: str,
-  components: Any,
-  *,
-  seq_len: int,
-  batch_size: int,
-  seed: int = 0,
-  process_index: int | None = None,
-  process_count: int | None = None,
-  shards: int | None = None,
-  num_epochs: int | None = None,
-  shuffle: bool = True,
-  worker_count: int = 0,
-  drop_remainder: bool = True,
-) -> grain.IterDataset:
-  """Packed LM batches that mix record sets by weight, each named as
-  ``corpus.component_indices`` reads it: ``{"since:2024-06-01": 0.7, "abstract": 0.3}`` trains
-  on "everything since June 2024" for 70% of the documents. Batches (and ``shards``) as
-  ``make_lm_dataset``'s."""
-  from astrollama_jax.data import packing, pipeline
-  from astrollama_jax.data import shards as shards_lib
-  from astrollama_jax.data.corpus import read as corpus
-  from astrollama_jax.data.tokenizer import Tokenizer
-
-  mine, rows, count = shards_lib.local_layout(batch_size, process_index, process_count, shards)
-  read = packing.read_options(worker_count, streams=len(mine))
-  source = corpus.TextSource(data_dir, split)
-  tokenize = pipeline._Tokenize(Tokenizer(tokenizer_path))
-  named = enumerate(sorted(dict(components).items()), 1)
-  specs = [(salt, spec, float(w)) for salt, (spec, w) in named if w > 0]
-  if not specs:
-    raise ValueError(f"mixture {dict(components)} has no positive weight")
-  indices = {spec: corpus.component_indices(data_dir, split, spec) for _, spec, _ in specs}
-
-  def shard(j: int) -> grain.IterDataset:
-    parts = []
-    for salt, spec, _ in specs:
-      records = indices[spec][j::count]
-      if not len(records):
-        raise ValueError(
-          f"mixture component {spec!r} has no records of split {split!r} for "
-          f"data shard {j} of {count} under {data_dir}"
-          + (": lower data.shards" if count > 1 else "")
-        )
-      subset = pipeline._Subset(source, records)
-      order = pipeline._EpochShuffled(subset, seed * 1000003 + 97 * salt, num_epochs, shuffle)
-      parts.append(grain.MapDataset.source(order).map(tokenize))
-    weights = [w for _, _, w in specs]
-    ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights)
-    it = packing.pack_examples(ds.to_iter_dataset(read), seq_len)
-    return it.batch(rows, drop_remainder=drop_remainder)
-
-  return shards_lib.sharded(shard, mine, worker_count)
+  return data_kind(config).has_split(config.data, split)
 
 
 # --- synthetic data ------------------------------------------------------------------------------

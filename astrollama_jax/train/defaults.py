@@ -12,9 +12,9 @@ One section per concern:
   (HF folder, converted DIR, WORKDIR, step folder); its architecture wins over ``model.preset``;
 * ``mesh``: (data, fsdp, tensor), one entry may be -1; ``sharding_rules``: logical axis -> mesh
   axes ('data,fsdp'; '' = replicated), for parameters and activations alike;
-* ``data``: ``kind`` (lm | sft | synthetic), what every kind shares (``seq_len``, ``seed``,
-  ``shuffle``, ``tokenizer_path``) and one sub-section per kind (``data.lm``, ``data.sft``,
-  ``data.synthetic``), read only when ``kind`` names it;
+* ``data``: ``kind`` (lm | sft | synthetic: ``train/data.py DATA_KINDS``), what every kind
+  shares (``seq_len``, ``seed``, ``shuffle``, ``tokenizer_path``) and one sub-section per kind
+  (``data.lm``, ``data.sft``, ``data.synthetic``), read only when ``kind`` names it;
 * ``train``: how long and how big (steps or epochs, global batch, micro-batches), and when to
   give up on non-finite steps;
 * ``optimizer`` (AdamW, clipping, moments dtype), ``schedule`` (peak learning rate and shape),
@@ -34,8 +34,6 @@ from ml_collections.config_dict import placeholder
 
 from astrollama_jax import sharding
 from astrollama_jax.model.config import POLICY_FIELDS, LlamaConfig
-
-DATA_KINDS = ("lm", "sft", "synthetic")
 
 
 def _section(**fields) -> ml_collections.ConfigDict:
@@ -72,17 +70,17 @@ def base_config() -> ml_collections.ConfigDict:
       # weights of record sets: sections {"abstract": 0.5, ...}, or with date bounds
       # {"since:2024-06-01": 0.7, "abstract until:2024-05-31": 0.3}; {} = all
       mixture={},
-      worker_count=0,
-    ),  # Grain worker processes
+      worker_count=0,  # Grain worker processes
+    ),
     # sources: list of {path, format, count, weight}; eval_sources: validation conversations;
     # chat_template: the chat format, a name in data/chat_templates.py TEMPLATES (recorded in
     # the workdir's config.json, where chat, serve and export find it).
     sft=_section(sources=[], eval_sources=[], chat_template="llama2"),
     synthetic=_section(
       num_rows=4096,  # rows per epoch
-      stall_after_steps=0,
+      stall_after_steps=0,  # > 0: hangs after this many batches (tests)
     ),
-  )  # > 0: hangs after this many batches (tests)
+  )
 
   c.train = _section(
     global_batch_size=160,  # sequences per optimizer step, over all processes
@@ -90,16 +88,16 @@ def base_config() -> ml_collections.ConfigDict:
     num_epochs=1,
     grad_accum_steps=1,  # micro-batches per step (global batch / this = micro batch)
     max_consecutive_nonfinite=20,  # stop after this many skipped steps in a row
-    hang_timeout_s=0.0,
-  )  # > 0: no step/eval/checkpoint progress this long -> exit 76
+    hang_timeout_s=0.0,  # > 0: no step/eval/checkpoint progress this long -> exit 76
+  )
   c.optimizer = _section(
     weight_decay=0.0,  # HF Trainer default, as in the reference recipe
     adam_b1=0.9,
     adam_b2=0.95,
     adam_eps=1e-8,
     grad_clip_norm=1.0,
-    moments_dtype="float32",
-  )  # or bfloat16 (Adam mu and nu)
+    moments_dtype="float32",  # or bfloat16 (Adam mu and nu)
+  )
   c.schedule = _section(
     learning_rate=2e-5,  # the peak
     kind="cosine",  # cosine | constant

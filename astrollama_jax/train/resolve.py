@@ -18,7 +18,6 @@ from astrollama_jax import sharding
 from astrollama_jax.checkpoints import store
 from astrollama_jax.model.config import POLICY_FIELDS, LlamaConfig, get_config
 from astrollama_jax.train import data
-from astrollama_jax.train.defaults import DATA_KINDS
 from astrollama_jax.train.run_state import CHECKPOINTS_DIR
 from astrollama_jax.util import diskspace
 
@@ -48,19 +47,14 @@ def sharding_rules(config: Any) -> sharding.Rules:
 def check_inputs(config: Any, workdir: str) -> None:
   """Fail first, in one line, when the config leaves out what the run reads: the data of its
   ``data.kind``, the tokenizer, an ``init_checkpoint`` the config asks for."""
-  kind = config.data.kind
-  if kind not in DATA_KINDS:
-    raise ValueError(f"config.data.kind {kind!r} is not one of {DATA_KINDS}")
+  kind = data.data_kind(config)
   missing = []
   if config.init_checkpoint is None:
     missing.append("--config.init_checkpoint=DIR (the model to start from; '' for a random init)")
-  if kind == "lm" and not config.data.lm.path:
-    missing.append("--config.data.lm.path=DIR (the --output of python -m astrollama_jax prepare)")
-  if kind == "sft" and not config.data.sft.sources:
-    missing.append("--config.data.sft.sources (chat files: list of {path, format, count, weight})")
+  missing += [flag for key, flag in kind.needs if not _get(config.data, key)]
   # (an init_checkpoint still to be named may bring its own tokenizer)
   if (
-    kind in ("lm", "sft")
+    kind.tokenized
     and not config.data.tokenizer_path
     and config.init_checkpoint is not None
     and tokenizer_path(config, workdir) is None
@@ -68,7 +62,7 @@ def check_inputs(config: Any, workdir: str) -> None:
     missing.append("--config.data.tokenizer_path=FILE (the SentencePiece tokenizer.model)")
   if missing:
     raise ValueError(
-      f"the config leaves out what a {kind!r} run needs: pass " + " and ".join(missing)
+      f"the config leaves out what a {config.data.kind!r} run needs: pass " + " and ".join(missing)
     )
   t = config.train
   if t.num_steps < 0 or (t.num_steps == 0 and t.num_epochs <= 0):
@@ -76,26 +70,13 @@ def check_inputs(config: Any, workdir: str) -> None:
       f"train.num_steps={t.num_steps}, train.num_epochs={t.num_epochs}: give a positive "
       "train.num_steps, or train.num_steps=0 and a positive train.num_epochs"
     )
-  _check_validation_split(config)
+  kind.check(config)
 
 
-def _check_validation_split(config: Any) -> None:
-  """Evaluation on an lm corpus that has no validation records: say so now, not after compiling."""
-  e = config.eval
-  if config.data.kind != "lm" or not (e.every > 0 or e.at_start or e.at_end):
-    return
-  from astrollama_jax.data.corpus import read as corpus
-
-  try:
-    sizes = corpus.split_sizes(config.data.lm.path)
-  except FileNotFoundError:
-    return  # the data reader names a missing corpus itself
-  if not sizes.get("validation"):
-    raise ValueError(
-      f"evaluation is on (eval.every={e.every}, eval.at_start={e.at_start}, "
-      f"eval.at_end={e.at_end}) but the corpus {config.data.lm.path} has no validation records "
-      "(prepare it with --validation_fraction > 0, or turn evaluation off)"
-    )
+def _get(section: Any, dotted: str) -> Any:
+  for key in dotted.split("."):
+    section = section[key]
+  return section
 
 
 def _with_overrides(cfg: LlamaConfig, config: Any, source: str) -> LlamaConfig:
@@ -163,7 +144,7 @@ def check_compatible(cfg: LlamaConfig, config: Any, tok_path: str | None) -> Non
     )
   if chunk and config.data.seq_len % chunk:
     raise ValueError(f"loss.chunk_size {chunk} does not divide data.seq_len {config.data.seq_len}")
-  if config.data.kind in ("lm", "sft"):
+  if data.data_kind(config).tokenized:
     from astrollama_jax.data import shards
 
     shards.check_layout(t.global_batch_size, data.data_shards(config), jax.process_count())
@@ -226,8 +207,9 @@ def total_steps(config: Any) -> int:
   t = config.train
   if t.num_steps > 0:
     return int(t.num_steps)
-  if config.data.kind == "synthetic":
-    per_epoch = config.data.synthetic.num_rows // t.global_batch_size
+  batches_per_epoch = data.data_kind(config).batches_per_epoch
+  if batches_per_epoch is not None:
+    per_epoch = batches_per_epoch(config)
   else:
     logging.info("counting the batches of one epoch (set train.num_steps to skip this)")
     per_epoch = data.count_batches(iter(data.make_dataset(config, "train", num_epochs=1)))
