@@ -11,6 +11,10 @@ arXiv's bulk tars (``arXiv_src_YYMM_NNN.tar``) hold ``YYMM/ID.gz`` and ``YYMM/ID
 ``bulk_entries`` lists them from the tar headers alone; ``read_entry`` reads one member in place
 (by offset, without extracting anything to disk), so worker processes can share one tar.
 
+Links are never followed: a link among the sources (``link_entry``) or a link or device member
+of a bulk tar becomes an entry that is skipped with its reason (``link``, ``not_a_file``), so
+the manifest accounts for it and nothing it points at is read.
+
 Which of these readers reads which input is one table: ``SOURCE_FORMATS`` in
 ``data/corpus/source_formats.py``.
 """
@@ -78,7 +82,7 @@ def strip_version(arxiv_id: str) -> str:
 def is_bundle(path: Path) -> bool:
   """True for a file that looks like one paper's source, or a folder holding .tex files."""
   if path.is_dir():  # a paper folder has .tex files and no archives or JSONL beside them
-    names = [p.name.lower() for p in path.iterdir() if p.is_file()]
+    names = [p.name.lower() for p in path.iterdir() if p.is_file() and not p.is_symlink()]
     return any(n.endswith(TEX_SUFFIXES) for n in names) and not any(
       n.endswith((".gz", ".tgz", ".tar", ".jsonl")) for n in names
     )
@@ -263,6 +267,7 @@ class Entry:
   member: str = ""
   offset: int = 0
   size: int = 0
+  skip: tuple[str, ...] = ()  # (reason, detail): listed to be accounted for, never read
 
   @property
   def label(self) -> str:
@@ -271,6 +276,29 @@ class Entry:
   @property
   def id_version(self) -> tuple[str, int]:
     return paper_id_from_path(self.member or self.path)
+
+
+def link_entry(path: str | os.PathLike) -> Entry:
+  """A symbolic link found among the sources, as an entry skipped (not followed) when read."""
+  return Entry(str(path), skip=("link", f"symbolic link to {os.readlink(path)!r}, not followed"))
+
+
+_NOT_FILES = {
+  tarfile.CHRTYPE: "character device",
+  tarfile.BLKTYPE: "block device",
+  tarfile.FIFOTYPE: "FIFO",
+}
+
+
+def _skipped_member(path: str, member: tarfile.TarInfo) -> Entry:
+  """A bulk tar member that is neither a file nor a folder, as an entry skipped when read."""
+  if member.issym() or member.islnk():
+    kind = "symbolic" if member.issym() else "hard"
+    skip = ("link", f"{kind} link to {member.linkname!r}, not followed")
+  else:
+    what = _NOT_FILES.get(member.type, f"member of tar type {member.type!r}")
+    skip = ("not_a_file", f"a {what}, not a file")
+  return Entry(path, member.name, member.offset_data, 0, skip)
 
 
 def is_bulk_tar(path: str | os.PathLike) -> bool:
@@ -292,8 +320,9 @@ def is_bulk_tar(path: str | os.PathLike) -> bool:
 
 
 def bulk_entries(path: str | os.PathLike) -> tuple[list[Entry], str]:
-  """The file members of a bulk tar, read from its headers alone (data is seeked over), and
-  an error message if the tar is cut short or corrupt ("" if it reads to its end)."""
+  """The members of a bulk tar but its folders, read from its headers alone (data is seeked
+  over), and an error message if the tar is cut short or corrupt ("" if it reads to its end).
+  Links and devices are listed as entries skipped when read (see the module docstring)."""
   entries: list[Entry] = []
   try:
     with tarfile.open(path, "r:") as tar:
@@ -303,6 +332,8 @@ def bulk_entries(path: str | os.PathLike) -> tuple[list[Entry], str]:
           break
         if member.isfile():
           entries.append(Entry(str(path), member.name, member.offset_data, member.size))
+        elif not member.isdir():
+          entries.append(_skipped_member(str(path), member))
         tar.members = []  # headers are not kept: memory stays flat in the tar's size
   except (tarfile.TarError, OSError, EOFError) as e:
     return entries, f"{path}: {e}"
@@ -311,6 +342,8 @@ def bulk_entries(path: str | os.PathLike) -> tuple[list[Entry], str]:
 
 def read_entry(entry: Entry, max_bytes: int = DEFAULT_MAX_BYTES) -> dict[str, str]:
   """The TeX files of one entry (see ``read_bundle``), streamed out of its bulk tar if any."""
+  if entry.skip:
+    raise ParseError(*entry.skip)
   if not entry.member:
     return read_bundle(entry.path, max_bytes)
   if entry.member.lower().endswith(".pdf"):  # arXiv lists papers without source as PDFs

@@ -44,7 +44,9 @@ def weight_files(folder: str) -> dict[str, str]:
   """tensor name -> safetensors file, from the index or by scanning single files.
 
   An index may only name files inside ``folder``: a checkpoint from elsewhere must not make us
-  open arbitrary files (``../../x`` or an absolute path is refused).
+  open arbitrary files (``../../x`` or an absolute path is refused), and neither may a shard
+  that is a link resolving outside it. Every shard's header is checked against its file
+  (``check_shard``) before any tensor is read.
   """
   index = os.path.join(folder, INDEX_FILE)
   if os.path.isfile(index):
@@ -61,15 +63,17 @@ def weight_files(folder: str) -> dict[str, str]:
     )
     if missing:
       raise FileNotFoundError(f"{index} names shard files that are missing: {missing}")
+    for fn in sorted(set(weight_map.values())):
+      check_shard(folder, os.path.join(folder, fn))
     return {k: os.path.join(folder, v) for k, v in weight_map.items()}
   files = sorted(fn for fn in os.listdir(folder) if fn.endswith(".safetensors"))
   if not files:
     raise FileNotFoundError(f"no *.safetensors files (and no index) in {folder}")
   out = {}
   for fn in files:
-    with safe_open(os.path.join(folder, fn), framework="numpy") as f:
-      for k in f.keys():  # noqa: SIM118  (a safetensors handle, not a dict)
-        out[k] = os.path.join(folder, fn)
+    path = os.path.join(folder, fn)
+    for k in check_shard(folder, path):
+      out[k] = path
   return out
 
 
@@ -89,7 +93,10 @@ class TensorReader:
         self._open[fn] = safe_open(fn, framework="numpy")
       except Exception as e:  # truncated or not a safetensors file
         raise ConversionError(f"cannot read {fn}: {e}") from e
-    return self._open[fn].get_tensor(name)
+    try:
+      return self._open[fn].get_tensor(name)
+    except Exception as e:  # the index names a tensor the file lacks, or the file changed
+      raise ConversionError(f"cannot read tensor {name!r} from {fn}: {e}") from e
 
   def release(self) -> None:
     """Drop the open files so their mapped pages can leave resident memory."""
@@ -142,6 +149,91 @@ def load_hf(
   for path, arr in iter_hf_params(folder, cfg, dtype):
     mapping.set_path(params, path, arr)
   return cfg, params
+
+
+# --- checking shards ---------------------------------------------------------------------------
+
+# Bytes per element of every safetensors dtype.
+_ST_ITEMSIZE = {
+  "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1,
+  "U16": 2, "I16": 2, "F16": 2, "BF16": 2,
+  "U32": 4, "I32": 4, "F32": 4,
+  "U64": 8, "I64": 8, "F64": 8,
+}  # fmt: skip
+_MAX_HEADER = 100 << 20  # safetensors' own limit on the JSON header
+
+
+def check_shard(folder: str, path: str) -> list[str]:
+  """The tensor names of safetensors file ``path`` after checking that it may be read.
+
+  A shard must resolve inside ``folder`` (a link elsewhere is refused), and its header must
+  describe its file: a length that fits the file, known dtypes, offsets inside the data that
+  match each shape's size, no two tensors overlapping. Anything else is a ``ConversionError``
+  naming the file, before a byte of tensor data is mapped.
+  """
+  real, root = os.path.realpath(path), os.path.realpath(folder)
+  if os.path.commonpath([real, root]) != root:
+    raise ConversionError(
+      f"{path} is a link to {real}, outside {folder}; shard files must be inside the folder"
+    )
+
+  def bad(what: str) -> ConversionError:
+    return ConversionError(f"{path} is not a valid safetensors file: {what}")
+
+  size = os.path.getsize(path)
+  with open(path, "rb") as f:
+    head = f.read(8)
+    if len(head) < 8:
+      raise bad(f"{size} bytes, shorter than the 8-byte header length")
+    n = int.from_bytes(head, "little")
+    if n > min(size - 8, _MAX_HEADER):
+      raise bad(f"header length {n} exceeds the file's {size} bytes (or {_MAX_HEADER})")
+    try:
+      header = json.loads(f.read(n))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+      raise bad("the header is not JSON") from None
+  if not isinstance(header, dict):
+    raise bad("the header is not a JSON object")
+  data_size = size - 8 - n
+  spans = []
+  for name, info in header.items():
+    if name == "__metadata__":
+      continue
+    if not isinstance(info, dict) or info.get("dtype") not in _ST_ITEMSIZE:
+      dtype = info.get("dtype") if isinstance(info, dict) else info
+      raise bad(f"tensor {name!r} has dtype {dtype!r}; known: {sorted(_ST_ITEMSIZE)}")
+    shape, offsets = info.get("shape"), info.get("data_offsets")
+    if not isinstance(shape, list) or not all(_count(d) for d in shape):
+      raise bad(f"tensor {name!r} has shape {shape!r}")
+    if (
+      not isinstance(offsets, list)
+      or len(offsets) != 2
+      or not all(_count(o) for o in offsets)
+      or offsets[0] > offsets[1]
+    ):
+      raise bad(f"tensor {name!r} has data_offsets {offsets!r}")
+    start, end = offsets
+    nbytes = int(np.prod(shape, dtype=object)) * _ST_ITEMSIZE[info["dtype"]]
+    if nbytes != end - start:
+      raise bad(
+        f"tensor {name!r}: shape {shape} of {info['dtype']} is {nbytes} bytes but its "
+        f"data_offsets span {end - start}"
+      )
+    if end > data_size:
+      raise bad(
+        f"tensor {name!r} ends at byte {end}, past the end of the data ({data_size} bytes: "
+        "the file is truncated or the header lies)"
+      )
+    spans.append((start, end, name))
+  spans.sort()
+  for (_, end_a, a), (start_b, _, b) in zip(spans, spans[1:]):
+    if start_b < end_a:
+      raise bad(f"tensor {b!r} overlaps tensor {a!r}")
+  return [name for _, _, name in spans]
+
+
+def _count(v: Any) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
 # --- writing -----------------------------------------------------------------------------------

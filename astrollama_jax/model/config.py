@@ -137,12 +137,7 @@ class LlamaConfig:
       raise ValueError(f"config.json has model_type {hf.get('model_type')!r}, expected 'llama'")
     if hf.get("tie_word_embeddings"):
       raise ValueError("tied word embeddings are not LLaMA-2; refusing config.json")
-    rope_theta = hf.get("rope_theta")
-    if rope_theta is None:  # transformers 5 nests it in rope_parameters
-      rope_theta = (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0)
-    scaling = hf.get("rope_scaling") or {}
-    if scaling and scaling.get("rope_type", scaling.get("type", "default")) != "default":
-      raise ValueError(f"RoPE scaling {scaling} is not supported (LLaMA-2 uses none)")
+    rope_theta = _refuse_rope_scaling(hf)
     n_heads = hf["num_attention_heads"]
     head_dim = hf.get("head_dim") or hf["hidden_size"] // n_heads
     if head_dim * n_heads != hf["hidden_size"]:
@@ -186,6 +181,35 @@ def get_config(preset: str, **overrides: Any) -> LlamaConfig:
   if preset not in PRESETS:
     raise ValueError(f"unknown model preset {preset!r}; choose from {sorted(PRESETS)}")
   return LlamaConfig(**{**PRESETS[preset], **overrides})
+
+
+_NO_SCALING = ("default", "none")
+
+
+def _refuse_rope_scaling(hf: dict[str, Any]) -> float:
+  """``rope_theta`` of an HF config, after refusing any RoPE scaling it asks for.
+
+  transformers 4 writes ``rope_theta`` and ``rope_scaling``; transformers 5 writes
+  ``rope_parameters`` (``rope_type``, ``rope_theta`` and the scaling's own fields, possibly one
+  such dict per attention layer type). Both are read: our RoPE has no scaling, so a model that
+  was trained with one would silently compute other positions.
+  """
+  theta = hf.get("rope_theta")
+  for key in ("rope_scaling", "rope_parameters"):
+    value = hf.get(key) or {}
+    if not isinstance(value, dict):
+      raise ValueError(f"config.json {key} must be an object, got {value!r}")
+    nested = value and all(isinstance(v, dict) for v in value.values())
+    for params in value.values() if nested else [value]:
+      kind = params.get("rope_type", params.get("type")) or "default"
+      if kind not in _NO_SCALING:
+        raise ValueError(
+          f"RoPE scaling {kind!r} (config.json {key}) is not supported: this model has no "
+          "RoPE scaling; use a checkpoint trained without one"
+        )
+      if theta is None and params.get("rope_theta") is not None:
+        theta = params["rope_theta"]
+  return 10000.0 if theta is None else theta
 
 
 def _positive_int(v: Any) -> bool:

@@ -22,7 +22,7 @@ from astrollama_jax.data import latex
 from astrollama_jax.data.corpus.config import CorpusConfig, Report
 from astrollama_jax.data.corpus.source_formats import Unit
 
-RESULT_FORMAT = 2  # part of every unit's result key: bump when results change shape
+RESULT_FORMAT = 3  # part of every unit's result key: bump when results change shape
 
 
 def _unit_key(unit: Unit, config: CorpusConfig) -> str:

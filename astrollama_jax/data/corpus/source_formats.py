@@ -6,6 +6,10 @@ format reads records (``records``: ``(path, skipped, only) -> (position, record)
 ``sources.normalise_record`` makes them); a LaTeX format lists the papers' sources it holds
 (``entries``: ``path -> (entries, error)``). Adding a format is one entry here and its reader
 function (in ``data/sources.py``); parsing, planning and the manifest take it from there.
+
+A symbolic link met while searching a folder is never followed (``LINK``, tried first): it is an
+entry skipped with reason ``link``, so the manifest accounts for it. A path named on the command
+line is taken as named, link or not.
 """
 
 from __future__ import annotations
@@ -30,6 +34,14 @@ class SourceFormat:
   records: RecordReader | None = None  # metadata: its records by position (line)
   entries: EntryReader | None = None  # LaTeX: the papers' sources it holds
   own_unit: bool = False  # LaTeX: parsed (and resumed) as a unit of its own, not with its folder
+
+
+def _is_link(path: Path, named: bool) -> bool:
+  return not named and path.is_symlink()
+
+
+def _link(path: str) -> tuple[list[sources.Entry], str]:
+  return [sources.link_entry(path)], ""
 
 
 def _is_metadata(path: Path, named: bool) -> bool:
@@ -57,7 +69,10 @@ def _one_paper(path: str) -> tuple[list[sources.Entry], str]:
   return [sources.Entry(path)], ""
 
 
+LINK = SourceFormat("symbolic link found in a folder (not followed)", _is_link, entries=_link)
+
 SOURCE_FORMATS: tuple[SourceFormat, ...] = (
+  LINK,
   SourceFormat(
     "metadata JSON lines (.jsonl; arxiv-metadata*.json, the arXiv snapshot)",
     _is_metadata,
@@ -121,7 +136,7 @@ def discover(paths: Iterable[str | os.PathLike]) -> list[Source]:
       if named and len(found) == before:
         raise ValueError(f"source folder {p} holds no .jsonl file and no LaTeX source")
     elif named:
-      kinds = "; ".join(f.name for f in SOURCE_FORMATS)
+      kinds = "; ".join(f.name for f in SOURCE_FORMATS if f is not LINK)
       raise ValueError(f"source {p} is none of: {kinds}; nor a folder of them")
 
   for raw in paths:
@@ -158,7 +173,7 @@ class Unit:
       return [stat(self.path)]
     out = []
     for b in self.bundles:
-      if os.path.isdir(b):
+      if os.path.isdir(b) and not os.path.islink(b):
         out += [
           stat(os.path.join(r, n)) for r, _, names in sorted(os.walk(b)) for n in sorted(names)
         ]
