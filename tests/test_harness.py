@@ -18,7 +18,7 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 from absl import flags  # noqa: E402
-from helpers import make_hf_folder, write_jsonl  # noqa: E402
+from helpers import REPO, make_hf_folder, write_jsonl  # noqa: E402
 from hf_reference import TINY  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -28,7 +28,7 @@ import yaml  # noqa: E402
 from astrollama_jax.commands import harness as harness_cli  # noqa: E402
 from astrollama_jax.data.chat_template import write_hf_tokenizer_files  # noqa: E402
 from astrollama_jax.errors import UserError
-from astrollama_jax.eval import compare  # noqa: E402
+from astrollama_jax.eval import compare, lm_eval_run  # noqa: E402
 
 lm_eval = pytest.importorskip("lm_eval")
 
@@ -131,7 +131,7 @@ def _evaluate(model, model_args, root, tasks, **kw):
 
   # lm-eval's own tasks are not needed here (indexing them takes most of a minute)
   manager = TaskManager(
-    include_path=[harness_cli.TASKS_DIR, str(root / "tasks")], include_defaults=False
+    include_path=[lm_eval_run.TASKS_DIR, str(root / "tasks")], include_defaults=False
   )
   return simple_evaluate(
     model=model,
@@ -293,7 +293,7 @@ def test_shipped_yamls_load_with_lm_evals_task_manager(tmp_path, monkeypatch, ab
     [{"abstract": a, "text": None if i % 2 else a} for i, a in enumerate(abstracts[:5])],
   )
   monkeypatch.chdir(tmp_path)
-  manager = TaskManager(include_path=harness_cli.TASKS_DIR, include_defaults=False)
+  manager = TaskManager(include_path=lm_eval_run.TASKS_DIR, include_defaults=False)
   assert set(SHIPPED) <= set(manager.all_subtasks) and "astro" in manager.all_tags
   loaded = manager.load(["astro"])["tasks"]
   assert sorted(loaded) == SHIPPED
@@ -310,7 +310,7 @@ def test_shipped_yamls_load_with_lm_evals_task_manager(tmp_path, monkeypatch, ab
 
 
 def test_unknown_task_is_one_error_line(setup, tokenizer_path):
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(harness_cli.__file__)))
+  repo = str(REPO)
   env = {**os.environ, "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")])}
   res = subprocess.run(
     [
@@ -411,7 +411,7 @@ def test_model_args_string_builds_the_registered_model(setup):
 def test_bad_include_path_and_limit_are_user_errors(tmp_path):
 
   with pytest.raises(UserError, match="not a folder"):
-    harness_cli.task_manager([str(tmp_path / "nope")])
+    lm_eval_run.task_manager([str(tmp_path / "nope")])
   with pytest.raises(UserError, match="--limit"):
     harness_cli._limit(0)
   assert harness_cli._limit(3.0) == 3 and harness_cli._limit(0.5) == 0.5
