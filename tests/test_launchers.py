@@ -1,8 +1,8 @@
 """The launchers' exit-status contract, with stand-ins for ssh, gcloud and the trainer.
 
-Each launcher exits with the highest status of its processes (75: preempted after saving, 76:
-hung; see ``astrollama_jax/train/exit_codes.py``), and the plain multi-host one forwards its own
-SIGTERM to the trainers (not merely to ssh), so they checkpoint and exit 75.
+Each launcher exits with the highest status of its processes (``exit_codes.PREEMPTED``: stopped
+after saving, ``exit_codes.HUNG``), and the plain multi-host one forwards its own SIGTERM to the
+trainers (not merely to ssh), so they checkpoint and exit ``PREEMPTED``.
 """
 
 from __future__ import annotations
