@@ -4,7 +4,7 @@ import contextlib
 import io
 
 from absl import app
-from helpers import run_cli
+from helpers_models import run_cli
 import matplotlib.image
 import pytest
 

@@ -18,7 +18,8 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 from absl import flags  # noqa: E402
-from helpers import REPO, make_hf_folder, write_jsonl  # noqa: E402
+from helpers import REPO, write_jsonl  # noqa: E402
+from helpers_models import make_hf_folder  # noqa: E402
 from hf_reference import TINY  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -338,7 +339,8 @@ def test_unknown_task_is_one_error_line(setup, tokenizer_path):
 def test_two_processes_give_the_single_process_results(setup, both, tmp_path, tokenizer_path):
   """jax.distributed over loopback, 4 CPU devices each, one 2x2x2 mesh: process 0 prints and
   writes the numbers one process computes; process 1 prints and writes nothing."""
-  from helpers import free_port, train_env
+  from helpers import free_port
+  from helpers_train import train_env
 
   _, ours = both
   tasks = ["astro_mcq", "astro_greedy", "astro_ph_abstracts", "astro_complete"]

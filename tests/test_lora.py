@@ -254,7 +254,7 @@ def _adapters_and_opt(workdir, step):
 
 
 def test_kill9_and_resume_of_a_lora_run_is_bit_identical(tmp_path, tokenizer_path):
-  from helpers import EVERY, RESUME_RUN, STEPS, kill_and_resume, records, train_cmd
+  from helpers_train import EVERY, RESUME_RUN, STEPS, kill_and_resume, records, train_cmd
 
   cfg = get_config("tiny", n_kv_heads=2)
   base_dir = store.save_params(
