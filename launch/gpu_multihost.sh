@@ -9,10 +9,10 @@
 # WORKDIR must be on a filesystem every host shares. Environment: REPO_DIR (checkout path on the
 # hosts, default: this checkout), PYTHON (default python3), PORT (default 12355).
 #
-# Exit status (astrollama_jax/train/exit_codes.py), the highest of the processes' as with srun:
-# 0 done; 75 stopped on SIGTERM (forwarded from INT/TERM here) after saving a checkpoint; 76 the
-# hang watchdog fired; 73 WORKDIR held by another trainer. On 75 or 76 rerun the same command:
-# it resumes from WORKDIR. Each process gets all of its host's GPUs (no SLURM_LOCALID here).
+# Exit status: the highest of the processes' (as with srun); INT/TERM here is forwarded to the
+# trainers as SIGTERM, so they checkpoint and stop. What each status means and whether to rerun
+# the same command (it resumes from WORKDIR): `python -m astrollama_jax.train.exit_codes`
+# (astrollama_jax/train/exit_codes.py). Each process gets all of its host's GPUs.
 set -euo pipefail
 PYTHON=${PYTHON:-python3}
 if [[ ${1:-} == --local ]]; then

@@ -11,10 +11,10 @@
 # Environment: REPO_DIR (checkout on the workers, default ~/astrollama-jax), PYTHON (default
 # python3), LOG (default tpu_pod.<time>.log). On TPU use attention_impl=xla (cudnn is a GPU kernel).
 #
-# Exit status (astrollama_jax/train/exit_codes.py), the highest of the workers' as with srun:
-# 0 done; 75 stopped on SIGTERM (a maintenance event or preemption) after saving a checkpoint;
-# 76 the hang watchdog fired; 73 WORKDIR held by another trainer. On 75 or 76 rerun the same
-# command: it resumes from WORKDIR. Each worker reports its status in LOG.
+# Exit status: the highest of the workers' (as with srun); each worker reports its own in LOG.
+# A maintenance event or preemption sends SIGTERM: the workers checkpoint and stop. What each
+# status means and whether to rerun the same command (it resumes from WORKDIR):
+# `python -m astrollama_jax.train.exit_codes` (astrollama_jax/train/exit_codes.py).
 set -euo pipefail
 if [[ $# -lt 4 ]]; then
   sed -n '2,20p' "$0"; exit 2

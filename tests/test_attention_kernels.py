@@ -198,7 +198,8 @@ def test_perplexity_with_splash_equals_torch(tmp_path, capsys, tokenizer_path, a
   """As tests/test_eval_perplexity.py: per-item NLL sums equal a plain PyTorch forward pass."""
   import json
 
-  from helpers import make_hf_folder, run_cli, torch_token_logprobs, write_jsonl
+  from helpers import write_jsonl
+  from helpers_models import make_hf_folder, run_cli, torch_token_logprobs
 
   from astrollama_jax.data.tokenizer import Tokenizer
 

@@ -12,7 +12,8 @@ from hf_reference import TINY_GQA, save_hf_model
 import jax
 import pytest
 
-from astrollama_jax.commands.chat import HELP, ChatSession, run_repl
+from astrollama_jax.chat_session import ChatSession
+from astrollama_jax.commands.chat import HELP, run_repl
 from astrollama_jax.data.chat_formats import Conversation
 from astrollama_jax.data.chat_templates import LLAMA2
 from astrollama_jax.data.tokenizer import Tokenizer

@@ -3,7 +3,8 @@
 import contextlib
 import io
 
-from helpers import run_cli
+from absl import app
+from helpers_models import run_cli
 import matplotlib.image
 import pytest
 
@@ -67,3 +68,16 @@ def test_compare_names_bad_inputs(runs, tmp_path, capsys):
     run_cli(capsys, f"--compare={runs / 'base'},{bad}", f"--compare_out={tmp_path / 'c'}")
   with pytest.raises(common.EvalDataError, match="no such result file"):
     run_cli(capsys, f"--compare={tmp_path / 'missing'}", f"--compare_out={tmp_path / 'c'}")
+
+
+def test_eval_writes_only_where_it_is_told(runs, tmp_path, capsys, monkeypatch):
+  """No --output default: a run never leaves results in the folder it was started from."""
+  monkeypatch.chdir(tmp_path / "sft")
+  before = sorted(p.name for p in (tmp_path / "sft").iterdir())
+  with pytest.raises(app.UsageError, match="--compare_out=PREFIX or --output=DIR"):
+    run_cli(capsys, f"--compare={runs / 'base'},{runs / 'cpt'}")
+  with pytest.raises(app.UsageError, match="--task=perplexity needs --output=DIR"):
+    run_cli(capsys, "--task=perplexity", "--checkpoint=none", "--data=none.jsonl")
+  assert sorted(p.name for p in (tmp_path / "sft").iterdir()) == before
+  run_cli(capsys, f"--compare={runs / 'base'},{runs / 'cpt'}", f"--output={tmp_path / 'o'}")
+  assert (tmp_path / "o" / "comparison.md").is_file()

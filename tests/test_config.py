@@ -8,7 +8,8 @@ import json
 import subprocess
 import sys
 
-from helpers import REPO, train_env
+from helpers import REPO
+from helpers_train import train_env
 import pytest
 
 from astrollama_jax.model.config import POLICY_FIELDS, LlamaConfig

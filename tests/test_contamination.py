@@ -2,7 +2,8 @@
 
 import json
 
-from helpers import run_cli, write_jsonl
+from helpers import write_jsonl
+from helpers_models import run_cli
 import numpy as np
 import pytest
 

@@ -10,7 +10,7 @@ import os
 import subprocess
 import sys
 
-from helpers import write_meta_checkpoint
+from helpers_models import write_meta_checkpoint
 from hf_reference import TINY, TINY_GQA, hf_logits, make_hf_model
 import jax
 import jax.numpy as jnp

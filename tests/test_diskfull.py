@@ -14,7 +14,8 @@ import shutil
 import subprocess
 import sys
 
-from helpers import REPO, SYNTHETIC, finish, start, tail, train_cmd, train_env
+from helpers import REPO
+from helpers_train import SYNTHETIC, finish, start, tail, train_cmd, train_env
 from hf_reference import TINY_GQA
 import jax
 import numpy as np

@@ -7,13 +7,11 @@ the global batches (the logged hash covers the rows of every process, in order) 
 losses of an uninterrupted run: no record skipped, none repeated.
 """
 
-from helpers import (
+from helpers import TOKENIZER, need, prepare_demo_corpus
+from helpers_train import (
   TINY_MODEL,
-  TOKENIZER,
   finish,
   finish_processes,
-  need,
-  prepare_demo_corpus,
   records,
   start,
   start_processes,

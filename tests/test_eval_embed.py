@@ -1,6 +1,7 @@
 """AstroLLaMA embeddings against transformers' last hidden states, and nearest-paper search."""
 
-from helpers import make_hf_folder, run_cli, write_jsonl
+from helpers import write_jsonl
+from helpers_models import make_hf_folder, run_cli
 from hf_reference import TINY_GQA
 import numpy as np
 import pytest

@@ -2,7 +2,8 @@
 
 import json
 
-from helpers import make_hf_folder, run_cli, torch_token_logprobs, write_jsonl
+from helpers import write_jsonl
+from helpers_models import make_hf_folder, run_cli, torch_token_logprobs
 from hf_reference import TINY_GQA
 import numpy as np
 import pytest

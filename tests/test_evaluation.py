@@ -5,17 +5,8 @@ empty batches until every process's has: the loss-bearing tokens counted are exa
 token targets of the whole validation split, on 1 process and on 2.
 """
 
-from helpers import (
-  TINY_MODEL,
-  TOKENIZER,
-  finish,
-  finish_processes,
-  need,
-  prepare_demo_corpus,
-  start,
-  start_processes,
-  train_cmd,
-)
+from helpers import TOKENIZER, need, prepare_demo_corpus
+from helpers_train import TINY_MODEL, finish, finish_processes, start, start_processes, train_cmd
 import pytest
 
 from astrollama_jax.data.corpus import read as corpus

@@ -11,21 +11,18 @@ import subprocess
 import sys
 import textwrap
 
-from helpers import (
+from helpers import REPO, free_port
+from helpers_serve import (
   NEW,
-  REPO,
   client,
-  finish,
-  free_port,
   load,
   make_chat_hf_folder,
   post,
-  records,
   running,
-  start,
   start_cli,
   wait_ready,
 )
+from helpers_train import finish, records, start
 import pytest
 
 from astrollama_jax.data.chat_dataset import mix_sources

@@ -12,9 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 import pytest
 
-from astrollama_jax.commands import make_qa
 from astrollama_jax.commands.chat import run_repl
-from astrollama_jax.data import chat_formats, latex
+from astrollama_jax.data import chat_formats, latex, qa_dialogues
 
 FAST = settings(max_examples=150, deadline=2000, suppress_health_check=[HealthCheck.too_slow])
 
@@ -73,8 +72,8 @@ LATEX_TOKENS = st.sampled_from(
 )
 def test_model_reply_content_parses_or_is_rejected(content):
   try:
-    turns = make_qa.parse_dialogue(content)
-  except make_qa.ReplyError:
+    turns = qa_dialogues.parse_dialogue(content)
+  except qa_dialogues.ReplyError:
     return
   assert turns and len(turns) % 2 == 0
   assert [r for r, _ in turns] == ["user", "assistant"] * (len(turns) // 2)
@@ -127,8 +126,8 @@ def reply_server():
 def test_any_server_reply_is_a_result_or_a_counted_failure(reply_server, status, body):
   reply_server.reply = (status, body)
   try:
-    out = make_qa.post_chat(reply_server.url, {"x": 1}, "key", timeout=5.0, max_bytes=1000)
-  except (make_qa.RetryableError, make_qa.FatalRequestError) as e:
+    out = qa_dialogues.post_chat(reply_server.url, {"x": 1}, "key", timeout=5.0, max_bytes=1000)
+  except (qa_dialogues.RetryableError, qa_dialogues.FatalRequestError) as e:
     assert e.reason
     return
   assert 200 <= status < 300 and len(body) <= 1000

@@ -18,7 +18,8 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 from absl import flags  # noqa: E402
-from helpers import make_hf_folder, write_jsonl  # noqa: E402
+from helpers import REPO, write_jsonl  # noqa: E402
+from helpers_models import make_hf_folder  # noqa: E402
 from hf_reference import TINY  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -27,7 +28,7 @@ import yaml  # noqa: E402
 
 from astrollama_jax.commands import harness as harness_cli  # noqa: E402
 from astrollama_jax.errors import UserError
-from astrollama_jax.eval import compare  # noqa: E402
+from astrollama_jax.eval import compare, lm_eval_run  # noqa: E402
 from astrollama_jax.formats.hf_tokenizer import write_hf_tokenizer_files  # noqa: E402
 
 lm_eval = pytest.importorskip("lm_eval")
@@ -131,7 +132,7 @@ def _evaluate(model, model_args, root, tasks, **kw):
 
   # lm-eval's own tasks are not needed here (indexing them takes most of a minute)
   manager = TaskManager(
-    include_path=[harness_cli.TASKS_DIR, str(root / "tasks")], include_defaults=False
+    include_path=[lm_eval_run.TASKS_DIR, str(root / "tasks")], include_defaults=False
   )
   return simple_evaluate(
     model=model,
@@ -293,7 +294,7 @@ def test_shipped_yamls_load_with_lm_evals_task_manager(tmp_path, monkeypatch, ab
     [{"abstract": a, "text": None if i % 2 else a} for i, a in enumerate(abstracts[:5])],
   )
   monkeypatch.chdir(tmp_path)
-  manager = TaskManager(include_path=harness_cli.TASKS_DIR, include_defaults=False)
+  manager = TaskManager(include_path=lm_eval_run.TASKS_DIR, include_defaults=False)
   assert set(SHIPPED) <= set(manager.all_subtasks) and "astro" in manager.all_tags
   loaded = manager.load(["astro"])["tasks"]
   assert sorted(loaded) == SHIPPED
@@ -310,7 +311,7 @@ def test_shipped_yamls_load_with_lm_evals_task_manager(tmp_path, monkeypatch, ab
 
 
 def test_unknown_task_is_one_error_line(setup, tokenizer_path):
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(harness_cli.__file__)))
+  repo = str(REPO)
   env = {**os.environ, "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")])}
   res = subprocess.run(
     [
@@ -338,7 +339,8 @@ def test_unknown_task_is_one_error_line(setup, tokenizer_path):
 def test_two_processes_give_the_single_process_results(setup, both, tmp_path, tokenizer_path):
   """jax.distributed over loopback, 4 CPU devices each, one 2x2x2 mesh: process 0 prints and
   writes the numbers one process computes; process 1 prints and writes nothing."""
-  from helpers import free_port, train_env
+  from helpers import free_port
+  from helpers_train import train_env
 
   _, ours = both
   tasks = ["astro_mcq", "astro_greedy", "astro_ph_abstracts", "astro_complete"]
@@ -411,7 +413,7 @@ def test_model_args_string_builds_the_registered_model(setup):
 def test_bad_include_path_and_limit_are_user_errors(tmp_path):
 
   with pytest.raises(UserError, match="not a folder"):
-    harness_cli.task_manager([str(tmp_path / "nope")])
+    lm_eval_run.task_manager([str(tmp_path / "nope")])
   with pytest.raises(UserError, match="--limit"):
     harness_cli._limit(0)
   assert harness_cli._limit(3.0) == 3 and harness_cli._limit(0.5) == 0.5

@@ -1,8 +1,8 @@
 """The launchers' exit-status contract, with stand-ins for ssh, gcloud and the trainer.
 
-Each launcher exits with the highest status of its processes (75: preempted after saving, 76:
-hung; see ``astrollama_jax/train/exit_codes.py``), and the plain multi-host one forwards its own
-SIGTERM to the trainers (not merely to ssh), so they checkpoint and exit 75.
+Each launcher exits with the highest status of its processes (``exit_codes.PREEMPTED``: stopped
+after saving, ``exit_codes.HUNG``), and the plain multi-host one forwards its own SIGTERM to the
+trainers (not merely to ssh), so they checkpoint and exit ``PREEMPTED``.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import os
 import signal
 import stat
 import subprocess
+import sys
 import time
 
 from helpers import REPO
@@ -134,3 +135,18 @@ def test_tpu_pod_exits_with_the_highest_worker_status(tmp_path):
       timeout=60,
     )
     assert out.returncode == want, (rcs, out.stdout, out.stderr)
+
+
+def test_the_exit_code_table_is_the_one_source_the_sbatch_script_reads():
+  codes = {v for k, v in vars(exit_codes).items() if k.isupper() and isinstance(v, int)}
+  assert set(exit_codes.MEANINGS) == codes and set(exit_codes.REQUEUE) <= codes
+  out = subprocess.run(
+    [sys.executable, "-m", "astrollama_jax.train.exit_codes", "requeue"],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=60,
+    check=True,
+  )
+  assert out.stdout.split() == [str(c) for c in exit_codes.REQUEUE]
+  assert "astrollama_jax.train.exit_codes requeue" in (REPO / "launch/slurm_gpu.sbatch").read_text()

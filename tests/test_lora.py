@@ -12,7 +12,7 @@ import pytest
 from astrollama_jax import sharding
 from astrollama_jax.checkpoints import lora_base, store
 from astrollama_jax.data.packing import BATCH_SPEC
-from astrollama_jax.model import llama, lora
+from astrollama_jax.model import llama, lora, lora_params
 from astrollama_jax.model.config import get_config
 from astrollama_jax.train import loop
 from astrollama_jax.train import program as program_lib
@@ -34,7 +34,7 @@ def _perturbed(adapters, seed=1, scale=0.05):
 def test_fresh_adapters_leave_the_model_unchanged_and_merging_matches_the_branch():
   params = llama.init_params(CFG, seed=0)
   spec = lora.LoraSpec(rank=4, alpha=8.0, targets=ALL)
-  adapters = lora.init_adapters(CFG, spec, seed=0)
+  adapters = lora_params.init_adapters(CFG, spec, seed=0)
   base, _ = llama.apply(CFG, params, TOKENS)
   fresh, _ = llama.apply(CFG, lora.Adapted(params, adapters, spec), TOKENS)
   np.testing.assert_array_equal(np.asarray(fresh), np.asarray(base))  # B = 0: exactly the base
@@ -49,7 +49,7 @@ def test_fresh_adapters_leave_the_model_unchanged_and_merging_matches_the_branch
 def test_merge_is_w_plus_alpha_over_rank_a_at_b_and_touches_only_targets():
   params = llama.init_params(CFG, seed=0)
   spec = lora.LoraSpec(rank=2, alpha=6.0, targets=("q", "o", "down"))
-  adapters = _perturbed(lora.init_adapters(CFG, spec, seed=0))
+  adapters = _perturbed(lora_params.init_adapters(CFG, spec, seed=0))
   merged = lora.merge(params, adapters, spec)
   w, ad = params["layers"]["attn"]["o_proj"], adapters["layers"]["attn"]["o_proj"]
   a, b = np.asarray(ad["lora_a"]), np.asarray(ad["lora_b"])  # [L,H,D,r], [L,r,E]
@@ -110,12 +110,14 @@ def test_only_adapters_have_optimizer_state_and_the_step_takes_less_memory():
   full = program_lib.compile_train_step(_config(rank=0), mesh)
   lo = program_lib.compile_train_step(_config(rank=4), mesh)
   spec = lo.lora
-  adapter_shapes = {tuple(x.shape) for x in jax.tree.leaves(lora.adapter_shapes(lo.cfg, spec))}
+  adapter_shapes = {
+    tuple(x.shape) for x in jax.tree.leaves(lora_params.adapter_shapes(lo.cfg, spec))
+  }
   opt_shapes = [tuple(x.shape) for x in jax.tree.leaves(lo.state_shapes.opt_state)]
   assert {s for s in opt_shapes if s} == adapter_shapes  # moments: adapter-shaped only
   assert [s for s in opt_shapes if s not in adapter_shapes] == [()] * 2  # two step counters
   assert jax.tree.structure(lo.state_shapes.params) == jax.tree.structure(
-    lora.adapter_shapes(lo.cfg, spec)
+    lora_params.adapter_shapes(lo.cfg, spec)
   )
   assert {x.dtype for x in jax.tree.leaves(lo.state_shapes.frozen)} == {jnp.dtype("bfloat16")}
 
@@ -125,7 +127,7 @@ def test_only_adapters_have_optimizer_state_and_the_step_takes_less_memory():
   assert m_full.argument_size_in_bytes == _arg_bytes(full)
   assert m_lora.argument_size_in_bytes == _arg_bytes(lo)
   n = full.cfg.num_params()
-  adapters = lora.num_adapter_params(lo.cfg, spec)
+  adapters = lora_params.num_adapter_params(lo.cfg, spec)
   batch = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(lo.batch))
   scalars = 4 + 4 + 3 * 4 + 8  # Adam's and the schedule's counts, step and skip counters, rng
   assert m_full.argument_size_in_bytes - batch == 12 * n + scalars
@@ -159,7 +161,7 @@ def test_a_step_trains_the_adapters_and_leaves_the_base_bit_for_bit():
 def test_adapters_shard_by_the_rules_on_eight_devices():
   mesh = sharding.make_mesh((2, 2, 2))
   spec = lora.LoraSpec(rank=4, alpha=8.0, targets=ALL)
-  sh = lora.adapter_shardings(CFG, spec, mesh)
+  sh = lora_params.adapter_shardings(CFG, spec, mesh)
   attn, mlp = sh["layers"]["attn"], sh["layers"]["mlp"]
   assert attn["q_proj"]["lora_a"].spec == P(None, "fsdp", None)
   assert attn["q_proj"]["lora_b"].spec == P(None, None, "tensor", None)
@@ -171,7 +173,7 @@ def test_adapters_shard_by_the_rules_on_eight_devices():
   # The rank axis follows the table like any other: shard it and the adapters follow.
   rules = dict(sharding.RULES, lora_rank="data")
   with sharding.use_rules(tuple(rules.items())):
-    sh = lora.adapter_shardings(CFG, spec, mesh)
+    sh = lora_params.adapter_shardings(CFG, spec, mesh)
   assert sh["layers"]["mlp"]["gate_proj"]["lora_a"].spec == P(None, "fsdp", "data")
 
   # The whole LoRA state on the mesh: adapters and their moments laid out alike, base as usual.
@@ -190,7 +192,7 @@ def test_adapters_shard_by_the_rules_on_eight_devices():
 def test_dropout_only_with_a_key_and_the_same_key_gives_the_same_masks():
   params = llama.init_params(CFG, seed=0)
   spec = lora.LoraSpec(rank=4, alpha=8.0, dropout=0.5, targets=ALL)
-  adapters = _perturbed(lora.init_adapters(CFG, spec, seed=0))
+  adapters = _perturbed(lora_params.init_adapters(CFG, spec, seed=0))
   nodrop = lora.LoraSpec(rank=4, alpha=8.0, dropout=0.0, targets=ALL)
   plain, _ = llama.apply(CFG, lora.Adapted(params, adapters, nodrop), TOKENS)
   evald, _ = llama.apply(CFG, lora.Adapted(params, adapters, spec), TOKENS)  # no key: eval
@@ -210,7 +212,7 @@ def test_a_lora_workdir_names_its_base_and_refuses_a_changed_one(tmp_path, token
   config.init_checkpoint = base_dir
   config.lora.base_dtype = "float32"
   summary = loop.train(config, str(tmp_path / "run"))
-  assert summary["final_step"] == 3 and summary["lora_params"] == lora.num_adapter_params(
+  assert summary["final_step"] == 3 and summary["lora_params"] == lora_params.num_adapter_params(
     cfg, lora.spec_from_config(config)
   )
   record = json.loads((tmp_path / "run" / lora_base.LORA_FILE).read_text())
@@ -252,7 +254,7 @@ def _adapters_and_opt(workdir, step):
 
 
 def test_kill9_and_resume_of_a_lora_run_is_bit_identical(tmp_path, tokenizer_path):
-  from helpers import EVERY, RESUME_RUN, STEPS, kill_and_resume, records, train_cmd
+  from helpers_train import EVERY, RESUME_RUN, STEPS, kill_and_resume, records, train_cmd
 
   cfg = get_config("tiny", n_kv_heads=2)
   base_dir = store.save_params(

@@ -136,7 +136,8 @@ def _generate(checkpoint, output):
   import subprocess
   import sys
 
-  from helpers import REPO, train_env
+  from helpers import REPO
+  from helpers_train import train_env
 
   out = subprocess.run(
     [
@@ -166,7 +167,8 @@ def _generate(checkpoint, output):
 def test_generate_and_eval_on_a_lora_workdir_equal_the_merged_export(
   lora_run, tmp_path, capsys, abstracts
 ):
-  from helpers import run_cli, write_jsonl
+  from helpers import write_jsonl
+  from helpers_models import run_cli
 
   base, workdir, merged, _ = lora_run
   got = _generate(workdir, tmp_path / "lora.jsonl")
@@ -201,7 +203,8 @@ def test_the_export_command_writes_both_folders_and_refuses_an_adapter_of_a_full
   import subprocess
   import sys
 
-  from helpers import REPO, train_env
+  from helpers import REPO
+  from helpers_train import train_env
 
   base, workdir, merged, adapter = lora_run
 

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from astrollama_jax.commands import make_qa
+from astrollama_jax.data import qa_dialogues
 from astrollama_jax.data.chat_formats import load_conversations
 
 GOOD_DIALOGUE = {
@@ -193,7 +193,7 @@ def _write_abstracts(path: Path, behaviors: list[str]) -> list[str]:
   return ids
 
 
-def _settings(url: str, **kw) -> make_qa.Settings:
+def _settings(url: str, **kw) -> qa_dialogues.Settings:
   base = dict(
     endpoint=url,
     model="test-model",
@@ -204,7 +204,7 @@ def _settings(url: str, **kw) -> make_qa.Settings:
     backoff_max=10.0,
   )
   base.update(kw)
-  return make_qa.Settings(**base)
+  return qa_dialogues.Settings(**base)
 
 
 def _lines(path: Path) -> list[dict]:
@@ -212,10 +212,11 @@ def _lines(path: Path) -> list[dict]:
 
 
 def test_chat_completions_url():
-  assert make_qa.chat_completions_url("http://h:1") == "http://h:1/v1/chat/completions"
-  assert make_qa.chat_completions_url("http://h:1/v1/") == "http://h:1/v1/chat/completions"
+  assert qa_dialogues.chat_completions_url("http://h:1") == "http://h:1/v1/chat/completions"
+  assert qa_dialogues.chat_completions_url("http://h:1/v1/") == "http://h:1/v1/chat/completions"
   assert (
-    make_qa.chat_completions_url("http://h/x/chat/completions") == "http://h/x/chat/completions"
+    qa_dialogues.chat_completions_url("http://h/x/chat/completions")
+    == "http://h/x/chat/completions"
   )
 
 
@@ -238,23 +239,23 @@ def test_chat_completions_url():
   ],
 )
 def test_parse_dialogue_rejects(content, reason):
-  with pytest.raises(make_qa.ReplyError) as e:
-    make_qa.parse_dialogue(content)
+  with pytest.raises(qa_dialogues.ReplyError) as e:
+    qa_dialogues.parse_dialogue(content)
   assert e.value.reason == reason
 
 
 def test_parse_dialogue_accepts_bare_list_and_fences():
-  turns = make_qa.parse_dialogue("```json\n" + json.dumps(GOOD_DIALOGUE["dialogue"]) + "\n```")
+  turns = qa_dialogues.parse_dialogue("```json\n" + json.dumps(GOOD_DIALOGUE["dialogue"]) + "\n```")
   assert [r for r, _ in turns] == ["user", "assistant"] * 2
   assert turns[1][1].startswith("Mostly the angular momentum")
 
 
 def test_retry_after_parsing():
-  assert make_qa._retry_after("3") == 3.0
-  assert make_qa._retry_after(None) is None
-  assert make_qa._retry_after("soon") is None
+  assert qa_dialogues._retry_after("3") == 3.0
+  assert qa_dialogues._retry_after(None) is None
+  assert qa_dialogues._retry_after("soon") is None
   future = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(time.time() + 100))
-  assert 90 < make_qa._retry_after(future) <= 100
+  assert 90 < qa_dialogues._retry_after(future) <= 100
 
 
 def test_every_behaviour_and_resume(tmp_path):
@@ -277,7 +278,7 @@ def test_every_behaviour_and_resume(tmp_path):
   out = tmp_path / "out" / "qa.jsonl"
   slept = []
   with _Server() as server:
-    summary = make_qa.run(str(abstracts), str(out), _settings(server.url), sleep=slept.append)
+    summary = qa_dialogues.run(str(abstracts), str(out), _settings(server.url), sleep=slept.append)
     by_id = dict(zip(ids, behaviors))
     assert set(server.paths) == {"/v1/chat/completions"}
     assert server.auth == {None}
@@ -309,7 +310,7 @@ def test_every_behaviour_and_resume(tmp_path):
     with open(out, "a") as f:
       f.write('{"id": "2501.00002", "conversations": [{"from": "hum')
     before = dict(server.hits)
-    summary2 = make_qa.run(str(abstracts), str(out), _settings(server.url), sleep=slept.append)
+    summary2 = qa_dialogues.run(str(abstracts), str(out), _settings(server.url), sleep=slept.append)
     assert summary2["skipped_existing"] == 5 and summary2["done"] == 0
     again = {i for i in server.hits if server.hits[i] > before.get(i, 0)}
     assert again == {i for i in ids if i not in written}
@@ -324,7 +325,7 @@ def test_timeout_is_retried_then_fails(tmp_path):
   ids = _write_abstracts(abstracts, ["slow"])
   out = tmp_path / "qa.jsonl"
   with _Server() as server:
-    summary = make_qa.run(
+    summary = qa_dialogues.run(
       str(abstracts),
       str(out),
       _settings(server.url, timeout=0.2, max_retries=1),
@@ -339,7 +340,7 @@ def test_concurrency_is_bounded(tmp_path):
   abstracts = tmp_path / "a.jsonl"
   _write_abstracts(abstracts, ["good"] * 12)
   with _Server(delay=0.05) as server:
-    summary = make_qa.run(
+    summary = qa_dialogues.run(
       str(abstracts), str(tmp_path / "qa.jsonl"), _settings(server.url, concurrency=3)
     )
     assert summary["done"] == 12
@@ -355,7 +356,7 @@ def test_bad_abstract_lines_are_counted(tmp_path):
       json.dumps({"id": "2501.00000", "title": "dup", "abstract": "PAPER:dup BEHAVIOR:good"}) + "\n"
     )
   with _Server() as server:
-    summary = make_qa.run(
+    summary = qa_dialogues.run(
       str(abstracts), str(tmp_path / "qa.jsonl"), _settings(server.url), limit=4
     )
   assert summary["done"] == 2 and summary["bad_input"] == {"bad abstract record": 2}
@@ -415,7 +416,7 @@ def test_hostile_servers_fail_one_abstract_each_and_keep_the_rest(tmp_path):
   with _Server() as server, _Server() as other:
     REDIRECT_TARGET["other"] = other.url
     t0 = time.monotonic()
-    summary = make_qa.run(
+    summary = qa_dialogues.run(
       str(abstracts),
       str(out),
       _settings(

@@ -6,7 +6,7 @@ import subprocess
 import sys
 import types
 
-from helpers import write_meta_checkpoint
+from helpers_models import write_meta_checkpoint
 from hf_reference import TINY_GQA
 import jax
 import numpy as np

@@ -1,6 +1,14 @@
 """Two processes on loopback (jax.distributed, 4 fake CPU devices each) train like one with 8."""
 
-from helpers import TINY_MODEL, finish, finish_processes, records, start, start_processes, train_cmd
+from helpers_train import (
+  TINY_MODEL,
+  finish,
+  finish_processes,
+  records,
+  start,
+  start_processes,
+  train_cmd,
+)
 import numpy as np
 
 RUN = [

@@ -10,7 +10,8 @@ import subprocess
 import sys
 import sysconfig
 
-from helpers import REPO, train_env
+from helpers import REPO
+from helpers_train import train_env
 import pytest
 
 from astrollama_jax.util import resources

@@ -11,7 +11,7 @@ import json
 import os
 import pathlib
 
-from helpers import SYNTHETIC, records, start, tail, train_cmd
+from helpers_train import SYNTHETIC, records, start, tail, train_cmd
 import pytest
 
 from astrollama_jax.train import loop, run_state

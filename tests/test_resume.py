@@ -1,12 +1,12 @@
 """kill -9 a training run at a random step, restart it: bit-identical result, same batches."""
 
-from helpers import (
+from helpers import prepare_demo_corpus
+from helpers_train import (
   EVERY,
   RESUME_RUN,
   STEPS,
   assert_same_losses_and_end_state,
   kill_and_resume,
-  prepare_demo_corpus,
   records,
   train_cmd,
 )

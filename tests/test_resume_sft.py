@@ -5,7 +5,7 @@ SFT's data iterator (mixture sampling, shuffling, first-fit packing of whole con
 different from the corpus pipeline, so its checkpointed state gets its own test.
 """
 
-from helpers import (
+from helpers_train import (
   EVERY,
   STEPS,
   TINY_MODEL,

@@ -12,16 +12,8 @@ import json
 import os
 import threading
 
-from helpers import (
-  NEW,
-  client,
-  free_port,
-  load,
-  make_chat_hf_folder,
-  running,
-  start_cli,
-  wait_ready,
-)
+from helpers import free_port
+from helpers_serve import NEW, client, load, make_chat_hf_folder, running, start_cli, wait_ready
 import pytest
 import torch
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 
-from helpers import NEW, load, make_chat_hf_folder, running
+from helpers_serve import NEW, load, make_chat_hf_folder, running
 import pytest
 
 from astrollama_jax.feedback.store import FeedbackStore

@@ -16,7 +16,8 @@ import subprocess
 import sys
 import time
 
-from helpers import REPO, SYNTHETIC, free_port, records, train_env
+from helpers import REPO, free_port
+from helpers_train import SYNTHETIC, records, train_env
 import pytest
 
 from astrollama_jax.train import exit_codes

@@ -101,7 +101,8 @@ def test_aot_command_compiles_for_a_topology():
   import subprocess
   import sys
 
-  from helpers import REPO, train_env
+  from helpers import REPO
+  from helpers_train import train_env
 
   args = [
     "--config=configs/demo.py",

@@ -4,7 +4,8 @@ import json
 import subprocess
 import sys
 
-from helpers import REPO, train_env
+from helpers import REPO
+from helpers_train import train_env
 import pytest
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from helpers import SYNTHETIC, finish, records, start, tail, train_cmd
+from helpers_train import SYNTHETIC, finish, records, start, tail, train_cmd
 
 # --- tests ---------------------------------------------------------------------------------
 

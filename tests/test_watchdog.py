@@ -7,7 +7,8 @@ import signal
 import subprocess
 import time
 
-from helpers import SYNTHETIC, TINY_MODEL, free_port, records, start, tail, train_cmd
+from helpers import free_port
+from helpers_train import SYNTHETIC, TINY_MODEL, records, start, tail, train_cmd
 import pytest
 
 from astrollama_jax.train import exit_codes

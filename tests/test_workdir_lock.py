@@ -10,7 +10,8 @@ import subprocess
 import sys
 import time
 
-from helpers import REPO, SYNTHETIC, finish, records, start, tail, train_cmd
+from helpers import REPO
+from helpers_train import SYNTHETIC, finish, records, start, tail, train_cmd
 import pytest
 
 from astrollama_jax.train import exit_codes

@@ -1,10 +1,8 @@
 """Multi-turn chat on the command line: ``python -m astrollama_jax chat --checkpoint=DIR``.
 
-Reads user lines from stdin (or ``--message``, repeatable, for scripts and the demo), streams each
-answer as it is generated and keeps the conversation in the checkpoint's chat format
-(``--chat_template``). The history is trimmed from the oldest exchange so that prompt +
-``max_new_tokens`` fit in the model's context; the system prompt is never dropped (the template
-puts it in the first kept exchange).
+Reads user lines from stdin (or ``--message``, repeatable, for scripts and the demo) and streams
+each answer as it is generated; the conversation itself (in the checkpoint's chat format, ``--chat_template``; history trimmed from
+the oldest exchange to fit the context) is ``astrollama_jax.chat_session.ChatSession``.
 
 Streaming prints the new suffix of ``decode(all generated ids)`` rather than decoding ids one by
 one: SentencePiece puts word-initial spaces inside the pieces, and byte-fallback characters span
@@ -16,19 +14,16 @@ Commands: /reset, /system TEXT, /help, /quit (EOF also ends).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 import sys
 from typing import TextIO
 
 from absl import flags
 
+from astrollama_jax.chat_session import ChatSession
 from astrollama_jax.commands import cli
-from astrollama_jax.data.chat_formats import ASSISTANT, USER, Conversation
-from astrollama_jax.data.chat_templates import LLAMA2, ChatTemplate
-from astrollama_jax.data.tokenizer import Tokenizer
 from astrollama_jax.errors import UserError
-from astrollama_jax.generation import TextStream, check_sampling, generate
-from astrollama_jax.model.config import LlamaConfig
+from astrollama_jax.generation import check_sampling
 from astrollama_jax.util import checks, tables
 
 HELP = """commands:
@@ -36,106 +31,6 @@ HELP = """commands:
   /system TEXT    set the system prompt (/system alone removes it)
   /help           this text
   /quit           leave (so does end of input)"""
-
-
-class ChatSession:
-  """One conversation with a loaded model: history, system prompt, sampling settings, statistics."""
-
-  def __init__(
-    self,
-    cfg: LlamaConfig,
-    params,
-    tokenizer: Tokenizer,
-    *,
-    system: str | None = None,
-    max_new_tokens: int = 256,
-    temperature: float = 0.7,
-    top_k: int = 0,
-    top_p: float = 0.9,
-    seed: int = 0,
-    stop_strings: Sequence[str] = (),
-    mesh=None,
-    chunk_size: int = 1,
-    chat_template: ChatTemplate = LLAMA2,
-  ):
-    if max_new_tokens >= cfg.max_seq_len:
-      raise ValueError(
-        f"max_new_tokens {max_new_tokens} leaves no room for a prompt in the model's "
-        f"context of {cfg.max_seq_len} tokens"
-      )
-    self.cfg, self.params, self.tokenizer, self.mesh = cfg, params, tokenizer, mesh
-    self.system = system or None
-    self.sampling = dict(
-      max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p
-    )
-    self.template = chat_template
-    self.seed, self.chunk_size = seed, chunk_size
-    self.stop_strings = [*chat_template.stop_strings, *stop_strings]
-    self.history: list[tuple[str, str]] = []  # (user, assistant) exchanges
-    self.log: list[dict] = []  # one entry per answered message
-
-  def reset(self) -> None:
-    self.history = []
-
-  def set_system(self, text: str | None) -> None:
-    self.system = text or None
-
-  def prompt_ids(self, message: str) -> tuple[list[int], int]:
-    """Ids of history + ``message`` within the context budget, and how many old exchanges drop."""
-    budget = self.cfg.max_seq_len - self.sampling["max_new_tokens"]
-    for drop in range(len(self.history) + 1):
-      turns = [t for u, a in self.history[drop:] for t in ((USER, u), (ASSISTANT, a))]
-      conv = Conversation(turns=tuple(turns) + ((USER, message),), system=self.system)
-      ids = self.template.prompt_ids(self.tokenizer, conv)
-      if len(ids) <= budget:
-        return ids, drop
-    raise ValueError(
-      f"the message (with the system prompt) is {len(ids)} tokens; at most {budget} fit "
-      f"in the context of {self.cfg.max_seq_len} with max_new_tokens="
-      f"{self.sampling['max_new_tokens']}"
-    )
-
-  def reply(self, message: str, emit: Callable[[str], None] | None = None) -> str:
-    """Answer ``message`` (streaming text pieces to ``emit``), add the exchange to the history."""
-    ids, drop = self.prompt_ids(message)
-    stream = TextStream(self.tokenizer, emit, self.stop_strings)
-    res = generate(
-      self.cfg,
-      self.params,
-      [ids],
-      seed=self.seed + len(self.log),
-      eos_id=self.template.stop_id(self.tokenizer),
-      stop_strings=self.stop_strings,
-      tokenizer=self.tokenizer,
-      mesh=self.mesh,
-      stream=stream.update,
-      chunk_size=self.chunk_size,
-      **self.sampling,
-    )
-    stream.finish(res.texts[0])
-    answer = res.texts[0].strip()
-    self.history = self.history[drop:] + [(message, answer)]
-    self.log.append(
-      {
-        "prompt_tokens": len(ids),
-        "new_tokens": len(res.tokens[0]),
-        "dropped": drop,
-        "finish": res.finish_reasons[0],
-        "seconds": res.seconds,
-      }
-    )
-    return answer
-
-  def summary(self) -> dict:
-    new = sum(e["new_tokens"] for e in self.log)
-    secs = sum(e["seconds"] for e in self.log)
-    return {
-      "turns": len(self.log),
-      "generated_tokens": new,
-      "seconds": round(secs, 3),
-      "tokens_per_s": round(new / max(secs, 1e-9), 2),
-      "dropped_exchanges": sum(e["dropped"] for e in self.log),
-    }
 
 
 def run_repl(session: ChatSession, lines: Iterable[str], out: TextIO, echo: bool = False) -> None:

@@ -117,7 +117,7 @@ def finetune(cpt_workdir: str, tokenizer: str, workdir: str, steps: int | None) 
 
 def answer(hf_folder: str, question: str) -> str:
   """Greedy answer of the exported chat model, as ``python -m astrollama_jax chat`` gives it."""
-  from astrollama_jax.commands.chat import ChatSession
+  from astrollama_jax.chat_session import ChatSession
   from astrollama_jax.data.tokenizer import Tokenizer
 
   mesh = sharding.mesh_from_text()

@@ -7,7 +7,8 @@
   --task=contamination  share of each item's 13-grams found in a training corpus
   --compare=R1,R2,... a markdown table and a PNG chart of the same metrics across runs
 
-Every task prints a table and one JSON line, and writes ``<output>/<task>.json``.
+Every task prints a table and one JSON line, and writes ``<output>/<task>.json`` (``--output``
+has no default, so no run leaves results in the folder it happened to start in).
 """
 
 from __future__ import annotations
@@ -34,8 +35,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     *cli.MODEL_FLAGS,
     "output",
     flag_values=flag_values,
-    defaults={"output": "eval_results"},
-    help={"output": "Folder for the results files (<output>/<task>.json)."},
+    help={"output": "Folder for the results files (<output>/<task>.json); no default."},
   )
   flags.DEFINE_multi_string(
     "data",
@@ -134,10 +134,14 @@ def main(argv, F: flags.FlagValues = flags.FLAGS):
   if F.compare:
     from astrollama_jax.eval import compare
 
+    if not (F.compare_out or F.output):
+      raise app.UsageError("--compare needs --compare_out=PREFIX or --output=DIR")
     compare.run(F.compare, F.compare_out or os.path.join(F.output, "comparison"))
     return
   if not F.task:
     raise app.UsageError("give --task=" + "|".join(TASKS) + " or --compare=RESULT1,RESULT2")
+  if not F.output:  # results land where the user says, never in whatever folder we run from
+    raise app.UsageError(f"--task={F.task} needs --output=DIR (the folder for {F.task}.json)")
   data = common.split_specs(F.data)
   label = F.label or common.default_label(F.checkpoint or "")
 

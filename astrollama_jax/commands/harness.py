@@ -3,8 +3,8 @@
   python -m astrollama_jax harness --checkpoint=runs/cpt --tasks=astro_mcq,astro_ph_abstracts \\
       --num_fewshot=5 --output=eval/cpt
 
-Runs lm-eval's ``simple_evaluate`` with our ``astrollama`` model class
-(``astrollama_jax.eval.lm_eval_model``): scoring and generation on the mesh, multi-host. The tasks are
+Runs lm-eval's ``simple_evaluate`` with our ``astrollama`` model class (``eval/lm_eval_run.py``,
+``eval/lm_eval_model.py``): scoring and generation on the mesh, multi-host. The tasks are
 lm-eval's own, the astronomy tasks shipped in ``astrollama_jax/eval/tasks`` (always included),
 and any YAMLs under ``--include_path``. Writes, on process 0 only:
 
@@ -21,18 +21,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 import json
-import os
-from typing import Any
 
 from absl import flags, logging
 
 from astrollama_jax.commands import cli
 from astrollama_jax.errors import UserError
+from astrollama_jax.eval import lm_eval_run
 from astrollama_jax.util import checks, tables
-
-TASKS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "eval", "tasks")
-RESULT_FILE = "harness.json"
-_COUNTS = ("sample_len", "sample_count")  # lm-eval's document counts, not metrics
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
@@ -90,159 +85,12 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
 
 
 def _limit(value: float | None) -> int | float | None:
+  """``--limit`` as lm-eval takes it: a count of documents, or a fraction below 1."""
   if value is None:
     return None
   if value <= 0:
     raise UserError(f"--limit must be > 0, got {value}")
   return int(value) if value >= 1 and float(value).is_integer() else value
-
-
-def task_manager(include_paths: Sequence[str] = ()):
-  """lm-eval's TaskManager over its tasks, ours and ``include_paths`` (each must be a folder)."""
-  from lm_eval.tasks import TaskManager
-
-  for path in include_paths:
-    if not os.path.isdir(path):
-      raise UserError(f"--include_path {path} is not a folder")
-  return TaskManager(include_path=[TASKS_DIR, *include_paths])
-
-
-def resolve_tasks(manager, names: Sequence[str]) -> list[str]:
-  """The names (glob patterns expanded, YAML paths kept); an unknown one is a ``UserError``."""
-  out, unknown = [], []
-  for name in names:
-    matched = manager.match_tasks([name])
-    if matched:
-      out += [m for m in matched if m not in out]
-    elif os.path.isfile(name) and name.endswith((".yaml", ".yml")):
-      out.append(name)
-    else:
-      unknown.append(name)
-  if unknown:
-    raise UserError(
-      f"unknown lm-eval task(s): {', '.join(unknown)} (`lm_eval ls tasks` "
-      f"lists them; add a folder of YAMLs with --include_path)"
-    )
-  return out
-
-
-def flat_metrics(results: dict) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-  """lm-eval's ``results`` -> {"<task>/<metric>[/<filter>]": value} with 95% bounds from the
-  stderr (``_lo``/``_hi``, which ``--compare`` draws), and one table row per metric."""
-  metrics, rows = {}, []
-  for task, values in results.get("results", {}).items():
-    for key, value in sorted(values.items()):
-      metric, _, filt = key.partition(",")
-      if (
-        metric.endswith("_stderr")
-        or metric in _COUNTS
-        or not isinstance(value, (int, float))
-        or isinstance(value, bool)
-      ):
-        continue
-      name = f"{task}/{metric}" + ("" if filt in ("", "none") else f"/{filt}")
-      stderr = values.get(f"{metric}_stderr,{filt}")
-      stderr = stderr if isinstance(stderr, (int, float)) else None
-      metrics[name] = value
-      if stderr is not None:
-        metrics[f"{name}_lo"], metrics[f"{name}_hi"] = value - 1.96 * stderr, value + 1.96 * stderr
-      rows.append(
-        {
-          "task": task,
-          "metric": metric,
-          "filter": filt,
-          "n-shot": results.get("n-shot", {}).get(task),
-          "value": value,
-          "stderr": stderr,
-        }
-      )
-  return metrics, rows
-
-
-def write_result(
-  output: str, label: str, checkpoint: str, results: dict, files: dict[str, str]
-) -> dict:
-  """``<output>/harness.json`` in the shape of ``eval.common.finish`` (read by ``--compare``)."""
-  metrics, rows = flat_metrics(results)
-  path = os.path.join(output, RESULT_FILE)
-  summary = tables.jsonable(
-    {
-      "task": "harness",
-      "label": label,
-      "checkpoint": checkpoint,
-      "metrics": metrics,
-      "rows": rows,
-      "files": {"result": path, **files},
-    }
-  )
-  os.makedirs(output, exist_ok=True)
-  with open(path + ".tmp", "w", encoding="utf-8") as f:
-    json.dump(summary, f, indent=1, ensure_ascii=False)
-  os.replace(path + ".tmp", path)
-  return summary
-
-
-def evaluate(
-  lm,
-  tasks: Sequence[str],
-  manager,
-  *,
-  output: str | None,
-  label: str,
-  num_fewshot: int | None = None,
-  limit: int | float | None = None,
-  seed: int = 0,
-  bootstrap_iters: int = 100000,
-  log_samples: bool = False,
-) -> dict:
-  """``simple_evaluate`` of ``lm`` on ``tasks``; process 0 writes lm-eval's results file(s)
-  under ``output``. Returns lm-eval's results dict (``files``: what was written)."""
-  from lm_eval import simple_evaluate
-  from lm_eval.loggers import EvaluationTracker
-
-  from astrollama_jax.eval import common
-
-  tracker = EvaluationTracker(output_path=output) if output and common.is_writer() else None
-  results = simple_evaluate(
-    model=lm,
-    model_args={"model": label},
-    tasks=list(tasks),
-    num_fewshot=num_fewshot,
-    limit=limit,
-    task_manager=manager,
-    evaluation_tracker=tracker,
-    log_samples=log_samples,
-    bootstrap_iters=bootstrap_iters,
-    random_seed=seed,
-    numpy_random_seed=seed,
-    torch_random_seed=seed,
-    fewshot_random_seed=seed,
-  )
-  samples = results.pop("samples", None)
-  results["config"]["model"] = "astrollama"
-  files = {}
-  if tracker is not None:
-    tracker.save_results_aggregated(results=results, samples=samples)
-    folder = os.path.join(output, tracker.general_config_tracker.model_name_sanitized)
-    files["lm_eval"] = os.path.join(folder, f"results_{tracker.date_id}.json")
-    if samples:
-      for task in results["configs"]:
-        tracker.save_results_samples(task_name=task, samples=samples[task])
-      files["samples"] = folder
-  results["files"] = files
-  return results
-
-
-def _import_model_class():
-  try:
-    from astrollama_jax.eval.lm_eval_model import AstroLlamaLM
-  except ImportError as e:
-    if (e.name or "").split(".")[0] != "lm_eval":
-      raise
-    raise UserError(
-      'lm-evaluation-harness is not installed: pip install "lm-eval==0.4.13"'
-    ) from None
-  return AstroLlamaLM
 
 
 def main(argv: Sequence[str], F: flags.FlagValues = flags.FLAGS) -> None:
@@ -252,11 +100,11 @@ def main(argv: Sequence[str], F: flags.FlagValues = flags.FLAGS) -> None:
   distributed.initialize(F.distributed, F.coordinator_address, F.num_processes, F.process_id)
   from astrollama_jax.eval import common
 
-  AstroLlamaLM = _import_model_class()
+  AstroLlamaLM = lm_eval_run.import_model_class()
   checks.check_output_dir(F.output, empty=False)
   limit = _limit(F.limit)
-  manager = task_manager(F.include_path)
-  tasks = resolve_tasks(manager, F.tasks)
+  manager = lm_eval_run.task_manager(F.include_path)
+  tasks = lm_eval_run.resolve_tasks(manager, F.tasks)
   label = F.label or common.default_label(F.checkpoint)
   model = common.load(F.checkpoint, F.mesh, F.dtype, F.compute_dtype, F.tokenizer, F.attention)
   lm = AstroLlamaLM(
@@ -267,7 +115,7 @@ def main(argv: Sequence[str], F: flags.FlagValues = flags.FLAGS) -> None:
     progress=F.progress,
   )
   logging.info("lm-eval tasks: %s", ", ".join(tasks))
-  results = evaluate(
+  results = lm_eval_run.evaluate(
     lm,
     tasks,
     manager,
@@ -282,7 +130,7 @@ def main(argv: Sequence[str], F: flags.FlagValues = flags.FLAGS) -> None:
   if not common.is_writer():
     return
   files = results.pop("files")
-  ours = write_result(F.output, label, F.checkpoint, results, files)
+  ours = lm_eval_run.write_result(F.output, label, F.checkpoint, results, files)
   from lm_eval.utils import make_table
 
   print(

@@ -47,7 +47,7 @@ def main(argv: list[str]) -> None:
   from astrollama_jax.commands import cli
 
   cli.no_extra_args(argv)
-  from astrollama_jax.train import distributed
+  from astrollama_jax.train import distributed, exit_codes
   from astrollama_jax.train.metrics import quiet_library_logs
 
   quiet_library_logs()
@@ -70,9 +70,7 @@ def main(argv: list[str]) -> None:
         summary = loop.train(FLAGS.config, FLAGS.workdir)
   except loop.NonFiniteError as e:
     logging.error("%s", e)
-    sys.exit(3)
+    sys.exit(exit_codes.NONFINITE)
   if jax.process_index() == 0:
     tables.report(f"train: {FLAGS.workdir}", summary)
-  from astrollama_jax.train import exit_codes
-
   sys.exit(exit_codes.for_summary(summary))

@@ -10,7 +10,8 @@ the model unchanged), which keeps exported adapters exactly peft's. Merging give
 
 Adapters are a plain nested dict under the same keys as the parameters they adapt
 (``{"layers": {"attn": {"q_proj": {"lora_a", "lora_b"}}}}``) and carry logical axis names, so
-they shard by the rules table like any parameter (``lora_rank`` is replicated by default).
+they shard by the rules table like any parameter (``lora_rank`` is replicated by default); their
+shapes, axes and initial values for a config are in ``model/lora_params.py``.
 Dropout is applied in training only (when a key is given), from a key derived from the train
 state's RNG, so a resumed run draws the same masks.
 """
@@ -18,14 +19,11 @@ state's RNG, so a resumed run draws the same masks.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 import flax.struct
 import jax
 import jax.numpy as jnp
-
-from astrollama_jax.model.config import LlamaConfig
 
 # target name -> (module, weight, the layer's einsum "x,W->y")
 TARGETS: dict[str, tuple[str, str, str]] = {
@@ -101,84 +99,16 @@ def spec_from_config(config: Any) -> LoraSpec | None:
   )
 
 
-def _split_eq(eq: str) -> tuple[str, str, str]:
+def split_eq(eq: str) -> tuple[str, str, str]:
   """(x letters, weight input letters, weight output letters) of an einsum "x,W->y"."""
   inputs, _ = eq.split("->")
   x, w = inputs.split(",")
   return x, "".join(c for c in w if c in x), "".join(c for c in w if c not in x)
 
 
-def _base_entry(tree: Any, target: str) -> Any:
-  module, weight, _ = TARGETS[target]
-  return tree["layers"][module][weight]
-
-
-def _in_out(target: str) -> tuple[int, int]:
-  """How many leading (input) and trailing (output) dims the target's weight has."""
-  _, ins, outs = _split_eq(TARGETS[target][2])
-  return len(ins), len(outs)
-
-
-def adapter_logical_axes(cfg: LlamaConfig, spec: LoraSpec) -> dict[str, Any]:
-  """Logical axes: A = (layers, in axes..., lora_rank), B = (layers, lora_rank, out axes...)."""
-  from astrollama_jax.model import llama
-
-  base = llama.logical_axes(cfg)
-  out: dict[str, Any] = {}
-  for t in spec.targets:
-    module, weight, _ = TARGETS[t]
-    layers, *names = _base_entry(base, t)
-    n_in, _ = _in_out(t)
-    out.setdefault("layers", {}).setdefault(module, {})[weight] = {
-      A: (layers, *names[:n_in], "lora_rank"),
-      B: (layers, "lora_rank", *names[n_in:]),
-    }
-  return out
-
-
-def adapter_shapes(cfg: LlamaConfig, spec: LoraSpec, dtype: Any = jnp.float32) -> dict[str, Any]:
-  """``jax.ShapeDtypeStruct`` of every adapter factor, same tree as ``adapter_logical_axes``."""
-  from astrollama_jax.model import llama
-
-  base = llama.param_shapes(cfg)
-  out: dict[str, Any] = {}
-  for t in spec.targets:
-    module, weight, _ = TARGETS[t]
-    layers, *dims = _base_entry(base, t).shape
-    n_in, _ = _in_out(t)
-    out.setdefault("layers", {}).setdefault(module, {})[weight] = {
-      A: jax.ShapeDtypeStruct((layers, *dims[:n_in], spec.rank), dtype),
-      B: jax.ShapeDtypeStruct((layers, spec.rank, *dims[n_in:]), dtype),
-    }
-  return out
-
-
-def init_adapters(cfg: LlamaConfig, spec: LoraSpec, seed: int) -> dict[str, Any]:
-  """Fresh float32 adapters: A ~ U(+-1/sqrt(fan_in)) (peft's kaiming_uniform(a=sqrt(5))), B = 0."""
-  shapes = adapter_shapes(cfg, spec)
-  key = jax.random.key(seed + 1_000_003, impl="threefry2x32")
-  out: dict[str, Any] = {}
-  for i, t in enumerate(spec.targets):
-    module, weight, _ = TARGETS[t]
-    entry = _base_entry(shapes, t)
-    a_shape = entry[A].shape
-    bound = 1.0 / math.sqrt(math.prod(a_shape[1:-1]))
-    out.setdefault("layers", {}).setdefault(module, {})[weight] = {
-      A: jax.random.uniform(jax.random.fold_in(key, i), a_shape, jnp.float32, -bound, bound),
-      B: jnp.zeros(entry[B].shape, jnp.float32),
-    }
-  return out
-
-
-def adapter_shardings(cfg: LlamaConfig, spec: LoraSpec, mesh: Any) -> dict[str, Any]:
-  from astrollama_jax import sharding
-
-  return sharding.tree_shardings(mesh, adapter_logical_axes(cfg, spec), adapter_shapes(cfg, spec))
-
-
 def delta(target: str, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
   """``scale * A @ B`` over the rank axis, shaped like one layer's (or the stacked) weight."""
-  _, ins, outs = _split_eq(TARGETS[target][2])
+  _, ins, outs = split_eq(TARGETS[target][2])
   lead = "l" if a.ndim == len(ins) + 2 else ""
   eq = f"{lead}{ins}r,{lead}r{outs}->{lead}{ins}{outs}"
   return scale * jnp.einsum(
@@ -226,7 +156,7 @@ class LayerLora:
     ad = self.adapters.get(module, {}).get(weight)
     if ad is None:
       return y
-    xs, ins, outs = _split_eq(eq)
+    xs, ins, outs = split_eq(eq)
     if self.rng is not None and self.spec.dropout > 0:
       key = jax.random.fold_in(
         jax.random.wrap_key_data(self.rng, impl="threefry2x32"), _INDEX[(module, weight)]
@@ -254,7 +184,3 @@ def layer_keys(rng: Any, n_layers: int) -> jax.Array | None:
     return None
   key = jax.random.fold_in(jax.random.wrap_key_data(rng, impl="threefry2x32"), 0x10AA)
   return jax.random.key_data(jax.random.split(key, n_layers))
-
-
-def num_adapter_params(cfg: LlamaConfig, spec: LoraSpec) -> int:
-  return sum(math.prod(s.shape) for s in jax.tree.leaves(adapter_shapes(cfg, spec)))

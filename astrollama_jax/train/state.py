@@ -21,7 +21,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 import optax
 
-from astrollama_jax.model import llama
+from astrollama_jax.model import llama, lora_params
 from astrollama_jax.model import lora as lora_lib
 from astrollama_jax.model.config import LlamaConfig
 
@@ -84,8 +84,8 @@ def abstract_state(
   if lora is None:
     params, p_shard = llama.param_shapes(cfg), llama.param_shardings(cfg, mesh)
   else:
-    params = lora_lib.adapter_shapes(cfg, lora)
-    p_shard = lora_lib.adapter_shardings(cfg, lora, mesh)
+    params = lora_params.adapter_shapes(cfg, lora)
+    p_shard = lora_params.adapter_shardings(cfg, lora, mesh)
     dtype = jnp.dtype(base_dtype or cfg.param_dtype)
     frozen = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), llama.param_shapes(cfg))
     frozen_shard = llama.param_shardings(cfg, mesh)
@@ -149,7 +149,7 @@ def create_state(
     if lora is not None:
       cfg, spec, base_dtype = lora
       frozen = jax.tree.map(lambda x: x.astype(base_dtype), params)
-      params = lora_lib.init_adapters(cfg, spec, seed)
+      params = lora_params.init_adapters(cfg, spec, seed)
     return TrainState(
       step=jnp.zeros((), jnp.int32),
       params=params,
