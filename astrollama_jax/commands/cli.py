@@ -193,23 +193,17 @@ def define_sampling_flags(
   flags.DEFINE_string("system", None, "System prompt (chat format).")
 
 
-def load_from_flags(
-  F: flags.FlagValues = flags.FLAGS,
-) -> tuple[Any, Any, Any, Any]:
-  """The model, tokenizer and mesh the shared flags name (``generate`` and ``chat``)."""
+def load_from_flags(F: flags.FlagValues = flags.FLAGS) -> Any:
+  """``loader.load_model`` of the model the shared flags name, on their mesh, with its tokenizer
+  required (``generate``, ``chat``, ``serve``)."""
   from astrollama_jax.checkpoints import loader
-  from astrollama_jax.data.tokenizer import Tokenizer
 
-  mesh = sharding.mesh_from_text(F.mesh)
-  loaded = loader.load_model(
+  return loader.load_model(
     F.checkpoint,
-    mesh,
+    sharding.mesh_from_text(F.mesh),
     dtype=F.dtype,
     compute_dtype=F.compute_dtype,
     attention=F.attention,
     tokenizer=F.tokenizer,
+    need_tokenizer=True,
   )
-
-  tokenizer = Tokenizer(loaded.tokenizer_path)
-  tokenizer.check_vocab(loaded.cfg.vocab_size)
-  return loaded.cfg, loaded.params, tokenizer, mesh

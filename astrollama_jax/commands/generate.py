@@ -67,7 +67,8 @@ def main(argv: Sequence[str]) -> None:
     checks.check_text(r["prompt"], f"--prompt {i}")
   if F.output:
     checks.check_output_file(F.output)
-  cfg, params, tokenizer, mesh = cli.load_from_flags(F)
+  loaded = cli.load_from_flags(F)
+  cfg, params, tokenizer, mesh = loaded.cfg, loaded.params, loaded.open_tokenizer(), loaded.mesh
   if F.chat:
     ids = [
       build_prompt_ids(

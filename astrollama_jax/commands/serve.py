@@ -68,12 +68,12 @@ def main(argv: Sequence[str]) -> None:
     if getattr(F, name) < 1:
       raise UserError(f"--{name} must be >= 1, got {getattr(F, name)}")
   from astrollama_jax.feedback.store import FeedbackStore
-  from astrollama_jax.generation import load_from_flags
   from astrollama_jax.serve.batching import Batcher
   from astrollama_jax.serve.server import App, Server
 
   store = FeedbackStore(F.feedback_db) if F.feedback_db else None
-  cfg, params, tokenizer, mesh = load_from_flags(F)
+  loaded = cli.load_from_flags(F)
+  cfg, params, tokenizer, mesh = loaded.cfg, loaded.params, loaded.open_tokenizer(), loaded.mesh
   if F.max_tokens >= cfg.max_seq_len:
     raise UserError(
       f"--max_tokens={F.max_tokens} leaves no room for a prompt in the context of {cfg.max_seq_len}"

@@ -3,5 +3,6 @@
 ``mapping`` is the one table between our parameter paths and Hugging Face tensor names (Meta's
 shards are read through it too, in ``convert.meta``); ``hf`` reads and writes HF folders. Nothing
 here knows our own on-disk layout: ``checkpoints`` builds on these (an HF folder is one of the
-kinds ``checkpoints.load_model`` reads), and the ``convert`` and ``export`` commands build on both.
+kinds ``checkpoints.loader.load_model`` reads), and the ``convert`` and ``export`` commands build
+on both.
 """

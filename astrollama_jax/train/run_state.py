@@ -52,8 +52,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from astrollama_jax.checkpoints import store
-from astrollama_jax.checkpoints.store import CHECKPOINTS_DIR, PARAMS_DIR
+from astrollama_jax.checkpoints import reader
+from astrollama_jax.checkpoints.layout import CHECKPOINTS_DIR, PARAMS_DIR
 from astrollama_jax.data.shards import owned, regather, shard_ids
 from astrollama_jax.errors import UserError
 from astrollama_jax.train import distributed
@@ -444,7 +444,7 @@ class Checkpointer:
       self._carried_position = position
     step_dir = os.path.join(self.directory, str(step))
     for item, want in ((PARAMS_DIR, target.params), (OPT_STATE_DIR, target.opt_state)):
-      stored = store.stored_metadata(os.path.join(step_dir, item))
+      stored = reader.stored_metadata(os.path.join(step_dir, item))
       diff = tree_difference(stored, want)
       if diff:
         what = (
