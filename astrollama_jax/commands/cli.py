@@ -19,12 +19,15 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 import os
 import traceback
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from absl import app, flags, logging
 
 from astrollama_jax import sharding
 from astrollama_jax.errors import UserError
+
+if TYPE_CHECKING:  # the loader's imports are heavy: commands import it when they run
+  from astrollama_jax.checkpoints.loader import LoadedModel
 
 DTYPES = ("float32", "bfloat16", "float16")
 # The flags every command that loads a model for inference takes: ``cli.define(*MODEL_FLAGS)``.
@@ -193,7 +196,7 @@ def define_sampling_flags(
   flags.DEFINE_string("system", None, "System prompt (chat format).")
 
 
-def load_from_flags(F: flags.FlagValues = flags.FLAGS) -> Any:
+def load_from_flags(F: flags.FlagValues = flags.FLAGS) -> LoadedModel:
   """``loader.load_model`` of the model the shared flags name, on their mesh, with its tokenizer
   required (``generate``, ``chat``, ``serve``)."""
   from astrollama_jax.checkpoints import loader
