@@ -70,13 +70,13 @@ def _free_port() -> int:
 
 def _random_checkpoint(folder: str) -> str:
   """A random ``--preset`` model saved as a converted checkpoint (what the server loads)."""
-  from astrollama_jax.checkpoints import store
+  from astrollama_jax.checkpoints import writer
   from astrollama_jax.model import llama
   from astrollama_jax.model.config import get_config
 
   cfg = get_config(FLAGS.preset, compute_dtype="float32")
   params = llama.init_params(cfg, seed=0)
-  return store.save_params(os.path.join(folder, FLAGS.preset), cfg, params, FLAGS.tokenizer)
+  return writer.save_params(os.path.join(folder, FLAGS.preset), cfg, params, FLAGS.tokenizer)
 
 
 def _request(conn: http.client.HTTPConnection, model: str, question: str) -> tuple[int, int]:

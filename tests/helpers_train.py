@@ -142,9 +142,9 @@ def wait_for(cond, proc, timeout=180.0):
 def final_state(workdir):
   import orbax.checkpoint as ocp
 
-  from astrollama_jax.checkpoints import store
+  from astrollama_jax.checkpoints import loader
 
-  loaded = store.load_model(str(workdir))
+  loaded = loader.load_model(str(workdir))
   assert loaded.step == STEPS
   opt = ocp.StandardCheckpointer().restore(
     os.path.join(workdir, "checkpoints", str(STEPS), "opt_state")

@@ -7,7 +7,7 @@ import pickle
 
 import pytest
 
-from astrollama_jax.checkpoints import loader, store
+from astrollama_jax.checkpoints import layout, loader
 from astrollama_jax.data import chat_templates
 from astrollama_jax.data.chat_formats import Conversation
 from astrollama_jax.data.chat_templates import LLAMA2, TEMPLATES
@@ -61,8 +61,8 @@ def test_the_recorded_template_of_each_checkpoint_kind(tmp_path):
   assert loader.recorded_chat_template(str(hf)) is None
 
   work = tmp_path / "work"
-  _touch(work / store.CONFIG_FILE, "{}")
-  os.makedirs(work / store.CHECKPOINTS_DIR / "3")
+  _touch(work / layout.CONFIG_FILE, "{}")
+  os.makedirs(work / layout.CHECKPOINTS_DIR / "3")
   assert loader.recorded_chat_template(str(work)) is None  # no config.json: nothing recorded
   for data, want in (
     ({"kind": "sft", "sft": {"chat_template": "llama2"}}, "llama2"),

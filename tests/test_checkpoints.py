@@ -13,7 +13,7 @@ from orbax.checkpoint.experimental import v1
 import pytest
 
 from astrollama_jax import sharding
-from astrollama_jax.checkpoints import store
+from astrollama_jax.checkpoints import layout, loader, reader, writer
 from astrollama_jax.model import llama
 
 CFG = TINY_GQA  # GQA, float32 params and compute
@@ -28,7 +28,7 @@ def params():
 @pytest.fixture(scope="module")
 def converted(params, tmp_path_factory, tokenizer_path):
   out = str(tmp_path_factory.mktemp("ckpt") / "converted")
-  store.save_params(out, CFG, params, tokenizer_path)
+  writer.save_params(out, CFG, params, tokenizer_path)
   return out
 
 
@@ -48,7 +48,7 @@ def _assert_same(a, b):
 def test_converted_dir_round_trip_is_bit_exact(converted, params, tokenizer_path):
   assert sorted(os.listdir(converted)) == ["model_config.json", "params", "tokenizer.model"]
   assert not [f for f in os.listdir(os.path.dirname(converted)) if f.endswith(".partial")]
-  loaded = store.load_model(converted)
+  loaded = loader.load_model(converted)
   assert loaded.kind == "converted" and loaded.cfg == CFG
   assert open(loaded.tokenizer_path, "rb").read() == open(tokenizer_path, "rb").read()
   _assert_same(loaded.params, params)
@@ -58,7 +58,7 @@ def test_converted_dir_round_trip_is_bit_exact(converted, params, tokenizer_path
 def test_restore_onto_meshes_gives_same_logits(converted, params, shape):
   ref = _logits(CFG, params)
   mesh = sharding.make_mesh(shape)
-  loaded = store.load_model(converted, mesh=mesh)
+  loaded = loader.load_model(converted, mesh=mesh)
   want = llama.param_shardings(CFG, mesh)
   for (path, arr), sh in zip(
     jax.tree_util.tree_flatten_with_path(loaded.params)[0], jax.tree.leaves(want)
@@ -75,20 +75,20 @@ def test_restore_onto_meshes_gives_same_logits(converted, params, shape):
 
 
 def test_restore_casts_dtype(converted, params):
-  loaded = store.load_model(converted, dtype="bfloat16")
+  loaded = loader.load_model(converted, dtype="bfloat16")
   assert loaded.cfg.param_dtype == "bfloat16"
   assert {x.dtype for x in jax.tree.leaves(loaded.params)} == {jnp.dtype("bfloat16")}
   np.testing.assert_array_equal(
     np.asarray(loaded.params["embed"]), params["embed"].astype(jnp.bfloat16)
   )
   with pytest.raises(ValueError, match="unknown dtype 'int7'"):
-    store.load_model(converted, dtype="int7")
+    loader.load_model(converted, dtype="int7")
 
 
 def test_big_arrays_are_chunked_for_partial_reads(params, tmp_path, monkeypatch):
-  monkeypatch.setattr(store, "CHUNK_BYTES", 64 * 1024)
-  out = store.save_params(str(tmp_path / "c"), CFG, params)
-  embed = store.stored_metadata(os.path.join(out, "params"))["embed"]
+  monkeypatch.setattr(writer, "CHUNK_BYTES", 64 * 1024)
+  out = writer.save_params(str(tmp_path / "c"), CFG, params)
+  embed = reader.stored_metadata(os.path.join(out, "params"))["embed"]
   assert np.prod(embed.storage_metadata.chunk_shape) * 4 <= 64 * 1024 < np.prod(embed.shape) * 4
 
 
@@ -125,22 +125,22 @@ def test_workdir_latest_step_and_step_folder_read_params_only(params, tmp_path, 
   # The optimizer state is never read: destroy it and loading still works.
   for step in ("10", "20"):
     shutil.rmtree(os.path.join(root, "checkpoints", step, "opt_state"))
-  latest = store.load_model(root)
+  latest = loader.load_model(root)
   assert (latest.kind, latest.step) == ("workdir", 20)
   _assert_same(latest.params, jax.tree.map(lambda x: x + 20, params))
   assert latest.tokenizer_path == os.path.join(root, "tokenizer.model")
-  first = store.load_model(os.path.join(root, "checkpoints", "10"))
+  first = loader.load_model(os.path.join(root, "checkpoints", "10"))
   assert (first.kind, first.step) == ("step", 10)
   _assert_same(first.params, jax.tree.map(lambda x: x + 10, params))
-  with pytest.raises(store.CheckpointError, match="not a complete checkpoint step"):
-    store.load_model(os.path.join(root, "checkpoints", "30.orbax-checkpoint-tmp-1234"))
+  with pytest.raises(layout.CheckpointError, match="not a complete checkpoint step"):
+    loader.load_model(os.path.join(root, "checkpoints", "30.orbax-checkpoint-tmp-1234"))
 
 
 def test_hf_folder_loads(tmp_path, params):
   from astrollama_jax.formats import hf
 
   hf.save_hf(CFG, params, str(tmp_path / "hf"))
-  loaded = store.load_model(str(tmp_path / "hf"), mesh=sharding.make_mesh((1, 4, 2)))
+  loaded = loader.load_model(str(tmp_path / "hf"), mesh=sharding.make_mesh((1, 4, 2)))
   assert loaded.kind == "hf" and loaded.tokenizer_path is None
   _assert_same(loaded.params, params)
 
@@ -152,11 +152,11 @@ def test_config_that_does_not_fit_the_params_names_the_tensor(converted, tmp_pat
   cfg["ffn_dim"] = 96
   json.dump(cfg, open(os.path.join(bad, "model_config.json"), "w"))
   with pytest.raises(
-    store.CheckpointError,
+    layout.CheckpointError,
     match=r"\['layers'\]\['mlp'\]\['down_proj'\] has shape "
     r"\(2, 128, 64\) but the model config expects \(2, 96, 64\)",
   ):
-    store.load_model(bad)
+    loader.load_model(bad)
 
 
 def test_failed_save_leaves_nothing_that_looks_complete(params, tmp_path, monkeypatch):
@@ -165,18 +165,18 @@ def test_failed_save_leaves_nothing_that_looks_complete(params, tmp_path, monkey
 
   monkeypatch.setattr(v1.partial, "save", boom)
   with pytest.raises(RuntimeError, match="disk full"):
-    store.save_params(str(tmp_path / "out"), CFG, params)
+    writer.save_params(str(tmp_path / "out"), CFG, params)
   assert os.listdir(tmp_path) == []
   monkeypatch.undo()
   (tmp_path / "full").mkdir()
   (tmp_path / "full" / "x").write_text("keep me")
   with pytest.raises(FileExistsError, match="not empty"):
-    store.save_params(str(tmp_path / "full"), CFG, params)
+    writer.save_params(str(tmp_path / "full"), CFG, params)
   assert (tmp_path / "full" / "x").read_text() == "keep me"
 
 
 def test_not_a_model_is_a_clear_error(tmp_path):
-  with pytest.raises(store.CheckpointError, match="is not a model"):
-    store.load_model(str(tmp_path))
-  with pytest.raises(store.CheckpointError, match="is not a directory"):
-    store.load_model(str(tmp_path / "nope"))
+  with pytest.raises(layout.CheckpointError, match="is not a model"):
+    loader.load_model(str(tmp_path))
+  with pytest.raises(layout.CheckpointError, match="is not a directory"):
+    loader.load_model(str(tmp_path / "nope"))

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from astrollama_jax.checkpoints import store
+from astrollama_jax.checkpoints import loader, reader, writer
 from astrollama_jax.commands.convert import convert
 from astrollama_jax.data.tokenizer import Tokenizer
 from astrollama_jax.formats import meta
@@ -52,7 +52,7 @@ def test_meta_logits_match_hf(converted, tokenizer_path, abstracts):
   assert summary["shards"] == mp
   assert summary["tensors"] == 9 * cfg.n_layers + 3
   assert summary["parameters"] == cfg.num_params()
-  loaded = store.load_model(summary["output"])
+  loaded = loader.load_model(summary["output"])
   for field in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim"):
     assert getattr(loaded.cfg, field) == getattr(cfg, field), field
   assert loaded.cfg.param_dtype == "float32"
@@ -72,8 +72,8 @@ def test_bfloat16_shards_convert_exactly(tmp_path, tokenizer_path):
   s16 = convert("meta", b16, str(tmp_path / "o16"), show_progress=False)
   s32 = convert("meta", f32, str(tmp_path / "o32"), dtype="bfloat16", show_progress=False)
   assert s16["dtype"] == s32["dtype"] == "bfloat16"
-  a = store.load_model(s16["output"], on_host=True)
-  b = store.load_model(s32["output"], on_host=True)
+  a = loader.load_model(s16["output"], on_host=True)
+  b = loader.load_model(s32["output"], on_host=True)
   assert a.cfg.param_dtype == "bfloat16"
   for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
     assert x.dtype == y.dtype == jnp.bfloat16
@@ -251,16 +251,16 @@ def test_converted_checkpoint_restores_onto_meshes(
   """Small chunks, so every device reads only the chunks of its own shard."""
   from astrollama_jax import sharding
 
-  monkeypatch.setattr(store, "CHUNK_BYTES", 64 * 1024)
+  monkeypatch.setattr(writer, "CHUNK_BYTES", 64 * 1024)
   out = convert("meta", meta8, str(tmp_path / "out"), show_progress=False)["output"]
-  meta_tree = store.stored_metadata(os.path.join(out, "params"))
+  meta_tree = reader.stored_metadata(os.path.join(out, "params"))
   embed = meta_tree["embed"]
   assert np.prod(embed.storage_metadata.chunk_shape) < np.prod(embed.shape)
   cfg = TINY_70B
   ids = _ids(tokenizer_path, abstracts)
-  ref, _ = llama.apply(cfg, store.load_model(out).params, jnp.asarray(ids))
+  ref, _ = llama.apply(cfg, loader.load_model(out).params, jnp.asarray(ids))
   mesh = sharding.make_mesh(shape)
-  loaded = store.load_model(out, mesh=mesh)
+  loaded = loader.load_model(out, mesh=mesh)
   for arr, sh in zip(
     jax.tree.leaves(loaded.params), jax.tree.leaves(llama.param_shardings(cfg, mesh))
   ):

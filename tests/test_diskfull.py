@@ -22,7 +22,7 @@ import numpy as np
 from orbax.checkpoint.experimental import v1
 import pytest
 
-from astrollama_jax.checkpoints import store
+from astrollama_jax.checkpoints import loader, reader, writer
 from astrollama_jax.commands.convert import convert
 from astrollama_jax.commands.export import export
 from astrollama_jax.data.corpus import read as corpus
@@ -119,13 +119,13 @@ def test_export_disk_full_mid_write_removes_the_partial_folder(params, tmp_path,
 def test_export_refuses_up_front_when_the_disk_is_too_small(
   params, tmp_path, monkeypatch, tokenizer_path
 ):
-  converted = store.save_params(str(tmp_path / "ckpt"), CFG, params, tokenizer_path)
+  converted = writer.save_params(str(tmp_path / "ckpt"), CFG, params, tokenizer_path)
 
   def never(*a, **k):
     raise AssertionError("nothing may be restored or written")
 
-  monkeypatch.setattr(store, "load_model", never)
-  monkeypatch.setattr(store, "open_model", never)
+  monkeypatch.setattr(loader, "load_model", never)
+  monkeypatch.setattr(reader, "open_params", never)
   monkeypatch.setattr(hf, "_ShardWriter", never)
   _tiny_disk(monkeypatch)
   out = tmp_path / "hf"
@@ -166,7 +166,7 @@ def test_convert_disk_full_mid_write_and_up_front(params, tmp_path, monkeypatch,
   with pytest.raises(
     diskspace.DiskFullError, match=f"disk full: cannot write the output folder {out}: "
   ):
-    store.save_params(str(out), CFG, params, tokenizer_path)
+    writer.save_params(str(out), CFG, params, tokenizer_path)
   assert sorted(os.listdir(tmp_path)) == ["src"]
 
   monkeypatch.undo()
@@ -177,7 +177,7 @@ def test_convert_disk_full_mid_write_and_up_front(params, tmp_path, monkeypatch,
   ):
     convert("hf", str(src), str(out), tokenizer=tokenizer_path, show_progress=False)
   with pytest.raises(diskspace.DiskFullError, match="but only 1000 bytes is free"):
-    store.save_params(str(out), CFG, params, tokenizer_path)
+    writer.save_params(str(out), CFG, params, tokenizer_path)
   assert sorted(os.listdir(tmp_path)) == ["src"]
 
 
@@ -278,9 +278,9 @@ def test_train_checkpoint_on_a_full_disk_keeps_the_previous_one_and_resumes(tmp_
     "from step 3" in proc.stderr
   )
   assert os.listdir(ckpt_dir) == ["3"]  # step 6's temporary folder is gone, step 3 is intact
-  loaded = store.load_model(str(workdir), on_host=True)
+  loaded = loader.load_model(str(workdir), on_host=True)
   assert loaded.step == 3 and loaded.cfg.dim == 64
 
   summary = finish(start(cmd, 1, log), log)
   assert summary["resumed_from"] == 3 and summary["final_step"] == 9, tail(log)
-  assert store.load_model(str(workdir), on_host=True).step == 9
+  assert loader.load_model(str(workdir), on_host=True).step == 9

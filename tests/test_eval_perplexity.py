@@ -196,12 +196,12 @@ def test_orbax_checkpoint_scores_like_the_hf_folder(
   setup, capsys, tokenizer_path, abstracts, tmp_path
 ):
   """A converted Orbax DIR (its own tokenizer) gives the HF folder's numbers; bf16 is close."""
-  from astrollama_jax.checkpoints import store
+  from astrollama_jax.checkpoints import writer
   from astrollama_jax.formats import hf
 
   root, model, tok = setup
   cfg, params = hf.load_hf(str(root / "hf"))
-  ckpt = store.save_params(str(tmp_path / "converted"), cfg, params, tokenizer_path)
+  ckpt = writer.save_params(str(tmp_path / "converted"), cfg, params, tokenizer_path)
   args = [
     "--task=perplexity",
     f"--data={root / 'abstracts.jsonl'}",

@@ -17,7 +17,7 @@ from safetensors import safe_open
 import torch
 import transformers
 
-from astrollama_jax.checkpoints import store
+from astrollama_jax.checkpoints import loader
 from astrollama_jax.commands.convert import convert
 from astrollama_jax.commands.export import export
 from astrollama_jax.data.tokenizer import Tokenizer
@@ -45,8 +45,8 @@ def _ids(tokenizer_path, abstracts):
 
 def test_meta_orbax_hf_orbax_is_bit_exact(chain):
   model, first, exported, second = chain
-  a = store.load_model(first, on_host=True)
-  b = store.load_model(second, on_host=True)
+  a = loader.load_model(first, on_host=True)
+  b = loader.load_model(second, on_host=True)
   assert a.cfg == b.cfg
   for (path, x), y in zip(
     jax.tree_util.tree_flatten_with_path(a.params)[0], jax.tree.leaves(b.params)
@@ -74,7 +74,7 @@ def test_exported_folder_loads_in_transformers_with_the_same_logits(
   ids = _ids(tokenizer_path, abstracts)
   ref = hf_logits(model, ids)
   np.testing.assert_array_equal(hf_logits(reloaded, ids), ref)
-  ours = store.load_model(first)
+  ours = loader.load_model(first)
   got, _ = llama.apply(ours.cfg.replace(compute_dtype="float32"), ours.params, jnp.asarray(ids))
   np.testing.assert_allclose(np.asarray(got), ref, atol=1e-4, rtol=0)
 
@@ -134,7 +134,7 @@ def test_export_from_a_training_step_takes_params_only(tmp_path, tokenizer_path,
   want = jax.tree.map(lambda x: np.asarray(x * (1 + 9 / 100)).astype(jnp.bfloat16), params)
   back = convert("hf", summary["output"], str(tmp_path / "again"), show_progress=False)
   assert back["dtype"] == "bfloat16"
-  got = store.load_model(back["output"], on_host=True).params
+  got = loader.load_model(back["output"], on_host=True).params
   for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_array_equal(x.view(np.uint16), y.view(np.uint16))
   ids = _ids(tokenizer_path, abstracts)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from astrollama_jax.checkpoints import store
+from astrollama_jax.checkpoints import loader, reader, writer
 from astrollama_jax.commands.export import export
 from astrollama_jax.formats import hf
 from astrollama_jax.model import llama
@@ -55,14 +55,14 @@ def converted(tmp_path_factory, tokenizer_path):
   params = jax.tree.map(
     lambda s: rng.standard_normal(s.shape).astype(np.float32), llama.param_shapes(CFG)
   )
-  return store.save_params(str(root / "orbax"), CFG, params, tokenizer_path), params
+  return writer.save_params(str(root / "orbax"), CFG, params, tokenizer_path), params
 
 
 @pytest.mark.parametrize("dtype", [None, "bfloat16"])
 def test_lazy_parameters_read_the_same_bits_as_a_restore(converted, dtype):
   folder, _ = converted
-  lazy = store.open_model(folder, dtype=dtype)
-  whole = store.load_model(folder, dtype=dtype, on_host=True)
+  lazy = loader.load_model(folder, dtype=dtype, lazy=True)
+  whole = loader.load_model(folder, dtype=dtype, on_host=True)
   assert lazy.cfg == whole.cfg
   for (path, x), y in zip(
     jax.tree_util.tree_flatten_with_path(lazy.params)[0], jax.tree.leaves(whole.params)
@@ -78,7 +78,7 @@ def test_export_reads_one_hf_tensor_at_a_time_and_matches_the_whole_model(
 ):
   folder, params = converted
   reads: list[int] = []
-  real_get, real_array = store.StoredArray.__getitem__, store.StoredArray.__array__
+  real_get, real_array = reader.StoredArray.__getitem__, reader.StoredArray.__array__
 
   def get(self, index):
     out = real_get(self, index)
@@ -90,8 +90,8 @@ def test_export_reads_one_hf_tensor_at_a_time_and_matches_the_whole_model(
     reads.append(out.nbytes)
     return out
 
-  monkeypatch.setattr(store.StoredArray, "__getitem__", get)
-  monkeypatch.setattr(store.StoredArray, "__array__", whole)
+  monkeypatch.setattr(reader.StoredArray, "__getitem__", get)
+  monkeypatch.setattr(reader.StoredArray, "__array__", whole)
   out = export(folder, str(tmp_path / "streamed"), max_shard_bytes=2 * 1024**2, show_progress=False)
   largest_hf_tensor = max(
     x[0].nbytes if str(path[0].key) == "layers" else x.nbytes
@@ -102,7 +102,7 @@ def test_export_reads_one_hf_tensor_at_a_time_and_matches_the_whole_model(
 
   # The same folder as writing the fully restored model.
   monkeypatch.undo()
-  loaded = store.load_model(folder, on_host=True)
+  loaded = loader.load_model(folder, on_host=True)
   hf.save_hf(loaded.cfg, loaded.params, str(tmp_path / "whole"), max_shard_bytes=2 * 1024**2)
   files = sorted(os.listdir(tmp_path / "whole"))
   assert [f for f in sorted(os.listdir(tmp_path / "streamed")) if f in files] == files

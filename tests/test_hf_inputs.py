@@ -14,7 +14,7 @@ import pytest
 from safetensors.numpy import save_file
 import transformers
 
-from astrollama_jax.checkpoints import store
+from astrollama_jax.checkpoints import loader
 from astrollama_jax.commands.convert import convert
 from astrollama_jax.formats import hf
 from astrollama_jax.formats.mapping import ConversionError
@@ -100,7 +100,7 @@ def test_convert_and_serve_refuse_a_scaled_folder_before_writing(tmp_path, token
     _convert(folder, tmp_path / "out", tokenizer_path)
   assert not (tmp_path / "out").exists()
   with pytest.raises(ValueError, match="RoPE scaling 'linear'"):
-    store.load_model(str(folder))  # what serve, chat and eval load through
+    loader.load_model(str(folder))  # what serve, chat and eval load through
 
 
 # --- shards linked from outside the folder -------------------------------------------------
@@ -117,7 +117,7 @@ def test_a_shard_linked_from_outside_the_folder_is_refused(tmp_path, tokenizer_p
     _convert(folder, tmp_path / "out", tokenizer_path)
   assert not (tmp_path / "out").exists()
   with pytest.raises(ConversionError, match="outside"):
-    store.load_model(str(folder))
+    loader.load_model(str(folder))
 
 
 def test_a_shard_linked_within_the_folder_is_read(tmp_path):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from astrollama_jax import sharding
-from astrollama_jax.checkpoints import lora_base, store
+from astrollama_jax.checkpoints import layout, loader, lora_base, reader, writer
 from astrollama_jax.data.packing import BATCH_SPEC
 from astrollama_jax.model import llama, lora, lora_params
 from astrollama_jax.model.config import get_config
@@ -207,7 +207,7 @@ def test_dropout_only_with_a_key_and_the_same_key_gives_the_same_masks():
 
 def test_a_lora_workdir_names_its_base_and_refuses_a_changed_one(tmp_path, tokenizer_path):
   cfg = get_config("tiny", vocab_size=1024)
-  base_dir = store.save_params(str(tmp_path / "base"), cfg, llama.init_params(cfg, seed=5))
+  base_dir = writer.save_params(str(tmp_path / "base"), cfg, llama.init_params(cfg, seed=5))
   config = _config(mesh=(2, 2, 2))
   config.init_checkpoint = base_dir
   config.lora.base_dtype = "float32"
@@ -224,7 +224,7 @@ def test_a_lora_workdir_names_its_base_and_refuses_a_changed_one(tmp_path, token
   }
   assert record["lora"]["targets"] == list(ALL) and record["base_dtype"] == "float32"
   step = tmp_path / "run" / "checkpoints" / "3"
-  meta = store.stored_metadata(str(step / "params"))
+  meta = reader.stored_metadata(str(step / "params"))
   assert set(meta["layers"]["attn"]) == {"q_proj", "k_proj", "v_proj", "o_proj"}
   assert "embed" not in meta and set(meta["layers"]["attn"]["q_proj"]) == {"lora_a", "lora_b"}
 
@@ -233,9 +233,9 @@ def test_a_lora_workdir_names_its_base_and_refuses_a_changed_one(tmp_path, token
   import shutil
 
   shutil.rmtree(base_dir)
-  store.save_params(base_dir, other, llama.init_params(other, seed=6))
+  writer.save_params(base_dir, other, llama.init_params(other, seed=6))
   config.train.num_steps = 4
-  with pytest.raises(store.CheckpointError, match="now holds another model"):
+  with pytest.raises(layout.CheckpointError, match="now holds another model"):
     loop.train(config, str(tmp_path / "run"))
 
 
@@ -257,7 +257,7 @@ def test_kill9_and_resume_of_a_lora_run_is_bit_identical(tmp_path, tokenizer_pat
   from helpers_train import EVERY, RESUME_RUN, STEPS, kill_and_resume, records, train_cmd
 
   cfg = get_config("tiny", n_kv_heads=2)
-  base_dir = store.save_params(
+  base_dir = writer.save_params(
     str(tmp_path / "base"), cfg, llama.init_params(cfg, seed=7), tokenizer_path
   )
   run = [
@@ -289,7 +289,7 @@ def test_a_lora_workdir_over_a_random_base_loads_merged(tmp_path):
   loop.train(config, str(tmp_path / "run"))
   record = lora_base.read(str(tmp_path / "run"))
   assert record["base"] == {"kind": "random", "seed": 0}
-  loaded = store.load_model(str(tmp_path / "run"), on_host=True)
+  loaded = loader.load_model(str(tmp_path / "run"), on_host=True)
   assert loaded.step == 2 and loaded.cfg.param_dtype == "bfloat16"
   base = jax.tree.map(
     lambda x: np.asarray(x.astype(jnp.bfloat16)), llama.init_params(loaded.cfg, seed=0)

@@ -12,7 +12,7 @@ from safetensors import safe_open
 import torch
 import transformers
 
-from astrollama_jax.checkpoints import store
+from astrollama_jax.checkpoints import loader
 from astrollama_jax.commands.export import export
 from astrollama_jax.formats import peft as peft_io
 from astrollama_jax.model import llama, lora
@@ -98,7 +98,7 @@ def test_peft_loads_the_adapter_and_matches_the_merged_folder(lora_run, tokenize
   assert np.abs(a - c).max() > 1e-3  # the adapters change the model
 
   # And our own forward with the adapters as a branch (no merge) gives the same logits.
-  loaded = store.load_model(str(base), on_host=True)
+  loaded = loader.load_model(str(base), on_host=True)
   cfg = loaded.cfg.replace(compute_dtype="float32")
   from astrollama_jax.checkpoints import lora_base
 
@@ -111,10 +111,10 @@ def test_peft_loads_the_adapter_and_matches_the_merged_folder(lora_run, tokenize
 
 def test_load_model_on_a_lora_workdir_merges(lora_run):
   base, workdir, merged, _ = lora_run
-  loaded = store.load_model(str(workdir))
+  loaded = loader.load_model(str(workdir))
   assert loaded.kind == "workdir" and loaded.step == 4 and loaded.tokenizer_path
-  exported = store.load_model(merged["output"], on_host=True)
-  base_params = store.load_model(str(base), on_host=True).params
+  exported = loader.load_model(merged["output"], on_host=True)
+  base_params = loader.load_model(str(base), on_host=True).params
   for path, want in jax.tree_util.tree_flatten_with_path(exported.params)[0]:
     name = jax.tree_util.keystr(path)
     got, orig = np.asarray(_at(loaded.params, path)), np.asarray(_at(base_params, path))

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from astrollama_jax.checkpoints import store
+from astrollama_jax.checkpoints import loader
 from astrollama_jax.commands.convert import convert
 from astrollama_jax.formats import hf, mapping, meta
 from astrollama_jax.formats.mapping import ConversionError
@@ -119,7 +119,7 @@ def test_an_index_pointing_outside_the_folder_is_refused(
     )
   assert not (tmp_path / "out").exists()
   with pytest.raises(ConversionError, match=match):
-    store.load_model(str(hf_folder))
+    loader.load_model(str(hf_folder))
 
 
 def test_convert_command_reports_an_outside_index_in_one_line(hf_folder, tmp_path, tokenizer_path):

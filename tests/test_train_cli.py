@@ -177,7 +177,7 @@ def test_training_starts_from_an_hf_folder(tmp_path):
   """``init_checkpoint`` may be an HF folder: its architecture and weights start the run."""
   from hf_reference import save_hf_model
 
-  from astrollama_jax.checkpoints import store
+  from astrollama_jax.checkpoints import locate
   from astrollama_jax.model.config import LlamaConfig
 
   cfg = LlamaConfig(
@@ -200,4 +200,4 @@ def test_training_starts_from_an_hf_folder(tmp_path):
   )
   assert summary["final_step"] == 2
   assert "initialised from" in tail(log, 100_000)
-  assert store.read_model_config(str(workdir)).dim == 64
+  assert locate.read_model_config(str(workdir)).dim == 64

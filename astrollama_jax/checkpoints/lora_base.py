@@ -5,7 +5,9 @@ megabytes, not hundreds of gigabytes; the base model is named instead: the resol
 (a step folder rather than a workdir whose latest step may move on), its kind, and a
 fingerprint of the files, checked whenever the base is re-read (a resumed run, export, eval),
 so adapters are never silently applied to another model. A random base (``init_checkpoint=''``,
-for tests and benchmarks) is recorded by its seed and rebuilt from it.
+for tests and benchmarks) is recorded by its seed and rebuilt from it. This module reads and
+writes the record and the adapters; ``loader`` merges them into the base when a LoRA workdir is
+loaded.
 
 The fingerprint reads file names, sizes and the first and last 64 KiB of each file: cheap
 for 140 GB of weights, and it changes with any rewrite of a real checkpoint.
@@ -18,7 +20,9 @@ import json
 import os
 from typing import Any
 
-from astrollama_jax.checkpoints import store
+from astrollama_jax.checkpoints.layout import CONFIG_FILE, CheckpointError
+from astrollama_jax.checkpoints.locate import locate
+from astrollama_jax.checkpoints.reader import restore_on_host
 from astrollama_jax.model.lora import LoraSpec
 from astrollama_jax.util import diskspace
 
@@ -33,15 +37,15 @@ def _files(kind: str, root: str, params_dir: str | None) -> list[str]:
       for f in os.listdir(root)
       if f.endswith(".safetensors") or f == "config.json"
     )
-  out = [os.path.join(root, store.CONFIG_FILE)]
+  out = [os.path.join(root, CONFIG_FILE)]
   for folder, _, names in os.walk(params_dir):
     out += [os.path.join(folder, n) for n in names]
   return sorted(out)
 
 
 def fingerprint(path: str) -> str:
-  """A short digest of the model at ``path`` (any kind ``store.locate`` knows)."""
-  kind, root, params_dir, _ = store.locate(path)
+  """A short digest of the model at ``path`` (any kind ``locate`` knows)."""
+  kind, root, params_dir, _ = locate(path)
   top = params_dir if kind != "hf" else root
   h = hashlib.sha256()
   for file in _files(kind, root, params_dir):
@@ -60,7 +64,7 @@ def base_record(init_checkpoint: str, seed: int) -> dict[str, Any]:
   """How to find the base again: a resolved path + fingerprint, or a random init's seed."""
   if not init_checkpoint:
     return {"kind": "random", "seed": int(seed)}
-  kind, root, params_dir, step = store.locate(init_checkpoint)
+  kind, root, params_dir, step = locate(init_checkpoint)
   path = os.path.dirname(params_dir) if kind == "workdir" else root  # pin the step
   return {
     "kind": "step" if kind == "workdir" else kind,
@@ -71,6 +75,7 @@ def base_record(init_checkpoint: str, seed: int) -> dict[str, Any]:
 
 
 def write(workdir: str, spec: LoraSpec, base_dtype: str, base: dict[str, Any]) -> None:
+  """Write ``WORKDIR/lora.json``: the adapters' spec, the base's dtype and ``base_record``."""
   record = {"lora": spec.to_dict(), "base_dtype": base_dtype, "base": base}
   diskspace.write_atomic(os.path.join(workdir, LORA_FILE), json.dumps(record, indent=2) + "\n")
 
@@ -86,7 +91,7 @@ def read(root: str) -> dict[str, Any] | None:
     record["spec"] = LoraSpec.from_dict(record["lora"])
     return record
   except (OSError, ValueError, KeyError, TypeError) as e:
-    raise store.CheckpointError(f"cannot read the LoRA record {file}: {e}") from e
+    raise CheckpointError(f"cannot read the LoRA record {file}: {e}") from e
 
 
 def check_base(record: dict[str, Any], where: str) -> str | None:
@@ -96,12 +101,12 @@ def check_base(record: dict[str, Any], where: str) -> str | None:
     return None
   path = base["path"]
   if not os.path.isdir(path):
-    raise store.CheckpointError(
+    raise CheckpointError(
       f"{where} holds LoRA adapters of the base model {path}, which is gone; restore it there"
     )
   got = fingerprint(path)
   if got != base["fingerprint"]:
-    raise store.CheckpointError(
+    raise CheckpointError(
       f"{where} holds LoRA adapters of the base model {path}, but that folder now holds "
       f"another model (fingerprint {got}, recorded {base['fingerprint']})"
     )
@@ -110,49 +115,4 @@ def check_base(record: dict[str, Any], where: str) -> str | None:
 
 def restore_adapters(params_dir: str) -> dict[str, Any]:
   """A LoRA step's adapters (small) as float32 numpy arrays."""
-  return store.restore_on_host(params_dir, "float32")
-
-
-def load_merged(
-  record: dict[str, Any],
-  root: str,
-  params_dir: str,
-  cfg: Any,
-  mesh: Any = None,
-  dtype: str | None = None,
-  on_host: bool = False,
-) -> tuple[Any, Any]:
-  """(the base's config, its parameters with the adapters merged in) for inference and export.
-
-  The base is re-read where the record says (checked by fingerprint) in its stored dtype (or
-  ``dtype``); every targeted weight becomes ``W + (alpha / rank) * A @ B`` (float32 arithmetic,
-  cast back to W's dtype); every other weight is the base's, bit for bit.
-  """
-  import jax
-  import numpy as np
-
-  from astrollama_jax.model import llama, lora
-
-  spec = record["spec"]
-  adapters = restore_adapters(params_dir)
-  path = check_base(record, root)
-  if path is not None:
-    base = store.load_model(path, mesh=mesh, dtype=dtype, on_host=on_host)
-    base_cfg, params = base.cfg, base.params
-  else:  # a random base: rebuilt from its seed, in the run's base dtype
-    params = llama.init_params(cfg, seed=record["base"]["seed"])
-    params = jax.tree.map(lambda x: np.asarray(x.astype(dtype or record["base_dtype"])), params)
-    base_cfg = cfg.replace(param_dtype=str(np.dtype(params["embed"].dtype)))
-    if not on_host:
-      params = jax.device_put(
-        params, llama.param_shardings(base_cfg, mesh) if mesh is not None else jax.devices()[0]
-      )
-  if on_host:
-    merged = lora.merge(params, adapters, spec)
-    merged = jax.tree.map(lambda new, old: old if new is old else np.asarray(new), merged, params)
-    return base_cfg, merged
-  shardings = jax.tree.map(lambda x: x.sharding, params)
-  merged = jax.jit(
-    lambda p, a: lora.merge(p, a, spec), out_shardings=shardings, donate_argnums=(0,)
-  )(params, adapters)
-  return base_cfg, merged
+  return restore_on_host(params_dir, "float32")

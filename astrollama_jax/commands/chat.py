@@ -92,7 +92,8 @@ def main(argv: Sequence[str]) -> None:
   cli.no_extra_args(argv)
   F = flags.FLAGS
   check_sampling(F.max_new_tokens, F.temperature, F.top_k, F.top_p)
-  cfg, params, tokenizer, mesh = cli.load_from_flags(F)
+  loaded = cli.load_from_flags(F)
+  cfg, params, tokenizer, mesh = loaded.cfg, loaded.params, loaded.open_tokenizer(), loaded.mesh
   session = ChatSession(
     cfg,
     params,

@@ -26,7 +26,8 @@ from absl import app, flags, logging
 from astrollama_jax import sharding
 from astrollama_jax.errors import UserError
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the loader's imports are heavy: commands import it when they run
+  from astrollama_jax.checkpoints.loader import LoadedModel
   from astrollama_jax.data.chat_templates import ChatTemplate
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -209,26 +210,20 @@ def define_sampling_flags(
   flags.DEFINE_string("system", None, "System prompt (chat format).")
 
 
-def load_from_flags(
-  F: flags.FlagValues = flags.FLAGS,
-) -> tuple[Any, Any, Any, Any]:
-  """The model, tokenizer and mesh the shared flags name (``generate`` and ``chat``)."""
+def load_from_flags(F: flags.FlagValues = flags.FLAGS) -> LoadedModel:
+  """``loader.load_model`` of the model the shared flags name, on their mesh, with its tokenizer
+  required (``generate``, ``chat``, ``serve``)."""
   from astrollama_jax.checkpoints import loader
-  from astrollama_jax.data.tokenizer import Tokenizer
 
-  mesh = sharding.mesh_from_text(F.mesh)
-  loaded = loader.load_model(
+  return loader.load_model(
     F.checkpoint,
-    mesh,
+    sharding.mesh_from_text(F.mesh),
     dtype=F.dtype,
     compute_dtype=F.compute_dtype,
     attention=F.attention,
     tokenizer=F.tokenizer,
+    need_tokenizer=True,
   )
-
-  tokenizer = Tokenizer(loaded.tokenizer_path)
-  tokenizer.check_vocab(loaded.cfg.vocab_size)
-  return loaded.cfg, loaded.params, tokenizer, mesh
 
 
 def chat_template_from_flags(F: flags.FlagValues = flags.FLAGS) -> ChatTemplate:

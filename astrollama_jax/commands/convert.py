@@ -4,8 +4,8 @@
       [--dtype=bfloat16] [--tokenizer=llama/tokenizer.model]
 
 Writes DIR/model_config.json, DIR/tokenizer.model and DIR/params (Orbax), one parameter at a
-time (``store.write_params``; see there for the memory bound), shows progress per source
-tensor and ends with a summary table and one JSON line.
+time (``checkpoints.writer.write_params``; see there for the memory bound), shows progress per
+source tensor and ends with a summary table and one JSON line.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from astrollama_jax.checkpoints import store
+from astrollama_jax.checkpoints import layout, writer
 from astrollama_jax.commands import cli
 from astrollama_jax.formats import hf, mapping, meta
 from astrollama_jax.perf import memory
@@ -76,7 +76,7 @@ def convert(
   t0 = time.monotonic()
   if jax.process_count() > 1:
     raise RuntimeError("conversion runs in a single process; restore the result onto any mesh")
-  dtype = store.check_dtype(dtype)
+  dtype = layout.check_dtype(dtype)
   if not os.path.isdir(source):
     raise FileNotFoundError(f"source folder {source} does not exist")
   out = os.path.abspath(output)
@@ -113,7 +113,7 @@ def convert(
 
   read = meta.iter_meta_params if source_format == "meta" else hf.iter_hf_params
   try:
-    counts = store.write_params(out, cfg, read(source, cfg, cfg.param_dtype, progress), tok_path)
+    counts = writer.write_params(out, cfg, read(source, cfg, cfg.param_dtype, progress), tok_path)
   finally:
     bar.close()
   return {

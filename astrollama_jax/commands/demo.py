@@ -121,7 +121,7 @@ def answer(hf_folder: str, question: str) -> str:
   from astrollama_jax.data.tokenizer import Tokenizer
 
   mesh = sharding.mesh_from_text()
-  loaded = loader.load_model(hf_folder, mesh)
+  loaded = loader.load_model(hf_folder, mesh, need_tokenizer=True)
   session = ChatSession(
     loaded.cfg,
     loaded.params,

@@ -13,7 +13,7 @@ index, ``config.json``, ``generation_config.json`` and the tokenizer files (``to
 (``formats.hf.save_hf``).
 
 Memory: nothing is restored up front (no accelerator needed). Each HF tensor is read from the
-Orbax checkpoint alone (one layer of a stacked parameter, ``store.open_model``), cast,
+Orbax checkpoint alone (one layer of a stacked parameter: ``loader.load_model(lazy=True)``), cast,
 transposed and written into its planned safetensors shard (``formats.hf.save_hf``), then
 dropped, so host memory is bounded by a few copies of the largest tensor, not by the model
 or ``--max_shard_gb``; see docs/benchmarks.md. An HF folder as input is still read whole.
@@ -29,7 +29,7 @@ from absl import app, flags, logging
 import numpy as np
 from tqdm import tqdm
 
-from astrollama_jax.checkpoints import loader, lora_base, store
+from astrollama_jax.checkpoints import layout, loader, locate, lora_base
 from astrollama_jax.commands import cli
 from astrollama_jax.data import chat_templates
 from astrollama_jax.formats import hf, hf_tokenizer, mapping, peft
@@ -83,14 +83,13 @@ def export(
   files carry ``chat_template`` (a name in ``chat_templates.TEMPLATES``), by default the one the
   checkpoint records.
   """
-  from astrollama_jax.data.tokenizer import Tokenizer
 
   t0 = time.monotonic()
-  dtype = store.check_dtype(dtype)
+  dtype = layout.check_dtype(dtype)
   out = os.path.abspath(output)
   if os.path.exists(out) and os.listdir(out):  # fail before the (long) restore
     raise FileExistsError(f"output {out} exists and is not empty; choose another or remove it")
-  kind, root, params_dir, step = store.locate(checkpoint)
+  kind, root, params_dir, step = locate.locate(checkpoint)
   template = chat_templates.choose(
     chat_template, recorded=loader.recorded_chat_template(checkpoint)
   )
@@ -100,16 +99,15 @@ def export(
       f"--peft_adapter: {checkpoint} is not a LoRA workdir (no {lora_base.LORA_FILE})"
     )
   if kind != "hf":  # the size follows from the config (its param_dtype is the stored one): refuse
-    stored = store.read_model_config(root)  # before the (long) restore; save_hf checks again
+    stored = locate.read_model_config(root)  # before the (long) restore; save_hf checks again
     diskspace.check_free_space(
       out, stored.num_params() * np.dtype(dtype or stored.param_dtype).itemsize, "the output folder"
     )
-  loaded = store.open_model(checkpoint, dtype=dtype)
-  cfg = loaded.cfg
-  tok_path = tokenizer or loaded.tokenizer_path
-  if not tok_path:
-    raise FileNotFoundError(f"{checkpoint} has no tokenizer.model; pass --tokenizer")
-  Tokenizer(tok_path).check_vocab(cfg.vocab_size)
+  loaded = loader.load_model(
+    checkpoint, dtype=dtype, tokenizer=tokenizer, need_tokenizer=True, lazy=True
+  )
+  loaded.open_tokenizer()  # it must fit the model's vocabulary
+  cfg, tok_path = loaded.cfg, loaded.tokenizer_path
   logging.info(
     "exporting %s (%s%s) -> %s: %s",
     checkpoint,

@@ -66,7 +66,8 @@ def main(argv: Sequence[str]) -> None:
     checks.check_text(r["prompt"], f"--prompt {i}")
   if F.output:
     checks.check_output_file(F.output)
-  cfg, params, tokenizer, mesh = cli.load_from_flags(F)
+  loaded = cli.load_from_flags(F)
+  cfg, params, tokenizer, mesh = loaded.cfg, loaded.params, loaded.open_tokenizer(), loaded.mesh
   eos_id, stop_strings = tokenizer.eos_id, list(F.stop)
   if F.chat:
     template = cli.chat_template_from_flags(F)

@@ -73,7 +73,8 @@ def main(argv: Sequence[str]) -> None:
   from astrollama_jax.serve.server import App, Server
 
   store = FeedbackStore(F.feedback_db) if F.feedback_db else None
-  cfg, params, tokenizer, mesh = cli.load_from_flags(F)
+  loaded = cli.load_from_flags(F)
+  cfg, params, tokenizer, mesh = loaded.cfg, loaded.params, loaded.open_tokenizer(), loaded.mesh
   if F.max_tokens >= cfg.max_seq_len:
     raise UserError(
       f"--max_tokens={F.max_tokens} leaves no room for a prompt in the context of {cfg.max_seq_len}"

@@ -19,7 +19,6 @@ import jax
 from astrollama_jax import sharding
 from astrollama_jax.checkpoints import loader
 from astrollama_jax.errors import UserError
-from astrollama_jax.model.config import LlamaConfig
 from astrollama_jax.util import checks, tables
 
 TEXT_FIELDS = ("text", "abstract")
@@ -29,15 +28,8 @@ class EvalDataError(ValueError):
   """An evaluation file is not what it should be: names the file, line and problem."""
 
 
-@dataclasses.dataclass
-class Model:
-  """A model ready to score: config (with the requested compute dtype), params on the mesh."""
-
-  cfg: LlamaConfig
-  params: Any
-  mesh: Any
-  tokenizer_path: str | None
-  checkpoint: str
+# A model ready to score: config (with the requested compute dtype), params on its mesh.
+Model = loader.LoadedModel
 
 
 def load(
@@ -48,17 +40,16 @@ def load(
   tokenizer: str | None = None,
   attention: str | None = None,
 ) -> Model:
-  """Load any checkpoint kind onto a mesh, with the shared flags' meaning (``loader.load_model``)."""
-  mesh = sharding.mesh_from_text(mesh_shape)
-  loaded = loader.load_model(
+  """Load any checkpoint kind onto the mesh ``mesh_shape`` names (``loader.load_model``)."""
+  return loader.load_model(
     checkpoint,
-    mesh,
+    sharding.mesh_from_text(mesh_shape),
     dtype=dtype,
     compute_dtype=compute_dtype,
     attention=attention,
     tokenizer=tokenizer,
+    need_tokenizer=True,
   )
-  return Model(loaded.cfg, loaded.params, mesh, loaded.tokenizer_path, checkpoint)
 
 
 # --- evaluation records ---------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """The ``astrollama`` model of lm-evaluation-harness: its tasks scored by our scorer and generator.
 
 Why a model class of our own rather than exporting to HF and using lm-eval's ``hf`` backend:
-the checkpoint is evaluated as it is (any kind ``checkpoints.load_model`` reads), on the device
-mesh, multi-host, with the same packed float32 log-softmax as ``python -m astrollama_jax eval``.
+the checkpoint is evaluated as it is (any kind ``checkpoints.loader.load_model`` reads), on the
+device mesh, multi-host, with the same packed float32 log-softmax as
+``python -m astrollama_jax eval``.
 
 What lm-eval asks and how it is answered:
 

@@ -4,5 +4,6 @@
 shards are read through it too, in ``convert.meta``); ``hf`` reads and writes HF folders,
 ``hf_tokenizer`` writes their tokenizer files (with a chat template's Jinja string). Nothing
 here knows our own on-disk layout: ``checkpoints`` builds on these (an HF folder is one of the
-kinds ``checkpoints.load_model`` reads), and the ``convert`` and ``export`` commands build on both.
+kinds ``checkpoints.loader.load_model`` reads), and the ``convert`` and ``export`` commands build
+on both.
 """

@@ -335,8 +335,8 @@ def save_hf(
 
   Every shard's layout is planned from the shapes before any tensor is read, so each tensor is
   written into its file as soon as it is made and dropped: host memory holds about one tensor
-  (twice: read and transposed), whatever the shard size, and with ``checkpoints.open_model``'s
-  lazy parameters not the model either. The folder appears atomically
+  (twice: read and transposed), whatever the shard size, and with the lazy parameters of
+  ``checkpoints.loader.load_model(lazy=True)`` not the model either. The folder appears atomically
   (``diskspace.atomic_directory``). A disk too small for the tensors is refused up front; one
   that fills up anyway (other writers) gives a ``diskspace.DiskFullError`` naming ``folder``.
   ``extra_files(tmpdir)`` may add tokenizer files before the folder appears.

@@ -181,7 +181,7 @@ def hf_tensors(
   """Yield (HF name, numpy array) for every tensor, in HF's order, one at a time.
 
   Only the layer needed is taken of a stacked parameter (``x[i]``), so a lazily read one
-  (``checkpoints.StoredArray``) is read one HF tensor at a time.
+  (``checkpoints.reader.StoredArray``) is read one HF tensor at a time.
   """
   out_dtype = np.dtype(dtype) if dtype else None
   for name, t, i in hf_order(cfg):

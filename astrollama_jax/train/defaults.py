@@ -8,7 +8,7 @@ One section per concern:
 * ``model``: ``preset`` (``model/config.py``) plus every ``LlamaConfig`` field: the architecture
   fields are placeholders (None keeps the preset's or the checkpoint's value), the execution
   policy (dtypes, remat, attention) always applies, also on top of a loaded checkpoint;
-* ``init_checkpoint``: '' for a random init, else anything ``checkpoints.load_model`` reads
+* ``init_checkpoint``: '' for a random init, else anything ``checkpoints.loader.load_model`` reads
   (HF folder, converted DIR, WORKDIR, step folder); its architecture wins over ``model.preset``;
 * ``mesh``: (data, fsdp, tensor), one entry may be -1; ``sharding_rules``: logical axis -> mesh
   axes ('data,fsdp'; '' = replicated), for parameters and activations alike;

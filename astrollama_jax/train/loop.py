@@ -20,7 +20,7 @@ from absl import logging
 import jax
 
 from astrollama_jax import sharding
-from astrollama_jax.checkpoints import lora_base, store
+from astrollama_jax.checkpoints import loader, lora_base
 from astrollama_jax.model import llama
 from astrollama_jax.perf import flops
 from astrollama_jax.train import data, distributed, resolve, watchdog
@@ -94,7 +94,7 @@ def evaluate(config: Any, eval_step: Any, params: Any, mesh: Any) -> dict[str, f
 def _init_state(config: Any, program: program_lib.TrainProgram) -> Any:
   if config.init_checkpoint:
     dtype = program.base_dtype if program.lora is not None else program.cfg.param_dtype
-    loaded = store.load_model(config.init_checkpoint, mesh=program.mesh, dtype=dtype)
+    loaded = loader.load_model(config.init_checkpoint, mesh=program.mesh, dtype=dtype)
     logging.info("initialised from %s (%s)", config.init_checkpoint, loaded.kind)
     return program.init_state(config.seed, loaded.params)
   return program.init_state(config.seed)
@@ -126,7 +126,7 @@ def _frozen_base(record: dict, workdir: str, program: program_lib.TrainProgram) 
   """A resumed LoRA run's base, re-read from where its record says (or rebuilt from its seed)."""
   path = lora_base.check_base(record, workdir)
   if path is not None:
-    return store.load_model(path, mesh=program.mesh, dtype=program.base_dtype).params
+    return loader.load_model(path, mesh=program.mesh, dtype=program.base_dtype).params
   cfg, seed, dtype = program.cfg, record["base"]["seed"], program.base_dtype
   make = lambda: jax.tree.map(lambda x: x.astype(dtype), llama.init_params(cfg, seed=seed))  # noqa: E731
   return jax.jit(make, out_shardings=program.shardings.frozen)()

@@ -1,8 +1,8 @@
 """Before the first step: the model config, the workdir files and the number of steps.
 
 The workdir is made self-describing (``model_config.json``, ``tokenizer.model``, ``config.json``)
-so that ``store.load_model(WORKDIR)``, export, eval and a resumed run all read it without
-the original config file.
+so that ``checkpoints.loader.load_model(WORKDIR)``, export, eval and a resumed run all read it
+without the original config file.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import jax
 import numpy as np
 
 from astrollama_jax import sharding
-from astrollama_jax.checkpoints import store
+from astrollama_jax.checkpoints import layout, locate, writer
 from astrollama_jax.model.config import POLICY_FIELDS, LlamaConfig, get_config
 from astrollama_jax.train import data
 from astrollama_jax.train.run_state import CHECKPOINTS_DIR
@@ -102,26 +102,26 @@ def has_checkpoints(workdir: str) -> bool:
 def model_config(config: Any, workdir: str) -> tuple[LlamaConfig, str]:
   """(model config, where it came from): the workdir's when resuming, else the init checkpoint's
   architecture, else ``model.preset`` with overrides; the run's execution policy on top."""
-  saved = os.path.join(workdir, store.CONFIG_FILE)
+  saved = os.path.join(workdir, layout.CONFIG_FILE)
   if has_checkpoints(workdir) and os.path.isfile(saved):
-    return _with_overrides(store.read_model_config(workdir), config, saved), saved
+    return _with_overrides(locate.read_model_config(workdir), config, saved), saved
   if config.init_checkpoint:
-    kind, root, _, _ = store.locate(config.init_checkpoint)
+    kind, root, _, _ = locate.locate(config.init_checkpoint)
     if kind == "hf":
       from astrollama_jax.formats import hf
 
       cfg = hf.read_hf_config(root)
     else:
-      cfg = store.read_model_config(root)
+      cfg = locate.read_model_config(root)
     return _with_overrides(cfg, config, config.init_checkpoint), config.init_checkpoint
   return preset_model_config(config), f"preset {config.model.preset}"
 
 
 def tokenizer_path(config: Any, workdir: str) -> str | None:
   """The data's tokenizer, else the workdir's copy, else the init checkpoint's."""
-  candidates = [config.data.tokenizer_path, os.path.join(workdir, store.TOKENIZER_FILE)]
+  candidates = [config.data.tokenizer_path, os.path.join(workdir, layout.TOKENIZER_FILE)]
   if config.init_checkpoint:
-    candidates.append(os.path.join(store.locate(config.init_checkpoint)[1], store.TOKENIZER_FILE))
+    candidates.append(os.path.join(locate.locate(config.init_checkpoint)[1], layout.TOKENIZER_FILE))
   for path in candidates:
     if path and os.path.isfile(path):
       return path
@@ -179,9 +179,9 @@ def bootstrap_workdir(workdir: str, config: Any, cfg: LlamaConfig, tok_path: str
   """Write model_config.json, tokenizer.model and config.json (process 0); refuse a workdir
   whose checkpoints belong to a different architecture."""
   os.makedirs(workdir, exist_ok=True)
-  saved = os.path.join(workdir, store.CONFIG_FILE)
+  saved = os.path.join(workdir, layout.CONFIG_FILE)
   if has_checkpoints(workdir) and os.path.isfile(saved):
-    old = store.read_model_config(workdir)
+    old = locate.read_model_config(workdir)
     diff = [
       k
       for k, v in cfg.to_dict().items()
@@ -194,9 +194,9 @@ def bootstrap_workdir(workdir: str, config: Any, cfg: LlamaConfig, tok_path: str
       )
   if jax.process_index() == 0:
     same_tok = tok_path and os.path.abspath(tok_path) == os.path.abspath(
-      os.path.join(workdir, store.TOKENIZER_FILE)
+      os.path.join(workdir, layout.TOKENIZER_FILE)
     )
-    store.write_side_files(workdir, cfg, None if same_tok else tok_path)
+    writer.write_side_files(workdir, cfg, None if same_tok else tok_path)
     diskspace.write_atomic(
       os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2, sort_keys=True)
     )

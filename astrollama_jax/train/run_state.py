@@ -1,12 +1,17 @@
-"""Orbax checkpoints of a training run: params, optimizer state, step/RNG/counters, data iterator.
+"""The state of a training run, saved and restored with its parameters: what a resume needs.
 
-``WORKDIR/checkpoints/<step>/`` holds the items ``params`` and ``opt_state`` (StandardSave, each
-process writing its own shards; ``checkpoints`` owns the names and reads ``params`` back for every
-other command), ``train_meta`` (JSON: step, rng, skip counters, process count, the run's
-``identity``) and ``data_iter`` (one Grain iterator state file per process, holding the states
-of the data shards it reads). Saves are asynchronous: the device arrays are copied to host
-before ``save`` returns, the files are written in the background and a step only becomes
-visible once finalised, so a crash mid-save leaves no half checkpoint that looks complete.
+This is the run's state, not the model's: the optimizer state, the step, RNG and counters, and
+the data position, plus how a restore that fails is classified. The model itself is the
+``params`` item in our checkpoint format (``checkpoints``: its names, reader and loader), which
+every other command reads without this module.
+
+``WORKDIR/checkpoints/<step>/`` holds the items ``params`` and ``opt_state`` (StandardSave,
+each process writing its own shards), ``train_meta`` (JSON: step, rng, skip counters, process
+count, the run's ``identity``) and ``data_iter`` (one Grain iterator state file per process,
+holding the states of the data shards it reads). Saves are asynchronous: the device arrays are
+copied to host before ``save`` returns, the files are written in the background and a step only
+becomes visible once finalised, so a crash mid-save leaves no half checkpoint that looks
+complete.
 
 At start-up the newest step is restored onto this run's mesh: parameters and optimizer state
 are resharded by Orbax (any mesh, device or process count that can hold them). The data
@@ -14,8 +19,8 @@ position carries over to another process count: synthetic data's is global (ever
 process had the same state, the number of global batches read); lm and sft data keep one
 state per virtual data shard (``data/shards.py``, fixed for the run by ``data.shards``), and a
 process of the new count gathers the states of the shards it owns from the saved files. A
-checkpoint saved before data shards existed keeps a per-process state: it resumes only on its
-own process count.
+checkpoint whose run records no ``data.shards`` keeps a per-process state: it resumes only on
+its own process count.
 
 A failure is classified before anything is moved (every process agrees on the class, the most
 serious one wins):
@@ -52,8 +57,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from astrollama_jax.checkpoints import store
-from astrollama_jax.checkpoints.store import CHECKPOINTS_DIR, PARAMS_DIR
+from astrollama_jax.checkpoints import reader
+from astrollama_jax.checkpoints.layout import CHECKPOINTS_DIR, PARAMS_DIR
 from astrollama_jax.data.shards import owned, regather, shard_ids
 from astrollama_jax.errors import UserError
 from astrollama_jax.train import distributed
@@ -420,7 +425,8 @@ class Checkpointer:
     )
     saved_run = meta.get("run")
     if saved_run is not None:
-      for key in sorted(set(saved_run) & set(self.identity)):  # a key added later is no difference
+      # a key one side lacks is no difference
+      for key in sorted(set(saved_run) & set(self.identity)):
         if saved_run[key] != self.identity[key]:
           return f"{key} is {saved_run[key]!r} in the checkpoint, {self.identity[key]!r} now"
     self._carried_position = None
@@ -429,7 +435,7 @@ class Checkpointer:
     if shards is not None and (saved_run is None or "data.shards" not in saved_run):
       if (shards, jax.process_count()) != (saved_procs, saved_procs):
         return (
-          f"its data position is per process (saved before data.shards): it resumes only on "
+          f"its data position is per process (its run records no data.shards): it resumes only on "
           f"{saved_procs} processes with --config.data.shards={saved_procs}"
         )
     elif saved_procs != jax.process_count():
@@ -444,7 +450,7 @@ class Checkpointer:
       self._carried_position = position
     step_dir = os.path.join(self.directory, str(step))
     for item, want in ((PARAMS_DIR, target.params), (OPT_STATE_DIR, target.opt_state)):
-      stored = store.stored_metadata(os.path.join(step_dir, item))
+      stored = reader.stored_metadata(os.path.join(step_dir, item))
       diff = tree_difference(stored, want)
       if diff:
         what = (
