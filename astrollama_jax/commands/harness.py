@@ -4,9 +4,9 @@
       --num_fewshot=5 --output=eval/cpt
 
 Runs lm-eval's ``simple_evaluate`` with our ``astrollama`` model class
-(``astrollama_jax.eval.lm_eval_model``): scoring and generation on the mesh, multi-host. The tasks are
-lm-eval's own, the astronomy tasks shipped in ``astrollama_jax/eval/tasks`` (always included),
-and any YAMLs under ``--include_path``. Writes, on process 0 only:
+(``astrollama_jax.eval.lm_eval_model``): scoring and generation on the mesh, multi-host. The
+tasks are lm-eval's own, the astronomy tasks shipped in ``astrollama_jax/eval/tasks`` (always
+included), and any YAMLs under ``--include_path``. Writes, on process 0 only:
 
 * ``<output>/<label>/results_<time>.json``: lm-eval's results file (as ``lm_eval --output_path``),
   and with ``--log_samples`` its per-document samples beside it;
@@ -30,7 +30,10 @@ from astrollama_jax.commands import cli
 from astrollama_jax.errors import UserError
 from astrollama_jax.util import checks, tables
 
-TASKS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "eval", "tasks")
+# The astronomy task YAMLs shipped in the package: astrollama_jax/eval/tasks.
+TASKS_DIR = os.path.join(
+  os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "eval", "tasks"
+)
 RESULT_FILE = "harness.json"
 _COUNTS = ("sample_len", "sample_count")  # lm-eval's document counts, not metrics
 
