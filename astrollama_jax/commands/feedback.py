@@ -23,25 +23,32 @@ from astrollama_jax.util import checks, tables
 ACTIONS = ("export", "stats")
 
 
-def define_flags() -> None:
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   """The command's flags (defined when run, never on import)."""
-  flags.DEFINE_string("db", None, "The SQLite ratings file the server wrote (--feedback_db).")
-  cli.define("output", help={"output": "export: the ShareGPT JSONL of the conversations."})
+  fv = {"flag_values": flag_values}
+  flags.DEFINE_string("db", None, "The SQLite ratings file the server wrote (--feedback_db).", **fv)
+  cli.define(
+    "output",
+    help={"output": "export: the ShareGPT JSONL of the conversations."},
+    flag_values=flag_values,
+  )
   flags.DEFINE_string(
     "pairs",
     None,
     "export: the preference pairs JSONL (default: beside --output, named *.pairs.jsonl).",
+    **fv,
   )
   flags.DEFINE_integer(
     "min_rating",
     4,
     "export: uncorrected answers rated at least this are kept "
     "as SFT data (corrected ones always are).",
+    **fv,
   )
   flags.DEFINE_string(
-    "since", None, "Only ratings made at or after this ISO date or date-time (UTC)."
+    "since", None, "Only ratings made at or after this ISO date or date-time (UTC).", **fv
   )
-  flags.mark_flag_as_required("db")
+  flags.mark_flag_as_required("db", flag_values=flag_values)
 
 
 def pairs_path(output: str) -> str:
@@ -49,13 +56,12 @@ def pairs_path(output: str) -> str:
   return f"{stem}.pairs.jsonl"
 
 
-def main(argv: Sequence[str]) -> None:
+def main(argv: Sequence[str], F: flags.FlagValues = flags.FLAGS) -> None:
   if len(argv) != 2 or argv[1] not in ACTIONS:
     raise app.UsageError(f"give one action: {' or '.join(ACTIONS)}")
   from astrollama_jax.feedback import datasets
   from astrollama_jax.feedback.store import open_existing
 
-  F = flags.FLAGS
   since = datasets.parse_since(F.since)  # a bad date fails before the file is opened
   store = open_existing(F.db)
   try:
