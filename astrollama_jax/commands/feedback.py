@@ -12,7 +12,6 @@ for ``config.data.sft.sources`` of the SFT config, and the (chosen, rejected) pa
 from __future__ import annotations
 
 from collections.abc import Sequence
-import os
 
 from absl import app, flags
 
@@ -26,7 +25,9 @@ ACTIONS = ("export", "stats")
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   """The command's flags (defined when run, never on import)."""
   fv = {"flag_values": flag_values}
-  flags.DEFINE_string("db", None, "The SQLite ratings file the server wrote (--feedback_db).", **fv)
+  flags.DEFINE_string(
+    "db", None, "The SQLite ratings file the server wrote (--feedback_db); only read.", **fv
+  )
   cli.define(
     "output",
     help={"output": "export: the ShareGPT JSONL of the conversations."},
@@ -63,16 +64,17 @@ def main(argv: Sequence[str], F: flags.FlagValues = flags.FLAGS) -> None:
   from astrollama_jax.feedback.store import open_existing
 
   since = datasets.parse_since(F.since)  # a bad date fails before the file is opened
+  if argv[1] == "export":
+    if not F.output:
+      raise UserError("export needs --output=FILE")
+    pairs = F.pairs or pairs_path(F.output)
+    outputs = {"--output": F.output, "--pairs": pairs}
+    datasets.check_outputs(F.db, outputs)  # before the file is opened: never onto the database
+    for flag, path in outputs.items():
+      checks.check_output_file(path, flag)
   store = open_existing(F.db)
   try:
     if argv[1] == "export":
-      if not F.output:
-        raise UserError("export needs --output=FILE")
-      pairs = F.pairs or pairs_path(F.output)
-      for path in (F.output, pairs):
-        checks.check_output_file(path)
-      if os.path.abspath(pairs) == os.path.abspath(F.output):
-        raise UserError("--pairs and --output must be different files")
       tables.report("feedback export", datasets.export(store, F.output, pairs, F.min_rating, since))
       return
     rows = store.rows(since=since)
