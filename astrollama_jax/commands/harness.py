@@ -14,14 +14,20 @@ included), and any YAMLs under ``--include_path``. Writes, on process 0 only:
   (``task``, ``label``, ``checkpoint``, ``metrics`` {"<task>/<metric>": number}, ``rows``,
   ``files``), so ``python -m astrollama_jax eval --compare`` reads it next to our own tasks.
 
+Every process reads the tasks' data before the model loads (a missing, empty or malformed file
+is one error line) through HF datasets' cache in ``<output>/datasets_cache`` (or
+``--datasets_cache``, or ``$HF_DATASETS_CACHE``), never in the home folder unless named.
+
 Prints lm-eval's table, then one JSON line holding lm-eval's ``results``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+import contextlib
 import json
 import os
+import pathlib
 from typing import Any
 
 from absl import flags, logging
@@ -75,6 +81,13 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     **fv,
   )
   flags.DEFINE_bool("log_samples", False, "Also write lm-eval's per-document samples.", **fv)
+  flags.DEFINE_string(
+    "datasets_cache",
+    None,
+    "Folder where HF datasets caches the tasks' data (default: $HF_DATASETS_CACHE if set, "
+    "else <output>/datasets_cache; never ~/.cache unless named).",
+    **fv,
+  )
   flags.DEFINE_bool("progress", True, "Show progress bars.", **fv)
   flags.DEFINE_enum(
     "distributed",
@@ -100,14 +113,15 @@ def _limit(value: float | None) -> int | float | None:
   return int(value) if value >= 1 and float(value).is_integer() else value
 
 
-def task_manager(include_paths: Sequence[str] = ()):
-  """lm-eval's TaskManager over its tasks, ours and ``include_paths`` (each must be a folder)."""
+def task_manager(include_paths: Sequence[str] = (), include_defaults: bool = True):
+  """lm-eval's TaskManager over ours and ``include_paths`` (each must be a folder), and with
+  ``include_defaults`` lm-eval's own tasks (indexing them takes most of a minute)."""
   from lm_eval.tasks import TaskManager
 
   for path in include_paths:
     if not os.path.isdir(path):
       raise UserError(f"--include_path {path} is not a folder")
-  return TaskManager(include_path=[TASKS_DIR, *include_paths])
+  return TaskManager(include_path=[TASKS_DIR, *include_paths], include_defaults=include_defaults)
 
 
 def resolve_tasks(manager, names: Sequence[str]) -> list[str]:
@@ -127,6 +141,84 @@ def resolve_tasks(manager, names: Sequence[str]) -> list[str]:
       f"lists them; add a folder of YAMLs with --include_path)"
     )
   return out
+
+
+def manager_and_tasks(names: Sequence[str], include_paths: Sequence[str] = ()):
+  """(TaskManager, resolved names): ours and ``include_paths`` first, which index at once;
+  lm-eval's own index only for a name not found there or a glob pattern (which may match
+  lm-eval's tasks too)."""
+  if not any(c in name for name in names for c in "*?["):
+    manager = task_manager(include_paths, include_defaults=False)
+    try:
+      return manager, resolve_tasks(manager, names)
+    except UserError:
+      pass
+  manager = task_manager(include_paths)
+  return manager, resolve_tasks(manager, names)
+
+
+@contextlib.contextmanager
+def datasets_cache(folder: str) -> Iterator[str]:
+  """HF datasets' cache in ``folder`` while the tasks load: lm-eval's ``load_dataset`` calls
+  name no cache, and datasets would write under ``~/.cache/huggingface`` otherwise."""
+  from datasets import config
+
+  names = ("HF_DATASETS_CACHE", "DOWNLOADED_DATASETS_PATH", "EXTRACTED_DATASETS_PATH")
+  saved = {name: getattr(config, name) for name in names}
+  root = pathlib.Path(os.path.abspath(folder))
+  config.HF_DATASETS_CACHE = root
+  config.DOWNLOADED_DATASETS_PATH = root / config.DOWNLOADED_DATASETS_DIR
+  config.EXTRACTED_DATASETS_PATH = config.DOWNLOADED_DATASETS_PATH / config.EXTRACTED_DATASETS_DIR
+  try:
+    yield str(root)
+  finally:
+    for name, value in saved.items():
+      setattr(config, name, value)
+
+
+def _data_errors() -> tuple[type[BaseException], ...]:
+  """What reading a task's data raises when the file is missing, empty or malformed."""
+  import datasets
+  import jinja2
+  import pyarrow
+
+  return (
+    StopIteration,  # datasets' json reader on an empty file
+    datasets.exceptions.DatasetsError,
+    pyarrow.ArrowException,
+    jinja2.TemplateError,  # a record without the fields the task's templates use
+    OSError,
+    ValueError,
+  )
+
+
+def _why(error: BaseException) -> str:
+  if isinstance(error, StopIteration):
+    return "no records (an empty file?)"
+  from datasets.exceptions import DatasetsError
+
+  cause = error.__cause__ or error.__context__
+  if isinstance(error, DatasetsError) and cause is not None:
+    error = cause  # "An error occurred while generating the dataset" says less than its cause
+  return str(error).strip() or type(error).__name__
+
+
+def load_tasks(manager, names: Sequence[str]) -> list[Any]:
+  """lm-eval's Task and Group objects of ``names``, their data read now, before any model is
+  loaded: a missing, empty or malformed data file is a ``UserError`` naming the task and file."""
+  built: list[Any] = []
+  for name in names:
+    try:
+      loaded = manager.load([name])
+    except _data_errors() as e:
+      entry = manager.task_index.get(name)
+      files = ((entry.cfg if entry else None) or {}).get("dataset_kwargs", {}).get("data_files")
+      where = f" ({json.dumps(files)}, relative to {os.getcwd()})" if files else ""
+      raise UserError(f"lm-eval task {name}: cannot read its data{where}: {_why(e)}") from None
+    children = {c for kids in (loaded.get("group_map") or {}).values() for c in kids}
+    built += [g for n, g in loaded["groups"].items() if n not in children]
+    built += [t for n, t in loaded["tasks"].items() if n not in children]
+  return built
 
 
 def flat_metrics(results: dict) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -187,7 +279,7 @@ def write_result(
 
 def evaluate(
   lm,
-  tasks: Sequence[str],
+  tasks: Sequence[Any],
   manager,
   *,
   output: str | None,
@@ -198,8 +290,9 @@ def evaluate(
   bootstrap_iters: int = 100000,
   log_samples: bool = False,
 ) -> dict:
-  """``simple_evaluate`` of ``lm`` on ``tasks``; process 0 writes lm-eval's results file(s)
-  under ``output``. Returns lm-eval's results dict (``files``: what was written)."""
+  """``simple_evaluate`` of ``lm`` on ``tasks`` (names, or ``load_tasks``'s objects); process 0
+  writes lm-eval's results file(s) under ``output``. Returns lm-eval's results dict
+  (``files``: what was written)."""
   from lm_eval import simple_evaluate
   from lm_eval.loggers import EvaluationTracker
 
@@ -258,30 +351,32 @@ def main(argv: Sequence[str], F: flags.FlagValues = flags.FLAGS) -> None:
   AstroLlamaLM = _import_model_class()
   checks.check_output_dir(F.output, empty=False)
   limit = _limit(F.limit)
-  manager = task_manager(F.include_path)
-  tasks = resolve_tasks(manager, F.tasks)
-  label = F.label or common.default_label(F.checkpoint)
-  model = common.load(F.checkpoint, F.mesh, F.dtype, F.compute_dtype, F.tokenizer, F.attention)
-  lm = AstroLlamaLM(
-    model=model,
-    batch_size=F.batch_size,
-    max_length=F.max_length or None,
-    max_gen_toks=F.max_gen_toks,
-    progress=F.progress,
-  )
-  logging.info("lm-eval tasks: %s", ", ".join(tasks))
-  results = evaluate(
-    lm,
-    tasks,
-    manager,
-    output=F.output,
-    label=label,
-    num_fewshot=F.num_fewshot,
-    limit=limit,
-    seed=F.seed,
-    bootstrap_iters=F.bootstrap_iters,
-    log_samples=F.log_samples,
-  )
+  manager, tasks = manager_and_tasks(F.tasks, F.include_path)
+  cache = F.datasets_cache or os.environ.get("HF_DATASETS_CACHE")
+  with datasets_cache(cache or os.path.join(F.output, "datasets_cache")):
+    loaded = load_tasks(manager, tasks)
+    label = F.label or common.default_label(F.checkpoint)
+    model = common.load(F.checkpoint, F.mesh, F.dtype, F.compute_dtype, F.tokenizer, F.attention)
+    lm = AstroLlamaLM(
+      model=model,
+      batch_size=F.batch_size,
+      max_length=F.max_length or None,
+      max_gen_toks=F.max_gen_toks,
+      progress=F.progress,
+    )
+    logging.info("lm-eval tasks: %s", ", ".join(tasks))
+    results = evaluate(
+      lm,
+      loaded,
+      manager,
+      output=F.output,
+      label=label,
+      num_fewshot=F.num_fewshot,
+      limit=limit,
+      seed=F.seed,
+      bootstrap_iters=F.bootstrap_iters,
+      log_samples=F.log_samples,
+    )
   if not common.is_writer():
     return
   files = results.pop("files")
