@@ -389,7 +389,7 @@ def test_two_processes_give_the_single_process_results(setup, both, tmp_path, to
     want = {k: v for k, v in ours["results"][task].items() if isinstance(v, float)}
     got = {k: summary["results"][task][k] for k in want}
     assert got == pytest.approx(want, rel=1e-5, abs=1e-5), task
-  assert sorted(os.listdir(out)) == ["harness.json", "tiny"]
+  assert sorted(os.listdir(out)) == ["datasets_cache", "harness.json", "tiny"]
   assert len(os.listdir(out / "tiny")) == 1  # one results file, from process 0
 
 
@@ -417,3 +417,69 @@ def test_bad_include_path_and_limit_are_user_errors(tmp_path):
   with pytest.raises(UserError, match="--limit"):
     harness_cli._limit(0)
   assert harness_cli._limit(3.0) == 3 and harness_cli._limit(0.5) == 0.5
+
+
+def _harness(*args):
+  """The command in this process, as ``cli.run`` ends it: None, or its one ``error:`` line."""
+  from astrollama_jax.commands import cli
+
+  fv = flags.FlagValues()
+  harness_cli.define_flags(fv)
+  try:
+    cli.guard(harness_cli.main, fv(["harness", "--noprogress", *args]), fv)
+  except SystemExit as e:
+    assert str(e.code).startswith("error: ") and "\n" not in str(e.code), e.code
+    return str(e.code)
+  return None
+
+
+def test_empty_or_broken_task_data_is_one_line_before_the_model_loads(setup, tmp_path, monkeypatch):
+  good = {"question": "Which?", "A": "a", "B": "b", "C": "c", "D": "d", "answer": "A"}
+  for name, text, word in [
+    ("empty", "", "no records"),
+    ("broken", json.dumps(good) + "\n{not json\n", "JSON"),
+    ("fields", json.dumps({"text": "no question"}) + "\n", "question"),
+  ]:
+    folder = tmp_path / name
+    (folder / "astro_eval").mkdir(parents=True)
+    (folder / "astro_eval" / "astro_mcq.jsonl").write_text(text)
+    monkeypatch.chdir(folder)
+    error = _harness(
+      f"--checkpoint={setup / 'hf'}", "--tasks=astro_mcq", f"--output={folder / 'out'}"
+    )
+    assert error and "astro_mcq" in error and "astro_eval/astro_mcq.jsonl" in error, error
+    assert word in error, error
+    assert not (folder / "out" / harness_cli.RESULT_FILE).exists()
+
+
+def test_the_datasets_cache_stays_under_the_output(setup, tmp_path, monkeypatch, tokenizer_path):
+  """Nothing under HOME: datasets' default cache is ~/.cache/huggingface/datasets."""
+  from datasets import config
+
+  home = tmp_path / "home"
+  home.mkdir()
+  monkeypatch.setenv("HOME", str(home))
+  monkeypatch.delenv("HF_DATASETS_CACHE", raising=False)
+  default = home / ".cache" / "huggingface" / "datasets"  # what datasets makes of this HOME
+  monkeypatch.setattr(config, "HF_DATASETS_CACHE", default)
+  monkeypatch.setattr(config, "DOWNLOADED_DATASETS_PATH", default / "downloads")
+  monkeypatch.setattr(config, "EXTRACTED_DATASETS_PATH", default / "downloads" / "extracted")
+  monkeypatch.chdir(setup)
+  out = tmp_path / "out"
+  assert (
+    _harness(
+      f"--checkpoint={setup / 'hf'}",
+      f"--tokenizer={tokenizer_path}",
+      "--tasks=astro_mcq",
+      "--limit=2",
+      f"--max_length={MAX_LENGTH}",
+      "--compute_dtype=float32",
+      "--mesh=2,2,2",
+      "--bootstrap_iters=0",
+      f"--output={out}",
+    )
+    is None
+  )
+  assert list(home.iterdir()) == []
+  assert (out / harness_cli.RESULT_FILE).is_file() and any((out / "datasets_cache").iterdir())
+  assert config.HF_DATASETS_CACHE == default  # as it was, for whatever runs next

@@ -12,7 +12,6 @@ for ``config.data.sft.sources`` of the SFT config, and the (chosen, rejected) pa
 from __future__ import annotations
 
 from collections.abc import Sequence
-import os
 
 from absl import app, flags
 
@@ -23,25 +22,34 @@ from astrollama_jax.util import checks, tables
 ACTIONS = ("export", "stats")
 
 
-def define_flags() -> None:
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   """The command's flags (defined when run, never on import)."""
-  flags.DEFINE_string("db", None, "The SQLite ratings file the server wrote (--feedback_db).")
-  cli.define("output", help={"output": "export: the ShareGPT JSONL of the conversations."})
+  fv = {"flag_values": flag_values}
+  flags.DEFINE_string(
+    "db", None, "The SQLite ratings file the server wrote (--feedback_db); only read.", **fv
+  )
+  cli.define(
+    "output",
+    help={"output": "export: the ShareGPT JSONL of the conversations."},
+    flag_values=flag_values,
+  )
   flags.DEFINE_string(
     "pairs",
     None,
     "export: the preference pairs JSONL (default: beside --output, named *.pairs.jsonl).",
+    **fv,
   )
   flags.DEFINE_integer(
     "min_rating",
     4,
     "export: uncorrected answers rated at least this are kept "
     "as SFT data (corrected ones always are).",
+    **fv,
   )
   flags.DEFINE_string(
-    "since", None, "Only ratings made at or after this ISO date or date-time (UTC)."
+    "since", None, "Only ratings made at or after this ISO date or date-time (UTC).", **fv
   )
-  flags.mark_flag_as_required("db")
+  flags.mark_flag_as_required("db", flag_values=flag_values)
 
 
 def pairs_path(output: str) -> str:
@@ -49,24 +57,24 @@ def pairs_path(output: str) -> str:
   return f"{stem}.pairs.jsonl"
 
 
-def main(argv: Sequence[str]) -> None:
+def main(argv: Sequence[str], F: flags.FlagValues = flags.FLAGS) -> None:
   if len(argv) != 2 or argv[1] not in ACTIONS:
     raise app.UsageError(f"give one action: {' or '.join(ACTIONS)}")
   from astrollama_jax.feedback import datasets
   from astrollama_jax.feedback.store import open_existing
 
-  F = flags.FLAGS
   since = datasets.parse_since(F.since)  # a bad date fails before the file is opened
+  if argv[1] == "export":
+    if not F.output:
+      raise UserError("export needs --output=FILE")
+    pairs = F.pairs or pairs_path(F.output)
+    outputs = {"--output": F.output, "--pairs": pairs}
+    datasets.check_outputs(F.db, outputs)  # before the file is opened: never onto the database
+    for flag, path in outputs.items():
+      checks.check_output_file(path, flag)
   store = open_existing(F.db)
   try:
     if argv[1] == "export":
-      if not F.output:
-        raise UserError("export needs --output=FILE")
-      pairs = F.pairs or pairs_path(F.output)
-      for path in (F.output, pairs):
-        checks.check_output_file(path)
-      if os.path.abspath(pairs) == os.path.abspath(F.output):
-        raise UserError("--pairs and --output must be different files")
       tables.report("feedback export", datasets.export(store, F.output, pairs, F.min_rating, since))
       return
     rows = store.rows(since=since)

@@ -14,6 +14,10 @@ and any YAMLs under ``--include_path``. Writes, on process 0 only:
   (``task``, ``label``, ``checkpoint``, ``metrics`` {"<task>/<metric>": number}, ``rows``,
   ``files``), so ``python -m astrollama_jax eval --compare`` reads it next to our own tasks.
 
+Every process reads the tasks' data before the model loads (a missing, empty or malformed file
+is one error line) through HF datasets' cache in ``<output>/datasets_cache`` (or
+``--datasets_cache``, or ``$HF_DATASETS_CACHE``), never in the home folder unless named.
+
 Prints lm-eval's table, then one JSON line holding lm-eval's ``results``.
 """
 
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 import json
+import os
 
 from absl import flags, logging
 
@@ -67,6 +72,13 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     **fv,
   )
   flags.DEFINE_bool("log_samples", False, "Also write lm-eval's per-document samples.", **fv)
+  flags.DEFINE_string(
+    "datasets_cache",
+    None,
+    "Folder where HF datasets caches the tasks' data (default: $HF_DATASETS_CACHE if set, "
+    "else <output>/datasets_cache; never ~/.cache unless named).",
+    **fv,
+  )
   flags.DEFINE_bool("progress", True, "Show progress bars.", **fv)
   flags.DEFINE_enum(
     "distributed",
@@ -103,30 +115,32 @@ def main(argv: Sequence[str], F: flags.FlagValues = flags.FLAGS) -> None:
   AstroLlamaLM = lm_eval_run.import_model_class()
   checks.check_output_dir(F.output, empty=False)
   limit = _limit(F.limit)
-  manager = lm_eval_run.task_manager(F.include_path)
-  tasks = lm_eval_run.resolve_tasks(manager, F.tasks)
-  label = F.label or common.default_label(F.checkpoint)
-  model = common.load(F.checkpoint, F.mesh, F.dtype, F.compute_dtype, F.tokenizer, F.attention)
-  lm = AstroLlamaLM(
-    model=model,
-    batch_size=F.batch_size,
-    max_length=F.max_length or None,
-    max_gen_toks=F.max_gen_toks,
-    progress=F.progress,
-  )
-  logging.info("lm-eval tasks: %s", ", ".join(tasks))
-  results = lm_eval_run.evaluate(
-    lm,
-    tasks,
-    manager,
-    output=F.output,
-    label=label,
-    num_fewshot=F.num_fewshot,
-    limit=limit,
-    seed=F.seed,
-    bootstrap_iters=F.bootstrap_iters,
-    log_samples=F.log_samples,
-  )
+  manager, tasks = lm_eval_run.manager_and_tasks(F.tasks, F.include_path)
+  cache = F.datasets_cache or os.environ.get("HF_DATASETS_CACHE")
+  with lm_eval_run.datasets_cache(cache or os.path.join(F.output, "datasets_cache")):
+    loaded = lm_eval_run.load_tasks(manager, tasks)
+    label = F.label or common.default_label(F.checkpoint)
+    model = common.load(F.checkpoint, F.mesh, F.dtype, F.compute_dtype, F.tokenizer, F.attention)
+    lm = AstroLlamaLM(
+      model=model,
+      batch_size=F.batch_size,
+      max_length=F.max_length or None,
+      max_gen_toks=F.max_gen_toks,
+      progress=F.progress,
+    )
+    logging.info("lm-eval tasks: %s", ", ".join(tasks))
+    results = lm_eval_run.evaluate(
+      lm,
+      loaded,
+      manager,
+      output=F.output,
+      label=label,
+      num_fewshot=F.num_fewshot,
+      limit=limit,
+      seed=F.seed,
+      bootstrap_iters=F.bootstrap_iters,
+      log_samples=F.log_samples,
+    )
   if not common.is_writer():
     return
   files = results.pop("files")

@@ -10,9 +10,11 @@ YAMLs the caller adds. Process 0 writes lm-eval's results file (as ``lm_eval --o
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+import contextlib
 import json
 import os
+import pathlib
 from typing import Any
 
 from astrollama_jax.errors import UserError
@@ -23,14 +25,15 @@ RESULT_FILE = "harness.json"
 _COUNTS = ("sample_len", "sample_count")  # lm-eval's document counts, not metrics
 
 
-def task_manager(include_paths: Sequence[str] = ()):
-  """lm-eval's TaskManager over its tasks, ours and ``include_paths`` (each must be a folder)."""
+def task_manager(include_paths: Sequence[str] = (), include_defaults: bool = True):
+  """lm-eval's TaskManager over ours and ``include_paths`` (each must be a folder), and with
+  ``include_defaults`` lm-eval's own tasks (indexing them takes most of a minute)."""
   from lm_eval.tasks import TaskManager
 
   for path in include_paths:
     if not os.path.isdir(path):
       raise UserError(f"--include_path {path} is not a folder")
-  return TaskManager(include_path=[TASKS_DIR, *include_paths])
+  return TaskManager(include_path=[TASKS_DIR, *include_paths], include_defaults=include_defaults)
 
 
 def resolve_tasks(manager, names: Sequence[str]) -> list[str]:
@@ -50,6 +53,84 @@ def resolve_tasks(manager, names: Sequence[str]) -> list[str]:
       f"lists them; add a folder of YAMLs with --include_path)"
     )
   return out
+
+
+def manager_and_tasks(names: Sequence[str], include_paths: Sequence[str] = ()):
+  """(TaskManager, resolved names): ours and ``include_paths`` first, which index at once;
+  lm-eval's own index only for a name not found there or a glob pattern (which may match
+  lm-eval's tasks too)."""
+  if not any(c in name for name in names for c in "*?["):
+    manager = task_manager(include_paths, include_defaults=False)
+    try:
+      return manager, resolve_tasks(manager, names)
+    except UserError:
+      pass
+  manager = task_manager(include_paths)
+  return manager, resolve_tasks(manager, names)
+
+
+@contextlib.contextmanager
+def datasets_cache(folder: str) -> Iterator[str]:
+  """HF datasets' cache in ``folder`` while the tasks load: lm-eval's ``load_dataset`` calls
+  name no cache, and datasets would write under ``~/.cache/huggingface`` otherwise."""
+  from datasets import config
+
+  names = ("HF_DATASETS_CACHE", "DOWNLOADED_DATASETS_PATH", "EXTRACTED_DATASETS_PATH")
+  saved = {name: getattr(config, name) for name in names}
+  root = pathlib.Path(os.path.abspath(folder))
+  config.HF_DATASETS_CACHE = root
+  config.DOWNLOADED_DATASETS_PATH = root / config.DOWNLOADED_DATASETS_DIR
+  config.EXTRACTED_DATASETS_PATH = config.DOWNLOADED_DATASETS_PATH / config.EXTRACTED_DATASETS_DIR
+  try:
+    yield str(root)
+  finally:
+    for name, value in saved.items():
+      setattr(config, name, value)
+
+
+def _data_errors() -> tuple[type[BaseException], ...]:
+  """What reading a task's data raises when the file is missing, empty or malformed."""
+  import datasets
+  import jinja2
+  import pyarrow
+
+  return (
+    StopIteration,  # datasets' json reader on an empty file
+    datasets.exceptions.DatasetsError,
+    pyarrow.ArrowException,
+    jinja2.TemplateError,  # a record without the fields the task's templates use
+    OSError,
+    ValueError,
+  )
+
+
+def _why(error: BaseException) -> str:
+  if isinstance(error, StopIteration):
+    return "no records (an empty file?)"
+  from datasets.exceptions import DatasetsError
+
+  cause = error.__cause__ or error.__context__
+  if isinstance(error, DatasetsError) and cause is not None:
+    error = cause  # "An error occurred while generating the dataset" says less than its cause
+  return str(error).strip() or type(error).__name__
+
+
+def load_tasks(manager, names: Sequence[str]) -> list[Any]:
+  """lm-eval's Task and Group objects of ``names``, their data read now, before any model is
+  loaded: a missing, empty or malformed data file is a ``UserError`` naming the task and file."""
+  built: list[Any] = []
+  for name in names:
+    try:
+      loaded = manager.load([name])
+    except _data_errors() as e:
+      entry = manager.task_index.get(name)
+      files = ((entry.cfg if entry else None) or {}).get("dataset_kwargs", {}).get("data_files")
+      where = f" ({json.dumps(files)}, relative to {os.getcwd()})" if files else ""
+      raise UserError(f"lm-eval task {name}: cannot read its data{where}: {_why(e)}") from None
+    children = {c for kids in (loaded.get("group_map") or {}).values() for c in kids}
+    built += [g for n, g in loaded["groups"].items() if n not in children]
+    built += [t for n, t in loaded["tasks"].items() if n not in children]
+  return built
 
 
 def flat_metrics(results: dict) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -110,7 +191,7 @@ def write_result(
 
 def evaluate(
   lm,
-  tasks: Sequence[str],
+  tasks: Sequence[Any],
   manager,
   *,
   output: str | None,
@@ -121,8 +202,9 @@ def evaluate(
   bootstrap_iters: int = 100000,
   log_samples: bool = False,
 ) -> dict:
-  """``simple_evaluate`` of ``lm`` on ``tasks``; process 0 writes lm-eval's results file(s)
-  under ``output``. Returns lm-eval's results dict (``files``: what was written)."""
+  """``simple_evaluate`` of ``lm`` on ``tasks`` (names, or ``load_tasks``'s objects); process 0
+  writes lm-eval's results file(s) under ``output``. Returns lm-eval's results dict
+  (``files``: what was written)."""
   from lm_eval import simple_evaluate
   from lm_eval.loggers import EvaluationTracker
 

@@ -15,11 +15,12 @@ Only an answer's newest rating counts: an expert who rates again replaces their 
 from __future__ import annotations
 
 import collections
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 import datetime
 import itertools
 import json
 import os
+import tempfile
 from typing import Any
 
 from astrollama_jax.data.chat_formats import (
@@ -27,6 +28,7 @@ from astrollama_jax.data.chat_formats import (
   Conversation,
   write_sharegpt_jsonl,
 )
+from astrollama_jax.errors import UserError
 from astrollama_jax.feedback.store import FeedbackStore
 
 
@@ -96,11 +98,46 @@ def preference_pairs(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
   return pairs
 
 
-def _write_atomically(path: str, write) -> None:
-  """Write through a temporary file, so a crash never leaves half an export behind."""
-  tmp = f"{path}.tmp"
-  write(tmp)
-  os.replace(tmp, path)
+def _same_file(a: str, b: str) -> bool:
+  """Whether two paths name one file: the same resolved path, or (existing) the same inode,
+  so a symbolic or hard link to the database counts as the database."""
+  if os.path.realpath(a) == os.path.realpath(b):
+    return True
+  try:
+    return os.path.samefile(a, b)
+  except OSError:
+    return False
+
+
+def check_outputs(db: str, outputs: dict[str, str]) -> None:
+  """Refuse an output that is the ratings database (or its -wal, -shm or -journal file) or
+  another output: an export must never write over what it reads. ``outputs``: flag -> path."""
+  inputs = [db] + [db + suffix for suffix in ("-wal", "-shm", "-journal")]
+  for flag, path in outputs.items():
+    for name in inputs:
+      if _same_file(path, name):
+        raise UserError(f"{flag} {path} is the ratings database {name}; give a new file")
+  (flag_a, a), (flag_b, b) = list(outputs.items())[:2]
+  if _same_file(a, b):
+    raise UserError(f"{flag_a} and {flag_b} must be different files, both are {a}")
+
+
+def _write_atomically(path: str, write: Callable[[str], None]) -> None:
+  """Write through a temporary file beside ``path`` (same folder, so ``os.replace`` is atomic):
+  a crash never leaves half an export behind nor touches any other file."""
+  folder, name = os.path.split(os.path.abspath(path))
+  fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
+  os.close(fd)
+  try:
+    write(tmp)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; an export is an ordinary file
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
 
 
 def export(
@@ -113,6 +150,7 @@ def export(
   """Write both files; return what went into them."""
   if not 1 <= min_rating <= 5:
     raise ValueError(f"--min_rating must be 1 to 5, got {min_rating}")
+  check_outputs(store.path, {"--output": output, "--pairs": pairs_output})
   rows = store.rows(since=parse_since(since), latest_per_answer=True)
   convs = sft_conversations(rows, min_rating)
   pairs = preference_pairs(rows)

@@ -16,6 +16,11 @@ import os
 import sqlite3
 import threading
 from typing import Any
+import urllib.parse
+
+from absl import logging
+
+from astrollama_jax.errors import UserError
 
 SCHEMA_VERSION = 1
 MAX_TAGS = 12
@@ -38,6 +43,10 @@ CREATE TABLE IF NOT EXISTS ratings (
 );
 CREATE INDEX IF NOT EXISTS ratings_created ON ratings (created_at);
 """
+COLUMNS = frozenset(
+  "id created_at completion_id checkpoint model messages answer rating correction tags "
+  "sampling comment".split()
+)
 
 
 def utc_now() -> str:
@@ -61,26 +70,123 @@ def normalise_tags(tags: Sequence[Any]) -> list[str]:
 
 
 class FeedbackStore:
-  """The ratings file. Thread-safe (one connection, one lock: writes are a few hundred bytes)."""
+  """The ratings file. Thread-safe (one connection, one lock: writes are a few hundred bytes).
 
-  def __init__(self, path: str | os.PathLike):
+  ``read_only`` (export, stats) opens the file as it is: nothing is created, migrated or
+  written, so a database on a read-only mount can be read. Anything that is not a ratings
+  database (a folder, an empty or corrupt file, another program's tables, another schema)
+  is a ``UserError`` naming the file, before any rating is read or written.
+  """
+
+  def __init__(self, path: str | os.PathLike, read_only: bool = False):
     self.path = os.fspath(path)
-    parent = os.path.dirname(os.path.abspath(self.path))
-    os.makedirs(parent, exist_ok=True)
+    self.read_only = read_only
     self._lock = threading.Lock()
+    self._db: sqlite3.Connection | None = None
+    if os.path.isdir(self.path):
+      raise UserError(f"ratings database {self.path} is a folder; give a file path")
+    try:
+      self._db = self._connect_read_only() if read_only else self._connect()
+      self._db.row_factory = sqlite3.Row
+      self._check_schema()
+      if not read_only:
+        self._start_writing()
+    except BaseException as e:
+      if self._db is not None:
+        self._db.close()
+      if isinstance(e, sqlite3.DatabaseError):
+        raise UserError(f"ratings database {self.path}: {_reason(e)}") from None
+      raise
+
+  def _connect(self) -> sqlite3.Connection:
+    """The writer's connection, after checking the file can be written."""
+    folder = os.path.dirname(os.path.abspath(self.path))
+    try:
+      os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+      raise UserError(
+        f"ratings database {self.path}: cannot create {folder}: {e.strerror}"
+      ) from None
+    if not os.access(folder, os.W_OK) or (
+      os.path.exists(self.path) and not os.access(self.path, os.W_OK)
+    ):
+      raise UserError(
+        f"ratings database {self.path} is not writable (the server writes the file and "
+        "its -wal and -shm files beside it)"
+      )
+    if os.path.isfile(self.path) and os.path.getsize(self.path) == 0:
+      logging.warning(
+        "ratings database %s is an empty file: making it a ratings database", self.path
+      )
     self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
-    self._db.row_factory = sqlite3.Row
+    return self._db
+
+  def _start_writing(self) -> None:
+    """WAL and full sync, then the schema: only once the file is known to be ours."""
     mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
     if mode.lower() != "wal":
       raise ValueError(f"{self.path}: SQLite refused WAL mode (journal_mode={mode})")
     self._db.execute("PRAGMA synchronous=FULL")
-    version = self._db.execute("PRAGMA user_version").fetchone()[0]
-    if version not in (0, SCHEMA_VERSION):
-      raise ValueError(
-        f"{self.path}: ratings schema version {version}, this code reads {SCHEMA_VERSION}"
-      )
     self._db.executescript(_SCHEMA)
     self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+  def _connect_read_only(self) -> sqlite3.Connection:
+    """A connection that never writes. With no -wal file beside the database (no server has it
+    open, or it closed cleanly), ``immutable``: SQLite then creates no file either. With one,
+    ``mode=ro`` reads the ratings still in it, which needs the -shm file SQLite keeps there."""
+    if not os.path.isfile(self.path):
+      raise FileNotFoundError(f"ratings database {self.path} does not exist")
+    if os.path.getsize(self.path) == 0:
+      raise UserError(f"ratings database {self.path} is an empty file, not a ratings database")
+    uri = "file:" + urllib.parse.quote(os.path.abspath(self.path))
+    wal = self.path + "-wal"
+    if os.path.exists(wal):
+      db = sqlite3.connect(f"{uri}?mode=ro", uri=True, check_same_thread=False, timeout=30)
+      try:
+        db.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
+        self._db = db
+        return db
+      except sqlite3.OperationalError as e:
+        db.close()
+        if "unable to open" not in str(e):
+          raise
+      if os.path.getsize(wal) > 0:  # a read-only folder: no -shm can be made beside it
+        raise UserError(
+          f"ratings database {self.path}: cannot be read here: {wal} holds ratings not yet "
+          "merged, and SQLite cannot write the shared-memory file it needs beside it "
+          "(copy the database with its -wal file to a writable folder)"
+        )
+    db = sqlite3.connect(f"{uri}?mode=ro&immutable=1", uri=True, check_same_thread=False)
+    self._db = db
+    return db
+
+  def _check_schema(self) -> None:
+    """Refuse another schema version, another ``ratings`` table or another program's tables."""
+    version = self._db.execute("PRAGMA user_version").fetchone()[0]
+    if version not in (0, SCHEMA_VERSION):
+      raise UserError(
+        f"ratings database {self.path}: schema version {version}, this code reads {SCHEMA_VERSION}"
+      )
+    tables = {
+      r[0]
+      for r in self._db.execute(
+        "SELECT name FROM sqlite_master WHERE type='table' AND name NOT LIKE 'sqlite_%'"
+      )
+    }
+    if "ratings" in tables:
+      columns = {r[1] for r in self._db.execute("PRAGMA table_info(ratings)")}
+      if columns != COLUMNS:
+        raise UserError(
+          f"ratings database {self.path}: its ratings table has another schema "
+          f"(missing {sorted(COLUMNS - columns)}, unknown {sorted(columns - COLUMNS)})"
+        )
+    elif tables:
+      raise UserError(
+        f"ratings database {self.path} is another program's SQLite database "
+        f"(tables: {', '.join(sorted(tables))}), not a ratings database"
+      )
+    elif self.read_only:
+      raise UserError(f"ratings database {self.path} holds no ratings table")
 
   def close(self) -> None:
     with self._lock:
@@ -128,11 +234,10 @@ class FeedbackStore:
     return self.get(rid)
 
   def get(self, rid: int) -> dict[str, Any]:
-    with self._lock:
-      row = self._db.execute("SELECT * FROM ratings WHERE id = ?", (rid,)).fetchone()
-    if row is None:
+    row = self._query("SELECT * FROM ratings WHERE id = ?", [rid])
+    if not row:
       raise KeyError(rid)
-    return _as_dict(row)
+    return self._as_dict(row[0])
 
   def rows(
     self,
@@ -156,22 +261,54 @@ class FeedbackStore:
     sql += " ORDER BY id" + (" DESC" if newest_first else "")
     if limit is not None:
       sql, args = sql + " LIMIT ?", args + [int(limit)]
-    with self._lock:
-      return [_as_dict(r) for r in self._db.execute(sql, args).fetchall()]
+    return [self._as_dict(r) for r in self._query(sql, args)]
+
+  def _query(self, sql: str, args: Sequence[Any]) -> list[sqlite3.Row]:
+    """The rows of ``sql``; a damaged file is a ``UserError`` naming it, not a traceback."""
+    try:
+      with self._lock:
+        return self._db.execute(sql, args).fetchall()
+    except sqlite3.DatabaseError as e:
+      raise UserError(f"ratings database {self.path}: {_reason(e)}") from None
+
+  def _as_dict(self, row: sqlite3.Row) -> dict[str, Any]:
+    """A row with its JSON columns decoded; a row that does not hold what ``add`` writes
+    (edited by hand, another program) is a ``UserError`` naming it."""
+    out = dict(row)
+    for key, kind in (("messages", list), ("tags", list), ("sampling", dict)):
+      try:
+        out[key] = json.loads(out[key])
+      except (TypeError, ValueError) as e:
+        raise UserError(
+          f"ratings database {self.path}: rating {out['id']}: {key} is not JSON ({e})"
+        ) from None
+      if not isinstance(out[key], kind):
+        raise UserError(
+          f"ratings database {self.path}: rating {out['id']}: {key} is not a JSON {kind.__name__}"
+        )
+    if not all(
+      isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+      for m in out["messages"]
+    ):
+      raise UserError(
+        f"ratings database {self.path}: rating {out['id']}: messages must be "
+        '[{"role": ..., "content": ...}, ...]'
+      )
+    return out
 
   def __iter__(self) -> Iterator[dict[str, Any]]:
     return iter(self.rows())
 
 
-def _as_dict(row: sqlite3.Row) -> dict[str, Any]:
-  out = dict(row)
-  for key in ("messages", "tags", "sampling"):
-    out[key] = json.loads(out[key])
-  return out
+def _reason(error: sqlite3.DatabaseError) -> str:
+  """SQLite's words for what is wrong with the file, with a hint for the usual case."""
+  text = str(error)
+  if "not a database" in text or "malformed" in text:
+    return f"not a readable SQLite ratings database ({text})"
+  return text
 
 
 def open_existing(path: str) -> FeedbackStore:
-  """A store that must exist already (the export and stats commands never create one)."""
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"--db {path} does not exist")
-  return FeedbackStore(path)
+  """A store that must exist already, read-only (the export and stats commands never create,
+  migrate or write one)."""
+  return FeedbackStore(path, read_only=True)

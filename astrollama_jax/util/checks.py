@@ -18,18 +18,18 @@ def check_text(text: str, where: str) -> str:
   return text
 
 
-def check_output_file(path: str) -> None:
-  """Fail before any work if ``path`` cannot be written as a file."""
+def check_output_file(path: str, flag: str = "--output") -> None:
+  """Fail before any work if ``path`` cannot be written as a file; ``flag`` names it."""
   path = os.path.abspath(path)
   if os.path.isdir(path):
-    raise UserError(f"--output {path} is a folder; give a file path")
+    raise UserError(f"{flag} {path} is a folder; give a file path")
   parent = os.path.dirname(path)
   while not os.path.exists(parent):
     parent = os.path.dirname(parent)
   if not os.path.isdir(parent):
-    raise UserError(f"--output {path}: {parent} is a file, not a folder")
+    raise UserError(f"{flag} {path}: {parent} is a file, not a folder")
   if not os.access(parent, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
-    raise UserError(f"--output {path} is not writable")
+    raise UserError(f"{flag} {path} is not writable")
 
 
 def check_output_dir(path: str, empty: bool = True, flag: str = "--output") -> None:
