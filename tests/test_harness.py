@@ -449,7 +449,7 @@ def test_empty_or_broken_task_data_is_one_line_before_the_model_loads(setup, tmp
     )
     assert error and "astro_mcq" in error and "astro_eval/astro_mcq.jsonl" in error, error
     assert word in error, error
-    assert not (folder / "out" / harness_cli.RESULT_FILE).exists()
+    assert not (folder / "out" / lm_eval_run.RESULT_FILE).exists()
 
 
 def test_the_datasets_cache_stays_under_the_output(setup, tmp_path, monkeypatch, tokenizer_path):
@@ -481,5 +481,5 @@ def test_the_datasets_cache_stays_under_the_output(setup, tmp_path, monkeypatch,
     is None
   )
   assert list(home.iterdir()) == []
-  assert (out / harness_cli.RESULT_FILE).is_file() and any((out / "datasets_cache").iterdir())
+  assert (out / lm_eval_run.RESULT_FILE).is_file() and any((out / "datasets_cache").iterdir())
   assert config.HF_DATASETS_CACHE == default  # as it was, for whatever runs next
