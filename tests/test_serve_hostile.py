@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import re
 import socket
 import threading
 import time
@@ -59,7 +60,8 @@ def read_all(sock: socket.socket, quiet_s: float = 1.0, limit_s: float = 15.0) -
 
 
 def statuses(data: bytes) -> list[int]:
-  return [int(line.split()[1]) for line in data.split(b"\r\n") if line.startswith(b"HTTP/1.")]
+  """The status of every response in ``data`` (a body need not end with a line break)."""
+  return [int(code) for code in re.findall(rb"HTTP/1\.[01] (\d{3}) ", data)]
 
 
 # --- a refused request's body is never run as a request ----------------------------------------

@@ -45,7 +45,16 @@ def define_flags() -> None:
     "model_name", None, "Model id in the API (default: the checkpoint's folder name)."
   )
   flags.DEFINE_integer("max_batch", 8, "Requests decoded together in one call.")
-  flags.DEFINE_integer("max_queue", 64, "Prompts that may wait; more are answered 429.")
+  flags.DEFINE_integer(
+    "max_queue",
+    64,
+    "Prompts that may wait; more are answered 429 (a request with more prompts than this, 400).",
+  )
+  flags.DEFINE_integer(
+    "max_connections",
+    64,
+    "Connections served at once (each holds a thread); one more is answered 503.",
+  )
   flags.DEFINE_integer("max_tokens", 256, "Default max_tokens of a request that gives none.")
   flags.DEFINE_integer("max_body_bytes", 1 << 20, "Largest request body accepted (413 beyond).")
   flags.DEFINE_integer("stream_chunk", 4, "Decode steps between streamed updates.")
@@ -64,16 +73,22 @@ def main(argv: Sequence[str]) -> None:
     api_key = os.environ.get(F.api_key_env, "")
     if not api_key:
       raise UserError(f"--api_key_env={F.api_key_env}: that environment variable is empty")
-  for name in ("max_batch", "max_queue", "max_tokens", "max_body_bytes", "stream_chunk"):
+  for name in (
+    "max_batch",
+    "max_queue",
+    "max_connections",
+    "max_tokens",
+    "max_body_bytes",
+    "stream_chunk",
+  ):
     if getattr(F, name) < 1:
       raise UserError(f"--{name} must be >= 1, got {getattr(F, name)}")
   from astrollama_jax.feedback.store import FeedbackStore
-  from astrollama_jax.generation import load_from_flags
   from astrollama_jax.serve.batching import Batcher
   from astrollama_jax.serve.server import App, Server
 
   store = FeedbackStore(F.feedback_db) if F.feedback_db else None
-  cfg, params, tokenizer, mesh = load_from_flags(F)
+  cfg, params, tokenizer, mesh = cli.load_from_flags(F)
   if F.max_tokens >= cfg.max_seq_len:
     raise UserError(
       f"--max_tokens={F.max_tokens} leaves no room for a prompt in the context of {cfg.max_seq_len}"
@@ -101,7 +116,7 @@ def main(argv: Sequence[str]) -> None:
     default_max_tokens=F.max_tokens,
   )
   try:
-    server = Server(app, F.host, F.port)
+    server = Server(app, F.host, F.port, max_connections=F.max_connections)
   except OSError as e:
     raise UserError(f"cannot listen on {F.host}:{F.port}: {e.strerror or e}") from None
 
