@@ -1,5 +1,5 @@
-"""The server against hostile clients: nothing smuggled in, nothing lost, every refusal one clear
-4xx, and a bounded number of connection threads whatever the clients do.
+"""The server against hostile clients: nothing smuggled in, nothing lost, every bad request one
+clear 400-class answer, and a bounded number of connection threads whatever the clients do.
 
 Raw sockets on 127.0.0.1 (and 127.0.0.2, also loopback) where a well-behaved client library
 would hide the attack; every loop and every read is bounded in time.
