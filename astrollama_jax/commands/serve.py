@@ -45,7 +45,16 @@ def define_flags() -> None:
     "model_name", None, "Model id in the API (default: the checkpoint's folder name)."
   )
   flags.DEFINE_integer("max_batch", 8, "Requests decoded together in one call.")
-  flags.DEFINE_integer("max_queue", 64, "Prompts that may wait; more are answered 429.")
+  flags.DEFINE_integer(
+    "max_queue",
+    64,
+    "Prompts that may wait; more are answered 429 (a request with more prompts than this, 400).",
+  )
+  flags.DEFINE_integer(
+    "max_connections",
+    64,
+    "Connections served at once (each holds a thread); one more is answered 503.",
+  )
   flags.DEFINE_integer("max_tokens", 256, "Default max_tokens of a request that gives none.")
   flags.DEFINE_integer("max_body_bytes", 1 << 20, "Largest request body accepted (413 beyond).")
   flags.DEFINE_integer("stream_chunk", 4, "Decode steps between streamed updates.")
@@ -65,7 +74,14 @@ def main(argv: Sequence[str]) -> None:
     api_key = os.environ.get(F.api_key_env, "")
     if not api_key:
       raise UserError(f"--api_key_env={F.api_key_env}: that environment variable is empty")
-  for name in ("max_batch", "max_queue", "max_tokens", "max_body_bytes", "stream_chunk"):
+  for name in (
+    "max_batch",
+    "max_queue",
+    "max_connections",
+    "max_tokens",
+    "max_body_bytes",
+    "stream_chunk",
+  ):
     if getattr(F, name) < 1:
       raise UserError(f"--{name} must be >= 1, got {getattr(F, name)}")
   from astrollama_jax.feedback.store import FeedbackStore
@@ -103,7 +119,7 @@ def main(argv: Sequence[str]) -> None:
     chat_template=cli.chat_template_from_flags(F),
   )
   try:
-    server = Server(app, F.host, F.port)
+    server = Server(app, F.host, F.port, max_connections=F.max_connections)
   except OSError as e:
     raise UserError(f"cannot listen on {F.host}:{F.port}: {e.strerror or e}") from None
 

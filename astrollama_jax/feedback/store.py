@@ -49,6 +49,26 @@ COLUMNS = frozenset(
 )
 
 
+class RatingError(ValueError):
+  """A rating that cannot be stored; ``field`` names the part at fault (for the API's 400)."""
+
+  def __init__(self, field: str, message: str):
+    super().__init__(message)
+    self.field = field
+
+
+def _text(field: str, value: Any) -> None:
+  """Refuse a string SQLite cannot store: JSON can carry a lone surrogate, UTF-8 cannot."""
+  for s in value if isinstance(value, (list, tuple)) else [value]:
+    if isinstance(s, str):
+      try:
+        s.encode("utf-8")
+      except UnicodeEncodeError:
+        raise RatingError(
+          field, f"{field} holds a lone surrogate (such as \\ud800): text must be valid UTF-8"
+        ) from None
+
+
 def utc_now() -> str:
   return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
 
@@ -58,14 +78,15 @@ def normalise_tags(tags: Sequence[Any]) -> list[str]:
   out: list[str] = []
   for tag in tags:
     if not isinstance(tag, str) or not tag.strip() or len(tag.strip()) > MAX_TAG_CHARS:
-      raise ValueError(
-        f"a tag must be a non-empty string of at most {MAX_TAG_CHARS} characters, got {tag!r}"
+      raise RatingError(
+        "tags",
+        f"a tag must be a non-empty string of at most {MAX_TAG_CHARS} characters, got {tag!r}",
       )
     tag = " ".join(tag.strip().lower().split())
     if tag not in out:
       out.append(tag)
   if len(out) > MAX_TAGS:
-    raise ValueError(f"at most {MAX_TAGS} tags, got {len(out)}")
+    raise RatingError("tags", f"at most {MAX_TAGS} tags, got {len(out)}")
   return out
 
 
@@ -209,7 +230,9 @@ class FeedbackStore:
   ) -> dict[str, Any]:
     """Insert one rating (committed when this returns) and return it as stored."""
     if isinstance(rating, bool) or not isinstance(rating, int) or not 1 <= rating <= 5:
-      raise ValueError(f"rating must be an integer from 1 to 5, got {rating!r}")
+      raise RatingError("rating", f"rating must be an integer from 1 to 5, got {rating!r}")
+    for field, value in (("correction", correction), ("comment", comment), ("tags", list(tags))):
+      _text(field, value)
     correction = correction if correction and correction.strip() else None
     row = (
       created_at or utc_now(),

@@ -153,6 +153,33 @@ def _utf8(text: str, param: str) -> str:
   return text
 
 
+def surrogate_at(obj: Any) -> tuple[str, str | None] | None:
+  """Where a decoded JSON body holds a lone surrogate ("\\ud800" is valid JSON, but no UTF-8
+  text): (a description, the top-level field), or None. Iterative: any depth json accepts."""
+  stack: list[tuple[Any, str, str | None]] = [(obj, "", None)]
+  while stack:
+    value, path, field = stack.pop()
+    if isinstance(value, str):
+      if not encodable(value):
+        return (f"'{path}'" if path else "the body"), field
+    elif isinstance(value, dict):
+      for key, item in value.items():
+        if not encodable(key):
+          return f"the field name {ascii(key)}" + (f" in '{path}'" if path else ""), field
+        stack.append((item, f"{path}.{key}" if path else key, field or key))
+    elif isinstance(value, list):
+      stack.extend((item, f"{path}[{i}]", field) for i, item in enumerate(value))
+  return None
+
+
+def encodable(text: str) -> bool:
+  try:
+    text.encode("utf-8")
+  except UnicodeEncodeError:
+    return False
+  return True
+
+
 def _text_content(content: Any, i: int) -> str:
   """A message's text: a string, or a list of {"type": "text", "text": ...} parts."""
   if isinstance(content, str):

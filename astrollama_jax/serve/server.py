@@ -2,12 +2,18 @@
 
 Standard library only (``http.server.ThreadingHTTPServer``: one thread per connection, HTTP/1.1
 keep-alive, streams as chunked server-sent events); the model work happens on the batcher's
-single worker thread, so connection threads only parse, wait and write.
+single worker thread, so connection threads only parse, wait and write. Idle or dribbling
+clients cannot pile up threads: ``connections.BoundedServer`` caps them and times every request.
 
 Safe by default:
 
 * it binds to 127.0.0.1, and while bound to a loopback address it answers only requests whose
-  ``Host`` names that address (a web page elsewhere cannot reach it by DNS rebinding);
+  ``Host`` names the address it binds or a loopback name (a web page elsewhere cannot reach it
+  by DNS rebinding);
+* a request is framed one way only (``connections.TimedHandler``), so no body, even a refused
+  request's, is ever parsed as a request of its own;
+* a JSON body is refused whole (400) if nested too deeply or if any name or string in it holds
+  a lone surrogate, which no answer, rating or error message could be written with;
 * with an API key every endpoint but the page's three static files (which hold no data) wants
   ``Authorization: Bearer KEY``; POST bodies must be JSON (``Content-Type: application/json``,
   which a cross-site form cannot send without a CORS preflight this server never grants) and at
@@ -24,11 +30,9 @@ from __future__ import annotations
 
 import collections
 import hmac
-import http.server
 from importlib import resources
 import ipaddress
 import json
-import socket
 import threading
 from typing import Any
 import urllib.parse
@@ -37,9 +41,10 @@ from absl import logging
 
 from astrollama_jax.data.chat_templates import LLAMA2, ChatTemplate
 from astrollama_jax.data.tokenizer import Tokenizer
-from astrollama_jax.feedback.store import FeedbackStore
+from astrollama_jax.feedback.store import FeedbackStore, RatingError
 from astrollama_jax.serve import openai_api
 from astrollama_jax.serve.batching import Batcher, Job, QueueFull
+from astrollama_jax.serve.connections import BoundedServer, TimedHandler
 from astrollama_jax.serve.openai_api import ApiError
 
 STATIC = {
@@ -51,7 +56,6 @@ CSP = (
   "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
   "img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
 )
-DISCARD_LIMIT = 16 << 20  # an oversized body is read and dropped up to this size, then refused
 REMEMBERED_ANSWERS = 2000  # chat answers kept for rating (the newest)
 
 
@@ -102,10 +106,10 @@ def _is_loopback(host: str) -> bool:
     return host == "localhost"
 
 
-class Handler(http.server.BaseHTTPRequestHandler):
+class Handler(TimedHandler):
   protocol_version = "HTTP/1.1"
   server_version = "astrollama-serve"
-  timeout = 120  # seconds a connection may stay silent (a stalled client frees its thread)
+  timeout = 120  # seconds a write may wait on a client that does not read
 
   @property
   def app(self) -> App:
@@ -140,7 +144,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
       self.wfile.write(body)
 
   def _json(self, status: int, obj: Any, extra: dict[str, str] | None = None) -> None:
-    self._send(status, json.dumps(obj, ensure_ascii=False).encode(), "application/json", extra)
+    text = json.dumps(obj, ensure_ascii=False)
+    if not openai_api.encodable(text):  # an error quoting a lone surrogate: escape it
+      text = json.dumps(obj)
+    self._send(status, text.encode(), "application/json", extra)
 
   def _error(self, e: ApiError) -> None:
     self._json(e.status, e.body(), e.headers)
@@ -159,8 +166,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
     host, port = self.server.server_address[:2]  # type: ignore[attr-defined]
     if not _is_loopback(str(host)):
       return
-    allowed = {f"{h}:{port}" for h in ("127.0.0.1", "localhost", "[::1]")}
-    if self.headers.get("Host", "") not in allowed:
+    bound = f"[{host}]" if ":" in str(host) else str(host)
+    allowed = {f"{h}:{port}" for h in ("127.0.0.1", "localhost", "[::1]", bound)}
+    if self.headers.get("Host", "").strip().lower() not in allowed:
       raise ApiError(
         403,
         f"Host {self.headers.get('Host')!r} is not this server's address "
@@ -183,36 +191,34 @@ class Handler(http.server.BaseHTTPRequestHandler):
       )
 
   def _body(self) -> Any:
-    if self.headers.get("Transfer-Encoding"):
-      self.close_connection = True
-      raise ApiError(411, "send the body with a Content-Length (no chunked request bodies)")
-    try:
-      length = int(self.headers.get("Content-Length", ""))
-    except ValueError:
-      self.close_connection = True
-      raise ApiError(411, "a POST needs a Content-Length header") from None
-    if length < 0 or length > self.app.max_body_bytes:
-      self._discard(length)
-      raise ApiError(
-        413,
-        f"request body of {length} bytes; the limit is {self.app.max_body_bytes} bytes",
-        code="request_too_large",
-      )
-    raw = self.rfile.read(length)
+    raw = self.read_body(self.app.max_body_bytes)
     ctype = self.headers.get("Content-Type", "").split(";")[0].strip().lower()
     if ctype != "application/json":
       raise ApiError(415, f"Content-Type must be application/json, got {ctype or 'none'!r}")
     try:
-      return json.loads(raw.decode("utf-8"))
+      body = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
       raise ApiError(400, f"the body is not valid JSON: {e}", code="invalid_json") from None
+    except RecursionError:
+      raise ApiError(400, "the body is nested too deeply", code="invalid_json") from None
+    bad = openai_api.surrogate_at(body)
+    if bad is not None:
+      raise ApiError(
+        400,
+        f"{bad[0]} holds a lone surrogate (such as \\ud800): text must be valid UTF-8",
+        param=bad[1],
+        code="invalid_text",
+      )
+    return body
 
   def _route(self, method: str) -> None:
     path = urllib.parse.urlsplit(self.path).path
     try:
+      self.frame()
       self._check_host()
       if method in ("GET", "HEAD") and path in STATIC:
         name, ctype = STATIC[path]
+        self.skip_body()
         data = resources.files("astrollama_jax.serve").joinpath("static", name).read_bytes()
         self._send(200, data, ctype, {"X-Frame-Options": "DENY"})
         return
@@ -227,38 +233,32 @@ class Handler(http.server.BaseHTTPRequestHandler):
       }
       fn = routes.get(("GET" if method == "HEAD" else method, path))
       if fn is None:
-        self._drain()
         if any(p == path for _, p in routes):
           raise ApiError(405, f"{method} is not allowed on {path}")
         raise ApiError(404, f"no such endpoint: {method} {path}", code="not_found")
+      if method != "POST":
+        self.skip_body()
       fn()
+      self.skip_body()
     except ApiError as e:
+      if e.status in (401, 403):  # a stranger's body: read no more than a request may hold
+        self.skip_body(self.app.max_body_bytes, close=True)
+      else:
+        self.skip_body()
       self._error(e)
+    except TimeoutError as e:  # the body dribbled in too slowly: say so, then hang up
+      self.close_connection = True
+      self.unread = 0
+      try:
+        self._error(ApiError(408, str(e), code="request_timeout"))
+      except OSError:
+        pass
     except (BrokenPipeError, ConnectionResetError):
       self.close_connection = True
     except Exception as e:  # noqa: BLE001 - a bug answers 500 and the server goes on
       logging.exception("internal error on %s %s", method, path)
-      self.close_connection = True
+      self.skip_body(self.app.max_body_bytes, close=True)
       self._error(ApiError(500, f"internal error: {type(e).__name__}", type="server_error"))
-
-  def _drain(self) -> None:
-    """Read (and drop) a body we will not use, so the connection can serve the next request."""
-    try:
-      self._discard(int(self.headers.get("Content-Length", "0")))
-    except ValueError:
-      self.close_connection = True
-
-  def _discard(self, length: int) -> None:
-    """Read ``length`` bytes and drop them (up to ``DISCARD_LIMIT``; beyond, close the connection:
-    closing with unread data would reset it before the client reads our error)."""
-    if not 0 <= length <= DISCARD_LIMIT:
-      self.close_connection = True
-      return
-    while length > 0:
-      got = self.rfile.read(min(length, 1 << 16))
-      if not got:
-        break
-      length -= len(got)
 
   def do_GET(self) -> None:
     self._route("GET")
@@ -309,6 +309,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
       chat_template=app.chat_template,
     )
     jobs = [Job(p, req.sampling) for p in req.prompts]
+    if len(jobs) > app.batcher.max_queue:  # a 429 would invite a retry that can never succeed
+      raise openai_api.bad(
+        f"{len(jobs)} prompts in one request; this server queues at most {app.batcher.max_queue} "
+        "(--max_queue)",
+        "prompt",
+      )
     try:
       app.batcher.submit(jobs)
     except QueueFull as e:
@@ -322,26 +328,36 @@ class Handler(http.server.BaseHTTPRequestHandler):
     except RuntimeError as e:
       raise ApiError(503, str(e), type="server_error") from None
     rid, created = openai_api.new_id(kind), openai_api.now()
+
+    def remember(results: list[Any]) -> None:
+      """Called before the answer's end is written: a rating sent on receipt must find it."""
+      if kind == "chat":
+        app.remember(
+          rid,
+          {
+            "messages": req.messages,
+            "answer": results[0].text,
+            "sampling": req.sampling.as_dict(),
+          },
+        )
+
     try:
       if req.stream:
-        results = self._stream(req, jobs, rid, created)
+        self._stream(req, jobs, rid, created, remember)
       else:
         try:
           results = [job.wait() for job in jobs]
         except Exception as e:  # noqa: BLE001 - the model failed: a 500 for this request only
           raise ApiError(500, f"generation failed: {e}", type="server_error") from None
+        remember(results)
         self._json(200, openai_api.response(req, rid, created, results))
     finally:
       for job in jobs:
         job.cancel()  # a no-op for finished jobs; frees the rows of a client that went away
-    if kind == "chat" and results:
-      app.remember(
-        rid,
-        {"messages": req.messages, "answer": results[0].text, "sampling": req.sampling.as_dict()},
-      )
 
-  def _stream(self, req, jobs: list[Job], rid: str, created: int):
-    """Server-sent events, as chunked HTTP; returns the results (None if the client left)."""
+  def _stream(self, req, jobs: list[Job], rid: str, created: int, on_done) -> None:
+    """Server-sent events, as chunked HTTP. ``on_done(results)`` runs once every answer is in,
+    before the last finish chunk is written (not at all if generation failed)."""
     self._headers(
       200,
       "text/event-stream; charset=utf-8",
@@ -371,8 +387,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
           send(ApiError(500, f"generation failed: {value}", type="server_error").body())
           send(b"data: [DONE]\n\n")
           self.wfile.write(b"0\r\n\r\n")
-          return None
+          return
         results.append(value)
+        if len(results) == len(jobs):
+          on_done(results)
         send(openai_api.chunk(req, rid, created, i, finish_reason=value.finish_reason))
         break
     if req.include_usage:
@@ -380,7 +398,6 @@ class Handler(http.server.BaseHTTPRequestHandler):
     send(b"data: [DONE]\n\n")
     self.wfile.write(b"0\r\n\r\n")
     self.wfile.flush()
-    return results
 
   def _store(self) -> FeedbackStore:
     if self.app.feedback is None:
@@ -425,8 +442,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         sampling=record["sampling"],
         comment=body.get("comment"),
       )
-    except ValueError as e:
-      raise openai_api.bad(str(e), "rating" if "rating" in str(e) else "tags") from None
+    except RatingError as e:
+      raise openai_api.bad(str(e), e.field) from None
     self._json(200, {"object": "feedback.rating", **row})
 
   def _list_feedback(self) -> None:
@@ -440,16 +457,15 @@ class Handler(http.server.BaseHTTPRequestHandler):
     self._json(200, {"object": "list", "data": rows})
 
 
-class Server(http.server.ThreadingHTTPServer):
-  daemon_threads = True
-  allow_reuse_address = True
-  request_queue_size = 64
+class Server(BoundedServer):
+  """The API on ``host:port``; ``BoundedServer``'s keywords bound its connections."""
 
-  def __init__(self, app: App, host: str = "127.0.0.1", port: int = 8000):
+  def __init__(self, app: App, host: str = "127.0.0.1", port: int = 8000, **limits: Any):
     self.app = app
-    if ":" in host:
-      self.address_family = socket.AF_INET6
-    super().__init__((host, port), Handler)
+    super().__init__((host, port), Handler, **limits)
+
+  def refused(self) -> None:
+    self.app.count(503)
 
   @property
   def url(self) -> str:
