@@ -37,7 +37,7 @@ from astrollama_jax.serve.batching import Batcher
 from astrollama_jax.serve.server import App, Server
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED_DATA = Path(os.environ.get("ASTROLLAMA_SHARED_DATA") or REPO.parent / "shared" / "data")
 LABELLED_LATEX = SHARED_DATA / "latex"
 ABSTRACTS = SHARED_DATA / "arxiv-astro-ph" / "abstracts.jsonl"
 TOKENIZER = SHARED_DATA / "tokenizer" / "llama2" / "tokenizer.model"
@@ -109,8 +109,10 @@ We looked at them.
 
 # --- training runs in subprocesses ------------------------------------------------------
 
-# A model small enough for seconds per run, with the real 32,000-piece vocabulary.
+# A model small enough for seconds per run, with the real 32,000-piece vocabulary (the demo
+# preset's own is its demo tokenizer's).
 TINY_MODEL = [
+  "--config.model.vocab_size=32000",
   "--config.model.dim=64",
   "--config.model.n_layers=2",
   "--config.model.n_heads=4",
