@@ -69,7 +69,7 @@ def find_tokenizer(explicit: str | None) -> str | None:
       f"--tokenizer {explicit} is not a file; pass a SentencePiece tokenizer.model, or leave "
       "the flag out for the demo's own tokenizer"
     )
-  return explicit or None
+  return os.path.abspath(explicit) if explicit else None
 
 
 def load_config(path: pathlib.Path) -> Any:
