@@ -15,7 +15,7 @@ from astrollama_jax.data.tokenizer import Tokenizer
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED = Path(os.environ.get("ASTROLLAMA_SHARED_DATA") or REPO.parent / "shared" / "data")
 TOKENIZER = SHARED / "tokenizer" / "llama2" / "tokenizer.model"
 SHAREGPT = SHARED / "chat" / "sharegpt_dummy.json"
 MT_BENCH = SHARED / "chat" / "mt_bench_questions.jsonl"
