@@ -3,12 +3,14 @@
     python -m astrollama_jax prepare --source=data/demo_corpus --output=DEMO/corpus \
         --validation_fraction=0.15
     python -m astrollama_jax train --config=configs/demo.py --workdir=DEMO/cpt \
-        --config.data.lm.path=DEMO/corpus --config.data.tokenizer_path=TOKENIZER
+        --config.data.lm.path=DEMO/corpus \
+        --config.data.tokenizer_path=DEMO/tokenizer/tokenizer.model
 
-(``python -m astrollama_jax demo`` does all of it, with exactly this config.) The ``demo`` model
-preset (2 layers of width 128) takes about two and a half minutes on two idle cores; the
-32,000-piece vocabulary stays, so the real LLaMA-2 tokenizer and HF export work unchanged.
-float32 compute: bfloat16 is slow on CPU.
+(``python -m astrollama_jax demo`` does all of it, with exactly this config, and first builds
+``DEMO/tokenizer/tokenizer.model``, the demo's own tokenizer: ``data/demo_tokenizer.py``.) The
+``demo`` model preset (2 layers of width 128) has that tokenizer's 4,096-piece vocabulary; with
+LLaMA-2's tokenizer add ``--config.model.vocab_size=32000``. float32 compute: bfloat16 is slow
+on CPU.
 """
 
 from astrollama_jax.train.defaults import base_config

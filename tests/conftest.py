@@ -18,7 +18,8 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+# The real data; ASTROLLAMA_SHARED_DATA names another place than beside the checkout.
+SHARED_DATA = pathlib.Path(os.environ.get("ASTROLLAMA_SHARED_DATA") or REPO.parent / "shared/data")
 _CACHE = os.environ.get("ASTROLLAMA_JAX_CACHE", str(REPO / ".jax_cache"))
 jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
@@ -35,7 +36,7 @@ except ImportError:
 @pytest.fixture(scope="session")
 def shared_data() -> pathlib.Path:
   if not SHARED_DATA.is_dir():
-    pytest.skip(f"real data not found at {SHARED_DATA}")
+    pytest.skip(f"real data not found at {SHARED_DATA} (or set ASTROLLAMA_SHARED_DATA)")
   return SHARED_DATA
 
 

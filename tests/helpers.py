@@ -11,6 +11,7 @@ import gzip
 import io
 import itertools
 import json
+import os
 from pathlib import Path
 import socket
 import subprocess
@@ -20,7 +21,7 @@ import tarfile
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED_DATA = Path(os.environ.get("ASTROLLAMA_SHARED_DATA") or REPO.parent / "shared" / "data")
 LABELLED_LATEX = SHARED_DATA / "latex"
 ABSTRACTS = SHARED_DATA / "arxiv-astro-ph" / "abstracts.jsonl"
 TOKENIZER = SHARED_DATA / "tokenizer" / "llama2" / "tokenizer.model"

@@ -17,8 +17,10 @@ from helpers import REPO, free_port
 import jax
 import numpy as np
 
-# A model small enough for seconds per run, with the real 32,000-piece vocabulary.
+# A model small enough for seconds per run, with the real 32,000-piece vocabulary (the demo
+# preset's own is its demo tokenizer's).
 TINY_MODEL = [
+  "--config.model.vocab_size=32000",
   "--config.model.dim=64",
   "--config.model.n_layers=2",
   "--config.model.n_heads=4",

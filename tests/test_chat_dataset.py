@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+from helpers import SHARED_DATA
 import numpy as np
 import pytest
 
@@ -11,7 +12,7 @@ from astrollama_jax.data.chat_templates import LLAMA2
 from astrollama_jax.data.tokenizer import Tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED = SHARED_DATA
 TOKENIZER = SHARED / "tokenizer" / "llama2" / "tokenizer.model"
 DEMO_CHAT = REPO / "data" / "demo_chat" / "astro_chat.jsonl"
 

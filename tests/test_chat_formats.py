@@ -4,13 +4,14 @@ import dataclasses
 import json
 from pathlib import Path
 
+from helpers import SHARED_DATA
 import pytest
 
 from astrollama_jax.data import chat_formats
 from astrollama_jax.data.chat_formats import ChatFormatError, Conversation
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED = SHARED_DATA
 SHAREGPT = SHARED / "chat" / "sharegpt_dummy.json"
 DEMO_CHAT = REPO / "data" / "demo_chat" / "astro_chat.jsonl"
 

@@ -5,6 +5,7 @@ import json
 import os
 from pathlib import Path
 
+from helpers import SHARED_DATA
 import numpy as np
 import pytest
 
@@ -17,7 +18,7 @@ from astrollama_jax.formats.hf_tokenizer import write_hf_tokenizer_files
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED = SHARED_DATA
 TOKENIZER = SHARED / "tokenizer" / "llama2" / "tokenizer.model"
 SHAREGPT = SHARED / "chat" / "sharegpt_dummy.json"
 MT_BENCH = SHARED / "chat" / "mt_bench_questions.jsonl"

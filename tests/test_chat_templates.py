@@ -5,6 +5,7 @@ import os
 from pathlib import Path
 import pickle
 
+from helpers import SHARED_DATA
 import pytest
 
 from astrollama_jax.checkpoints import layout, loader
@@ -14,7 +15,7 @@ from astrollama_jax.data.chat_templates import LLAMA2, TEMPLATES
 from astrollama_jax.data.tokenizer import Tokenizer
 from astrollama_jax.formats.hf_tokenizer import write_hf_tokenizer_files
 
-TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "data" / "tokenizer" / "llama2"
+TOKENIZER = SHARED_DATA / "tokenizer" / "llama2"
 TOKENIZER = TOKENIZER / "tokenizer.model"
 needs_tokenizer = pytest.mark.skipif(
   not TOKENIZER.exists(), reason="LLaMA-2 tokenizer not in shared data"

@@ -138,6 +138,7 @@ def _data_run(*data: str) -> list[str]:
   synthetic = ("--config.model.vocab_size", "--config.data.kind", "--config.data.s")
   return [a for a in RUN if not a.startswith(synthetic)] + [
     f"--config.data.tokenizer_path={TOKENIZER}",
+    "--config.model.vocab_size=32000",
     "--config.init_checkpoint=",
     *data,
   ]

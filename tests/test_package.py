@@ -1,5 +1,6 @@
 """The package as a user installs it: a built wheel (not the checkout) in a fresh virtual
-environment, run from another folder, finds its configs and demo data and runs the demo."""
+environment, run from another folder, finds its configs and demo data and runs the demo, on its
+own tokenizer: no real data beside it, nothing downloaded."""
 
 import json
 import math
@@ -99,7 +100,7 @@ def installed(tmp_path_factory) -> pathlib.Path:
   return venv
 
 
-def test_installed_demo_runs_from_another_folder(installed, tmp_path, tokenizer_path):
+def test_installed_demo_runs_from_another_folder(installed, tmp_path):
   elsewhere = tmp_path / "elsewhere"
   elsewhere.mkdir()
   env = train_env(1)
@@ -124,7 +125,6 @@ def test_installed_demo_runs_from_another_folder(installed, tmp_path, tokenizer_
     [
       str(installed / "bin" / "astrollama-demo"),
       f"--workdir={tmp_path / 'w'}",
-      f"--tokenizer={tokenizer_path}",
       "--steps=6",
       "--sft_steps=4",
       "--question=What is a quasar?",
@@ -137,13 +137,17 @@ def test_installed_demo_runs_from_another_folder(installed, tmp_path, tokenizer_
   )
   assert out.returncode == 0, out.stderr[-3000:]
   summary = json.loads(out.stdout.strip().splitlines()[-1])
-  # A random init predicts ~uniformly over the 32,000 pieces: loss ~ ln(32000) = 10.37.
-  assert abs(summary["val_loss_before"] - math.log(32000)) < 0.2
+  # The demo's own tokenizer, built in the workdir, sizes the model: the demo preset's 4,096.
+  tokenizer = tmp_path / "w" / "tokenizer" / "tokenizer.model"
+  assert summary["tokenizer"] == str(tokenizer) and summary["vocab_size"] == 4096
+  # A random init predicts ~uniformly over the 4,096 pieces: loss ~ ln(4096) = 8.32.
+  assert abs(summary["val_loss_before"] - math.log(4096)) < 0.2
   assert summary["val_loss_after"] < summary["val_loss_before"] and summary["loss_fell"]
   assert summary["steps"] == 6
   hf = tmp_path / "w" / "hf"
   assert (hf / "config.json").is_file() and list(hf.glob("*.safetensors"))
-  assert (hf / "tokenizer.model").is_file()
+  assert (hf / "tokenizer.model").read_bytes() == tokenizer.read_bytes()
+  assert json.loads((hf / "config.json").read_text())["vocab_size"] == 4096
   assert "validation perplexity, before" in out.stdout
   # SFT ran from the CPT model, and the exported chat model answered through the chat session.
   assert summary["sft_steps"] == 4 and math.isfinite(summary["sft_loss_final"])
@@ -153,6 +157,15 @@ def test_installed_demo_runs_from_another_folder(installed, tmp_path, tokenizer_
   assert isinstance(summary["answer"], str)
   assert f"[user] What is a quasar?\n[astrollama-demo] {summary['answer']}" in out.stdout
   assert not any(os.scandir(elsewhere)), "the demo wrote outside its --workdir"
+  # transformers reads the exported tokenizer files as the trainer's SentencePiece encodes.
+  from transformers import AutoTokenizer, LlamaTokenizer
+
+  from astrollama_jax.data.tokenizer import Tokenizer
+
+  text = "What is a quasar? Its redshift z = 6.3 (about 12.9 Gyr ago) ✓"
+  want = Tokenizer(tokenizer).encode(text)
+  for cls in (AutoTokenizer, LlamaTokenizer):
+    assert cls.from_pretrained(str(hf))(text)["input_ids"] == want, cls
 
 
 def test_installed_package_ships_the_feedback_page(installed, tmp_path):

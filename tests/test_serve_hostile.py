@@ -14,7 +14,7 @@ import socket
 import threading
 import time
 
-from helpers import NEW, client, post, running
+from helpers_serve import NEW, client, post, running
 import pytest
 from test_serve import JSON, assert_error, folder, model, raw_request, req  # noqa: F401
 

@@ -95,8 +95,11 @@ def test_a_negative_step_count_and_a_corpus_without_validation_stop_before_compi
   import subprocess
   import sys
 
-  from helpers import REPO, TOKENIZER
+  from helpers import REPO
 
+  from astrollama_jax.data import demo_tokenizer
+
+  tokenizer = demo_tokenizer.ensure(tmp_path / "tokenizer")  # configs/demo.py's own vocabulary
   corpus = tmp_path / "corpus"
   subprocess.run(
     [
@@ -114,7 +117,7 @@ def test_a_negative_step_count_and_a_corpus_without_validation_stop_before_compi
   )
   base = [
     f"--config.data.lm.path={corpus}",
-    f"--config.data.tokenizer_path={TOKENIZER}",
+    f"--config.data.tokenizer_path={tokenizer}",
     "--config.train.num_steps=2",
   ]
   cases = [

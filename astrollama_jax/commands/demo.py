@@ -1,8 +1,12 @@
 r"""``python -m astrollama_jax demo --workdir=DIR``: the whole recipe, end to end, on a CPU.
 
+0. tokenizer: the demo's own SentencePiece model (``data/demo_tokenizer.py``), trained from the
+   shipped demo data into ``DIR/tokenizer`` on first use, so nothing is downloaded;
+   ``--tokenizer=PATH`` (LLaMA-2's ``tokenizer.model``, say) replaces it;
 1. prepare: ``data/demo_corpus`` -> ``DIR/corpus`` (TFDS ArrayRecord, 15% validation);
-2. continual pre-training of a tiny LLaMA (``configs/demo.py``) in ``DIR/cpt``, with the
-   validation perplexity before the first step and after the last;
+2. continual pre-training of a tiny LLaMA (``configs/demo.py``, one embedding row per piece of
+   the tokenizer) in ``DIR/cpt``, with the validation perplexity before the first step and after
+   the last;
 3. chat SFT of the CPT model on ``data/demo_chat`` (``configs/demo_sft.py``) in ``DIR/sft``;
 4. export: ``DIR/sft`` -> ``DIR/hf``, a Hugging Face folder (safetensors, tokenizer files with
    the LLaMA-2 chat template);
@@ -26,6 +30,8 @@ from absl import flags, logging
 from astrollama_jax import sharding
 from astrollama_jax.checkpoints import loader
 from astrollama_jax.commands import cli
+from astrollama_jax.data import demo_tokenizer
+from astrollama_jax.data.tokenizer import Tokenizer
 from astrollama_jax.errors import UserError
 from astrollama_jax.util import resources, tables
 
@@ -34,13 +40,14 @@ FLAGS = flags.FLAGS
 
 def define_flags() -> None:
   """The command's flags (defined when the command runs, so importing this module defines none)."""
-  flags.DEFINE_string("workdir", None, "Output folder (corpus/, cpt/, sft/, hf/).", required=True)
+  flags.DEFINE_string(
+    "workdir", None, "Output folder (tokenizer/, corpus/, cpt/, sft/, hf/).", required=True
+  )
   cli.define(
     "tokenizer",
     help={
-      "tokenizer": "LLaMA-2 tokenizer.model (default: "
-      "$ASTROLLAMA_TOKENIZER, else ../shared/data/tokenizer/llama2/"
-      "tokenizer.model beside a checkout)."
+      "tokenizer": "SentencePiece tokenizer.model, e.g. LLaMA-2's (default: the demo's own, "
+      "trained from the shipped demo data into WORKDIR/tokenizer/)."
     },
   )
   flags.DEFINE_string("corpus", None, "Demo corpus folder (default: the shipped data/demo_corpus).")
@@ -55,22 +62,14 @@ def define_flags() -> None:
   )
 
 
-def find_tokenizer(explicit: str | None) -> str:
-  if explicit:
-    candidates = [explicit]
-  else:
-    repo = resources.checkout()
-    candidates = [
-      os.environ.get("ASTROLLAMA_TOKENIZER"),
-      repo and str(repo.parent / "shared" / "data" / "tokenizer" / "llama2" / "tokenizer.model"),
-    ]
-  for path in candidates:
-    if path and os.path.isfile(path):
-      return path
-  raise UserError(
-    f"LLaMA-2 tokenizer.model not found (looked at "
-    f"{[c for c in candidates if c]}); pass --tokenizer=PATH"
-  )
+def find_tokenizer(explicit: str | None) -> str | None:
+  """The ``--tokenizer`` file, checked now; None: the demo's own, built in the workdir."""
+  if explicit and not os.path.isfile(explicit):
+    raise UserError(
+      f"--tokenizer {explicit} is not a file; pass a SentencePiece tokenizer.model, or leave "
+      "the flag out for the demo's own tokenizer"
+    )
+  return os.path.abspath(explicit) if explicit else None
 
 
 def load_config(path: pathlib.Path) -> Any:
@@ -85,7 +84,7 @@ def prepare(source: str, output: str) -> dict[str, Any]:
   from astrollama_jax.data.corpus.build import build
   from astrollama_jax.data.corpus.config import CorpusConfig
 
-  config = CorpusConfig(sources=[source], validation_fraction=0.15)
+  config = CorpusConfig(sources=[source], validation_fraction=demo_tokenizer.VALIDATION_FRACTION)
   builder, report = build(config, output)
   print(report.table())
   return {"dataset": str(builder.data_dir)}
@@ -97,6 +96,8 @@ def pretrain(corpus_dir: str, tokenizer: str, workdir: str, steps: int | None) -
   config = load_config(resources.path("configs", "demo.py"))
   config.data.lm.path = corpus_dir
   config.data.tokenizer_path = tokenizer
+  # A fresh model: one embedding row per piece (the demo preset's size for the demo's own).
+  config.model.vocab_size = Tokenizer(tokenizer).vocab_size
   if steps:
     config.train.num_steps = steps
   return loop.train(config, workdir)
@@ -144,13 +145,16 @@ def export(checkpoint: str, output: str) -> dict[str, Any]:
 
 def run(
   workdir: str,
-  tokenizer: str,
+  tokenizer: str | None,
   corpus_src: str,
   steps: int | None = None,
   sft_steps: int | None = None,
   question: str = "What is a galaxy?",
 ) -> dict[str, Any]:
-  """All stages; returns the summary (perplexities, losses, timings, output paths)."""
+  """All stages; returns the summary (perplexities, losses, timings, output paths).
+
+  ``tokenizer`` None: the demo's own, built into ``workdir/tokenizer`` (reused on a re-run).
+  """
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   timings: dict[str, float] = {}
@@ -165,6 +169,8 @@ def run(
   def at(name):  # the stages' folders, all in the workdir
     return os.path.join(workdir, name)
 
+  if tokenizer is None:
+    tokenizer = stage("tokenizer", demo_tokenizer.ensure, at("tokenizer"))
   stage("prepare", prepare, corpus_src, at("corpus"))
   cpt = stage("pretrain", pretrain, at("corpus"), tokenizer, at("cpt"), steps)
   sft = stage("finetune", finetune, at("cpt"), tokenizer, at("sft"), sft_steps)
@@ -183,6 +189,8 @@ def run(
     "question": question,
     "answer": reply,
     "loss_fell": bool(before and after and after["loss"] < before["loss"]),
+    "tokenizer": tokenizer,
+    "vocab_size": Tokenizer(tokenizer).vocab_size,
     "hf_folder": at("hf"),
     "cpt_workdir": at("cpt"),
     "sft_workdir": at("sft"),
@@ -212,6 +220,7 @@ def main(argv: list[str]) -> None:
     ("training steps (CPT)", summary["steps"]),
     ("final training loss (SFT)", summary["sft_loss_final"]),
     ("training steps (SFT)", summary["sft_steps"]),
+    ("tokenizer pieces", summary["vocab_size"]),
     *[(f"time: {k} (s)", v) for k, v in summary["seconds"].items()],
     ("HF folder", summary["hf_folder"]),
   ]

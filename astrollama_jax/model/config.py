@@ -171,8 +171,11 @@ PRESETS: dict[str, dict[str, Any]] = {
   "tiny_70b_shape": dict(
     dim=128, n_layers=2, n_heads=16, n_kv_heads=8, ffn_dim=256, max_seq_len=512
   ),
-  # What the demo trains on two CPU cores in about two minutes (configs/demo.py).
-  "demo": dict(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=384, max_seq_len=512),
+  # What the demo trains on two CPU cores in about two minutes (configs/demo.py), with the
+  # demo's own tokenizer (data/demo_tokenizer.py): a vocabulary the demo data can fill.
+  "demo": dict(
+    vocab_size=4096, dim=128, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=384, max_seq_len=512
+  ),
 }
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pathlib
 
-PACKAGE = pathlib.Path(__file__).resolve().parent
+PACKAGE = pathlib.Path(__file__).resolve().parents[1]  # astrollama_jax/
 # kind -> (inside an installed wheel, in a checkout)
 _PLACES = {
   "configs": (PACKAGE / "configs", PACKAGE.parent / "configs"),
