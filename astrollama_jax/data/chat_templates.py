@@ -21,6 +21,14 @@ splitting at the special tokens ``<s>``/``</s>``; each piece between them,
 ``"[INST] {user} [/INST] {reply} "``, is then encoded on its own with a leading "▁" (the LLaMA
 ``legacy`` behaviour, also Meta's reference code). Encoding each exchange with SentencePiece is
 therefore the same computation, and knowing the exchange boundaries gives the loss mask for free.
+
+LLaMA 3's format (``LLAMA3``), one ``<|begin_of_text|>`` then per message::
+
+    <|start_header_id|>{role}<|end_header_id|>\n\n{content}<|eot_id|>
+
+with the generation prompt ``<|start_header_id|>assistant<|end_header_id|>\n\n``. Its special
+ids come from the tokenizer; a reply ends at ``<|eot_id|>``, generation at any of the family's end
+ids (``Tokenizer.stop_ids``).
 """
 
 from __future__ import annotations
@@ -127,7 +135,8 @@ class ChatTemplate:
     """Ids for generation: the history, then the last user turn as a generation prompt.
 
     ``conversation`` must end with the user turn to be answered. Equal to
-    ``apply_chat_template(conversation.to_messages(), tokenize=True)`` with ``jinja``.
+    ``apply_chat_template(conversation.to_messages(), add_generation_prompt=True)`` with
+    ``jinja``.
     """
     if not conversation.turns or conversation.turns[-1][0] != "user":
       raise ValueError("a generation prompt needs a conversation that ends with a user turn")
