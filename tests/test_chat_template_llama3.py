@@ -144,3 +144,32 @@ def test_needs_a_tokenizer_with_header_tokens(tokenizer_path):
   sp = Tokenizer(tokenizer_path)
   with pytest.raises(ValueError, match=re.escape("has no <|start_header_id|> token")):
     LLAMA3.encode_conversation(sp, Conversation((("user", "hi"), ("assistant", "hello"))))
+
+
+def test_hf_folder_carries_tokenizer_template_and_end_ids(tmp_path, llama3_dir, tok, sharegpt):
+  """What export ships for a LLaMA 3 tokenizer loads in transformers and renders our ids."""
+  transformers = pytest.importorskip("transformers")
+  from astrollama_jax.formats import hf_tokenizer
+
+  (tmp_path / "generation_config.json").write_text('{"bos_token_id": 1, "temperature": 0.6}')
+  paths = hf_tokenizer.write_hf_tokenizer_files(tmp_path, llama3_dir, 8192, LLAMA3)
+  hf_tokenizer.write_generation_ids(tmp_path, llama3_dir)
+  assert sorted(p.rsplit("/", 1)[1] for p in paths) == [
+    "special_tokens_map.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+  ]
+  gen = json.loads((tmp_path / "generation_config.json").read_text())
+  assert gen == {
+    "bos_token_id": 128000,
+    "temperature": 0.6,
+    "eos_token_id": [128001, 128008, 128009],
+    "pad_token_id": 128004,
+  }
+  theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+  assert (theirs.bos_token, theirs.eos_token) == ("<|begin_of_text|>", "<|eot_id|>")
+  assert theirs.chat_template == LLAMA3.jinja and theirs.model_max_length == 8192
+  for conv in sharegpt[:50]:
+    assert _hf_ids(theirs, conv) == LLAMA3.encode_conversation(tok, conv)[0], conv.id
+  with pytest.raises(ValueError, match="cannot be shipped in an HF folder"):
+    hf_tokenizer.write_hf_tokenizer_files(tmp_path / "x", llama3_dir / "tokenizer.model")
