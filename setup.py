@@ -56,6 +56,8 @@ setup(
     "tensorboardX>=2.6.5",
     "matplotlib>=3.9",
     "psutil>=5.9",
+    "tokenizers>=0.20,<1",
+    "tiktoken>=0.7,<1",
   ],
   entry_points={
     "console_scripts": [

@@ -86,7 +86,7 @@ class ChatSession:
       self.params,
       [ids],
       seed=self.seed + len(self.log),
-      eos_id=self.template.stop_id(self.tokenizer),
+      eos_id=self.template.stop_ids(self.tokenizer),
       stop_strings=self.stop_strings,
       tokenizer=self.tokenizer,
       mesh=self.mesh,

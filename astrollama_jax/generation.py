@@ -156,7 +156,7 @@ def _prefill(
   first = _next_token(logits, key, 0, knobs, sample)
   first = jnp.where(active, first, 0)
   out = jnp.zeros((b, out_len), jnp.int32).at[:, 0].set(first)
-  done = ~active | (first == knobs["eos_id"]) | (knobs["max_new"] <= 1)
+  done = ~active | _is_stop(first, knobs) | (knobs["max_new"] <= 1)
   state = {
     "cache": cache,
     "token": first,
@@ -189,7 +189,7 @@ def _decode(params, state, until, stopped, knobs, *, cfg: LlamaConfig, sample: b
     tok = _next_token(logits[:, -1], s["key"], s["step"], knobs, sample)
     tok = jnp.where(s["done"], 0, tok)
     out = jax.lax.dynamic_update_slice_in_dim(s["out"], tok[:, None], s["step"], axis=1)
-    done = s["done"] | (tok == knobs["eos_id"]) | (s["step"] + 1 >= knobs["max_new"])
+    done = s["done"] | _is_stop(tok, knobs) | (s["step"] + 1 >= knobs["max_new"])
     new = {
       "cache": cache,
       "token": tok,
@@ -249,6 +249,21 @@ def check_sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: f
     raise ValueError(f"top_p must be in (0, 1], got {top_p}")
 
 
+STOP_SLOTS = 8  # end ids a row can stop at; a fixed width keeps one compiled program
+
+
+def _stop_slots(eos_id: int | Sequence[int]) -> np.ndarray:
+  """The end ids padded with -1 (never a token) to ``STOP_SLOTS``."""
+  ids = [int(eos_id)] if np.ndim(eos_id) == 0 else [int(i) for i in eos_id]
+  if len(ids) > STOP_SLOTS:
+    raise ValueError(f"generate: at most {STOP_SLOTS} end ids, got {len(ids)}")
+  return np.asarray(ids + [-1] * (STOP_SLOTS - len(ids)), np.int32)
+
+
+def _is_stop(tok: jax.Array, knobs: dict) -> jax.Array:
+  return jnp.any(tok[:, None] == knobs["eos_id"][None, :], axis=1)
+
+
 def _validate(cfg, prompts, max_new_tokens, temperature, top_k, top_p, stop_strings, tokenizer):
   if not prompts:
     raise ValueError("generate: no prompts given")
@@ -280,7 +295,7 @@ def generate(
   top_k: int = 0,
   top_p: float = 1.0,
   seed: int = 0,
-  eos_id: int = 2,
+  eos_id: int | Sequence[int] = 2,
   stop_strings: Sequence[str] | None = None,
   tokenizer: Tokenizer | None = None,
   mesh: Mesh | None = None,
@@ -290,7 +305,8 @@ def generate(
   """Continue each prompt (a list of ids, BOS included) by up to ``max_new_tokens`` tokens.
 
   Greedy when ``temperature == 0``; else samples with temperature, ``top_k`` (0 = off) and
-  ``top_p`` (1 = off), seeded by ``seed``. A row stops at ``eos_id`` or at the first of
+  ``top_p`` (1 = off), seeded by ``seed``. A row stops at ``eos_id`` (one id or several: a
+  family's end ids, at most 8) or at the first of
   ``stop_strings`` in its decoded text (checked on the host between chunks of ``chunk_size``
   steps; both are excluded from the result: the text ends where the stop string begins, the ids
   are the longest prefix whose text does not reach into it). ``stream`` is called after every
@@ -312,11 +328,12 @@ def generate(
     tokens[i, t - len(p) :] = np.asarray(p, np.int32)
     mask[i, t - len(p) :] = 1
   active = np.arange(b) < n
+  stop_ids = _stop_slots(eos_id)
   knobs = {
     "temperature": np.float32(temperature),
     "top_k": np.int32(top_k),
     "top_p": np.float32(top_p),
-    "eos_id": np.int32(eos_id),
+    "eos_id": stop_ids,
     "max_new": np.int32(max_new_tokens),
   }
   sample = temperature > 0
@@ -333,7 +350,7 @@ def generate(
   else:
     params = jax.tree.map(jnp.asarray, params)
 
-  rows = _Rows(n, b, eos_id, max_new_tokens, stop_strings, tokenizer)
+  rows = _Rows(n, b, stop_ids, max_new_tokens, stop_strings, tokenizer)
   with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
     state = _prefill(
       params,
@@ -372,13 +389,13 @@ class _Rows:
     self,
     n: int,
     padded: int,
-    eos_id: int,
+    eos_ids: np.ndarray,
     max_new: int,
     stop_strings: Sequence[str],
     tokenizer: Tokenizer | None,
   ):
-    self.eos_id, self.max_new, self.stop_strings, self.tokenizer = (
-      eos_id,
+    self.eos_ids, self.max_new, self.stop_strings, self.tokenizer = (
+      {int(i) for i in eos_ids},
       max_new,
       stop_strings,
       tokenizer,
@@ -399,7 +416,7 @@ class _Rows:
       if self.finished[i]:
         continue
       for tok in new[i].tolist():
-        if tok == self.eos_id:
+        if tok in self.eos_ids:
           self.finished[i], self.reasons[i] = True, "eos"
           break
         ids.append(tok)

@@ -76,6 +76,19 @@ def test_eos_stops_a_row(setup):
   assert res.tokens == hf_greedy(model, prompts, N, eos_id=eos)
 
 
+def test_any_of_several_end_ids_stops_a_row(setup):
+  """A family with several end ids (LLaMA 3.1: end of text, eom, eot) stops at whichever comes."""
+  cfg, params, model, tok, prompts, greedy = setup
+  ends = [greedy.tokens[1][5], greedy.tokens[3][9], -7]
+  res = generate(cfg, params, prompts, N, eos_id=ends)
+  for row, got, reason in zip(greedy.tokens, res.tokens, res.finish_reasons):
+    cut = next((k for k, t in enumerate(row) if t in ends), len(row))
+    assert got == row[:cut] and reason == ("eos" if cut < len(row) else "length")
+  assert len(res.tokens[1]) <= 5 and len(res.tokens[3]) <= 9
+  with pytest.raises(ValueError, match="at most 8 end ids"):
+    generate(cfg, params, prompts, N, eos_id=list(range(9)))
+
+
 def test_top_k_1_and_tiny_top_p_equal_greedy(setup):
   cfg, params, _, _, prompts, greedy = setup
   assert generate(cfg, params, prompts, N, temperature=1.0, top_k=1, seed=3).tokens == greedy.tokens

@@ -132,8 +132,9 @@ def export(
       out,
       max_shard_bytes=max_shard_bytes,
       progress=progress,
-      extra_files=lambda d: hf_tokenizer.write_hf_tokenizer_files(
-        d, tok_path, cfg.max_seq_len, template
+      extra_files=lambda d: (
+        hf_tokenizer.write_hf_tokenizer_files(d, tok_path, cfg.max_seq_len, template),
+        hf_tokenizer.write_generation_ids(d, tok_path),
       ),
     )
   finally:

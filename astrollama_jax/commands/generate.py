@@ -68,7 +68,7 @@ def main(argv: Sequence[str]) -> None:
     checks.check_output_file(F.output)
   loaded = cli.load_from_flags(F)
   cfg, params, tokenizer, mesh = loaded.cfg, loaded.params, loaded.open_tokenizer(), loaded.mesh
-  eos_id, stop_strings = tokenizer.eos_id, list(F.stop)
+  eos_id, stop_strings = tokenizer.stop_ids, list(F.stop)
   if F.chat:
     template = cli.chat_template_from_flags(F)
     ids = [
@@ -77,7 +77,7 @@ def main(argv: Sequence[str]) -> None:
       )
       for r in records
     ]
-    eos_id, stop_strings = template.stop_id(tokenizer), [*template.stop_strings, *F.stop]
+    eos_id, stop_strings = template.stop_ids(tokenizer), [*template.stop_strings, *F.stop]
   else:
     ids = [tokenizer.encode(r["prompt"], bos=True) for r in records]
   for i, p in enumerate(ids):  # checked up front, so no batch fails after others were written

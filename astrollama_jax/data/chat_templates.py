@@ -21,6 +21,14 @@ splitting at the special tokens ``<s>``/``</s>``; each piece between them,
 ``"[INST] {user} [/INST] {reply} "``, is then encoded on its own with a leading "▁" (the LLaMA
 ``legacy`` behaviour, also Meta's reference code). Encoding each exchange with SentencePiece is
 therefore the same computation, and knowing the exchange boundaries gives the loss mask for free.
+
+LLaMA 3's format (``LLAMA3``), one ``<|begin_of_text|>`` then per message::
+
+    <|start_header_id|>{role}<|end_header_id|>\n\n{content}<|eot_id|>
+
+with the generation prompt ``<|start_header_id|>assistant<|end_header_id|>\n\n``. Its special
+ids come from the tokenizer; a reply ends at ``<|eot_id|>``, generation at any of the family's end
+ids (``Tokenizer.stop_ids``).
 """
 
 from __future__ import annotations
@@ -43,6 +51,14 @@ def _eos_id(tokenizer: Tokenizer) -> int:
   return tokenizer.eos_id
 
 
+def _eot_id(tokenizer: Tokenizer) -> int:
+  return tokenizer.eot_id
+
+
+def _family_stop_ids(tokenizer: Tokenizer) -> tuple[int, ...]:
+  return tokenizer.stop_ids
+
+
 @dataclasses.dataclass(frozen=True)
 class ChatTemplate:
   """One chat format. Build ids through the methods; the fields are the format's parts.
@@ -52,8 +68,9 @@ class ChatTemplate:
   ``reply=None`` it is the generation prompt (mask all 0). ``system`` is the conversation's
   system prompt, passed to every exchange; ``first`` says whether this exchange opens the
   conversation (where formats put the system prompt). ``stop_id_of(tokenizer)`` is the id that
-  ends a reply, ``stop_strings`` texts that end one too; ``jinja`` is the same format as a
-  transformers chat template.
+  closes a reply, ``stop_ids_of(tokenizer)`` every id that ends generation (default: that one),
+  ``stop_strings`` texts that end one too; ``jinja`` is the same format as a transformers chat
+  template.
   """
 
   name: str
@@ -61,10 +78,17 @@ class ChatTemplate:
   jinja: str
   stop_id_of: Callable[[Tokenizer], int] = _eos_id
   stop_strings: tuple[str, ...] = ()
+  stop_ids_of: Callable[[Tokenizer], tuple[int, ...]] | None = None
 
   def stop_id(self, tokenizer: Tokenizer) -> int:
-    """The id generation stops at: the one that closes a reply in this format."""
+    """The id that closes a reply in this format (what SFT puts after each reply)."""
     return self.stop_id_of(tokenizer)
+
+  def stop_ids(self, tokenizer: Tokenizer) -> tuple[int, ...]:
+    """Every id generation stops at, ``stop_id`` among them."""
+    if self.stop_ids_of is None:
+      return (self.stop_id(tokenizer),)
+    return tuple(dict.fromkeys((self.stop_id(tokenizer), *self.stop_ids_of(tokenizer))))
 
   def encode_conversation(
     self, tokenizer: Tokenizer, conversation: Conversation, max_ids: int | None = None
@@ -111,7 +135,8 @@ class ChatTemplate:
     """Ids for generation: the history, then the last user turn as a generation prompt.
 
     ``conversation`` must end with the user turn to be answered. Equal to
-    ``apply_chat_template(conversation.to_messages(), tokenize=True)`` with ``jinja``.
+    ``apply_chat_template(conversation.to_messages(), add_generation_prompt=True)`` with
+    ``jinja``.
     """
     if not conversation.turns or conversation.turns[-1][0] != "user":
       raise ValueError("a generation prompt needs a conversation that ends with a user turn")
@@ -119,12 +144,11 @@ class ChatTemplate:
     return ids
 
   def decode_reply(self, tokenizer: Tokenizer, ids: Sequence[int]) -> str:
-    """Text of generated reply ids, cut at the first stop id."""
+    """Text of generated reply ids, cut at the first of the stop ids."""
     ids = list(ids)
-    stop = self.stop_id(tokenizer)
-    if stop in ids:
-      ids = ids[: ids.index(stop)]
-    return tokenizer.decode(ids).strip()
+    stops = set(self.stop_ids(tokenizer))
+    cut = next((k for k, i in enumerate(ids) if i in stops), len(ids))
+    return tokenizer.decode(ids[:cut]).strip()
 
 
 # --- LLaMA-2 ---------------------------------------------------------------------------------
@@ -182,9 +206,75 @@ def _llama2_exchange(
 
 LLAMA2 = ChatTemplate(name="llama2", encode_exchange=_llama2_exchange, jinja=LLAMA2_JINJA)
 
+# --- LLaMA 3 ---------------------------------------------------------------------------------
+
+# The LLaMA 3 Instruct format as a Jinja chat template: one begin-of-text, then per message
+# ``<|start_header_id|>{role}<|end_header_id|>\n\n{content, trimmed}<|eot_id|>``; the generation
+# prompt opens an assistant header. Renders as Meta's template does (tested against it).
+LLAMA3_JINJA = (
+  "{%- for m in messages -%}"
+  "{%- if loop.first -%}{{- bos_token -}}{%- endif -%}"
+  "{{- '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n' -}}"
+  "{{- m['content'] | trim -}}"
+  "{{- '<|eot_id|>' -}}"
+  "{%- endfor -%}"
+  "{%- if add_generation_prompt -%}"
+  "{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' -}}"
+  "{%- endif -%}"
+)
+
+
+def _llama3_block(tokenizer: Tokenizer, role: str) -> list[int]:
+  """``<|start_header_id|>{role}<|end_header_id|>``: the header before each message."""
+  return [
+    tokenizer.special_id("<|start_header_id|>"),
+    *tokenizer.encode(role, bos=False),
+    tokenizer.special_id("<|end_header_id|>"),
+  ]
+
+
+def _llama3_message(tokenizer: Tokenizer, role: str, text: str) -> list[int]:
+  body = tokenizer.encode("\n\n" + text.strip(), bos=False)
+  return _llama3_block(tokenizer, role) + body + [tokenizer.special_id("<|eot_id|>")]
+
+
+def _llama3_exchange(
+  tokenizer: Tokenizer, user: str, reply: str | None, system: str | None, first: bool
+) -> tuple[list[int], list[int]]:
+  """``[<|begin_of_text|>][system message]`` user message, assistant header, reply, end of turn.
+
+  HF tokenizes the rendered text split at the special tokens, each piece on its own; encoding
+  each piece here is the same computation. The mask is 1 on the reply and its ``<|eot_id|>``.
+  With ``reply=None`` it is the generation prompt, ending in the assistant header and "\n\n".
+  """
+  ids = [tokenizer.bos_id] if first else []
+  if first and system is not None:
+    ids += _llama3_message(tokenizer, "system", system)
+  ids += _llama3_message(tokenizer, "user", user) + _llama3_block(tokenizer, "assistant")
+  opening = tokenizer.encode("\n\n", bos=False)
+  if reply is None:
+    ids += opening
+    return ids, [0] * len(ids)
+  body = tokenizer.encode("\n\n" + reply.strip(), bos=False)
+  # "\n\n" is its own pre-token before stripped text; should it ever merge, it counts as reply.
+  n = 0
+  while n < min(len(opening), len(body)) and body[n] == opening[n]:
+    n += 1
+  mask = [0] * (len(ids) + n) + [1] * (len(body) - n + 1)
+  return ids + body + [tokenizer.special_id("<|eot_id|>")], mask
+
+
+LLAMA3 = ChatTemplate(
+  name="llama3",
+  encode_exchange=_llama3_exchange,
+  jinja=LLAMA3_JINJA,
+  stop_id_of=_eot_id,
+  stop_ids_of=_family_stop_ids,
+)
+
 # --- the registry ----------------------------------------------------------------------------
 
-TEMPLATES: dict[str, ChatTemplate] = {t.name: t for t in (LLAMA2,)}
+TEMPLATES: dict[str, ChatTemplate] = {t.name: t for t in (LLAMA2, LLAMA3)}
 DEFAULT = "llama2"  # what a checkpoint that records no template was trained on
 
 

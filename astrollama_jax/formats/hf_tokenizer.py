@@ -1,9 +1,11 @@
-"""The Hugging Face tokenizer folder for our SentencePiece model, with a chat template.
+"""The Hugging Face tokenizer folder for our tokenizer, with a chat template.
 
-``write_hf_tokenizer_files`` writes what the exporter ships beside the weights, configured so that
-``AutoTokenizer`` reproduces SentencePiece: merges ranked by SentencePiece score (whitespace-only
-pieces last), legacy prefixing; ``tokenizer_config.json`` carries the chat template's Jinja
-string, so ``apply_chat_template`` gives the ids ``ChatTemplate.encode_conversation`` does.
+``write_hf_tokenizer_files`` writes what the exporter ships beside the weights. For a SentencePiece
+model (LLaMA-2) it is configured so that ``AutoTokenizer`` reproduces SentencePiece: merges ranked
+by SentencePiece score (whitespace-only pieces last), legacy prefixing. A byte-level BPE (LLaMA 3)
+ships its own ``tokenizer.json``. Either way ``tokenizer_config.json`` carries the chat template's
+Jinja string, so ``apply_chat_template`` gives the ids ``ChatTemplate.encode_conversation`` does,
+and ``write_generation_ids`` puts the tokenizer's own begin/end ids in ``generation_config.json``.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import shutil
 
 import sentencepiece as spm
 
+from astrollama_jax.data import tokenizer as tokenizers_
 from astrollama_jax.data.chat_templates import LLAMA2, ChatTemplate
 
 
@@ -120,9 +123,9 @@ def write_hf_tokenizer_files(
   with a space, SentencePiece does; chat content is stripped so the chat format is unaffected.
   """
   output_dir = os.fspath(output_dir)
-  tokenizer_model_path = os.fspath(tokenizer_model_path)
-  if not os.path.isfile(tokenizer_model_path):
-    raise FileNotFoundError(f"tokenizer model not found: {tokenizer_model_path}")
+  kind, tokenizer_model_path = tokenizers_.detect(tokenizer_model_path)
+  if kind != tokenizers_.SENTENCEPIECE:
+    return _write_bpe_files(output_dir, tokenizer_model_path, kind, model_max_length, chat_template)
   sp = spm.SentencePieceProcessor(model_file=tokenizer_model_path)
   if sp.pad_id() >= 0:
     raise ValueError(
@@ -174,3 +177,67 @@ def write_hf_tokenizer_files(
     with open(path, "w", encoding="utf-8") as f:
       json.dump(obj, f, ensure_ascii=False, indent=None if path.endswith("tokenizer.json") else 2)
   return paths
+
+
+def _write_bpe_files(
+  output_dir: str, path: str, kind: str, model_max_length: int, chat_template: ChatTemplate
+) -> list[str]:
+  """A byte-level BPE's folder: its tokenizer.json as is, with our config and chat template.
+
+  The end of sequence is the chat template's end of a reply for a chat format that ends replies
+  otherwise than documents (LLaMA 3 Instruct's ``<|eot_id|>``), else the end of text.
+  """
+  if kind != tokenizers_.HF_JSON:
+    raise ValueError(
+      f"{path}: Meta's tiktoken tokenizer.model cannot be shipped in an HF folder; "
+      "pass the tokenizer.json of the same tokenizer"
+    )
+  tok = tokenizers_.Tokenizer(path)
+  with open(path, encoding="utf-8") as f:
+    added = json.load(f).get("added_tokens", [])
+  try:
+    eos_id = chat_template.stop_id(tok)
+  except ValueError:  # a template whose special tokens this tokenizer lacks
+    eos_id = tok.eos_id
+  bos, eos = tok.id_to_piece(tok.bos_id), tok.id_to_piece(eos_id)
+  keys = ("content", "lstrip", "normalized", "rstrip", "single_word", "special")
+  config = {
+    "tokenizer_class": "PreTrainedTokenizerFast",
+    "bos_token": bos,
+    "eos_token": eos,
+    "clean_up_tokenization_spaces": False,
+    "model_input_names": ["input_ids", "attention_mask"],
+    "model_max_length": int(model_max_length),
+    "added_tokens_decoder": {str(t["id"]): {k: t[k] for k in keys if k in t} for t in added},
+    "chat_template": chat_template.jinja,
+  }
+  paths = [os.path.join(output_dir, n) for n in ("tokenizer.json", "tokenizer_config.json")]
+  paths.append(os.path.join(output_dir, "special_tokens_map.json"))
+  os.makedirs(output_dir, exist_ok=True)
+  if os.path.abspath(path) != os.path.abspath(paths[0]):
+    shutil.copyfile(path, paths[0])
+  for p, obj in zip(paths[1:], (config, {"bos_token": bos, "eos_token": eos})):
+    with open(p, "w", encoding="utf-8") as f:
+      json.dump(obj, f, ensure_ascii=False, indent=2)
+  return paths
+
+
+def write_generation_ids(output_dir: str | os.PathLike, tokenizer_path: str | os.PathLike) -> None:
+  """Set ``generation_config.json``'s begin, end and pad ids from the tokenizer itself.
+
+  The end ids are the family's (LLaMA 3.1: end of text, eom, eot), one int where there is one.
+  """
+  tok = tokenizers_.Tokenizer(tokenizer_path)
+  path = os.path.join(os.fspath(output_dir), "generation_config.json")
+  config = {}
+  if os.path.isfile(path):
+    with open(path, encoding="utf-8") as f:
+      config = json.load(f)
+  stops = list(tok.stop_ids)
+  config.update(
+    bos_token_id=tok.bos_id,
+    eos_token_id=stops[0] if len(stops) == 1 else stops,
+    pad_token_id=tok.pad_id,
+  )
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(config, f, indent=2)

@@ -290,7 +290,7 @@ class Batcher:
         top_k=s.top_k,
         top_p=s.top_p,
         seed=seed,
-        eos_id=self.tokenizer.eos_id,
+        eos_id=self.tokenizer.stop_ids,
         tokenizer=self.tokenizer,
         mesh=self.mesh,
         stream=stream,
