@@ -13,7 +13,8 @@ Why this shape:
 * Randomness is ``fold_in(key(seed), step)``: a given seed gives the same tokens whether the loop
   ran in one call or in chunks.
 
-``python -m astrollama_jax generate`` (``commands/generate.py``) is the one-shot command line around it.
+``python -m astrollama_jax generate`` (``commands/generate.py``) is the one-shot command line
+around it.
 """
 
 from __future__ import annotations

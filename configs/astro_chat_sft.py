@@ -4,7 +4,8 @@
     --config=configs/astro_chat_sft.py:70b    # 70B (lr 3e-7, as in the 70B sibling)
 
 Data: 10,356 QA dialogues generated from abstracts (``python -m astrollama_jax make_qa``) + all of
-LIMA + 10,000 OpenOrca + 10,000 UltraChat, mixed by ``astrollama_jax.data.chat_dataset.mix_sources`` and
+LIMA + 10,000 OpenOrca + 10,000 UltraChat, mixed by
+``astrollama_jax.data.chat_dataset.mix_sources`` and
 fed by ``make_sft_dataset``. Paths are placeholders: point them at your local copies.
 Batch 48 x 2048 tokens, cosine schedule with 3% warmup, one epoch (the defaults otherwise).
 """

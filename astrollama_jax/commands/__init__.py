@@ -1,7 +1,8 @@
 """The commands, one module each: its flags (``define_flags``) and its ``main``, thin.
 
 Each runs as ``python -m astrollama_jax COMMAND --flag=...`` or as the console script
-``astrollama-COMMAND`` (``commands/console.py``); both go through ``start``. The library below never imports this package.
+``astrollama-COMMAND`` (``commands/console.py``); both go through ``start``. The library below
+never imports this package.
 """
 
 from __future__ import annotations

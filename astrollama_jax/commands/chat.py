@@ -1,8 +1,9 @@
 """Multi-turn chat on the command line: ``python -m astrollama_jax chat --checkpoint=DIR``.
 
 Reads user lines from stdin (or ``--message``, repeatable, for scripts and the demo) and streams
-each answer as it is generated; the conversation itself (in the checkpoint's chat format, ``--chat_template``; history trimmed from
-the oldest exchange to fit the context) is ``astrollama_jax.chat_session.ChatSession``.
+each answer as it is generated; the conversation itself (in the checkpoint's chat format,
+``--chat_template``; history trimmed from the oldest exchange to fit the context) is
+``astrollama_jax.chat_session.ChatSession``.
 
 Streaming prints the new suffix of ``decode(all generated ids)`` rather than decoding ids one by
 one: SentencePiece puts word-initial spaces inside the pieces, and byte-fallback characters span

@@ -1,7 +1,8 @@
 """``python -m astrollama_jax generate``: complete prompts (plain or chat) with any checkpoint.
 
   python -m astrollama_jax generate --checkpoint=runs/sft --chat --prompt="What is a blazar?"
-  python -m astrollama_jax generate --checkpoint=hf/model --prompts_file=prompts.jsonl --output=out.jsonl
+  python -m astrollama_jax generate --checkpoint=hf/model --prompts_file=prompts.jsonl \
+      --output=out.jsonl
 
 Prompts run in batches through ``generation.generate``; with ``--output`` each batch's records are
 written as it ends, so an interrupted run keeps what is done.
