@@ -7,8 +7,15 @@ import re
 import pytest
 
 from astrollama_jax.data import pipeline
-from astrollama_jax.data.bpe_tokenizer import SPECIAL_TOKENS, HFBPETokenizer, TiktokenTokenizer
-from astrollama_jax.data.tokenizer import SentencePieceTokenizer, Tokenizer, detect, load_tokenizer
+from astrollama_jax.data.tokenizer import (
+  SPECIAL_TOKENS,
+  HFBPETokenizer,
+  SentencePieceTokenizer,
+  TiktokenTokenizer,
+  Tokenizer,
+  detect,
+  load_tokenizer,
+)
 
 EDGE_CASES = [
   "This is a test sentence.",
