@@ -121,3 +121,37 @@ def prepare_demo_corpus(out) -> Path:
     timeout=120,
   )
   return Path(out)
+
+
+# --- arXiv bulk tars ---------------------------------------------------------------------
+
+SINGLE = MINI_PAPER.replace("\\input{body}", MINI_BODY)  # a paper in one file
+
+
+def tar_bytes(files: dict[str, bytes | str]) -> bytes:
+  buf = io.BytesIO()
+  with tarfile.open(fileobj=buf, mode="w") as tar:
+    for name, data in files.items():
+      data = data.encode() if isinstance(data, str) else data
+      info = tarfile.TarInfo(name)
+      info.size, info.mtime = len(data), 0
+      tar.addfile(info, io.BytesIO(data))
+  return buf.getvalue()
+
+
+def gz(data: bytes | str) -> bytes:
+  return gzip.compress(data.encode() if isinstance(data, str) else data, mtime=0)
+
+
+def bulk_tar(path: Path, members: dict[str, bytes]) -> Path:
+  """An arXiv bulk source tar: ``YYMM/`` directory entry, then ``YYMM/ID.gz`` / ``.pdf`` files."""
+  with tarfile.open(path, "w") as tar:
+    for d in sorted({n.split("/")[0] for n in members}):
+      info = tarfile.TarInfo(d)
+      info.type, info.mtime = tarfile.DIRTYPE, 0
+      tar.addfile(info)
+    for name, data in members.items():
+      info = tarfile.TarInfo(name)
+      info.size, info.mtime = len(data), 0
+      tar.addfile(info, io.BytesIO(data))
+  return path
