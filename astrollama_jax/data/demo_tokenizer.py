@@ -39,19 +39,23 @@ def vocab_size() -> int:
 
 def training_texts() -> list[str]:
   """The shipped text the tokenizer learns from, in a fixed order."""
-  from astrollama_jax.data import chat_formats, chat_template, corpus
+  from astrollama_jax.data import chat_formats
+  from astrollama_jax.data.chat_templates import B_INST, B_SYS, E_INST, E_SYS
+  from astrollama_jax.data.corpus.config import CorpusConfig
+  from astrollama_jax.data.corpus.plan import collect
 
-  config = corpus.CorpusConfig(
+  config = CorpusConfig(
     sources=[str(resources.path("data", "demo_corpus"))],
     validation_fraction=VALIDATION_FRACTION,
     progress=False,
   )
-  texts = [r["text"] for r in corpus.collect(config).records["train"]]
+  texts = [r["text"] for r in collect(config).records["train"]]
   chat_file = resources.path("data", "demo_chat", "astro_chat.jsonl")
   for conv in chat_formats.load_conversations(chat_file)[0]:
     for k, (user, reply) in enumerate(conv.exchanges):
-      user = chat_template.user_content(user, conv.system, k == 0)
-      texts.append(f"{chat_template.B_INST} {user} {chat_template.E_INST} {(reply or '').strip()}")
+      if k == 0 and conv.system is not None:  # as the LLaMA-2 template folds it in
+        user = f"{B_SYS}{conv.system}{E_SYS}{user}"
+      texts.append(f"{B_INST} {user.strip()} {E_INST} {(reply or '').strip()}")
   return texts
 
 
