@@ -42,7 +42,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_multi_string(
     "data",
     None,
-    "Evaluation data: JSONL / CSV files or a prepared "
+    "Evaluation data: JSONL / JSON / CSV files or a prepared "
     "dataset dir; repeatable and comma-separated (one corpus each).",
     **fv,
   )
