@@ -192,3 +192,111 @@ def test_bad_question_files_are_named(tmp_path):
   c.write_text("question,A,B,C,D,answer\nq?,a,b\n")
   with pytest.raises(mcq.common.EvalDataError, match=r"short.csv:2: expected question"):
     mcq.read_questions(str(c))
+
+
+# AstroMLab-1's public layout: question_id, the question, options A-D, the answer withheld.
+# The questions are written for this test; ANSWERS holds what the answered copy gives.
+WITHHELD = [
+  {
+    "question_id": "w1",
+    "question": "A galaxy's rotation curve stays flat far beyond its visible disc. What does "
+    "this usually suggest?",
+    "A": "A halo of unseen mass",
+    "B": "A failing telescope",
+    "C": "A very bright nucleus",
+    "D": "A young stellar population",
+  },
+  {
+    "question_id": "w2",
+    "question": "Which quantity does a parallax measurement give most directly?",
+    "A": "Temperature",
+    "B": "Distance",
+    "C": "Metallicity",
+    "D": "Rotation period",
+  },
+  {
+    "question_id": "w3",
+    "question": "Lines in a spectrum shifted to longer wavelengths mean the source is",
+    "A": "approaching",
+    "B": "rotating slowly",
+    "C": "receding",
+    "D": "cooling",
+  },
+]
+ANSWERS = {"w1": "A", "w2": "B", "w3": "C"}
+
+
+def test_withheld_answers_give_predictions_and_answered_ones_a_score(setup, capsys, tmp_path):
+  """The predictions file has every id, one letter and four log-probabilities each; where the
+  answers exist, the letter accuracy is the one computed directly from those log-probs."""
+  root, _, tok = setup
+  public = tmp_path / "astromlab_public.json"
+  public.write_text(json.dumps(WITHHELD))
+  answered = tmp_path / "answered.jsonl"
+  write_jsonl(answered, [{**q, "answer": ANSWERS[q["question_id"]]} for q in WITHHELD])
+  summary = run_cli(
+    capsys,
+    "--task=mcq",
+    f"--checkpoint={root / 'hf'}",
+    f"--tokenizer={tok.path}",
+    f"--output={tmp_path / 'out'}",
+    f"--data={public},{answered}",
+    "--method=letter",
+    "--compute_dtype=float32",
+    "--max_len=128",
+  )
+  preds = [json.loads(line) for line in open(tmp_path / "out" / "mcq_predictions.jsonl")]
+  assert [p["id"] for p in preds] == ["w1", "w2", "w3"] * 2
+  for p in preds:
+    assert list(p["logprobs"]) == ["A", "B", "C", "D"]
+    lp = np.array(list(p["logprobs"].values()))
+    assert np.all(lp < 0) and p["prediction"] == "ABCD"[int(np.argmax(lp))]
+  # The prompt holds no answer, so withholding it changes nothing in what is scored.
+  np.testing.assert_allclose(
+    [list(p["logprobs"].values()) for p in preds[:3]],
+    [list(p["logprobs"].values()) for p in preds[3:]],
+    rtol=1e-6,
+  )
+  assert summary["unscored"] == ["astromlab_public"]
+  assert "acc/letter/astromlab_public" not in summary["metrics"]
+  credit = mcq.accuracy(
+    np.array([list(p["logprobs"].values()) for p in preds[3:]]),
+    np.array(["ABCD".index(ANSWERS[p["id"]]) for p in preds[3:]]),
+  )
+  assert summary["metrics"]["acc/letter"] == pytest.approx(credit.mean())
+  assert summary["metrics"]["acc/letter/answered"] == pytest.approx(credit.mean())
+  items = [json.loads(line) for line in open(tmp_path / "out" / "mcq_items.jsonl")]
+  assert [it["answer"] for it in items[:3]] == [None] * 3
+  assert "credit" not in items[0]["letter"]
+
+
+def test_withheld_answers_need_the_letter_method_and_no_mixing(setup, capsys, tmp_path):
+  root, _, tok = setup
+  public = tmp_path / "public.jsonl"
+  write_jsonl(public, WITHHELD)
+  with pytest.raises(ValueError, match="withholds its answers: .* --method=letter"):
+    run_cli(
+      capsys,
+      "--task=mcq",
+      f"--checkpoint={root / 'hf'}",
+      f"--tokenizer={tok.path}",
+      f"--output={tmp_path / 'out'}",
+      f"--data={public}",
+      "--method=loglik",
+    )
+  mixed = tmp_path / "mixed.jsonl"
+  write_jsonl(mixed, [WITHHELD[0], {**WITHHELD[1], "answer": "B"}])
+  with pytest.raises(mcq.common.EvalDataError, match=r"mixed.jsonl:2: an 'answer' field"):
+    mcq.read_questions(str(mixed))
+  assert [q["id"] for q in mcq.read_questions(str(public))] == ["w1", "w2", "w3"]
+
+
+def test_letter_tokens_follow_answer_colon(shared_data):
+  """ " A" after "Answer:" is one token in both tokenizer families, with its leading space."""
+  for path in ("llama2/tokenizer.model", "llama3/tokenizer.json"):
+    tok = Tokenizer(str(shared_data / "tokenizer" / path))
+    ids = mcq.letter_ids(tok, 4)
+    for c, i in zip("ABCD", ids):
+      assert tok.encode(f"Question?\nAnswer: {c}", bos=False)[-1] == i
+      assert tok.decode([i]).strip() == c
+    assert len(set(ids)) == 4

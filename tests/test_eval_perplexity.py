@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from astrollama_jax.data.tokenizer import Tokenizer
+from astrollama_jax.eval.common import EvalDataError
 
 
 @pytest.fixture(scope="module")
@@ -222,3 +223,61 @@ def test_orbax_checkpoint_scores_like_the_hf_folder(
     "--dtype=bfloat16",
   )
   assert bf16["metrics"]["nll"] == pytest.approx(ours["metrics"]["nll"], rel=2e-3)
+
+
+def test_perplexity_by_month_on_dated_abstracts(setup, capsys, tokenizer_path, shared_data):
+  """Real abstracts from three months: each month's row is the token-weighted perplexity of
+  that month's documents, computed directly from the torch NLLs. A second file has no dates:
+  its arXiv ids name the month."""
+  from astrollama_jax.eval import perplexity
+
+  root, model, tok = setup
+  picked = {}
+  with open(shared_data / "arxiv-astro-ph" / "abstracts.jsonl") as f:
+    for line in f:
+      rec = json.loads(line)
+      month = rec["date"][:7]
+      if month in ("2025-04", "2025-09", "2026-03") and len(picked.setdefault(month, [])) < 2:
+        picked[month].append(rec)
+  recs = [r for m in sorted(picked) for r in picked[m]]
+  assert len(recs) == 6
+  # Listed in April 2025 under an April 2025 id: the id gives the same month as the date.
+  undated = [{"id": r["id"], "abstract": r["abstract"]} for r in picked["2025-04"]]
+  assert all(r["id"].startswith("2504.") for r in undated)
+  write_jsonl(root / "dated.jsonl", recs)
+  write_jsonl(root / "undated.jsonl", undated)
+  out = root / "by_month"
+  summary = run_cli(
+    capsys,
+    "--task=perplexity",
+    f"--checkpoint={root / 'hf'}",
+    f"--tokenizer={tokenizer_path}",
+    f"--output={out}",
+    f"--data={root / 'dated.jsonl'},{root / 'undated.jsonl'}",
+    "--by=month",
+    "--compute_dtype=float32",
+    "--batch_size=4",
+    "--bootstrap=50",
+  )
+  nll, cnt = _reference(model, tok, [r["abstract"] for r in recs])
+  months = np.array([r["date"][:7] for r in recs])
+  m = summary["metrics"]
+  rows = {(r["corpus"], r["month"]): r for r in summary["rows"]}
+  for month in ("2025-04", "2025-09", "2026-03"):
+    idx = months == month
+    want = float(np.exp(nll[idx].sum() / cnt[idx].sum()))
+    assert m[f"ppl/dated/month/{month}"] == pytest.approx(want, rel=1e-4)
+    assert rows[("dated", month)]["docs"] == 2
+    assert rows[("dated", month)]["tokens"] == int(cnt[idx].sum())
+  # Over both files, April holds the dated pair and the same two abstracts again.
+  april = months == "2025-04"
+  want = float(np.exp(2 * nll[april].sum() / (2 * cnt[april].sum())))
+  assert m["ppl/month/2025-04"] == pytest.approx(want, rel=1e-4)
+  assert rows[("total", "2025-04")]["docs"] == 4
+  assert m["ppl/undated/month/2025-04"] == pytest.approx(want, rel=1e-4)
+  items = _items(out / "perplexity_items.jsonl")
+  assert [it["month"] for it in items] == list(months) + ["2025-04"] * 2
+
+  with pytest.raises(EvalDataError, match=r"x.jsonl: document 'p1' has no usable date"):
+    perplexity.document_month({"id": "p1", "text": "t"}, "x.jsonl")
+  assert perplexity.document_month({"id": "astro-ph/9605151"}, "x") == "1996-05"

@@ -1,9 +1,11 @@
 """``python -m astrollama_jax eval``: score a checkpoint, or compare earlier results.
 
-  --task=perplexity   token-weighted NLL / perplexity per corpus (and section), sliding window
+  --task=perplexity   token-weighted NLL / perplexity per corpus (and section), sliding window;
+                      --by=month adds a row per month of the records' dates (knowledge recency)
   --task=completion   complete abstracts from their first part; embedding cosine + continuation ppl
   --task=embed        AstroLLaMA embeddings of a JSONL of abstracts; --query prints nearest papers
-  --task=mcq          multiple-choice accuracy (option log-likelihood and answer-letter probability)
+  --task=mcq          multiple-choice accuracy (option log-likelihood and answer-letter
+                      probability); where answers are withheld, a predictions file to submit
   --task=contamination  share of each item's 13-grams found in a training corpus
   --compare=R1,R2,... a markdown table and a PNG chart of the same metrics across runs
 
@@ -40,7 +42,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_multi_string(
     "data",
     None,
-    "Evaluation data: JSONL / CSV files or a prepared "
+    "Evaluation data: JSONL / JSON / CSV files or a prepared "
     "dataset dir; repeatable and comma-separated (one corpus each).",
     **fv,
   )
@@ -60,6 +62,14 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   # perplexity
   flags.DEFINE_integer(
     "stride", 0, "Sliding-window stride for long documents (0 = max_len // 2).", **fv
+  )
+  flags.DEFINE_enum(
+    "by",
+    None,
+    ["month"],
+    "perplexity: also group the documents by the month of their date (the record's 'date', "
+    "else its arXiv id), to see how a model does on papers newer than its training data.",
+    **fv,
   )
   # completion
   flags.DEFINE_float(
@@ -174,7 +184,7 @@ def main(argv, F: flags.FlagValues = flags.FLAGS):
   model = common.load(F.checkpoint, F.mesh, F.dtype, F.compute_dtype, F.tokenizer, F.attention)
   tokenizer = Tokenizer(model.tokenizer_path)
   if F.task == "perplexity":
-    args = dict(stride=F.stride, split=F.split, n_boot=F.bootstrap, seed=F.seed)
+    args = dict(stride=F.stride, split=F.split, n_boot=F.bootstrap, seed=F.seed, by=F.by)
   elif F.task == "mcq":
     args = dict(method=F.method, shots=F.shots, dev=F.dev, subject=F.subject, seed=F.seed)
   elif F.task == "embed":

@@ -102,10 +102,12 @@ def _decode(v: Any) -> Any:
 
 
 def read_texts(path: str, split: str = "validation", limit: int = 0) -> list[dict]:
-  """Records {id, text, section?, title?, categories?} from a JSONL file or a prepared dataset.
+  """Records {id, text, section?, title?, categories?, date?} from a JSONL file or a prepared
+  dataset.
 
-  JSONL: the text is the ``text`` field, else ``abstract``. A directory is read as the
-  prepared TFDS dataset (``astrollama_jax.commands.prepare``), split ``split``.
+  JSONL: the text is the ``text`` field, else ``abstract``; ``date`` is kept as written. A
+  directory is read as the prepared TFDS dataset (``astrollama_jax.commands.prepare``), split
+  ``split``.
   """
   out = []
   if os.path.isdir(path):
@@ -120,6 +122,7 @@ def read_texts(path: str, split: str = "validation", limit: int = 0) -> list[dic
           "text": rec["text"],
           "section": rec.get("section") or None,
           "title": rec.get("title"),
+          "date": rec.get("date") or None,
         }
       )
       if limit and len(out) >= limit:
@@ -136,6 +139,7 @@ def read_texts(path: str, split: str = "validation", limit: int = 0) -> list[dic
         "section": rec.get("section"),
         "title": rec.get("title"),
         "categories": rec.get("categories"),
+        "date": rec.get("date"),
       }
     )
     if limit and len(out) >= limit:

@@ -13,16 +13,24 @@ Ties are real (identical options give identical requests, which are scored once)
 whose top score is shared by k options earns 1/k if the answer is among them. Accuracy comes
 with a 95% Wilson interval.
 
-Inputs: JSONL records {question, A, B, C, D, answer (letter or 0-based index), id?, subject?}
-or MMLU-style CSV rows (question, options..., answer letter; no header; the subject is the
-file name without ``_test``/``_dev``/``_val``).
+Inputs: JSONL records {question, A, B, C, D, answer (letter or 0-based index), id?, subject?},
+a JSON file holding a list of such records, or MMLU-style CSV rows (question, options..., answer
+letter; no header; the subject is the file name without ``_test``/``_dev``/``_val``).
+
+AstroMLab-1's public layout ({question_id, question, A..D}, the answer withheld) is read as is:
+``question_id`` names the question, and a file whose records have no ``answer`` is not scored.
+Its questions get a prediction by the letter method, the one AstroMLab uses for base models,
+and ``mcq_predictions.jsonl`` holds, per question, the id, the predicted letter and each letter's
+log-probability, ready to submit (the file is written for answered questions too).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+import json
 import os
 
+from absl import logging
 import numpy as np
 
 from astrollama_jax.data.tokenizer import Tokenizer
@@ -61,16 +69,35 @@ def subject_from_path(path: str) -> str:
 
 
 def looks_like_mcq(path: str) -> bool:
-  """A JSONL file whose first record has a ``question`` field."""
-  if not path.endswith(".jsonl") or not os.path.isfile(path):
+  """A JSONL (or JSON list) file whose first record has a ``question`` field."""
+  if not path.endswith((".jsonl", ".json")) or not os.path.isfile(path):
     return False
-  for _, rec in common.read_jsonl(path):
+  for _, rec in _records(path):
     return "question" in rec
   return False
 
 
+def _records(path: str):
+  """(line or position, record) from a JSONL file, or from a JSON file holding a list."""
+  if not path.endswith(".json"):
+    yield from common.read_jsonl(path)
+    return
+  try:
+    with open(path, encoding="utf-8") as f:
+      recs = json.load(f)
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise common.EvalDataError(f"{path}: not a readable JSON file ({e})") from None
+  if not isinstance(recs, list):
+    raise common.EvalDataError(f"{path}: expected a JSON list of questions")
+  for n, rec in enumerate(recs, 1):
+    if not isinstance(rec, dict):
+      raise common.EvalDataError(f"{path}: item {n} is a {type(rec).__name__}, not an object")
+    yield n, rec
+
+
 def read_questions(path: str, limit: int = 0) -> list[dict]:
-  """Questions as dicts {id, subject, question, options: [...], answer: index, A, B, ...}."""
+  """Questions as dicts {id, subject, question, options: [...], answer: index, A, B, ...};
+  ``answer`` is None where the file withholds it (all of its records, or none, must)."""
   out = []
   if path.endswith(".csv"):
     subject = subject_from_path(path)
@@ -94,7 +121,8 @@ def read_questions(path: str, limit: int = 0) -> list[dict]:
       if limit and len(out) >= limit:
         break
     return out
-  for n, rec in common.read_jsonl(path):
+  withheld = None
+  for n, rec in _records(path):
     where = f"{path}:{n}"
     if not isinstance(rec.get("question"), str):
       raise common.EvalDataError(f"{where}: no 'question' string")
@@ -104,15 +132,21 @@ def read_questions(path: str, limit: int = 0) -> list[dict]:
         f"{where}: options must be fields A, B, ... in order; found {letters or 'none'}"
       )
     options = [str(rec[c]) for c in letters]
-    if "answer" not in rec:
-      raise common.EvalDataError(f"{where}: no 'answer' field")
+    if withheld is None:
+      withheld = "answer" not in rec
+    elif withheld != ("answer" not in rec):
+      raise common.EvalDataError(
+        f"{where}: {'an' if withheld else 'no'} 'answer' field, unlike the first record"
+        " (a file gives every answer or withholds every one)"
+      )
+    qid = rec.get("id", rec.get("question_id", f"{common.corpus_name(path)}:{n}"))
     out.append(
       _question(
-        str(rec.get("id", f"{common.corpus_name(path)}:{n}")),
+        str(qid),
         rec.get("subject") or "",
         rec["question"],
         options,
-        _answer_index(rec["answer"], len(options), where),
+        None if withheld else _answer_index(rec["answer"], len(options), where),
       )
     )
     if limit and len(out) >= limit:
@@ -120,7 +154,9 @@ def read_questions(path: str, limit: int = 0) -> list[dict]:
   return out
 
 
-def _question(qid: str, subject: str, question: str, options: list[str], answer: int) -> dict:
+def _question(
+  qid: str, subject: str, question: str, options: list[str], answer: int | None
+) -> dict:
   return {
     "id": qid,
     "subject": subject,
@@ -162,6 +198,9 @@ def choose_shots(
   ``shots`` other questions of the same set drawn with ``seed``."""
   if shots <= 0:
     return [[] for _ in questions]
+  pool = dev or questions
+  if any(q["answer"] is None for q in pool):
+    raise ValueError(f"{shots} shots need answered examples: give --dev with answers")
   if dev:
     if len(dev) < shots:
       raise ValueError(f"{shots} shots asked but the dev set has {len(dev)} questions")
@@ -196,12 +235,15 @@ def accuracy(scores: np.ndarray, answers: np.ndarray) -> np.ndarray:
 
 
 def letter_ids(tokenizer: Tokenizer, n: int) -> list[int]:
+  """The token of " A", " B", ... as it follows "Answer:" (SentencePiece's "▁A", BPE's "ĠA"):
+  the one token that "Answer: A" adds to "Answer:"."""
+  base = tokenizer.encode("Answer:", bos=False)
   ids = []
   for c in LETTERS[:n]:
-    enc = tokenizer.encode(c, bos=False)  # SentencePiece's dummy prefix makes this " A"
-    if len(enc) != 1:
-      raise ValueError(f"answer letter {c!r} is not one token in {tokenizer.path}: {enc}")
-    ids.append(enc[0])
+    enc = tokenizer.encode(f"Answer: {c}", bos=False)
+    if len(enc) != len(base) + 1 or enc[: len(base)] != base:
+      raise ValueError(f"answer letter ' {c}' is not one token after 'Answer:' in {tokenizer.path}")
+    ids.append(enc[-1])
   return ids
 
 
@@ -242,7 +284,7 @@ def score_questions(
     requests = []
     for q, ex in zip(questions, shots):
       ctx = tokenizer.encode(build_prompt(q, ex, letter_block), bos=True)
-      tgt = [cands[q["answer"]]]
+      tgt = [cands[q["answer"] or 0]]  # any letter: all of them come back as candidates
       requests.append(Request(_fit(ctx, tgt, scorer.max_len), tgt))
     _, cand_lps = scorer.logprobs(requests, candidates=cands, desc="mcq letters")
     letter = np.stack([c[0] for c in cand_lps])  # [questions, options]: log p(letter)
@@ -263,17 +305,23 @@ def run(
   seed: int = 0,
   checker=None,
 ) -> dict:
-  """The ``mcq`` task over one or more question files."""
+  """The ``mcq`` task over one or more question files; files that withhold their answers get
+  predictions (``mcq_predictions.jsonl``) and no score."""
   tokenizer, limit = setup.tokenizer, setup.limit
   methods = METHODS[method]
   scorer = setup.scorer()
   dev_qs = read_questions(dev) if dev else None
-  rows, items, metrics = [], [], {}
+  rows, items, predictions, metrics = [], [], [], {}
   credits_all: dict[str, list[np.ndarray]] = {m: [] for m in methods}
-  dropped, p_answer = 0, []
+  dropped, p_answer, unscored = 0, [], []
   for spec in data:
     name = common.corpus_name(spec)
     questions = read_questions(spec, limit)
+    withheld = bool(questions) and questions[0]["answer"] is None
+    if withheld and "letter" not in methods:
+      raise ValueError(
+        f"{spec} withholds its answers: its predictions need --method=letter (or all)"
+      )
     if subject is not None:
       for q in questions:
         q["subject"] = subject
@@ -293,12 +341,20 @@ def run(
     scores = score_questions(
       scorer, tokenizer, questions, choose_shots(questions, dev_qs, shots, seed), methods
     )
-    answers = np.array([q["answer"] for q in questions])
-    credit = {m: accuracy(scores[m], answers) for m in methods}
-    for m in methods:
-      credits_all[m].append(credit[m])
-      rows.append(_row(name, m, credit[m]))
-      metrics[f"acc/{m}/{name}"] = rows[-1]["acc"]
+    if "letter" in methods:
+      predictions += prediction_records(questions, scores["letter"])
+    if withheld:
+      unscored.append(name)
+      logging.warning("%s: answers withheld, no score; predictions in mcq_predictions.jsonl", spec)
+      rows.append({"data": name, "method": "letter (no answers)", "questions": len(questions)})
+      credit = {}
+    else:
+      answers = np.array([q["answer"] for q in questions])
+      credit = {m: accuracy(scores[m], answers) for m in methods}
+      for m in methods:
+        credits_all[m].append(credit[m])
+        rows.append(_row(name, m, credit[m]))
+        metrics[f"acc/{m}/{name}"] = rows[-1]["acc"]
     for i, q in enumerate(questions):
       rec = {
         "data": name,
@@ -306,33 +362,51 @@ def run(
         "subject": q["subject"],
         "question": q["question"],
         "options": q["options"],
-        "answer": LETTERS[q["answer"]],
+        "answer": None if withheld else LETTERS[q["answer"]],
       }
       for m in methods:
         s = scores[m][i]
-        rec[m] = {
-          "scores": s.tolist(),
-          "pred": LETTERS[int(np.argmax(s))],
-          "credit": float(credit[m][i]),
-        }
-      if "letter" in methods:
+        rec[m] = {"scores": s.tolist(), "pred": LETTERS[int(np.argmax(s))]}
+        if not withheld:
+          rec[m]["credit"] = float(credit[m][i])
+      if "letter" in methods and not withheld:
         rec["letter"]["prob_answer"] = float(scores["letter_prob"][i, q["answer"]])
         p_answer.append(rec["letter"]["prob_answer"])
       if flags[i] is not None:
         rec["contamination"], rec["flagged"] = flags[i]
       items.append(rec)
-  if len(data) > 1:
-    for m in methods:
+  scored = [m for m in methods if credits_all[m]]
+  if len(data) - len(unscored) > 1:
+    for m in scored:
       rows.append(_row("total", m, np.concatenate(credits_all[m])))
-  for m in methods:
+  for m in scored:
     total = np.concatenate(credits_all[m])
     lo, hi = stats.wilson_interval(total.sum(), len(total))
     metrics.update({f"acc/{m}": float(total.mean()), f"acc/{m}/lo": lo, f"acc/{m}/hi": hi})
   if p_answer:
     metrics["p_answer/letter"] = float(np.mean(p_answer))
   extra = {"shots": shots, "methods": list(methods), "data": list(data), "questions": len(items)}
+  if unscored:
+    extra["unscored"] = unscored  # answers withheld: predictions only
+  files = {}
+  if predictions:
+    files["predictions"] = os.path.join(setup.output_dir, "mcq_predictions.jsonl")
+    common.write_jsonl(files["predictions"], predictions)
   extra.update(common.contamination_note(checker, dropped))
-  return setup.finish("mcq", metrics, rows, items, extra, COLUMNS)
+  return setup.finish("mcq", metrics, rows, items, extra, COLUMNS, files=files)
+
+
+def prediction_records(questions: Sequence[dict], letter_lp: np.ndarray) -> list[dict]:
+  """Per question: its id, the letter with the highest next-token log-probability (the first
+  such letter on a tie) and every letter's log-probability."""
+  return [
+    {
+      "id": q["id"],
+      "prediction": LETTERS[int(np.argmax(lp))],
+      "logprobs": {LETTERS[k]: float(v) for k, v in enumerate(lp)},
+    }
+    for q, lp in zip(questions, letter_lp)
+  ]
 
 
 def _row(name: str, method: str, credit: np.ndarray) -> dict:

@@ -5,19 +5,40 @@ Documents longer than the context go through sliding windows (``scoring.window_r
 each window after the first scores only its ``stride`` newest tokens, so those tokens keep
 at least ``max_len - stride`` tokens of context. Perplexity is exp(sum NLL / sum tokens)
 over a group (corpus, section, or everything); its interval is a bootstrap over documents.
+
+``by="month"`` adds a row per calendar month of the documents' dates (the record's ``date``,
+else the month an arXiv id names): knowledge recency. A model trained on an older corpus sees
+newer papers as less predictable; a monthly corpus update (``prepare --update``, a
+``since:DATE`` mixture) should lower the perplexity of the newest months more than of the old.
 """
 
 from __future__ import annotations
 
 import collections
 from collections.abc import Sequence
+import re
 
 import numpy as np
 
+from astrollama_jax.data.corpus.metadata import date_from_id
 from astrollama_jax.eval import common, stats
 from astrollama_jax.eval.scoring import Scorer, window_requests
 
 COLUMNS = ("corpus", "section", "docs", "tokens", "nll", "ppl", "ppl_lo", "ppl_hi")
+BY = ("month",)
+_MONTH_RE = re.compile(r"(\d{4})-(\d{2})")
+
+
+def document_month(doc: dict, corpus: str) -> str:
+  """YYYY-MM of the document's ``date`` field, else of its arXiv id; neither is an error."""
+  date = str(doc.get("date") or "") or date_from_id(str(doc.get("id") or ""))
+  m = _MONTH_RE.match(date)
+  if not m or not 1 <= int(m.group(2)) <= 12:
+    raise common.EvalDataError(
+      f"{corpus}: document {doc.get('id')!r} has no usable date ({date!r}) for grouping by"
+      " month: give each record a 'date' (YYYY-MM[-DD]) or an arXiv id"
+    )
+  return m.group(0)
 
 
 def document_nll(
@@ -67,14 +88,19 @@ def run(
   n_boot: int = 1000,
   seed: int = 0,
   checker=None,
+  by: str | None = None,
 ) -> dict:
-  """The ``perplexity`` task over one or more corpora (JSONL files or prepared datasets)."""
+  """The ``perplexity`` task over one or more corpora (JSONL files or prepared datasets);
+  ``by="month"`` also groups each corpus (and, over several, all of them) by month."""
+  if by is not None and by not in BY:
+    raise ValueError(f"perplexity can group by {', '.join(BY)}, not {by!r}")
   tokenizer, limit = setup.tokenizer, setup.limit
   scorer = setup.scorer()
   stride = stride or max(1, scorer.max_len // 2)
   rows, items, all_nll, all_cnt = [], [], [], []
   metrics: dict[str, float] = {}
   excluded = 0
+  all_months: list[str] = []
   for spec in data:
     name = common.corpus_name(spec)
     docs = common.read_texts(spec, split=split, limit=limit)
@@ -83,6 +109,8 @@ def run(
       excluded += dropped
     if not docs:
       raise common.EvalDataError(f"{spec}: no documents to score")
+    months = [document_month(d, spec) for d in docs] if by == "month" else [None] * len(docs)
+    all_months += months
     ids = tokenizer.encode_batch([d["text"] for d in docs], bos=True)
     nll, cnt = document_nll(scorer, ids, stride, desc=f"perplexity {name}")
     all_nll.append(nll)
@@ -96,7 +124,9 @@ def run(
     for section, idx in sorted(by_section.items()):
       rows.append(_row(name, section, nll[idx], cnt[idx], n_boot, seed))
       _add_metrics(metrics, f"ppl/{name}/{section}", rows[-1])
-    for d, n, c in zip(docs, nll, cnt):
+    if by == "month":
+      rows += _month_rows(name, f"ppl/{name}/month", months, nll, cnt, n_boot, seed, metrics)
+    for d, n, c, month in zip(docs, nll, cnt, months):
       items.append(
         {
           "corpus": name,
@@ -105,6 +135,7 @@ def run(
           "tokens": int(c),
           "nll_sum": float(n),
           "ppl": float(np.exp(n / max(c, 1))),
+          **({"month": month} if month else {}),
           **({"contamination": d["contamination"]} if "contamination" in d else {}),
         }
       )
@@ -112,6 +143,8 @@ def run(
   total = _row("total", "all", nll, cnt, n_boot, seed)
   if len(data) > 1:
     rows.append(total)
+    if by == "month":
+      rows += _month_rows("total", "ppl/month", all_months, nll, cnt, n_boot, seed, metrics)
   metrics.update(
     {"ppl": total["ppl"], "nll": total["nll"], "ppl_lo": total["ppl_lo"], "ppl_hi": total["ppl_hi"]}
   )
@@ -122,5 +155,22 @@ def run(
     "tokens": int(cnt.sum()),
     "docs": len(nll),
   }
+  columns = COLUMNS
+  if by == "month":
+    extra["by"] = by
+    columns = COLUMNS[:2] + ("month",) + COLUMNS[2:]
+    for row in rows:
+      row.setdefault("month", "all")
   extra.update(common.contamination_note(checker, excluded))
-  return setup.finish("perplexity", metrics, rows, items, extra, COLUMNS)
+  return setup.finish("perplexity", metrics, rows, items, extra, columns)
+
+
+def _month_rows(corpus, key, months, nll, cnt, n_boot, seed, metrics) -> list[dict]:
+  """A row (and metrics ``<key>/YYYY-MM``) per month, oldest first."""
+  rows = []
+  months = np.asarray(months)
+  for month in sorted(set(months.tolist())):
+    idx = np.flatnonzero(months == month)
+    rows.append({**_row(corpus, "all", nll[idx], cnt[idx], n_boot, seed), "month": month})
+    _add_metrics(metrics, f"{key}/{month}", rows[-1])
+  return rows
