@@ -147,6 +147,20 @@ def _wandb_records(path):
   return out
 
 
+def test_wandb_without_the_package_is_one_line(tmp_path, monkeypatch):
+  import sys
+
+  from astrollama_jax.errors import UserError
+  from astrollama_jax.train import wandb_log
+  from astrollama_jax.train.defaults import base_config
+
+  monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed
+  config = base_config()
+  config.log.wandb = True
+  with pytest.raises(UserError, match=r"log.wandb=True needs the wandb package: pip install"):
+    wandb_log.start(config.log, str(tmp_path), {})
+
+
 def test_wandb_offline_run_continues_on_resume(tmp_path, monkeypatch):
   pytest.importorskip("wandb", reason="wandb (the optional [wandb] extra) is not installed")
   from astrollama_jax.train import wandb_log
