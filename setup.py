@@ -66,6 +66,8 @@ setup(
     ],
   },
   extras_require={
+    # Weights & Biases logging of training runs (--config.log.wandb=True)
+    "wandb": ["wandb>=0.19"],
     # torch is named exactly: a CPU wheel here; an unpinned torch pulls GBs of CUDA packages.
     "test": [
       "pytest>=9.0",

@@ -55,6 +55,7 @@ def main(argv: list[str]) -> None:
     FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
   )
   import jax
+  import psutil
 
   from astrollama_jax.train import loop
   from astrollama_jax.util import diskspace
@@ -67,7 +68,9 @@ def main(argv: list[str]) -> None:
       from astrollama_jax.train import watchdog, workdir_lock
 
       with workdir_lock.held(FLAGS.workdir), watchdog.watching(FLAGS.config.train.hang_timeout_s):
-        summary = loop.train(FLAGS.config, FLAGS.workdir)
+        # the process's start: interpreter and import time are the run's start-up too
+        started = psutil.Process().create_time()
+        summary = loop.train(FLAGS.config, FLAGS.workdir, started=started)
   except loop.NonFiniteError as e:
     logging.error("%s", e)
     sys.exit(exit_codes.NONFINITE)

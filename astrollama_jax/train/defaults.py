@@ -18,7 +18,7 @@ One section per concern:
 * ``train``: how long and how big (steps or epochs, global batch, micro-batches), and when to
   give up on non-finite steps;
 * ``optimizer`` (AdamW, clipping, moments dtype), ``schedule`` (peak learning rate and shape),
-  ``loss``, ``eval``, ``checkpoint``, ``log``;
+  ``loss``, ``eval``, ``checkpoint``, ``log`` (metrics, optional W&B);
 * ``lora``: ``rank`` > 0 trains low-rank adapters over the frozen ``init_checkpoint`` (CPT and
   SFT alike; ``model/lora.py``): ``alpha`` (scaling alpha / rank, as peft), ``dropout`` (on the
   adapters' input, training only), ``targets`` (comma-separated, of q, k, v, o, gate, up, down),
@@ -120,5 +120,13 @@ def base_config() -> ml_collections.ConfigDict:
     targets="q,v",  # comma-separated, of q, k, v, o, gate, up, down
     base_dtype="bfloat16",
   )
-  c.log = _section(every=10, batch_hashes=False)  # write every step's batch digest to metrics.jsonl
+  c.log = _section(
+    every=10,
+    batch_hashes=False,  # write every step's batch digest to metrics.jsonl
+    # Weights & Biases (the optional `wandb` extra): off by default; the run id is kept in the
+    # workdir, so a resumed run continues the same W&B run. name '' = the workdir's name.
+    wandb=False,
+    wandb_project="astrollama-jax",
+    wandb_name="",
+  )
   return c

@@ -6,11 +6,17 @@ non-finite counter (so a run of skipped steps is noticed within ``log.every`` st
 steps change nothing, so the state stays the last good one). SIGTERM (or JAX's preemption
 notice on multi-host jobs) makes the loop save a checkpoint at the next step boundary and
 return with ``preempted: true``.
+
+Every second of the run is booked in the workdir's goodput ledger (``train/goodput.py``):
+productive step time, or badput by cause (start-up and restore, compilation, data waits,
+checkpoint saves, redone steps, evaluation); the totals over all sessions close the summary.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import math
 import signal
 import time
@@ -23,7 +29,7 @@ from astrollama_jax import sharding
 from astrollama_jax.checkpoints import loader, lora_base
 from astrollama_jax.model import llama
 from astrollama_jax.perf import flops
-from astrollama_jax.train import data, distributed, resolve, watchdog
+from astrollama_jax.train import data, distributed, goodput, resolve, wandb_log, watchdog
 from astrollama_jax.train import program as program_lib
 from astrollama_jax.train import step as step_lib
 from astrollama_jax.train.metrics import MetricsLogger
@@ -132,16 +138,31 @@ def _frozen_base(record: dict, workdir: str, program: program_lib.TrainProgram) 
   return jax.jit(make, out_shardings=program.shardings.frozen)()
 
 
-def train(config: Any, workdir: str) -> dict[str, Any]:
-  """Run (or resume) the training job ``config`` in ``workdir``; returns the summary."""
-  started = time.time()
-  resolve.check_inputs(config, workdir)
-  mesh = sharding.make_mesh(tuple(config.mesh))
-  with sharding.use_rules(resolve.sharding_rules(config)):  # for params and activations alike
-    return _train(config, workdir, mesh, started)
+def train(config: Any, workdir: str, started: float | None = None) -> dict[str, Any]:
+  """Run (or resume) the training job ``config`` in ``workdir``; returns the summary.
+
+  ``started``: when this session began (the command passes its process's start time, so the
+  goodput ledger books interpreter start-up too); default now.
+  """
+  started = time.time() if started is None else started
+  ledger = goodput.Ledger(workdir, started, enabled=jax.process_index() == 0)
+  ledger.add("startup", time.time() - started)  # before this call: imports, jax.distributed
+  with contextlib.ExitStack() as setup:  # start-up ends where the first step begins
+    setup.enter_context(ledger.time("startup"))
+    resolve.check_inputs(config, workdir)
+    mesh = sharding.make_mesh(tuple(config.mesh))
+    with sharding.use_rules(resolve.sharding_rules(config)):  # for params and activations alike
+      return _train(config, workdir, mesh, started, ledger, setup)
 
 
-def _train(config: Any, workdir: str, mesh: Any, started: float) -> dict[str, Any]:
+def _train(
+  config: Any,
+  workdir: str,
+  mesh: Any,
+  started: float,
+  ledger: goodput.Ledger,
+  setup: contextlib.ExitStack,
+) -> dict[str, Any]:
   cfg, cfg_source = resolve.model_config(config, workdir)
   tok_path = resolve.tokenizer_path(config, workdir)
   resolve.check_compatible(cfg, config, tok_path)
@@ -156,8 +177,12 @@ def _train(config: Any, workdir: str, mesh: Any, started: float) -> dict[str, An
     cfg_source,
     dict(mesh.shape),
   )
+  wandb_run = None
+  if jax.process_index() == 0:
+    wandb_run = wandb_log.start(config.log, workdir, json.loads(config.to_json_best_effort()))
   steps = resolve.total_steps(config)
-  program = program_lib.compile_train_step(config, mesh, cfg=cfg, total_steps=steps)
+  with ledger.time("compilation"):
+    program = program_lib.compile_train_step(config, mesh, cfg=cfg, total_steps=steps)
   mem = program.compiled.memory_analysis()
   if mem is not None:
     logging.info(
@@ -190,26 +215,37 @@ def _train(config: Any, workdir: str, mesh: Any, started: float) -> dict[str, An
       summary.update(resumed_from=start, eval_start=meta.get("eval_start"))
     else:
       state, start, meta = _init_state(config, program), 0, {}
+    ledger.resumed(start)
     jax.block_until_ready(state)
     summary["state_s"] = round(time.time() - t0, 2)  # restore or initialise
     summary["compile_s"] = program.compile_s
     eval_step = step_lib.make_eval_step(
       cfg, program.model_params(program.shardings), mesh, loss_chunk=config.loss.chunk_size
     )
-    logger = MetricsLogger(workdir, steps, start)
+    logger = MetricsLogger(workdir, steps, start, wandb_run=wandb_run)
     preempt = _Preemption(ckpt)
+    setup.close()
     try:
-      if start == 0 and config.eval.at_start:
-        summary["eval_start"] = evaluate(config, eval_step, program.model_params(state), mesh)
-        if summary["eval_start"]:
-          logger.write(0, "eval", summary["eval_start"])
+      with ledger.time("evaluation"):
+        if start == 0 and config.eval.at_start:
+          summary["eval_start"] = evaluate(config, eval_step, program.model_params(state), mesh)
+          if summary["eval_start"]:
+            logger.write(0, "eval", summary["eval_start"])
       meta = {"eval_start": summary.get("eval_start")}
-      loop = _Run(config, program, ckpt, logger, preempt, eval_step, mesh, steps, step_flops)
+      loop = _Run(
+        config, program, ckpt, logger, preempt, eval_step, mesh, steps, step_flops, ledger
+      )
       summary.update(_run_steps(loop, state, train_iter, start, meta))
     finally:
       preempt.close()
-      logger.close()
-      ckpt.close()
+      try:
+        with ledger.time("checkpoint_save"):  # the last save's background writes
+          ckpt.close()
+      finally:
+        summary["goodput"] = ledger.summary()
+        ledger.flush()
+        logger.write(summary.get("final_step", start), "goodput", goodput.flat(summary["goodput"]))
+        logger.close(goodput.flat(summary["goodput"]))
   summary["wall_s"] = round(time.time() - started, 1)
   return summary
 
@@ -227,69 +263,98 @@ class _Run:
   mesh: Any
   steps: int
   step_flops: float
+  ledger: goodput.Ledger
 
 
 def _run_steps(loop: _Run, state, train_iter, start, meta) -> dict[str, Any]:
-  t, log, ev_cfg, ck = loop.config.train, loop.config.log, loop.config.eval, loop.config.checkpoint
-  n_dev, kind = jax.device_count(), jax.devices()[0].device_kind
-  tokens_per_step = t.global_batch_size * loop.config.data.seq_len
+  ev_cfg, ck = loop.config.eval, loop.config.checkpoint
   pending: list[Any] = []
   out: dict[str, Any] = {"preempted": False}
   mark, mark_step = time.time(), start
   step = start
+  ledger = loop.ledger
   while step < loop.steps:
     watchdog.beat(f"step {step}")
-    local = next(train_iter, None)
+    with ledger.time("data_wait"):
+      local = next(train_iter, None)
     if local is None:
       raise RuntimeError(f"the training data ran out at step {step} of {loop.steps}")
-    if log.batch_hashes:
-      loop.logger.write(step + 1, "batch", {"hash": data.batch_hash(local)})
-    state, metrics = loop.program.compiled(state, data.to_global(loop.mesh, local))
-    pending.append(metrics)
-    step += 1
+    with ledger.time("step"):
+      state, step, pending, out = _step(loop, state, local, step, pending, out, mark, mark_step)
+    if not pending:  # metrics were fetched: the steps up to here are done and timed
+      mark, mark_step = time.time(), step
+      ledger.stepped(step)
+      ledger.flush()
     last = step == loop.steps
-    if step % log.every == 0 or last:
-      fetched = jax.device_get(pending)
-      now = time.time()
-      dt = (now - mark) / max(step - mark_step, 1)
-      m = {k: float(fetched[-1][k]) for k in ("loss", "grad_norm", "lr")}
-      m.update(
-        skipped=int(sum(f["skipped"] for f in fetched)),
-        step_time_s=dt,
-        tokens_per_s=tokens_per_step / dt,
-        loss_tokens=float(fetched[-1]["tokens"]),
-      )
-      util = flops.mfu(loop.step_flops, dt, n_dev, kind)
-      if util is not None:
-        m["mfu"] = util
-      loop.logger.write(step, "train", m)
-      loop.logger.advance(step - mark_step, {"loss": m["loss"], "lr": m["lr"]})
-      out.update(
-        train_loss=m["loss"], step_time_s=dt, tokens_per_s=m["tokens_per_s"], mfu=m.get("mfu")
-      )
-      pending, mark, mark_step = [], now, step
-      run = int(jax.device_get(state.nonfinite_run))
-      if run >= t.max_consecutive_nonfinite:
-        raise NonFiniteError(
-          f"{run} consecutive steps with a non-finite loss or gradient up to step "
-          f"{step}; stopping (latest checkpoint: {loop.ckpt.all_steps()[-1:]})"
-        )
     if ev_cfg.every and step % ev_cfg.every == 0 and not last:
-      ev = evaluate(loop.config, loop.eval_step, loop.program.model_params(state), loop.mesh)
+      with ledger.time("evaluation"):
+        ev = evaluate(loop.config, loop.eval_step, loop.program.model_params(state), loop.mesh)
       if ev:
         loop.logger.write(step, "eval", ev)
     if loop.preempt.reached(step):
-      loop.ckpt.save(step, state, train_iter, meta)
+      _save(loop, step, state, train_iter, meta)
       loop.logger.write(step, "event", {"event": "preempted"})
       logging.warning("preempted: checkpoint of step %d saved; exiting", step)
       out["preempted"] = True
       break
     if (ck.every and step % ck.every == 0) or last:
-      loop.ckpt.save(step, state, train_iter, meta)
+      _save(loop, step, state, train_iter, meta)
   out["final_step"] = step
   out["nonfinite_total"] = int(jax.device_get(state.nonfinite_total))
   if not out["preempted"] and ev_cfg.at_end:
-    out["eval"] = evaluate(loop.config, loop.eval_step, loop.program.model_params(state), loop.mesh)
+    with ledger.time("evaluation"):
+      out["eval"] = evaluate(
+        loop.config, loop.eval_step, loop.program.model_params(state), loop.mesh
+      )
     if out["eval"]:
       loop.logger.write(step, "eval", out["eval"])
   return out
+
+
+def _save(loop: _Run, step: int, state: Any, train_iter: Any, meta: dict[str, Any]) -> None:
+  """Start checkpoint ``step``, with the goodput books up to it (and a ``goodput`` record)."""
+  with loop.ledger.time("checkpoint_save"):
+    loop.ckpt.save(step, state, train_iter, meta)
+  loop.ledger.checkpointed(step, keep=loop.config.checkpoint.keep)
+  loop.ledger.flush()
+  loop.logger.write(step, "goodput", goodput.flat(loop.ledger.summary()))
+
+
+def _step(loop: _Run, state, local, step, pending, out, mark, mark_step):
+  """One optimizer step; every ``log.every`` steps its metrics are fetched and logged (then
+  ``pending`` comes back empty)."""
+  t, log = loop.config.train, loop.config.log
+  n_dev, kind = jax.device_count(), jax.devices()[0].device_kind
+  tokens_per_step = t.global_batch_size * loop.config.data.seq_len
+  if log.batch_hashes:
+    loop.logger.write(step + 1, "batch", {"hash": data.batch_hash(local)})
+  state, metrics = loop.program.compiled(state, data.to_global(loop.mesh, local))
+  pending = [*pending, metrics]
+  step += 1
+  if step % log.every == 0 or step == loop.steps:
+    fetched = jax.device_get(pending)
+    now = time.time()
+    dt = (now - mark) / max(step - mark_step, 1)
+    m = {k: float(fetched[-1][k]) for k in ("loss", "grad_norm", "lr")}
+    m.update(
+      skipped=int(sum(f["skipped"] for f in fetched)),
+      step_time_s=dt,
+      tokens_per_s=tokens_per_step / dt,
+      loss_tokens=float(fetched[-1]["tokens"]),
+    )
+    util = flops.mfu(loop.step_flops, dt, n_dev, kind)
+    if util is not None:
+      m["mfu"] = util
+    loop.logger.write(step, "train", m)
+    loop.logger.advance(step - mark_step, {"loss": m["loss"], "lr": m["lr"]})
+    out.update(
+      train_loss=m["loss"], step_time_s=dt, tokens_per_s=m["tokens_per_s"], mfu=m.get("mfu")
+    )
+    pending = []
+    run = int(jax.device_get(state.nonfinite_run))
+    if run >= t.max_consecutive_nonfinite:
+      raise NonFiniteError(
+        f"{run} consecutive steps with a non-finite loss or gradient up to step "
+        f"{step}; stopping (latest checkpoint: {loop.ckpt.all_steps()[-1:]})"
+      )
+  return state, step, pending, out

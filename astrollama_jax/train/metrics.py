@@ -1,8 +1,9 @@
-"""Training metrics on process 0: TensorBoard events, a JSONL log and a progress bar with ETA.
+"""Training metrics on process 0: TensorBoard events, a JSONL log, a progress bar with ETA and,
+when ``log.wandb`` is on, a Weights & Biases run (``train/wandb_log.py``).
 
 Other processes get a logger that does nothing, so the loop never branches on the process.
 ``metrics.jsonl`` is appended to (a resumed run continues the same file); every line is one
-JSON object with ``step`` and ``kind`` (train, eval, batch, event).
+JSON object with ``step`` and ``kind`` (train, eval, goodput, batch, event).
 """
 
 from __future__ import annotations
@@ -37,9 +38,11 @@ class MetricsLogger:
     start_step: int = 0,
     enabled: bool | None = None,
     progress: bool = True,
+    wandb_run: Any = None,
   ):
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self._tb = self._jsonl = self._bar = None
+    self._wandb = wandb_run
     if not self.enabled:
       return
     from tensorboardX import SummaryWriter
@@ -68,10 +71,16 @@ class MetricsLogger:
     self._jsonl.write(
       json.dumps({"step": step, "kind": kind, "time": round(time.time(), 3), **values}) + "\n"
     )
-    if kind in ("train", "eval"):
-      for name, v in values.items():
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
-          self._tb.add_scalar(f"{kind}/{name}", v, step)
+    if kind in ("train", "eval", "goodput"):
+      numbers = {
+        f"{kind}/{name}": v
+        for name, v in values.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool)
+      }
+      for name, v in numbers.items():
+        self._tb.add_scalar(name, v, step)
+      if self._wandb is not None:
+        self._wandb.log(numbers, step=step)
       if kind == "eval":
         logging.info("step %d eval: %s", step, _fmt(values))
 
@@ -81,7 +90,13 @@ class MetricsLogger:
         self._bar.set_postfix({k: _short(v) for k, v in postfix.items()}, refresh=False)
       self._bar.update(steps)
 
-  def close(self) -> None:
+  def close(self, summary: dict[str, Any] | None = None) -> None:
+    """Flush and close every sink; ``summary`` (numbers) becomes the W&B run's summary."""
+    if self._wandb is not None:
+      if summary:
+        self._wandb.summary.update(summary)
+      self._wandb.finish()
+      self._wandb = None
     if not self.enabled:
       return
     if self._bar is not None:
