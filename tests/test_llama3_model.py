@@ -200,3 +200,43 @@ def test_other_or_broken_scalings_are_refused_in_one_line(change, message):
   with pytest.raises(ValueError, match=message) as err:
     LlamaConfig.from_hf_config(hf_cfg)
   assert "\n" not in str(err.value)
+
+
+def test_training_loss_scoring_and_generation_use_the_tied_head(pair):
+  """Every path that applies the head itself (loss, scoring, generation) against transformers."""
+  from astrollama_jax.eval.scoring import Scorer, window_requests
+  from astrollama_jax.generation import generate
+  from astrollama_jax.train import loss as loss_lib
+
+  cfg, params, model = pair
+  if not cfg.tie_embeddings:
+    pytest.skip("the untied head is LLaMA-2's, covered by test_train_step and test_generate")
+  ids = _ids(cfg, 1, 80, seed=7)
+  with torch.no_grad():
+    ref_logits = model(input_ids=torch.as_tensor(ids, dtype=torch.long)).logits.double()
+  ref_lp = torch.log_softmax(ref_logits, -1)[0, :-1].gather(
+    -1, torch.as_tensor(ids[0, 1:])[:, None]
+  )
+  ref_lp = ref_lp[:, 0].numpy()
+
+  batch = {
+    "tokens": ids[:, :-1],
+    "targets": ids[:, 1:],
+    "positions": np.arange(79)[None],
+    "segment_ids": np.ones((1, 79), np.int32),
+    "loss_mask": np.ones((1, 79), np.float32),
+  }
+  total, count = loss_lib.lm_loss_sums(cfg, params, jax.tree.map(jnp.asarray, batch))
+  np.testing.assert_allclose(float(total / count), -ref_lp.mean(), rtol=1e-5)
+
+  scorer = Scorer(cfg, params, batch_size=1, max_len=80, progress=False)
+  (scored,), _ = scorer.logprobs(window_requests(ids[0].tolist(), 80, 80))
+  np.testing.assert_allclose(scored[-79:], ref_lp, atol=1e-4, rtol=0)
+
+  prompt = ids[0, :60].tolist()  # the 10 new tokens cross the original context (64)
+  ours = generate(cfg, params, [prompt], 10, eos_id=-1).tokens[0]
+  with torch.no_grad():
+    theirs = model.generate(
+      torch.as_tensor([prompt]), do_sample=False, max_new_tokens=10, pad_token_id=0
+    )[0, 60:].tolist()
+  assert ours == theirs
