@@ -34,6 +34,7 @@ SCALED = LlamaConfig(
   compute_dtype="float32",
 )
 SEQ = 96
+QK_GAIN = 20.0
 
 
 def _ids(cfg: LlamaConfig, batch: int, length: int, seed: int = 0) -> np.ndarray:
@@ -125,6 +126,10 @@ def test_logits_equal_transformers_beyond_position_8192():
     vocab_size=64, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=64, compute_dtype="float32"
   )
   model = make_hf_model(cfg, seed=4)
+  with torch.no_grad():  # sharp attention, so that the logits depend on the rotations
+    for name, w in model.named_parameters():
+      if name.endswith(("q_proj.weight", "k_proj.weight")):
+        w.mul_(QK_GAIN)
   sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
 
   def read(entry, shape):
@@ -139,8 +144,11 @@ def test_logits_equal_transformers_beyond_position_8192():
   with torch.no_grad():
     ref = model(input_ids=torch.as_tensor(ids, dtype=torch.long)).logits.numpy()
   ours = np.asarray(jax.jit(lambda p, t: llama.apply(cfg, p, t)[0])(params, jnp.asarray(ids)))
-  np.testing.assert_allclose(ours[:, 8150:], ref[:, 8150:], atol=1e-4, rtol=0)
-  np.testing.assert_allclose(ours[:, :64], ref[:, :64], atol=1e-4, rtol=0)
+  np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
+  # The scaling matters: plain RoPE gives other logits past 8,192 (by ~0.07 here).
+  plain = cfg.replace(rope_scaling="default")
+  unscaled = np.asarray(jax.jit(lambda p, t: llama.apply(plain, p, t)[0])(params, jnp.asarray(ids)))
+  assert np.abs(unscaled[:, 8192:] - ref[:, 8192:]).max() > 1e-3
 
 
 def test_presets_have_meta_shapes():
@@ -240,3 +248,20 @@ def test_training_loss_scoring_and_generation_use_the_tied_head(pair):
       torch.as_tensor([prompt]), do_sample=False, max_new_tokens=10, pad_token_id=0
     )[0, 60:].tolist()
   assert ours == theirs
+
+
+def test_tied_scaled_model_sharded_equals_single_device():
+  from astrollama_jax import sharding
+
+  cfg = SCALED.replace(tie_embeddings=True)
+  params = llama.init_params(cfg, 8)
+  ids = jnp.asarray(_ids(cfg, 2, SEQ, seed=8))
+  ref, _ = llama.apply(cfg, params, ids)
+  mesh = sharding.make_mesh((1, 2, 4))
+  sharded = llama.shard_params(cfg, params, mesh)
+  assert sharded["embed"].sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
+  with jax.set_mesh(mesh):
+    out = jax.jit(lambda p, t: llama.apply(cfg, p, t)[0])(
+      sharded, jax.device_put(ids, sharding.batch_sharding(mesh))
+    )
+  np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5, rtol=0)
