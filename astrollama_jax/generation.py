@@ -153,7 +153,7 @@ def _prefill(
   hidden, cache = llama.apply(cfg, params, tokens, positions, mask, cache, return_hidden=True)
   # The head on the last column only: [B, T, V] logits of a long prompt would not fit in memory.
   last = hidden[:, -1]
-  logits = jnp.einsum("bd,dv->bv", last, params["lm_head"].astype(last.dtype))
+  logits = jnp.einsum("bd,dv->bv", last, llama.head_weight(params).astype(last.dtype))
   first = _next_token(logits, key, 0, knobs, sample)
   first = jnp.where(active, first, 0)
   out = jnp.zeros((b, out_len), jnp.int32).at[:, 0].set(first)

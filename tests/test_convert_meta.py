@@ -285,3 +285,13 @@ def test_params_json_with_a_non_positive_size_is_refused_before_any_shard_is_rea
     if name.endswith(".pth"):
       os.remove(os.path.join(src, name))
   _fails(src, tmp_path, rf"params\.json: sizes must be positive numbers: {key}={value!r}")
+
+
+def test_params_json_with_scaled_rope_is_refused_before_any_shard_is_read(meta8, tmp_path):
+  src = _broken(meta8, tmp_path)
+  p = json.load(open(os.path.join(src, "params.json")))
+  json.dump({**p, "use_scaled_rope": True}, open(os.path.join(src, "params.json"), "w"))
+  for name in os.listdir(src):
+    if name.endswith(".pth"):
+      os.remove(os.path.join(src, name))
+  _fails(src, tmp_path, r"params\.json asks for LLaMA 3\.1\+ scaled RoPE \(use_scaled_rope\)")

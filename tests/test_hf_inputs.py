@@ -68,10 +68,10 @@ def _one_line_error(argv: list[str]) -> str:
   "scaling",
   [
     {"rope_type": "linear", "factor": 4.0},
-    {"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 8192},
+    {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 8192},
     {"type": "dynamic", "factor": 2.0},
   ],
-  ids=["linear", "llama3", "dynamic_old_spelling"],
+  ids=["linear", "yarn", "dynamic_old_spelling"],
 )
 def test_rope_scaling_in_either_key_is_refused_naming_its_type(key, scaling):
   kind = scaling.get("rope_type") or scaling["type"]
@@ -79,7 +79,7 @@ def test_rope_scaling_in_either_key_is_refused_naming_its_type(key, scaling):
     LlamaConfig.from_hf_config(_hf_config(**{key: {**scaling, "rope_theta": 5e5}}))
 
 
-def test_transformers_5_config_json_is_read_and_its_scaling_refused():
+def test_transformers_5_config_json_is_read_and_other_scalings_refused():
   def saved(**kw) -> dict:
     sizes = {k: v for k, v in _hf_config().items() if k != "torch_dtype"}
     return transformers.LlamaConfig(**sizes, **kw).to_diff_dict()

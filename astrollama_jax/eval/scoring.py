@@ -263,7 +263,7 @@ def _logprob_step(
   """
   h, _ = llama.apply(cfg, params, tokens, positions, segment_ids, return_hidden=True)
   logits = jnp.einsum(
-    "btd,dv->btv", h, params["lm_head"].astype(h.dtype), preferred_element_type=jnp.float32
+    "btd,dv->btv", h, llama.head_weight(params).astype(h.dtype), preferred_element_type=jnp.float32
   )
   logits = sharding.constrain(logits, ("batch", "seq", "act_vocab"))
   lse = jax.nn.logsumexp(logits, axis=-1)

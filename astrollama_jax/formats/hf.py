@@ -128,7 +128,7 @@ def iter_hf_params(
   yield from mapping.stack_params(cfg, read, dtype, progress)
   extra = sorted(n for n in set(reader.files) - used if "rotary_emb" not in n)
   if extra:
-    logging.warning("ignored %d tensors not in LLaMA-2: %s", len(extra), extra[:5])
+    logging.warning("ignored %d tensors the model does not use: %s", len(extra), extra[:5])
 
 
 def load_hf(

@@ -4,7 +4,8 @@ Every reader and writer of foreign weights goes through ``table``: HF folders in
 directions, and Meta's shards (whose tensors are HF's once merged and re-ordered). HF stores
 linear weights as [out, in]; we store [in, out] with heads split out, and stack the layers on a
 leading axis. Both directions are read off the same entry, so a round trip is bit-exact by
-construction. HF's q/k rows are already in the half-split rotary order our model uses.
+construction. HF's q/k rows are already in the half-split rotary order our model uses. A tied
+model (``tie_embeddings``) has no ``lm_head.weight`` entry, as HF writes none.
 
 ``stack_params`` is the one loop that turns per-layer source tensors into our stacked
 parameters, one parameter at a time: a format only says how to fetch its tensors (``Read``).
@@ -80,8 +81,7 @@ def table(cfg: LlamaConfig) -> list[Tensor]:
       ("layers", "post_attn_norm", "scale"), layer + "post_attention_layernorm.weight", same, same
     ),
     Tensor(("norm", "scale"), "model.norm.weight", same, same),
-    Tensor(("lm_head",), "lm_head.weight", T, T),
-  ]
+  ] + ([] if cfg.tie_embeddings else [Tensor(("lm_head",), "lm_head.weight", T, T)])
 
 
 def num_tensors(cfg: LlamaConfig) -> int:

@@ -93,6 +93,13 @@ def read_params_json(folder: str) -> dict[str, Any]:
     bad.append(f"norm_eps={p['norm_eps']!r}")
   if bad:
     raise ConversionError(f"{path}: sizes must be positive numbers: {', '.join(bad)}")
+  if p.get("use_scaled_rope"):
+    # LLaMA 3.1+: its scaling parameters are not in params.json; converting without them
+    # would silently rotate every position by plain RoPE.
+    raise ConversionError(
+      f"{path} asks for LLaMA 3.1+ scaled RoPE (use_scaled_rope), which this converter does not "
+      "read; convert the Hugging Face release of the model instead"
+    )
   return p
 
 

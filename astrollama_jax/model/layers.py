@@ -1,4 +1,4 @@
-"""LLaMA-2 building blocks in Flax NNX: RMSNorm, rotary embeddings, GQA attention, SwiGLU.
+"""LLaMA building blocks in Flax NNX: RMSNorm, rotary embeddings, GQA attention, SwiGLU.
 
 Conventions (the HF ``LlamaForCausalLM`` ones, so that HF weights need no reshuffle beyond
 reshapes): rotary embeddings rotate the two *halves* of each head (``rotate_half``); Meta's
@@ -7,6 +7,7 @@ interleaved-pair layout is converted at the border (``convert/meta.py``).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from flax import nnx
@@ -41,9 +42,30 @@ class RMSNorm(nnx.Module):
     return self.scale[...].astype(x.dtype) * xf.astype(x.dtype)
 
 
-def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+def rope_inv_freq(cfg: LlamaConfig) -> jax.Array:
+  """RoPE inverse frequencies [head_dim / 2] (float32), with the config's scaling.
+
+  "llama3" (LLaMA 3.1+) keeps the high frequencies, divides the low ones (wavelengths beyond
+  ``original_max / low_freq_factor``) by ``factor`` and interpolates between: a function of the
+  frequency alone, so every position, before or beyond the original context, is rotated by the
+  same rule. Computed in float32 as transformers does, so long positions round alike.
+  """
+  hd = cfg.head_dim
+  inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd))
+  if cfg.rope_scaling != "llama3":
+    return inv_freq
+  factor, low, high = cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+  old_len = cfg.rope_original_max_seq_len
+  wavelen = 2 * math.pi / inv_freq
+  scaled = jnp.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+  smooth = (old_len / wavelen - low) / (high - low)
+  smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+  medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+  return jnp.where(medium, smoothed, scaled)
+
+
+def rope_cos_sin(positions: jax.Array, inv_freq: jax.Array) -> tuple[jax.Array, jax.Array]:
   """cos/sin of shape [B, T, head_dim] for integer positions [B, T] (float32)."""
-  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
   freqs = positions.astype(jnp.float32)[..., None] * inv_freq
   emb = jnp.concatenate([freqs, freqs], axis=-1)
   return jnp.cos(emb), jnp.sin(emb)

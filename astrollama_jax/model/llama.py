@@ -1,4 +1,4 @@
-"""The LLaMA-2 decoder: embeddings, a scanned stack of layers, final norm, untied head.
+"""The LLaMA decoder: embeddings, a scanned stack of layers, final norm, output head.
 
 Layers are created with ``nnx.vmap`` (parameters stacked on a leading ``layers`` axis) and run
 with ``jax.lax.scan``, so compile time does not grow with depth; each layer body is wrapped in
@@ -6,7 +6,8 @@ with ``jax.lax.scan``, so compile time does not grow with depth; each layer body
 
 Outside the module the parameters travel as a plain nested dict of arrays (``params``): that
 is what conversion, sharding, Orbax, the optimizer and export all speak. ``apply`` rebuilds the
-module from it.
+module from it. The head is ``lm_head`` [D, V], or with ``tie_embeddings`` the embedding table
+transposed (no ``lm_head`` entry): ``head_weight`` is the one place that knows which.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from jax.sharding import Mesh
 from astrollama_jax import sharding
 from astrollama_jax.model import lora as lora_lib
 from astrollama_jax.model.config import LlamaConfig
-from astrollama_jax.model.layers import DecoderLayer, RMSNorm, param, rope_cos_sin
+from astrollama_jax.model.layers import DecoderLayer, RMSNorm, param, rope_cos_sin, rope_inv_freq
 
 Params = dict[str, Any]
 
@@ -37,7 +38,7 @@ _POLICIES = {
 
 
 class Llama(nnx.Module):
-  """LLaMA-2 causal LM. ``__call__`` returns (logits or hidden states, updated KV cache)."""
+  """LLaMA causal LM. ``__call__`` returns (logits or hidden states, updated KV cache)."""
 
   def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
@@ -51,7 +52,8 @@ class Llama(nnx.Module):
 
     self.layers = make_layers(rngs)
     self.norm = RMSNorm(cfg)
-    self.lm_head = param(rngs, (cfg.dim, cfg.vocab_size), ("embed", "vocab"), cfg.pdtype, std)
+    if not cfg.tie_embeddings:
+      self.lm_head = param(rngs, (cfg.dim, cfg.vocab_size), ("embed", "vocab"), cfg.pdtype, std)
 
   def __call__(
     self,
@@ -73,7 +75,7 @@ class Llama(nnx.Module):
 
     x = jnp.take(self.embed[...], tokens, axis=0).astype(cfg.dtype)
     x = sharding.constrain(x, ("batch", "seq", "act_embed"))
-    cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
+    cos, sin = rope_cos_sin(positions, rope_inv_freq(cfg))
 
     graphdef, layer_state = nnx.split(self.layers)
 
@@ -102,7 +104,8 @@ class Llama(nnx.Module):
       new_cache = {"k": new_kv["k"], "v": new_kv["v"], "segment_ids": new_seg, "index": start + t}
     if return_hidden:
       return x, new_cache
-    logits = jnp.einsum("btd,dv->btv", x, self.lm_head[...].astype(x.dtype))
+    head = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
+    logits = jnp.einsum("btd,dv->btv", x, head.astype(x.dtype))
     return sharding.constrain(logits, ("batch", "seq", "act_vocab")), new_cache
 
 
@@ -189,6 +192,12 @@ def apply(
 def base_params(params: Params | lora_lib.Adapted) -> Params:
   """The plain parameters (the frozen base of an ``Adapted``)."""
   return params.base if isinstance(params, lora_lib.Adapted) else params
+
+
+def head_weight(params: Params | lora_lib.Adapted) -> jax.Array:
+  """The output head [D, V]: ``lm_head``, or the embedding table transposed when tied."""
+  base = base_params(params)
+  return base["lm_head"] if "lm_head" in base else base["embed"].T
 
 
 # --- KV cache --------------------------------------------------------------------------------

@@ -80,5 +80,5 @@ def lm_loss_sums(
     cfg, params, batch["tokens"], batch["positions"], batch["segment_ids"], return_hidden=True
   )
   return head_nll_sums(
-    hidden, llama.base_params(params)["lm_head"], batch["targets"], loss_weights(batch), chunk_size
+    hidden, llama.head_weight(params), batch["targets"], loss_weights(batch), chunk_size
   )
