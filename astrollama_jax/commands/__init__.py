@@ -16,6 +16,7 @@ COMMANDS = (
   "convert",
   "train",
   "export",
+  "merge",
   "generate",
   "chat",
   "eval",
