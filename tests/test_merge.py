@@ -137,3 +137,67 @@ def test_refuses_another_architecture(models, tmp_path):
   with pytest.raises(UserError, match="another architecture.*ffn_dim is 96, not 128"):
     merge([str(models["a"]), str(other)], str(tmp_path / "out"))
   assert not (tmp_path / "out").exists()
+
+
+def test_inputs_held_on_the_host_merge_like_lazy_ones(models, tmp_path, monkeypatch):
+  """A LoRA workdir reaches merge as ``load_model(lazy=True)`` gives it: its base with the
+  adapters merged in, as numpy arrays on the host (loader's contract, tested with a trained
+  LoRA workdir in test_lora_export). Such inputs, here a shifted copy of ``a``, mix with lazy
+  ones."""
+  real = loader.load_model
+  shift = np.float32(0.125)
+
+  def load_model(path, **kw):
+    loaded = real(path, **kw)
+    if path == str(models["a"]):
+      whole = real(path, on_host=True)
+      loaded.params = jax.tree.map(lambda x: x + shift, whole.params)
+    return loaded
+
+  monkeypatch.setattr(loader, "load_model", load_model)
+  merge([str(models["a"]), str(models["b_ours"])], str(tmp_path / "out"), weights=[0.5, 0.5])
+  monkeypatch.undo()
+  got, a, b = _ours(tmp_path / "out"), _ours(models["a"]), _ours(models["b"])
+  half = np.float32(0.5)
+  for x, y, z in zip(jax.tree.leaves(got), jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, half * (y + shift) + half * z)
+
+
+def test_a_user_error_is_one_line(models, tmp_path):
+  from astrollama_jax.commands import cli
+
+  with pytest.raises(SystemExit) as e:
+    cli.guard(merge, [str(models["a"]), str(models["b"])], str(tmp_path / "o"), weights=[0.75, 0.5])
+  assert str(e.value) == (
+    "error: weights 0.75,0.5 sum to 1.25, not 1: an average needs weights summing to one "
+    "(for task arithmetic over a base, pass --base)"
+  )
+
+
+def test_the_command_line_merges_to_an_hf_folder(models, tmp_path):
+  import subprocess
+  import sys
+
+  from helpers import REPO
+
+  def run(*args):
+    return subprocess.run(
+      [sys.executable, "-m", "astrollama_jax", "merge", *args],
+      cwd=REPO,
+      env={**os.environ, "JAX_PLATFORMS": "cpu"},
+      capture_output=True,
+      text=True,
+      timeout=300,
+    )
+
+  ins = [f"--checkpoint={models['a']}", f"--checkpoint={models['b_ours']}"]
+  out = run(*ins, "--weights=0.75,0.25", "--format=hf", f"--output={tmp_path / 'hf'}")
+  assert out.returncode == 0, out.stderr[-3000:]
+  summary = json.loads(out.stdout.strip().splitlines()[-1])
+  assert summary["format"] == "hf" and summary["weights"] == [0.75, 0.25]
+  a, b = _tensors(models["a"]), _tensors(models["b"])
+  got = _tensors(tmp_path / "hf")
+  for name in a:
+    np.testing.assert_array_equal(
+      got[name], np.float32(0.75) * a[name] + np.float32(0.25) * b[name]
+    )
