@@ -109,19 +109,21 @@ class MergedArray:
   def _merge(self, index: Any) -> np.ndarray:
     """The merged slice ``index`` of every input, in float32 arithmetic, cast to ``dtype``."""
     read = lambda x: np.asarray(x[index], dtype=np.float32)
+    # One scratch buffer for every term: an input's slice may be a view of a host-held input
+    # (a LoRA workdir's merged model), never written to; w * x and w * (x - b) are the same
+    # products whether or not they land in a buffer.
+    sources, weights = iter(self._sources), iter(self._weights)
     if self._base is None:
-      acc = None
-      for x, w in zip(self._sources, self._weights):
-        term = w * read(x)
-        acc = term if acc is None else np.add(acc, term, out=acc)
-        del term
+      acc = np.multiply(read(next(sources)), next(weights))
+      scratch = np.empty_like(acc)
+      for x, w in zip(sources, weights):
+        acc += np.multiply(read(x), w, out=scratch)
     else:
       base = read(self._base)
-      acc = base.copy()
-      for x, w in zip(self._sources, self._weights):
-        delta = np.subtract(read(x), base)
-        acc += w * delta
-        del delta
+      acc, scratch = np.array(base, copy=True), np.empty_like(base)
+      for x, w in zip(sources, weights):
+        np.subtract(read(x), base, out=scratch)
+        acc += np.multiply(scratch, w, out=scratch)
     return acc.astype(self.dtype, copy=False)
 
   def __getitem__(self, index: Any) -> np.ndarray:
