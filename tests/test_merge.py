@@ -84,6 +84,21 @@ def test_task_arithmetic_to_an_hf_folder_equals_numpy_on_the_safetensors(models,
   assert (tmp_path / "hf" / "tokenizer.model").is_file()
 
 
+def test_task_arithmetic_to_our_format_equals_numpy_in_float32(models, tmp_path):
+  merge(
+    [str(models["a"]), str(models["b_ours"])],
+    str(tmp_path / "out"),
+    weights=[0.5, -0.25],
+    base=str(models["base"]),
+  )
+  got = _ours(tmp_path / "out")
+  a, b, base = (_ours(models[k]) for k in ("a", "b", "base"))
+  w = np.float32(0.5), np.float32(-0.25)
+  expected = jax.tree.map(lambda x, y, o: o + w[0] * (x - o) + w[1] * (y - o), a, b, base)
+  for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(got)[0], jax.tree.leaves(expected)):
+    np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
+
+
 def test_bfloat16_output_is_the_float32_sum_rounded_once(models, tmp_path):
   merge([str(models["a"]), str(models["b"])], str(tmp_path / "bf"), dtype="bfloat16")
   loaded = loader.load_model(str(tmp_path / "bf"), on_host=True)
