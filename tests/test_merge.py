@@ -8,6 +8,7 @@ import shutil
 
 from hf_reference import TINY, save_hf_model
 import jax
+import ml_dtypes
 import numpy as np
 import pytest
 from safetensors import safe_open
@@ -99,18 +100,19 @@ def test_task_arithmetic_to_our_format_equals_numpy_in_float32(models, tmp_path)
     np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
 
 
-def test_bfloat16_output_is_the_float32_sum_rounded_once(models, tmp_path):
-  merge([str(models["a"]), str(models["b"])], str(tmp_path / "bf"), dtype="bfloat16")
+@pytest.mark.parametrize("fmt", ["ours", "hf"])
+def test_bfloat16_output_is_the_float32_sum_rounded_once(models, tmp_path, fmt):
+  merge([str(models["a"]), str(models["b"])], str(tmp_path / "bf"), dtype="bfloat16", fmt=fmt)
   loaded = loader.load_model(str(tmp_path / "bf"), on_host=True)
   assert loaded.cfg.param_dtype == "bfloat16"
   a, b = _ours(models["a"]), _ours(models["b"])
   half = np.float32(0.5)
-  expected = (half * a["layers"]["mlp"]["up_proj"] + half * b["layers"]["mlp"]["up_proj"]).astype(
-    loaded.params["embed"].dtype
-  )
-  np.testing.assert_array_equal(
-    loaded.params["layers"]["mlp"]["up_proj"].view(np.uint16), expected.view(np.uint16)
-  )
+  expected = jax.tree.map(lambda x, y: (half * x + half * y).astype(ml_dtypes.bfloat16), a, b)
+  for x, y in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(expected)):
+    np.testing.assert_array_equal(x.view(np.uint16), y.view(np.uint16))
+  if fmt == "hf":  # the lazy reader takes the stored dtype from the header
+    cfg, lazy = hf.open_hf_params(str(tmp_path / "bf"))
+    assert cfg.param_dtype == "bfloat16" and lazy["layers"]["mlp"]["up_proj"][1].dtype == y.dtype
 
 
 def test_lazy_hf_parameters_read_the_same_bits_as_a_whole_read(models):

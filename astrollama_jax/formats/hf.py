@@ -105,8 +105,19 @@ class TensorReader:
 
 
 def stored_dtype(folder: str) -> str:
-  """The dtype an HF folder stores (that of its embedding table)."""
-  return str(TensorReader(folder).get("model.embed_tokens.weight").dtype)
+  """The dtype an HF folder stores (that of its embedding table), from the header alone: the
+  table itself may be gigabytes."""
+  name = "model.embed_tokens.weight"
+  files = weight_files(folder)
+  if name not in files:
+    raise ConversionError(f"tensor {name!r} is missing from the checkpoint")
+  stored = safe_open(files[name], framework="numpy").get_slice(name).get_dtype()
+  dtypes = {st: ours for ours, st in _ST_DTYPES.items()}
+  if stored not in dtypes:
+    raise ConversionError(
+      f"{files[name]}: {name} is stored as {stored}, which no model of ours holds"
+    )
+  return dtypes[stored]
 
 
 def iter_hf_params(
