@@ -81,8 +81,8 @@ def weight_files(folder: str) -> dict[str, str]:
 class TensorReader:
   """Memory-mapped access to an HF folder's tensors by name, keeping each file open once."""
 
-  def __init__(self, folder: str):
-    self.files = weight_files(folder)
+  def __init__(self, folder: str, files: dict[str, str] | None = None):
+    self.files = weight_files(folder) if files is None else files  # checked by weight_files
     self._open: dict[str, Any] = {}
 
   def get(self, name: str) -> np.ndarray:
@@ -148,8 +148,10 @@ class HFStackedArray:
   layer ``i``'s tensor alone (``checkpoints.reader.StoredArray``'s contract), so a merge or an
   export walking the model one tensor at a time holds one tensor, not the model."""
 
-  def __init__(self, folder: str, cfg: LlamaConfig, entry: mapping.Tensor, shape, dtype):
-    self._folder, self._cfg, self._entry = folder, cfg, entry
+  def __init__(
+    self, folder: str, files: dict[str, str], entry: mapping.Tensor, shape: Any, dtype: Any
+  ):
+    self._folder, self._files, self._entry = folder, files, entry
     self.shape, self.dtype = tuple(shape), np.dtype(dtype)
 
   @property
@@ -161,7 +163,7 @@ class HFStackedArray:
     return len(self.shape)
 
   def _read(self, name: str) -> np.ndarray:
-    reader = TensorReader(self._folder)  # opened per tensor: no mapped file outlives the read
+    reader = TensorReader(self._folder, self._files)  # no mapped file outlives the read
     w = reader.get(name)
     want = self._entry.to_hf(
       np.empty(self.shape[1:] if self._entry.per_layer else self.shape, np.int8)
@@ -195,11 +197,11 @@ def open_hf_params(folder: str, dtype: str | None = None) -> tuple[LlamaConfig, 
   (default: the stored dtype, which the returned ``cfg.param_dtype`` names)."""
   dtype = dtype or stored_dtype(folder)
   cfg = read_hf_config(folder).replace(param_dtype=str(np.dtype(dtype)))
-  shapes = llama.param_shapes(cfg)
+  shapes, files = llama.param_shapes(cfg), weight_files(folder)
   params: Params = {}
   for entry in mapping.table(cfg):
     shape = mapping.get_path(shapes, entry.path).shape
-    mapping.set_path(params, entry.path, HFStackedArray(folder, cfg, entry, shape, dtype))
+    mapping.set_path(params, entry.path, HFStackedArray(folder, files, entry, shape, dtype))
   return cfg, params
 
 
