@@ -16,6 +16,7 @@ share one architecture. Tensors are merged one at a time in float32 (``checkpoin
 from __future__ import annotations
 
 from absl import app, flags
+from tqdm import tqdm
 
 from astrollama_jax.checkpoints import merge
 from astrollama_jax.commands import cli
@@ -70,15 +71,25 @@ def main(argv):
   for name in ("checkpoint", "output"):
     if not getattr(FLAGS, name):
       raise app.UsageError(f"--{name} is required")
-  summary = merge.merge(
-    FLAGS.checkpoint,
-    FLAGS.output,
-    weights=_weights(FLAGS.weights),
-    base=FLAGS.base,
-    fmt=FLAGS.format,
-    dtype=FLAGS.dtype,
-    tokenizer=FLAGS.tokenizer,
-    chat_template=FLAGS.chat_template,
-    max_shard_bytes=int(FLAGS.max_shard_gb * 1024**3),
-  )
+  bar = tqdm(unit="tensor", desc="merge")
+
+  def progress(name, arr):
+    bar.set_postfix_str(f"{name} {list(arr.shape)}", refresh=False)
+    bar.update()
+
+  try:
+    summary = merge.merge(
+      FLAGS.checkpoint,
+      FLAGS.output,
+      weights=_weights(FLAGS.weights),
+      base=FLAGS.base,
+      fmt=FLAGS.format,
+      dtype=FLAGS.dtype,
+      tokenizer=FLAGS.tokenizer,
+      chat_template=FLAGS.chat_template,
+      max_shard_bytes=int(FLAGS.max_shard_gb * 1024**3),
+      progress=progress,
+    )
+  finally:
+    bar.close()
   tables.report(f"merged {len(summary['checkpoints'])} checkpoints -> {summary['output']}", summary)
