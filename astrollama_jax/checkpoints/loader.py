@@ -13,9 +13,9 @@ library caller loads through it, so what the shared flags mean is decided here o
   model without one is refused before any parameter is read.
 
 Where the parameters go: onto ``mesh`` (default: the first device); with ``on_host`` they are
-numpy arrays; with ``lazy`` an Orbax checkpoint's parameters stay on disk as
-``reader.StoredArray``s, read slice by slice by whoever walks them (export's memory bound), while
-an HF folder or a LoRA workdir is read whole onto the host.
+numpy arrays; with ``lazy`` an Orbax checkpoint's or an HF folder's parameters stay on disk as
+``reader.StoredArray``s or ``hf.HFStackedArray``s, read layer by layer by whoever walks them
+(export's and merge's memory bound), while a LoRA workdir is read whole onto the host.
 """
 
 from __future__ import annotations
@@ -114,6 +114,8 @@ def _read(
   where: Location, mesh: Mesh | None, dtype: str | None, on_host: bool, lazy: bool
 ) -> tuple[LlamaConfig, Params]:
   """(config with ``param_dtype`` = the dtype read, parameters) of a located model."""
+  if where.kind == "hf" and lazy:
+    return hf.open_hf_params(where.root, dtype)
   if where.kind == "hf":
     cfg, params = hf.load_hf(where.root, dtype=dtype)
     cfg = cfg.replace(param_dtype=str(np.dtype(params["embed"].dtype)))

@@ -17,6 +17,7 @@ COMMANDS = (
   "convert",
   "train",
   "export",
+  "merge",
   "generate",
   "chat",
   "eval",

@@ -16,7 +16,7 @@ Memory: nothing is restored up front (no accelerator needed). Each HF tensor is 
 Orbax checkpoint alone (one layer of a stacked parameter: ``loader.load_model(lazy=True)``), cast,
 transposed and written into its planned safetensors shard (``formats.hf.save_hf``), then
 dropped, so host memory is bounded by a few copies of the largest tensor, not by the model
-or ``--max_shard_gb``; see docs/benchmarks.md. An HF folder as input is still read whole.
+or ``--max_shard_gb``; see docs/benchmarks.md. An HF folder as input streams the same way.
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ from safetensors import safe_open
 
 from astrollama_jax.formats import mapping
 from astrollama_jax.formats.mapping import ConversionError
+from astrollama_jax.model import llama
 from astrollama_jax.model.config import LlamaConfig
 from astrollama_jax.util import diskspace
 
@@ -80,8 +81,8 @@ def weight_files(folder: str) -> dict[str, str]:
 class TensorReader:
   """Memory-mapped access to an HF folder's tensors by name, keeping each file open once."""
 
-  def __init__(self, folder: str):
-    self.files = weight_files(folder)
+  def __init__(self, folder: str, files: dict[str, str] | None = None):
+    self.files = weight_files(folder) if files is None else files  # checked by weight_files
     self._open: dict[str, Any] = {}
 
   def get(self, name: str) -> np.ndarray:
@@ -104,8 +105,19 @@ class TensorReader:
 
 
 def stored_dtype(folder: str) -> str:
-  """The dtype an HF folder stores (that of its embedding table)."""
-  return str(TensorReader(folder).get("model.embed_tokens.weight").dtype)
+  """The dtype an HF folder stores (that of its embedding table), from the header alone: the
+  table itself may be gigabytes."""
+  name = "model.embed_tokens.weight"
+  files = weight_files(folder)
+  if name not in files:
+    raise ConversionError(f"tensor {name!r} is missing from the checkpoint")
+  stored = safe_open(files[name], framework="numpy").get_slice(name).get_dtype()
+  dtypes = {st: ours for ours, st in _ST_DTYPES.items()}
+  if stored not in dtypes:
+    raise ConversionError(
+      f"{files[name]}: {name} is stored as {stored}, which no model of ours holds"
+    )
+  return dtypes[stored]
 
 
 def iter_hf_params(
@@ -129,6 +141,68 @@ def iter_hf_params(
   extra = sorted(n for n in set(reader.files) - used if "rotary_emb" not in n)
   if extra:
     logging.warning("ignored %d tensors the model does not use: %s", len(extra), extra[:5])
+
+
+class HFStackedArray:
+  """One of our stacked parameters over an HF folder, read only when asked: ``x[i]`` reads
+  layer ``i``'s tensor alone (``checkpoints.reader.StoredArray``'s contract), so a merge or an
+  export walking the model one tensor at a time holds one tensor, not the model."""
+
+  def __init__(
+    self, folder: str, files: dict[str, str], entry: mapping.Tensor, shape: Any, dtype: Any
+  ):
+    self._folder, self._files, self._entry = folder, files, entry
+    self.shape, self.dtype = tuple(shape), np.dtype(dtype)
+
+  @property
+  def size(self) -> int:
+    return int(np.prod(self.shape, dtype=np.int64))
+
+  @property
+  def ndim(self) -> int:
+    return len(self.shape)
+
+  def _read(self, name: str) -> np.ndarray:
+    reader = TensorReader(self._folder, self._files)  # no mapped file outlives the read
+    w = reader.get(name)
+    want = self._entry.to_hf(
+      np.empty(self.shape[1:] if self._entry.per_layer else self.shape, np.int8)
+    )
+    if tuple(w.shape) != tuple(want.shape):
+      raise ConversionError(
+        f"tensor {name!r} has shape {tuple(w.shape)} but the config expects {tuple(want.shape)}"
+      )
+    out = np.array(self._entry.from_hf(w), dtype=self.dtype)  # a copy: no view into the file
+    del w
+    reader.release()
+    return out
+
+  def __getitem__(self, index: Any) -> np.ndarray:
+    if self._entry.per_layer and isinstance(index, (int, np.integer)):
+      return self._read(self._entry.hf_name.format(i=int(index)))
+    return np.asarray(self)[index]
+
+  def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+    if self._entry.per_layer:
+      out = np.empty(self.shape, self.dtype)
+      for i in range(self.shape[0]):
+        out[i] = self[i]
+    else:
+      out = self._read(self._entry.hf_name)
+    return out if dtype is None else out.astype(dtype)
+
+
+def open_hf_params(folder: str, dtype: str | None = None) -> tuple[LlamaConfig, Params]:
+  """(config, ``HFStackedArray`` leaves) of an HF folder, no tensor read; ``dtype`` casts
+  (default: the stored dtype, which the returned ``cfg.param_dtype`` names)."""
+  dtype = dtype or stored_dtype(folder)
+  cfg = read_hf_config(folder).replace(param_dtype=str(np.dtype(dtype)))
+  shapes, files = llama.param_shapes(cfg), weight_files(folder)
+  params: Params = {}
+  for entry in mapping.table(cfg):
+    shape = mapping.get_path(shapes, entry.path).shape
+    mapping.set_path(params, entry.path, HFStackedArray(folder, files, entry, shape, dtype))
+  return cfg, params
 
 
 def load_hf(
