@@ -8,7 +8,8 @@ status  meaning and what the launchers (``launch/``) do
 3       too many non-finite steps in a row (``train.max_consecutive_nonfinite``)
 73      the workdir is held by another live trainer (``.lock``): nothing was written
 75      stopped on SIGTERM (preemption, the scheduler's time-limit signal) after saving a
-        checkpoint of the step it stopped at (``EX_TEMPFAIL``): requeue, the rerun resumes
+        checkpoint of the step it stopped at, or at once while starting up (restore, compile:
+        nothing new to save) (``EX_TEMPFAIL``): requeue, the rerun resumes
 76      the hang watchdog fired (no step or checkpoint progress for ``train.hang_timeout_s``): all
         thread stacks are in the log; requeue, the rerun resumes from the last checkpoint
 ======  ==========================================================================================

@@ -5,7 +5,8 @@ only pulled to the host every ``log.every`` steps, which is also when the loop c
 non-finite counter (so a run of skipped steps is noticed within ``log.every`` steps; skipped
 steps change nothing, so the state stays the last good one). SIGTERM (or JAX's preemption
 notice on multi-host jobs) makes the loop save a checkpoint at the next step boundary and
-return with ``preempted: true``.
+return with ``preempted: true``. Before the loop (restore, compile) the command's handler
+(``preemption.py``) stops at once instead.
 """
 
 from __future__ import annotations
@@ -206,10 +207,12 @@ def _train(config: Any, workdir: str, mesh: Any, started: float) -> dict[str, An
       meta = {"eval_start": summary.get("eval_start")}
       loop = _Run(config, program, ckpt, logger, preempt, eval_step, mesh, steps, step_flops)
       summary.update(_run_steps(loop, state, train_iter, start, meta))
-    finally:
-      preempt.close()
-      logger.close()
-      ckpt.close()
+    finally:  # saves finish under the loop's handler: a SIGTERM now must not cut them short
+      try:
+        logger.close()
+        ckpt.close()
+      finally:
+        preempt.close()
   summary["wall_s"] = round(time.time() - started, 1)
   return summary
 
