@@ -198,14 +198,17 @@ def test_a_negative_step_count_and_a_corpus_without_validation_stop_before_compi
 
 
 def test_too_many_nonfinite_steps_in_a_row_stop_the_run(tmp_path):
-  # A NaN learning rate makes the first update NaN; every later loss is NaN and skipped.
+  # A huge learning rate makes the first update overflow; every later loss is NaN and skipped.
+  # (A NaN learning rate itself is refused before the run starts.)
   workdir, log = tmp_path / "nan", tmp_path / "nan.log"
   proc = start(
     train_cmd(
       workdir,
       *SYNTHETIC,
       "--config.train.num_steps=50",
-      "--config.schedule.learning_rate=nan",
+      "--config.schedule.learning_rate=1e18",
+      "--config.schedule.kind=constant",
+      "--config.schedule.warmup_ratio=0",
       "--config.train.max_consecutive_nonfinite=3",
     ),
     1,
