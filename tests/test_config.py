@@ -5,6 +5,7 @@ import ast
 import dataclasses
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 
@@ -128,3 +129,50 @@ def test_saved_config_json_reads_back(tmp_path):
   assert saved["init_checkpoint"] == "" and saved["data"]["kind"] == "sft"
   assert saved["data"]["sft"]["sources"][0]["format"] == "sharegpt"
   assert saved["schedule"]["learning_rate"] == 1e-3 and saved["sharding_rules"]["embed"] == "fsdp"
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_shipped_configs_are_within_range(name):
+  from astrollama_jax.train import config_values
+
+  for args in CONFIGS[name]:
+    config_values.check(_module(name).get_config(*args))
+
+
+def test_numbers_out_of_range_are_refused_up_front(tmp_path):
+  cases = [
+    ("checkpoint.every", -3, "config.checkpoint.every=-3 is out of range: it must be >= 0"),
+    ("schedule.learning_rate", float("nan"), "config.schedule.learning_rate=nan is not a finite"),
+    (
+      "optimizer.adam_b2",
+      1.0,
+      "config.optimizer.adam_b2=1.0 is out of range: it must be in [0, 1)",
+    ),
+    ("train.hang_timeout_s", float("inf"), "config.train.hang_timeout_s=inf is not a finite"),
+    ("log.every", 0, "config.log.every=0 is out of range: it must be >= 1"),
+  ]
+  for key, value, message in cases:
+    config = base_config()
+    config.data.kind = "synthetic"
+    section, name = key.split(".")
+    config[section][name] = value
+    with pytest.raises(ValueError, match=re.escape(message)):
+      resolve.check_inputs(config, str(tmp_path))
+  config = base_config()
+  config.data.kind = "synthetic"
+  resolve.check_inputs(config, str(tmp_path))
+
+
+def test_an_unknown_key_or_a_negative_interval_is_one_line_before_anything_is_written(tmp_path):
+  line = _train_error(
+    "--config=configs/demo.py", f"--workdir={tmp_path / 'a'}", "--config.nonexistent.key=1"
+  )
+  assert line == "error: --config.nonexistent.key=1: the config has no key 'nonexistent'"
+  line = _train_error(
+    "--config=configs/demo.py",
+    f"--workdir={tmp_path / 'b'}",
+    "--config.data.kind=synthetic",
+    "--config.checkpoint.every=-3",
+  )
+  assert line == "error: config.checkpoint.every=-3 is out of range: it must be >= 0"
+  assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

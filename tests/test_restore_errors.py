@@ -232,3 +232,30 @@ def test_a_position_kept_per_data_shard_regathers_onto_another_process_count(tmp
     assert ckpt._global_position(4, 2) is None  # shard 2 is in no file: nothing to resume from
   finally:
     ckpt.close()
+
+
+def test_what_reads_back_whole_but_does_not_fit_moves_nothing(run6):
+  """A data position this pipeline does not take, a train_meta without a key the restore needs:
+  neither is corrupt bytes, so the run stops in one line and every checkpoint stays."""
+  position = run6 / "checkpoints" / "6" / run_state.DATA_ITER_DIR / "process_0-of-1.json"
+  saved = position.read_text()
+  position.write_text(json.dumps({"next_position": 6}))
+  before = sorted(str(p) for p in (run6 / "checkpoints").rglob("*"))
+  with pytest.raises(
+    run_state.IncompatibleCheckpointError,
+    match=r"checkpoints/6 does not fit this run: its data position does not fit this run's data "
+    r"pipeline \(KeyError: .*next_index.*\).*\(nothing was changed\)",
+  ):
+    loop.train(_config(8), str(run6))
+  position.write_text(saved)
+  meta = run6 / "checkpoints" / "6" / "train_meta" / "metadata"
+  good = meta.read_text()
+  meta.write_text(json.dumps({k: v for k, v in json.loads(good).items() if k != "rng"}))
+  with pytest.raises(
+    run_state.IncompatibleCheckpointError, match=r"its train_meta has no \['rng'\]"
+  ):
+    loop.train(_config(8), str(run6))
+  assert sorted(str(p) for p in (run6 / "checkpoints").rglob("*")) == before
+  assert not (run6 / run_state.CORRUPT_DIR).exists()
+  meta.write_text(good)
+  assert loop.train(_config(8), str(run6))["resumed_from"] == 6

@@ -48,6 +48,50 @@ def test_sigterm_saves_and_a_corrupt_latest_checkpoint_falls_back(tmp_path):
   assert f"checkpoints/{stopped} cannot be restored" in tail(log, 200_000)
 
 
+# The train command with its restore held up (a 70B restore takes minutes): the test's SIGTERM
+# lands in start-up, before any step.
+_SLOW_RESTORE = """
+import pathlib, sys, time
+from astrollama_jax.train import run_state
+
+marker = pathlib.Path(sys.argv[1])
+
+def slow(self, *args):
+  marker.touch()
+  time.sleep(300)
+
+run_state.Checkpointer.restore_latest = slow
+from astrollama_jax.commands import start
+
+start("train", ["astrollama_jax train", *sys.argv[2:]])
+"""
+
+
+def test_sigterm_while_starting_up_exits_for_a_requeue(tmp_path):
+  import signal
+  import sys
+  import time
+
+  from astrollama_jax.train import exit_codes
+
+  workdir, log, marker = tmp_path / "run", tmp_path / "run.log", tmp_path / "restoring"
+  flags = train_cmd(workdir, *SYNTHETIC, "--config.train.num_steps=3")[4:]
+  proc = start([sys.executable, "-c", _SLOW_RESTORE, str(marker), *flags], 1, log)
+  try:
+    end = time.time() + 180
+    while not marker.exists():
+      assert proc.poll() is None and time.time() < end, tail(log)
+      time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == exit_codes.PREEMPTED, tail(log)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  text = tail(log, 100_000)
+  assert "SIGTERM while starting up" in text and "Traceback" not in text, text
+  assert records(workdir, "train") == []
+
+
 def test_config_errors_name_the_setting(tmp_path):
   import pytest
 
@@ -157,14 +201,17 @@ def test_a_negative_step_count_and_a_corpus_without_validation_stop_before_compi
 
 
 def test_too_many_nonfinite_steps_in_a_row_stop_the_run(tmp_path):
-  # A NaN learning rate makes the first update NaN; every later loss is NaN and skipped.
+  # A huge learning rate makes the first update overflow; every later loss is NaN and skipped.
+  # (A NaN learning rate itself is refused before the run starts.)
   workdir, log = tmp_path / "nan", tmp_path / "nan.log"
   proc = start(
     train_cmd(
       workdir,
       *SYNTHETIC,
       "--config.train.num_steps=50",
-      "--config.schedule.learning_rate=nan",
+      "--config.schedule.learning_rate=1e18",
+      "--config.schedule.kind=constant",
+      "--config.schedule.warmup_ratio=0",
       "--config.train.max_consecutive_nonfinite=3",
     ),
     1,

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 import os
+import re
 import traceback
 from typing import TYPE_CHECKING, Any
 
@@ -181,7 +182,38 @@ def guard(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
 
 def run(main: Callable[[list[str]], Any], **kwargs: Any) -> None:
   """``absl.app.run(main)``, with user-fixable errors reported as one line (see ``guard``)."""
+  kwargs.setdefault("flags_parser", parse_flags)
   app.run(lambda argv: guard(main, argv), **kwargs)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing; an override of a key the config does not have
+  (``--config.no_such.key=1``) fails in one line naming the flag, as a misspelt flag does.
+
+  ml_collections raises ``KeyError``/``AttributeError`` for it while the flags are parsed,
+  before any ``main`` could catch it.
+  """
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (KeyError, AttributeError) as e:
+    frames = traceback.extract_tb(e.__traceback__)
+    if not any("config_flags" in f.filename for f in frames):
+      raise
+    text: Any = e
+    while isinstance(text, BaseException) and text.args:  # ml_collections nests its KeyError
+      text = text.args[0]
+    text = str(text)
+    key = re.search(r"'([^']+)'", text)
+    key = key.group(1) if key else text.strip("'\"")
+    hint = re.search(r'Did you mean "([^"]+)"', text)
+    flag = next(
+      (a for a in argv[1:] if a.startswith("-") and f".{key}" in a.split("=", 1)[0]), None
+    )
+    fail(
+      f"{flag + ': ' if flag else ''}the config has no key {key!r}"
+      + (f"; did you mean {hint.group(1)!r}?" if hint else "")
+    )
+    raise  # not reached: fail exits
 
 
 def no_extra_args(argv: Sequence[str]) -> None:

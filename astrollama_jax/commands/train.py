@@ -47,14 +47,32 @@ def main(argv: list[str]) -> None:
   from astrollama_jax.commands import cli
 
   cli.no_extra_args(argv)
-  from astrollama_jax.train import distributed, exit_codes
+  from astrollama_jax.train import exit_codes, preemption
+
+  try:  # a preemption while starting up (restore, compile) must still be requeued
+    with preemption.stop_at_once():
+      summary = _train()
+  except preemption.Preempted:
+    logging.warning("SIGTERM while starting up: stopping at once (nothing new to save)")
+    sys.exit(exit_codes.PREEMPTED)
+  if summary is None:
+    sys.exit(exit_codes.NONFINITE)
+  import jax
+
+  if jax.process_index() == 0:
+    tables.report(f"train: {FLAGS.workdir}", summary)
+  sys.exit(exit_codes.for_summary(summary))
+
+
+def _train() -> dict | None:
+  """The run the flags name; None after too many non-finite steps (logged)."""
+  from astrollama_jax.train import distributed
   from astrollama_jax.train.metrics import quiet_library_logs
 
   quiet_library_logs()
   distributed.initialize(
     FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
   )
-  import jax
   import psutil
 
   from astrollama_jax.train import loop
@@ -70,10 +88,7 @@ def main(argv: list[str]) -> None:
       with workdir_lock.held(FLAGS.workdir), watchdog.watching(FLAGS.config.train.hang_timeout_s):
         # the process's start: interpreter and import time are the run's start-up too
         started = psutil.Process().create_time()
-        summary = loop.train(FLAGS.config, FLAGS.workdir, started=started)
+        return loop.train(FLAGS.config, FLAGS.workdir, started=started)
   except loop.NonFiniteError as e:
     logging.error("%s", e)
-    sys.exit(exit_codes.NONFINITE)
-  if jax.process_index() == 0:
-    tables.report(f"train: {FLAGS.workdir}", summary)
-  sys.exit(exit_codes.for_summary(summary))
+    return None

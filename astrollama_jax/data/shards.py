@@ -8,7 +8,8 @@ block ``j`` of the global batch at step ``k`` is shard ``j``'s ``k``-th batch fo
 
 The iterator's state maps each shard to its own Grain state (``{"shards": {"j": ...}}``). A
 checkpoint saved by ``P`` processes holds ``P`` such states; ``regather`` re-derives the state
-of a process of another count from them, exactly.
+of a process of another count from them, exactly. ``fit_workers`` carries a state to another
+number of reader worker processes where the data order allows it.
 """
 
 from __future__ import annotations
@@ -188,3 +189,40 @@ def regather(states: Sequence[Any], mine: Iterable[int]) -> Any:
       raise ValueError("the saved data positions are per process (no data shards)")
     return states[0]
   return merge(list(states), "")
+
+
+# The keys of Grain's interleave state, which ``mp_prefetch`` wraps around its workers' states.
+_WORKER_KEYS = ("iterators_in_use_states", "exhausted")
+
+
+def reader_workers(state: Any) -> int:
+  """The Grain reader worker processes (``mp_prefetch``) a saved iterator state is of (0: none)."""
+  if isinstance(state, dict) and all(k in state for k in _WORKER_KEYS):
+    return len(state["exhausted"])
+  return 0
+
+
+def fit_workers(saved: Any, fresh: Any) -> Any:
+  """``saved`` (a data position) in the reader-worker layout of ``fresh`` (the state of this
+  run's iterator before it read anything).
+
+  No worker and one worker read the same stream (the one worker reads all of it), so a position
+  moves between them: one worker's state is the stream's state, wrapped. With two or more
+  workers each packs its own slice of the records: another worker count is another data order,
+  refused with a ``ValueError`` that says so.
+  """
+  have, want = reader_workers(saved), reader_workers(fresh)
+  if have == want:
+    return saved
+  if max(have, want) <= 1:
+    if want == 1:
+      return dict(fresh, iterators_in_use_states=[saved])
+    inner = saved["iterators_in_use_states"][0]
+    if inner is None or saved["exhausted"][0]:
+      raise ValueError("its data position holds no state of its one reader worker's stream")
+    return inner
+  raise ValueError(
+    f"its data position was saved with {have} data reader worker(s) (worker_count) and this run "
+    f"has {want}: with {max(have, want)} workers each packs its own slice of the records, so "
+    "the data order cannot be kept"
+  )

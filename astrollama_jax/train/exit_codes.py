@@ -38,7 +38,8 @@ MEANINGS: dict[int, tuple[str, str]] = {
   ),
   PREEMPTED: (
     "stopped on SIGTERM (preemption, the scheduler's time-limit signal) after saving a "
-    "checkpoint of the step it stopped at",
+    "checkpoint of the step it stopped at, or at once while starting up (restore, compile: "
+    "nothing new to save)",
     "requeue: the rerun resumes",
   ),
   HUNG: (

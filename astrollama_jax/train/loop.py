@@ -10,6 +10,7 @@ return with ``preempted: true``.
 Every second of the run is booked in the workdir's goodput ledger (``train/goodput.py``):
 productive step time, or badput by cause (start-up and restore, compilation, data waits,
 checkpoint saves, redone steps, evaluation); the totals over all sessions close the summary.
+Before the loop (restore, compile) the command's handler (``preemption.py``) stops at once instead.
 """
 
 from __future__ import annotations
@@ -236,12 +237,12 @@ def _train(
         config, program, ckpt, logger, preempt, eval_step, mesh, steps, step_flops, ledger
       )
       summary.update(_run_steps(loop, state, train_iter, start, meta))
-    finally:
-      preempt.close()
+    finally:  # saves finish under the loop's handler: a SIGTERM now must not cut them short
       try:
         with ledger.time("checkpoint_save"):  # the last save's background writes
           ckpt.close()
       finally:
+        preempt.close()
         summary["goodput"] = ledger.summary()
         ledger.flush()
         logger.write(summary.get("final_step", start), "goodput", goodput.flat(summary["goodput"]))

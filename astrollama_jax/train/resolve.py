@@ -17,7 +17,7 @@ import numpy as np
 from astrollama_jax import sharding
 from astrollama_jax.checkpoints import layout, locate, writer
 from astrollama_jax.model.config import POLICY_FIELDS, LlamaConfig, get_config
-from astrollama_jax.train import data
+from astrollama_jax.train import config_values, data
 from astrollama_jax.train.run_state import CHECKPOINTS_DIR
 from astrollama_jax.util import diskspace
 
@@ -46,8 +46,10 @@ def sharding_rules(config: Any) -> sharding.Rules:
 
 def check_inputs(config: Any, workdir: str) -> None:
   """Fail first, in one line, when the config leaves out what the run reads: the data of its
-  ``data.kind``, the tokenizer, an ``init_checkpoint`` the config asks for."""
+  ``data.kind``, the tokenizer, an ``init_checkpoint`` the config asks for; or sets a number out
+  of its range (``config_values``)."""
   kind = data.data_kind(config)
+  config_values.check(config)
   missing = []
   if config.init_checkpoint is None:
     missing.append("--config.init_checkpoint=DIR (the model to start from; '' for a random init)")

@@ -25,14 +25,16 @@ its own process count.
 A failure is classified before anything is moved (every process agrees on the class, the most
 serious one wins):
 
-* incompatible (another model, optimizer layout, data source, shards or batch, or a process
-  count the data position cannot follow): ``IncompatibleCheckpointError`` before any array is
-  read, one line naming what differs; nothing in the workdir is touched;
+* incompatible (another model, optimizer layout, data source, shards or batch, a process or
+  reader worker count the data position cannot follow, a data position this run's pipeline does
+  not take, a ``train_meta`` without a key the restore needs): ``IncompatibleCheckpointError``
+  before any array is read, one line naming what differs; nothing in the workdir is touched;
 * transient (I/O errors, permission denied, timeouts): retried with exponential backoff, then
   ``TransientRestoreError``; the checkpoint stays where it is, for a rerun;
-* corrupt or incomplete bytes (anything else): reported, moved to ``WORKDIR/checkpoints_corrupt/``
-  and the previous step is tried. If every step was corrupt the run stops
-  (``NoUsableCheckpointError``) instead of silently starting again from step 0.
+* corrupt or incomplete bytes (a file that is missing, cannot be decoded or reads back wrong):
+  reported, moved to ``WORKDIR/checkpoints_corrupt/`` and the previous step is tried. If every
+  step was corrupt the run stops (``NoUsableCheckpointError``) instead of silently starting
+  again from step 0.
 
 A full disk during a save stops the run with ``diskspace.DiskFullError`` naming the step folder
 and the free space. The failed step was never finalised, so it is not a checkpoint; its temporary
@@ -59,9 +61,9 @@ import orbax.checkpoint as ocp
 
 from astrollama_jax.checkpoints import reader
 from astrollama_jax.checkpoints.layout import CHECKPOINTS_DIR, PARAMS_DIR
-from astrollama_jax.data.shards import owned, regather, shard_ids
+from astrollama_jax.data.shards import fit_workers
 from astrollama_jax.errors import UserError
-from astrollama_jax.train import distributed
+from astrollama_jax.train import data_position, distributed, tree_diff
 from astrollama_jax.train.state import TrainState
 from astrollama_jax.util import diskspace
 
@@ -71,6 +73,8 @@ DATA_ITER_DIR = "data_iter"
 
 # Failure classes of a restore, in rising order of seriousness (processes agree on the maximum).
 OK, CORRUPT, TRANSIENT, INCOMPATIBLE = 0, 1, 2, 3
+# What ``train_meta`` must hold for a restore (besides the step it names).
+_META_KEYS = ("rng", "nonfinite_total", "nonfinite_run")
 _TRANSIENT_ERRNOS = frozenset(
   {
     errno.EIO,
@@ -145,63 +149,6 @@ def is_transient(error: BaseException) -> bool:
   return False
 
 
-def _path_key(path: tuple[Any, ...]) -> str:
-  """A tree path as ``a/b/0``, the same for a live pytree and for Orbax's metadata of it."""
-  parts = []
-  for k in path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(k, attr):
-        parts.append(str(getattr(k, attr)))
-        break
-    else:
-      parts.append(str(k))
-  return "/".join(parts)
-
-
-def _leaves(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
-  return {
-    _path_key(p): (tuple(x.shape), str(np.dtype(x.dtype)))
-    for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]
-    if hasattr(x, "shape")
-  }
-
-
-def tree_difference(stored: Any, target: Any) -> str | None:
-  """The first difference of shapes/dtypes/leaves between a stored tree and this run's, or None."""
-  a, b = _leaves(stored), _leaves(target)
-  for key in sorted(set(a) | set(b)):
-    if key not in b:
-      return f"{key} is in the checkpoint, not in this run"
-    if key not in a:
-      return f"{key} is in this run, not in the checkpoint"
-    if a[key] != b[key]:
-      (sa, da), (sb, db) = a[key], b[key]
-      return f"{key} is {da}{list(sa)} in the checkpoint, {db}{list(sb)} in this run"
-  return None
-
-
-class _IteratorState:
-  """Adapter between a Grain ``DatasetIterator`` and Grain's Orbax handler.
-
-  The state is captured when the save is requested (not when a background thread gets to it),
-  which is what an asynchronous save needs: the loop keeps consuming batches meanwhile.
-  """
-
-  def __init__(self, iterator: Any, capture: bool = True):
-    self._it = iterator
-    self._state = json.dumps(iterator.get_state()).encode() if capture else b""
-
-  def get_state(self) -> bytes:
-    return self._state
-
-  def set_state(self, state: bytes) -> None:
-    self._it.set_state(json.loads(state.decode()))
-
-  def start_prefetch(self) -> None:
-    if hasattr(self._it, "start_prefetch"):
-      self._it.start_prefetch()
-
-
 def _worst(code: int) -> int:
   """The most serious failure class over all processes."""
   if jax.process_count() == 1:
@@ -246,7 +193,8 @@ class Checkpointer:
     )
     self.manager = ocp.CheckpointManager(self.directory, options=options)
     self._saving: int | None = None  # the step of the latest save started
-    self._carried_position: str | None = None  # a data position saved by another process count
+    self._position: Any = None  # the data position of the step being restored, fitted to this run
+    self._fresh: Any = None  # this run's data iterator state before anything was read
 
   def check_free_space(self, nbytes: int) -> None:
     """Refuse to start when the disk cannot hold one more checkpoint of ``nbytes``.
@@ -287,7 +235,7 @@ class Checkpointer:
         PARAMS_DIR: ocp.args.StandardSave(state.params),
         OPT_STATE_DIR: ocp.args.StandardSave(state.opt_state),
         "train_meta": ocp.args.JsonSave(meta),
-        DATA_ITER_DIR: grain.checkpoint.CheckpointSave(_IteratorState(data_iter)),
+        DATA_ITER_DIR: grain.checkpoint.CheckpointSave(data_position.IteratorState(data_iter)),
       }
     )
     self._saving = step
@@ -326,6 +274,7 @@ class Checkpointer:
     as the module docstring says; only corrupt steps are moved away.
     """
     steps = self.all_steps()
+    self._fresh = json.loads(json.dumps(data_iter.get_state())) if steps else None
     quarantined: list[str] = []
     for step in reversed(steps):
       code, result = self._restore_with_retries(step, target, data_iter)
@@ -401,15 +350,23 @@ class Checkpointer:
     )
 
   def _try_restore(self, step: int, target: TrainState, data_iter: Any) -> tuple[int, Any]:
-    """One attempt, on this process: a failure class and the restored items, or what failed."""
+    """One attempt, on this process: a failure class and the restored items, or what failed.
+
+    Only a failure to read the step's bytes is CORRUPT: what is read back whole but does not
+    fit this run (the settings, the data position) is INCOMPATIBLE and moves nothing.
+    """
     try:
-      difference = self._incompatibility(step, target)
+      difference = self._incompatibility(step, target) or data_position.apply(
+        data_iter, self._position
+      )
       if difference:
         return INCOMPATIBLE, difference
       restored = self._restore_items(step, target, data_iter)
       meta = dict(restored["train_meta"])
       if meta.get("step") != step:
         raise ValueError(f"train_meta says step {meta.get('step')}")
+      if hasattr(data_iter, "start_prefetch"):
+        data_iter.start_prefetch()
       return OK, (restored, meta)
     except Exception as e:  # noqa: BLE001 - classified: nothing is moved for what a retry may cure
       if is_transient(e):
@@ -423,13 +380,16 @@ class Checkpointer:
         "train_meta"
       ]
     )
+    missing = [k for k in _META_KEYS if k not in meta]
+    if missing:
+      return f"its train_meta has no {missing} (written by another version of the trainer?)"
     saved_run = meta.get("run")
     if saved_run is not None:
       # a key one side lacks is no difference
       for key in sorted(set(saved_run) & set(self.identity)):
         if saved_run[key] != self.identity[key]:
           return f"{key} is {saved_run[key]!r} in the checkpoint, {self.identity[key]!r} now"
-    self._carried_position = None
+    self._position = None
     saved_procs = meta.get("process_count", jax.process_count())
     shards = self.identity.get("data.shards")
     if shards is not None and (saved_run is None or "data.shards" not in saved_run):
@@ -438,20 +398,24 @@ class Checkpointer:
           f"its data position is per process (its run records no data.shards): it resumes only on "
           f"{saved_procs} processes with --config.data.shards={saved_procs}"
         )
-    elif saved_procs != jax.process_count():
-      position = self._global_position(step, saved_procs)
-      if position is None:
-        return (
-          f"it was saved by {saved_procs} processes and this run has "
-          f"{jax.process_count()}, and its data position is per process "
-          f"(data.kind {self.identity.get('data.kind')!r}): it can only resume on "
-          f"{saved_procs} processes"
-        )
-      self._carried_position = position
+    position = data_position.read(
+      os.path.join(self.directory, str(step), DATA_ITER_DIR), saved_procs
+    )
+    if position is None:
+      return (
+        f"it was saved by {saved_procs} processes and this run has "
+        f"{jax.process_count()}, and its data position is per process "
+        f"(data.kind {self.identity.get('data.kind')!r}): it can only resume on "
+        f"{saved_procs} processes"
+      )
+    try:
+      self._position = fit_workers(position, self._fresh)
+    except ValueError as e:
+      return str(e)
     step_dir = os.path.join(self.directory, str(step))
     for item, want in ((PARAMS_DIR, target.params), (OPT_STATE_DIR, target.opt_state)):
       stored = reader.stored_metadata(os.path.join(step_dir, item))
-      diff = tree_difference(stored, want)
+      diff = tree_diff.tree_difference(stored, want)
       if diff:
         what = (
           "the model's parameters differ"
@@ -462,54 +426,20 @@ class Checkpointer:
     return None
 
   def _global_position(self, step: int, saved_procs: int) -> str | None:
-    """This process's iterator state re-derived from those ``saved_procs`` processes saved, or
-    None if it depends on the process count.
-
-    A position every saving process shared (synthetic data: the number of global batches read)
-    carries over as it is; one kept per data shard (lm, sft: ``data/shards.py``) is regathered
-    for the shards this process owns now. A per-process packing state without shards cannot.
-    """
-    folder = os.path.join(self.directory, str(step), DATA_ITER_DIR)
-    states = []
-    for i in range(saved_procs):
-      with open(os.path.join(folder, f"process_{i}-of-{saved_procs}.json")) as f:
-        states.append(json.loads(f.read()))
-    held = shard_ids(states[0])
-    if held:
-      held = set().union(*(shard_ids(s) for s in states))
-      if held != set(range(len(held))) or len(held) % jax.process_count():
-        return None
-      mine = owned(jax.process_index(), jax.process_count(), len(held))
-    else:
-      mine = range(0)
-    try:
-      return json.dumps(regather(states, mine))
-    except ValueError as e:
-      logging.warning("data position of %s/%d cannot be carried over: %s", folder, step, e)
-      return None
+    """``data_position.regathered`` for step ``step``."""
+    return data_position.regathered(
+      os.path.join(self.directory, str(step), DATA_ITER_DIR), saved_procs
+    )
 
   def _restore_items(self, step: int, target: TrainState, data_iter: Any) -> dict[str, Any]:
-    """Every item of ``step`` onto ``target``'s shardings (Orbax reshards to this mesh), and the
-    data position into ``data_iter``: Grain's own file for this process, or the carried one."""
+    """Every array item of ``step`` onto ``target``'s shardings (Orbax reshards to this mesh) and
+    ``train_meta``; the data position is already in ``data_iter`` (``data_position.apply``)."""
     items = {
       PARAMS_DIR: ocp.args.StandardRestore(target.params),
       OPT_STATE_DIR: ocp.args.StandardRestore(target.opt_state),
       "train_meta": ocp.args.JsonRestore(),
     }
-    if self._carried_position is None:
-      items[DATA_ITER_DIR] = grain.checkpoint.CheckpointRestore(
-        _IteratorState(data_iter, capture=False)
-      )
-    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-    if self._carried_position is not None:
-      _IteratorState(data_iter, capture=False).set_state(self._carried_position.encode())
-      logging.info(
-        "data position of %s/%d carried over to %d processes",
-        self.directory,
-        step,
-        jax.process_count(),
-      )
-    return restored
+    return self.manager.restore(step, args=ocp.args.Composite(**items))
 
   def _quarantine(self, step: int) -> None:
     if jax.process_index() == 0:
