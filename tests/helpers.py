@@ -24,7 +24,6 @@ import urllib.error
 import urllib.request
 
 from absl import flags
-import jax
 import numpy as np
 import pytest
 
@@ -124,8 +123,6 @@ def train_env(devices: int) -> dict[str, str]:
   env.update(
     JAX_PLATFORMS="cpu",
     XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-    JAX_COMPILATION_CACHE_DIR=os.environ.get("ASTROLLAMA_JAX_CACHE", str(REPO / ".jax_cache")),
-    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5",
     TF_CPP_MIN_LOG_LEVEL="2",
   )
   return env
@@ -551,12 +548,7 @@ def start_cli(
   *args: str, env_extra: dict[str, str] | None = None, log_path=None
 ) -> subprocess.Popen:
   """``python -m astrollama_jax serve ARGS`` in the background (stderr to ``log_path``)."""
-  env = dict(
-    os.environ,
-    JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
-    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5",
-    **(env_extra or {}),
-  )
+  env = dict(os.environ, **(env_extra or {}))
   log = open(log_path, "wb") if log_path else subprocess.DEVNULL
   return subprocess.Popen(
     [sys.executable, "-m", "astrollama_jax", "serve", *args],
