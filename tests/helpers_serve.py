@@ -14,7 +14,6 @@ import urllib.error
 import urllib.request
 
 from helpers import REPO
-import jax
 
 from astrollama_jax import sharding
 from astrollama_jax.checkpoints import loader
@@ -108,12 +107,7 @@ def start_cli(
   *args: str, env_extra: dict[str, str] | None = None, log_path=None
 ) -> subprocess.Popen:
   """``python -m astrollama_jax serve ARGS`` in the background (stderr to ``log_path``)."""
-  env = dict(
-    os.environ,
-    JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
-    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5",
-    **(env_extra or {}),
-  )
+  env = dict(os.environ, **(env_extra or {}))
   log = open(log_path, "wb") if log_path else subprocess.DEVNULL
   return subprocess.Popen(
     [sys.executable, "-m", "astrollama_jax", "serve", *args],

@@ -34,8 +34,6 @@ def train_env(devices: int) -> dict[str, str]:
   env.update(
     JAX_PLATFORMS="cpu",
     XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-    JAX_COMPILATION_CACHE_DIR=os.environ.get("ASTROLLAMA_JAX_CACHE", str(REPO / ".jax_cache")),
-    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5",
     TF_CPP_MIN_LOG_LEVEL="2",
   )
   return env

@@ -133,11 +133,7 @@ def test_text_stream_holds_back_partial_characters_and_stop_strings(tokenizer_pa
 
 
 def _run(command, *args, stdin=None):
-  env = dict(
-    os.environ,
-    JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
-    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5",
-  )
+  env = dict(os.environ)  # with conftest's compilation cache
   return subprocess.run(
     [sys.executable, "-m", "astrollama_jax", command, *args],
     input=stdin,

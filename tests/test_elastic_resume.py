@@ -7,7 +7,7 @@ the global batches (the logged hash covers the rows of every process, in order) 
 losses of an uninterrupted run: no record skipped, none repeated.
 """
 
-from helpers import TOKENIZER, need, prepare_demo_corpus
+from helpers import TOKENIZER, need
 from helpers_train import (
   TINY_MODEL,
   finish,
@@ -42,34 +42,38 @@ RUN = [
 STEPS = 6
 
 
-def _run(
-  tmp_path,
-  workdir,
-  name: str,
-  steps: int,
-  processes: int,
-  devices: int,
-  mesh: str,
-  run=RUN,
-  config: str = "configs/demo.py",
-) -> dict:
-  args = [*run, f"--config.train.num_steps={steps}", f"--config.mesh={mesh}"]
-  if processes == 1:
-    return finish(
-      start(train_cmd(workdir, *args, config=config), devices, tmp_path / f"{name}.log"),
-      tmp_path / f"{name}.log",
-      timeout=300,
-    )
-  procs = start_processes(
-    workdir,
-    *args,
-    processes=processes,
-    devices=devices // processes,
-    log_dir=tmp_path,
-    name=name,
-    config=config,
-  )
-  return finish_processes(procs, tmp_path, name)[0]
+def _runs(tmp_path, runs: list[tuple], run=RUN, config: str = "configs/demo.py") -> list[dict]:
+  """Start every ``(workdir, name, steps, processes, devices, mesh)`` run at once, then wait for
+  each: process 0's summaries. Independent runs overlap their start-up (imports, compiles);
+  any run still going after a failure is killed."""
+  started = []
+  for workdir, name, steps, processes, devices, mesh in runs:
+    args = [*run, f"--config.train.num_steps={steps}", f"--config.mesh={mesh}"]
+    if processes == 1:
+      procs = [start(train_cmd(workdir, *args, config=config), devices, tmp_path / f"{name}.log")]
+    else:
+      procs = start_processes(
+        workdir,
+        *args,
+        processes=processes,
+        devices=devices // processes,
+        log_dir=tmp_path,
+        name=name,
+        config=config,
+      )
+    started.append((name, procs))
+  try:
+    return [
+      finish(procs[0], tmp_path / f"{name}.log", timeout=600)
+      if len(procs) == 1
+      else finish_processes(procs, tmp_path, name, timeout=600)[0]
+      for name, procs in started
+    ]
+  finally:
+    for _, procs in started:
+      for p in procs:
+        if p.poll() is None:
+          p.kill()
 
 
 def _losses(workdir) -> dict[int, float]:
@@ -87,24 +91,37 @@ CASES = {
 }
 
 
-def _uninterrupted(tmp_path, run=RUN, config="configs/demo.py") -> tuple[dict, dict]:
-  """(losses, batch hashes) by step of one run of STEPS steps on 1 process x 8 devices."""
+def _run_cases(tmp_path, names, run=RUN, config="configs/demo.py") -> tuple[tuple, dict]:
+  """One uninterrupted run of STEPS steps on 1 process x 8 devices, and for each case 3 steps
+  on one layout, then the rest on another: (want, {case: (first summary, second summary)}).
+
+  The uninterrupted run and the first halves run together, then the second halves."""
   whole = tmp_path / "whole"
-  _run(tmp_path, whole, "whole", STEPS, 1, 8, "(1,8,1)", run, config)
+  firsts = _runs(
+    tmp_path,
+    [(whole, "whole", STEPS, 1, 8, "(1,8,1)")]
+    + [(tmp_path / name, f"{name}_a", 3, *CASES[name][0]) for name in names],
+    run,
+    config,
+  )[1:]
   want_loss, want_hash = _losses(whole), _hashes(whole)
   assert sorted(want_loss) == sorted(want_hash) == list(range(1, STEPS + 1))
   assert len(set(want_hash.values())) == STEPS  # every step read other records
-  return want_loss, want_hash
+  seconds = _runs(
+    tmp_path,
+    [(tmp_path / name, f"{name}_b", STEPS, *CASES[name][1]) for name in names],
+    run,
+    config,
+  )
+  return (want_loss, want_hash), dict(zip(names, zip(firsts, seconds)))
 
 
-def _check_case(tmp_path, name, want, run=RUN, config="configs/demo.py") -> None:
+def _check_case(tmp_path, name, want, summaries) -> None:
   """3 steps on one layout, 3 more on another: the global batches and losses of ``want``."""
   want_loss, want_hash = want
-  before, after = CASES[name]
+  first, second = summaries
   workdir = tmp_path / name
-  first = _run(tmp_path, workdir, f"{name}_a", 3, *before, run, config)
   assert first["final_step"] == 3
-  second = _run(tmp_path, workdir, f"{name}_b", STEPS, *after, run, config)
   assert second["resumed_from"] == 3 and second["final_step"] == STEPS, name
   assert not (workdir / "checkpoints_corrupt").exists(), name
   got = _losses(workdir)
@@ -120,17 +137,15 @@ def _check_case(tmp_path, name, want, run=RUN, config="configs/demo.py") -> None
 
 
 def test_resume_on_other_process_counts_meshes_and_devices(tmp_path):
-  want = _uninterrupted(tmp_path)
+  want, summaries = _run_cases(tmp_path, list(CASES))
   for name in CASES:
-    _check_case(tmp_path, name, want)
+    _check_case(tmp_path, name, want, summaries[name])
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
+def corpus(demo_corpus):
   need(TOKENIZER)
-  out = tmp_path_factory.mktemp("corpus")
-  prepare_demo_corpus(out)
-  return out
+  return demo_corpus
 
 
 def _data_run(*data: str) -> list[str]:
@@ -153,25 +168,33 @@ def _lm_run(corpus) -> list[str]:
 SFT_RUN = _data_run("--config.data.seq_len=128")
 
 
-@pytest.fixture(scope="module")
-def lm_whole(tmp_path_factory, corpus):
-  return _uninterrupted(tmp_path_factory.mktemp("lm"), _lm_run(corpus))
-
-
-@pytest.fixture(scope="module")
-def sft_whole(tmp_path_factory):
-  need(TOKENIZER)
-  return _uninterrupted(tmp_path_factory.mktemp("sft"), SFT_RUN, "configs/demo_sft.py")
-
-
 # A device-count change on one process keeps every process's shards: the synthetic test covers it.
-@pytest.mark.parametrize("case", ["2x4_to_1x8", "1x8_to_2x4"])
-def test_lm_data_resumes_on_other_process_counts(tmp_path, corpus, lm_whole, case):
-  _check_case(tmp_path, case, lm_whole, _lm_run(corpus))
-
-
+LM_CASES = ["2x4_to_1x8", "1x8_to_2x4"]
 # sft shares the shard machinery with lm (regathering across counts is also checked in process
 # by test_chat_dataset.py): one real resume across a process count is enough here.
-@pytest.mark.parametrize("case", ["2x4_to_1x8"])
-def test_sft_data_resumes_on_other_process_counts(tmp_path, sft_whole, case):
-  _check_case(tmp_path, case, sft_whole, SFT_RUN, "configs/demo_sft.py")
+SFT_CASES = ["2x4_to_1x8"]
+
+
+@pytest.fixture(scope="module")
+def lm_runs(tmp_path_factory, corpus):
+  tmp = tmp_path_factory.mktemp("lm")
+  return tmp, *_run_cases(tmp, LM_CASES, _lm_run(corpus))
+
+
+@pytest.fixture(scope="module")
+def sft_runs(tmp_path_factory):
+  need(TOKENIZER)
+  tmp = tmp_path_factory.mktemp("sft")
+  return tmp, *_run_cases(tmp, SFT_CASES, SFT_RUN, "configs/demo_sft.py")
+
+
+@pytest.mark.parametrize("case", LM_CASES)
+def test_lm_data_resumes_on_other_process_counts(lm_runs, case):
+  tmp, want, summaries = lm_runs
+  _check_case(tmp, case, want, summaries[case])
+
+
+@pytest.mark.parametrize("case", SFT_CASES)
+def test_sft_data_resumes_on_other_process_counts(sft_runs, case):
+  tmp, want, summaries = sft_runs
+  _check_case(tmp, case, want, summaries[case])

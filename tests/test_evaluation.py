@@ -5,7 +5,7 @@ empty batches until every process's has: the loss-bearing tokens counted are exa
 token targets of the whole validation split, on 1 process and on 2.
 """
 
-from helpers import TOKENIZER, need, prepare_demo_corpus
+from helpers import TOKENIZER, need
 from helpers_train import TINY_MODEL, finish, finish_processes, start, start_processes, train_cmd
 import pytest
 
@@ -29,11 +29,9 @@ RUN = [
 
 
 @pytest.fixture(scope="module")
-def corpus_dir(tmp_path_factory):
+def corpus_dir(demo_corpus):
   need(TOKENIZER)
-  out = tmp_path_factory.mktemp("corpus")
-  prepare_demo_corpus(out)
-  return out
+  return demo_corpus
 
 
 def _targets(corpus_dir) -> int:
@@ -48,21 +46,23 @@ def _targets(corpus_dir) -> int:
 def test_every_validation_record_is_read_once_on_one_and_two_processes(tmp_path, corpus_dir):
   want = _targets(corpus_dir)
   args = [*RUN, f"--config.data.lm.path={corpus_dir}", f"--config.data.tokenizer_path={TOKENIZER}"]
-  one = finish(
-    start(train_cmd(tmp_path / "one", *args), 8, tmp_path / "one.log"), tmp_path / "one.log"
+  # The two runs are independent: they start (imports, compiles) side by side.
+  one_proc = start(train_cmd(tmp_path / "one", *args), 8, tmp_path / "one.log")
+  two_procs = start_processes(
+    tmp_path / "two",
+    *args,
+    "--config.mesh=(2,2,2)",
+    processes=2,
+    devices=4,
+    log_dir=tmp_path,
+    name="two",
   )
-  assert one["eval"]["tokens"] == want
-  two = finish_processes(
-    start_processes(
-      tmp_path / "two",
-      *args,
-      "--config.mesh=(2,2,2)",
-      processes=2,
-      devices=4,
-      log_dir=tmp_path,
-      name="two",
-    ),
-    tmp_path,
-    "two",
-  )
+  try:
+    one = finish(one_proc, tmp_path / "one.log")
+    assert one["eval"]["tokens"] == want
+    two = finish_processes(two_procs, tmp_path, "two")
+  finally:
+    for p in [one_proc, *two_procs]:
+      if p.poll() is None:
+        p.kill()
   assert two[0]["eval"]["tokens"] == want

@@ -1,6 +1,5 @@
 """kill -9 a training run at a random step, restart it: bit-identical result, same batches."""
 
-from helpers import prepare_demo_corpus
 from helpers_train import (
   EVERY,
   RESUME_RUN,
@@ -14,10 +13,8 @@ import pytest
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory, tokenizer_path):
-  out = tmp_path_factory.mktemp("corpus")
-  prepare_demo_corpus(out)
-  return [f"--config.data.lm.path={out}", f"--config.data.tokenizer_path={tokenizer_path}"]
+def corpus(demo_corpus, tokenizer_path):
+  return [f"--config.data.lm.path={demo_corpus}", f"--config.data.tokenizer_path={tokenizer_path}"]
 
 
 def test_kill9_and_resume_is_bit_identical(tmp_path, corpus):

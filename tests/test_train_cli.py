@@ -172,24 +172,35 @@ def test_a_negative_step_count_and_a_corpus_without_validation_stop_before_compi
     ),
     ([], "has no validation records (prepare it with --validation_fraction > 0"),
   ]
-  for i, (extra, message) in enumerate(cases):
-    workdir = tmp_path / f"run{i}"
-    log = tmp_path / f"run{i}.log"
-    proc = start(train_cmd(workdir, *base, *extra), 1, log)
-    rc = proc.wait(timeout=120)
-    text = tail(log)
-    errors = [line for line in text.splitlines() if line.startswith("error:")]
-    assert rc == 1 and len(errors) == 1 and message in errors[0], text
-    assert "per-device memory" not in text and "Traceback" not in text, text  # before compiling
-    assert not workdir.exists(), "a refused run leaves no workdir"
   (tmp_path / "a_file").write_text("kept")
-  for workdir, message in (
+  bad_workdirs = [
     (tmp_path / "a_file", "is a file; give a folder"),
     (tmp_path / "a_file" / "run", "is a file, not a folder"),
-  ):
-    proc = start(train_cmd(workdir, *base), 1, tmp_path / "file.log")
-    assert proc.wait(timeout=120) == 1
-    errors = [line for line in tail(tmp_path / "file.log").splitlines() if "error:" in line]
+  ]
+  # Every refusal at once: each is its own short process start-up.
+  procs = [
+    start(train_cmd(tmp_path / f"run{i}", *base, *extra), 1, tmp_path / f"run{i}.log")
+    for i, (extra, _) in enumerate(cases)
+  ] + [
+    start(train_cmd(workdir, *base), 1, tmp_path / f"file{i}.log")
+    for i, (workdir, _) in enumerate(bad_workdirs)
+  ]
+  try:
+    rcs = [proc.wait(timeout=240) for proc in procs]
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        proc.kill()
+  for i, (_, message) in enumerate(cases):
+    workdir = tmp_path / f"run{i}"
+    text = tail(tmp_path / f"run{i}.log")
+    errors = [line for line in text.splitlines() if line.startswith("error:")]
+    assert rcs[i] == 1 and len(errors) == 1 and message in errors[0], text
+    assert "per-device memory" not in text and "Traceback" not in text, text  # before compiling
+    assert not workdir.exists(), "a refused run leaves no workdir"
+  for i, (workdir, message) in enumerate(bad_workdirs):
+    assert rcs[len(cases) + i] == 1
+    errors = [line for line in tail(tmp_path / f"file{i}.log").splitlines() if "error:" in line]
     assert errors and f"--workdir {workdir}" in errors[-1] and message in errors[-1], errors
   assert (tmp_path / "a_file").read_text() == "kept"
   # With evaluation off the same corpus trains.

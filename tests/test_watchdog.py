@@ -81,7 +81,7 @@ RUN2 = [
   "--config.eval.at_start=False",
   "--config.eval.at_end=False",
   "--config.checkpoint.every=0",
-  "--config.train.hang_timeout_s=10",
+  "--config.train.hang_timeout_s=5",
 ]
 
 
@@ -111,7 +111,7 @@ def test_killing_one_process_ends_the_other_within_a_bounded_time(tmp_path, monk
       time.sleep(0.1)
     os.kill(procs[victim].pid, signal.SIGKILL)
     survivor = procs[1 - victim]
-    try:  # bounded by the JAX heartbeat timeout (20 s) or the watchdog (10 s), whichever acts
+    try:  # bounded by the JAX heartbeat timeout (20 s) or the watchdog (5 s), whichever acts
       rc = survivor.wait(timeout=150)
     except subprocess.TimeoutExpired:
       raise AssertionError(

@@ -90,7 +90,6 @@ def _refused(proc, log, holder_pid: int) -> None:
 def test_two_trainers_on_one_workdir_then_kill9_and_take_over(tmp_path):
   workdir = tmp_path / "run"
   run = [*SYNTHETIC, "--config.train.num_steps=100000"]
-  t0 = time.time()
   first = start(train_cmd(workdir, *run), 1, tmp_path / "first.log")
   procs = [first]
   try:
@@ -98,7 +97,7 @@ def test_two_trainers_on_one_workdir_then_kill9_and_take_over(tmp_path):
     early = start(train_cmd(workdir, *run), 1, tmp_path / "early.log")
     procs.append(early)
     _refused(early, tmp_path / "early.log", first.pid)
-    time.sleep(max(0.0, t0 + 14.0 - time.time()))
+    _wait(lambda: bool(records(workdir, "train")), first, tmp_path / "first.log")
     late = start(train_cmd(workdir, *run), 1, tmp_path / "late.log")  # while the first one trains
     procs.append(late)
     _refused(late, tmp_path / "late.log", first.pid)
