@@ -260,7 +260,7 @@ def test_train_checkpoint_on_a_full_disk_keeps_the_previous_one_and_resumes(tmp_
   run = [*SYNTHETIC, "--config.train.num_steps=9"]  # checkpoints at 3, 6, 9
   cmd = train_cmd(workdir, *run)
   proc = subprocess.run(
-    [sys.executable, "-c", DRIVER, *cmd[3:]],
+    [sys.executable, "-c", DRIVER, *cmd[4:]],
     cwd=REPO,
     capture_output=True,
     text=True,

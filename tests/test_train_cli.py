@@ -83,7 +83,7 @@ def test_sigterm_while_starting_up_exits_for_a_requeue(tmp_path):
       assert proc.poll() is None and time.time() < end, tail(log)
       time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=60) == exit_codes.PREEMPTED, tail(log)
+    assert proc.wait(timeout=180) == exit_codes.PREEMPTED, tail(log)
   finally:
     if proc.poll() is None:
       proc.kill()
