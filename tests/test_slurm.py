@@ -185,7 +185,7 @@ def test_each_task_drives_its_share_of_the_node_gpus():
     slurm_local_device_ids(_task(0, "3", **eight))
 
 
-STEPS, EVERY = 60, 5
+STEPS, EVERY = 300, 5  # long enough for the preemption notice to reach every process
 
 
 def test_a_preempted_job_requeues_itself_and_resumes_to_the_end(slurm, tmp_path):

@@ -15,6 +15,7 @@ Re-running the same command resumes from the latest complete checkpoint in ``--w
 
 from __future__ import annotations
 
+import signal
 import sys
 
 from absl import flags, logging
@@ -70,6 +71,10 @@ def _train() -> dict | None:
   from astrollama_jax.train.metrics import quiet_library_logs
 
   quiet_library_logs()
+  if distributed.will_initialize(FLAGS.distributed, FLAGS.coordinator_address):
+    # JAX's preemption service takes SIGTERM from here on (its sync point saves at a step); a
+    # Python handler left in place would shadow it.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
   distributed.initialize(
     FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
   )

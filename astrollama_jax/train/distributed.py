@@ -85,6 +85,13 @@ def slurm_local_device_ids(env: Mapping[str, str]) -> list[int] | None:
   return list(range(local * share, (local + 1) * share))
 
 
+def will_initialize(mode: str = "auto", coordinator_address: str | None = None) -> bool:
+  """Whether ``initialize`` with these arguments starts ``jax.distributed``."""
+  return mode == "on" or (
+    mode == "auto" and (coordinator_address is not None or cluster_env() is not None)
+  )
+
+
 def initialize(
   mode: str = "auto",
   coordinator_address: str | None = None,
@@ -97,7 +104,7 @@ def initialize(
   explicit = coordinator_address is not None
   if explicit and (num_processes is None or process_id is None):
     raise ValueError("--coordinator_address needs --num_processes and --process_id")
-  if mode == "off" or (mode == "auto" and not explicit and cluster_env() is None):
+  if not will_initialize(mode, coordinator_address):
     return
   options = {"heartbeat_timeout_seconds": HEARTBEAT_TIMEOUT_S}
   if cluster_env() == "slurm" and not explicit:
