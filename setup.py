@@ -72,6 +72,7 @@ setup(
     "test": [
       "pytest>=9.0",
       "pytest-xdist>=3.8",
+      "filelock>=3.12",  # tests/conftest.py: one demo corpus shared by the xdist workers
       "pytest-timeout>=2.4",
       "hypothesis>=6.150",
       # lint and format (checked by .ci/run); pinned so the formatter's output cannot drift
