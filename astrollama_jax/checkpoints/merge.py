@@ -79,7 +79,7 @@ def check_same_architecture(models: Sequence[LoadedModel]) -> None:
         )  # fmt: skip
 
 
-class MergedArray:
+class MergedArray(mapping.LazyArray):
   """One merged parameter, computed when read: ``x[i]`` merges layer ``i`` alone.
 
   The same contract as ``reader.StoredArray`` (``shape``, ``dtype``, ``x[i]``, ``np.asarray``),
@@ -97,14 +97,6 @@ class MergedArray:
     self._sources, self._base, self._per_layer = list(sources), base, per_layer
     self._weights = [np.float32(w) for w in weights]
     self.shape, self.dtype = tuple(sources[0].shape), np.dtype(dtype)
-
-  @property
-  def size(self) -> int:
-    return int(np.prod(self.shape, dtype=np.int64))
-
-  @property
-  def ndim(self) -> int:
-    return len(self.shape)
 
   def _merge(self, index: Any) -> np.ndarray:
     """The merged slice ``index`` of every input, in float32 arithmetic, cast to ``dtype``."""
@@ -227,9 +219,8 @@ def merge(
       out,
       max_shard_bytes=max_shard_bytes,
       progress=progress,
-      extra_files=lambda d: (
-        hf_tokenizer.write_hf_tokenizer_files(d, tok_path, cfg.max_seq_len, template),
-        hf_tokenizer.write_generation_ids(d, tok_path),
+      extra_files=lambda d: hf_tokenizer.write_tokenizer_folder(
+        d, tok_path, cfg.max_seq_len, template
       ),
     )
   else:

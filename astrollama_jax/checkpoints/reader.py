@@ -100,7 +100,7 @@ def restore_on_host(
   return v1.load(root, target, **item)
 
 
-class StoredArray:
+class StoredArray(mapping.LazyArray):
   """One stored parameter, read only when asked: ``x[i]`` reads layer ``i`` alone.
 
   Export walks the model one HF tensor at a time; reading each through tensorstore as it is
@@ -110,14 +110,6 @@ class StoredArray:
 
   def __init__(self, store: Any, shape: tuple[int, ...], dtype: np.dtype):
     self._store, self.shape, self.dtype = store, tuple(shape), np.dtype(dtype)
-
-  @property
-  def size(self) -> int:
-    return int(np.prod(self.shape, dtype=np.int64))
-
-  @property
-  def ndim(self) -> int:
-    return len(self.shape)
 
   def __getitem__(self, index: Any) -> np.ndarray:
     return np.asarray(self._store[index].read().result())

@@ -132,9 +132,8 @@ def export(
       out,
       max_shard_bytes=max_shard_bytes,
       progress=progress,
-      extra_files=lambda d: (
-        hf_tokenizer.write_hf_tokenizer_files(d, tok_path, cfg.max_seq_len, template),
-        hf_tokenizer.write_generation_ids(d, tok_path),
+      extra_files=lambda d: hf_tokenizer.write_tokenizer_folder(
+        d, tok_path, cfg.max_seq_len, template
       ),
     )
   finally:

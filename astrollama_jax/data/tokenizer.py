@@ -18,6 +18,7 @@ id 0, so the pad id never reaches the loss.
 
 from __future__ import annotations
 
+import abc
 import base64
 from collections.abc import Iterable, Sequence
 import functools
@@ -70,7 +71,7 @@ def _locate(path: str | os.PathLike, kind: str) -> str:
   return file
 
 
-class Tokenizer:
+class Tokenizer(abc.ABC):
   """The tokenizer interface; ``Tokenizer(path)`` builds the implementation the file calls for.
 
   Implementations give ``vocab_size``, ``bos_id``, ``eos_id`` (ends a document), ``pad_id``,
@@ -98,8 +99,8 @@ class Tokenizer:
   eos_id: int
   pad_id: int
 
-  def _encode(self, texts: list[str]) -> list[list[int]]:
-    raise NotImplementedError
+  @abc.abstractmethod
+  def _encode(self, texts: list[str]) -> list[list[int]]: ...
 
   def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
     """Ids of ``text``, with the begin/end-of-text ids when asked."""
@@ -111,11 +112,11 @@ class Tokenizer:
     out = self._encode(list(texts))
     return [([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else []) for ids in out]
 
-  def decode(self, ids: Sequence[int]) -> str:
-    raise NotImplementedError
+  @abc.abstractmethod
+  def decode(self, ids: Sequence[int]) -> str: ...
 
-  def id_to_piece(self, i: int) -> str:
-    raise NotImplementedError
+  @abc.abstractmethod
+  def id_to_piece(self, i: int) -> str: ...
 
   def token_id(self, token: str) -> int | None:
     """The id of special token ``token`` (e.g. ``"<|eot_id|>"``), or None if there is none."""

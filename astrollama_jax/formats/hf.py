@@ -143,7 +143,7 @@ def iter_hf_params(
     logging.warning("ignored %d tensors the model does not use: %s", len(extra), extra[:5])
 
 
-class HFStackedArray:
+class HFStackedArray(mapping.LazyArray):
   """One of our stacked parameters over an HF folder, read only when asked: ``x[i]`` reads
   layer ``i``'s tensor alone (``checkpoints.reader.StoredArray``'s contract), so a merge or an
   export walking the model one tensor at a time holds one tensor, not the model."""
@@ -153,14 +153,6 @@ class HFStackedArray:
   ):
     self._folder, self._files, self._entry = folder, files, entry
     self.shape, self.dtype = tuple(shape), np.dtype(dtype)
-
-  @property
-  def size(self) -> int:
-    return int(np.prod(self.shape, dtype=np.int64))
-
-  @property
-  def ndim(self) -> int:
-    return len(self.shape)
 
   def _read(self, name: str) -> np.ndarray:
     reader = TensorReader(self._folder, self._files)  # no mapped file outlives the read

@@ -241,3 +241,16 @@ def write_generation_ids(output_dir: str | os.PathLike, tokenizer_path: str | os
   )
   with open(path, "w", encoding="utf-8") as f:
     json.dump(config, f, indent=2)
+
+
+def write_tokenizer_folder(
+  output_dir: str | os.PathLike,
+  tokenizer_path: str | os.PathLike,
+  max_seq_len: int,
+  chat_template: ChatTemplate,
+) -> list[str]:
+  """Every tokenizer file an exported HF folder carries: the tokenizer with ``chat_template``'s
+  Jinja, and the generation ids (``save_hf``'s ``extra_files``)."""
+  files = write_hf_tokenizer_files(output_dir, tokenizer_path, max_seq_len, chat_template)
+  write_generation_ids(output_dir, tokenizer_path)
+  return files

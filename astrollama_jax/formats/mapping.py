@@ -189,3 +189,19 @@ def hf_tensors(
     x = np.asarray(x if i is None else x[i])  # gathers a sharded jax.Array
     x = x if out_dtype is None else x.astype(out_dtype)
     yield name, np.ascontiguousarray(t.to_hf(x))
+
+
+class LazyArray:
+  """An array read (or computed) slice by slice on indexing: ``shape``, ``dtype``, ``size`` and
+  ``ndim`` like numpy's, so the stacking loop and the writers take it for one."""
+
+  shape: tuple[int, ...]
+  dtype: np.dtype
+
+  @property
+  def size(self) -> int:
+    return int(np.prod(self.shape, dtype=np.int64))
+
+  @property
+  def ndim(self) -> int:
+    return len(self.shape)
