@@ -58,18 +58,26 @@ def _meta_from_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:  # noqa: F821
   return w.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
-def write_meta_checkpoint(model, cfg, folder, mp: int, dtype=None, tokenizer_path=None):
-  """Meta's download layout: params.json + consolidated.NN.pth, one file per model-parallel rank."""
+def write_meta_checkpoint(
+  model, cfg, folder, mp: int, dtype=None, tokenizer_path=None, llama3=False, output=True
+):
+  """Meta's download layout: params.json + consolidated.NN.pth, one file per model-parallel rank.
+
+  ``llama3``: LLaMA 3's layout (the embedding split on the vocabulary, ``vocab_size``,
+  ``rope_theta`` and ``use_scaled_rope`` in params.json); ``output=False`` leaves out the output
+  head (a tied model).
+  """
   import torch
 
   dtype = dtype or torch.float32
   os.makedirs(folder, exist_ok=True)
   sd = {k: v.detach().to(dtype) for k, v in model.state_dict().items()}
   full = {
-    "tok_embeddings.weight": (sd["model.embed_tokens.weight"], 1),
+    "tok_embeddings.weight": (sd["model.embed_tokens.weight"], 0 if llama3 else 1),
     "norm.weight": (sd["model.norm.weight"], None),
-    "output.weight": (sd["lm_head.weight"], 0),
   }
+  if output:
+    full["output.weight"] = (sd["lm_head.weight"], 0)
   for i in range(cfg.n_layers):
     p, m = f"model.layers.{i}.", f"layers.{i}."
     full.update(
@@ -110,6 +118,9 @@ def write_meta_checkpoint(model, cfg, folder, mp: int, dtype=None, tokenizer_pat
   }
   if cfg.n_kv_heads != cfg.n_heads:
     params["n_kv_heads"] = cfg.n_kv_heads
+  if llama3:
+    params.update(vocab_size=cfg.vocab_size, rope_theta=cfg.rope_theta)
+    params["use_scaled_rope"] = cfg.rope_scaling == "llama3"
   with open(os.path.join(folder, "params.json"), "w") as f:
     json.dump(params, f)
   if tokenizer_path:

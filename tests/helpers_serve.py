@@ -52,6 +52,7 @@ def running(
   max_queue: int = 64,
   max_batch: int = 8,
   max_body_bytes: int = 1 << 20,
+  chat_template=None,
 ):
   """(server, batcher): a server on a free loopback port, in this process, stopped afterwards."""
   loaded, tok, mesh = model
@@ -76,6 +77,7 @@ def running(
     api_key=api_key,
     max_body_bytes=max_body_bytes,
     default_max_tokens=NEW,
+    **({"chat_template": chat_template} if chat_template else {}),
   )
   server = Server(app, "127.0.0.1", 0)
   thread = threading.Thread(

@@ -1,7 +1,9 @@
 """What our on-disk model format is made of: its file names, dtypes, error and shape check.
 
-A converted DIR is ``model_config.json`` + ``tokenizer.model`` + ``params/`` (Orbax); a training
-WORKDIR holds the same side files and ``checkpoints/<step>/params``. Every module of this
+A converted DIR is ``model_config.json`` + the tokenizer + ``params/`` (Orbax); a training
+WORKDIR holds the same side files and ``checkpoints/<step>/params``. The tokenizer is kept under
+the name its kind has: ``tokenizer.model`` (SentencePiece, or Meta's tiktoken ranks) or
+``tokenizer.json`` (a Hugging Face byte-level BPE); ``tokenizer_in`` finds it. Every module of this
 package (writer, reader, locate, loader, lora_base) takes these names from here, so the layout
 is spelled once.
 """
@@ -9,6 +11,7 @@ is spelled once.
 from __future__ import annotations
 
 import ctypes
+import os
 from typing import Any
 
 import jax
@@ -22,6 +25,7 @@ Path = tuple[str, ...]
 
 CONFIG_FILE = "model_config.json"
 TOKENIZER_FILE = "tokenizer.model"
+TOKENIZER_JSON = "tokenizer.json"
 PARAMS_DIR = "params"
 CHECKPOINTS_DIR = "checkpoints"
 DTYPES = ("float32", "bfloat16", "float16")
@@ -29,6 +33,25 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 class CheckpointError(ValueError):
   """A checkpoint path is not what it should be: names the path and what is wrong."""
+
+
+def tokenizer_name(tokenizer_path: str) -> str:
+  """The name a copy of ``tokenizer_path`` takes in a checkpoint folder."""
+  from astrollama_jax.data import tokenizer
+
+  return (
+    TOKENIZER_JSON if tokenizer.detect(tokenizer_path)[0] == tokenizer.HF_JSON else TOKENIZER_FILE
+  )
+
+
+def tokenizer_in(folder: str) -> str | None:
+  """The tokenizer file of a checkpoint or model folder (``data.tokenizer.detect``), or None."""
+  from astrollama_jax.data import tokenizer
+
+  try:
+    return tokenizer.detect(folder)[1] if os.path.isdir(folder) else None
+  except FileNotFoundError:
+    return None
 
 
 def check_dtype(dtype: Any) -> str | None:

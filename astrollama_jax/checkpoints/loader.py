@@ -9,7 +9,7 @@ library caller loads through it, so what the shared flags mean is decided here o
 * ``compute_dtype``: the activations' dtype (default: the parameters' dtype, so a float32
   checkpoint computes in float32);
 * ``attention``: replaces the stored config's attention implementation;
-* ``tokenizer``: replaces the checkpoint's own ``tokenizer.model``; with ``need_tokenizer`` a
+* ``tokenizer``: replaces the checkpoint's own tokenizer; with ``need_tokenizer`` a
   model without one is refused before any parameter is read.
 
 Where the parameters go: onto ``mesh`` (default: the first device); with ``on_host`` they are
@@ -30,7 +30,7 @@ from jax.sharding import Mesh, SingleDeviceSharding
 import numpy as np
 
 from astrollama_jax.checkpoints import lora_base, reader
-from astrollama_jax.checkpoints.layout import TOKENIZER_FILE, Params, check_dtype, release_memory
+from astrollama_jax.checkpoints.layout import Params, check_dtype, release_memory, tokenizer_in
 from astrollama_jax.checkpoints.locate import Location, locate, read_model_config
 from astrollama_jax.data.tokenizer import Tokenizer
 from astrollama_jax.errors import UserError
@@ -55,7 +55,9 @@ class LoadedModel:
   def open_tokenizer(self) -> Tokenizer:
     """The model's tokenizer, checked to fit the model's vocabulary."""
     if not self.tokenizer_path:
-      raise UserError(f"{self.checkpoint} has no tokenizer.model; pass --tokenizer=PATH")
+      raise UserError(
+        f"{self.checkpoint} has no tokenizer.model or tokenizer.json; pass --tokenizer=PATH"
+      )
     tokenizer = Tokenizer(self.tokenizer_path)
     tokenizer.check_vocab(self.cfg.vocab_size)
     return tokenizer
@@ -96,17 +98,22 @@ def load_model(
   return LoadedModel(cfg, params, tok, where.kind, where.step, None if host else mesh, str(path))
 
 
+def tokenizer_path(checkpoint: str, explicit: str | None = None) -> str | None:
+  """The tokenizer a load of ``checkpoint`` would use: ``explicit``, else its own, else None."""
+  return _tokenizer(str(checkpoint), locate(str(checkpoint)).root, explicit, False)
+
+
 def _tokenizer(path: str, root: str, explicit: str | None, needed: bool) -> str | None:
-  """``explicit`` (which must exist), else the checkpoint's own ``tokenizer.model`` if any."""
+  """``explicit`` (which must exist), else the checkpoint's own tokenizer if any."""
   if explicit:
     if not os.path.isfile(explicit):
       raise UserError(f"tokenizer {explicit} does not exist")
     return explicit
-  own = os.path.join(root, TOKENIZER_FILE)
-  if os.path.isfile(own):
+  own = tokenizer_in(root)
+  if own:
     return own
   if needed:
-    raise UserError(f"{path} has no tokenizer.model; pass --tokenizer=PATH")
+    raise UserError(f"{path} has no tokenizer.model or tokenizer.json; pass --tokenizer=PATH")
   return None
 
 

@@ -1,8 +1,8 @@
 """What a path holds: which of the four kinds of model folder, and where its parameters are.
 
 * an HF folder (``config.json`` + safetensors), read through ``formats.hf``;
-* a converted DIR: ``model_config.json``, ``tokenizer.model``, ``params/`` (Orbax);
-* a training WORKDIR: ``model_config.json``, ``tokenizer.model``, ``checkpoints/<step>/params``
+* a converted DIR: ``model_config.json``, the tokenizer (``layout``), ``params/`` (Orbax);
+* a training WORKDIR: ``model_config.json``, the tokenizer, ``checkpoints/<step>/params``
   (``train.run_state`` writes the steps; the latest finalized one is taken);
 * one step folder ``WORKDIR/checkpoints/<step>``.
 

@@ -208,11 +208,11 @@ def merge(
     list(checkpoints), weights, f" over the base {base}" if base else "", out, fmt, dtype,
   )  # fmt: skip
   if fmt == "hf":
-    template = chat_templates.choose(
-      chat_template, recorded=loader.recorded_chat_template(checkpoints[0])
-    )
     first.open_tokenizer()  # there must be one, and it must fit the model
     tok_path = first.tokenizer_path
+    template = chat_templates.choose(
+      chat_template, recorded=loader.recorded_chat_template(checkpoints[0]), tokenizer=tok_path
+    )
     written = hf.save_hf(
       cfg,
       params,

@@ -25,12 +25,14 @@ from astrollama_jax.checkpoints.layout import (
   DTYPES,
   PARAMS_DIR,
   TOKENIZER_FILE,
+  TOKENIZER_JSON,
   CheckpointError,
   Params,
   Path,
   check_params,
   keys,
   release_memory,
+  tokenizer_name,
 )
 from astrollama_jax.formats import mapping
 from astrollama_jax.model import llama
@@ -41,7 +43,8 @@ CHUNK_BYTES = 64 * 1024**2
 
 
 def write_side_files(directory: str, cfg: LlamaConfig, tokenizer_path: str | None) -> None:
-  """``model_config.json`` and a copy of ``tokenizer.model`` (primary process only).
+  """``model_config.json`` and a copy of the tokenizer, under its kind's name (``layout``),
+  replacing a copy of another kind (primary process only).
 
   Each file is replaced atomically: a resumed run rewrites them in a WORKDIR that already
   holds checkpoints, and a full disk must not leave those checkpoints without a readable config.
@@ -52,8 +55,12 @@ def write_side_files(directory: str, cfg: LlamaConfig, tokenizer_path: str | Non
   if tokenizer_path:
     if not os.path.isfile(tokenizer_path):
       raise FileNotFoundError(f"tokenizer model not found: {tokenizer_path}")
+    name = tokenizer_name(tokenizer_path)
     with open(tokenizer_path, "rb") as f:
-      diskspace.write_atomic(os.path.join(directory, TOKENIZER_FILE), f.read())
+      diskspace.write_atomic(os.path.join(directory, name), f.read())
+    other = os.path.join(directory, TOKENIZER_JSON if name == TOKENIZER_FILE else TOKENIZER_FILE)
+    if os.path.isfile(other):
+      os.remove(other)
 
 
 def _context() -> v1.Context:

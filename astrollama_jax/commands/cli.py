@@ -259,10 +259,13 @@ def load_from_flags(F: flags.FlagValues = flags.FLAGS) -> LoadedModel:
 
 
 def chat_template_from_flags(F: flags.FlagValues = flags.FLAGS) -> ChatTemplate:
-  """The ``ChatTemplate`` of ``--chat_template``, else the one ``--checkpoint`` records."""
+  """The ``ChatTemplate`` of ``--chat_template``, else the one ``--checkpoint`` records, else
+  its tokenizer's (``--tokenizer`` or the checkpoint's own) family's."""
   from astrollama_jax.checkpoints import loader
   from astrollama_jax.data import chat_templates
 
   return chat_templates.choose(
-    F.chat_template, recorded=loader.recorded_chat_template(F.checkpoint)
+    F.chat_template,
+    recorded=loader.recorded_chat_template(F.checkpoint),
+    tokenizer=loader.tokenizer_path(F.checkpoint, F.tokenizer),
   )

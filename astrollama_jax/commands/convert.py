@@ -1,9 +1,9 @@
-"""``python -m astrollama_jax convert``: Meta or HF LLaMA-2 weights -> a converted Orbax DIR.
+"""``python -m astrollama_jax convert``: Meta or HF LLaMA-2/LLaMA 3 weights -> a converted DIR.
 
   python -m astrollama_jax convert --source_format=meta --source=llama-2-70b --output=ckpt/70b \\
       [--dtype=bfloat16] [--tokenizer=llama/tokenizer.model]
 
-Writes DIR/model_config.json, DIR/tokenizer.model and DIR/params (Orbax), one parameter at a
+Writes DIR/model_config.json, the tokenizer and DIR/params (Orbax), one parameter at a
 time (``checkpoints.writer.write_params``; see there for the memory bound), shows progress per
 source tensor and ends with a summary table and one JSON line.
 """
@@ -43,25 +43,28 @@ def define_flags() -> None:
     "tokenizer",
     help={
       "output": "Converted DIR to create (must not exist or be empty).",
-      "tokenizer": "tokenizer.model (default: in --source or its parent folder).",
+      "tokenizer": "tokenizer.model or tokenizer.json (default: in --source or its parent).",
     },
   )
 
 
 def find_tokenizer(source: str, explicit: str | None = None) -> str:
-  """The SentencePiece model: given, in the source folder, or beside it (Meta's download layout)."""
-  candidates = (
-    [explicit]
-    if explicit
-    else [
-      os.path.join(source, "tokenizer.model"),
-      os.path.join(os.path.dirname(os.path.abspath(source)), "tokenizer.model"),
-    ]
+  """The tokenizer: given, in the source folder, or beside it (Meta's LLaMA-2 download layout).
+
+  A folder's ``tokenizer.model`` (SentencePiece or Meta's tiktoken ranks) or ``tokenizer.json``
+  (an HF folder's), as ``data.tokenizer.detect`` reads them."""
+  if explicit:
+    if not os.path.isfile(explicit):
+      raise FileNotFoundError(f"--tokenizer {explicit} not found")
+    return explicit
+  folders = [source, os.path.dirname(os.path.abspath(source))]
+  for folder in folders:
+    found = layout.tokenizer_in(folder)
+    if found:
+      return found
+  raise FileNotFoundError(
+    f"no tokenizer.model or tokenizer.json in {' or '.join(folders)}; pass --tokenizer"
   )
-  for c in candidates:
-    if c and os.path.isfile(c):
-      return c
-  raise FileNotFoundError(f"tokenizer.model not found (looked at {candidates}); pass --tokenizer")
 
 
 def convert(

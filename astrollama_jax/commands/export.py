@@ -81,7 +81,7 @@ def export(
   A LoRA workdir exports merged (its base with ``W + (alpha / rank) * A @ B``); with
   ``peft_adapter`` its adapters are also written there as a peft adapter folder. The tokenizer
   files carry ``chat_template`` (a name in ``chat_templates.TEMPLATES``), by default the one the
-  checkpoint records.
+  checkpoint records, else its tokenizer's family's.
   """
 
   t0 = time.monotonic()
@@ -90,9 +90,9 @@ def export(
   if os.path.exists(out) and os.listdir(out):  # fail before the (long) restore
     raise FileExistsError(f"output {out} exists and is not empty; choose another or remove it")
   kind, root, params_dir, step = locate.locate(checkpoint)
-  template = chat_templates.choose(
-    chat_template, recorded=loader.recorded_chat_template(checkpoint)
-  )
+  recorded = loader.recorded_chat_template(checkpoint)
+  if chat_template:
+    chat_templates.get(chat_template)  # an unknown name fails before the restore
   record = lora_base.read(root) if kind in ("workdir", "step") else None
   if peft_adapter and record is None:
     raise ValueError(
@@ -108,6 +108,7 @@ def export(
   )
   loaded.open_tokenizer()  # it must fit the model's vocabulary
   cfg, tok_path = loaded.cfg, loaded.tokenizer_path
+  template = chat_templates.choose(chat_template, recorded=recorded, tokenizer=tok_path)
   logging.info(
     "exporting %s (%s%s) -> %s: %s",
     checkpoint,

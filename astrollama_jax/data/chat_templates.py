@@ -8,8 +8,9 @@ same for every format is built here once from those parts: a whole conversation 
 exchanges, the training example, the generation prompt, the decoded reply.
 
 ``TEMPLATES`` lists them by name; ``choose`` picks one: a flag or a config value, else the one a
-checkpoint records, else ``DEFAULT``. Training, ``generate --chat``, ``chat``, ``serve`` and
-``export`` all take the chosen value, so a new format is one new entry in ``TEMPLATES``.
+checkpoint records, else its tokenizer's family's (``for_tokenizer``). Training,
+``generate --chat``, ``chat``, ``serve`` and ``export`` all take the chosen value, so a new
+format is one new entry in ``TEMPLATES``.
 
 LLaMA-2's format (``LLAMA2``)::
 
@@ -275,7 +276,7 @@ LLAMA3 = ChatTemplate(
 # --- the registry ----------------------------------------------------------------------------
 
 TEMPLATES: dict[str, ChatTemplate] = {t.name: t for t in (LLAMA2, LLAMA3)}
-DEFAULT = "llama2"  # what a checkpoint that records no template was trained on
+DEFAULT = "llama2"  # the format of a tokenizer without LLaMA 3's header tokens
 
 
 def get(name: str) -> ChatTemplate:
@@ -285,10 +286,28 @@ def get(name: str) -> ChatTemplate:
   return TEMPLATES[name]
 
 
-def choose(name: str | None = None, *, recorded: str | None = None) -> ChatTemplate:
+def for_tokenizer(tokenizer: Tokenizer | str | None) -> ChatTemplate:
+  """The chat format of a tokenizer's family: LLaMA 3's if it has the header tokens (a LLaMA 3
+  base model has them too, untrained), else ``DEFAULT``."""
+  if tokenizer is not None and not isinstance(tokenizer, Tokenizer):
+    tokenizer = Tokenizer(tokenizer)
+  if tokenizer is not None and tokenizer.token_id("<|start_header_id|>") is not None:
+    return LLAMA3
+  return get(DEFAULT)
+
+
+def choose(
+  name: str | None = None,
+  *,
+  recorded: str | None = None,
+  tokenizer: Tokenizer | str | None = None,
+) -> ChatTemplate:
   """The template to use: ``name`` (a flag or config value) if given, else the one a checkpoint
-  ``recorded`` (``checkpoints.loader.recorded_chat_template``), else ``DEFAULT``."""
-  return get(name or recorded or DEFAULT)
+  ``recorded`` (``checkpoints.loader.recorded_chat_template``), else the family's of
+  ``tokenizer`` (a ``Tokenizer`` or its path), else ``DEFAULT``."""
+  if name or recorded:
+    return get(name or recorded)
+  return for_tokenizer(tokenizer)
 
 
 def by_jinja(jinja: str | None) -> ChatTemplate | None:

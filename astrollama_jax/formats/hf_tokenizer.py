@@ -3,9 +3,12 @@
 ``write_hf_tokenizer_files`` writes what the exporter ships beside the weights. For a SentencePiece
 model (LLaMA-2) it is configured so that ``AutoTokenizer`` reproduces SentencePiece: merges ranked
 by SentencePiece score (whitespace-only pieces last), legacy prefixing. A byte-level BPE (LLaMA 3)
-ships its own ``tokenizer.json``. Either way ``tokenizer_config.json`` carries the chat template's
-Jinja string, so ``apply_chat_template`` gives the ids ``ChatTemplate.encode_conversation`` does,
-and ``write_generation_ids`` puts the tokenizer's own begin/end ids in ``generation_config.json``.
+ships its own ``tokenizer.json``; Meta's tiktoken ``tokenizer.model`` is turned into one by
+transformers' ``TikTokenConverter`` with LLaMA 3's pre-tokenizer and 256 special tokens, adding
+``<|begin_of_text|>`` as the released ``tokenizer.json`` does. Either way
+``tokenizer_config.json`` carries the chat template's Jinja string, so ``apply_chat_template``
+gives the ids ``ChatTemplate.encode_conversation`` does, and ``write_generation_ids`` puts the
+tokenizer's own begin/end ids in ``generation_config.json`` and ``config.json``.
 """
 
 from __future__ import annotations
@@ -187,11 +190,9 @@ def _write_bpe_files(
   The end of sequence is the chat template's end of a reply for a chat format that ends replies
   otherwise than documents (LLaMA 3 Instruct's ``<|eot_id|>``), else the end of text.
   """
-  if kind != tokenizers_.HF_JSON:
-    raise ValueError(
-      f"{path}: Meta's tiktoken tokenizer.model cannot be shipped in an HF folder; "
-      "pass the tokenizer.json of the same tokenizer"
-    )
+  os.makedirs(output_dir, exist_ok=True)
+  if kind == tokenizers_.TIKTOKEN:
+    path = tiktoken_to_tokenizer_json(path, os.path.join(output_dir, "tokenizer.json"))
   tok = tokenizers_.Tokenizer(path)
   with open(path, encoding="utf-8") as f:
     added = json.load(f).get("added_tokens", [])
@@ -213,7 +214,6 @@ def _write_bpe_files(
   }
   paths = [os.path.join(output_dir, n) for n in ("tokenizer.json", "tokenizer_config.json")]
   paths.append(os.path.join(output_dir, "special_tokens_map.json"))
-  os.makedirs(output_dir, exist_ok=True)
   if os.path.abspath(path) != os.path.abspath(paths[0]):
     shutil.copyfile(path, paths[0])
   for p, obj in zip(paths[1:], (config, {"bos_token": bos, "eos_token": eos})):
@@ -222,25 +222,52 @@ def _write_bpe_files(
   return paths
 
 
+def tiktoken_to_tokenizer_json(path: str, out: str) -> str:
+  """Write Meta's LLaMA 3 ``tokenizer.model`` (tiktoken ranks) as an HF ``tokenizer.json``."""
+  from tokenizers import processors
+  from transformers.convert_slow_tokenizer import TikTokenConverter
+
+  tok = TikTokenConverter(
+    path, pattern=tokenizers_.PATTERN, extra_special_tokens=list(tokenizers_.SPECIAL_TOKENS)
+  ).converted()
+  bos = tokenizers_.BEGIN_OF_TEXT
+  tok.post_processor = processors.Sequence(
+    [
+      processors.ByteLevel(add_prefix_space=True, trim_offsets=False, use_regex=True),
+      processors.TemplateProcessing(
+        single=f"{bos}:0 $A:0",
+        pair=f"{bos}:0 $A:0 {bos}:1 $B:1",
+        special_tokens=[(bos, tok.token_to_id(bos))],
+      ),
+    ]
+  )
+  tok.save(out)
+  return out
+
+
 def write_generation_ids(output_dir: str | os.PathLike, tokenizer_path: str | os.PathLike) -> None:
-  """Set ``generation_config.json``'s begin, end and pad ids from the tokenizer itself.
+  """Set the begin, end and pad ids of ``generation_config.json`` (and of ``config.json``, where
+  written) from the tokenizer itself, not from one family's constants.
 
   The end ids are the family's (LLaMA 3.1: end of text, eom, eot), one int where there is one.
   """
   tok = tokenizers_.Tokenizer(tokenizer_path)
-  path = os.path.join(os.fspath(output_dir), "generation_config.json")
-  config = {}
-  if os.path.isfile(path):
-    with open(path, encoding="utf-8") as f:
-      config = json.load(f)
   stops = list(tok.stop_ids)
-  config.update(
-    bos_token_id=tok.bos_id,
-    eos_token_id=stops[0] if len(stops) == 1 else stops,
-    pad_token_id=tok.pad_id,
-  )
-  with open(path, "w", encoding="utf-8") as f:
-    json.dump(config, f, indent=2)
+  ids = {"bos_token_id": tok.bos_id, "eos_token_id": stops[0] if len(stops) == 1 else stops}
+  for name, extra in (
+    ("generation_config.json", {"pad_token_id": tok.pad_id}),
+    ("config.json", {}),
+  ):
+    path = os.path.join(os.fspath(output_dir), name)
+    if name == "config.json" and not os.path.isfile(path):
+      continue
+    config = {}
+    if os.path.isfile(path):
+      with open(path, encoding="utf-8") as f:
+        config = json.load(f)
+    config.update(ids, **extra)
+    with open(path, "w", encoding="utf-8") as f:
+      json.dump(config, f, indent=2)
 
 
 def write_tokenizer_folder(

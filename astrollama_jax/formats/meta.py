@@ -1,9 +1,16 @@
-"""Meta's LLaMA-2 download (``params.json`` + ``consolidated.NN.pth``) -> our parameter dicts.
+"""Meta's LLaMA-2 and LLaMA 3 downloads (params.json, consolidated.NN.pth) -> our parameters.
 
-Meta saves one file per model-parallel rank (1 for 7B, 2 for 13B, 8 for 70B). Each tensor is
+Meta saves one file per model-parallel rank (1 for 7B/8B, 2 for 13B, 8 for 70B). Each tensor is
 either column-parallel (output rows split: wq/wk/wv, w1/w3, output), row-parallel (input columns
-split: wo, w2), split on the embedding dimension (tok_embeddings) or replicated (norms), so
-merging is a concatenation along the axis the table below names.
+split: wo, w2), split for the embedding (LLaMA-2 on its dimension, LLaMA 3 on its vocabulary: read
+off the shard shapes) or replicated (norms), so merging is a concatenation along one axis.
+
+LLaMA 3's ``params.json`` names its vocabulary (LLaMA-2's says -1) and ``rope_theta``; 3.1 and
+later set ``use_scaled_rope`` but not the scaling's numbers, which Meta's reference code fixes
+(factor 8, low/high frequency factors 1 and 4, 8,192 original positions) and which 3.2's tied
+1B/3B models raise to factor 32 (as their Hugging Face configs say); ``rope_scaling_factor`` or
+``high_freq_factor`` in ``params.json`` take precedence. A download without ``output.weight``, or
+whose ``output.weight`` is its embedding table, has tied embeddings (3.2 1B/3B).
 
 Meta's q/k rows are in interleaved-pair rotary order; our model (like HF) uses the half-split
 order, so q/k get HF's permutation here. Past that, Meta's [out, in] matrices are exactly HF's,
@@ -49,6 +56,7 @@ _META_NAMES: dict[str, tuple[str, int | None, str | None]] = {
   "model.norm.weight": ("norm.weight", None, None),
   "lm_head.weight": ("output.weight", 0, None),
 }
+_EMBED = "tok_embeddings.weight"
 _IGNORED = ("rope.freqs",)
 _SHARD_RE = re.compile(r"^consolidated\.(\d+)\.pth$")
 
@@ -78,7 +86,7 @@ def ffn_dim_from_params(dim: int, multiple_of: int, ffn_dim_multiplier: float | 
 def read_params_json(folder: str) -> dict[str, Any]:
   path = os.path.join(folder, "params.json")
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"no params.json in {folder}: not a Meta LLaMA-2 checkpoint folder")
+    raise FileNotFoundError(f"no params.json in {folder}: not a Meta LLaMA checkpoint folder")
   try:
     with open(path) as f:
       p = json.load(f)
@@ -93,13 +101,14 @@ def read_params_json(folder: str) -> dict[str, Any]:
     bad.append(f"norm_eps={p['norm_eps']!r}")
   if bad:
     raise ConversionError(f"{path}: sizes must be positive numbers: {', '.join(bad)}")
-  if p.get("use_scaled_rope"):
-    # LLaMA 3.1+: its scaling parameters are not in params.json; converting without them
-    # would silently rotate every position by plain RoPE.
+  if not isinstance(p.get("use_scaled_rope", False), bool):
     raise ConversionError(
-      f"{path} asks for LLaMA 3.1+ scaled RoPE (use_scaled_rope), which this converter does not "
-      "read; convert the Hugging Face release of the model instead"
+      f"{path}: use_scaled_rope must be true or false, got {p['use_scaled_rope']!r}"
     )
+  for k in ("rope_theta", "rope_scaling_factor", "high_freq_factor", "low_freq_factor"):
+    v = p.get(k)
+    if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0):
+      raise ConversionError(f"{path}: {k} must be a positive number, got {v!r}")
   return p
 
 
@@ -110,14 +119,25 @@ def _positive_int(v: Any, none_ok: bool = False) -> bool:
 
 
 def config_from_params(
-  p: dict[str, Any], vocab_size: int | None = None, **overrides: Any
+  p: dict[str, Any], vocab_size: int | None = None, tied: bool = False, **overrides: Any
 ) -> LlamaConfig:
-  """LlamaConfig from ``params.json``; ``vocab_size`` fills in a ``-1`` there."""
+  """LlamaConfig from ``params.json``; ``vocab_size`` fills in a ``-1`` there, ``tied`` says
+  the download has no output head of its own."""
   vocab = p.get("vocab_size", -1)
-  if vocab is None or vocab <= 0:
+  llama3 = vocab is not None and vocab > 0  # LLaMA-2's params.json leaves it to the tokenizer
+  if not llama3:
     if vocab_size is None:
       raise ConversionError("params.json has no vocab_size and none was given")
     vocab = vocab_size
+  rope: dict[str, Any] = {}
+  if p.get("use_scaled_rope"):
+    rope = dict(
+      rope_scaling="llama3",
+      rope_factor=float(p.get("rope_scaling_factor") or (32.0 if tied else 8.0)),
+      rope_low_freq_factor=float(p.get("low_freq_factor") or 1.0),
+      rope_high_freq_factor=float(p.get("high_freq_factor") or 4.0),
+      rope_original_max_seq_len=8192,
+    )
   kw = dict(
     vocab_size=int(vocab),
     dim=int(p["dim"]),
@@ -127,7 +147,10 @@ def config_from_params(
     ffn_dim=ffn_dim_from_params(int(p["dim"]), int(p["multiple_of"]), p.get("ffn_dim_multiplier")),
     norm_eps=float(p["norm_eps"]),
     rope_theta=float(p.get("rope_theta") or 10000.0),
-    max_seq_len=4096,
+    # The context each family was trained for (HF's conversion script uses the same).
+    max_seq_len=131072 if rope else 8192 if llama3 else 4096,
+    tie_embeddings=tied,
+    **rope,
   )
   kw.update(overrides)
   return LlamaConfig(**kw)
@@ -281,6 +304,8 @@ def iter_meta_params(
             )
           sources.append(d[name])
           parts.append(_to_numpy(d[name], name, fn))
+        if name == _EMBED:
+          axis = _embedding_axis(parts, expected)
         w = _merge(parts, axis, name, files, expected)  # Meta's [out, in] == HF's
         del parts
         if heads_field:
@@ -290,6 +315,12 @@ def iter_meta_params(
         _drop_pages(sources)  # copied into the stacked parameter: let go of its mapped pages now
 
   return mapping.stack_params(cfg, read, dtype, progress)
+
+
+def _embedding_axis(parts: list[np.ndarray], expected: tuple[int, ...]) -> int:
+  """LLaMA 3 splits the embedding on the vocabulary (0), LLaMA-2 on the dimension (1); with
+  several shards only one of the two gives the expected shape."""
+  return 0 if len(parts) > 1 and all(p.shape[1:] == tuple(expected[1:]) for p in parts) else 1
 
 
 def _check_names(fn: str, state: dict[str, Any], cfg: LlamaConfig) -> None:
@@ -311,7 +342,7 @@ def _check_names(fn: str, state: dict[str, Any], cfg: LlamaConfig) -> None:
       unknown.append(name)
   if unknown:
     logging.warning(
-      "%s: ignoring %d tensors that are not LLaMA-2's: %s", fn, len(unknown), sorted(unknown)[:5]
+      "%s: ignoring %d tensors that are not LLaMA's: %s", fn, len(unknown), sorted(unknown)[:5]
     )
 
 
@@ -320,13 +351,16 @@ def read_meta_config(folder: str, dtype: str | None = None) -> LlamaConfig:
   p = read_params_json(folder)
   files = shard_files(folder)
   with open_shards(files[:1]) as (d,):
-    emb = d.get("tok_embeddings.weight")
+    emb = d.get(_EMBED)
     if emb is None:
-      raise ConversionError(f"{files[0]}: tensor 'tok_embeddings.weight' is missing")
+      raise ConversionError(f"{files[0]}: tensor {_EMBED!r} is missing")
+    # LLaMA-2 splits the embedding's columns over the shards, so its rows are the vocabulary.
     vocab, src_dtype = int(emb.shape[0]), str(emb.dtype).replace("torch.", "")
+    out = d.get("output.weight")
+    tied = out is None or (len(files) == 1 and out.shape == emb.shape and bool((out == emb).all()))
   try:
-    return config_from_params(p, vocab, param_dtype=dtype or src_dtype)
+    return config_from_params(p, vocab, tied, param_dtype=dtype or src_dtype)
   except ConversionError:
     raise
   except ValueError as e:
-    raise ConversionError(f"{folder}/params.json does not describe a valid LLaMA-2: {e}") from e
+    raise ConversionError(f"{folder}/params.json does not describe a valid LLaMA: {e}") from e

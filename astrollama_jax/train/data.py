@@ -140,7 +140,7 @@ def _sft(d: Any, read: Read) -> grain.IterDataset:
   sources = d.sft.sources if read.split == "train" else d.sft.eval_sources
   if not sources:
     raise ValueError("config.data.sft.eval_sources is empty: no SFT validation data")
-  template = chat_templates.get(d.sft.chat_template)
+  template = chat_templates.choose(d.sft.chat_template, tokenizer=d.tokenizer_path)
   return chat_dataset.make_sft_dataset(
     list(sources), d.tokenizer_path, chat_template=template, **read.layout(d)
   )

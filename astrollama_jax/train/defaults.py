@@ -73,9 +73,10 @@ def base_config() -> ml_collections.ConfigDict:
       worker_count=0,  # Grain worker processes
     ),
     # sources: list of {path, format, count, weight}; eval_sources: validation conversations;
-    # chat_template: the chat format, a name in data/chat_templates.py TEMPLATES (recorded in
-    # the workdir's config.json, where chat, serve and export find it).
-    sft=_section(sources=[], eval_sources=[], chat_template="llama2"),
+    # chat_template: the chat format, a name in data/chat_templates.py TEMPLATES; "" = the
+    # tokenizer's family's (llama3 for a LLaMA 3 tokenizer, else llama2). The name used is
+    # recorded in the workdir's config.json, where chat, serve and export find it.
+    sft=_section(sources=[], eval_sources=[], chat_template=""),
     synthetic=_section(
       num_rows=4096,  # rows per epoch
       stall_after_steps=0,  # > 0: hangs after this many batches (tests)

@@ -170,6 +170,10 @@ def _train(
   resolve.check_batch_layout(config, dict(mesh.shape))
   if tok_path and not config.data.tokenizer_path:
     config.data.tokenizer_path = tok_path
+  if config.data.kind == "sft" and not config.data.sft.chat_template:  # recorded by name
+    from astrollama_jax.data import chat_templates
+
+    config.data.sft.chat_template = chat_templates.for_tokenizer(tok_path).name
   resolve.bootstrap_workdir(workdir, config, cfg, tok_path)
   logging.info(
     "model %s (%.1fM params) from %s on mesh %s",

@@ -1,6 +1,6 @@
 """Before the first step: the model config, the workdir files and the number of steps.
 
-The workdir is made self-describing (``model_config.json``, ``tokenizer.model``, ``config.json``)
+The workdir is made self-describing (``model_config.json``, the tokenizer, ``config.json``)
 so that ``checkpoints.loader.load_model(WORKDIR)``, export, eval and a resumed run all read it
 without the original config file.
 """
@@ -61,7 +61,7 @@ def check_inputs(config: Any, workdir: str) -> None:
     and config.init_checkpoint is not None
     and tokenizer_path(config, workdir) is None
   ):
-    missing.append("--config.data.tokenizer_path=FILE (the SentencePiece tokenizer.model)")
+    missing.append("--config.data.tokenizer_path=FILE (tokenizer.model or tokenizer.json)")
   if missing:
     raise ValueError(
       f"the config leaves out what a {config.data.kind!r} run needs: pass " + " and ".join(missing)
@@ -121,9 +121,9 @@ def model_config(config: Any, workdir: str) -> tuple[LlamaConfig, str]:
 
 def tokenizer_path(config: Any, workdir: str) -> str | None:
   """The data's tokenizer, else the workdir's copy, else the init checkpoint's."""
-  candidates = [config.data.tokenizer_path, os.path.join(workdir, layout.TOKENIZER_FILE)]
+  candidates = [config.data.tokenizer_path, layout.tokenizer_in(workdir)]
   if config.init_checkpoint:
-    candidates.append(os.path.join(locate.locate(config.init_checkpoint)[1], layout.TOKENIZER_FILE))
+    candidates.append(layout.tokenizer_in(locate.locate(config.init_checkpoint)[1]))
   for path in candidates:
     if path and os.path.isfile(path):
       return path
@@ -178,7 +178,7 @@ def check_batch_layout(config: Any, mesh_shape: dict[str, int]) -> None:
 
 
 def bootstrap_workdir(workdir: str, config: Any, cfg: LlamaConfig, tok_path: str | None) -> None:
-  """Write model_config.json, tokenizer.model and config.json (process 0); refuse a workdir
+  """Write model_config.json, the tokenizer and config.json (process 0); refuse a workdir
   whose checkpoints belong to a different architecture."""
   os.makedirs(workdir, exist_ok=True)
   saved = os.path.join(workdir, layout.CONFIG_FILE)
@@ -195,9 +195,8 @@ def bootstrap_workdir(workdir: str, config: Any, cfg: LlamaConfig, tok_path: str
         "use a fresh --workdir"
       )
   if jax.process_index() == 0:
-    same_tok = tok_path and os.path.abspath(tok_path) == os.path.abspath(
-      os.path.join(workdir, layout.TOKENIZER_FILE)
-    )
+    own = layout.tokenizer_in(workdir)
+    same_tok = tok_path and own and os.path.abspath(tok_path) == os.path.abspath(own)
     writer.write_side_files(workdir, cfg, None if same_tok else tok_path)
     diskspace.write_atomic(
       os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2, sort_keys=True)
