@@ -26,7 +26,13 @@ def test_registry_and_chooser():
   assert TEMPLATES["llama2"] is LLAMA2 and LLAMA2.name == "llama2"
   assert chat_templates.choose() is TEMPLATES[chat_templates.DEFAULT]
   assert chat_templates.choose(recorded="llama2") is LLAMA2
-  with pytest.raises(ValueError, match="unknown chat template 'nope'; known: llama2"):
+  llama3 = TOKENIZER.parent.parent / "llama3"
+  if llama3.exists():  # no template named or recorded: the tokenizer's family decides
+    assert chat_templates.choose(tokenizer=str(llama3)) is chat_templates.LLAMA3
+    assert chat_templates.choose(recorded="llama2", tokenizer=str(llama3)) is LLAMA2
+  if TOKENIZER.exists():
+    assert chat_templates.choose(tokenizer=str(TOKENIZER)) is LLAMA2
+  with pytest.raises(ValueError, match="unknown chat template 'nope'; known: llama2, llama3"):
     chat_templates.choose("nope", recorded="llama2")  # the flag wins, even when it is wrong
   with pytest.raises(ValueError, match="unknown chat template 'later'"):
     chat_templates.choose(recorded="later")

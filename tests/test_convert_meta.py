@@ -287,11 +287,21 @@ def test_params_json_with_a_non_positive_size_is_refused_before_any_shard_is_rea
   _fails(src, tmp_path, rf"params\.json: sizes must be positive numbers: {key}={value!r}")
 
 
-def test_params_json_with_scaled_rope_is_refused_before_any_shard_is_read(meta8, tmp_path):
+@pytest.mark.parametrize(
+  "key,value,message",
+  [
+    ("use_scaled_rope", "yes", r"use_scaled_rope must be true or false, got 'yes'"),
+    ("rope_theta", -1, r"rope_theta must be a positive number, got -1"),
+    ("rope_scaling_factor", 0, r"rope_scaling_factor must be a positive number, got 0"),
+  ],
+)
+def test_bad_llama3_rope_fields_are_refused_before_any_shard_is_read(
+  meta8, tmp_path, key, value, message
+):
   src = _broken(meta8, tmp_path)
   p = json.load(open(os.path.join(src, "params.json")))
-  json.dump({**p, "use_scaled_rope": True}, open(os.path.join(src, "params.json"), "w"))
+  json.dump({**p, key: value}, open(os.path.join(src, "params.json"), "w"))
   for name in os.listdir(src):
     if name.endswith(".pth"):
       os.remove(os.path.join(src, name))
-  _fails(src, tmp_path, r"params\.json asks for LLaMA 3\.1\+ scaled RoPE \(use_scaled_rope\)")
+  _fails(src, tmp_path, r"params\.json: " + message)
