@@ -73,3 +73,24 @@ def test_read_texts_names_the_bad_line(tmp_path):
     common.read_texts(str(p))
   p.write_text('{"abstract": "an abstract", "id": "x1"}\n')
   assert common.read_texts(str(p))[0]["id"] == "x1"
+
+
+def test_scoring_rows_follow_the_requests_not_a_long_context():
+  """A 131,072-position model scores abstracts in rows of 2,048 tokens, not of its context."""
+  from astrollama_jax.eval.scoring import MIN_ROW, Scorer
+  from astrollama_jax.model.config import get_config
+
+  cfg = get_config("llama3_1_8b").replace(
+    vocab_size=256, dim=64, n_layers=1, n_heads=4, n_kv_heads=2, ffn_dim=128
+  )
+  assert cfg.max_seq_len == 131072
+  scorer = Scorer(cfg, None)
+  assert [scorer.row_length(n) for n in (1, 300, MIN_ROW, MIN_ROW + 1, 70000, 131072)] == [
+    MIN_ROW,
+    MIN_ROW,
+    MIN_ROW,
+    2 * MIN_ROW,
+    131072,
+    131072,
+  ]
+  assert Scorer(cfg.replace(max_seq_len=512), None).row_length(300) == 512

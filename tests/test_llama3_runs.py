@@ -2,6 +2,7 @@
 served, each step checked against its reference (peft for the adapter, transformers'
 ``apply_chat_template`` and greedy ``generate`` through the ``openai`` client for the server)."""
 
+import json
 import os
 
 from helpers_models import write_meta_checkpoint
@@ -131,3 +132,92 @@ def test_served_greedy_chat_equals_transformers_on_the_export(path):
   assert got.usage.completion_tokens == cut
   assert got.choices[0].message.content == tok.decode(new[:cut], skip_special_tokens=True)
   assert os.path.isfile(os.path.join(folder, "tokenizer.json"))
+
+
+def test_eval_perplexity_mcq_and_completion_on_the_llama3_export(path, capsys, abstracts):
+  """The eval command on the CPT export: per-document NLL and MCQ letter scores as torch gives
+  them with the same LLaMA 3 ids; completions stop at the family's end ids."""
+  from helpers import write_jsonl
+  from helpers_models import run_cli, torch_logprobs_given, torch_token_logprobs
+
+  from astrollama_jax.data.tokenizer import Tokenizer
+  from astrollama_jax.eval import mcq
+
+  folder, root = path["cpt_hf"], path["root"] / "eval"
+  root.mkdir()
+  model = transformers.LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+  tok = Tokenizer(folder)
+  assert tok.bos_id == 128000
+  write_jsonl(
+    root / "abstracts.jsonl", [{"id": f"a{i}", "abstract": a} for i, a in enumerate(abstracts[:3])]
+  )
+  questions = [
+    {
+      "question": " ".join(a.split()[:9]) + "?",
+      "A": "a star",
+      "B": "a galaxy",
+      "C": "dust",
+      "D": "a planet",
+      "answer": "ABCD"[i],
+    }
+    for i, a in enumerate(abstracts[3:7])
+  ]
+  write_jsonl(root / "astro.jsonl", questions)
+  # rows of 256 tokens (the default, 2,048 here, is sized for accelerators), two at a time
+  common = (
+    f"--checkpoint={folder}",
+    "--compute_dtype=float32",
+    "--batch_size=2",
+    "--max_len=256",
+    "--mesh=2,1,4",
+  )
+  ppl = run_cli(
+    capsys,
+    "--task=perplexity",
+    *common,
+    f"--output={root / 'ppl'}",
+    f"--data={root / 'abstracts.jsonl'}",
+    "--max_len=1024",  # each abstract in one window, as the reference scores it
+  )
+  items = [json.loads(x) for x in open(root / "ppl" / "perplexity_items.jsonl")]
+  assert all(it["tokens"] < 1024 for it in items)
+  ref = [-torch_token_logprobs(model, tok.encode(a)).sum() for a in abstracts[:3]]
+  np.testing.assert_allclose([it["nll_sum"] for it in items], ref, rtol=1e-4)
+  assert ppl["metrics"]["ppl"] == pytest.approx(
+    np.exp(sum(ref) / sum(it["tokens"] for it in items)), rel=1e-4
+  )
+
+  run_cli(
+    capsys,
+    "--task=mcq",
+    "--method=letter",
+    *common,
+    f"--output={root / 'mcq'}",
+    f"--data={root / 'astro.jsonl'}",
+  )
+  items = [json.loads(x) for x in open(root / "mcq" / "mcq_items.jsonl")]
+  letters = mcq.letter_ids(tok, 4)
+  for it, q in zip(items, mcq.read_questions(str(root / "astro.jsonl"))):
+    ctx = tok.encode(mcq.build_prompt(q, [], mcq.letter_block))
+    with torch.no_grad():
+      logits = model(input_ids=torch.tensor([ctx])).logits[0, -1].double()
+    want = torch.log_softmax(logits, -1)[letters].numpy()
+    np.testing.assert_allclose(it["letter"]["scores"], want, rtol=1e-4)
+
+  run_cli(
+    capsys,
+    "--task=completion",
+    *common,
+    f"--output={root / 'done'}",
+    f"--data={root / 'abstracts.jsonl'}",
+    "--max_new_tokens=8",
+    "--bootstrap=0",
+  )
+  samples = [json.loads(x) for x in open(root / "done" / "completion_samples.jsonl")]
+  assert [s["id"] for s in samples] == ["a0", "a1", "a2"]
+  for s, text in zip(samples, abstracts[:3]):
+    assert text.startswith(s["prefix"]) and s["generated_tokens"] <= 8
+    rest = tok.encode(text[len(s["prefix"]) :].strip(), bos=False)[:8]
+    assert s["tokens"] == len(rest) == 8
+    want = -torch_logprobs_given(model, tok.encode(s["prefix"]), rest).sum()
+    assert s["continuation_nll"] == pytest.approx(want, rel=1e-4)

@@ -34,6 +34,8 @@ from astrollama_jax import sharding
 from astrollama_jax.model import llama
 from astrollama_jax.model.config import LlamaConfig
 
+MIN_ROW = 2048  # tokens: rows shorter than this pack few requests per step
+
 
 @dataclasses.dataclass(frozen=True)
 class Request:
@@ -112,8 +114,11 @@ def pack(lengths: Sequence[int], row_len: int, max_segments: int) -> list[list[i
 class Scorer:
   """Runs packed batches of requests through one model on one mesh.
 
-  ``batch_size`` rows of ``max_len`` tokens go through the model per step; it is rounded up
-  to a multiple of the mesh's batch-parallel size. Call ``logprobs`` or ``embeddings``.
+  ``batch_size`` rows go through the model per step; it is rounded up to a multiple of the
+  mesh's batch-parallel size. ``max_len`` is the context (no request may be longer); a row is as
+  long as the longest request of a call needs (``row_length``), so a LLaMA 3.1 model's 131,072
+  positions do not turn every batch of abstracts into rows of 131,072 tokens. Call ``logprobs``
+  or ``embeddings``.
   """
 
   def __init__(
@@ -199,10 +204,16 @@ class Scorer:
 
   # --- internals -----------------------------------------------------------------------------
 
+  def row_length(self, longest: int) -> int:
+    """The row length for requests of at most ``longest`` tokens: the next power of two, at
+    least ``MIN_ROW`` (a few compiled shapes, rows long enough to pack), at most ``max_len``."""
+    return min(self.max_len, max(MIN_ROW, 1 << max(0, longest - 1).bit_length()))
+
   def _run(self, items: list[_Item], step, collect, desc: str) -> None:
     if not items:
       return
-    rows = pack([len(it.inputs) for it in items], self.max_len, self.max_segments)
+    self._row = self.row_length(max(len(it.inputs) for it in items))
+    rows = pack([len(it.inputs) for it in items], self._row, self.max_segments)
     batches = [rows[i : i + self.batch_size] for i in range(0, len(rows), self.batch_size)]
     pending = None
     with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
@@ -217,7 +228,7 @@ class Scorer:
       collect(pending[0], self._fetch(pending[1]))
 
   def _assemble(self, items, batch_rows):
-    b, n = self.batch_size, self.max_len
+    b, n = self.batch_size, self._row
     tokens = np.zeros((b, n), np.int32)
     targets = np.zeros((b, n), np.int32)
     segs = np.zeros((b, n), np.int32)
