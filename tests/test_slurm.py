@@ -188,11 +188,6 @@ def test_each_task_drives_its_share_of_the_node_gpus():
 STEPS, EVERY = 60, 5
 
 
-# Known regression: in the two-task job SIGTERM reaches both trainers but JAX's preemption sync
-# point never reports it, so the run finishes instead of saving, exiting 75 and requeueing.
-@pytest.mark.xfail(
-  reason="two-process runs do not stop at JAX's preemption sync point", strict=False
-)
 def test_a_preempted_job_requeues_itself_and_resumes_to_the_end(slurm, tmp_path):
   workdir, log = tmp_path / "run", tmp_path / "job.log"
   env = dict(slurm, **{k: v for k, v in train_env(1).items() if k.startswith(("JAX", "XLA", "TF"))})
