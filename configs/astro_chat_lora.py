@@ -2,10 +2,12 @@
 
     --config=configs/astro_chat_lora.py:7b    # one 80 GB GPU
     --config=configs/astro_chat_lora.py:70b   # eight 80 GB GPUs
+    --config=configs/astro_chat_lora.py:3.1-8b    # LLaMA 3.1, as the 7B
+    --config=configs/astro_chat_lora.py:3.1-70b   # LLaMA 3.1, as the 70B
 
 Only what differs from the SFT config is stated: rank-16 adapters on every projection (alpha 32,
-dropout 0.05, the usual peft recipe), the base held in bfloat16, LoRA's higher learning rate,
-and the smaller meshes the frozen bfloat16 base allows (planned with ``python -m
+dropout 0.05, the usual peft recipe), LoRA's higher learning rate, and the smaller meshes the
+frozen base (bfloat16, the default) allows (planned with ``python -m
 astrollama_jax aot``, see docs/benchmarks.md); micro-batches keep the activations in budget.
 """
 
@@ -15,6 +17,8 @@ import os
 SIZES = {
   "7b": dict(mesh=(1, 1, 1), grad_accum_steps=8, learning_rate=2e-4),
   "70b": dict(mesh=(1, 8, 1), grad_accum_steps=6, learning_rate=1e-4),
+  "3.1-8b": dict(mesh=(1, 1, 1), grad_accum_steps=8, learning_rate=2e-4),
+  "3.1-70b": dict(mesh=(1, 8, 1), grad_accum_steps=6, learning_rate=1e-4),
 }
 
 
@@ -35,7 +39,6 @@ def get_config(size: str = "7b"):
   c.lora.alpha = 32.0
   c.lora.dropout = 0.05
   c.lora.targets = "q,k,v,o,gate,up,down"
-  c.lora.base_dtype = "bfloat16"
   c.mesh = s["mesh"]
   c.train.grad_accum_steps = s["grad_accum_steps"]
   c.schedule.learning_rate = s["learning_rate"]

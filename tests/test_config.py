@@ -21,7 +21,9 @@ CONFIGS = {
   "demo.py": [()],
   "demo_sft.py": [()],
   "llama2_cpt.py": [("7b",), ("70b",)],
-  "astro_chat_sft.py": [("7b",), ("70b",)],
+  "llama3_cpt.py": [("8b",), ("70b",)],
+  "astro_chat_sft.py": [("7b",), ("70b",), ("3.1-8b",), ("3.1-70b",)],
+  "astro_chat_lora.py": [("7b",), ("70b",), ("3.1-8b",), ("3.1-70b",)],
   "bench.py": [("tiny",), ("llama2_70b",)],
 }
 
@@ -75,6 +77,15 @@ def test_size_variants_are_arguments():
   assert small.schedule.learning_rate == big.schedule.learning_rate == 2e-5
   with pytest.raises(ValueError, match="llama2_cpt: unknown size '13b'"):
     cpt.get_config("13b")
+  l3 = _module("llama3_cpt.py")
+  for size, preset in (("8b", "llama3_1_8b"), ("70b", "llama3_1_70b")):
+    c = l3.get_config(size)
+    assert (c.model.preset, c.data.seq_len) == (preset, 8192)
+    micro = c.train.global_batch_size // c.train.grad_accum_steps
+    assert micro % (c.mesh[0] * c.mesh[1]) == 0  # every micro-batch splits over the batch shards
+  sft = _module("astro_chat_sft.py").get_config("3.1-8b")
+  assert sft.model.preset == "llama3_1_8b" and sft.init_checkpoint == "runs/astro_cpt_l3_8b"
+  assert sft.data.tokenizer_path == "" and sft.data.sft.chat_template == ""  # from the checkpoint
   with pytest.raises(ValueError, match="bench: unknown model preset 'llama3'"):
     _module("bench.py").get_config("llama3")
 
