@@ -1,6 +1,7 @@
 """lm-evaluation-harness on our model: the same numbers as lm-eval's own ``hf`` backend.
 
-One random tiny LLaMA is saved as an HF folder; lm-eval runs it once through ``hf`` (PyTorch)
+One random tiny LLaMA-2, and one LLaMA 3.1 (its 128,256-entry vocabulary and tokenizer.json), are
+saved as HF folders; lm-eval runs each once through ``hf`` (PyTorch)
 and once through our ``astrollama`` model (JAX, float32, on a 2x2x2 mesh), offline, over local
 JSONL: the shipped astronomy tasks (multiple choice two ways, rolling perplexity), a
 loglikelihood task whose ``acc`` is lm-eval's is_greedy, and a generation task with stop
@@ -73,13 +74,31 @@ def _greedy_docs(model, tok, abstracts):
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tokenizer_path, abstracts):
+  """The LLaMA-2 model's folder (see ``_setup``)."""
+  return _setup(tmp_path_factory.mktemp("harness"), TINY, tokenizer_path, abstracts)
+
+
+@pytest.fixture(scope="module")
+def setup_llama3(tmp_path_factory, shared_data, abstracts):
+  """The LLaMA 3.1 model's folder, with the real LLaMA 3 tokenizer.json."""
+  from astrollama_jax.model.config import get_config
+
+  tok = shared_data / "tokenizer" / "llama3" / "tokenizer.json"
+  if not tok.exists():
+    pytest.skip("LLaMA 3 tokenizer not in shared data")
+  cfg = get_config("llama3_1_8b").replace(
+    dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, compute_dtype="float32"
+  )
+  return _setup(tmp_path_factory.mktemp("harness_llama3"), cfg, tok, abstracts)
+
+
+def _setup(root, cfg, tokenizer_path, abstracts):
   """Root folder with hf/ (model + tokenizer), astro_eval/ (the shipped tasks' data) and
   tasks/ (two more YAMLs)."""
   import transformers
 
-  root = tmp_path_factory.mktemp("harness")
-  model = make_hf_folder(TINY, root / "hf", seed=5)
-  write_hf_tokenizer_files(root / "hf", tokenizer_path, TINY.max_seq_len)
+  model = make_hf_folder(cfg, root / "hf", seed=5)
+  write_hf_tokenizer_files(root / "hf", tokenizer_path, cfg.max_seq_len)
   tok = transformers.AutoTokenizer.from_pretrained(str(root / "hf"))
   data = root / "astro_eval"
   data.mkdir()
@@ -148,6 +167,21 @@ def _evaluate(model, model_args, root, tasks, **kw):
 
 @pytest.fixture(scope="module")
 def both(setup):
+  return _both(setup)
+
+
+@pytest.fixture(scope="module")
+def both_llama3(setup_llama3):
+  return _both(setup_llama3)
+
+
+@pytest.fixture(params=["llama2", "llama3"])
+def results(request):
+  """(hf, ours) for each model family."""
+  return request.getfixturevalue("both" if request.param == "llama2" else "both_llama3")
+
+
+def _both(setup):
   """lm-eval's results through hf and through astrollama, run from the data's folder."""
   from astrollama_jax.eval.lm_eval_model import AstroLlamaLM
 
@@ -186,8 +220,8 @@ def _numbers(resps):
 
 
 @pytest.mark.parametrize("task", SHIPPED + OURS_ONLY)
-def test_every_document_scores_like_the_hf_backend(both, task):
-  hf, ours = both
+def test_every_document_scores_like_the_hf_backend(results, task):
+  hf, ours = results
   a, b = hf["samples"][task], ours["samples"][task]
   assert [s["doc_id"] for s in a] == [s["doc_id"] for s in b] and len(a) == LIMIT
   for x, y in zip(a, b):
@@ -206,8 +240,8 @@ def test_every_document_scores_like_the_hf_backend(both, task):
 
 
 @pytest.mark.parametrize("task", SHIPPED + OURS_ONLY)
-def test_every_metric_equals_the_hf_backend(both, task):
-  hf, ours = both
+def test_every_metric_equals_the_hf_backend(results, task):
+  hf, ours = results
   a, b = hf["results"][task], ours["results"][task]
   assert set(a) == set(b)
   numeric = {k: v for k, v in a.items() if isinstance(v, float) and k != "alias"}
