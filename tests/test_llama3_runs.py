@@ -99,18 +99,19 @@ def test_the_peft_adapter_on_the_cpt_export_equals_the_merged_chat_export(path):
   assert np.abs(a - hf_logits(plain.eval(), ids)).max() > 1e-3  # the adapters moved the model
 
 
-def test_served_greedy_chat_equals_transformers_on_the_export(path):
+MESSAGES = [
+  {"role": "system", "content": "You are an astronomer."},
+  {"role": "user", "content": "What is a quasar?"},
+]
+
+
+@pytest.fixture(scope="module")
+def hf_answer(path):
+  """transformers on the chat export: (prompt ids, greedy answer ids up to an end id, text)."""
   folder = path["chat_hf"]
-  model = load(folder)
-  template = chat_templates.choose(recorded=loader.recorded_chat_template(folder))
-  assert template is chat_templates.LLAMA3
-  msgs = [
-    {"role": "system", "content": "You are an astronomer."},
-    {"role": "user", "content": "What is a quasar?"},
-  ]
   tok = transformers.AutoTokenizer.from_pretrained(folder)
   hf = transformers.LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-  ids = tok.apply_chat_template(msgs, add_generation_prompt=True)
+  ids = tok.apply_chat_template(MESSAGES, add_generation_prompt=True)
   ids = list(ids if isinstance(ids, list) else ids["input_ids"])
   stops = hf.generation_config.eos_token_id
   assert sorted(stops) == [128001, 128008, 128009]
@@ -123,15 +124,54 @@ def test_served_greedy_chat_equals_transformers_on_the_export(path):
       pad_token_id=tok.pad_token_id or 128004,
     )
   new = out[0, len(ids) :].tolist()
-  cut = next((i for i, t in enumerate(new) if t in stops), len(new))
-  with running(model, chat_template=template) as (server, _):
+  new = new[: next((i for i, t in enumerate(new) if t in stops), len(new))]
+  return ids, new, tok.decode(new, skip_special_tokens=True)
+
+
+def test_served_greedy_chat_equals_transformers_on_the_export(path, hf_answer):
+  folder = path["chat_hf"]
+  template = chat_templates.choose(recorded=loader.recorded_chat_template(folder))
+  assert template is chat_templates.LLAMA3
+  ids, new, text = hf_answer
+  with running(load(folder), chat_template=template) as (server, _):
     got = client(server).chat.completions.create(
-      model="tiny-chat", messages=msgs, temperature=0, max_tokens=NEW
+      model="tiny-chat", messages=MESSAGES, temperature=0, max_tokens=NEW
     )
-  assert got.usage.prompt_tokens == len(ids)
-  assert got.usage.completion_tokens == cut
-  assert got.choices[0].message.content == tok.decode(new[:cut], skip_special_tokens=True)
+  assert got.usage.prompt_tokens == len(ids) and got.usage.completion_tokens == len(new)
+  assert got.choices[0].message.content == text
   assert os.path.isfile(os.path.join(folder, "tokenizer.json"))
+
+
+def test_the_chat_command_answers_as_transformers_on_the_sft_workdir(path, hf_answer):
+  """The chat command on the LoRA workdir itself (merged on load, LLaMA 3's format recorded)."""
+  import subprocess
+  import sys
+
+  from helpers import REPO
+
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "astrollama_jax",
+      "chat",
+      f"--checkpoint={path['sft']}",
+      "--temperature=0",
+      f"--max_new_tokens={NEW}",
+      "--compute_dtype=float32",
+      "--dtype=float32",
+      f"--system={MESSAGES[0]['content']}",
+    ],
+    input=MESSAGES[1]["content"] + "\n/quit\n",
+    capture_output=True,
+    text=True,
+    cwd=REPO,
+    timeout=300,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert (
+    hf_answer[2] in proc.stdout and json.loads(proc.stdout.strip().splitlines()[-1])["turns"] == 1
+  )
 
 
 def test_eval_perplexity_mcq_and_completion_on_the_llama3_export(path, capsys, abstracts):
