@@ -20,17 +20,15 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 from absl import flags  # noqa: E402
 from helpers import REPO, write_jsonl  # noqa: E402
-from helpers_models import make_hf_folder  # noqa: E402
+from helpers_harness import STOP, mcq_records, write_setup  # noqa: E402
 from hf_reference import TINY  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
-import yaml  # noqa: E402
 
 from astrollama_jax.commands import harness as harness_cli  # noqa: E402
 from astrollama_jax.errors import UserError
 from astrollama_jax.eval import compare, lm_eval_run  # noqa: E402
-from astrollama_jax.formats.hf_tokenizer import write_hf_tokenizer_files  # noqa: E402
 
 lm_eval = pytest.importorskip("lm_eval")
 
@@ -38,44 +36,12 @@ MAX_LENGTH = 64  # short, so rolling windows, left truncation and the generation
 LIMIT = 4
 SHIPPED = ["astro_mcq", "astro_mcq_cloze", "astro_ph_abstracts"]
 OURS_ONLY = ["astro_greedy", "astro_complete"]  # written by the test
-STOP = ["e", "\n"]
-
-
-def _mcq(abstracts, letters=True):
-  """Questions made of abstract words; the answer a letter, or (``letters=False``) an index."""
-  out = []
-  for i, a in enumerate(abstracts[:5]):
-    w = a.split()
-    out.append(
-      {
-        "question": " ".join(w[:10]) + "?",
-        "A": w[10],
-        "B": " ".join(w[11:13]),
-        "C": w[13],
-        "D": w[14],
-        "answer": "ABCD"[i % 4] if letters else i % 4,
-      }
-    )
-  return out
-
-
-def _greedy_docs(model, tok, abstracts):
-  """Half the targets are the model's own greedy continuation (is_greedy true), half not."""
-  docs = []
-  for i, a in enumerate(abstracts[20:24]):
-    prompt = " ".join(a.split()[:8])
-    ids = tok(prompt, return_tensors="pt").input_ids
-    with torch.no_grad():
-      out = model.generate(ids, max_new_tokens=3, do_sample=False)
-    greedy = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
-    docs.append({"prompt": prompt, "target": greedy if i % 2 == 0 else a.split()[8]})
-  return docs
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tokenizer_path, abstracts):
-  """The LLaMA-2 model's folder (see ``_setup``)."""
-  return _setup(tmp_path_factory.mktemp("harness"), TINY, tokenizer_path, abstracts)
+  """The LLaMA-2 model's folder (``helpers_harness.write_setup``)."""
+  return write_setup(tmp_path_factory.mktemp("harness"), TINY, tokenizer_path, abstracts)
 
 
 @pytest.fixture(scope="module")
@@ -89,60 +55,7 @@ def setup_llama3(tmp_path_factory, shared_data, abstracts):
   cfg = get_config("llama3_1_8b").replace(
     dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, compute_dtype="float32"
   )
-  return _setup(tmp_path_factory.mktemp("harness_llama3"), cfg, tok, abstracts)
-
-
-def _setup(root, cfg, tokenizer_path, abstracts):
-  """Root folder with hf/ (model + tokenizer), astro_eval/ (the shipped tasks' data) and
-  tasks/ (two more YAMLs)."""
-  import transformers
-
-  model = make_hf_folder(cfg, root / "hf", seed=5)
-  write_hf_tokenizer_files(root / "hf", tokenizer_path, cfg.max_seq_len)
-  tok = transformers.AutoTokenizer.from_pretrained(str(root / "hf"))
-  data = root / "astro_eval"
-  data.mkdir()
-  write_jsonl(data / "astro_mcq.jsonl", _mcq(abstracts))
-  # "abstract" for some records and "text" for others: both fields the eval formats accept
-  write_jsonl(
-    data / "astro_ph_abstracts.jsonl",
-    [{"abstract": a} if i % 2 else {"text": a} for i, a in enumerate(abstracts[5:10])],
-  )
-  write_jsonl(data / "greedy.jsonl", _greedy_docs(model, tok, abstracts))
-  write_jsonl(
-    data / "complete.jsonl",
-    [{"prompt": " ".join(a.split()[:12]), "target": a} for a in abstracts[30:35]],
-  )
-  tasks = root / "tasks"
-  tasks.mkdir()
-  common = {"dataset_path": "json", "test_split": "test", "doc_to_text": "{{ prompt }}"}
-  (tasks / "astro_greedy.yaml").write_text(
-    yaml.safe_dump(
-      {
-        **common,
-        "task": "astro_greedy",
-        "output_type": "loglikelihood",
-        "dataset_kwargs": {"data_files": {"test": str(data / "greedy.jsonl")}},
-        "doc_to_target": "{{ target }}",
-        "target_delimiter": "",
-        "metric_list": [{"metric": "acc"}, {"metric": "perplexity"}],
-      }
-    )
-  )
-  (tasks / "astro_complete.yaml").write_text(
-    yaml.safe_dump(
-      {
-        **common,
-        "task": "astro_complete",
-        "output_type": "generate_until",
-        "dataset_kwargs": {"data_files": {"test": str(data / "complete.jsonl")}},
-        "doc_to_target": "{{ target }}",
-        "generation_kwargs": {"until": STOP, "max_gen_toks": 12, "do_sample": False},
-        "metric_list": [{"metric": "exact_match"}, {"metric": "chrf"}],
-      }
-    )
-  )
-  return root
+  return write_setup(tmp_path_factory.mktemp("harness_llama3"), cfg, tok, abstracts)
 
 
 def _evaluate(model, model_args, root, tasks, **kw):
@@ -322,7 +235,7 @@ def test_shipped_yamls_load_with_lm_evals_task_manager(tmp_path, monkeypatch, ab
   from lm_eval.tasks import TaskManager
 
   (tmp_path / "astro_eval").mkdir()
-  write_jsonl(tmp_path / "astro_eval" / "astro_mcq.jsonl", _mcq(abstracts, letters=False))
+  write_jsonl(tmp_path / "astro_eval" / "astro_mcq.jsonl", mcq_records(abstracts, letters=False))
   write_jsonl(
     tmp_path / "astro_eval" / "astro_ph_abstracts.jsonl",
     [{"abstract": a, "text": None if i % 2 else a} for i, a in enumerate(abstracts[:5])],

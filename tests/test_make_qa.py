@@ -102,6 +102,7 @@ class _Server:
           outer.hits[paper] = n + 1
           outer.inflight += 1
           outer.peak = max(outer.peak, outer.inflight)
+          counted = True
         try:
           time.sleep(outer.delay)
           script = SCRIPTS[behavior]
@@ -141,6 +142,9 @@ class _Server:
             payload = json.dumps(
               {"choices": [{"message": {"role": "assistant", "content": step[1]}}]}
             ).encode()
+          with lock:  # done before the client can see the answer and send its next request
+            outer.inflight -= 1
+            counted = False
           self.send_response(200)
           self.send_header("Content-Type", "application/json")
           self.send_header("Content-Length", str(len(payload)))
@@ -151,7 +155,7 @@ class _Server:
             pass
         finally:
           with lock:
-            outer.inflight -= 1
+            outer.inflight -= counted
 
     self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     self.httpd.daemon_threads = True
