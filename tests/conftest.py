@@ -1,5 +1,4 @@
-"""Test environment: CPU with 8 fake devices compiled without LLVM optimisation, offline HF, one
-persistent JAX compilation cache.
+"""Test environment: CPU with 8 fake devices, offline HF, one persistent JAX compilation cache.
 
 The variables are set before JAX is imported anywhere, so every test module sees them, and
 exported, so every command a test starts (``train``, ``serve``, ``bench``, ...) shares the cache.
@@ -10,10 +9,8 @@ import os
 import pathlib
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-from helpers import FAST_COMPILE  # noqa: E402  (no JAX import there)
-
 os.environ["XLA_FLAGS"] = (
-  os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count=8 {FAST_COMPILE}"
+  os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"

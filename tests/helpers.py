@@ -20,11 +20,6 @@ import tarfile
 
 import pytest
 
-# The tests' programs are tiny: LLVM's optimisation of the CPU code is most of their compile time
-# (about three times the rest) and buys nothing measurable at their sizes. Set for the tests'
-# own process (conftest) and every command they start.
-FAST_COMPILE = "--xla_backend_optimization_level=0"
-
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("ASTROLLAMA_SHARED_DATA") or REPO.parent / "shared" / "data")
 LABELLED_LATEX = SHARED_DATA / "latex"

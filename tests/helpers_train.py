@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 
-from helpers import FAST_COMPILE, REPO, free_port
+from helpers import REPO, free_port
 import jax
 import numpy as np
 
@@ -33,7 +33,7 @@ def train_env(devices: int) -> dict[str, str]:
   env = dict(os.environ)
   env.update(
     JAX_PLATFORMS="cpu",
-    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}",
+    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
     TF_CPP_MIN_LOG_LEVEL="2",
   )
   return env
