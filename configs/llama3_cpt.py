@@ -24,45 +24,47 @@ Full rematerialisation and the platform's fused attention as for LLaMA-2; the lo
   cannot be split over 32 batch shards, so the step holds 262,144 tokens.
 """
 
-from astrollama_jax.train.defaults import base_config
+import importlib.util
+import os
 
+# What differs from configs/llama2_cpt.py (which gives the rest: remat, fused attention, data
+# workers, evaluation and checkpoint cadence).
 SIZES = {
   "8b": dict(
+    llama2="7b",
     preset="llama3_1_8b",
     mesh=(1, 8, 1),
     global_batch_size=40,
     grad_accum_steps=5,
-    checkpoint_every=200,
-    keep=3,
   ),
   "70b": dict(
+    llama2="70b",
     preset="llama3_1_70b",
     mesh=(1, 32, 2),
     global_batch_size=32,
     grad_accum_steps=1,
-    checkpoint_every=100,
-    keep=2,
   ),
 }
+
+
+def _llama2_config(size: str):
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "llama2_cpt.py")
+  spec = importlib.util.spec_from_file_location("llama2_cpt", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(size)
 
 
 def get_config(size: str = "8b"):
   if size not in SIZES:
     raise ValueError(f"llama3_cpt: unknown size {size!r}; expected one of {sorted(SIZES)}")
   s = SIZES[size]
-  c = base_config()
+  c = _llama2_config(s["llama2"])
   c.mesh = s["mesh"]
   c.model.preset = s["preset"]
-  c.model.remat_policy = "full"
-  c.model.attention_impl = "auto"  # splash on TPU, cuDNN on GPU, XLA on CPU (model/attention.py)
   c.data.seq_len = 8192
-  c.data.lm.worker_count = 8
-
   c.train.global_batch_size = s["global_batch_size"]
   c.train.grad_accum_steps = s["grad_accum_steps"]
   c.loss.chunk_size = 256
-  c.eval.every = 200
   c.eval.batches = 20
-  c.checkpoint.every = s["checkpoint_every"]
-  c.checkpoint.keep = s["keep"]
   return c
