@@ -17,6 +17,18 @@ def make_hf_folder(cfg, folder, seed=1):
   return save_hf_model(cfg, folder, seed=seed)
 
 
+def hf_tensors(folder) -> dict[str, np.ndarray]:
+  """Every tensor of an HF folder by name, read with safetensors alone."""
+  from safetensors import safe_open
+
+  out = {}
+  for name in sorted(os.listdir(folder)):
+    if name.endswith(".safetensors"):
+      with safe_open(os.path.join(folder, name), "np") as f:
+        out.update({k: f.get_tensor(k) for k in f.keys()})
+  return out
+
+
 def run_cli(capsys, *args: str) -> dict:
   """Run ``python -m astrollama_jax eval`` in this process; return its final JSON line.
 

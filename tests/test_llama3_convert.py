@@ -8,11 +8,10 @@ embedding, ``use_scaled_rope``), with the real LLaMA 3 tokenizer in Meta's tikto
 import json
 import os
 
-from helpers_models import write_meta_checkpoint
+from helpers_models import hf_tensors, write_meta_checkpoint
 from hf_reference import hf_logits, make_hf_model
 import numpy as np
 import pytest
-from safetensors import safe_open
 import transformers
 
 from astrollama_jax.checkpoints import loader
@@ -47,15 +46,6 @@ def _arch(cfg: LlamaConfig) -> dict:
 
 def _ids(tok: Tokenizer, abstracts, n=2, length=40) -> np.ndarray:
   return np.array([tok.encode(a)[:length] for a in abstracts[:n]], np.int32)
-
-
-def _tensors(folder) -> dict[str, np.ndarray]:
-  out = {}
-  for name in sorted(os.listdir(folder)):
-    if name.endswith(".safetensors"):
-      with safe_open(os.path.join(folder, name), "np") as f:
-        out.update({k: f.get_tensor(k) for k in f.keys()})
-  return out
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +110,7 @@ def test_export_is_bit_exact_and_ships_the_llama3_tokenizer_and_ids(
   summary = export(out, str(tmp_path / "hf"), show_progress=False)
   folder = summary["output"]
   assert summary["chat_template"] == "llama3"  # the tokenizer's family, none recorded
-  got, want = _tensors(folder), model.state_dict()
+  got, want = hf_tensors(folder), model.state_dict()
   assert sorted(got) == sorted(want)
   for name, w in want.items():
     np.testing.assert_array_equal(got[name], w.numpy(), err_msg=name)

@@ -4,11 +4,11 @@ import json
 import os
 import shutil
 
+from helpers_models import hf_tensors
 from hf_reference import TINY_GQA, hf_logits, save_hf_model
 import jax
 import numpy as np
 import pytest
-from safetensors import safe_open
 import torch
 import transformers
 
@@ -20,15 +20,6 @@ from astrollama_jax.train import loop
 from astrollama_jax.train.defaults import base_config
 
 TARGETS = "q,v,o,down"
-
-
-def _tensors(folder):
-  out = {}
-  for name in sorted(os.listdir(folder)):
-    if name.endswith(".safetensors"):
-      with safe_open(os.path.join(folder, name), "np") as f:
-        out.update({k: f.get_tensor(k) for k in f.keys()})
-  return out
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +54,7 @@ def lora_run(tmp_path_factory, tokenizer_path):
 
 def test_untargeted_weights_are_the_base_bit_for_bit_and_targeted_ones_moved(lora_run):
   base, _, merged, _ = lora_run
-  want, got = _tensors(base), _tensors(merged["output"])
+  want, got = hf_tensors(base), hf_tensors(merged["output"])
   assert sorted(want) == sorted(got)
   moved = []
   for name, w in want.items():
@@ -82,7 +73,7 @@ def test_peft_loads_the_adapter_and_matches_the_merged_folder(lora_run, tokenize
   config = json.loads((adapter / peft_io.ADAPTER_CONFIG).read_text())
   assert config["r"] == 4 and config["lora_alpha"] == 12.0 and config["peft_type"] == "LORA"
   assert sorted(config["target_modules"]) == ["down_proj", "o_proj", "q_proj", "v_proj"]
-  names = _tensors(adapter)
+  names = hf_tensors(adapter)
   assert "base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight" in names
   assert names["base_model.model.model.layers.0.mlp.down_proj.lora_B.weight"].shape == (64, 4)
 
@@ -232,7 +223,7 @@ def test_the_export_command_writes_both_folders_and_refuses_an_adapter_of_a_full
   assert summary["peft_adapter"] == str(tmp_path / "cli_adapter")
   for name in (peft_io.ADAPTER_WEIGHTS, peft_io.ADAPTER_CONFIG):
     assert (tmp_path / "cli_adapter" / name).read_bytes() == (adapter / name).read_bytes()
-  assert _tensors(tmp_path / "cli").keys() == _tensors(merged["output"]).keys()
+  assert hf_tensors(tmp_path / "cli").keys() == hf_tensors(merged["output"]).keys()
 
   out = run(base, "full")
   assert out.returncode == 1 and "is not a LoRA workdir" in out.stderr

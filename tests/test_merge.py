@@ -6,27 +6,17 @@ import json
 import os
 import shutil
 
+from helpers_models import hf_tensors
 from hf_reference import TINY, save_hf_model
 import jax
 import ml_dtypes
 import numpy as np
 import pytest
-from safetensors import safe_open
 
 from astrollama_jax.checkpoints import loader, writer
 from astrollama_jax.checkpoints.merge import merge
 from astrollama_jax.errors import UserError
 from astrollama_jax.formats import hf
-
-
-def _tensors(folder) -> dict[str, np.ndarray]:
-  """Every tensor of an HF folder by name, read with safetensors alone."""
-  out = {}
-  for name in sorted(os.listdir(folder)):
-    if name.endswith(".safetensors"):
-      with safe_open(os.path.join(folder, name), "np") as f:
-        out.update({k: f.get_tensor(k) for k in f.keys()})
-  return out
 
 
 def _ours(path) -> dict:
@@ -73,8 +63,8 @@ def test_task_arithmetic_to_an_hf_folder_equals_numpy_on_the_safetensors(models,
     chat_template="llama3",
     max_shard_bytes=4 * 1024**2,  # several shards
   )
-  got = _tensors(tmp_path / "hf")
-  a, b, base = (_tensors(models[k]) for k in ("a", "b", "base"))
+  got = hf_tensors(tmp_path / "hf")
+  a, b, base = (hf_tensors(models[k]) for k in ("a", "b", "base"))
   assert got.keys() == a.keys()
   for name in a:
     expected = base[name] + w[0] * (a[name] - base[name]) + w[1] * (b[name] - base[name])
@@ -218,8 +208,8 @@ def test_the_command_line_merges_to_an_hf_folder(models, tmp_path):
   assert out.returncode == 0, out.stderr[-3000:]
   summary = json.loads(out.stdout.strip().splitlines()[-1])
   assert summary["format"] == "hf" and summary["weights"] == [0.75, 0.25]
-  a, b = _tensors(models["a"]), _tensors(models["b"])
-  got = _tensors(tmp_path / "hf")
+  a, b = hf_tensors(models["a"]), hf_tensors(models["b"])
+  got = hf_tensors(tmp_path / "hf")
   for name in a:
     np.testing.assert_array_equal(
       got[name], np.float32(0.75) * a[name] + np.float32(0.25) * b[name]
